@@ -1,0 +1,263 @@
+"""Typed configs for every stage, read from one section of params.yaml each.
+
+A stage reads only its own section (`students` entries are read one at a time, by name).
+Unknown keys are an error that names the key with its dotted path; values are checked
+where they are read, so a bad temperature fails before any work is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ConfigError, MissingInputError
+
+SECTIONS = ("prepare", "teacher", "label", "students", "eval")
+FEATURE_MODES = ("full", "pooled", "attention")
+TAIL_MODES = ("bucket", "renorm")
+LOGIT_DTYPES = ("float16", "float32")
+SPLITS = ("labeled", "unlabeled", "test")
+
+
+@dataclass
+class PrepareConfig:
+    dataset: str = "mnist5k"  # mnist5k | digits | mnist1d | path to a Parquet file
+    input_shape: list[int] | None = None  # required for a Parquet file whose metadata lacks it
+    labeled: int = 1000
+    unlabeled: int = 3000
+    test: int = 1000
+    samples: int = 5000  # mnist1d only: how many digits to generate
+    seed: int = 0
+
+
+@dataclass
+class TeacherConfig:
+    arch: str = "cnn"  # a name in pipeline.models.ARCHITECTURES or package.module:factory
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    shift: int = 2  # random-shift augmentation, in pixels (0 = off)
+    seed: int = 0
+
+
+@dataclass
+class LabelConfig:
+    top_k: int = 5
+    temperatures: list[float] = field(default_factory=lambda: [1, 4])
+    logit_dtype: str = "float16"
+    features: dict[str, str] = field(default_factory=dict)  # teacher layer -> mode
+    views: int = 0  # augmented views per sample besides view 0 (the input as is)
+    view_shift: int = 2  # the views' recipe: random shift of up to this many pixels
+    view_seed: int = 0
+    batch_size: int = 256
+    part_size: int = 16384  # samples per Parquet part (and per resume step)
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ConfigError(f"label.top_k: {self.top_k} must be >= 1")
+        for t in self.temperatures:
+            if not isinstance(t, (int, float)) or t <= 0:
+                raise ConfigError(f"label.temperatures: {t!r} must be a number > 0")
+        if len(set(map(float, self.temperatures))) != len(self.temperatures):
+            raise ConfigError(f"label.temperatures: {self.temperatures} has a duplicate")
+        if self.logit_dtype not in LOGIT_DTYPES:
+            raise ConfigError(f"label.logit_dtype: {self.logit_dtype!r} must be one of {LOGIT_DTYPES}")
+        for layer, mode in self.features.items():
+            if mode not in FEATURE_MODES:
+                raise ConfigError(f"label.features.{layer}: mode {mode!r} must be one of {FEATURE_MODES}")
+        for key in ("views", "view_shift"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"label.{key}: {getattr(self, key)} must be >= 0")
+        for key in ("batch_size", "part_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"label.{key}: {getattr(self, key)} must be >= 1")
+
+
+@dataclass
+class SoftTerm:
+    """Hinton soft targets: weight * T^2 * KL(teacher_T || student_T) over the transfer set."""
+
+    weight: float = 0.9
+    temperature: float = 4
+    tail: str = "bucket"  # how the mass outside the cached top-k is treated
+
+
+@dataclass
+class HardTerm:
+    """Cross-entropy on hard labels: true labels and/or the teacher's argmax (pseudo-labels)."""
+
+    weight: float = 0.1
+    labels: bool = True  # true labels of the labeled split
+    pseudo: bool = False  # teacher argmax on the unlabeled split
+    threshold: float = 0.0  # keep a pseudo-label only if the teacher's p(top-1) at T=1 >= this
+
+
+@dataclass
+class LossConfig:
+    soft: SoftTerm | None = None
+    hard: HardTerm | None = None
+
+
+@dataclass
+class StudentConfig:
+    name: str = ""
+    arch: str = "mlp"
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    transfer: list[str] = field(default_factory=lambda: ["labeled", "unlabeled"])
+    views: bool = False  # draw each epoch among the cached views of a sample
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self) -> None:
+        where = f"students.{self.name}"
+        for split in self.transfer:
+            if split not in ("labeled", "unlabeled"):
+                raise ConfigError(f"{where}.transfer: {split!r} must be 'labeled' or 'unlabeled'")
+        if not self.transfer:
+            raise ConfigError(f"{where}.transfer: must name at least one split")
+        soft, hard = self.loss.soft, self.loss.hard
+        if soft is None and hard is None:
+            raise ConfigError(f"{where}.loss: needs at least one term (soft, hard)")
+        if soft is not None:
+            if soft.temperature <= 0:
+                raise ConfigError(f"{where}.loss.soft.temperature: {soft.temperature} must be > 0")
+            if soft.tail not in TAIL_MODES:
+                raise ConfigError(f"{where}.loss.soft.tail: {soft.tail!r} must be one of {TAIL_MODES}")
+        for term_name, term in (("soft", soft), ("hard", hard)):
+            if term is not None and not 0.0 <= term.weight <= 1.0:
+                raise ConfigError(f"{where}.loss.{term_name}.weight: {term.weight} must be in [0, 1]")
+        if hard is not None:
+            if not (hard.labels or hard.pseudo):
+                raise ConfigError(f"{where}.loss.hard: set labels and/or pseudo to true")
+            if not 0.0 <= hard.threshold < 1.0:
+                raise ConfigError(f"{where}.loss.hard.threshold: {hard.threshold} must be in [0, 1)")
+        for key in ("epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{where}.{key}: {getattr(self, key)} must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError(f"{where}.lr: {self.lr} must be > 0")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256
+    ece_bins: int = 15
+    latency_runs: int = 50  # batch-1 forward passes timed for the median latency
+    throughput_batch: int = 256
+    throughput_runs: int = 10
+    threads: int = 1  # torch threads while timing, for comparable figures
+
+
+def load_params(path: str | Path) -> dict[str, Any]:
+    """Read params.yaml and check its top-level sections."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections {SECTIONS}, got {type(data).__name__}")
+    for key in data:
+        if key not in SECTIONS:
+            raise ConfigError(f"{path}: unknown key {key!r} (sections are {', '.join(SECTIONS)})")
+    return data
+
+
+def section(path: str | Path, name: str, cls: type) -> Any:
+    """The dataclass `cls` built from section `name` of the params file (defaults if absent)."""
+    return from_mapping(cls, load_params(path).get(name) or {}, name)
+
+
+def student(path: str | Path, name: str) -> StudentConfig:
+    students = load_params(path).get("students") or {}
+    if name not in students:
+        known = ", ".join(students) or "none"
+        raise ConfigError(f"{path}: students.{name} is not defined (defined: {known})")
+    data = dict(students[name] or {})
+    if "name" in data:
+        raise ConfigError(f"students.{name}.name: unknown key (the name is the mapping key)")
+    return from_mapping(StudentConfig, {**data, "name": name}, f"students.{name}")
+
+
+def student_names(path: str | Path) -> list[str]:
+    return list((load_params(path).get("students") or {}).keys())
+
+
+def from_mapping(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, recursing into nested dataclasses.
+
+    Raises ConfigError naming the dotted key for an unknown key or a value of the wrong type.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"{where}.{key}: unknown key (expected one of: {', '.join(sorted(fields))})")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, where)
+    if dataclasses.is_dataclass(hint):
+        return from_mapping(hint, {} if value is None else value, where)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {value!r} must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {value!r} must be an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {value!r} must be a number")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {value!r} must be a string")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {value!r} must be a list")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {value!r} must be a mapping")
+        if args and args[1] is str:
+            return {str(k): _coerce(v, str, f"{where}.{k}") for k, v in value.items()}
+        return dict(value)
+    return value
+
+
+def as_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (for manifests and checkpoints)."""
+    return dataclasses.asdict(config)
