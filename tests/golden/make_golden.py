@@ -1,0 +1,299 @@
+"""Regenerate tests/golden/losses.json: golden values for every loss in pipeline/losses.py.
+
+Run explicitly, never from the test suite:
+
+    python tests/golden/make_golden.py
+
+Each case names a loss, a seed and the input shapes; `build_inputs` turns that into tensors
+with a seeded torch.Generator (tests/test_losses.py imports it to rebuild the same inputs).
+The expected values come from the straightforward float64 NumPy loops below, written from the
+papers' definitions, NOT from pipeline.losses, so the fixture checks the library against an
+independent implementation. Writes only tests/golden/losses.json.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FIXTURE = Path(__file__).parent / "losses.json"
+
+# --------------------------------------------------------------------------------------------
+# cases: key -> loss, seed, inputs [name, shape, kind], keyword arguments
+
+
+def _case(fn, seed, inputs, scale=1.0, cache_row=None, **kwargs):
+    case = {"fn": fn, "seed": seed, "scale": scale, "inputs": inputs, "kwargs": kwargs}
+    if cache_row is not None:
+        case["cache_row"] = cache_row  # derive topk_idx/topk_logit/lse from teacher_logits
+    return case
+
+
+def _logits(B, C):
+    return [["student_logits", [B, C], "normal"], ["teacher_logits", [B, C], "normal"]]
+
+
+def _pair(name, s_shape, t_shape, t_kind="normal", s_kind="normal"):
+    return [[f"student_{name}", s_shape, s_kind], [f"teacher_{name}", t_shape, t_kind]]
+
+
+CASES = {
+    "soft_T1": _case("soft_target_loss", 1, _logits(6, 10), scale=2.0, temperature=1.0),
+    "soft_T4": _case("soft_target_loss", 2, _logits(6, 10), scale=3.0, temperature=4.0),
+    "topk_bucket_T4_k3_fp16": _case(
+        "topk_soft_target_loss", 3, _logits(6, 10), scale=3.0,
+        cache_row={"k": 3, "dtype": "float16"}, temperature=4.0, tail="bucket"),
+    "topk_bucket_T1_k5_fp32": _case(
+        "topk_soft_target_loss", 4, _logits(6, 10), scale=2.0,
+        cache_row={"k": 5, "dtype": "float32"}, temperature=1.0, tail="bucket"),
+    "topk_bucket_T2_kC_fp32": _case(
+        "topk_soft_target_loss", 5, _logits(5, 8), scale=2.0,
+        cache_row={"k": 8, "dtype": "float32"}, temperature=2.0, tail="bucket"),
+    "topk_bucket_T1_k2_fp16_scale30": _case(
+        "topk_soft_target_loss", 6, _logits(4, 12), scale=30.0,
+        cache_row={"k": 2, "dtype": "float16"}, temperature=1.0, tail="bucket"),
+    "topk_renorm_T4_k3_fp16": _case(
+        "topk_soft_target_loss", 7, _logits(6, 10), scale=3.0,
+        cache_row={"k": 3, "dtype": "float16"}, temperature=4.0, tail="renorm"),
+    "topk_renorm_T2_k5_fp32": _case(
+        "topk_soft_target_loss", 8, _logits(6, 10), scale=2.0,
+        cache_row={"k": 5, "dtype": "float32"}, temperature=2.0, tail="renorm"),
+    "topk_renorm_T2_kC_fp32": _case(
+        "topk_soft_target_loss", 9, _logits(5, 8), scale=2.0,
+        cache_row={"k": 8, "dtype": "float32"}, temperature=2.0, tail="renorm"),
+    "topk_per_row_bucket_T4_k3_fp16": _case(
+        "topk_soft_target_loss_per_row", 10, _logits(5, 10), scale=3.0,
+        cache_row={"k": 3, "dtype": "float16"}, temperature=4.0, tail="bucket"),
+    "topk_per_row_renorm_T1_k4_fp32": _case(
+        "topk_soft_target_loss_per_row", 11, _logits(5, 10), scale=2.0,
+        cache_row={"k": 4, "dtype": "float32"}, temperature=1.0, tail="renorm"),
+    "hint_4d": _case("hint_loss", 12, _pair("feature", [4, 3, 5, 5], [4, 3, 5, 5])),
+    "hint_2d": _case("hint_loss", 13, _pair("feature", [8, 16], [8, 16])),
+    "attention_map_p2": _case("attention_map", 14, [["feature", [3, 4, 5, 6], "normal"]], p=2),
+    "attention_map_p1": _case("attention_map", 15, [["feature", [3, 4, 5, 6], "normal"]], p=1),
+    "attention_map_1d_p2": _case("attention_map", 16, [["feature", [3, 4, 7], "normal"]], p=2),
+    "at_p2_same_size": _case(
+        "attention_transfer_loss", 17, _pair("feature", [4, 3, 4, 4], [4, 6, 4, 4]), p=2),
+    "at_p1_same_size": _case(
+        "attention_transfer_loss", 18, _pair("feature", [4, 3, 4, 5], [4, 6, 4, 5]), p=1),
+    "at_p2_student_larger": _case(
+        "attention_transfer_loss", 19, _pair("feature", [4, 3, 8, 8], [4, 6, 4, 4]), p=2),
+    "at_p1_student_larger": _case(
+        "attention_transfer_loss", 20, _pair("feature", [4, 3, 6, 6], [4, 5, 3, 3]), p=1),
+    "at_p2_teacher_larger_uneven": _case(
+        "attention_transfer_loss", 21, _pair("feature", [4, 3, 3, 3], [4, 5, 7, 7]), p=2),
+    "at_p2_1d_student_larger": _case(
+        "attention_transfer_loss", 22, _pair("feature", [4, 3, 10], [4, 5, 5]), p=2),
+    "attention_map_loss_fp16_teacher": _case(
+        "attention_map_loss", 23, _pair("map", [4, 16], [4, 16], t_kind="normal_f16")),
+    "rkd_distance": _case("rkd_distance_loss", 24, _pair("emb", [6, 5], [6, 8]), scale=2.0),
+    "rkd_angle": _case("rkd_angle_loss", 25, _pair("emb", [6, 5], [6, 8])),
+    "rkd_angle_degenerate": _case(
+        "rkd_angle_loss", 26, _pair("emb", [6, 5], [6, 8], s_kind="normal_dup01")),
+    "cosine_3d_mask": _case(
+        "cosine_embedding_loss", 27,
+        _pair("hidden", [3, 5, 8], [3, 5, 8]) + [["mask", [3, 5], "mask"]]),
+    "cosine_3d_no_mask": _case("cosine_embedding_loss", 28, _pair("hidden", [3, 5, 8], [3, 5, 8])),
+    "cosine_2d_mask": _case(
+        "cosine_embedding_loss", 29, _pair("hidden", [6, 8], [6, 8]) + [["mask", [6], "mask"]]),
+    "cosine_empty_mask": _case(
+        "cosine_embedding_loss", 30,
+        _pair("hidden", [3, 5, 8], [3, 5, 8]) + [["mask", [3, 5], "mask_empty"]]),
+}
+
+
+def build_inputs(case):
+    """Rebuild one case's keyword arguments (tensors) from its seed and shapes."""
+    g = torch.Generator().manual_seed(case["seed"])
+    out = {}
+    for name, shape, kind in case["inputs"]:
+        if kind.startswith("mask"):
+            x = torch.rand(shape, generator=g) < 0.5
+            if kind == "mask_empty":
+                x = torch.zeros_like(x)
+        else:
+            x = torch.randn(shape, generator=g) * case["scale"]
+            if kind == "normal_f16":
+                x = x.half()
+            if kind == "normal_dup01":  # rows 0 and 1 coincide: degenerate triples
+                x[1] = x[0]
+        out[name] = x
+    if "cache_row" in case:  # what the label stage stores for one cache row
+        z = out.pop("teacher_logits")  # (B, C) float32
+        T = case["kwargs"]["temperature"]
+        z_max = z.max(dim=1, keepdim=True).values
+        vals, idx = z.topk(case["cache_row"]["k"], dim=1)  # sorted by descending logit
+        out["topk_idx"] = idx.int()
+        out["topk_logit"] = (vals - z_max).to(getattr(torch, case["cache_row"]["dtype"]))
+        out["lse"] = ((z - z_max) / T).logsumexp(dim=1)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# reference implementations: float64 NumPy, loops, straight from the definitions
+
+
+def _softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def _kl(p, q):
+    # sum p log(p/q) with 0 log 0 = 0
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
+
+
+def ref_soft_target_loss(student_logits, teacher_logits, temperature):
+    T = temperature
+    rows = [_kl(_softmax(t / T), _softmax(s / T)) for s, t in zip(student_logits, teacher_logits)]
+    return T**2 * np.mean(rows)
+
+
+def ref_topk_soft_target_loss_per_row(student_logits, topk_idx, topk_logit, lse, temperature,
+                                      tail):
+    T = temperature
+    rows = []
+    for s, idx, tl, l in zip(student_logits, topk_idx, topk_logit, lse):
+        idx = [int(i) for i in idx]
+        q_all = _softmax(s / T)
+        p = [math.exp(v / T - l) for v in tl]  # exact teacher probs at the top-k classes
+        q = [q_all[i] for i in idx]
+        rest = [c for c in range(len(s)) if c not in idx]
+        if tail == "renorm":
+            p = [v / sum(p) for v in p]
+            q = [v / sum(q) for v in q]
+        elif rest:  # bucket: the tail is one more class on both sides
+            p.append(max(0.0, 1.0 - sum(p)))
+            q.append(sum(q_all[c] for c in rest))
+        rows.append(_kl(p, q))
+    return np.array(rows)
+
+
+def ref_topk_soft_target_loss(student_logits, topk_idx, topk_logit, lse, temperature, tail):
+    rows = ref_topk_soft_target_loss_per_row(student_logits, topk_idx, topk_logit, lse,
+                                             temperature, tail)
+    return temperature**2 * rows.mean()
+
+
+def ref_hint_loss(student_feature, teacher_feature):
+    return np.mean((student_feature - teacher_feature) ** 2)
+
+
+def ref_attention_map(feature, p):
+    B, C = feature.shape[:2]
+    spatial = feature.shape[2:]
+    maps = []
+    for b in range(B):
+        a = np.zeros(spatial)
+        for c in range(C):
+            a += np.abs(feature[b, c]) ** p / C  # mean over channels of |A|^p
+        a = a.reshape(-1)  # row-major
+        maps.append(a / max(math.sqrt((a**2).sum()), 1e-12))
+    return np.stack(maps)
+
+
+def _adaptive_avg_pool(feature, size):
+    # bins [floor(i*n/m), ceil((i+1)*n/m)) along each spatial axis, as in adaptive pooling
+    def bins(n, m):
+        return [(i * n // m, -(-(i + 1) * n // m)) for i in range(m)]
+
+    if feature.ndim == 3:
+        return np.stack([feature[:, :, a:b].mean(axis=2) for a, b in bins(feature.shape[2], size[0])],
+                        axis=2)
+    out = np.zeros(feature.shape[:2] + tuple(size))
+    for i, (h0, h1) in enumerate(bins(feature.shape[2], size[0])):
+        for j, (w0, w1) in enumerate(bins(feature.shape[3], size[1])):
+            out[:, :, i, j] = feature[:, :, h0:h1, w0:w1].mean(axis=(2, 3))
+    return out
+
+
+def ref_attention_transfer_loss(student_feature, teacher_feature, p):
+    size = tuple(min(a, b) for a, b in zip(student_feature.shape[2:], teacher_feature.shape[2:]))
+    s = student_feature if student_feature.shape[2:] == size else _adaptive_avg_pool(student_feature, size)
+    t = teacher_feature if teacher_feature.shape[2:] == size else _adaptive_avg_pool(teacher_feature, size)
+    return np.mean((ref_attention_map(s, p) - ref_attention_map(t, p)) ** 2)
+
+
+def ref_attention_map_loss(student_map, teacher_map):
+    return np.mean((student_map - teacher_map) ** 2)
+
+
+def _smooth_l1(x):  # beta = 1
+    x = abs(x)
+    return 0.5 * x * x if x < 1 else x - 0.5
+
+
+def _distances(e):
+    B = len(e)
+    d = np.array([[math.sqrt(((e[a] - e[b]) ** 2).sum()) for b in range(B)] for a in range(B)])
+    return d / (d.sum() / (B * (B - 1)))  # mean of the off-diagonal entries (diagonal is 0)
+
+
+def ref_rkd_distance_loss(student_emb, teacher_emb):
+    s, t = _distances(student_emb), _distances(teacher_emb)
+    return np.mean([_smooth_l1(x) for x in (s - t).reshape(-1)])
+
+
+def _unit(v):
+    n = math.sqrt((v**2).sum())
+    return v / n if n > 0 else np.zeros_like(v)  # degenerate: the angle term is 0
+
+
+def _angles(e):
+    B = len(e)
+    return np.array([[[_unit(e[b] - e[a]) @ _unit(e[c] - e[a]) for c in range(B)]
+                      for b in range(B)] for a in range(B)])
+
+
+def ref_rkd_angle_loss(student_emb, teacher_emb):
+    diff = _angles(student_emb) - _angles(teacher_emb)
+    return np.mean([_smooth_l1(x) for x in diff.reshape(-1)])
+
+
+def ref_cosine_embedding_loss(student_hidden, teacher_hidden, mask=None):
+    H = student_hidden.shape[-1]
+    s, t = student_hidden.reshape(-1, H), teacher_hidden.reshape(-1, H)
+    keep = np.ones(len(s), dtype=bool) if mask is None else mask.reshape(-1)
+    terms = [1 - a @ b / (math.sqrt(a @ a) * math.sqrt(b @ b)) for a, b, k in zip(s, t, keep) if k]
+    return float(np.mean(terms)) if terms else 0.0
+
+
+REFERENCES = {
+    "soft_target_loss": ref_soft_target_loss,
+    "topk_soft_target_loss": ref_topk_soft_target_loss,
+    "topk_soft_target_loss_per_row": ref_topk_soft_target_loss_per_row,
+    "hint_loss": ref_hint_loss,
+    "attention_map": ref_attention_map,
+    "attention_transfer_loss": ref_attention_transfer_loss,
+    "attention_map_loss": ref_attention_map_loss,
+    "rkd_distance_loss": ref_rkd_distance_loss,
+    "rkd_angle_loss": ref_rkd_angle_loss,
+    "cosine_embedding_loss": ref_cosine_embedding_loss,
+}
+
+
+def _to_numpy(x):
+    return x.numpy() if x.dtype == torch.bool else x.double().numpy()
+
+
+def main():
+    cases = {}
+    for key, case in CASES.items():
+        inputs = {name: _to_numpy(x) for name, x in build_inputs(case).items()}
+        value = np.asarray(REFERENCES[case["fn"]](**inputs, **case["kwargs"]), dtype=np.float64)
+        cases[key] = {**case, "expected": value.tolist()}
+    about = ("Golden values for pipeline/losses.py; regenerate with "
+             "`python tests/golden/make_golden.py`. Inputs: build_inputs() in that script.")
+    # one line per case keeps diffs readable
+    lines = [f"  {json.dumps(key)}: {json.dumps(case)}" for key, case in cases.items()]
+    FIXTURE.write_text(
+        f'{{\n "about": {json.dumps(about)},\n "torch_version": {json.dumps(torch.__version__)},\n'
+        f' "cases": {{\n' + ",\n".join(lines) + "\n }\n}\n"
+    )
+    print(f"wrote {len(cases)} cases to {FIXTURE}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""Tests for pipeline/losses.py: golden values from an independent reference, then properties.
+
+The golden fixture tests/golden/losses.json is written only by tests/golden/make_golden.py;
+this module rebuilds the same inputs with that script's build_inputs() and compares.
+"""
+
+import importlib.util
+import inspect
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import losses
+
+GOLDEN_DIR = Path(__file__).parent / "golden"
+FIXTURE = GOLDEN_DIR / "losses.json"
+
+
+def _load_make_golden():
+    spec = importlib.util.spec_from_file_location("make_golden", GOLDEN_DIR / "make_golden.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_golden = _load_make_golden()
+
+# --------------------------------------------------------------------------------------------
+# golden values
+
+# Every case the fixture must hold, by the function it exercises.
+GOLDEN_CASES = {
+    "soft_target_loss": ["soft_T1", "soft_T4"],
+    "topk_soft_target_loss": [
+        "topk_bucket_T4_k3_fp16", "topk_bucket_T1_k5_fp32", "topk_bucket_T2_kC_fp32",
+        "topk_bucket_T1_k2_fp16_scale30", "topk_renorm_T4_k3_fp16", "topk_renorm_T2_k5_fp32",
+        "topk_renorm_T2_kC_fp32",
+    ],
+    "topk_soft_target_loss_per_row": [
+        "topk_per_row_bucket_T4_k3_fp16", "topk_per_row_renorm_T1_k4_fp32",
+    ],
+    "hint_loss": ["hint_4d", "hint_2d"],
+    "attention_map": ["attention_map_p2", "attention_map_p1", "attention_map_1d_p2"],
+    "attention_transfer_loss": [
+        "at_p2_same_size", "at_p1_same_size", "at_p2_student_larger", "at_p1_student_larger",
+        "at_p2_teacher_larger_uneven", "at_p2_1d_student_larger",
+    ],
+    "attention_map_loss": ["attention_map_loss_fp16_teacher"],
+    "rkd_distance_loss": ["rkd_distance"],
+    "rkd_angle_loss": ["rkd_angle", "rkd_angle_degenerate"],
+    "cosine_embedding_loss": [
+        "cosine_3d_mask", "cosine_3d_no_mask", "cosine_2d_mask", "cosine_empty_mask",
+    ],
+}
+KNOWN = {key: fn for fn, keys in GOLDEN_CASES.items() for key in keys}
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return json.loads(FIXTURE.read_text())["cases"]
+
+
+def test_fixture_has_no_unknown_cases(golden):
+    unknown = sorted(set(golden) - set(KNOWN))
+    assert not unknown, f"cases in {FIXTURE.name} this test does not know: {unknown}"
+
+
+def test_every_public_function_has_golden_cases():
+    public = {
+        name for name, f in inspect.getmembers(losses, inspect.isfunction)
+        if not name.startswith("_") and f.__module__ == losses.__name__
+    }
+    assert public == set(GOLDEN_CASES)
+
+
+@pytest.mark.parametrize("key", sorted(KNOWN))
+def test_golden(golden, key):
+    if key not in golden:
+        pytest.fail(f"case {key!r} missing from {FIXTURE}; run tests/golden/make_golden.py")
+    case = golden[key]
+    assert case["fn"] == KNOWN[key]
+    got = getattr(losses, case["fn"])(**make_golden.build_inputs(case), **case["kwargs"])
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.detach().double().numpy(), case["expected"],
+                               rtol=1e-5, atol=1e-8)
+
+
+# --------------------------------------------------------------------------------------------
+# properties
+
+
+def _randn(*shape, seed=0, scale=1.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def _cache_row(teacher_logits, k, temperature, dtype=torch.float32):
+    # teacher_logits: (B, C) -> what the label stage stores: topk_idx, topk_logit (B, k); lse (B,)
+    z_max = teacher_logits.max(dim=1, keepdim=True).values
+    vals, idx = teacher_logits.topk(k, dim=1)
+    lse = ((teacher_logits - z_max) / temperature).logsumexp(dim=1)
+    return idx.int(), (vals - z_max).to(dtype), lse
+
+
+def _at_features(seed=0):
+    return _randn(4, 3, 6, 6, seed=seed), _randn(4, 5, 6, 6, seed=seed + 1)
+
+
+# name -> (loss(student, teacher), student, teacher); teacher=None means "same as student"
+def _loss_cases():
+    z = _randn(8, 10, seed=1, scale=3.0)
+    s_at, t_at = _at_features()
+    hidden, mask = _randn(3, 5, 8, seed=2), _randn(3, 5, seed=3) > 0
+    return {
+        "soft": (lambda s, t: losses.soft_target_loss(s, t, 4.0), z, _randn(8, 10, seed=4)),
+        "topk_bucket": (lambda s, t: losses.topk_soft_target_loss(s, *_cache_row(t, 3, 2.0), 2.0),
+                        z, _randn(8, 10, seed=4)),
+        "topk_renorm": (lambda s, t: losses.topk_soft_target_loss(
+            s, *_cache_row(t, 3, 2.0), 2.0, tail="renorm"), z, _randn(8, 10, seed=4)),
+        "hint": (losses.hint_loss, s_at, _randn(4, 3, 6, 6, seed=5)),
+        "attention": (losses.attention_transfer_loss, s_at, t_at),
+        "attention_map": (lambda s, t: losses.attention_map_loss(
+            losses.attention_map(s), losses.attention_map(t)), s_at, t_at),
+        "rkd_distance": (losses.rkd_distance_loss, _randn(6, 5, seed=6), _randn(6, 8, seed=7)),
+        "rkd_angle": (losses.rkd_angle_loss, _randn(6, 5, seed=6), _randn(6, 8, seed=7)),
+        "cosine": (lambda s, t: losses.cosine_embedding_loss(s, t, mask), hidden,
+                   _randn(3, 5, 8, seed=8)),
+    }
+
+
+LOSS_NAMES = list(_loss_cases())
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_zero_when_student_equals_teacher(name):
+    loss, student, _ = _loss_cases()[name]
+    assert loss(student, student.clone()).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_gradient_reaches_student_only(name):
+    loss, student, teacher = _loss_cases()[name]
+    student = student.clone().requires_grad_(True)  # the teacher never needs grad
+    value = loss(student, teacher)
+    value.backward()
+    assert value.item() > 0
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("loss", [losses.rkd_distance_loss, losses.rkd_angle_loss])
+def test_rkd_teacher_side_has_no_grad(loss):
+    student = _randn(6, 5, seed=0).requires_grad_(True)
+    teacher = _randn(6, 8, seed=1).requires_grad_(True)
+    loss(student, teacher).backward()
+    assert teacher.grad is None
+
+
+@pytest.mark.parametrize("loss", [losses.rkd_distance_loss, losses.rkd_angle_loss])
+def test_rkd_invariant_to_embedding_scale(loss):
+    s, t = _randn(7, 5, seed=0), _randn(7, 8, seed=1)
+    expected = loss(s, t)
+    torch.testing.assert_close(loss(s * 3.7, t), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss(s, t * 0.2), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_rkd_angle_degenerate_triples_are_finite():
+    s = _randn(5, 4, seed=0).requires_grad_(True)
+    t = _randn(5, 4, seed=1)
+    t[1] = t[0]  # zero vectors x_1 - x_0 on the teacher side
+    s_dup = torch.cat([s[:1], s[:1], s[2:]])  # and on the student side
+    value = losses.rkd_angle_loss(s_dup, t)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(s.grad).all()
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_attention_ignores_student_channel_count(p):
+    s, t = _at_features()
+    doubled = torch.cat([s, s], dim=1)  # same channel mean, twice the channels
+    torch.testing.assert_close(losses.attention_transfer_loss(doubled, t, p),
+                               losses.attention_transfer_loss(s, t, p))
+
+
+def test_attention_map_is_row_major_and_normalised():
+    f = torch.zeros(2, 3, 3, 4)
+    f[:, :, 1, 2] = 5.0
+    f[1, 0, 0, 0] = 1.0
+    a = losses.attention_map(f)
+    assert a.shape == (2, 12)
+    assert a[0].argmax().item() == 1 * 4 + 2
+    torch.testing.assert_close(a.norm(dim=1), torch.ones(2))
+
+
+def test_attention_map_loss_matches_attention_transfer_loss():
+    s, t = _at_features()
+    cached = losses.attention_map(t).half()  # the cache stores maps as float16
+    torch.testing.assert_close(losses.attention_map_loss(losses.attention_map(s), cached),
+                               losses.attention_transfer_loss(s, t), rtol=1e-2, atol=1e-5)
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renorm"])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
+@pytest.mark.parametrize("scale", [1.0, 3.0, 30.0])
+def test_topk_with_all_classes_equals_soft_target_loss(tail, temperature, scale):
+    s = _randn(16, 10, seed=1, scale=scale)
+    t = _randn(16, 10, seed=2, scale=scale)
+    got = losses.topk_soft_target_loss(s, *_cache_row(t, 10, temperature), temperature, tail)
+    torch.testing.assert_close(got, losses.soft_target_loss(s, t, temperature),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_bucket_tail_never_exceeds_full_loss(k, temperature):
+    # KL of the coarse-grained distributions <= KL of the full ones (data processing)
+    for seed in range(5):
+        s, t = _randn(32, 10, seed=seed, scale=3.0), _randn(32, 10, seed=seed + 100, scale=3.0)
+        full = losses.soft_target_loss(s, t, temperature)
+        bucket = losses.topk_soft_target_loss(s, *_cache_row(t, k, temperature), temperature)
+        assert bucket.item() <= full.item() + 1e-6
+
+
+def test_bucket_tail_clamped_when_float16_mass_exceeds_one():
+    s = _randn(4, 10, seed=0)
+    idx, topk_logit, lse = _cache_row(_randn(4, 10, seed=1, scale=30.0), 3, 1.0, torch.float16)
+    lse = lse - 1e-3  # kept mass now a hair past 1
+    per_row = losses.topk_soft_target_loss_per_row(s, idx, topk_logit, lse, 1.0)
+    assert torch.isfinite(per_row).all()
+
+
+def test_per_row_is_what_the_mean_is_built_from():
+    # token-level rows: (B*L, C), nothing assumes one prediction per sample
+    s, t = _randn(3 * 7, 10, seed=0), _randn(3 * 7, 10, seed=1)
+    row = _cache_row(t, 4, 2.0, torch.float16)
+    per_row = losses.topk_soft_target_loss_per_row(s, *row, 2.0)
+    assert per_row.shape == (21,)
+    torch.testing.assert_close(per_row.mean() * 4.0, losses.topk_soft_target_loss(s, *row, 2.0))
+
+
+def test_unknown_tail_raises():
+    s, t = _randn(4, 10, seed=0), _randn(4, 10, seed=1)
+    with pytest.raises(ValueError, match="tail must be one of .*'truncate'"):
+        losses.topk_soft_target_loss(s, *_cache_row(t, 3, 1.0), 1.0, tail="truncate")
+
+
+def test_cosine_empty_mask_is_zero_and_keeps_graph():
+    s = _randn(2, 3, 4, seed=0).requires_grad_(True)
+    value = losses.cosine_embedding_loss(s, _randn(2, 3, 4, seed=1), torch.zeros(2, 3, dtype=torch.bool))
+    assert value.item() == 0.0 and value.requires_grad
+    value.backward()
+    assert (s.grad == 0).all()
+
+
+def test_cosine_mask_selects_rows():
+    s, t = _randn(2, 3, 4, seed=0), _randn(2, 3, 4, seed=1)
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    torch.testing.assert_close(losses.cosine_embedding_loss(s, t, mask),
+                               losses.cosine_embedding_loss(s[mask], t[mask]))
+
+
+def test_hint_regressor_learns_exact_linear_map():
+    # FitNets: the regressor maps the student's feature onto the teacher's
+    student = _randn(64, 6, seed=0)
+    A = _randn(9, 6, seed=1)
+    teacher = student @ A.T
+    torch.manual_seed(0)
+    regressor = torch.nn.Linear(6, 9)
+    opt = torch.optim.LBFGS(regressor.parameters(), lr=1, max_iter=200,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = losses.hint_loss(regressor(student), teacher)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert losses.hint_loss(regressor(student), teacher).item() < 1e-6
