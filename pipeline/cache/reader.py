@@ -1,0 +1,145 @@
+"""Reading the cache for a student: only the columns and arrays it asks for.
+
+`Cache.open` reads the manifest and refuses an incomplete cache or one from a newer
+schema. `check` is the cheap start-of-training check (part files present with their
+recorded sizes and row counts, chunk files present, data fingerprints equal to the
+prepared files); `kd cache verify` does the full, hashing check. `require` refuses a
+temperature, feature or view the cache lacks, saying what to add to `label`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from pipeline import data
+from pipeline.cache.manifest import FEATURES, feature_path, lse_column, read_manifest, safe_path
+from pipeline.cache.writer import chunk_files
+from pipeline.errors import CacheError, CacheMissingError, StaleCacheError
+
+
+@dataclass
+class SoftTargets:
+    """Cache rows of one split, in cache order (sample-major, views inside)."""
+
+    ids: np.ndarray  # (R,) int64
+    view: np.ndarray  # (R,) int32
+    topk_idx: np.ndarray  # (R, k) int32
+    topk_logit: np.ndarray  # (R, k) float16 or float32, max-shifted
+    lse: dict[float, np.ndarray]  # temperature -> (R,) float32
+
+
+class Cache:
+    def __init__(self, root: Path, manifest: dict[str, Any]):
+        self.root = Path(root)
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, root: Path) -> "Cache":
+        manifest = read_manifest(root)
+        if not manifest.get("complete"):
+            raise CacheError(f"{root}: cache is incomplete (an interrupted `kd label`?); run `kd label` to finish it")
+        return cls(root, manifest)
+
+    @property
+    def views(self) -> int:
+        """Rows per sample: 1 + the number of augmented views."""
+        return self.manifest["views"]["count"] + 1
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest["num_classes"]
+
+    def split(self, split: str) -> dict[str, Any]:
+        if split not in self.manifest["splits"]:
+            raise CacheMissingError(f"{self.root}: the cache has no split {split!r} "
+                                    f"(has: {', '.join(self.manifest['splits'])})")
+        return self.manifest["splits"][split]
+
+    def require(self, *, temperatures: list[float] = (), features: dict[str, str] | None = None,
+                views: bool = False, who: str = "this student") -> None:
+        """Refuse what the cache cannot give, naming what to add to params.yaml's `label`."""
+        cached_t = [float(t) for t in self.manifest["temperatures"]]
+        for t in temperatures:
+            if float(t) not in cached_t:
+                raise CacheMissingError(
+                    f"{who} needs temperature {t}, but the cache at {self.root} holds {self.manifest['temperatures']}; "
+                    f"add {t} to label.temperatures in params.yaml and run `kd label`")
+        specs = {s["name"]: s["mode"] for s in self.manifest["features"]}
+        for layer, mode in (features or {}).items():
+            if specs.get(layer) != mode:
+                held = f"holds it as {specs[layer]!r}" if layer in specs else "does not hold it"
+                raise CacheMissingError(
+                    f"{who} needs teacher layer {layer!r} in mode {mode!r}, but the cache at {self.root} {held}; "
+                    f"set label.features.{layer}: {mode} in params.yaml and run `kd label`")
+        if views and self.views == 1:
+            raise CacheMissingError(
+                f"{who} trains on augmented views, but the cache at {self.root} holds none; "
+                "set label.views (e.g. 4) in params.yaml and run `kd label`")
+
+    def check(self, prepared: Path, splits: list[str], layers: list[str] = ()) -> None:
+        """Cheap integrity and staleness check before training (no hashing of the cache)."""
+        for split in splits:
+            info = self.split(split)
+            source = Path(prepared) / info["source"]
+            if data.data_fingerprint(source) != info["data_fingerprint"]:
+                raise StaleCacheError(
+                    f"{self.root}: the cache was labeled from other data than {source} (data fingerprint differs); "
+                    "run `kd label` again")
+            for part in info["parts"]:
+                path = safe_path(self.root, part["path"])
+                problem = None
+                if not path.is_file():
+                    problem = "is missing"
+                elif path.stat().st_size != part["bytes"]:
+                    problem = f"has {path.stat().st_size} bytes, the manifest says {part['bytes']}"
+                else:
+                    try:
+                        if pq.read_metadata(path).num_rows != part["rows"]:
+                            problem = "has a different row count than the manifest"
+                    except (pa.ArrowException, OSError):
+                        problem = "has an unreadable Parquet footer"
+                if problem:
+                    raise CacheError(f"{path} {problem}; run `kd cache verify {self.root}`")
+                for layer in ["id", *layers] if layers else []:
+                    for chunk in chunk_files(self.root, self.manifest, split, layer, part["first_row"], part["rows"]):
+                        if not chunk.is_file():
+                            raise CacheError(f"{chunk} is missing; run `kd cache verify {self.root}`")
+
+    def soft_targets(self, split: str, temperatures: list[float]) -> SoftTargets:
+        """All rows of `split`, reading only id, view, top-k and the asked lse columns."""
+        info = self.split(split)
+        columns = ["id", "view", "topk_idx", "topk_logit", *[lse_column(t) for t in temperatures]]
+        tables = [pq.read_table(safe_path(self.root, p["path"]), columns=columns) for p in info["parts"]]
+        table = pa.concat_tables(tables).combine_chunks() if tables else None
+        if table is None or table.num_rows != info["rows"]:
+            got = 0 if table is None else table.num_rows
+            raise CacheError(f"{self.root}: split {split} has {got} rows in its parts, the manifest says {info['rows']}")
+        k = self.manifest["top_k"]
+        return SoftTargets(
+            ids=table["id"].to_numpy(),
+            view=table["view"].to_numpy(),
+            topk_idx=_fixed_list(table["topk_idx"], k),
+            topk_logit=_fixed_list(table["topk_logit"], k),
+            lse={float(t): table[lse_column(t)].to_numpy() for t in temperatures},
+        )
+
+    def feature(self, split: str, layer: str) -> zarr.Array:
+        """The Zarr array of one cached layer, rows aligned with `soft_targets(split)`."""
+        self.split(split)
+        return zarr.open_array(str(safe_path(self.root, feature_path(split, layer))), mode="r")
+
+    def feature_ids(self, split: str) -> np.ndarray:
+        return zarr.open_array(str(safe_path(self.root, f"{FEATURES}/{split}/id")), mode="r")[:]
+
+
+def _fixed_list(column: pa.ChunkedArray, k: int) -> np.ndarray:
+    # A fixed_size_list<T>[k] column -> (R, k) numpy array without a per-row copy.
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return array.flatten().to_numpy(zero_copy_only=False).reshape(-1, k)

@@ -1,0 +1,194 @@
+"""Full integrity check of a cache (`kd cache verify`) and its summary (`kd cache info`).
+
+`verify` hashes every part and every Zarr chunk against the manifest, checks each part's
+schema, row count, (id, view) order and finiteness, that the files on disk are exactly the
+ones the manifest lists, and that the Zarr `id` arrays equal the Parquet ids row for row.
+It returns a list of problems, one line each; an empty list means intact.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.cache.manifest import FEATURES, feature_path, lse_column, read_manifest, safe_path
+from pipeline.cache.reader import _fixed_list
+from pipeline.cache.writer import chunk_files, chunks_sha256
+from pipeline.errors import KDError
+from pipeline.models import file_sha256
+
+
+def verify(root: Path) -> list[str]:
+    root = Path(root)
+    try:
+        manifest = read_manifest(root)
+    except KDError as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    if not manifest.get("complete"):
+        problems.append(f"{root}: cache is incomplete (interrupted `kd label`); run `kd label` to finish it")
+    for key in ("teacher", "num_classes", "top_k", "temperatures", "logit_dtype", "features", "views", "splits"):
+        if key not in manifest:
+            problems.append(f"{root / 'manifest.json'}: missing key {key!r}")
+    if problems:
+        return problems
+    listed = set()
+    for split, info in manifest["splits"].items():
+        problems += _verify_split(root, manifest, split, info)
+        listed |= {p["path"] for p in info["parts"]}
+    on_disk = {str(p.relative_to(root)) for p in (root / "soft_targets").rglob("*") if p.is_file()}
+    for extra in sorted(on_disk - listed):
+        problems.append(f"{root / extra}: file not listed in the manifest")
+    return problems
+
+
+def _verify_split(root: Path, manifest: dict[str, Any], split: str, info: dict[str, Any]) -> list[str]:
+    problems: list[str] = []
+    views = manifest["views"]["count"] + 1
+    part_rows = manifest["label"]["part_size"] * views
+    expected_parts = math.ceil(info["samples"] / manifest["label"]["part_size"])
+    if len(info["parts"]) != expected_parts or info["rows"] != info["samples"] * views:
+        problems.append(f"{root / 'manifest.json'}: split {split} lists {len(info['parts'])} parts "
+                        f"for {info['samples']} samples, expected {expected_parts}")
+    ids_by_part = []
+    next_row = 0
+    for index, part in enumerate(info["parts"]):
+        try:
+            path = safe_path(root, part["path"])
+        except KDError as exc:
+            problems.append(str(exc))
+            continue
+        if part["first_row"] != next_row or (index < expected_parts - 1 and part["rows"] != part_rows):
+            problems.append(f"{root / 'manifest.json'}: part {part['path']} covers rows "
+                            f"{part['first_row']}..{part['first_row'] + part['rows']}, expected to start at {next_row}")
+        next_row = part["first_row"] + part["rows"]
+        if not path.is_file():
+            problems.append(f"{path}: listed in the manifest but missing")
+            continue
+        if file_sha256(path) != part["sha256"]:
+            problems.append(f"{path}: sha256 differs from the manifest (corrupt or modified)")
+            continue
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as exc:
+            problems.append(f"{path}: unreadable Parquet ({exc})")
+            continue
+        problems += _check_table(path, table, manifest, part, views)
+        ids_by_part.append(table["id"].to_numpy())
+        for layer, digest in part.get("features", {}).items():
+            got = chunks_sha256(root, manifest, split, layer, part["first_row"], part["rows"])
+            if got.startswith("missing:"):
+                problems.append(f"{root / got.removeprefix('missing:')}: Zarr chunk missing")
+            elif got != digest:
+                problems.append(f"{root / feature_path(split, layer)}: chunks of rows {part['first_row']}.."
+                                f"{part['first_row'] + part['rows']} differ from the manifest (corrupt or modified)")
+    if manifest["features"] and ids_by_part and not any("Zarr" in p or "differ" in p for p in problems):
+        problems += _check_alignment(root, manifest, split, info, np.concatenate(ids_by_part))
+    return problems
+
+
+def _check_table(path: Path, table: pa.Table, manifest: dict[str, Any], part: dict[str, Any], views: int) -> list[str]:
+    k = manifest["top_k"]
+    expected = ["id", "view", "topk_idx", "topk_logit", "logit_max", *map(lse_column, manifest["temperatures"])]
+    if table.column_names != expected:
+        return [f"{path}: columns {table.column_names}, expected {expected}"]
+    if table.num_rows != part["rows"]:
+        return [f"{path}: {table.num_rows} rows, the manifest says {part['rows']}"]
+    problems = []
+    view = table["view"].to_numpy()
+    if not np.array_equal(view, np.tile(np.arange(views), len(view) // views)):
+        problems.append(f"{path}: view column out of order (expected 0..{views - 1} per sample)")
+    ids = table["id"].to_numpy()
+    if not (ids.reshape(-1, views) == ids[::views, None]).all():
+        problems.append(f"{path}: rows of one sample's views are not together")
+    idx = _fixed_list(table["topk_idx"], k)
+    if idx.size and (idx.min() < 0 or idx.max() >= manifest["num_classes"]):
+        problems.append(f"{path}: topk_idx outside [0, {manifest['num_classes']})")
+    logits = _fixed_list(table["topk_logit"], k).astype(np.float32)
+    floats = {"topk_logit": logits, "logit_max": table["logit_max"].to_numpy()}
+    floats |= {name: table[name].to_numpy() for name in expected[5:]}
+    for name, values in floats.items():
+        bad = ~np.isfinite(values).reshape(len(ids), -1).all(1)
+        if bad.any():
+            problems.append(f"{path}: NaN or Inf in {name} (ids {ids[bad][:5].tolist()})")
+    if logits.size and (logits[:, 0] != 0).any():
+        problems.append(f"{path}: topk_logit does not start at 0 (not max-shifted)")
+    return problems
+
+
+def _check_alignment(root: Path, manifest: dict[str, Any], split: str, info: dict[str, Any],
+                     parquet_ids: np.ndarray) -> list[str]:
+    import zarr
+
+    problems = []
+    try:
+        zarr_ids = zarr.open_array(str(root / FEATURES / split / "id"), mode="r")[:]
+    except Exception as exc:  # any failure to open is a finding, not a crash
+        return [f"{root / FEATURES / split / 'id'}: unreadable ({exc})"]
+    if not np.array_equal(zarr_ids, parquet_ids):
+        problems.append(f"{root / FEATURES / split}: Zarr ids are not aligned row for row with the Parquet parts")
+    for spec in manifest["features"]:
+        try:
+            shape = zarr.open_array(str(root / feature_path(split, spec["name"])), mode="r").shape
+        except Exception as exc:
+            problems.append(f"{root / feature_path(split, spec['name'])}: unreadable ({exc})")
+            continue
+        if list(shape) != [info["rows"], *spec["shape"]]:
+            problems.append(f"{root / feature_path(split, spec['name'])}: shape {list(shape)}, "
+                            f"expected {[info['rows'], *spec['shape']]}")
+    return problems
+
+
+def info(root: Path) -> dict[str, Any]:
+    """A summary of the cache for humans and machines (no hashing)."""
+    manifest = read_manifest(root)
+    size = sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
+    teacher = manifest.get("teacher", {})
+    return {
+        "path": str(root),
+        "schema_version": manifest["schema_version"],
+        "complete": manifest.get("complete", False),
+        "teacher": {"fingerprint": teacher.get("fingerprint"), "arch": teacher.get("config", {}).get("arch"),
+                    "params": teacher.get("config", {}).get("params")},
+        "num_classes": manifest.get("num_classes"),
+        "top_k": manifest.get("top_k"),
+        "temperatures": manifest.get("temperatures"),
+        "logit_dtype": manifest.get("logit_dtype"),
+        "views": manifest.get("views"),
+        "features": manifest.get("features"),
+        "splits": {s: {"samples": i["samples"], "rows": i["rows"], "parts": len(i["parts"])}
+                   for s, i in manifest.get("splits", {}).items()},
+        "fidelity": manifest.get("fidelity"),
+        "bytes": size,
+    }
+
+
+def format_info(summary: dict[str, Any]) -> str:
+    lines = [
+        f"cache {summary['path']} (schema {summary['schema_version']}"
+        f"{'' if summary['complete'] else ', INCOMPLETE'}, {summary['bytes'] / 1e6:.1f} MB)",
+        f"teacher  {summary['teacher']['arch']} ({summary['teacher']['params']} params) "
+        f"sha256 {str(summary['teacher']['fingerprint'])[:16]}",
+        f"soft     top-{summary['top_k']} of {summary['num_classes']} classes, {summary['logit_dtype']}, "
+        f"temperatures {summary['temperatures']}",
+        f"views    {summary['views']['count']} augmented per sample ({summary['views']['recipe']['name']}, "
+        f"max_shift {summary['views']['recipe']['max_shift']}, seed {summary['views']['seed']})",
+    ]
+    for spec in summary["features"] or []:
+        lines.append(f"feature  {spec['name']}: {spec['mode']} {spec['shape']} {spec['dtype']}")
+    for split, s in summary["splits"].items():
+        line = f"split    {split}: {s['samples']} samples, {s['rows']} rows, {s['parts']} parts"
+        fid = (summary.get("fidelity") or {}).get(split)
+        if fid:
+            acc = fid.get("teacher_accuracy")
+            per_t = [f"{t}: kept {v['kept_mass']:.4f}, KL {v['kl_full_to_cached']:.2e}"
+                     for t, v in fid.items() if isinstance(v, dict)]
+            line += f"; teacher acc {acc:.4f}" if acc is not None else ""
+            line += "; " + "; ".join(per_t)
+        lines.append(line)
+    return "\n".join(lines)
