@@ -1,0 +1,36 @@
+"""Training the teacher on the labeled split (hard labels, random-shift augmentation).
+
+The same loop as every student (`training.fit`); augmentation is the view recipe of
+`augment`, drawn fresh each epoch. Writes nothing itself: the stage saves the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import data
+from pipeline.config import TeacherConfig, as_dict
+from pipeline.models import build
+from pipeline.training import TransferSet, fit, hard_label_loss, predict
+
+
+def train_teacher(cfg: TeacherConfig, prepared: Path, *, progress: bool = True) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+    """Return (model, config to save beside the weights, metrics)."""
+    labeled = data.read_split(prepared / "labeled.parquet")
+    test = data.read_split(prepared / "test.parquet")
+    torch.manual_seed(cfg.seed)
+    model = build(cfg.arch, cfg.arch_kwargs, labeled.input_shape, labeled.num_classes)
+    dataset = TransferSet(x=torch.tensor(labeled.x), ids=labeled.ids, input_shape=labeled.input_shape,
+                          targets={"label": torch.tensor(labeled.y)}, view_seed=cfg.seed, view_shift=cfg.shift)
+    log = fit(model, dataset, {"hard": (1.0, hard_label_loss)}, epochs=cfg.epochs, batch_size=cfg.batch_size,
+              lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed, views="fresh" if cfg.shift else "none",
+              desc="teacher", progress=progress)
+    logits = predict(model, torch.tensor(test.x), test.input_shape)
+    accuracy = float((logits.argmax(1).numpy() == test.y).mean())
+    config = {"arch": cfg.arch, "arch_kwargs": cfg.arch_kwargs, "input_shape": labeled.input_shape,
+              "num_classes": labeled.num_classes, "training": as_dict(cfg)}
+    metrics = {"test_accuracy": accuracy, "train_loss": log[-1]["total"], "epochs": len(log)}
+    return model, config, metrics

@@ -1,0 +1,160 @@
+"""The one training loop, used for the teacher, every student and every baseline twin.
+
+What a model learns is decided by its loss terms, passed in as `{name: (weight, term)}`
+where `term(batch, out) -> scalar tensor` and `out` holds the logits plus any tapped
+layers. `step` returns every term on its own, so each one is logged per epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from pipeline import augment, features
+
+Batch = dict[str, torch.Tensor]
+Term = Callable[[Batch, dict[str, torch.Tensor]], torch.Tensor]
+
+
+@dataclass
+class TransferSet:
+    """Inputs in memory, one row per sample, plus per-cache-row targets.
+
+    x: (N, D) float32; ids: (N,) int64. Each sample has `views` cache rows (view 0 first),
+    row of (sample i, view v) = i * views + v. `targets` maps a name to a tensor with one
+    row per cache row (top-k, lse, hard label with -1 for none, cached features, ...).
+    """
+
+    x: torch.Tensor
+    ids: np.ndarray
+    input_shape: list[int]
+    targets: dict[str, torch.Tensor]
+    views: int = 1
+    view_seed: int = 0
+    view_shift: int = 0
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def batches(self, epoch: int, batch_size: int, seed: int, views: str = "none") -> Iterator[Batch]:
+        """Shuffled batches for one epoch, seeded by (seed, epoch).
+
+        views: "none" = view 0 only; "cached" = each sample draws one of its cached views;
+        "fresh" = a new random view per sample and epoch (teacher training; no cached targets).
+        """
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        n = len(self.x)
+        order = torch.randperm(n, generator=g)
+        if views == "cached":
+            view = torch.randint(0, self.views, (n,), generator=g)
+        elif views == "fresh":
+            view = torch.randint(0, 2**30, (n,), generator=g)
+        else:
+            view = torch.zeros(n, dtype=torch.long)
+        for start in range(0, n, batch_size):
+            rows = order[start:start + batch_size]
+            v = view[rows]
+            x = augment.apply_views(self.x[rows], self.ids[rows.numpy()], v.numpy(), self.input_shape,
+                                    self.view_seed, self.view_shift)
+            batch = {"x": x.view(len(rows), *self.input_shape)}
+            cache_rows = rows * self.views + (v if views == "cached" else 0)
+            for name, target in self.targets.items():
+                batch[name] = target[cache_rows]
+            yield batch
+
+
+def hard_label_loss(batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy over the rows that carry a label (label >= 0); 0 when none do."""
+    logits, label = out["logits"], batch["label"]
+    keep = label >= 0
+    if not keep.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[keep], label[keep])
+
+
+def step(model: nn.Module, batch: Batch, terms: dict[str, tuple[float, Term]], taps: list[str]) -> dict[str, torch.Tensor]:
+    """One forward pass; every loss term by name (unweighted)."""
+    with features.tap(model, taps) as captured:
+        logits = model(batch["x"])
+    out = {"logits": logits, **captured}
+    return {name: term(batch, out) for name, (_, term) in terms.items()}
+
+
+def fit(
+    model: nn.Module,
+    data: TransferSet,
+    terms: dict[str, tuple[float, Term]],
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    views: str = "none",
+    taps: list[str] = (),
+    extra_params: list[nn.Parameter] = (),
+    desc: str = "train",
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Train `model` in place with AdamW and a one-cycle schedule; return the per-epoch log."""
+    params = [*model.parameters(), *extra_params]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    steps = epochs * math.ceil(len(data) / batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
+    log = []
+    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False)
+    for epoch in range(epochs):
+        model.train()
+        started = time.perf_counter()
+        sums: dict[str, float] = {}
+        count = 0
+        for batch in data.batches(epoch, batch_size, seed, views):
+            values = step(model, batch, terms, list(taps))
+            loss = sum(terms[name][0] * value for name, value in values.items())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            n = len(batch["x"])
+            count += n
+            for name, value in {**values, "total": loss}.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach()) * n
+            bar.update(1)
+        row = {"epoch": epoch + 1, **{k: v / count for k, v in sums.items()},
+               "lr": schedule.get_last_lr()[0], "seconds": time.perf_counter() - started}
+        log.append(row)
+        bar.set_postfix(loss=f"{row['total']:.4f}")
+    bar.close()
+    model.eval()
+    return log
+
+
+def write_log(path: Path, log: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(log[0]))
+        writer.writeheader()
+        writer.writerows(log)
+    tmp.replace(path)
+
+
+def predict(model: nn.Module, x: torch.Tensor, input_shape: list[int], batch_size: int = 512) -> torch.Tensor:
+    """Logits (N, C) of a model over inputs x (N, D), in eval mode and without grad."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            chunk = x[start:start + batch_size]
+            out.append(model(chunk.view(len(chunk), *input_shape)))
+    return torch.cat(out) if out else torch.empty(0)
