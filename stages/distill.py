@@ -1,0 +1,42 @@
+"""`kd distill NAME`: train student NAME from the cache and the prepared inputs.
+
+Never loads the teacher: it reads `data/teacher_outputs/` and `data/prepared/` only.
+Writes `data/students/NAME/` (model.safetensors, config.json, train_log.csv) with the
+student's hard-label baseline twin in `baseline/`. Reads `students.NAME` of params.yaml.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipeline.cache import Cache
+from pipeline.config import student
+from pipeline.distill import train_student
+from stages.common import PARAMS_OPTION, clean_errors, override
+
+
+@clean_errors
+def main(
+    name: str = typer.Argument(..., help="A student defined under `students` in params.yaml."),
+    epochs: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    cache: Path = typer.Option(Path("data/teacher_outputs"), help="Cache written by `kd label`."),
+    prepared: Path = typer.Option(Path("data/prepared"), help="Directory written by `kd prepare`."),
+    students_dir: Path = typer.Option(Path("data/students"), help="Students are written to STUDENTS_DIR/NAME."),
+    baselines: Path = typer.Option(Path("data/baselines"), help="Shared store of baseline twins."),
+    params: Path = PARAMS_OPTION,
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Train student NAME and its baseline twin from the cache (never the teacher)."""
+    cfg = override(student(params, name), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    summary = train_student(cfg, Cache.open(cache), prepared, students_dir / name, baselines, progress=progress)
+    final = summary["final"]
+    terms = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k not in ("epoch", "lr", "seconds"))
+    twin = "reused" if summary["twin_reused"] else "trained"
+    typer.echo(f"student {name}: {summary['epochs']} epochs, final {terms}; baseline twin {summary['twin']} {twin}"
+               f" -> {students_dir / name}")

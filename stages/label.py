@@ -1,0 +1,57 @@
+"""`kd label`: run the teacher once over every prepared split and write the cache.
+
+Writes `data/teacher_outputs/` (manifest.json, soft_targets/ Parquet parts, features.zarr).
+Resumes an interrupted run at the first missing part; an intact cache built from the same
+teacher, data and parameters is left as is. Reads only the `label` section of params.yaml.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from pipeline.cache import Teacher, label
+from pipeline.cache.verify import format_info, info
+from pipeline.config import LabelConfig, section
+from pipeline.errors import ConfigError
+from pipeline.models import fingerprint, load_model
+from stages.common import PARAMS_OPTION, clean_errors, json_option, override
+
+
+@clean_errors
+def main(
+    top_k: Optional[int] = typer.Option(None, help="Teacher logits kept per row."),
+    temperatures: Optional[str] = typer.Option(None, help="Comma-separated temperatures to store lse for, e.g. 1,4."),
+    logit_dtype: Optional[str] = typer.Option(None, help="float16 or float32."),
+    feature: Optional[List[str]] = typer.Option(None, help="Teacher layer to cache as LAYER=MODE (full, pooled, attention); repeatable."),
+    views: Optional[int] = typer.Option(None, help="Augmented views per sample besides the input as is."),
+    view_shift: Optional[int] = typer.Option(None),
+    view_seed: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    part_size: Optional[int] = typer.Option(None, help="Samples per Parquet part (the resume step)."),
+    teacher: Path = typer.Option(Path("data/teacher"), help="Teacher directory: model.safetensors + config.json."),
+    arch: Optional[str] = typer.Option(None, help="The teacher's architecture when it is package.module:factory."),
+    arch_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --arch."),
+    prepared: Path = typer.Option(Path("data/prepared"), help="Directory written by `kd prepare`."),
+    out: Path = typer.Option(Path("data/teacher_outputs"), help="Cache directory to write."),
+    params: Path = PARAMS_OPTION,
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Label every split with the teacher into the cache (defaults: params.yaml `label`)."""
+    temps = None
+    if temperatures is not None:
+        try:
+            temps = [float(t) if "." in t else int(t) for t in temperatures.split(",")]
+        except ValueError:
+            raise ConfigError(f"--temperatures: {temperatures!r} must be comma-separated numbers") from None
+    layers = None
+    if feature:
+        layers = dict(f.split("=", 1) if "=" in f else (f, "") for f in feature)
+    cfg = override(section(params, "label", LabelConfig), top_k=top_k, temperatures=temps, logit_dtype=logit_dtype,
+                   features=layers, views=views, view_shift=view_shift, view_seed=view_seed,
+                   batch_size=batch_size, part_size=part_size)
+    model, config = load_model(teacher, arch=arch, arch_kwargs=json_option("--arch-kwargs", arch_kwargs))
+    manifest = label(Teacher(model, fingerprint(teacher), config), prepared, out, cfg, progress=progress)
+    typer.echo(format_info(info(out)))

@@ -1,0 +1,50 @@
+"""`kd teacher`: train the teacher on the labeled split.
+
+Writes `data/teacher/model.safetensors`, `config.json` (architecture, shapes, training
+params) and `metrics.json` (test accuracy). To bring your own teacher instead, put its
+safetensors weights and a config.json in a directory and point `kd label --teacher` at it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipeline.config import TeacherConfig, section
+from pipeline.models import save_model, write_json
+from pipeline.teacher import train_teacher
+from stages.common import PARAMS_OPTION, clean_errors, json_option, override
+
+
+@clean_errors
+def main(
+    arch: Optional[str] = typer.Option(None, help="Built-in architecture (cnn, mlp) or package.module:factory."),
+    arch_kwargs: Optional[str] = typer.Option(None, help='Architecture keyword arguments as JSON, e.g. \'{"hidden": 512}\'.'),
+    epochs: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    weight_decay: Optional[float] = typer.Option(None),
+    shift: Optional[int] = typer.Option(None, help="Random-shift augmentation in pixels (0 = off)."),
+    seed: Optional[int] = typer.Option(None),
+    prepared: Path = typer.Option(Path("data/prepared"), help="Directory written by `kd prepare`."),
+    out: Path = typer.Option(Path("data/teacher"), help="Where to write the teacher."),
+    params: Path = PARAMS_OPTION,
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Train the teacher on the labeled split (defaults: params.yaml `teacher`)."""
+    cfg = override(section(params, "teacher", TeacherConfig), arch=arch,
+                   arch_kwargs=json_option("--arch-kwargs", arch_kwargs), epochs=epochs,
+                   batch_size=batch_size, lr=lr, weight_decay=weight_decay, shift=shift, seed=seed)
+    model, config, metrics = train_teacher(cfg, prepared, progress=progress)
+    staging = out.with_name(out.name + ".tmp")
+    if staging.exists():
+        shutil.rmtree(staging)
+    save_model(staging, model, config)
+    write_json(staging / "metrics.json", metrics)
+    if out.exists():
+        shutil.rmtree(out)
+    staging.replace(out)
+    typer.echo(f"teacher {cfg.arch}: test accuracy {metrics['test_accuracy']:.4f} -> {out}")
