@@ -66,8 +66,8 @@ class TransferSet:
             v = view[rows]
             x = augment.apply_views(self.x[rows], self.ids[rows.numpy()], v.numpy(), self.input_shape,
                                     self.view_seed, self.view_shift)
-            batch = {"x": x.view(len(rows), *self.input_shape)}
             cache_rows = rows * self.views + (v if views == "cached" else 0)
+            batch = {"x": x.view(len(rows), *self.input_shape), "row": cache_rows}
             for name, target in self.targets.items():
                 batch[name] = target[cache_rows]
             yield batch
