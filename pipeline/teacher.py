@@ -14,7 +14,8 @@ import torch
 from pipeline import data
 from pipeline.config import TeacherConfig, as_dict
 from pipeline.models import build
-from pipeline.training import TransferSet, fit, hard_label_loss, predict
+from pipeline.loader import TransferSet
+from pipeline.training import fit, hard_label_loss, predict
 
 
 def train_teacher(cfg: TeacherConfig, prepared: Path, *, progress: bool = True) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:

@@ -10,67 +10,25 @@ from __future__ import annotations
 import csv
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import augment, features
+from pipeline import features
+from pipeline.loader import Batch
 
-Batch = dict[str, torch.Tensor]
 Term = Callable[[Batch, dict[str, torch.Tensor]], torch.Tensor]
 
 
-@dataclass
-class TransferSet:
-    """Inputs in memory, one row per sample, plus per-cache-row targets.
+class Dataset(Protocol):
+    """What `fit` trains on: an in-memory `loader.TransferSet` or a `loader.StreamingSet`."""
 
-    x: (N, D) float32; ids: (N,) int64. Each sample has `views` cache rows (view 0 first),
-    row of (sample i, view v) = i * views + v. `targets` maps a name to a tensor with one
-    row per cache row (top-k, lse, hard label with -1 for none, cached features, ...).
-    """
-
-    x: torch.Tensor
-    ids: np.ndarray
-    input_shape: list[int]
-    targets: dict[str, torch.Tensor]
-    views: int = 1
-    view_seed: int = 0
-    view_shift: int = 0
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def batches(self, epoch: int, batch_size: int, seed: int, views: str = "none") -> Iterator[Batch]:
-        """Shuffled batches for one epoch, seeded by (seed, epoch).
-
-        views: "none" = view 0 only; "cached" = each sample draws one of its cached views;
-        "fresh" = a new random view per sample and epoch (teacher training; no cached targets).
-        """
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        n = len(self.x)
-        order = torch.randperm(n, generator=g)
-        if views == "cached":
-            view = torch.randint(0, self.views, (n,), generator=g)
-        elif views == "fresh":
-            view = torch.randint(0, 2**30, (n,), generator=g)
-        else:
-            view = torch.zeros(n, dtype=torch.long)
-        for start in range(0, n, batch_size):
-            rows = order[start:start + batch_size]
-            v = view[rows]
-            x = augment.apply_views(self.x[rows], self.ids[rows.numpy()], v.numpy(), self.input_shape,
-                                    self.view_seed, self.view_shift)
-            cache_rows = rows * self.views + (v if views == "cached" else 0)
-            batch = {"x": x.view(len(rows), *self.input_shape), "row": cache_rows}
-            for name, target in self.targets.items():
-                batch[name] = target[cache_rows]
-            yield batch
+    def __len__(self) -> int: ...
+    def batches(self, epoch: int, batch_size: int, seed: int, views: str = "none"): ...
 
 
 def hard_label_loss(batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -92,7 +50,7 @@ def step(model: nn.Module, batch: Batch, terms: dict[str, tuple[float, Term]], t
 
 def fit(
     model: nn.Module,
-    data: TransferSet,
+    data: Dataset,
     terms: dict[str, tuple[float, Term]],
     *,
     epochs: int,

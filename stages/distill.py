@@ -29,12 +29,14 @@ def main(
     prepared: Path = typer.Option(Path("data/prepared"), help="Directory written by `kd prepare`."),
     students_dir: Path = typer.Option(Path("data/students"), help="Students are written to STUDENTS_DIR/NAME."),
     baselines: Path = typer.Option(Path("data/baselines"), help="Shared store of baseline twins."),
+    memory_mb: float = typer.Option(2048, help="Hold the transfer set in memory up to this size; stream the cache above it."),
     params: Path = PARAMS_OPTION,
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Train student NAME and its baseline twin from the cache (never the teacher)."""
     cfg = override(student(params, name), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-    summary = train_student(cfg, Cache.open(cache), prepared, students_dir / name, baselines, progress=progress)
+    summary = train_student(cfg, Cache.open(cache), prepared, students_dir / name, baselines,
+                            memory_mb=memory_mb, progress=progress)
     final = summary["final"]
     terms = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k not in ("epoch", "lr", "seconds"))
     twin = "reused" if summary["twin_reused"] else "trained"

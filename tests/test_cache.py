@@ -26,7 +26,7 @@ from pipeline.cache import Cache, Teacher, label, lse_column, soft_targets
 from pipeline.cache.verify import verify
 from pipeline.cache.writer import fidelity_sums
 from pipeline.config import LabelConfig, PrepareConfig, StudentConfig, from_mapping
-from pipeline.distill import transfer_set
+from pipeline.loader import StreamingSet, transfer_set
 from pipeline.errors import CacheError, CacheMissingError, StaleCacheError
 from pipeline.models import build, fingerprint, load_model, save_model
 
@@ -328,3 +328,29 @@ def test_manifest_paths_cannot_leave_the_cache(teacher, prepared, tmp_path):
     assert len(problems) == 1 and "not inside the cache" in problems[0]
     with pytest.raises(CacheError, match="not inside the cache"):
         Cache.open(out)
+
+
+def test_streaming_set_serves_every_row_once_with_the_same_targets(teacher, prepared, tmp_path):
+    t, _ = teacher
+    cache = Cache.open(make_cache(t, prepared, tmp_path / "cache", part_size=32, views=1))
+    cfg = from_mapping(StudentConfig, {"name": "s", "views": True,
+                                       "loss": {"soft": {"temperature": 4}, "hard": {"pseudo": True}}}, "students.s")
+    in_memory = transfer_set(cache, prepared, cfg)
+    streamed = transfer_set(cache, prepared, cfg, memory_mb=0)  # nothing fits: stream
+    assert isinstance(streamed, StreamingSet) and len(streamed) == len(in_memory) == 320
+    rows = []
+    for batch in streamed.batches(epoch=0, batch_size=16, seed=0, views="cached"):
+        reference = {name: target[batch["row"]] for name, target in in_memory.targets.items()}
+        for name, value in batch.items():
+            if name != "x":
+                assert torch.equal(value, reference[name]), name
+        sample = batch["row"] // 2
+        assert torch.equal(batch["x"], torch.stack([
+            augment.apply_views(in_memory.x[i:i + 1], in_memory.ids[i:i + 1], np.array([int(r) % 2]),
+                                [1, 8, 8], 0, 2)[0].view(1, 8, 8) for i, r in zip(sample.tolist(), batch["row"])]))
+        rows += batch["row"].tolist()
+    assert sorted(r // 2 for r in rows) == list(range(320))  # every sample exactly once
+    first_order = rows[:16]
+    again = next(iter(streamed.batches(epoch=0, batch_size=16, seed=0, views="cached")))["row"].tolist()
+    other = next(iter(streamed.batches(epoch=1, batch_size=16, seed=0, views="cached")))["row"].tolist()
+    assert again == first_order and other != first_order

@@ -112,15 +112,18 @@ class Cache:
                         if not chunk.is_file():
                             raise CacheError(f"{chunk} is missing; run `kd cache verify {self.root}`")
 
-    def soft_targets(self, split: str, temperatures: list[float]) -> SoftTargets:
-        """All rows of `split`, reading only id, view, top-k and the asked lse columns."""
+    def soft_targets(self, split: str, temperatures: list[float], parts: list[int] | None = None) -> SoftTargets:
+        """Rows of `split` (all, or those of the given consecutive parts), reading only id,
+        view, top-k and the asked lse columns."""
         info = self.split(split)
+        chosen = info["parts"] if parts is None else [info["parts"][i] for i in parts]
         columns = ["id", "view", "topk_idx", "topk_logit", *[lse_column(t) for t in temperatures]]
-        tables = [pq.read_table(safe_path(self.root, p["path"]), columns=columns) for p in info["parts"]]
+        tables = [pq.read_table(safe_path(self.root, p["path"]), columns=columns) for p in chosen]
         table = pa.concat_tables(tables).combine_chunks() if tables else None
-        if table is None or table.num_rows != info["rows"]:
+        expected = sum(p["rows"] for p in chosen)
+        if table is None or table.num_rows != expected:
             got = 0 if table is None else table.num_rows
-            raise CacheError(f"{self.root}: split {split} has {got} rows in its parts, the manifest says {info['rows']}")
+            raise CacheError(f"{self.root}: split {split} has {got} rows in its parts, the manifest says {expected}")
         k = self.manifest["top_k"]
         return SoftTargets(
             ids=table["id"].to_numpy(),
