@@ -1,0 +1,62 @@
+"""`kd eval NAME`: measure student NAME against its labels, its baseline twin and the teacher.
+
+Reads `data/students/NAME/` (the student and `baseline/`), the cache's test split (for
+agreement and KL; the teacher itself is never loaded) and `data/prepared/test.parquet`
+(+ `unlabeled_truth.parquet` when it exists, for the teacher's pseudo-label accuracy).
+Writes `data/students/NAME/metrics.json` (flat, for `dvc metrics show`) and
+`data/students/NAME/plots/` (per_class.csv, confusion.csv, reliability.csv).
+Reads the `eval` section of params.yaml, and `students.NAME` for a custom architecture.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipeline.cache import Cache
+from pipeline.config import EvalConfig, section, student
+from pipeline.errors import MissingInputError
+from pipeline.metrics import evaluate, write_eval
+from stages.common import PARAMS_OPTION, clean_errors, override
+
+
+@clean_errors
+def main(
+    name: str = typer.Argument(..., help="A student defined under `students` in params.yaml."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size for the test predictions."),
+    ece_bins: Optional[int] = typer.Option(None, help="Equal-width confidence bins of the ECE."),
+    latency_runs: Optional[int] = typer.Option(None, help="Batch-1 passes timed for the median latency."),
+    throughput_batch: Optional[int] = typer.Option(None, help="Batch size of the throughput runs."),
+    throughput_runs: Optional[int] = typer.Option(None, help="Timed passes for the median throughput."),
+    threads: Optional[int] = typer.Option(None, help="Torch threads while timing."),
+    students_dir: Path = typer.Option(Path("data/students"), help="Students live in STUDENTS_DIR/NAME."),
+    cache: Path = typer.Option(Path("data/teacher_outputs"), help="Cache written by `kd label`."),
+    prepared: Path = typer.Option(Path("data/prepared"), help="Directory written by `kd prepare`."),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Evaluate student NAME and write its metrics.json and plot data (defaults: params.yaml `eval`)."""
+    cfg = override(section(params, "eval", EvalConfig), batch_size=batch_size, ece_bins=ece_bins,
+                   latency_runs=latency_runs, throughput_batch=throughput_batch,
+                   throughput_runs=throughput_runs, threads=threads)
+    spec = student(params, name)
+    directory = students_dir / name
+    if not (directory / "config.json").is_file():
+        raise MissingInputError(f"{directory}: no trained student {name!r} here (run `kd distill {name}`)")
+    custom = ":" in spec.arch  # a user's architecture is named by params, never by the checkpoint
+    result = evaluate(directory, Cache.open(cache), prepared, cfg,
+                      arch=spec.arch if custom else None, arch_kwargs=spec.arch_kwargs if custom else None)
+    path = write_eval(directory, result)
+    typer.echo(summary(name, result) + f" -> {path}")
+
+
+def summary(name: str, m: dict) -> str:
+    kl = "exact" if m["kl_exact"] else "top-k bucket, a lower bound"
+    speed = (f"{m['speedup_vs_teacher']:.1f}x the teacher's throughput ({m['teacher_throughput_source']})"
+             if m["speedup_vs_teacher"] is not None else "teacher throughput unknown")
+    pseudo = f", teacher pseudo-labels {m['pseudo_label_accuracy']:.4f}" if "pseudo_label_accuracy" in m else ""
+    return (f"student {name}: accuracy {m['accuracy']:.4f} (baseline {m['baseline_accuracy']:.4f}, "
+            f"teacher {m['teacher_accuracy']:.4f}), agreement {m['agreement']:.4f}, "
+            f"KL {m['kl_to_teacher']:.4f} ({kl}), ECE {m['ece']:.4f}, {m['params']:,} params, "
+            f"{m['latency_ms']:.3f} ms at batch 1, {m['throughput']:,.0f} samples/s, {speed}{pseudo}")

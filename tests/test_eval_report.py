@@ -1,0 +1,406 @@
+"""`kd eval` and `kd report`: metric golden values, and the two stages on a real tiny pipeline.
+
+The pipeline is built on tmp_path from real files: a prepared directory written here with
+pyarrow, a small MLP teacher, a cache written by `pipeline.cache.label`, two students trained
+by `pipeline.distill.train_student` for one epoch. Independent checks recompute agreement,
+KL and pseudo-label accuracy from the teacher model itself (which `kd eval` never loads).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+import typer
+import yaml
+from typer.testing import CliRunner
+
+from pipeline import metrics, report
+from pipeline.cache import Cache, Teacher, label
+from pipeline.cache.writer import soft_targets
+from pipeline.config import EvalConfig, LabelConfig, student
+from pipeline.distill import train_student
+from pipeline.models import build, count_params, fingerprint, load_model, save_model
+from pipeline.training import predict
+from stages import eval as eval_stage
+from stages import report as report_stage
+
+D, C = 6, 4  # input size and classes of the toy data
+SIZES = {"labeled": 64, "unlabeled": 48, "test": 40}
+STUDENTS = {
+    "soft": {"arch": "mlp", "arch_kwargs": {"hidden": [8]}, "epochs": 1, "batch_size": 16, "lr": 0.01,
+             "loss": {"soft": {"weight": 0.9, "temperature": 4}, "hard": {"weight": 0.1, "labels": True}}},
+    "pseudo": {"arch": "mlp", "arch_kwargs": {"hidden": [4]}, "epochs": 1, "batch_size": 16, "lr": 0.01,
+               "loss": {"hard": {"weight": 1.0, "labels": True, "pseudo": True}}},
+    "untrained": {"arch": "mlp", "loss": {"hard": {"weight": 1.0}}},  # in params, never distilled
+}
+EVAL = {"latency_runs": 3, "throughput_batch": 32, "throughput_runs": 2, "threads": 1}
+TEACHER_CONFIG = {"arch": "mlp", "arch_kwargs": {"hidden": [32]}, "input_shape": [D], "num_classes": C}
+
+
+def invoke(command, *args):
+    """Run one stage command registered alone on a fresh Typer app, as stages/cli.py does."""
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(command)
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_clean_error(result, *needles: str) -> None:
+    """Exit code 1, one line on stderr naming the things, no traceback."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+# --- golden values of the metric functions -----------------------------------------------------
+
+
+def test_accuracy_and_agreement_golden():
+    pred = np.array([0, 1, 2, 2, 1])
+    y = np.array([0, 1, 1, 2, -1])  # the last row has no label and does not count
+    teacher = np.array([0, 1, 1, 2, 0])
+    assert metrics.accuracy(pred, y) == pytest.approx(3 / 4)
+    assert metrics.agreement(pred, teacher) == pytest.approx(3 / 5)
+    with pytest.raises(ValueError, match="no labeled rows"):
+        metrics.accuracy(pred, np.full(5, -1))
+
+
+def test_ece_golden_and_reliability_bins():
+    # 15 bins of width 1/15: 0.95 -> bin 14, 0.55 -> bin 8, 0.50 -> bin 7
+    confidence = np.array([0.95, 0.95, 0.55, 0.55, 0.50])
+    correct = np.array([True, False, True, True, False])
+    # bin 14: 2/5 * |0.5 - 0.95|, bin 8: 2/5 * |1 - 0.55|, bin 7: 1/5 * |0 - 0.5|
+    assert metrics.ece(confidence, correct, 15) == pytest.approx(0.18 + 0.18 + 0.10)
+    table = metrics.reliability(confidence, correct, 15)
+    assert len(table) == 15 and sum(b["count"] for b in table) == 5
+    assert [(b["bin"], b["count"], b["accuracy"]) for b in table if b["count"]] == [(7, 1, 0.0), (8, 2, 1.0), (14, 2, 0.5)]
+    assert table[14]["confidence"] == pytest.approx(0.95) and table[0]["accuracy"] is None
+    # bins are closed on the right (Guo et al.): an edge belongs to the bin below it; 0 to the first
+    edge = np.linspace(0, 1, 16)[3]
+    counts = [b["count"] for b in metrics.reliability(np.array([edge, 0.0, 1.0]), np.ones(3, bool), 15)]
+    assert counts[2] == 1 and counts[0] == 1 and counts[14] == 1
+    assert metrics.ece(np.array([1.0, 1.0]), np.array([True, True])) == 0.0
+
+
+def test_kl_exact_and_bucket_golden():
+    # teacher p = (0.5, 0.3, 0.2), student q = (0.4, 0.4, 0.2), as logits = log-probabilities
+    teacher = torch.log(torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64))
+    student_logits = torch.log(torch.tensor([[0.4, 0.4, 0.2]], dtype=torch.float64))
+    exact = 0.5 * math.log(0.5 / 0.4) + 0.3 * math.log(0.3 / 0.4)
+    bucket = 0.5 * math.log(0.5 / 0.4) + 0.5 * math.log(0.5 / 0.6)  # top-1 + tail: (0.5, 0.5) vs (0.4, 0.6)
+    for k, expected, is_exact in ((3, exact, True), (1, bucket, False)):
+        cols = soft_targets(teacher.float(), k, [1], "float32")
+        kl, flag = metrics.kl_to_teacher(student_logits, torch.tensor(cols["topk_idx"]),
+                                         torch.tensor(cols["topk_logit"]), torch.tensor(cols["lse_t1"]))
+        assert kl == pytest.approx(expected, rel=1e-5) and flag is is_exact
+
+
+def test_kl_bucket_is_a_lower_bound_of_the_exact_kl():
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(64, 10, generator=g) * 3, torch.randn(64, 10, generator=g) * 3
+    reference = float(F.kl_div(F.log_softmax(s, 1), F.softmax(t, 1), reduction="batchmean"))
+    results = {}
+    for k in (1, 3, 5, 10):
+        cols = soft_targets(t, k, [1], "float16")
+        results[k] = metrics.kl_to_teacher(s, torch.tensor(cols["topk_idx"]), torch.tensor(cols["topk_logit"]),
+                                           torch.tensor(cols["lse_t1"]))
+    assert results[10][1] and results[10][0] == pytest.approx(reference, rel=1e-2)
+    for k in (1, 3, 5):
+        assert not results[k][1] and 0 <= results[k][0] <= results[10][0] + 1e-6
+
+
+def test_pseudo_label_accuracy_matches_by_id():
+    ids, teacher = np.array([5, 3, 9, 1]), np.array([0, 1, 2, 1])
+    truth_ids, truth_y = np.array([1, 3, 5, 9, 7]), np.array([1, 0, 0, 2, 4])
+    # 5 -> 0 right, 3 -> 0 wrong, 9 -> 2 right, 1 -> 1 right
+    assert metrics.pseudo_label_accuracy(teacher, ids, truth_ids, truth_y) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="no known label"):
+        metrics.pseudo_label_accuracy(teacher, np.array([5, 3, 9, 2]), truth_ids, truth_y)
+
+
+def test_per_class_accuracy_and_confusion_matrix():
+    pred, y = np.array([0, 1, 1, 2, 0]), np.array([0, 1, 2, 2, -1])
+    acc, support = metrics.per_class_accuracy(pred, y, 4)
+    np.testing.assert_array_equal(support, [1, 1, 2, 0])
+    np.testing.assert_allclose(acc[:3], [1.0, 1.0, 0.5])
+    assert math.isnan(acc[3])  # no test sample of class 3
+    np.testing.assert_array_equal(metrics.confusion_matrix(pred, y, 4),
+                                  [[1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0]])
+
+
+def test_teacher_twin_builds_built_in_archs_only():
+    twin = metrics.teacher_twin({**TEACHER_CONFIG, "params": 999})
+    assert count_params(twin) == count_params(build("mlp", {"hidden": [32]}, [D], C))
+    assert metrics.teacher_twin({**TEACHER_CONFIG, "arch": "no_such_package.module:factory"}) is None
+    assert metrics.teacher_twin({"arch": "mlp"}) is None  # no shapes to build from
+
+
+def test_torch_threads_are_restored():
+    before = torch.get_num_threads()
+    with metrics.torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+def test_check_config_names_the_key():
+    with pytest.raises(Exception, match="eval.throughput_runs"):
+        metrics.check_config(EvalConfig(throughput_runs=0))
+
+
+def test_sentence_is_honest_about_signs():
+    m = {"params": 250, "teacher_params": 1000, "speedup_vs_teacher": 4.04, "accuracy": 0.9,
+         "baseline_accuracy": 0.904, "accuracy_retained": 0.9 / 0.95}
+    assert report.sentence("a", m) == ("**a**: 75% smaller, 4.0x faster, keeps 94.7% of the teacher's accuracy "
+                                      "(-0.4 points over training on labels alone).")
+    m2 = {**m, "params": 1500, "speedup_vs_teacher": 0.5, "baseline_accuracy": 0.8999}
+    assert report.sentence("b", m2) == ("**b**: 50% larger, 2.0x slower, keeps 94.7% of the teacher's accuracy "
+                                       "(+0.0 points over training on labels alone).")
+
+
+# --- a real tiny pipeline ----------------------------------------------------------------------
+
+
+def write_split_file(path: Path, ids, x, y, input_shape) -> None:
+    schema = pa.schema([pa.field("id", pa.int64(), nullable=False),
+                        pa.field("x", pa.list_(pa.float32(), x.shape[1]), nullable=False),
+                        pa.field("y", pa.int64())])
+    schema = schema.with_metadata({"input_shape": json.dumps(input_shape), "num_classes": str(C), "dataset": "toy"})
+    table = pa.table({"id": pa.array(ids, pa.int64()),
+                      "x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float32()), x.shape[1]),
+                      "y": pa.array(y, pa.int64(), mask=y < 0)}, schema=schema)
+    pq.write_table(table, path)
+
+
+def make_prepared(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0, 1.5, (C, D))
+    root.mkdir(parents=True)
+    splits, start = {}, 1000
+    for name, n in SIZES.items():
+        y = rng.integers(0, C, n)
+        x = (centers[y] + rng.normal(0, 1.0, (n, D))).astype(np.float32)
+        ids = rng.permutation(np.arange(start, start + n)).astype(np.int64)
+        start += n
+        splits[name] = (ids, x, y)
+        write_split_file(root / f"{name}.parquet", ids, x, np.full(n, -1) if name == "unlabeled" else y, [D])
+    ids, _, y = splits["unlabeled"]
+    pq.write_table(pa.table({"id": pa.array(ids, pa.int64()), "y": pa.array(y, pa.int64())}),
+                   root / "unlabeled_truth.parquet")
+    return splits
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kd")
+    prepared = root / "data" / "prepared"
+    splits = make_prepared(prepared)
+
+    torch.manual_seed(0)
+    teacher = build(TEACHER_CONFIG["arch"], TEACHER_CONFIG["arch_kwargs"], [D], C)
+    _, x, y = splits["labeled"]
+    optimizer = torch.optim.Adam(teacher.parameters(), lr=0.03)
+    for _ in range(40):
+        optimizer.zero_grad()
+        F.cross_entropy(teacher(torch.tensor(x)), torch.tensor(y)).backward()
+        optimizer.step()
+    teacher_dir = root / "data" / "teacher"
+    save_model(teacher_dir, teacher, TEACHER_CONFIG)
+    teacher, teacher_config = load_model(teacher_dir)
+    cache = root / "data" / "teacher_outputs"
+    label(Teacher(teacher, fingerprint(teacher_dir), teacher_config), prepared, cache,
+          LabelConfig(top_k=2, temperatures=[1, 4], logit_dtype="float32", part_size=24), progress=False)
+
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump({"students": STUDENTS, "eval": EVAL}, sort_keys=False))
+    students = root / "data" / "students"
+    for name in ("soft", "pseudo"):
+        train_student(student(params, name), Cache.open(cache), prepared, students / name, root / "data" / "baselines",
+                      progress=False)
+    return {"root": root, "prepared": prepared, "cache": cache, "students": students, "params": params,
+            "teacher": teacher, "teacher_config": teacher_config, "splits": splits}
+
+
+def eval_args(world, name, *extra):
+    return (name, "--params", world["params"], "--students-dir", world["students"], "--cache", world["cache"],
+            "--prepared", world["prepared"], *extra)
+
+
+@pytest.fixture(scope="module")
+def evaluated(world):
+    results = {name: invoke(eval_stage.main, *eval_args(world, name, "--ece-bins", 15)) for name in ("soft", "pseudo")}
+    return results
+
+
+def test_eval_writes_every_contract_key(world, evaluated):
+    for name, result in evaluated.items():
+        assert result.exit_code == 0, result.output + result.stderr
+        assert f"student {name}: accuracy" in result.stdout
+        m = json.loads((world["students"] / name / "metrics.json").read_text())
+        assert set(m) == set(metrics.CONTRACT_KEYS) | set(metrics.PROVENANCE_KEYS)
+        assert all(isinstance(v, (int, float, bool, str)) for v in m.values())  # flat, for dvc metrics show
+        for key in ("accuracy", "baseline_accuracy", "teacher_accuracy", "agreement", "ece", "pseudo_label_accuracy"):
+            assert 0.0 <= m[key] <= 1.0, key
+        assert m["accuracy_retained"] == pytest.approx(m["accuracy"] / m["teacher_accuracy"])
+        assert m["kl_to_teacher"] >= 0 and m["kl_exact"] is False  # top-2 of 4 classes
+        assert m["latency_ms"] > 0 and m["throughput"] > 0 and m["speedup_vs_teacher"] > 0
+        assert m["teacher_throughput_source"] == "measured"
+        model, config = load_model(world["students"] / name)
+        assert m["params"] == count_params(model) == config["params"]
+        assert m["size_bytes"] == (world["students"] / name / "model.safetensors").stat().st_size
+        assert m["teacher_params"] == count_params(world["teacher"])
+
+
+def test_eval_metrics_agree_with_the_teacher_itself(world, evaluated):
+    _, x, y = world["splits"]["test"]
+    z = predict(world["teacher"], torch.tensor(x), [D]).double()
+    teacher_pred = z.argmax(1).numpy()
+    p = torch.softmax(z, 1)
+    for name in evaluated:
+        m = json.loads((world["students"] / name / "metrics.json").read_text())
+        model, _ = load_model(world["students"] / name)
+        q = torch.softmax(predict(model, torch.tensor(x), [D]).double(), 1)
+        assert m["teacher_accuracy"] == pytest.approx(float((teacher_pred == y).mean()))
+        assert m["accuracy"] == pytest.approx(float((q.argmax(1).numpy() == y).mean()))
+        assert m["agreement"] == pytest.approx(float((q.argmax(1).numpy() == teacher_pred).mean()))
+        # KL of (top-2 classes + tail bucket), written out by hand
+        top = p.argsort(1, descending=True)[:, :2]
+        pk, qk = p.gather(1, top), q.gather(1, top)
+        pb = torch.cat([pk, (1 - pk.sum(1, keepdim=True)).clamp(min=0)], 1)
+        qb = torch.cat([qk, 1 - qk.sum(1, keepdim=True)], 1)
+        kl = lambda a, b: float((torch.xlogy(a, a) - torch.xlogy(a, b)).sum(1).mean())  # noqa: E731 (0 log 0 = 0)
+        assert m["kl_to_teacher"] == pytest.approx(kl(pb, qb), rel=1e-4)
+        exact = kl(p, q)
+        assert m["kl_to_teacher"] <= exact + 1e-9
+    ids, ux, uy = world["splits"]["unlabeled"]
+    pseudo = predict(world["teacher"], torch.tensor(ux), [D]).argmax(1).numpy()
+    m = json.loads((world["students"] / "soft" / "metrics.json").read_text())
+    assert m["pseudo_label_accuracy"] == pytest.approx(float((pseudo == uy).mean()))
+
+
+def test_eval_writes_plot_data(world, evaluated):
+    plots = world["students"] / "soft" / "plots"
+    with open(plots / "per_class.csv") as f:
+        per_class = list(csv.DictReader(f))
+    with open(plots / "confusion.csv") as f:
+        confusion = list(csv.DictReader(f))
+    with open(plots / "reliability.csv") as f:
+        reliability = list(csv.DictReader(f))
+    assert [int(r["class"]) for r in per_class] == list(range(C))
+    assert sum(int(r["support"]) for r in per_class) == SIZES["test"]
+    assert len(confusion) == SIZES["test"] and set(confusion[0]) == {"actual", "predicted"}
+    m = json.loads((plots.parent / "metrics.json").read_text())
+    assert sum(r["actual"] == r["predicted"] for r in confusion) / SIZES["test"] == pytest.approx(m["accuracy"])
+    assert len(reliability) == 15 and sum(int(r["count"]) for r in reliability) == SIZES["test"]
+    assert not list(plots.parent.glob(".*tmp*"))
+
+
+def test_evaluate_returns_plot_data_and_falls_back_for_a_custom_teacher(world):
+    cache = Cache.open(world["cache"])
+    cfg = EvalConfig(**EVAL)
+    result = metrics.evaluate(world["students"] / "soft", cache, world["prepared"], cfg)
+    matrix = np.array(result["plots"]["confusion"])
+    assert matrix.shape == (C, C) and matrix.sum() == SIZES["test"]
+    assert np.trace(matrix) / SIZES["test"] == pytest.approx(result["accuracy"])
+    assert len(result["plots"]["reliability"]) == 15 and len(result["plots"]["per_class"]) == C
+    # a teacher whose architecture is not built in: never imported; its recorded throughput, or nothing
+    custom = {**cache.manifest["teacher"]["config"], "arch": "someones_package.models:big", "throughput": 1e9}
+    cache.manifest["teacher"]["config"] = custom
+    result = metrics.evaluate(world["students"] / "soft", cache, world["prepared"], cfg)
+    assert result["teacher_throughput_source"] == "manifest"
+    assert result["speedup_vs_teacher"] == pytest.approx(result["throughput"] / 1e9)
+    del custom["throughput"]
+    result = metrics.evaluate(world["students"] / "soft", cache, world["prepared"], cfg)
+    assert result["teacher_throughput_source"] == "unavailable" and result["speedup_vs_teacher"] is None
+    assert result["teacher_params"] == custom["params"]
+
+
+def test_eval_unknown_student_is_one_clear_line(world, evaluated):
+    result = invoke(eval_stage.main, *eval_args(world, "nobody"))
+    assert_clean_error(result, "students.nobody", "soft")
+    assert not (world["students"] / "nobody").exists()
+    result = invoke(eval_stage.main, *eval_args(world, "untrained"))
+    assert_clean_error(result, str(world["students"] / "untrained"), "kd distill untrained")
+    assert not (world["students"] / "untrained").exists()
+
+
+def test_eval_refuses_test_data_the_cache_was_not_built_from(world, evaluated, tmp_path):
+    prepared = tmp_path / "prepared"
+    shutil.copytree(world["prepared"], prepared)
+    ids, x, y = world["splits"]["test"]
+    write_split_file(prepared / "test.parquet", ids[::-1].copy(), x[::-1].copy(), y[::-1].copy(), [D])
+    before = snapshot(world["students"] / "soft")
+    result = invoke(eval_stage.main, *eval_args(world, "soft")[:-2], "--prepared", prepared)
+    assert_clean_error(result, str(prepared / "test.parquet"), "kd label")
+    assert snapshot(world["students"] / "soft") == before
+
+
+def report_args(world, students, out):
+    return ("--students-dir", students, "--out", out, "--params", world["params"], "--cache", world["cache"])
+
+
+@pytest.fixture(scope="module")
+def reported(world, evaluated):
+    # params.yaml's students minus the one never trained
+    params = world["root"] / "report_params.yaml"
+    students = {k: v for k, v in STUDENTS.items() if k != "untrained"}
+    params.write_text(yaml.safe_dump({"students": students}))
+    out = world["root"] / "data" / "report"
+    result = invoke(report_stage.main, "--students-dir", world["students"], "--out", out, "--params", params,
+                    "--cache", world["cache"])
+    return result, out, params
+
+
+def test_report_writes_leaderboard_sentences_and_plots(world, reported):
+    result, out, _ = reported
+    assert result.exit_code == 0, result.output + result.stderr
+    with open(out / "leaderboard.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == report.LEADERBOARD
+    assert sorted(r["student"] for r in rows) == ["pseudo", "soft"]
+    assert [float(r["accuracy"]) for r in rows] == sorted((float(r["accuracy"]) for r in rows), reverse=True)
+    text = (out / "report.md").read_text()
+    assert "top-2 of 4" in text and "[1, 4]" in text
+    for name in ("soft", "pseudo"):
+        m = json.loads((world["students"] / name / "metrics.json").read_text())
+        gain = next(float(r["gain_over_baseline_points"]) for r in rows if r["student"] == name)
+        assert gain == pytest.approx(100 * (m["accuracy"] - m["baseline_accuracy"]))
+        assert report.sentence(name, m) in text
+        assert "% smaller, " in report.sentence(name, m)
+    assert f"| {rows[0]['student']} |" in text
+    for png in report.PLOTS:
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / png).stat().st_size > 1000
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".report")]
+
+
+def test_report_refuses_a_student_without_metrics(world, reported, tmp_path):
+    _, out, params = reported
+    students = tmp_path / "students"
+    shutil.copytree(world["students"], students)
+    (students / "pseudo" / "metrics.json").unlink()
+    before = snapshot(out)
+    result = invoke(report_stage.main, "--students-dir", students, "--out", out, "--params", params,
+                    "--cache", world["cache"])
+    assert_clean_error(result, str(students / "pseudo" / "metrics.json"), "kd eval pseudo")
+    assert snapshot(out) == before  # the previous report is untouched, nothing half-written
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".report")]
+    # a student named in params.yaml that was never trained
+    result = invoke(report_stage.main, *report_args(world, world["students"], tmp_path / "report"))
+    assert_clean_error(result, "untrained", "kd distill untrained")
+    assert not (tmp_path / "report").exists()
