@@ -1,0 +1,1 @@
+"""The `kd` command line: one module per pipeline stage, each a thin Typer command."""
