@@ -47,6 +47,11 @@ class TeacherConfig:
     shift: int = 2  # random-shift augmentation, in pixels (0 = off)
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_budget("teacher", self)
+        if self.shift < 0:
+            raise ConfigError(f"teacher.shift: {self.shift} must be >= 0")
+
 
 @dataclass
 class LabelConfig:
@@ -143,11 +148,18 @@ class StudentConfig:
                 raise ConfigError(f"{where}.loss.hard: set labels and/or pseudo to true")
             if not 0.0 <= hard.threshold < 1.0:
                 raise ConfigError(f"{where}.loss.hard.threshold: {hard.threshold} must be in [0, 1)")
-        for key in ("epochs", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{where}.{key}: {getattr(self, key)} must be >= 1")
-        if self.lr <= 0:
-            raise ConfigError(f"{where}.lr: {self.lr} must be > 0")
+        check_budget(where, self)
+
+
+def check_budget(where: str, cfg: TeacherConfig | StudentConfig) -> None:
+    """The training budget every trained model shares: epochs, batch size, lr, weight decay."""
+    for key in ("epochs", "batch_size"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{where}.{key}: {getattr(cfg, key)} must be >= 1")
+    if cfg.lr <= 0:
+        raise ConfigError(f"{where}.lr: {cfg.lr} must be > 0")
+    if cfg.weight_decay < 0:
+        raise ConfigError(f"{where}.weight_decay: {cfg.weight_decay} must be >= 0")
 
 
 @dataclass

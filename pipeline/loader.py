@@ -47,6 +47,13 @@ class TransferSet:
     def __len__(self) -> int:
         return len(self.x)
 
+    def subset(self, samples: torch.Tensor) -> "TransferSet":
+        """The given samples (indices into this set) with all their cache rows."""
+        rows = (samples[:, None] * self.views + torch.arange(self.views)).reshape(-1)
+        return TransferSet(x=self.x[samples], ids=self.ids[samples.numpy()], input_shape=self.input_shape,
+                           targets={k: t[rows] for k, t in self.targets.items()}, views=self.views,
+                           view_seed=self.view_seed, view_shift=self.view_shift)
+
     def batches(self, epoch: int, batch_size: int, seed: int, views: str = "none") -> Iterator[Batch]:
         """Shuffled batches for one epoch, seeded by (seed, epoch).
 
@@ -80,7 +87,7 @@ def needed_temperatures(cfg: StudentConfig) -> list[float]:
         temps.append(cfg.loss.soft.temperature)
     if cfg.loss.hard is not None and cfg.loss.hard.pseudo and cfg.loss.hard.threshold > 0:
         temps.append(1)  # the teacher's top-1 probability at T=1 decides confidence
-    return temps
+    return list(dict.fromkeys(float(t) for t in temps))
 
 
 def hard_labels(cfg: StudentConfig, split: str, y: np.ndarray, soft: SoftTargets, views: int) -> np.ndarray:
@@ -155,6 +162,8 @@ class StreamingSet:
         return units
 
     def batches(self, epoch: int, batch_size: int, seed: int, views: str = "none") -> Iterator[Batch]:
+        """Exactly ceil(len / batch_size) batches, like the in-memory set: rows that do not
+        fill a whole batch are carried over to the next buffer."""
         units = self._units()
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         buffer: list[TransferSet] = []
@@ -163,10 +172,15 @@ class StreamingSet:
             split, index, offset = units[unit]
             buffer.append(_rows(self.cache, self.prepared, self.cfg, split, offset, parts=[index]))
             held += len(buffer[-1])
-            if held >= self.buffer_samples or position == len(units) - 1:
-                # Each buffer gets its own seed, derived from (seed, epoch, position).
-                yield from _concat(buffer).batches(epoch * len(units) + position, batch_size, seed, views)
-                buffer, held = [], 0
+            last = position == len(units) - 1
+            if held >= self.buffer_samples or last:
+                merged = _concat(buffer)
+                order = torch.randperm(len(merged), generator=g)
+                whole = len(merged) if last else len(merged) // batch_size * batch_size
+                # Each buffer gets its own shuffle seed, derived from (seed, epoch, position).
+                yield from merged.subset(order[:whole]).batches(epoch * len(units) + position, batch_size, seed, views)
+                buffer = [merged.subset(order[whole:])]
+                held = len(buffer[0])
 
 
 def transfer_set(cache: Cache, prepared: Path, cfg: StudentConfig, memory_mb: float = 2048):

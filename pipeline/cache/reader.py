@@ -22,6 +22,7 @@ from pipeline import data
 from pipeline.cache.manifest import FEATURES, feature_path, lse_column, read_manifest, safe_path
 from pipeline.cache.writer import chunk_files
 from pipeline.errors import CacheError, CacheMissingError, StaleCacheError
+from pipeline.models import file_sha256
 
 
 @dataclass
@@ -84,7 +85,9 @@ class Cache:
                 "set label.views (e.g. 4) in params.yaml and run `kd label`")
 
     def check(self, prepared: Path, splits: list[str], layers: list[str] = ()) -> None:
-        """Cheap integrity and staleness check before training (no hashing of the cache)."""
+        """Integrity and staleness check before training: each Parquet part's size and sha256
+        (soft targets are small), each needed Zarr chunk's presence, the data fingerprints.
+        `kd cache verify` also hashes the Zarr chunks and checks schemas and alignment."""
         for split in splits:
             info = self.split(split)
             source = Path(prepared) / info["source"]
@@ -99,12 +102,8 @@ class Cache:
                     problem = "is missing"
                 elif path.stat().st_size != part["bytes"]:
                     problem = f"has {path.stat().st_size} bytes, the manifest says {part['bytes']}"
-                else:
-                    try:
-                        if pq.read_metadata(path).num_rows != part["rows"]:
-                            problem = "has a different row count than the manifest"
-                    except (pa.ArrowException, OSError):
-                        problem = "has an unreadable Parquet footer"
+                elif file_sha256(path) != part["sha256"]:
+                    problem = "has a sha256 that differs from the manifest (corrupt or modified)"
                 if problem:
                     raise CacheError(f"{path} {problem}; run `kd cache verify {self.root}`")
                 for layer in ["id", *layers] if layers else []:
@@ -118,7 +117,7 @@ class Cache:
         info = self.split(split)
         chosen = info["parts"] if parts is None else [info["parts"][i] for i in parts]
         columns = ["id", "view", "topk_idx", "topk_logit", *[lse_column(t) for t in temperatures]]
-        tables = [pq.read_table(safe_path(self.root, p["path"]), columns=columns) for p in chosen]
+        tables = [_read_part(safe_path(self.root, p["path"]), columns) for p in chosen]
         table = pa.concat_tables(tables).combine_chunks() if tables else None
         expected = sum(p["rows"] for p in chosen)
         if table is None or table.num_rows != expected:
@@ -140,6 +139,13 @@ class Cache:
 
     def feature_ids(self, split: str) -> np.ndarray:
         return zarr.open_array(str(safe_path(self.root, f"{FEATURES}/{split}/id")), mode="r")[:]
+
+
+def _read_part(path: Path, columns: list[str]) -> pa.Table:
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise CacheError(f"{path}: unreadable Parquet part ({exc}); run `kd cache verify`") from None
 
 
 def _fixed_list(column: pa.ChunkedArray, k: int) -> np.ndarray:

@@ -33,7 +33,7 @@ from pipeline import augment, data, features
 from pipeline.cache.manifest import (FEATURES, SCHEMA_VERSION, feature_path, lse_column, part_path,
                                      read_manifest, write_manifest)
 from pipeline.config import SPLITS, LabelConfig, as_dict
-from pipeline.errors import CacheError, InputError, MissingInputError
+from pipeline.errors import CacheError, ConfigError, InputError, MissingInputError
 from pipeline.models import file_sha256
 
 ROW_GROUP_ROWS = 16384
@@ -137,16 +137,15 @@ def label(teacher: Teacher, prepared: Path, out: Path, cfg: LabelConfig, *, prog
     infos = {s: data.split_info(prepared / f"{s}.parquet") for s in splits}
     fingerprints = {s: data.data_fingerprint(prepared / f"{s}.parquet") for s in splits}
     key = cache_key(teacher, fingerprints, cfg)
+    model = teacher.model.eval()
+    input_shape = infos["labeled"]["input_shape"]
+    num_classes, specs = plan(model, input_shape, cfg)  # every check before anything is touched
     with locked(out):
         manifest = _resume_or_start(out, key)
         if manifest.get("complete"):
             return manifest
-        model = teacher.model.eval()
-        input_shape = infos["labeled"]["input_shape"]
         if manifest.get("num_classes") is None:
-            _start(out, manifest, model, infos, fingerprints, cfg, teacher)
-        if cfg.top_k > manifest["num_classes"]:
-            raise CacheError(f"label.top_k: {cfg.top_k} is more than the teacher's {manifest['num_classes']} classes")
+            _start(out, manifest, num_classes, specs, infos, fingerprints, cfg, teacher)
         total = sum(info["rows"] * (cfg.views + 1) for info in manifest["splits"].values())
         done = sum(p["rows"] for info in manifest["splits"].values() for p in info["parts"])
         bar = tqdm(total=total, initial=done, unit="rows", desc="kd label", disable=not progress)
@@ -196,20 +195,41 @@ def _parts_present(out: Path, manifest: dict[str, Any]) -> bool:
     return True
 
 
-def _start(out: Path, manifest: dict[str, Any], model: nn.Module, infos: dict[str, dict],
-           fingerprints: dict[str, str], cfg: LabelConfig, teacher: Teacher) -> None:
-    """Fill the manifest's header and create the Zarr arrays (shapes from one probe forward)."""
-    input_shape = infos["labeled"]["input_shape"]
+def plan(model: nn.Module, input_shape: list[int], cfg: LabelConfig) -> tuple[int, list[dict[str, Any]]]:
+    """The number of classes and the feature specs, from one probe forward pass.
+
+    Raises ConfigError naming the `label` key for a layer the teacher lacks, a mode the
+    layer cannot give, or a top_k larger than the number of classes.
+    """
     probe = torch.zeros(1, *input_shape)
-    with torch.no_grad(), features.tap(model, list(cfg.features)) as captured:
-        logits = model(probe)
-        specs = []
+    specs = []
+    with torch.no_grad():
+        for layer in cfg.features:
+            try:
+                features.find_module(model, layer)
+            except ConfigError as exc:
+                raise ConfigError(f"label.features.{layer}: {exc}") from None
+        with features.tap(model, list(cfg.features)) as captured:
+            logits = model(probe)
         for layer, mode in cfg.features.items():
-            shape = list(features.reduce(captured[layer], mode).shape[1:])
+            try:
+                shape = list(features.reduce(captured[layer], mode).shape[1:])
+            except ConfigError as exc:
+                raise ConfigError(f"label.features.{layer}: {exc}") from None
             specs.append({"name": layer, "mode": mode, "shape": shape, "dtype": "float16"})
+    num_classes = int(logits.shape[1])
+    if cfg.top_k > num_classes:
+        raise ConfigError(f"label.top_k: {cfg.top_k} is more than the teacher's {num_classes} classes")
+    return num_classes, specs
+
+
+def _start(out: Path, manifest: dict[str, Any], num_classes: int, specs: list[dict[str, Any]],
+           infos: dict[str, dict], fingerprints: dict[str, str], cfg: LabelConfig, teacher: Teacher) -> None:
+    """Fill the manifest's header and create the Zarr arrays."""
+    input_shape = infos["labeled"]["input_shape"]
     manifest.update({
         "teacher": {"fingerprint": teacher.fingerprint, "config": teacher.config},
-        "num_classes": int(logits.shape[1]),
+        "num_classes": num_classes,
         "input_shape": input_shape,
         "top_k": cfg.top_k,
         "temperatures": list(cfg.temperatures),
