@@ -126,18 +126,31 @@ def test_columns_and_manifest_follow_the_contract(teacher, prepared, tmp_path):
     assert manifest["fidelity"]["unlabeled"]["teacher_accuracy"] is None  # no labels there
 
 
-def test_readme_snippet_reconstructs_teacher_probabilities(teacher, prepared, tmp_path):
-    """The cache read with polars alone gives the teacher's softmax at T=4 to float16 precision."""
+def readme_snippet(name: str) -> str:
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    after = text.split(f"<!-- snippet: {name}", 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_snippet_reads_the_cache_with_polars_and_zarr_alone(teacher, prepared, tmp_path, monkeypatch):
+    """The README's snippet, run as written on a cache, gives the teacher's softmax at T=4 to
+    float16 precision and the cached layers."""
     t, _ = teacher
-    out = make_cache(t, prepared, tmp_path / "cache")
-    df = pl.read_parquet(out / "soft_targets/split=test/*.parquet")
-    p_topk = np.exp(np.stack(df["topk_logit"].to_numpy()).astype(np.float32) / 4 - df["lse_t4"].to_numpy()[:, None])
+    make_cache(t, prepared, tmp_path / "data" / "teacher_outputs", features={"stages.1": "attention"})
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(readme_snippet("read-cache"), scope)
+    p, df, feats = scope["p"], scope["df"], scope["feats"]
     test = data.read_split(prepared / "test.parquet")
     with torch.no_grad():
         full = torch.softmax(t.model(torch.tensor(test.x).view(-1, 1, 8, 8)) / 4, 1).numpy()
-    idx = np.stack(df["topk_idx"].to_numpy())
-    np.testing.assert_allclose(p_topk, np.take_along_axis(full, idx, 1), atol=2e-3, rtol=2e-3)
-    assert (p_topk.sum(1) <= 1 + 1e-3).all()
+    order = {i: n for n, i in enumerate(test.ids)}
+    full = full[[order[i] for i in df["id"].to_list()]]
+    np.testing.assert_allclose(p, np.take_along_axis(full, df["topk_idx"].to_numpy(), 1), atol=1e-3, rtol=1e-3)
+    np.testing.assert_allclose(scope["tail"], 1 - p.sum(1))
+    assert (scope["tail"] > -1e-3).all()
+    np.testing.assert_array_equal(feats["id"][:], df["id"].to_numpy())
+    assert feats["stages.1"].shape == (100, 4)
 
 
 def test_float16_clamps_below_range_instead_of_inf():
