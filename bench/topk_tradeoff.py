@@ -1,0 +1,65 @@
+"""How small can k be? Kept mass, KL(full || cached) and student accuracy for several k.
+
+Runs on an existing pipeline workspace (after `dvc repro`): labels the default data with
+the trained teacher once per k into a scratch cache, trains one student per k from it
+(default: `mlp_soft` of params.yaml), and prints a Markdown table; writes
+bench/results_topk.json.
+
+    python bench/topk_tradeoff.py --ks 1,2,3,5,10 --student mlp_soft
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+import typer
+
+from pipeline import config, data
+from pipeline.cache import Cache, Teacher, label
+from pipeline.distill import train_student
+from pipeline.models import fingerprint, load_model
+from pipeline.training import predict
+
+
+def main(ks: str = "1,2,3,5,10", student: str = "mlp_soft", temperature: float = 4,
+         teacher_dir: Path = Path("data/teacher"), prepared: Path = Path("data/prepared"),
+         params: Path = Path("params.yaml"), out: Path = Path("bench/results_topk.json")) -> None:
+    model, teacher_config = load_model(teacher_dir)
+    teacher = Teacher(model, fingerprint(teacher_dir), teacher_config)
+    base_label = config.section(params, "label", config.LabelConfig)
+    cfg = config.student(params, student)
+    test = data.read_split(prepared / "test.parquet")
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for k in map(int, ks.split(",")):
+            cache_dir = Path(scratch) / f"k{k}"
+            label(teacher, prepared, cache_dir, dataclasses.replace(base_label, top_k=k), progress=False)
+            cache = Cache.open(cache_dir)
+            train_student(cfg, cache, prepared, Path(scratch) / f"student{k}", Path(scratch) / "baselines",
+                          progress=False)
+            trained, _ = load_model(Path(scratch) / f"student{k}")
+            logits = predict(trained, torch.tensor(test.x), test.input_shape)
+            fidelity = cache.manifest["fidelity"]["unlabeled"][config_name(temperature)]
+            rows.append({"k": k, "kept_mass": fidelity["kept_mass"], "kl_full_to_cached": fidelity["kl_full_to_cached"],
+                         "student_accuracy": float((logits.argmax(1).numpy() == test.y).mean()),
+                         "soft_target_bytes": sum(p["bytes"] for s in cache.manifest["splits"].values()
+                                                  for p in s["parts"])})
+    print(f"| k | kept mass (T={temperature:g}) | KL(full || cached) | {student} accuracy | soft-target bytes |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['k']} | {r['kept_mass']:.4f} | {r['kl_full_to_cached']:.2e} | {r['student_accuracy']:.4f} "
+              f"| {r['soft_target_bytes']:,} |")
+    out.write_text(json.dumps({"student": student, "temperature": temperature, "rows": rows}, indent=2) + "\n")
+
+
+def config_name(temperature: float) -> str:
+    from pipeline.cache import lse_column
+    return lse_column(temperature).removeprefix("lse_")
+
+
+if __name__ == "__main__":
+    typer.run(main)
