@@ -1,0 +1,85 @@
+"""The whole pipeline through DVC on a tiny configuration, as a new user runs it.
+
+Copies the repository's dvc.yaml with the stage and library sources into a fresh git + DVC
+repository, writes a tiny params.yaml (the 8x8 digits, small models, one or two epochs) and
+runs `dvc repro`: every stage, then nothing, then only a newly added student.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).parents[1]
+
+TINY = {
+    "prepare": {"dataset": "digits", "labeled": 200, "unlabeled": 300, "test": 200, "seed": 0},
+    "teacher": {"arch": "cnn", "arch_kwargs": {"widths": [8, 16], "hidden": 64}, "epochs": 8, "batch_size": 32,
+                "lr": 0.005, "shift": 0, "seed": 0},
+    "label": {"top_k": 5, "temperatures": [1, 4]},
+    "students": {
+        "mlp": {"arch": "mlp", "arch_kwargs": {"hidden": [32]}, "epochs": 2, "batch_size": 32, "lr": 0.003,
+                "loss": {"soft": {"weight": 0.9, "temperature": 4}, "hard": {"weight": 0.1}}},
+        "pseudo": {"arch": "mlp", "arch_kwargs": {"hidden": [32]}, "epochs": 2, "batch_size": 32, "lr": 0.003,
+                   "loss": {"hard": {"weight": 1.0, "labels": True, "pseudo": True}}},
+    },
+    "eval": {"latency_runs": 5, "throughput_runs": 2, "throughput_batch": 64},
+}
+
+METRIC_KEYS = {"accuracy", "baseline_accuracy", "teacher_accuracy", "accuracy_retained", "agreement",
+               "kl_to_teacher", "ece", "params", "teacher_params", "size_bytes", "latency_ms", "throughput",
+               "speedup_vs_teacher", "pseudo_label_accuracy"}
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**__import__("os").environ,
+                                                                                "DVC_NO_ANALYTICS": "1"})
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def ran_stages(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    if shutil.which("dvc") is None or shutil.which("kd") is None:
+        pytest.fail("dvc and kd must be on PATH (pip install -e .)")
+    repo = tmp_path_factory.mktemp("e2e")
+    shutil.copy(ROOT / "dvc.yaml", repo)
+    for folder in ("pipeline", "stages"):
+        shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
+    run(["git", "init", "-q"], repo)
+    run(["dvc", "init", "-q"], repo)
+    run(["dvc", "config", "core.analytics", "false"], repo)
+    return repo
+
+
+def test_dvc_repro_runs_every_stage_then_nothing_then_only_a_new_student(project):
+    first = ran_stages(run(["dvc", "repro"], project))
+    assert first[:3] == ["prepare", "teacher", "label"]
+    assert set(first[3:]) == {"distill@mlp", "distill@pseudo", "eval@mlp", "eval@pseudo", "report"}
+
+    for name in ("mlp", "pseudo"):
+        metrics = json.loads((project / f"data/students/{name}/metrics.json").read_text())
+        assert METRIC_KEYS <= set(metrics), METRIC_KEYS - set(metrics)
+        assert 0 <= metrics["accuracy"] <= 1 and metrics["params"] < metrics["teacher_params"]
+    report = (project / "data/report/report.md").read_text()
+    assert "smaller" in report and "of the teacher's accuracy" in report
+    assert (project / "data/report/leaderboard.csv").is_file()
+    assert "mlp" in run(["dvc", "metrics", "show"], project)
+
+    assert ran_stages(run(["dvc", "repro"], project)) == []
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["students"]["added"] = {**TINY["students"]["mlp"], "seed": 1}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ran_stages(run(["dvc", "repro"], project)) == ["distill@added", "eval@added", "report"]
