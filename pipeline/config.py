@@ -18,7 +18,7 @@ import yaml
 
 from pipeline.errors import ConfigError, MissingInputError
 
-SECTIONS = ("prepare", "teacher", "label", "students", "eval")
+SECTIONS = ("prepare", "teacher", "label", "assistants", "students", "eval")
 FEATURE_MODES = ("full", "pooled", "attention")
 TAIL_MODES = ("bucket", "renorm")
 LOGIT_DTYPES = ("float16", "float32")
@@ -106,14 +106,82 @@ class HardTerm:
 
 
 @dataclass
+class HintTerm:
+    """FitNets: MSE between regressor(student layer) and a cached teacher layer (mode full)."""
+
+    teacher_layer: str = ""
+    student_layer: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class AttentionTerm:
+    """Attention transfer over [teacher layer, student layer] pairs (Zagoruyko & Komodakis).
+
+    The default weight is their beta / 2 with beta = 1000.
+    """
+
+    pairs: list[list[str]] = field(default_factory=list)
+    p: float = 2
+    weight: float = 500.0
+
+
+@dataclass
+class RKDTerm:
+    """Relational KD (Park et al.): distance and angle structure of a batch's embeddings."""
+
+    teacher_layer: str = ""  # cached as pooled (or full)
+    student_layer: str = ""
+    distance: float = 25.0  # weights of Park et al.
+    angle: float = 50.0
+
+
+@dataclass
+class CosineTerm:
+    """DistilBERT's alignment: 1 - cos(projection(student layer), teacher layer)."""
+
+    teacher_layer: str = ""  # cached as pooled (or full)
+    student_layer: str = ""
+    weight: float = 1.0
+
+
+@dataclass
 class LossConfig:
     soft: SoftTerm | None = None
     hard: HardTerm | None = None
+    hint: HintTerm | None = None
+    attention: AttentionTerm | None = None
+    rkd: RKDTerm | None = None
+    cosine: CosineTerm | None = None
+
+    def teacher_layers(self, where: str) -> dict[str, tuple[str, ...]]:
+        """Teacher layer -> the cache modes that serve every term using it (preferred first)."""
+        wanted: list[tuple[str, str, tuple[str, ...]]] = []
+        if self.hint is not None:
+            wanted.append((self.hint.teacher_layer, "hint", ("full",)))
+        if self.attention is not None:
+            modes = ("attention", "full") if self.attention.p == 2 else ("full",)
+            wanted += [(pair[0], "attention", modes) for pair in self.attention.pairs]
+        for name in ("rkd", "cosine"):
+            term = getattr(self, name)
+            if term is not None:
+                wanted.append((term.teacher_layer, name, ("pooled", "full")))
+        layers: dict[str, tuple[str, ...]] = {}
+        for layer, term, modes in wanted:
+            both = tuple(m for m in layers.get(layer, modes) if m in modes)
+            if not both:
+                raise ConfigError(f"{where}.loss.{term}: teacher layer {layer!r} is needed in modes "
+                                  f"{layers[layer]} by another term and {modes} by this one")
+            layers[layer] = both
+        return layers
 
 
 @dataclass
 class StudentConfig:
-    name: str = ""
+    """A student (or a teacher assistant: the same schema under `assistants`)."""
+
+    name: str = ""  # the mapping key, set by `student()`
+    section: str = "students"  # "students" or "assistants", set by `student()`
     arch: str = "mlp"
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     epochs: int = 40
@@ -121,20 +189,32 @@ class StudentConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     seed: int = 0
+    repeats: int = 1  # train seeds seed, seed+1, ... seed+repeats-1 (for mean +- std)
+    assistant: str | None = None  # learn from this assistant's cache instead of the teacher's
     transfer: list[str] = field(default_factory=lambda: ["labeled", "unlabeled"])
     views: bool = False  # draw each epoch among the cached views of a sample
     loss: LossConfig = field(default_factory=LossConfig)
 
+    @property
+    def where(self) -> str:
+        """The entry's dotted key in params.yaml, for messages."""
+        return f"{self.section}.{self.name}"
+
     def __post_init__(self) -> None:
-        where = f"students.{self.name}"
+        where = self.where
+        if self.section == "assistants" and self.assistant is not None:
+            raise ConfigError(f"{where}.assistant: an assistant learns from the teacher (chains of assistants "
+                              "are not supported yet)")
         for split in self.transfer:
             if split not in ("labeled", "unlabeled"):
                 raise ConfigError(f"{where}.transfer: {split!r} must be 'labeled' or 'unlabeled'")
         if not self.transfer:
             raise ConfigError(f"{where}.transfer: must name at least one split")
         soft, hard = self.loss.soft, self.loss.hard
-        if soft is None and hard is None:
-            raise ConfigError(f"{where}.loss: needs at least one term (soft, hard)")
+        terms = [f.name for f in dataclasses.fields(self.loss) if getattr(self.loss, f.name) is not None]
+        if not terms:
+            raise ConfigError(f"{where}.loss: needs at least one term "
+                              f"({', '.join(f.name for f in dataclasses.fields(self.loss))})")
         if soft is not None:
             if soft.temperature <= 0:
                 raise ConfigError(f"{where}.loss.soft.temperature: {soft.temperature} must be > 0")
@@ -143,6 +223,27 @@ class StudentConfig:
         for term_name, term in (("soft", soft), ("hard", hard)):
             if term is not None and not 0.0 <= term.weight <= 1.0:
                 raise ConfigError(f"{where}.loss.{term_name}.weight: {term.weight} must be in [0, 1]")
+        for term_name in ("hint", "rkd", "cosine"):
+            term = getattr(self.loss, term_name)
+            if term is not None:
+                for key in ("teacher_layer", "student_layer"):
+                    if not getattr(term, key):
+                        raise ConfigError(f"{where}.loss.{term_name}.{key}: missing (a layer name)")
+        attention = self.loss.attention
+        if attention is not None:
+            if not attention.pairs or any(len(pair) != 2 for pair in attention.pairs):
+                raise ConfigError(f"{where}.loss.attention.pairs: {attention.pairs!r} must be a list of "
+                                  "[teacher_layer, student_layer] pairs")
+            if attention.p <= 0:
+                raise ConfigError(f"{where}.loss.attention.p: {attention.p} must be > 0")
+        for term_name, key in (("hint", "weight"), ("attention", "weight"), ("cosine", "weight"),
+                               ("rkd", "distance"), ("rkd", "angle")):
+            term = getattr(self.loss, term_name)
+            if term is not None and getattr(term, key) < 0:
+                raise ConfigError(f"{where}.loss.{term_name}.{key}: {getattr(term, key)} must be >= 0")
+        if self.repeats < 1:
+            raise ConfigError(f"{where}.repeats: {self.repeats} must be >= 1")
+        self.loss.teacher_layers(where)  # conflicting modes for one teacher layer
         if hard is not None:
             if not (hard.labels or hard.pseudo):
                 raise ConfigError(f"{where}.loss.hard: set labels and/or pseudo to true")
@@ -196,19 +297,21 @@ def section(path: str | Path, name: str, cls: type) -> Any:
     return from_mapping(cls, load_params(path).get(name) or {}, name)
 
 
-def student(path: str | Path, name: str) -> StudentConfig:
-    students = load_params(path).get("students") or {}
-    if name not in students:
-        known = ", ".join(students) or "none"
-        raise ConfigError(f"{path}: students.{name} is not defined (defined: {known})")
-    data = dict(students[name] or {})
-    if "name" in data:
-        raise ConfigError(f"students.{name}.name: unknown key (the name is the mapping key)")
-    return from_mapping(StudentConfig, {**data, "name": name}, f"students.{name}")
+def student(path: str | Path, name: str, section: str = "students") -> StudentConfig:
+    """Entry `name` of the `students` (or `assistants`) section."""
+    entries = load_params(path).get(section) or {}
+    if name not in entries:
+        known = ", ".join(entries) or "none"
+        raise ConfigError(f"{path}: {section}.{name} is not defined (defined: {known})")
+    data = dict(entries[name] or {})
+    for key in ("name", "section"):
+        if key in data:
+            raise ConfigError(f"{section}.{name}.{key}: unknown key (set from where the entry stands)")
+    return from_mapping(StudentConfig, {**data, "name": name, "section": section}, f"{section}.{name}")
 
 
-def student_names(path: str | Path) -> list[str]:
-    return list((load_params(path).get("students") or {}).keys())
+def student_names(path: str | Path, section: str = "students") -> list[str]:
+    return list((load_params(path).get(section) or {}).keys())
 
 
 def from_mapping(cls: type, data: Any, where: str) -> Any:

@@ -123,6 +123,10 @@ def _rows(cache: Cache, prepared: Path, cfg: StudentConfig, split: str, row_offs
     }
     if cfg.loss.soft is not None:
         targets["lse"] = torch.tensor(soft.lse[float(cfg.loss.soft.temperature)])
+    for layer in cfg.loss.teacher_layers(cfg.where):
+        # float16 as cached; terms upcast per batch, which halves the memory of big maps
+        block = cache.feature(split, layer)[first_row:first_row + len(soft.ids)]
+        targets[f"teacher.{layer}"] = torch.from_numpy(np.ascontiguousarray(block))
     return TransferSet(x=torch.tensor(samples.x), ids=np.array(samples.ids), input_shape=samples.input_shape,
                        targets=targets, views=cache.views, view_seed=cache.manifest["views"]["seed"],
                        view_shift=cache.manifest["views"]["recipe"]["max_shift"])
@@ -196,6 +200,8 @@ def transfer_set(cache: Cache, prepared: Path, cfg: StudentConfig, memory_mb: fl
 def _bytes_per_sample(cache: Cache, cfg: StudentConfig) -> float:
     k = cache.manifest["top_k"]
     per_row = k * (8 + 4) + 8 + 8 + 4  # top-k idx (int64) + logits (float32) + label + row + lse
+    for layer in cfg.loss.teacher_layers(cfg.where):
+        per_row += 2 * math.prod(cache.feature_spec(layer)["shape"])
     return 4 * math.prod(cache.manifest["input_shape"]) + 8 + cache.views * per_row
 
 

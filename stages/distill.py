@@ -14,7 +14,7 @@ import typer
 
 from pipeline.cache import Cache
 from pipeline.config import student
-from pipeline.distill import train_student
+from pipeline.distill import assistant_cache, train_student
 from stages.common import PARAMS_OPTION, clean_errors, override
 
 
@@ -25,7 +25,9 @@ def main(
     batch_size: Optional[int] = typer.Option(None),
     lr: Optional[float] = typer.Option(None),
     seed: Optional[int] = typer.Option(None),
-    cache: Path = typer.Option(Path("data/teacher_outputs"), help="Cache written by `kd label`."),
+    cache: Path = typer.Option(Path("data/teacher_outputs"), help="The teacher's cache (written by `kd label`)."),
+    assistants: Path = typer.Option(Path("data/assistants"), help="Where `kd assistants` writes assistants; a "
+                                    "student with `assistant: A` learns from ASSISTANTS/A/outputs."),
     prepared: Path = typer.Option(Path("data/prepared"), help="Directory written by `kd prepare`."),
     students_dir: Path = typer.Option(Path("data/students"), help="Students are written to STUDENTS_DIR/NAME."),
     baselines: Path = typer.Option(Path("data/baselines"), help="Shared store of baseline twins."),
@@ -35,10 +37,12 @@ def main(
 ) -> None:
     """Train student NAME and its baseline twin from the cache (never the teacher)."""
     cfg = override(student(params, name), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-    summary = train_student(cfg, Cache.open(cache), prepared, students_dir / name, baselines,
+    source = cache if cfg.assistant is None else assistant_cache(assistants, cfg.assistant)
+    summary = train_student(cfg, Cache.open(source), prepared, students_dir / name, baselines,
                             memory_mb=memory_mb, progress=progress)
     final = summary["final"]
     terms = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k not in ("epoch", "lr", "seconds"))
-    twin = "reused" if summary["twin_reused"] else "trained"
-    typer.echo(f"student {name}: {summary['epochs']} epochs, final {terms}; baseline twin {summary['twin']} {twin}"
-               f" -> {students_dir / name}")
+    twins = ", ".join(f"{key} {'reused' if reused else 'trained'}" for key, reused in summary["twins"])
+    seeds = ", ".join(map(str, summary["seeds"]))
+    typer.echo(f"student {name}: seeds {seeds}, {summary['epochs']} epochs, final (seed {summary['seeds'][0]}) {terms}; "
+               f"baseline twin {twins} -> {students_dir / name}")

@@ -63,26 +63,33 @@ class Cache:
                                     f"(has: {', '.join(self.manifest['splits'])})")
         return self.manifest["splits"][split]
 
-    def require(self, *, temperatures: list[float] = (), features: dict[str, str] | None = None,
+    def require(self, *, temperatures: list[float] = (), features: dict[str, tuple[str, ...]] | None = None,
                 views: bool = False, who: str = "this student") -> None:
-        """Refuse what the cache cannot give, naming what to add to params.yaml's `label`."""
+        """Refuse what the cache cannot give, naming what to add to params.yaml's `label`.
+
+        features: teacher layer -> the modes that would serve (the first is the one to suggest).
+        """
         cached_t = [float(t) for t in self.manifest["temperatures"]]
         for t in temperatures:
             if float(t) not in cached_t:
                 raise CacheMissingError(
-                    f"{who} needs temperature {t}, but the cache at {self.root} holds {self.manifest['temperatures']}; "
-                    f"add {t} to label.temperatures in params.yaml and run `kd label`")
+                    f"{who} needs temperature {t:g}, but the cache at {self.root} holds {self.manifest['temperatures']}; "
+                    f"add {t:g} to label.temperatures in params.yaml and run `kd label`")
         specs = {s["name"]: s["mode"] for s in self.manifest["features"]}
-        for layer, mode in (features or {}).items():
-            if specs.get(layer) != mode:
+        for layer, modes in (features or {}).items():
+            modes = (modes,) if isinstance(modes, str) else tuple(modes)
+            if specs.get(layer) not in modes:
                 held = f"holds it as {specs[layer]!r}" if layer in specs else "does not hold it"
                 raise CacheMissingError(
-                    f"{who} needs teacher layer {layer!r} in mode {mode!r}, but the cache at {self.root} {held}; "
-                    f"set label.features.{layer}: {mode} in params.yaml and run `kd label`")
+                    f"{who} needs teacher layer {layer!r} in mode {' or '.join(map(repr, modes))}, but the cache at "
+                    f"{self.root} {held}; set label.features.{layer}: {modes[0]} in params.yaml and run `kd label`")
         if views and self.views == 1:
             raise CacheMissingError(
                 f"{who} trains on augmented views, but the cache at {self.root} holds none; "
                 "set label.views (e.g. 4) in params.yaml and run `kd label`")
+
+    def feature_spec(self, layer: str) -> dict[str, Any]:
+        return next(s for s in self.manifest["features"] if s["name"] == layer)
 
     def check(self, prepared: Path, splits: list[str], layers: list[str] = ()) -> None:
         """Integrity and staleness check before training: each Parquet part's size and sha256

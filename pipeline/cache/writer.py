@@ -216,7 +216,8 @@ def plan(model: nn.Module, input_shape: list[int], cfg: LabelConfig) -> tuple[in
                 shape = list(features.reduce(captured[layer], mode).shape[1:])
             except ConfigError as exc:
                 raise ConfigError(f"label.features.{layer}: {exc}") from None
-            specs.append({"name": layer, "mode": mode, "shape": shape, "dtype": "float16"})
+            specs.append({"name": layer, "mode": mode, "shape": shape, "dtype": "float16",
+                          "source_shape": list(captured[layer].shape[1:])})
     num_classes = int(logits.shape[1])
     if cfg.top_k > num_classes:
         raise ConfigError(f"label.top_k: {cfg.top_k} is more than the teacher's {num_classes} classes")

@@ -1,0 +1,48 @@
+"""`kd assistants`: progressive distillation's middle step, for every entry of `assistants`.
+
+Each teacher assistant is distilled from the teacher's cache like a student, then labels the
+prepared splits into a cache of its own, `data/assistants/NAME/outputs/` (the `label`
+section's top-k, temperatures and views; no features). A student with `assistant: NAME`
+learns from that cache instead of the teacher's. Unchanged assistants are kept as they are;
+assistants no longer in params.yaml are removed.
+Writes `data/assistants/` (created even when `assistants` is empty, so DVC can depend on it).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import typer
+
+from pipeline.cache import Cache
+from pipeline.config import LabelConfig, section, student, student_names
+from pipeline.distill import train_assistant
+from stages.common import PARAMS_OPTION, clean_errors
+
+
+@clean_errors
+def main(
+    cache: Path = typer.Option(Path("data/teacher_outputs"), help="The teacher's cache (written by `kd label`)."),
+    prepared: Path = typer.Option(Path("data/prepared"), help="Directory written by `kd prepare`."),
+    out: Path = typer.Option(Path("data/assistants"), help="Assistants are written to OUT/NAME."),
+    baselines: Path = typer.Option(Path("data/baselines"), help="Shared store of baseline twins."),
+    memory_mb: float = typer.Option(2048, help="Hold a transfer set in memory up to this size; stream above it."),
+    params: Path = PARAMS_OPTION,
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Distil every assistant of params.yaml from the teacher's cache, then label with it."""
+    configs = [student(params, name, "assistants") for name in student_names(params, "assistants")]
+    label_cfg = section(params, "label", LabelConfig)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in sorted(p for p in out.iterdir() if p.is_dir() and p.name not in {c.name for c in configs}):
+        shutil.rmtree(stale)  # an assistant no longer in params.yaml
+        typer.echo(f"assistant {stale.name}: no longer in params.yaml, removed")
+    teacher_cache = Cache.open(cache) if configs else None
+    for cfg in configs:
+        summary = train_assistant(cfg, teacher_cache, prepared, out, baselines, label_cfg,
+                                  memory_mb=memory_mb, progress=progress)
+        state = "unchanged, kept" if summary["reused"] else "distilled and labeled"
+        typer.echo(f"assistant {cfg.name}: {state} -> {out / cfg.name} (cache {out / cfg.name / 'outputs'})")
+    if not configs:
+        typer.echo("no assistants in params.yaml; nothing to do")
