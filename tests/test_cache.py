@@ -112,7 +112,8 @@ def test_columns_and_manifest_follow_the_contract(teacher, prepared, tmp_path):
     assert manifest["schema_version"] == 1 and manifest["top_k"] == 4
     assert manifest["teacher"]["fingerprint"] == t.fingerprint
     assert manifest["temperatures"] == [1, 2.5, 4] and manifest["logit_dtype"] == "float16"
-    assert manifest["features"] == [{"name": "stages.1", "mode": "attention", "shape": [4], "dtype": "float16"}]
+    assert manifest["features"] == [{"name": "stages.1", "mode": "attention", "shape": [4], "dtype": "float16",
+                                     "source_shape": [8, 2, 2]}]
     for split, rows in (("labeled", 120), ("unlabeled", 200), ("test", 100)):
         info = manifest["splits"][split]
         assert info["rows"] == rows

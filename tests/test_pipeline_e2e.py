@@ -23,6 +23,7 @@ TINY = {
     "teacher": {"arch": "cnn", "arch_kwargs": {"widths": [8, 16], "hidden": 64}, "epochs": 8, "batch_size": 32,
                 "lr": 0.005, "shift": 0, "seed": 0},
     "label": {"top_k": 5, "temperatures": [1, 4]},
+    "assistants": {},
     "students": {
         "mlp": {"arch": "mlp", "arch_kwargs": {"hidden": [32]}, "epochs": 2, "batch_size": 32, "lr": 0.003,
                 "loss": {"soft": {"weight": 0.9, "temperature": 4}, "hard": {"weight": 0.1}}},
@@ -65,8 +66,8 @@ def project(tmp_path_factory) -> Path:
 
 def test_dvc_repro_runs_every_stage_then_nothing_then_only_a_new_student(project):
     first = ran_stages(run(["dvc", "repro"], project))
-    assert first[:3] == ["prepare", "teacher", "label"]
-    assert set(first[3:]) == {"distill@mlp", "distill@pseudo", "eval@mlp", "eval@pseudo", "report"}
+    assert first[:4] == ["prepare", "teacher", "label", "assistants"]
+    assert set(first[4:]) == {"distill@mlp", "distill@pseudo", "eval@mlp", "eval@pseudo", "report"}
 
     for name in ("mlp", "pseudo"):
         metrics = json.loads((project / f"data/students/{name}/metrics.json").read_text())

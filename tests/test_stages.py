@@ -257,7 +257,8 @@ def test_cache_parts_hold_the_contract_columns(built):
 
 def test_feature_cache_records_and_aligns_the_layer(built):
     manifest = manifest_of(built.feature_cache)
-    assert manifest["features"] == [{"name": FEATURE_LAYER, "mode": "full", "shape": [32], "dtype": "float16"}]
+    assert manifest["features"] == [{"name": FEATURE_LAYER, "mode": "full", "shape": [32], "dtype": "float16",
+                                     "source_shape": [32]}]
     for split, rows in SIZES.items():
         array = zarr.open_array(str(built.feature_cache / "features.zarr" / split / FEATURE_LAYER), mode="r")
         assert array.shape == (rows, 32) and array.dtype == np.float16
@@ -296,7 +297,8 @@ def test_distill_writes_student_baseline_twin_and_log(built, run_command, tmp_pa
     result = ok(run_command(distill.main, "soft", *distill_paths(built, params, tmp_path)))
     out = tmp_path / "students" / "soft"
     assert "baseline twin" in result.stdout and "trained" in result.stdout
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "train_log.csv", "baseline"}
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "train_log.csv", "baseline", "seeds"}
+    assert not any((out / "seeds").iterdir())  # one seed (repeats: 1): nothing under seeds/
     assert {p.name for p in (out / "baseline").iterdir()} == {"model.safetensors", "config.json", "train_log.csv"}
     config = json.loads((out / "config.json").read_text())
     assert config["arch"] == "mlp" and config["arch_kwargs"] == {"hidden": [16]}
