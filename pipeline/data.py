@@ -429,6 +429,7 @@ def prepare(cfg: PrepareConfig, out: Path) -> Prepared:
     splits, truth = split(data, cfg, cfg.dataset)
     meta = {"dataset": cfg.dataset}
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     tmp.mkdir()  # (not mkdtemp: its mode 0700 would end up on `out`)
     try:
@@ -444,6 +445,24 @@ def prepare(cfg: PrepareConfig, out: Path) -> Prepared:
     if truth is not None:
         paths["unlabeled_truth"] = out / TRUTH_FILE
     return Prepared(splits, truth, paths)
+
+
+def _remove_abandoned(out: Path) -> None:
+    """Remove temporary directories left next to `out` by runs that were killed."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 2)[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_split(path: Path, data: Split, dataset: str, row_group_rows: int = ROW_GROUP_ROWS) -> None:

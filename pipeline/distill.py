@@ -201,9 +201,11 @@ def twin_key(cfg: StudentConfig, prepared: Path) -> str:
 
 
 def train_model(cfg: StudentConfig, dataset: Dataset, input_shape: list[int], num_classes: int,
-                views: str, desc: str, progress: bool, teacher_specs: dict[str, dict] | None = None):
+                views: str, desc: str, progress: bool, teacher_specs: dict[str, dict] | None = None,
+                checkpoint: Path | None = None):
     """Build `cfg.arch` with `cfg.seed` and train it on `dataset` with the student's terms
-    (`teacher_specs` given) or, for a baseline twin, on hard labels alone."""
+    (`teacher_specs` given) or, for a baseline twin, on hard labels alone. With `checkpoint`,
+    training resumes from it and it is removed once training is done."""
     torch.manual_seed(cfg.seed)  # same seed -> same initial weights for the student and its twin
     model = build(cfg.arch, cfg.arch_kwargs, input_shape, num_classes)
     if teacher_specs is None:
@@ -211,21 +213,21 @@ def train_model(cfg: StudentConfig, dataset: Dataset, input_shape: list[int], nu
     else:
         shapes = Shapes(probe_shapes(model, input_shape, student_layers(cfg)), teacher_specs)
         built = student_terms(cfg, shapes)
-    extra = [p for module in built.modules for p in module.parameters()]
     for module in built.modules:
         module.train()
     log = fit(model, dataset, built.terms, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-              weight_decay=cfg.weight_decay, seed=cfg.seed, views=views, taps=built.taps, extra_params=extra,
-              desc=desc, progress=progress)
+              weight_decay=cfg.weight_decay, seed=cfg.seed, views=views, taps=built.taps,
+              extra_modules=built.modules, checkpoint=checkpoint, desc=desc, progress=progress)
     return model, log
 
 
 def train_student(cfg: StudentConfig, cache: Cache, prepared: Path, out: Path, baselines: Path,
-                  *, memory_mb: float = 2048, progress: bool = True) -> dict[str, Any]:
+                  *, memory_mb: float = 2048, checkpoints: Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Train student `cfg.name` (every seed of `cfg.repeats`) and its twins into `out`.
 
     The first seed is written at the top of `out`; further seeds under `out/seeds/<seed>/`.
-    Returns a summary for the CLI.
+    With `checkpoints`, each model's training state is saved there every epoch (keyed by
+    everything that decides the model), so an interrupted run resumes. Returns a summary.
     """
     who = f"student {cfg.name!r}"
     layers = cfg.loss.teacher_layers(cfg.where)
@@ -241,13 +243,16 @@ def train_student(cfg: StudentConfig, cache: Cache, prepared: Path, out: Path, b
     for repeat in range(cfg.repeats):
         seed_cfg = dataclasses.replace(cfg, seed=cfg.seed + repeat)
         target = staging if repeat == 0 else staging / "seeds" / str(seed_cfg.seed)
+        checkpoint = _checkpoint(checkpoints, f"{cfg.name}-seed{seed_cfg.seed}",
+                                 {"student": as_dict(seed_cfg), "cache": cache.manifest.get("key"),
+                                  "teacher": cache.manifest["teacher"]["fingerprint"]})
         model, log = train_model(seed_cfg, dataset, cache.manifest["input_shape"], cache.num_classes,
                                  "cached" if cfg.views else "none", f"distill {cfg.name} seed {seed_cfg.seed}",
-                                 progress, teacher_specs)
+                                 progress, teacher_specs, checkpoint)
         record = _record(seed_cfg, cache)
         save_model(target, model, record)
         write_log(target / "train_log.csv", log)
-        twin, reused = _twin(seed_cfg, cache, prepared, baselines, record, progress)
+        twin, reused = _twin(seed_cfg, cache, prepared, baselines, record, progress, checkpoints)
         shutil.copytree(twin, target / "baseline")
         summary["seeds"].append(seed_cfg.seed)
         summary["twins"].append((twin.name, reused))
@@ -256,6 +261,8 @@ def train_student(cfg: StudentConfig, cache: Cache, prepared: Path, out: Path, b
     if out.exists():
         shutil.rmtree(out)
     staging.replace(out)
+    for repeat in range(cfg.repeats):
+        _done(checkpoints, f"{cfg.name}-seed{cfg.seed + repeat}")
     return summary
 
 
@@ -269,13 +276,14 @@ def _record(cfg: StudentConfig, cache: Cache) -> dict[str, Any]:
 
 
 def _twin(cfg: StudentConfig, cache: Cache, prepared: Path, baselines: Path, record: dict[str, Any],
-          progress: bool) -> tuple[Path, bool]:
+          progress: bool, checkpoints: Path | None = None) -> tuple[Path, bool]:
     """The baseline twin of `cfg` from the shared store, trained first if it is not there."""
     twin_dir = baselines / twin_key(cfg, prepared)
     if (twin_dir / "model.safetensors").is_file() and (twin_dir / "train_log.csv").is_file():
         return twin_dir, True
+    checkpoint = None if checkpoints is None else Path(checkpoints) / f"twin-{twin_dir.name}.pt"
     twin, log = train_model(cfg, baseline_set(prepared), cache.manifest["input_shape"], cache.num_classes,
-                            "none", f"baseline {cfg.name} seed {cfg.seed}", progress)
+                            "none", f"baseline {cfg.name} seed {cfg.seed}", progress, checkpoint=checkpoint)
     tmp = twin_dir.with_name(twin_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -284,7 +292,28 @@ def _twin(cfg: StudentConfig, cache: Cache, prepared: Path, baselines: Path, rec
     if twin_dir.exists():
         shutil.rmtree(twin_dir)
     tmp.replace(twin_dir)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     return twin_dir, False
+
+
+def _checkpoint(checkpoints: Path | None, name: str, decided_by: dict[str, Any]) -> Path | None:
+    """The checkpoint file of one model: named by the student and seed, keyed by what decides it
+    (a checkpoint of another config is never resumed; older ones of the same name are removed)."""
+    if checkpoints is None:
+        return None
+    key = hashlib.sha256(json.dumps(decided_by, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = Path(checkpoints) / f"{name}-{key}.pt"
+    for old in Path(checkpoints).glob(f"{name}-*.pt"):
+        if old != path:
+            old.unlink()
+    return path
+
+
+def _done(checkpoints: Path | None, name: str) -> None:
+    if checkpoints is not None:
+        for path in Path(checkpoints).glob(f"{name}-*.pt"):
+            path.unlink()
 
 
 def assistant_cache(assistants: Path, name: str) -> Path:
@@ -297,7 +326,8 @@ def assistant_cache(assistants: Path, name: str) -> Path:
 
 
 def train_assistant(cfg: StudentConfig, cache: Cache, prepared: Path, assistants: Path, baselines: Path,
-                    label_cfg: LabelConfig, *, memory_mb: float = 2048, progress: bool = True) -> dict[str, Any]:
+                    label_cfg: LabelConfig, *, memory_mb: float = 2048, checkpoints: Path | None = None,
+                    progress: bool = True) -> dict[str, Any]:
     """Progressive distillation's middle step: distil assistant `cfg.name` from the teacher's
     cache, then label the prepared splits with it into `assistants/NAME/outputs`, a cache like
     the teacher's (same top-k, temperatures and views; no features).
@@ -311,7 +341,8 @@ def train_assistant(cfg: StudentConfig, cache: Cache, prepared: Path, assistants
     stamp = out / "assistant.json"
     if stamp.is_file() and read_json(stamp) == decided_by and (out / "outputs" / "manifest.json").is_file():
         return {"name": cfg.name, "reused": True}
-    summary = train_student(cfg, cache, prepared, out, baselines, memory_mb=memory_mb, progress=progress)
+    summary = train_student(cfg, cache, prepared, out, baselines, memory_mb=memory_mb, checkpoints=checkpoints,
+                            progress=progress)
     model, config = load_model(out, arch=cfg.arch if ":" in cfg.arch else None,
                                arch_kwargs=cfg.arch_kwargs if ":" in cfg.arch else None)
     label(Teacher(model, fingerprint(out), config), prepared, out / "outputs", label_cfg, progress=progress)

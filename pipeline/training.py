@@ -60,18 +60,28 @@ def fit(
     seed: int,
     views: str = "none",
     taps: list[str] = (),
-    extra_params: list[nn.Parameter] = (),
+    extra_modules: list[nn.Module] = (),
+    checkpoint: Path | None = None,
     desc: str = "train",
     progress: bool = True,
 ) -> list[dict[str, float]]:
-    """Train `model` in place with AdamW and a one-cycle schedule; return the per-epoch log."""
-    params = [*model.parameters(), *extra_params]
+    """Train `model` (and `extra_modules`, e.g. hint regressors) in place with AdamW and a
+    one-cycle schedule; return the per-epoch log.
+
+    With `checkpoint`, the full training state is saved there after every epoch and a run
+    that finds one resumes after its last epoch. Batches are a pure function of (seed,
+    epoch), so a resumed run ends with the same weights as an uninterrupted one.
+    """
+    params = [*model.parameters(), *(p for m in extra_modules for p in m.parameters())]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(data) / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
-    log = []
-    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False)
-    for epoch in range(epochs):
+    log: list[dict[str, float]] = []
+    if checkpoint is not None and checkpoint.is_file():
+        log = _restore(checkpoint, model, extra_modules, optimizer, schedule)
+    bar = tqdm(total=steps, initial=len(log) * math.ceil(len(data) / batch_size), desc=desc, unit="step",
+               disable=not progress, leave=False)
+    for epoch in range(len(log), epochs):
         model.train()
         started = time.perf_counter()
         sums: dict[str, float] = {}
@@ -92,9 +102,31 @@ def fit(
                "lr": schedule.get_last_lr()[0], "seconds": time.perf_counter() - started}
         log.append(row)
         bar.set_postfix(loss=f"{row['total']:.4f}")
+        if checkpoint is not None:
+            _save(checkpoint, model, extra_modules, optimizer, schedule, log)
     bar.close()
     model.eval()
     return log
+
+
+def _save(path: Path, model: nn.Module, extra: list[nn.Module], optimizer, schedule, log) -> None:
+    state = {"model": model.state_dict(), "extra": [m.state_dict() for m in extra],
+             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "log": log}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _restore(path: Path, model: nn.Module, extra: list[nn.Module], optimizer, schedule) -> list[dict[str, float]]:
+    # weights_only: tensors and plain containers only, no code runs while loading
+    state = torch.load(path, weights_only=True)
+    model.load_state_dict(state["model"])
+    for module, module_state in zip(extra, state["extra"]):
+        module.load_state_dict(module_state)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    return list(state["log"])
 
 
 def write_log(path: Path, log: list[dict[str, Any]]) -> None:

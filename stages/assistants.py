@@ -27,6 +27,7 @@ def main(
     prepared: Path = typer.Option(Path("data/prepared"), help="Directory written by `kd prepare`."),
     out: Path = typer.Option(Path("data/assistants"), help="Assistants are written to OUT/NAME."),
     baselines: Path = typer.Option(Path("data/baselines"), help="Shared store of baseline twins."),
+    checkpoints: Path = typer.Option(Path("data/checkpoints"), help="Per-epoch training state, to resume."),
     memory_mb: float = typer.Option(2048, help="Hold a transfer set in memory up to this size; stream above it."),
     params: Path = PARAMS_OPTION,
     progress: bool = typer.Option(True, help="Show progress bars."),
@@ -41,7 +42,7 @@ def main(
     teacher_cache = Cache.open(cache) if configs else None
     for cfg in configs:
         summary = train_assistant(cfg, teacher_cache, prepared, out, baselines, label_cfg,
-                                  memory_mb=memory_mb, progress=progress)
+                                  memory_mb=memory_mb, checkpoints=checkpoints, progress=progress)
         state = "unchanged, kept" if summary["reused"] else "distilled and labeled"
         typer.echo(f"assistant {cfg.name}: {state} -> {out / cfg.name} (cache {out / cfg.name / 'outputs'})")
     if not configs:

@@ -31,6 +31,8 @@ def main(
     prepared: Path = typer.Option(Path("data/prepared"), help="Directory written by `kd prepare`."),
     students_dir: Path = typer.Option(Path("data/students"), help="Students are written to STUDENTS_DIR/NAME."),
     baselines: Path = typer.Option(Path("data/baselines"), help="Shared store of baseline twins."),
+    checkpoints: Path = typer.Option(Path("data/checkpoints"), help="Per-epoch training state, to resume an "
+                                     "interrupted run (removed when training is done)."),
     memory_mb: float = typer.Option(2048, help="Hold the transfer set in memory up to this size; stream the cache above it."),
     params: Path = PARAMS_OPTION,
     progress: bool = typer.Option(True, help="Show progress bars."),
@@ -39,7 +41,7 @@ def main(
     cfg = override(student(params, name), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     source = cache if cfg.assistant is None else assistant_cache(assistants, cfg.assistant)
     summary = train_student(cfg, Cache.open(source), prepared, students_dir / name, baselines,
-                            memory_mb=memory_mb, progress=progress)
+                            memory_mb=memory_mb, checkpoints=checkpoints, progress=progress)
     final = summary["final"]
     terms = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k not in ("epoch", "lr", "seconds"))
     twins = ", ".join(f"{key} {'reused' if reused else 'trained'}" for key, reused in summary["twins"])

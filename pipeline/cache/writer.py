@@ -307,41 +307,45 @@ def _write_part(out: Path, manifest: dict[str, Any], model: nn.Module, source: P
     soft = _Rows(ROW_GROUP_ROWS)
     sums: dict[str, float] = {}
     correct = labeled = 0
-    with pq.ParquetWriter(str(tmp), schema, compression="zstd", write_statistics=False) as writer:
-        for start in range(0, last_sample - first_sample, max(1, cfg.batch_size // views)):
-            stop = min(start + max(1, cfg.batch_size // views), last_sample - first_sample)
-            ids = np.repeat(split_data.ids[start:stop], views)
-            view = np.tile(np.arange(views, dtype=np.int32), stop - start)
-            x = torch.tensor(split_data.x[start:stop]).repeat_interleave(views, dim=0)
-            x = augment.apply_views(x, ids, view, input_shape, cfg.view_seed, cfg.view_shift)
-            with torch.no_grad(), features.tap(model, list(specs)) as captured:
-                logits = model(x.reshape(len(x), *input_shape)).float()
-                feats = {name: features.reduce(captured[name], s["mode"]).to(torch.float16).numpy()
-                         for name, s in specs.items()}
-            if not torch.isfinite(logits).all():
-                bad = ids[~torch.isfinite(logits).all(1).numpy()][:5].tolist()
-                raise CacheError(f"teacher produced NaN or Inf logits on {split} ids {bad}")
-            cols = soft_targets(logits, cfg.top_k, cfg.temperatures, cfg.logit_dtype)
-            v0 = view == 0
-            for name, value in fidelity_sums(logits[torch.from_numpy(v0)],
-                                             {k: v[v0] for k, v in cols.items()}, cfg.temperatures).items():
-                sums[name] = sums.get(name, 0.0) + value
-            y = split_data.y[start:stop]
-            if (y >= 0).any():
-                labeled += int((y >= 0).sum())
-                correct += int((cols["topk_idx"][v0][:, 0] == y)[y >= 0].sum())
-            soft.add(_table(schema, ids, view, cols), len(ids))
-            if soft.ready(final=stop == last_sample - first_sample):
-                writer.write_table(pa.concat_tables(soft.take()), row_group_size=ROW_GROUP_ROWS)
-            feats["id"] = ids
-            last = stop == last_sample - first_sample
-            for name, buffer in buffers.items():
-                buffer.add(feats[name], len(ids))
-                if buffer.ready(final=last):
-                    block = np.concatenate(buffer.take())
-                    group[f"{split}/{name}"][written[name]:written[name] + len(block)] = block
-                    written[name] += len(block)
-            bar.update(len(ids))
+    try:
+        with pq.ParquetWriter(str(tmp), schema, compression="zstd", write_statistics=False) as writer:
+            for start in range(0, last_sample - first_sample, max(1, cfg.batch_size // views)):
+                stop = min(start + max(1, cfg.batch_size // views), last_sample - first_sample)
+                ids = np.repeat(split_data.ids[start:stop], views)
+                view = np.tile(np.arange(views, dtype=np.int32), stop - start)
+                x = torch.tensor(split_data.x[start:stop]).repeat_interleave(views, dim=0)
+                x = augment.apply_views(x, ids, view, input_shape, cfg.view_seed, cfg.view_shift)
+                with torch.no_grad(), features.tap(model, list(specs)) as captured:
+                    logits = model(x.reshape(len(x), *input_shape)).float()
+                    feats = {name: features.reduce(captured[name], s["mode"]).to(torch.float16).numpy()
+                             for name, s in specs.items()}
+                if not torch.isfinite(logits).all():
+                    bad = ids[~torch.isfinite(logits).all(1).numpy()][:5].tolist()
+                    raise CacheError(f"teacher produced NaN or Inf logits on {split} ids {bad}")
+                cols = soft_targets(logits, cfg.top_k, cfg.temperatures, cfg.logit_dtype)
+                v0 = view == 0
+                for name, value in fidelity_sums(logits[torch.from_numpy(v0)],
+                                                 {k: v[v0] for k, v in cols.items()}, cfg.temperatures).items():
+                    sums[name] = sums.get(name, 0.0) + value
+                y = split_data.y[start:stop]
+                if (y >= 0).any():
+                    labeled += int((y >= 0).sum())
+                    correct += int((cols["topk_idx"][v0][:, 0] == y)[y >= 0].sum())
+                soft.add(_table(schema, ids, view, cols), len(ids))
+                if soft.ready(final=stop == last_sample - first_sample):
+                    writer.write_table(pa.concat_tables(soft.take()), row_group_size=ROW_GROUP_ROWS)
+                feats["id"] = ids
+                last = stop == last_sample - first_sample
+                for name, buffer in buffers.items():
+                    buffer.add(feats[name], len(ids))
+                    if buffer.ready(final=last):
+                        block = np.concatenate(buffer.take())
+                        group[f"{split}/{name}"][written[name]:written[name] + len(block)] = block
+                        written[name] += len(block)
+                bar.update(len(ids))
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave a half-written part behind
+        raise
     tmp.replace(final)
     part = {"split": split, "index": index, "path": part_path(split, index), "first_row": first_row,
             "rows": n_rows, "bytes": final.stat().st_size, "sha256": file_sha256(final), "labeled": labeled, "correct": correct,
