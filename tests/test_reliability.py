@@ -183,3 +183,58 @@ def test_disk_full_while_labeling_is_one_clear_line_and_nothing_finished(workspa
     manifest = out / "manifest.json"
     assert not manifest.exists() or '"complete": false' in manifest.read_text()
     assert not list(out.rglob("*.tmp"))  # no half-written part left behind
+
+
+def test_nan_teacher_logits_are_refused_naming_the_ids(workspace, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = workspace / "data"
+    broken = Path(shutil.copytree(d / "teacher", tmp_path / "teacher"))
+    state = load_file(str(broken / "model.safetensors"))
+    state["head.bias"][3] = float("nan")
+    save_file(state, str(broken / "model.safetensors"))
+    out = tmp_path / "cache"
+    result = invoke(label.main, "--teacher", broken, "--prepared", d / "prepared", "--out", out, "--no-progress",
+                    "--params", workspace / "params.yaml", expect=1)
+    (line,) = result.stderr.strip().splitlines()
+    assert "NaN or Inf logits" in line and "ids [" in line
+    assert not (out / "manifest.json").exists() or '"complete": false' in (out / "manifest.json").read_text()
+
+
+def test_no_pickle_on_any_load_path():
+    """Weights are safetensors; the only torch.load (our own checkpoints) is weights_only=True."""
+    root = Path(__file__).parents[1]
+    for path in [*root.glob("pipeline/**/*.py"), *root.glob("stages/*.py")]:
+        text = path.read_text()
+        assert "import pickle" not in text and "pickle.load" not in text, path
+        for line in text.splitlines():
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, f"{path}: {line.strip()}"
+
+
+def test_checkpoint_cannot_name_code_to_import(tmp_path):
+    from pipeline.errors import ConfigError
+    from pipeline.models import build, load_model, save_model
+
+    save_model(tmp_path, build("mlp", {"hidden": [4]}, [4], 2), {"arch": "os:system", "arch_kwargs": {},
+                                                                 "input_shape": [4], "num_classes": 2})
+    with pytest.raises(ConfigError, match="never from a checkpoint or cache"):
+        load_model(tmp_path)
+
+
+def test_a_part_path_that_links_out_of_the_cache_is_refused(workspace, tmp_path):
+    import json
+
+    from pipeline.cache import Cache
+    from pipeline.cache.verify import verify
+    from pipeline.errors import CacheError
+
+    cache = Path(shutil.copytree(workspace / "data" / "cache", tmp_path / "cache"))
+    manifest = json.loads((cache / "manifest.json").read_text())
+    part = cache / manifest["splits"]["test"]["parts"][0]["path"]
+    outside = tmp_path / "elsewhere.parquet"
+    part.rename(outside)
+    part.symlink_to(outside)
+    assert any("a link leaving the cache" in p for p in verify(cache))
+    with pytest.raises(CacheError, match="a link leaving the cache"):
+        Cache.open(cache)
