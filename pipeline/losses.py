@@ -116,12 +116,22 @@ def attention_map_loss(student_map, teacher_map):
 # relations between samples (RKD)
 
 
+def _squared_distances(emb):
+    # emb: (B, D) -> (Gram (B, B), squared distances (B, B)), in float64 from the Gram matrix:
+    # O(B^2 D) instead of materialising the (B, B, D) differences.
+    x = emb.double()
+    gram = x @ x.T
+    sq = gram.diagonal()
+    return gram, (sq[:, None] + sq[None, :] - 2 * gram).clamp(min=0)
+
+
 def _pdist(emb, eps=1e-12):
     # emb: (B, D) -> (B, B) Euclidean distances, diagonal exactly 0.
     # The clamp keeps sqrt's gradient finite for coincident points.
-    d = (emb.unsqueeze(0) - emb.unsqueeze(1)).pow(2).sum(dim=2).clamp(min=eps).sqrt()
+    _, d2 = _squared_distances(emb)
+    d = d2.clamp(min=eps).sqrt()
     eye = torch.eye(len(emb), dtype=torch.bool, device=emb.device)
-    return d.masked_fill(eye, 0.0)
+    return d.masked_fill(eye, 0.0).to(emb.dtype)
 
 
 def rkd_distance_loss(student_emb, teacher_emb):
@@ -135,11 +145,17 @@ def rkd_distance_loss(student_emb, teacher_emb):
     return F.smooth_l1_loss(s_d, t_d, reduction="mean")
 
 
-def _angles(emb):
-    # emb: (B, D) -> (B, B, B): angle[a, b, c] = <e_ab, e_ac>, e_ab = unit(x_b - x_a);
-    # F.normalize maps zero vectors (degenerate triples) to 0.
-    e = F.normalize(emb.unsqueeze(0) - emb.unsqueeze(1), p=2, dim=2)  # e[a, b] = unit(x_b - x_a)
-    return torch.bmm(e, e.transpose(1, 2))
+def _angles(emb, eps=1e-12):
+    # emb: (B, D) -> (B, B, B): angle[a, b, c] = <e_ab, e_ac>, e_ab = unit(x_b - x_a); a zero
+    # difference (degenerate triple) gives 0. From the Gram matrix G in float64:
+    # <x_b - x_a, x_c - x_a> = G_bc - G_ab - G_ac + G_aa, so no (B, B, D) tensor is built
+    # (the teacher's embeddings can be wide).
+    gram, d2 = _squared_distances(emb)
+    sq = gram.diagonal()
+    dots = gram[None, :, :] - gram[:, :, None] - gram[:, None, :] + sq[:, None, None]
+    valid = d2 > eps * eps
+    inverse_norm = torch.where(valid, 1 / torch.where(valid, d2, torch.ones_like(d2)).sqrt(), torch.zeros_like(d2))
+    return (dots * inverse_norm[:, :, None] * inverse_norm[:, None, :]).to(emb.dtype)
 
 
 def rkd_angle_loss(student_emb, teacher_emb):
