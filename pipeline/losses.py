@@ -42,29 +42,76 @@ def topk_soft_target_loss_per_row(student_logits, topk_idx, topk_logit, lse, tem
     # student_logits: (B, C); topk_idx, topk_logit: (B, k); lse: (B,) -> (B,) KL per row
     # topk_logit = z[topk_idx] - max(z), lse = logsumexp((z - max z) / T) over all C classes,
     # so topk_logit / T - lse are the teacher's exact log-probs at T. No T^2, no mean: a
-    # training loop can mask or weight rows before reducing.
+    # training loop can mask or weight rows before reducing. The cached targets get no
+    # gradient; the student's has a closed form (see _TopkKL), one fused backward step.
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
-    T = temperature
+    return _TopkKL.apply(student_logits, topk_idx, topk_logit, lse, float(temperature), tail)
+
+
+def _topk_kl_parts(student_logits, topk_idx, topk_logit, lse, T, tail):
+    """The forward computation: per-row KL and what the closed-form backward needs."""
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     idx = topk_idx.long()
     t_logp = topk_logit.to(dtype) / T - lse.to(dtype).reshape(-1, 1)  # (B, k)
     s_logp_all = F.log_softmax(student_logits.to(dtype) / T, dim=1)  # (B, C)
     s_logp = s_logp_all.gather(1, idx)  # (B, k)
-
+    parts = {"idx": idx, "s_logp_all": s_logp_all}
     if tail == "renorm":
-        return _kl_rows(F.log_softmax(t_logp, dim=1), F.log_softmax(s_logp, dim=1))
+        p_hat, log_q_hat = F.log_softmax(t_logp, dim=1), F.log_softmax(s_logp, dim=1)
+        parts.update(p_hat=p_hat.exp(), q_hat=log_q_hat.exp())
+        return _kl_rows(p_hat, log_q_hat), parts
+    parts["p"] = t_logp.exp()
     if idx.shape[1] == student_logits.shape[1]:
-        return _kl_rows(t_logp, s_logp)  # k == C: the tail is empty
+        return _kl_rows(t_logp, s_logp), parts  # k == C: the tail is empty
 
     # bucket: everything outside the top-k is one extra class on both sides.
     # float16 rounding can push the teacher's kept mass a hair past 1, hence the clamp.
-    t_tail = (1 - t_logp.exp().sum(dim=1)).clamp(min=0)  # (B,)
+    t_tail = (1 - parts["p"].sum(dim=1)).clamp(min=0)  # (B,)
     in_topk = torch.zeros_like(s_logp_all, dtype=torch.bool).scatter_(1, idx, True)
     s_log_tail = s_logp_all.masked_fill(in_topk, float("-inf")).logsumexp(dim=1)  # (B,)
     log_p = torch.cat([t_logp, t_tail.log().unsqueeze(1)], dim=1)  # (B, k+1)
     log_q = torch.cat([s_logp, s_log_tail.unsqueeze(1)], dim=1)  # (B, k+1)
-    return _kl_rows(log_p, log_q)
+    parts.update(t_tail=t_tail, s_log_tail=s_log_tail, in_topk=in_topk)
+    return _kl_rows(log_p, log_q), parts
+
+
+class _TopkKL(torch.autograd.Function):
+    """Per-row top-k KL with its gradient in closed form (z = student_logits / T, q = softmax(z)):
+
+    bucket: dKL/dz = q * (sum_k p_k + p_tail) - target, where target_j = p_j on the top-k and
+            p_tail * q_j / q_tail outside it (the tail mass spread like the student's own tail);
+    renorm: dKL/dz = q_hat - p_hat on the top-k, 0 elsewhere.
+    One backward step instead of autograd's walk through every forward op (per-op dispatch
+    dominates the cost of a small student's step).
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, topk_idx, topk_logit, lse, T, tail):
+        with torch.no_grad():
+            kl, parts = _topk_kl_parts(student_logits, topk_idx, topk_logit, lse, T, tail)
+        ctx.T, ctx.tail, ctx.dtype = T, tail, student_logits.dtype
+        ctx.parts = parts
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        parts, T = ctx.parts, ctx.T
+        idx = parts["idx"]
+        if ctx.tail == "renorm":
+            grad_z = torch.zeros_like(parts["s_logp_all"]).scatter_(1, idx, parts["q_hat"] - parts["p_hat"])
+        else:
+            q = parts["s_logp_all"].exp()
+            p = parts["p"]
+            if "t_tail" in parts:
+                mass = p.sum(dim=1) + parts["t_tail"]
+                target = (parts["s_logp_all"] - parts["s_log_tail"][:, None]).exp() * parts["t_tail"][:, None]
+                target = target.masked_fill(parts["in_topk"], 0.0).scatter_(1, idx, p)
+            else:
+                mass, target = p.sum(dim=1), torch.zeros_like(q).scatter_(1, idx, p)
+            grad_z = q * mass[:, None] - target
+        grad = (grad_rows.to(grad_z.dtype)[:, None] * grad_z / T).to(ctx.dtype)
+        return grad, None, None, None, None, None
 
 
 def topk_soft_target_loss(student_logits, topk_idx, topk_logit, lse, temperature,
