@@ -7,7 +7,14 @@ them together for one student directory and returns every key of the contract's
     <student>/plots/per_class.csv     class, student, baseline, support
     <student>/plots/confusion.csv     actual, predicted (one row per test sample; DVC's confusion template)
     <student>/plots/reliability.csv   bin, lower, upper, confidence, accuracy, count
+    <student>/plots/seeds.csv         seed, accuracy, baseline_accuracy (one row per trained seed)
     <student>/metrics.json            the scalar keys only, flat, for `dvc metrics show`
+
+Every key of the contract is measured on the first seed (the student at the top of its
+directory). A student trained with `repeats` > 1 also has `seeds/<seed>/` (with its own
+baseline twin); those seeds are measured for test accuracy only, and the SEED_KEYS summarise
+all seeds: mean and sample standard deviation of the accuracy and of the per-seed gain over
+the twin, in accuracy points.
 
 The teacher is never loaded: agreement and KL come from the cache, the teacher's accuracy
 from the cache's fidelity statistics, and its speed from an architecture twin with random
@@ -46,6 +53,10 @@ CONTRACT_KEYS = ("accuracy", "baseline_accuracy", "teacher_accuracy", "accuracy_
                  "kl_to_teacher", "ece", "params", "teacher_params", "size_bytes", "latency_ms", "throughput",
                  "speedup_vs_teacher", "pseudo_label_accuracy")
 PROVENANCE_KEYS = ("kl_exact", "teacher_throughput_source")
+# Over every seed of the student (the first one included): accuracies are fractions, gains points.
+SEED_KEYS = ("seeds", "accuracy_mean", "accuracy_std", "baseline_accuracy_mean", "baseline_accuracy_std",
+             "gain_points_mean", "gain_points_std")
+SEEDS_DIR = "seeds"
 METRICS_FILE, PLOTS_DIR = "metrics.json", "plots"
 LATENCY_WARMUP = 5  # untimed batch-1 passes before timing
 THROUGHPUT_WARMUP = 1  # untimed full-batch passes per model before timing
@@ -120,6 +131,24 @@ def confusion_matrix(pred: np.ndarray, y: np.ndarray, num_classes: int) -> np.nd
     matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(matrix, (y[keep], pred[keep]), 1)
     return matrix
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    # -> (mean, sample standard deviation with ddof = 1); the std of a single value is 0.0
+    a = np.asarray(values, dtype=np.float64)
+    if not len(a):
+        raise ValueError("mean_std: no values")
+    return float(a.mean()), (float(a.std(ddof=1)) if len(a) > 1 else 0.0)
+
+
+def seed_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    # rows: one {"seed", "accuracy", "baseline_accuracy"} per seed -> the SEED_KEYS. The gain of
+    # a seed is over its own twin (same seed), so the std is that of paired differences.
+    acc, acc_std = mean_std([r["accuracy"] for r in rows])
+    base, base_std = mean_std([r["baseline_accuracy"] for r in rows])
+    gain, gain_std = mean_std([100.0 * (r["accuracy"] - r["baseline_accuracy"]) for r in rows])
+    return {"seeds": len(rows), "accuracy_mean": acc, "accuracy_std": acc_std, "baseline_accuracy_mean": base,
+            "baseline_accuracy_std": base_std, "gain_points_mean": gain, "gain_points_std": gain_std}
 
 
 def pseudo_label_accuracy(teacher_top1: np.ndarray, ids: np.ndarray, truth_ids: np.ndarray,
@@ -214,7 +243,7 @@ def check_config(cfg: EvalConfig) -> None:
 def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, arch: str | None = None,
              arch_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every metrics.json key for the student in `student_dir`, plus `plots` (per-class
-    accuracy, confusion matrix, reliability diagram).
+    accuracy, confusion matrix, reliability diagram of the first seed; per-seed accuracies).
 
     `arch`/`arch_kwargs` (from params.yaml) are needed only for a `package.module:factory`
     student; built-in students are rebuilt from their checkpoint's config.
@@ -231,6 +260,7 @@ def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, a
     model, config = load_model(student_dir, arch=arch, arch_kwargs=arch_kwargs)
     baseline, baseline_config = load_model(student_dir / "baseline", arch=arch, arch_kwargs=arch_kwargs)
     _check_student(student_dir, config, cache)
+    extra_seeds = seed_dirs(student_dir, config)  # checked before any work
     test = data.read_split(test_path)
     if list(config["input_shape"]) != list(test.input_shape):
         raise InputError(f"{student_dir / 'config.json'}: input_shape {config['input_shape']} differs from "
@@ -289,9 +319,16 @@ def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, a
     if truth is not None:
         result["pseudo_label_accuracy"] = truth
 
+    seeds = [{"seed": (config.get("student") or {}).get("seed"), "accuracy": student_accuracy,
+              "baseline_accuracy": result["baseline_accuracy"]}]
+    for seed, directory in extra_seeds:
+        seeds.append(_seed_accuracies(directory, seed, cache, x, test, cfg, arch, arch_kwargs))
+    result.update(seed_summary(seeds))
+
     student_class, support = per_class_accuracy(pred, test.y, cache.num_classes)
     baseline_class, _ = per_class_accuracy(baseline_pred, test.y, cache.num_classes)
     result["plots"] = {
+        "seeds": seeds,
         "per_class": [{"class": c, "student": _finite(student_class[c]), "baseline": _finite(baseline_class[c]),
                        "support": int(support[c])} for c in range(cache.num_classes)],
         "confusion": confusion_matrix(pred, test.y, cache.num_classes).tolist(),
@@ -300,13 +337,60 @@ def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, a
     return result
 
 
+def seed_dirs(student_dir: Path, config: dict[str, Any]) -> list[tuple[int, Path]]:
+    """The further seeds of a student, (seed, directory) in order, from `seeds/<seed>/`.
+
+    When the config records `repeats`, the directories must be exactly seeds seed+1 ..
+    seed+repeats-1: a partial or stale set would silently change the mean.
+    """
+    root = Path(student_dir) / SEEDS_DIR
+    found = []
+    if root.is_dir():
+        for path in root.iterdir():
+            try:
+                found.append((int(path.name), path))
+            except ValueError:
+                continue  # not a seed (e.g. a hidden or temporary entry)
+    found.sort()
+    spec = config.get("student") or {}
+    if "repeats" in spec and "seed" in spec:
+        expected = [spec["seed"] + i for i in range(1, spec["repeats"])]
+        if [seed for seed, _ in found] != expected:
+            raise InputError(f"{root}: holds seeds {[seed for seed, _ in found]}, but {student_dir / 'config.json'} "
+                             f"says seed {spec['seed']} with repeats {spec['repeats']} (expected {expected} here); "
+                             f"run `kd distill {Path(student_dir).name}` again")
+    return found
+
+
+def _seed_accuracies(directory: Path, seed: int, cache: Cache, x: torch.Tensor, test: Any, cfg: EvalConfig,
+                     arch: str | None, arch_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """Test accuracy of one further seed and of its own baseline twin (no timing)."""
+    model, config = load_model(directory, arch=arch, arch_kwargs=arch_kwargs)
+    baseline, _ = load_model(directory / "baseline", arch=arch, arch_kwargs=arch_kwargs)
+    _check_student(directory, config, cache)
+    recorded = (config.get("student") or {}).get("seed", seed)
+    if recorded != seed:
+        raise InputError(f"{directory / 'config.json'}: seed {recorded} differs from its directory's name {seed}")
+    if list(config["input_shape"]) != list(test.input_shape):
+        raise InputError(f"{directory / 'config.json'}: input_shape {config['input_shape']} differs from the "
+                         f"test split's {test.input_shape}")
+    out = {}
+    for key, net in (("accuracy", model), ("baseline_accuracy", baseline)):
+        logits = predict(net, x, test.input_shape, cfg.batch_size)
+        if logits.shape[1] != cache.num_classes:
+            raise InputError(f"{directory}: a model outputs {logits.shape[1]} classes, the cache {cache.num_classes}")
+        out[key] = accuracy(logits.argmax(1).numpy(), test.y)
+    return {"seed": seed, **out}
+
+
 def _check_student(student_dir: Path, config: dict[str, Any], cache: Cache) -> None:
     if config.get("num_classes") != cache.num_classes:
         raise InputError(f"{student_dir / 'config.json'}: num_classes {config.get('num_classes')} differs from "
                          f"the cache's {cache.num_classes}")
     trained_on = config.get("teacher_fingerprint")
     teacher = cache.manifest["teacher"]["fingerprint"]
-    if trained_on is not None and trained_on != teacher:
+    # A student distilled through an assistant descends from the teacher: its lineage names both.
+    if trained_on is not None and teacher not in config.get("lineage", [trained_on]):
         raise StaleCacheError(
             f"{student_dir}: trained from teacher {trained_on[:12]}, but the cache at {cache.root} holds teacher "
             f"{teacher[:12]}; run `kd distill {student_dir.name}` again")
@@ -360,7 +444,7 @@ def _finite(value: float) -> float | None:
 
 def metrics_record(result: dict[str, Any]) -> dict[str, Any]:
     """The flat, scalar part of `evaluate`'s result: what metrics.json holds."""
-    return {key: result[key] for key in (*CONTRACT_KEYS, *PROVENANCE_KEYS) if key in result}
+    return {key: result[key] for key in (*CONTRACT_KEYS, *PROVENANCE_KEYS, *SEED_KEYS) if key in result}
 
 
 def write_eval(student_dir: Path, result: dict[str, Any]) -> Path:
@@ -379,6 +463,7 @@ def write_eval(student_dir: Path, result: dict[str, Any]) -> Path:
         _write_csv(tmp / "confusion.csv", ["actual", "predicted"], records)
         _write_csv(tmp / "reliability.csv", ["bin", "lower", "upper", "confidence", "accuracy", "count"],
                    plots["reliability"])
+        _write_csv(tmp / "seeds.csv", ["seed", "accuracy", "baseline_accuracy"], plots["seeds"])
         old = student_dir / f".{PLOTS_DIR}.old-{os.getpid()}"
         if final.exists():
             os.replace(final, old)

@@ -3,8 +3,10 @@
 Reads `data/students/NAME/` (the student and `baseline/`), the cache's test split (for
 agreement and KL; the teacher itself is never loaded) and `data/prepared/test.parquet`
 (+ `unlabeled_truth.parquet` when it exists, for the teacher's pseudo-label accuracy).
-Writes `data/students/NAME/metrics.json` (flat, for `dvc metrics show`) and
-`data/students/NAME/plots/` (per_class.csv, confusion.csv, reliability.csv).
+Every seed under `data/students/NAME/seeds/` is measured too (test accuracy of it and its
+twin), summarised as mean +- std. Writes `data/students/NAME/metrics.json` (flat, for
+`dvc metrics show`) and `data/students/NAME/plots/` (per_class.csv, confusion.csv,
+reliability.csv, seeds.csv).
 Reads the `eval` section of params.yaml, and `students.NAME` for a custom architecture.
 """
 
@@ -56,7 +58,9 @@ def summary(name: str, m: dict) -> str:
     speed = (f"{m['speedup_vs_teacher']:.1f}x the teacher's throughput ({m['teacher_throughput_source']})"
              if m["speedup_vs_teacher"] is not None else "teacher throughput unknown")
     pseudo = f", teacher pseudo-labels {m['pseudo_label_accuracy']:.4f}" if "pseudo_label_accuracy" in m else ""
+    seeds = (f"; over {m['seeds']} seeds: accuracy {m['accuracy_mean']:.4f} +- {m['accuracy_std']:.4f}, "
+             f"{m['gain_points_mean']:+.1f} +- {m['gain_points_std']:.1f} points over the baseline twins")
     return (f"student {name}: accuracy {m['accuracy']:.4f} (baseline {m['baseline_accuracy']:.4f}, "
             f"teacher {m['teacher_accuracy']:.4f}), agreement {m['agreement']:.4f}, "
             f"KL {m['kl_to_teacher']:.4f} ({kl}), ECE {m['ece']:.4f}, {m['params']:,} params, "
-            f"{m['latency_ms']:.3f} ms at batch 1, {m['throughput']:,.0f} samples/s, {speed}{pseudo}")
+            f"{m['latency_ms']:.3f} ms at batch 1, {m['throughput']:,.0f} samples/s, {speed}{pseudo}{seeds}")

@@ -1,8 +1,11 @@
 """`kd report`: one report over every evaluated student.
 
-Reads each student's `metrics.json`, `config.json`, `train_log.csv` and plot data under
-`data/students/`, and the cache's manifest (teacher, top-k, temperatures, kept mass).
-Writes `data/report/` (report.md, leaderboard.csv, PNG plots), replaced as a whole.
+Reads each student's `metrics.json`, `config.json`, `train_log.csv` and plot data (with
+`plots/seeds.csv`, every seed's accuracy) under `data/students/`, the cache's manifest
+(teacher, top-k, temperatures, kept mass) and, for students taught through a teacher
+assistant, that assistant's config and cache manifest under `data/assistants/`.
+Writes `data/report/` (report.md, leaderboard.csv, methods.csv: each method's gain over soft
+targets alone; progressive.csv: through an assistant vs directly; PNG plots), replaced as a whole.
 The students are those of params.yaml's `students` section (every trained student under
 --students-dir when there is no params file); each must have been through `kd eval`.
 """
@@ -25,12 +28,14 @@ def main(
     out: Path = typer.Option(Path("data/report"), help="Directory to write the report into (replaced whole)."),
     params: Path = PARAMS_OPTION,
     cache: Path = typer.Option(Path("data/teacher_outputs"), help="Cache written by `kd label` (for the intro)."),
+    assistants: Path = typer.Option(Path("data/assistants"), help="Teacher assistants written by `kd assistants`."),
 ) -> None:
-    """Write report.md, leaderboard.csv and plots over every evaluated student."""
+    """Write report.md, leaderboard.csv, methods.csv, progressive.csv and plots over every evaluated student."""
     names = student_names(params) if params.is_file() else None
     cache_ = Cache.open(cache)
-    summary = write_report(students_dir, out, cache_.manifest, cache, names)
+    summary = write_report(students_dir, out, cache_.manifest, cache, names, assistants)
     skipped = sorted(set(student_dirs(students_dir)) - set(summary["students"]))
     if skipped:
         typer.echo(f"not in {params}, left out: {', '.join(skipped)}")
-    typer.echo(f"report on {len(summary['students'])} students (best: {summary['best']}) -> {out / 'report.md'}")
+    typer.echo(f"report on {len(summary['students'])} students (best: {summary['best']}; {summary['methods']} in the "
+               f"methods table, {summary['progressive']} through an assistant) -> {out / 'report.md'}")

@@ -1,9 +1,15 @@
 """`kd eval` and `kd report`: metric golden values, and the two stages on a real tiny pipeline.
 
 The pipeline is built on tmp_path from real files: a prepared directory written here with
-pyarrow, a small MLP teacher, a cache written by `pipeline.cache.label`, two students trained
-by `pipeline.distill.train_student` for one epoch. Independent checks recompute agreement,
-KL and pseudo-label accuracy from the teacher model itself (which `kd eval` never loads).
+pyarrow, a small MLP teacher, a cache written by `pipeline.cache.label` (with the teacher's
+`hidden.0` pooled, for relational KD), a teacher assistant trained and labeled by
+`pipeline.distill.train_assistant`, and students trained by `pipeline.distill.train_student`
+for one epoch, most with two seeds: a soft-only reference, a pseudo-label student and an RKD
+student of the same architecture and budget, a student with no soft-only reference, and a
+small student taught both directly and through the assistant. Independent checks recompute
+agreement, KL and pseudo-label accuracy from the teacher model itself (which `kd eval` never
+loads), per-seed accuracies from the seed checkpoints, and every gain of the report from
+the students' seeds.csv.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import csv
 import json
 import math
 import shutil
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +35,7 @@ from pipeline import metrics, report
 from pipeline.cache import Cache, Teacher, label
 from pipeline.cache.writer import soft_targets
 from pipeline.config import EvalConfig, LabelConfig, student
-from pipeline.distill import train_student
+from pipeline.distill import assistant_cache, train_assistant, train_student
 from pipeline.models import build, count_params, fingerprint, load_model, save_model
 from pipeline.training import predict
 from stages import eval as eval_stage
@@ -36,13 +43,26 @@ from stages import report as report_stage
 
 D, C = 6, 4  # input size and classes of the toy data
 SIZES = {"labeled": 64, "unlabeled": 48, "test": 40}
+BUDGET = {"epochs": 2, "batch_size": 16, "lr": 0.05}
+SOFT = {"soft": {"weight": 0.9, "temperature": 4}, "hard": {"weight": 0.1, "labels": True}}
+RKD = {"teacher_layer": "hidden.0", "student_layer": "hidden.0", "distance": 25, "angle": 50}
+MLP8 = {"arch": "mlp", "arch_kwargs": {"hidden": [8]}, **BUDGET, "repeats": 2}
+MLP4 = {"arch": "mlp", "arch_kwargs": {"hidden": [4]}, **BUDGET, "repeats": 2}
 STUDENTS = {
-    "soft": {"arch": "mlp", "arch_kwargs": {"hidden": [8]}, "epochs": 1, "batch_size": 16, "lr": 0.01,
-             "loss": {"soft": {"weight": 0.9, "temperature": 4}, "hard": {"weight": 0.1, "labels": True}}},
-    "pseudo": {"arch": "mlp", "arch_kwargs": {"hidden": [4]}, "epochs": 1, "batch_size": 16, "lr": 0.01,
-               "loss": {"hard": {"weight": 1.0, "labels": True, "pseudo": True}}},
+    # one architecture and budget: the soft-only reference, pseudo-labels, soft + RKD
+    "soft": {**MLP8, "loss": SOFT},
+    "pseudo": {**MLP8, "loss": {"hard": {"weight": 1.0, "labels": True, "pseudo": True}}},
+    "rkd": {**MLP8, "loss": {**SOFT, "rkd": RKD}},
+    # another learning rate and one seed: a group without a soft-only reference
+    "lonely": {**MLP4, "lr": 0.02, "repeats": 1, "loss": {"hard": {"weight": 1.0}, "rkd": RKD}},
+    # progressive distillation: the same small student directly and through the assistant
+    "small": {**MLP4, "loss": SOFT},
+    "small_via_ta": {**MLP4, "assistant": "ta", "loss": SOFT},
     "untrained": {"arch": "mlp", "loss": {"hard": {"weight": 1.0}}},  # in params, never distilled
 }
+ASSISTANTS = {"ta": {"arch": "mlp", "arch_kwargs": {"hidden": [16]}, "epochs": 2, "batch_size": 16, "lr": 0.01,
+                     "loss": SOFT}}
+TRAINED = [name for name in STUDENTS if name != "untrained"]
 EVAL = {"latency_runs": 3, "throughput_batch": 32, "throughput_runs": 2, "threads": 1}
 TEACHER_CONFIG = {"arch": "mlp", "arch_kwargs": {"hidden": [32]}, "input_shape": [D], "num_classes": C}
 
@@ -174,6 +194,72 @@ def test_sentence_is_honest_about_signs():
                                        "(+0.0 points over training on labels alone).")
 
 
+def test_mean_std_and_seed_summary_golden():
+    assert metrics.mean_std([1.0, 2.0, 3.0, 4.0]) == pytest.approx((2.5, math.sqrt(5 / 3)))  # ddof = 1
+    assert metrics.mean_std([0.5]) == (0.5, 0.0)
+    with pytest.raises(ValueError, match="no values"):
+        metrics.mean_std([])
+    rows = [{"seed": 0, "accuracy": 0.8, "baseline_accuracy": 0.7},
+            {"seed": 1, "accuracy": 0.9, "baseline_accuracy": 0.7}]
+    summary = metrics.seed_summary(rows)
+    assert summary["seeds"] == 2 and set(summary) == set(metrics.SEED_KEYS)
+    assert summary["accuracy_mean"] == pytest.approx(0.85)
+    assert summary["accuracy_std"] == pytest.approx(0.1 / math.sqrt(2))
+    assert summary["baseline_accuracy_mean"] == pytest.approx(0.7) and summary["baseline_accuracy_std"] == 0.0
+    assert summary["gain_points_mean"] == pytest.approx(15.0)
+    assert summary["gain_points_std"] == pytest.approx(10 / math.sqrt(2))
+
+
+def test_verdict_words_and_method_labels():
+    assert report.verdict(0.3, 0.5, 3) == "no measurable gain"
+    assert report.verdict(-0.3, 0.5, 3) == "no measurable gain"
+    assert report.verdict(-0.8, 0.5, 3) == "hurts"
+    assert report.verdict(0.8, 0.5, 3) == "helps"
+    assert report.verdict(0.8, 0.0, 1) == "helps (one seed: no spread to judge by)"
+    assert report.verdict(0.0, 0.0, 1).startswith("no measurable gain")
+    assert report.verdict(None, None, 0) == "no common seed"
+    assert report.method_label(SOFT) == "soft + hard"
+    assert report.method_label({"hard": {"labels": True, "pseudo": True}}) == "hard (pseudo)"
+    assert report.method_label({**SOFT, "rkd": RKD, "hint": None}) == "soft + hard + rkd"
+    assert report.is_soft_only({**SOFT, "hint": None}) and not report.is_soft_only({**SOFT, "rkd": RKD})
+    assert not report.is_soft_only({"hard": {"pseudo": True}})
+
+
+def result_of(name: str, spec: dict, accuracies: dict[str, float]) -> report.StudentResult:
+    """A StudentResult as load_student builds it, from per-seed accuracies (baselines at 0.5)."""
+    seeds = {seed: {"accuracy": a, "baseline_accuracy": 0.5} for seed, a in accuracies.items()}
+    m = metrics.seed_summary([{"seed": k, **v} for k, v in seeds.items()])
+    m.update(params=100, teacher_params=1000, teacher_accuracy=0.9)
+    return report.StudentResult(name, Path(name), m, {"student": {"name": name, **spec}}, {}, [], seeds)
+
+
+def test_methods_table_picks_one_reference_and_normalises_numbers():
+    base = {"arch": "mlp", "arch_kwargs": {"hidden": [8]}, "epochs": 1, "batch_size": 16, "lr": 0.01, "seed": 0,
+            "repeats": 2}
+    results = [result_of("b_soft", {**base, "weight_decay": 0, "loss": SOFT}, {"0": 0.6, "1": 0.7}),
+               result_of("a_soft", {**base, "weight_decay": 0.0, "loss": {"soft": {"temperature": 2}}},
+                         {"0": 0.5, "1": 0.7}),
+               result_of("c_rkd", {**base, "loss": {**SOFT, "rkd": RKD}}, {"0": 0.6, "1": 0.8, "2": 0.9}),
+               result_of("d_alone", {**base, "lr": 0.1, "loss": {**SOFT, "rkd": RKD}}, {"0": 0.6, "1": 0.6})]
+    rows = {row["student"]: row for row in report.methods_table(results)}
+    assert rows["a_soft"]["role"] == "reference" and rows["a_soft"]["group"] == rows["b_soft"]["group"] == 1
+    assert rows["b_soft"]["reference"] == rows["c_rkd"]["reference"] == "a_soft"
+    assert rows["b_soft"]["gain_over_soft_mean"] == pytest.approx(5.0)  # (+10, 0) points
+    assert rows["b_soft"]["verdict"] == "no measurable gain"  # 5 +- 7.07
+    assert rows["c_rkd"]["paired_seeds"] == 2  # seed "2" has no partner
+    assert rows["c_rkd"]["gain_over_soft_mean"] == pytest.approx(10.0)
+    assert rows["c_rkd"]["gain_over_soft_std"] == pytest.approx(0, abs=1e-9)
+    assert rows["c_rkd"]["verdict"] == "helps"
+    assert rows["d_alone"]["role"] == "no soft-only reference" and rows["d_alone"]["gain_over_soft_mean"] is None
+    # no direct counterpart: the only assistant-free student has another loss
+    via = result_of("via", {**base, "assistant": "ta", "loss": SOFT}, {"0": 0.6, "1": 0.7})
+    (row,) = report.progressive_table([via, results[2]], None)
+    assert row["direct"] is None and row["verdict"].startswith("no direct counterpart")
+    assert row["assistant_params"] is None and row["difference_mean"] is None
+    (row,) = report.progressive_table([via, results[0], results[1]], None)
+    assert row["direct"] == "b_soft" and row["difference_mean"] == 0.0 and row["verdict"] == "no measurable gain"
+
+
 # --- a real tiny pipeline ----------------------------------------------------------------------
 
 
@@ -224,17 +310,21 @@ def world(tmp_path_factory):
     save_model(teacher_dir, teacher, TEACHER_CONFIG)
     teacher, teacher_config = load_model(teacher_dir)
     cache = root / "data" / "teacher_outputs"
-    label(Teacher(teacher, fingerprint(teacher_dir), teacher_config), prepared, cache,
-          LabelConfig(top_k=2, temperatures=[1, 4], logit_dtype="float32", part_size=24), progress=False)
+    label_cfg = LabelConfig(top_k=2, temperatures=[1, 4], logit_dtype="float32", part_size=24,
+                            features={"hidden.0": "pooled"})
+    label(Teacher(teacher, fingerprint(teacher_dir), teacher_config), prepared, cache, label_cfg, progress=False)
 
     params = root / "params.yaml"
-    params.write_text(yaml.safe_dump({"students": STUDENTS, "eval": EVAL}, sort_keys=False))
-    students = root / "data" / "students"
-    for name in ("soft", "pseudo"):
-        train_student(student(params, name), Cache.open(cache), prepared, students / name, root / "data" / "baselines",
-                      progress=False)
+    params.write_text(yaml.safe_dump({"assistants": ASSISTANTS, "students": STUDENTS, "eval": EVAL}, sort_keys=False))
+    students, assistants, baselines = (root / "data" / d for d in ("students", "assistants", "baselines"))
+    train_assistant(student(params, "ta", "assistants"), Cache.open(cache), prepared, assistants, baselines, label_cfg,
+                    progress=False)
+    for name in TRAINED:
+        cfg = student(params, name)
+        source = cache if cfg.assistant is None else assistant_cache(assistants, cfg.assistant)
+        train_student(cfg, Cache.open(source), prepared, students / name, baselines, progress=False)
     return {"root": root, "prepared": prepared, "cache": cache, "students": students, "params": params,
-            "teacher": teacher, "teacher_config": teacher_config, "splits": splits}
+            "assistants": assistants, "teacher": teacher, "teacher_config": teacher_config, "splits": splits}
 
 
 def eval_args(world, name, *extra):
@@ -244,8 +334,7 @@ def eval_args(world, name, *extra):
 
 @pytest.fixture(scope="module")
 def evaluated(world):
-    results = {name: invoke(eval_stage.main, *eval_args(world, name, "--ece-bins", 15)) for name in ("soft", "pseudo")}
-    return results
+    return {name: invoke(eval_stage.main, *eval_args(world, name, "--ece-bins", 15)) for name in TRAINED}
 
 
 def test_eval_writes_every_contract_key(world, evaluated):
@@ -253,7 +342,7 @@ def test_eval_writes_every_contract_key(world, evaluated):
         assert result.exit_code == 0, result.output + result.stderr
         assert f"student {name}: accuracy" in result.stdout
         m = json.loads((world["students"] / name / "metrics.json").read_text())
-        assert set(m) == set(metrics.CONTRACT_KEYS) | set(metrics.PROVENANCE_KEYS)
+        assert set(m) == set(metrics.CONTRACT_KEYS) | set(metrics.PROVENANCE_KEYS) | set(metrics.SEED_KEYS)
         assert all(isinstance(v, (int, float, bool, str)) for v in m.values())  # flat, for dvc metrics show
         for key in ("accuracy", "baseline_accuracy", "teacher_accuracy", "agreement", "ece", "pseudo_label_accuracy"):
             assert 0.0 <= m[key] <= 1.0, key
@@ -311,6 +400,54 @@ def test_eval_writes_plot_data(world, evaluated):
     assert not list(plots.parent.glob(".*tmp*"))
 
 
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_eval_summarises_every_seed(world, evaluated):
+    _, x, y = world["splits"]["test"]
+    for name in TRAINED:
+        directory = world["students"] / name
+        m = json.loads((directory / "metrics.json").read_text())
+        rows = read_csv(directory / "plots" / "seeds.csv")
+        repeats = STUDENTS[name].get("repeats", 1)
+        assert [int(r["seed"]) for r in rows] == list(range(repeats)) and m["seeds"] == repeats
+        acc = [float(r["accuracy"]) for r in rows]
+        base = [float(r["baseline_accuracy"]) for r in rows]
+        gains = [100 * (a - b) for a, b in zip(acc, base)]
+        assert (acc[0], base[0]) == (pytest.approx(m["accuracy"]), pytest.approx(m["baseline_accuracy"]))
+        assert m["accuracy_mean"] == pytest.approx(statistics.mean(acc))
+        assert m["baseline_accuracy_mean"] == pytest.approx(statistics.mean(base))
+        assert m["gain_points_mean"] == pytest.approx(statistics.mean(gains))
+        if repeats == 1:
+            assert m["accuracy_std"] == 0.0 and m["gain_points_std"] == 0.0
+        else:
+            assert m["accuracy_std"] == pytest.approx(statistics.stdev(acc))
+            assert m["gain_points_std"] == pytest.approx(statistics.stdev(gains))
+        # every further seed, and its own twin, predicted here from its checkpoint
+        for row in rows[1:]:
+            seed_dir = directory / "seeds" / row["seed"]
+            for key, sub in (("accuracy", seed_dir), ("baseline_accuracy", seed_dir / "baseline")):
+                model, _ = load_model(sub)
+                pred = predict(model, torch.tensor(x), [D]).argmax(1).numpy()
+                assert float(row[key]) == pytest.approx(float((pred == y).mean()))
+    # the via-assistant student is measured against the original teacher's cache
+    m = json.loads((world["students"] / "small_via_ta" / "metrics.json").read_text())
+    assert m["teacher_params"] == count_params(world["teacher"])
+
+
+def test_eval_refuses_a_student_whose_seeds_are_incomplete(world, evaluated, tmp_path):
+    students = tmp_path / "students"
+    shutil.copytree(world["students"] / "soft", students / "soft")
+    shutil.rmtree(students / "soft" / "seeds" / "1")
+    before = snapshot(students / "soft")
+    result = invoke(eval_stage.main, "soft", "--params", world["params"], "--students-dir", students,
+                    "--cache", world["cache"], "--prepared", world["prepared"])
+    assert_clean_error(result, str(students / "soft" / "seeds"), "repeats 2", "kd distill soft")
+    assert snapshot(students / "soft") == before
+
+
 def test_evaluate_returns_plot_data_and_falls_back_for_a_custom_teacher(world):
     cache = Cache.open(world["cache"])
     cfg = EvalConfig(**EVAL)
@@ -352,7 +489,8 @@ def test_eval_refuses_test_data_the_cache_was_not_built_from(world, evaluated, t
 
 
 def report_args(world, students, out):
-    return ("--students-dir", students, "--out", out, "--params", world["params"], "--cache", world["cache"])
+    return ("--students-dir", students, "--out", out, "--params", world["params"], "--cache", world["cache"],
+            "--assistants", world["assistants"])
 
 
 @pytest.fixture(scope="module")
@@ -360,33 +498,109 @@ def reported(world, evaluated):
     # params.yaml's students minus the one never trained
     params = world["root"] / "report_params.yaml"
     students = {k: v for k, v in STUDENTS.items() if k != "untrained"}
-    params.write_text(yaml.safe_dump({"students": students}))
+    params.write_text(yaml.safe_dump({"assistants": ASSISTANTS, "students": students}))
     out = world["root"] / "data" / "report"
     result = invoke(report_stage.main, "--students-dir", world["students"], "--out", out, "--params", params,
-                    "--cache", world["cache"])
+                    "--cache", world["cache"], "--assistants", world["assistants"])
     return result, out, params
+
+
+def seed_accuracies(world, name) -> dict[int, float]:
+    rows = read_csv(world["students"] / name / "plots" / "seeds.csv")
+    return {int(r["seed"]): float(r["accuracy"]) for r in rows}
+
+
+def paired(world, name, reference) -> tuple[float, float, int]:
+    """Mean and sample std (points) of name's accuracy minus reference's, seed by seed."""
+    a, b = seed_accuracies(world, name), seed_accuracies(world, reference)
+    diffs = [100 * (a[s] - b[s]) for s in sorted(set(a) & set(b))]
+    return statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0, len(diffs)
+
+
+def words(mean: float, std: float) -> str:
+    return "no measurable gain" if abs(mean) <= std else ("hurts" if mean < 0 else "helps")
 
 
 def test_report_writes_leaderboard_sentences_and_plots(world, reported):
     result, out, _ = reported
     assert result.exit_code == 0, result.output + result.stderr
-    with open(out / "leaderboard.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv(out / "leaderboard.csv")
     assert tuple(rows[0]) == report.LEADERBOARD
-    assert sorted(r["student"] for r in rows) == ["pseudo", "soft"]
-    assert [float(r["accuracy"]) for r in rows] == sorted((float(r["accuracy"]) for r in rows), reverse=True)
+    assert sorted(r["student"] for r in rows) == sorted(TRAINED)
+    means = [float(r["accuracy_mean"]) for r in rows]
+    assert means == sorted(means, reverse=True)
     text = (out / "report.md").read_text()
     assert "top-2 of 4" in text and "[1, 4]" in text
-    for name in ("soft", "pseudo"):
+    for name in TRAINED:
         m = json.loads((world["students"] / name / "metrics.json").read_text())
-        gain = next(float(r["gain_over_baseline_points"]) for r in rows if r["student"] == name)
-        assert gain == pytest.approx(100 * (m["accuracy"] - m["baseline_accuracy"]))
+        row = next(r for r in rows if r["student"] == name)
+        assert float(row["gain_over_baseline_points"]) == pytest.approx(100 * (m["accuracy"] - m["baseline_accuracy"]))
+        assert float(row["accuracy_mean"]) == pytest.approx(m["accuracy_mean"], abs=1e-6)
+        assert int(row["seeds"]) == m["seeds"]
         assert report.sentence(name, m) in text
         assert "% smaller, " in report.sentence(name, m)
     assert f"| {rows[0]['student']} |" in text
+    assert "Over 2 seeds: accuracy" in text
     for png in report.PLOTS:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / png).stat().st_size > 1000
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".report")]
+
+
+def test_report_methods_gain_over_soft_alone(world, reported):
+    _, out, _ = reported
+    rows = {r["student"]: r for r in read_csv(out / "methods.csv")}
+    assert tuple(next(iter(rows.values()))) == report.METHODS
+    assert set(rows) == set(TRAINED)
+    # soft, pseudo and rkd share architecture and budget; soft (soft targets, no feature term) is the reference
+    assert rows["soft"]["group"] == rows["pseudo"]["group"] == rows["rkd"]["group"]
+    assert len({rows[n]["group"] for n in ("soft", "lonely", "small", "small_via_ta")}) == 4
+    assert rows["soft"]["role"] == "reference" and rows["soft"]["gain_over_soft_mean"] == ""
+    assert (rows["pseudo"]["method"], rows["rkd"]["method"]) == ("hard (pseudo)", "soft + hard + rkd")
+    for name in ("pseudo", "rkd"):
+        mean, std, n = paired(world, name, "soft")
+        row = rows[name]
+        assert (row["role"], row["reference"], int(row["paired_seeds"])) == ("compared", "soft", 2) and n == 2
+        assert float(row["gain_over_soft_mean"]) == pytest.approx(mean, abs=1e-5)
+        assert float(row["gain_over_soft_std"]) == pytest.approx(std, abs=1e-5)
+        assert row["verdict"] == words(mean, std)
+    for name, row in rows.items():
+        m = json.loads((world["students"] / name / "metrics.json").read_text())
+        acc = list(seed_accuracies(world, name).values())
+        assert float(row["accuracy_mean"]) == pytest.approx(statistics.mean(acc), abs=1e-6)
+        assert int(row["seeds"]) == len(acc) == m["seeds"]
+        assert float(row["gain_over_baseline_mean"]) == pytest.approx(m["gain_points_mean"], abs=1e-5)
+    assert rows["lonely"]["role"] == rows["lonely"]["verdict"] == "no soft-only reference"
+    assert rows["lonely"]["gain_over_soft_mean"] == "" and rows["lonely"]["reference"] == ""
+    assert rows["small_via_ta"]["role"] == "reference"  # alone in its group: the assistant is part of the budget
+    text = (out / "report.md").read_text()
+    assert "## Methods: gain over soft targets alone" in text
+    for name in ("pseudo", "rkd"):
+        row = rows[name]
+        assert (f"- **{name}** ({row['method']}) vs **soft** (soft alone): "
+                f"{float(row['gain_over_soft_mean']):+.2f} ± {float(row['gain_over_soft_std']):.2f} points over 2 "
+                f"paired seeds: {row['verdict']}.") in text.replace("-0.00", "+0.00")
+    assert "- **lonely** (hard + rkd): no soft-only reference" in text
+
+
+def test_report_progressive_distillation(world, reported):
+    _, out, _ = reported
+    (row,) = read_csv(out / "progressive.csv")
+    assert tuple(row) == report.PROGRESSIVE
+    ta = json.loads((world["assistants"] / "ta" / "config.json").read_text())
+    ta_cache = json.loads((world["assistants"] / "ta" / "outputs" / "manifest.json").read_text())
+    assert (row["student"], row["assistant"], row["direct"]) == ("small_via_ta", "ta", "small")
+    assert int(row["assistant_params"]) == ta["params"] == count_params(build("mlp", {"hidden": [16]}, [D], C))
+    assert float(row["assistant_accuracy"]) == pytest.approx(ta_cache["fidelity"]["test"]["teacher_accuracy"])
+    assert int(row["teacher_params"]) == count_params(world["teacher"])
+    mean, std, n = paired(world, "small_via_ta", "small")
+    assert float(row["difference_mean"]) == pytest.approx(mean, abs=1e-5)
+    assert float(row["difference_std"]) == pytest.approx(std, abs=1e-5)
+    assert int(row["paired_seeds"]) == n == 2 and row["verdict"] == words(mean, std)
+    for key, name in (("direct_accuracy_mean", "small"), ("via_accuracy_mean", "small_via_ta")):
+        assert float(row[key]) == pytest.approx(statistics.mean(seed_accuracies(world, name).values()), abs=1e-6)
+    text = (out / "report.md").read_text()
+    assert "## Progressive distillation" in text
+    assert "- **small_via_ta** (" in text and "through **ta** (" in text and "vs **small** directly" in text
 
 
 def test_report_refuses_a_student_without_metrics(world, reported, tmp_path):
@@ -396,10 +610,21 @@ def test_report_refuses_a_student_without_metrics(world, reported, tmp_path):
     (students / "pseudo" / "metrics.json").unlink()
     before = snapshot(out)
     result = invoke(report_stage.main, "--students-dir", students, "--out", out, "--params", params,
-                    "--cache", world["cache"])
+                    "--cache", world["cache"], "--assistants", world["assistants"])
     assert_clean_error(result, str(students / "pseudo" / "metrics.json"), "kd eval pseudo")
     assert snapshot(out) == before  # the previous report is untouched, nothing half-written
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".report")]
+    # seeds.csv gone or out of step with metrics.json: evaluated by an older `kd eval`, or half-copied
+    shutil.copy(world["students"] / "pseudo" / "metrics.json", students / "pseudo" / "metrics.json")
+    (students / "rkd" / "plots" / "seeds.csv").unlink()
+    result = invoke(report_stage.main, *report_args(world, students, tmp_path / "report")[:4], "--params", params,
+                    "--cache", world["cache"])
+    assert_clean_error(result, str(students / "rkd" / "plots" / "seeds.csv"), "kd eval rkd")
+    shutil.copy(world["students"] / "lonely" / "plots" / "seeds.csv", students / "rkd" / "plots" / "seeds.csv")
+    result = invoke(report_stage.main, *report_args(world, students, tmp_path / "report")[:4], "--params", params,
+                    "--cache", world["cache"])
+    assert_clean_error(result, str(students / "rkd" / "plots" / "seeds.csv"), "counts 2 seeds", "kd eval rkd")
+    assert not (tmp_path / "report").exists()
     # a student named in params.yaml that was never trained
     result = invoke(report_stage.main, *report_args(world, world["students"], tmp_path / "report"))
     assert_clean_error(result, "untrained", "kd distill untrained")
