@@ -243,6 +243,9 @@ class StudentConfig:
                 raise ConfigError(f"{where}.loss.{term_name}.{key}: {getattr(term, key)} must be >= 0")
         if self.repeats < 1:
             raise ConfigError(f"{where}.repeats: {self.repeats} must be >= 1")
+        if self.assistant is not None and self.loss.teacher_layers(where):
+            raise ConfigError(f"{where}.assistant: an assistant's cache holds no features; feature terms "
+                              "(hint, attention, rkd, cosine) learn from the teacher's cache only")
         self.loss.teacher_layers(where)  # conflicting modes for one teacher layer
         if hard is not None:
             if not (hard.labels or hard.pseudo):

@@ -231,7 +231,8 @@ def train_student(cfg: StudentConfig, cache: Cache, prepared: Path, out: Path, b
     """
     who = f"student {cfg.name!r}"
     layers = cfg.loss.teacher_layers(cfg.where)
-    cache.require(temperatures=needed_temperatures(cfg), features=layers, views=cfg.views, who=who)
+    rebuild = "`kd label`" if cfg.assistant is None else "`kd label`, then `kd assistants`"
+    cache.require(temperatures=needed_temperatures(cfg), features=layers, views=cfg.views, who=who, rebuild=rebuild)
     cache.check(prepared, cfg.transfer, list(layers))
     dataset = transfer_set(cache, prepared, cfg, memory_mb)
     teacher_specs = {layer: cache.feature_spec(layer) for layer in layers}

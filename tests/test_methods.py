@@ -190,9 +190,12 @@ def test_default_label_caches_exactly_what_the_default_students_need():
     ({"hint": {"teacher_layer": "stages.0", "student_layer": "stages.0"},
       "attention": {"pairs": [["stages.0", "stages.0"]], "p": 1}}, None),
     ({"nope": {}}, r"loss.nope: unknown key"),
+    ({"cosine": {"teacher_layer": "embed", "student_layer": "embed"}, "_assistant": "ta"},
+     r"students.s.assistant: an assistant's cache holds no features"),
 ])
 def test_bad_method_configs_are_refused_naming_the_key(loss, message):
-    data = {"name": "s", **student(loss)}
+    assistant = loss.pop("_assistant", None)
+    data = {"name": "s", **student(loss), **({"assistant": assistant} if assistant else {})}
     if message is None:  # compatible: a layer one term needs full and another full-or-pooled
         cfg = from_mapping(StudentConfig, data, "students.s")
         assert "full" in next(iter(cfg.loss.teacher_layers("students.s").values()))

@@ -64,7 +64,7 @@ class Cache:
         return self.manifest["splits"][split]
 
     def require(self, *, temperatures: list[float] = (), features: dict[str, tuple[str, ...]] | None = None,
-                views: bool = False, who: str = "this student") -> None:
+                views: bool = False, who: str = "this student", rebuild: str = "`kd label`") -> None:
         """Refuse what the cache cannot give, naming what to add to params.yaml's `label`.
 
         features: teacher layer -> the modes that would serve (the first is the one to suggest).
@@ -74,7 +74,7 @@ class Cache:
             if float(t) not in cached_t:
                 raise CacheMissingError(
                     f"{who} needs temperature {t:g}, but the cache at {self.root} holds {self.manifest['temperatures']}; "
-                    f"add {t:g} to label.temperatures in params.yaml and run `kd label`")
+                    f"add {t:g} to label.temperatures in params.yaml and run {rebuild}")
         specs = {s["name"]: s["mode"] for s in self.manifest["features"]}
         for layer, modes in (features or {}).items():
             modes = (modes,) if isinstance(modes, str) else tuple(modes)
@@ -82,11 +82,11 @@ class Cache:
                 held = f"holds it as {specs[layer]!r}" if layer in specs else "does not hold it"
                 raise CacheMissingError(
                     f"{who} needs teacher layer {layer!r} in mode {' or '.join(map(repr, modes))}, but the cache at "
-                    f"{self.root} {held}; set label.features.{layer}: {modes[0]} in params.yaml and run `kd label`")
+                    f"{self.root} {held}; set label.features.{layer}: {modes[0]} in params.yaml and run {rebuild}")
         if views and self.views == 1:
             raise CacheMissingError(
                 f"{who} trains on augmented views, but the cache at {self.root} holds none; "
-                "set label.views (e.g. 4) in params.yaml and run `kd label`")
+                f"set label.views (e.g. 4) in params.yaml and run {rebuild}")
 
     def feature_spec(self, layer: str) -> dict[str, Any]:
         return next(s for s in self.manifest["features"] if s["name"] == layer)
