@@ -19,7 +19,6 @@ The other stages read the files with `read_split`, `iter_split`, `split_info` an
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import math
@@ -39,6 +38,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import SPLITS, PrepareConfig
 from pipeline.errors import ConfigError, InputError, MissingInputError
+from pipeline.files import file_sha256, swap_into_place
 
 ROW_GROUP_ROWS = 16384
 TRUTH_FILE = "unlabeled_truth.parquet"
@@ -437,7 +437,7 @@ def prepare(cfg: PrepareConfig, out: Path) -> Prepared:
             write_split(tmp / f"{name}.parquet", part, **meta)
         if truth is not None:
             write_truth(tmp / TRUTH_FILE, splits["unlabeled"].ids, truth, data.num_classes, **meta)
-        _swap_into_place(tmp, out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -508,18 +508,6 @@ def _write_atomic(table: pa.Table, path: Path, row_group_rows: int) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Replace directory `out` by the finished directory `tmp` (two renames, no partial state)."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 # --- reading (used by the other stages) -------------------------------------------------------
 
 
@@ -577,11 +565,7 @@ def data_fingerprint(path: Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise MissingInputError(f"{path}: prepared data file not found (run `kd prepare`)")
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def _open(path: Path) -> pq.ParquetFile:

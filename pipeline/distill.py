@@ -29,7 +29,8 @@ from pipeline.config import (AttentionTerm, CosineTerm, HardTerm, HintTerm, Labe
                              StudentConfig, as_dict)
 from pipeline.errors import ConfigError, MissingInputError
 from pipeline.loader import baseline_set, needed_temperatures, transfer_set
-from pipeline.models import build, fingerprint, load_model, read_json, save_model, write_json
+from pipeline.files import read_json, staging_dir, swap_into_place, write_json
+from pipeline.models import build, fingerprint, load_model, save_model
 from pipeline.training import Dataset, Term, fit, hard_label_loss, write_log
 
 
@@ -236,10 +237,8 @@ def train_student(cfg: StudentConfig, cache: Cache, prepared: Path, out: Path, b
     cache.check(prepared, cfg.transfer, list(layers))
     dataset = transfer_set(cache, prepared, cfg, memory_mb)
     teacher_specs = {layer: cache.feature_spec(layer) for layer in layers}
-    staging = out.with_name(out.name + ".tmp")
-    if staging.exists():
-        shutil.rmtree(staging)
-    (staging / "seeds").mkdir(parents=True)
+    staging = staging_dir(out)
+    (staging / "seeds").mkdir()
     summary: dict[str, Any] = {"seeds": [], "twins": []}
     for repeat in range(cfg.repeats):
         seed_cfg = dataclasses.replace(cfg, seed=cfg.seed + repeat)
@@ -259,9 +258,7 @@ def train_student(cfg: StudentConfig, cache: Cache, prepared: Path, out: Path, b
         summary["twins"].append((twin.name, reused))
         summary.setdefault("final", log[-1])
         summary.setdefault("epochs", len(log))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.replace(out)
+    swap_into_place(staging, out)
     for repeat in range(cfg.repeats):
         _done(checkpoints, f"{cfg.name}-seed{cfg.seed + repeat}")
     return summary
@@ -285,14 +282,10 @@ def _twin(cfg: StudentConfig, cache: Cache, prepared: Path, baselines: Path, rec
     checkpoint = None if checkpoints is None else Path(checkpoints) / f"twin-{twin_dir.name}.pt"
     twin, log = train_model(cfg, baseline_set(prepared), cache.manifest["input_shape"], cache.num_classes,
                             "none", f"baseline {cfg.name} seed {cfg.seed}", progress, checkpoint=checkpoint)
-    tmp = twin_dir.with_name(twin_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = staging_dir(twin_dir)
     save_model(tmp, twin, {**record, "student": None, "baseline_of": as_dict(cfg), "twin_key": twin_dir.name})
     write_log(tmp / "train_log.csv", log)
-    if twin_dir.exists():
-        shutil.rmtree(twin_dir)
-    tmp.replace(twin_dir)
+    swap_into_place(tmp, twin_dir)
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
     return twin_dir, False

@@ -44,7 +44,8 @@ from pipeline import data, losses
 from pipeline.cache import Cache
 from pipeline.config import EvalConfig
 from pipeline.errors import ConfigError, InputError, StaleCacheError
-from pipeline.models import build, count_params, load_model, write_json
+from pipeline.files import write_json
+from pipeline.models import build, count_params, load_model
 from pipeline.training import predict
 
 # The contract's keys of metrics.json (pseudo_label_accuracy only when the truth is known),

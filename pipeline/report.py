@@ -40,7 +40,7 @@ from matplotlib.ticker import MaxNLocator
 from pipeline.cache.manifest import lse_column
 from pipeline.errors import InputError, MissingInputError
 from pipeline.metrics import METRICS_FILE, PLOTS_DIR, SEED_KEYS, mean_std
-from pipeline.models import read_json
+from pipeline.files import read_json, swap_into_place
 
 NEEDED = ("accuracy", "baseline_accuracy", "teacher_accuracy", "accuracy_retained", "agreement", "kl_to_teacher",
           "ece", "params", "teacher_params", "size_bytes", "throughput", "speedup_vs_teacher", *SEED_KEYS)
@@ -692,7 +692,7 @@ def write_report(students_dir: Path, out: Path, manifest: dict[str, Any], cache_
         plot_training_curves(ordered, tmp / "training_curves.png")
         plot_per_class(best, per_class, tmp / "per_class.png")
         plot_confusion(best, confusion, tmp / "confusion.png")
-        _swap_into_place(tmp, out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -711,15 +711,3 @@ def _csv_value(value: Any) -> Any:
     if value is None:
         return ""
     return round(value, 6) if isinstance(value, float) else value
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Replace directory `out` by the finished directory `tmp` (two renames)."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

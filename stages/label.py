@@ -53,5 +53,5 @@ def main(
                    features=layers, views=views, view_shift=view_shift, view_seed=view_seed,
                    batch_size=batch_size, part_size=part_size)
     model, config = load_model(teacher, arch=arch, arch_kwargs=json_option("--arch-kwargs", arch_kwargs))
-    manifest = label(Teacher(model, fingerprint(teacher), config), prepared, out, cfg, progress=progress)
+    label(Teacher(model, fingerprint(teacher), config), prepared, out, cfg, progress=progress)
     typer.echo(format_info(info(out)))

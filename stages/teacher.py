@@ -7,14 +7,14 @@ safetensors weights and a config.json in a directory and point `kd label --teach
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from pipeline.config import TeacherConfig, section
-from pipeline.models import save_model, write_json
+from pipeline.files import staging_dir, swap_into_place, write_json
+from pipeline.models import save_model
 from pipeline.teacher import train_teacher
 from stages.common import PARAMS_OPTION, clean_errors, json_option, override
 
@@ -39,12 +39,8 @@ def main(
                    arch_kwargs=json_option("--arch-kwargs", arch_kwargs), epochs=epochs,
                    batch_size=batch_size, lr=lr, weight_decay=weight_decay, shift=shift, seed=seed)
     model, config, metrics = train_teacher(cfg, prepared, progress=progress)
-    staging = out.with_name(out.name + ".tmp")
-    if staging.exists():
-        shutil.rmtree(staging)
+    staging = staging_dir(out)
     save_model(staging, model, config)
     write_json(staging / "metrics.json", metrics)
-    if out.exists():
-        shutil.rmtree(out)
-    staging.replace(out)
+    swap_into_place(staging, out)
     typer.echo(f"teacher {cfg.arch}: test accuracy {metrics['test_accuracy']:.4f} -> {out}")

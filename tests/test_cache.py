@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,11 +14,9 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pyarrow.parquet as pq
 import pytest
 import torch
-import zarr
 
 from pipeline import augment, data, features, losses
 from pipeline.cache import Cache, Teacher, label, lse_column, soft_targets

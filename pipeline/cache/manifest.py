@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import CacheError, MissingInputError
-from pipeline.models import read_json, write_json
+from pipeline.files import read_json, write_json
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

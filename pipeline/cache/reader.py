@@ -22,7 +22,7 @@ from pipeline import data
 from pipeline.cache.manifest import FEATURES, feature_path, lse_column, read_manifest, safe_path
 from pipeline.cache.writer import chunk_files
 from pipeline.errors import CacheError, CacheMissingError, StaleCacheError
-from pipeline.models import file_sha256
+from pipeline.files import file_sha256
 
 
 @dataclass

@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 
 from pipeline.cache.manifest import FEATURES, feature_path, lse_column, read_manifest, safe_path
 from pipeline.cache.reader import _fixed_list
-from pipeline.cache.writer import chunk_files, chunks_sha256
+from pipeline.cache.writer import chunks_sha256
 from pipeline.errors import KDError
-from pipeline.models import file_sha256
+from pipeline.files import file_sha256
 
 
 def verify(root: Path) -> list[str]:

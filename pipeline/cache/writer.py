@@ -34,7 +34,7 @@ from pipeline.cache.manifest import (FEATURES, SCHEMA_VERSION, feature_path, lse
                                      read_manifest, write_manifest)
 from pipeline.config import SPLITS, LabelConfig, as_dict
 from pipeline.errors import CacheError, ConfigError, InputError, MissingInputError
-from pipeline.models import file_sha256
+from pipeline.files import file_sha256
 
 ROW_GROUP_ROWS = 16384
 CHUNK_BYTES = 4 << 20  # target Zarr chunk size before compression
