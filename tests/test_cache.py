@@ -295,7 +295,11 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("what,after", [("parquet", 3), ("parquet", 17), ("zarr", 5)])
+@pytest.mark.parametrize("what,after", [
+    ("parquet", 3), ("parquet", 17), ("zarr", 5),
+    *[pytest.param(what, after, marks=pytest.mark.slow)
+      for what, after in [("parquet", 1), ("parquet", 9), ("parquet", 26), ("zarr", 1), ("zarr", 12), ("zarr", 40)]],
+])
 def test_sigkill_mid_label_then_rerun_equals_uninterrupted(teacher, prepared, tmp_path, what, after):
     _, teacher_dir = teacher
     model, config = load_model(teacher_dir)  # as `kd label` loads it
