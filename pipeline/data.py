@@ -261,12 +261,7 @@ def validate(data: Split, source: str | Path) -> None:
 
 
 def _read_table(path: Path) -> pa.Table:
-    if not path.is_file():
-        raise MissingInputError(f"{path}: dataset file not found (prepare.dataset / --dataset)")
-    try:
-        return pq.read_table(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
+    return _open(path, missing="dataset file not found (prepare.dataset / --dataset)").read()
 
 
 def _int_column(table: pa.Table, name: str, path: Path) -> np.ndarray:
@@ -568,10 +563,10 @@ def data_fingerprint(path: Path) -> str:
     return file_sha256(path)
 
 
-def _open(path: Path) -> pq.ParquetFile:
+def _open(path: Path, missing: str = "prepared data file not found (run `kd prepare`)") -> pq.ParquetFile:
     path = Path(path)
     if not path.is_file():
-        raise MissingInputError(f"{path}: prepared data file not found (run `kd prepare`)")
+        raise MissingInputError(f"{path}: {missing}")
     try:
         return pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
