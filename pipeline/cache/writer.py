@@ -343,8 +343,10 @@ def _write_part(out: Path, manifest: dict[str, Any], model: nn.Module, source: P
                         group[f"{split}/{name}"][written[name]:written[name] + len(block)] = block
                         written[name] += len(block)
                 bar.update(len(ids))
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)  # never leave a half-written part behind
+        if isinstance(exc, OSError) and exc.filename is None:  # e.g. pyarrow's: name the part
+            raise OSError(exc.errno, exc.strerror or str(exc), str(final)) from exc
         raise
     tmp.replace(final)
     part = {"split": split, "index": index, "path": part_path(split, index), "first_row": first_row,
