@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import CacheError, MissingInputError
-from pipeline.files import read_json, write_json
+from pipeline.files import file_sha256, read_json, write_json
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -71,3 +71,17 @@ def safe_path(root: Path, relative: str) -> Path:
     if full.exists() and not full.resolve().is_relative_to(root.resolve()):
         raise CacheError(f"{root / MANIFEST}: part path {relative!r} is a link leaving the cache")
     return full
+
+
+def part_problem(root: Path, part: dict[str, Any]) -> str | None:
+    """What is wrong on disk with one Parquet part the manifest lists, or None if it is intact:
+    missing, a size or a sha256 other than recorded. (Training, resuming and verify all ask.)"""
+    path = safe_path(root, part["path"])
+    if not path.is_file():
+        return f"{path}: listed in the manifest but missing"
+    size = path.stat().st_size
+    if size != part["bytes"]:
+        return f"{path}: {size} bytes, the manifest says {part['bytes']}"
+    if file_sha256(path) != part["sha256"]:
+        return f"{path}: sha256 differs from the manifest (corrupt or modified)"
+    return None

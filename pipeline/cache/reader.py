@@ -19,10 +19,9 @@ import pyarrow.parquet as pq
 import zarr
 
 from pipeline import data
-from pipeline.cache.manifest import FEATURES, feature_path, lse_column, read_manifest, safe_path
+from pipeline.cache.manifest import FEATURES, feature_path, lse_column, part_problem, read_manifest, safe_path
 from pipeline.cache.writer import chunk_files
 from pipeline.errors import CacheError, CacheMissingError, StaleCacheError
-from pipeline.files import file_sha256
 
 
 @dataclass
@@ -103,16 +102,9 @@ class Cache:
                     f"{self.root}: the cache was labeled from other data than {source} (data fingerprint differs); "
                     "run `kd label` again")
             for part in info["parts"]:
-                path = safe_path(self.root, part["path"])
-                problem = None
-                if not path.is_file():
-                    problem = "is missing"
-                elif path.stat().st_size != part["bytes"]:
-                    problem = f"has {path.stat().st_size} bytes, the manifest says {part['bytes']}"
-                elif file_sha256(path) != part["sha256"]:
-                    problem = "has a sha256 that differs from the manifest (corrupt or modified)"
+                problem = part_problem(self.root, part)
                 if problem:
-                    raise CacheError(f"{path} {problem}; run `kd cache verify {self.root}`")
+                    raise CacheError(f"{problem}; run `kd cache verify {self.root}`")
                 for layer in ["id", *layers] if layers else []:
                     for chunk in chunk_files(self.root, self.manifest, split, layer, part["first_row"], part["rows"]):
                         if not chunk.is_file():

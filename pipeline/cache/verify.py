@@ -16,11 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cache.manifest import FEATURES, feature_path, lse_column, read_manifest, safe_path
+from pipeline.cache.manifest import FEATURES, feature_path, lse_column, part_problem, read_manifest, safe_path
 from pipeline.cache.reader import _fixed_list
 from pipeline.cache.writer import chunks_sha256
 from pipeline.errors import KDError
-from pipeline.files import file_sha256
 
 
 def verify(root: Path) -> list[str]:
@@ -67,11 +66,9 @@ def _verify_split(root: Path, manifest: dict[str, Any], split: str, info: dict[s
             problems.append(f"{root / 'manifest.json'}: part {part['path']} covers rows "
                             f"{part['first_row']}..{part['first_row'] + part['rows']}, expected to start at {next_row}")
         next_row = part["first_row"] + part["rows"]
-        if not path.is_file():
-            problems.append(f"{path}: listed in the manifest but missing")
-            continue
-        if file_sha256(path) != part["sha256"]:
-            problems.append(f"{path}: sha256 differs from the manifest (corrupt or modified)")
+        problem = part_problem(root, part)
+        if problem:
+            problems.append(problem)
             continue
         try:
             table = pq.read_table(path)

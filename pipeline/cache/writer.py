@@ -31,7 +31,7 @@ from zarr.codecs import ZstdCodec
 
 from pipeline import augment, data, features
 from pipeline.cache.manifest import (FEATURES, SCHEMA_VERSION, feature_path, lse_column, part_path,
-                                     read_manifest, write_manifest)
+                                     part_problem, read_manifest, write_manifest)
 from pipeline.config import SPLITS, LabelConfig, as_dict
 from pipeline.errors import CacheError, ConfigError, InputError, MissingInputError
 from pipeline.files import file_sha256
@@ -183,11 +183,10 @@ def _resume_or_start(out: Path, key: dict[str, Any]) -> dict[str, Any]:
 
 
 def _parts_present(out: Path, manifest: dict[str, Any]) -> bool:
-    """Every part the manifest lists still exists with its recorded sha256."""
+    """Every part the manifest lists is intact on disk, its Zarr chunks included."""
     for info in manifest.get("splits", {}).values():
         for part in info["parts"]:
-            path = out / part["path"]
-            if not path.is_file() or file_sha256(path) != part["sha256"]:
+            if part_problem(out, part) is not None:
                 return False
             for layer, digest in part.get("features", {}).items():
                 if chunks_sha256(out, manifest, part["split"], layer, part["first_row"], part["rows"]) != digest:
