@@ -21,9 +21,9 @@ from pipeline.training import fit, hard_label_loss, predict
 
 def train_teacher(cfg: TeacherConfig, prepared: Path, *, progress: bool = True) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
     """Return (model, config to save beside the weights, metrics)."""
-    test = data.read_split(prepared / "test.parquet")
     # the labeled split with its labels, as a baseline twin sees it, plus the shift augmentation
     dataset = dataclasses.replace(baseline_set(prepared), view_seed=cfg.seed, view_shift=cfg.shift)
+    test = data.read_split(prepared / "test.parquet")
     torch.manual_seed(cfg.seed)
     model = build(cfg.arch, cfg.arch_kwargs, dataset.input_shape, test.num_classes)
     log = fit(model, dataset, {"hard": (1.0, hard_label_loss)}, epochs=cfg.epochs, batch_size=cfg.batch_size,
