@@ -598,20 +598,11 @@ def test_distill_refuses_a_stale_cache(built, run_command, tmp_path):
     assert not (tmp_path / "students" / "s").exists()
 
 
-def test_distill_refuses_a_corrupt_part(built, run_command, tmp_path):
+@pytest.mark.parametrize("damage", [flip_byte, truncate], ids=["flipped-byte", "truncated"])
+def test_distill_refuses_a_damaged_part(built, run_command, tmp_path, damage):
     cache = copy_cache(built.cache, tmp_path)
     corrupt = part(cache)
-    flip_byte(corrupt)
-    params = students_params(tmp_path / "params.yaml", s=tiny_student())
-    result = run_command(distill.main, "s", *distill_paths(built, params, tmp_path, cache=cache))
-    assert_clean_error(result, str(corrupt), "kd cache verify")
-    assert not (tmp_path / "students" / "s").exists()
-
-
-def test_distill_refuses_a_truncated_part(built, run_command, tmp_path):
-    cache = copy_cache(built.cache, tmp_path)
-    corrupt = part(cache)
-    truncate(corrupt)
+    damage(corrupt)
     params = students_params(tmp_path / "params.yaml", s=tiny_student())
     result = run_command(distill.main, "s", *distill_paths(built, params, tmp_path, cache=cache))
     assert_clean_error(result, str(corrupt), "kd cache verify")
