@@ -25,7 +25,7 @@ def main(
     batch_size: Optional[int] = typer.Option(None),
     lr: Optional[float] = typer.Option(None),
     seed: Optional[int] = typer.Option(None),
-    cache: Path = typer.Option(Path("data/teacher_outputs"), help="The teacher's cache (written by `kd label`)."),
+    cache: str = typer.Option("data/teacher_outputs", help="The teacher's cache (written by `kd label`; a directory or s3://bucket/prefix)."),
     assistants: Path = typer.Option(Path("data/assistants"), help="Where `kd assistants` writes assistants; a "
                                     "student with `assistant: A` learns from ASSISTANTS/A/outputs."),
     prepared: Path = typer.Option(Path("data/prepared"), help="Directory written by `kd prepare`."),

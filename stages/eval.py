@@ -34,7 +34,7 @@ def main(
     throughput_runs: Optional[int] = typer.Option(None, help="Timed passes for the median throughput."),
     threads: Optional[int] = typer.Option(None, help="Torch threads while timing."),
     students_dir: Path = typer.Option(Path("data/students"), help="Students live in STUDENTS_DIR/NAME."),
-    cache: Path = typer.Option(Path("data/teacher_outputs"), help="Cache written by `kd label`."),
+    cache: str = typer.Option("data/teacher_outputs", help="Cache written by `kd label` (a directory or s3://bucket/prefix)."),
     prepared: Path = typer.Option(Path("data/prepared"), help="Directory written by `kd prepare`."),
     params: Path = PARAMS_OPTION,
 ) -> None:

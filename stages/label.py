@@ -3,6 +3,10 @@
 Writes `data/teacher_outputs/` (manifest.json, soft_targets/ Parquet parts, features.zarr).
 Resumes an interrupted run at the first missing part; an intact cache built from the same
 teacher, data and parameters is left as is. Reads only the `label` section of params.yaml.
+
+Sharded: `--shard I --num-shards N` (or RANK / WORLD_SIZE under torchrun) labels every N-th
+part; the last shard to finish merges the shards' records into the manifest (or run
+`kd cache merge`). The cache may be an object-store URL (s3://bucket/prefix).
 """
 
 from __future__ import annotations
@@ -10,9 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
+import os
+
 import typer
 
 from pipeline.cache import Teacher, label
+from pipeline.cache.store import location
 from pipeline.cache.verify import format_info, info
 from pipeline.config import LabelConfig, section
 from pipeline.errors import ConfigError
@@ -35,7 +42,9 @@ def main(
     arch: Optional[str] = typer.Option(None, help="The teacher's architecture when it is package.module:factory."),
     arch_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --arch."),
     prepared: Path = typer.Option(Path("data/prepared"), help="Directory written by `kd prepare`."),
-    out: Path = typer.Option(Path("data/teacher_outputs"), help="Cache directory to write."),
+    out: str = typer.Option("data/teacher_outputs", help="Cache to write: a directory or s3://bucket/prefix."),
+    shard: Optional[int] = typer.Option(None, help="Label only shard I of --num-shards (default: $RANK under torchrun, else 0)."),
+    num_shards: Optional[int] = typer.Option(None, help="Number of shards (default: $WORLD_SIZE under torchrun, else 1)."),
     params: Path = PARAMS_OPTION,
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
@@ -53,5 +62,12 @@ def main(
                    features=layers, views=views, view_shift=view_shift, view_seed=view_seed,
                    batch_size=batch_size, part_size=part_size)
     model, config = load_model(teacher, arch=arch, arch_kwargs=json_option("--arch-kwargs", arch_kwargs))
-    label(Teacher(model, fingerprint(teacher), config), prepared, out, cfg, progress=progress)
-    typer.echo(format_info(info(out)))
+    shard = int(os.environ.get("RANK", 0)) if shard is None else shard
+    num_shards = int(os.environ.get("WORLD_SIZE", 1)) if num_shards is None else num_shards
+    manifest = label(Teacher(model, fingerprint(teacher), config), prepared, location(out), cfg, progress=progress,
+                     shard=shard, num_shards=num_shards)
+    if manifest is None:
+        typer.echo(f"shard {shard} of {num_shards} done; the last shard to finish writes the manifest "
+                   f"(or run `kd cache merge {out}` once all are done)")
+    else:
+        typer.echo(format_info(info(location(out))))

@@ -27,7 +27,7 @@ def main(
     students_dir: Path = typer.Option(Path("data/students"), help="Directory of the students (one per NAME)."),
     out: Path = typer.Option(Path("data/report"), help="Directory to write the report into (replaced whole)."),
     params: Path = PARAMS_OPTION,
-    cache: Path = typer.Option(Path("data/teacher_outputs"), help="Cache written by `kd label` (for the intro)."),
+    cache: str = typer.Option("data/teacher_outputs", help="Cache written by `kd label` (for the intro; a directory or s3://bucket/prefix)."),
     assistants: Path = typer.Option(Path("data/assistants"), help="Teacher assistants written by `kd assistants`."),
 ) -> None:
     """Write report.md, leaderboard.csv, methods.csv, progressive.csv and plots over every evaluated student."""

@@ -692,6 +692,7 @@ def test_verify_zarr_ids_out_of_alignment(built, tmp_path):
 
 def test_verify_zarr_ids_out_of_alignment_with_consistent_checksums(built, tmp_path):
     """Even with the manifest's chunk digests rewritten to match, the ids must equal the Parquet ids."""
+    from pipeline.cache.store import Store
     from pipeline.cache.writer import chunks_sha256
 
     cache = copy_cache(built.feature_cache, tmp_path)
@@ -699,7 +700,7 @@ def test_verify_zarr_ids_out_of_alignment_with_consistent_checksums(built, tmp_p
     ids[:2] = ids[:2][::-1]  # two rows of the first part swap their ids
     manifest = manifest_of(cache)
     for entry in manifest["splits"]["labeled"]["parts"]:
-        entry["features"]["id"] = chunks_sha256(cache, manifest, "labeled", "id", entry["first_row"], entry["rows"])
+        entry["features"]["id"] = chunks_sha256(Store(cache), manifest, "labeled", "id", entry["first_row"], entry["rows"])
     write_manifest(cache, manifest)
     lines = assert_problems(invoke_cache("verify", cache), str(cache / "features.zarr" / "labeled"))
     assert "aligned" in lines[0]

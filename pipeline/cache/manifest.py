@@ -5,22 +5,24 @@ Layout of a cache directory (see the README for the column-level schema):
     manifest.json
     soft_targets/split=<split>/part-<n>.parquet
     features.zarr/<split>/<layer>, features.zarr/<split>/id
+    shards/shard-<i>-of-<n>.json   (only while a sharded `kd label` runs)
 
 The manifest is data, never code: every path in it is checked to stay inside the cache
-directory before it is opened.
+before it is opened. A sharded `kd label` keeps one progress record per shard, shaped like
+the manifest but listing that shard's parts only; merging them gives the manifest.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
+from pipeline.cache.store import Store
 from pipeline.errors import CacheError, MissingInputError
-from pipeline.files import file_sha256, read_json, write_json
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 FEATURES = "features.zarr"
+SHARDS = "shards"
 
 
 def lse_column(temperature: float) -> str:
@@ -38,50 +40,39 @@ def feature_path(split: str, layer: str) -> str:
     return f"{FEATURES}/{split}/{layer}"
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        hint = " (run `kd label` to build it)" if Path(root).is_dir() or not Path(root).exists() else ""
-        raise MissingInputError(f"{path}: cache manifest not found{hint}")
-    manifest = read_json(path)
+def shard_record(shard: int, num_shards: int) -> str:
+    return f"{SHARDS}/shard-{shard:05d}-of-{num_shards:05d}.json"
+
+
+def read_manifest(store: Store, name: str = MANIFEST) -> dict[str, Any]:
+    """The manifest (or a shard's progress record, `name`) of the cache in `store`, checked:
+    a known schema version and part paths that stay inside the cache."""
+    if not store.is_file(name):
+        hint = " (run `kd label` to build it)" if name == MANIFEST else ""
+        raise MissingInputError(f"{store.show(name)}: cache manifest not found{hint}")
+    manifest = store.read_json(name)
     if not isinstance(manifest, dict) or "schema_version" not in manifest:
-        raise CacheError(f"{path}: not a cache manifest (no schema_version)")
+        raise CacheError(f"{store.show(name)}: not a cache manifest (no schema_version)")
     version = manifest["schema_version"]
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise CacheError(
-            f"{path}: schema_version {version!r} is newer than this kd understands ({SCHEMA_VERSION}); upgrade kd"
+            f"{store.show(name)}: schema_version {version!r} is newer than this kd understands ({SCHEMA_VERSION}); upgrade kd"
         )
     for split, info in manifest.get("splits", {}).items():
         for part in info.get("parts", []):
-            safe_path(root, part.get("path", ""))
+            store.safe(part.get("path", ""), name)
     return manifest
 
 
-def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    write_json(Path(root) / MANIFEST, manifest)
-
-
-def safe_path(root: Path, relative: str) -> Path:
-    """`root / relative`, refusing absolute paths, `..` and symlinks that leave the cache."""
-    root = Path(root)
-    rel = Path(relative)
-    if not relative or rel.is_absolute() or ".." in rel.parts:
-        raise CacheError(f"{root / MANIFEST}: part path {relative!r} is not inside the cache")
-    full = root / rel
-    if full.exists() and not full.resolve().is_relative_to(root.resolve()):
-        raise CacheError(f"{root / MANIFEST}: part path {relative!r} is a link leaving the cache")
-    return full
-
-
-def part_problem(root: Path, part: dict[str, Any]) -> str | None:
-    """What is wrong on disk with one Parquet part the manifest lists, or None if it is intact:
+def part_problem(store: Store, part: dict[str, Any]) -> str | None:
+    """What is wrong with one Parquet part the manifest lists, or None if it is intact:
     missing, a size or a sha256 other than recorded. (Training, resuming and verify all ask.)"""
-    path = safe_path(root, part["path"])
-    if not path.is_file():
-        return f"{path}: listed in the manifest but missing"
-    size = path.stat().st_size
+    rel = store.safe(part["path"])
+    size = store.size(rel)
+    if size is None:
+        return f"{store.show(rel)}: listed in the manifest but missing"
     if size != part["bytes"]:
-        return f"{path}: {size} bytes, the manifest says {part['bytes']}"
-    if file_sha256(path) != part["sha256"]:
-        return f"{path}: sha256 differs from the manifest (corrupt or modified)"
+        return f"{store.show(rel)}: {size} bytes, the manifest says {part['bytes']}"
+    if store.sha256(rel) != part["sha256"]:
+        return f"{store.show(rel)}: sha256 differs from the manifest (corrupt or modified)"
     return None

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import zarr
 
 from pipeline import data
-from pipeline.cache.manifest import FEATURES, feature_path, lse_column, part_problem, read_manifest, safe_path
+from pipeline.cache.manifest import FEATURES, MANIFEST, SHARDS, feature_path, lse_column, part_problem, read_manifest
+from pipeline.cache.store import Store
 from pipeline.cache.writer import chunk_files
 from pipeline.errors import CacheError, CacheMissingError, StaleCacheError
 
@@ -36,16 +37,21 @@ class SoftTargets:
 
 
 class Cache:
-    def __init__(self, root: Path, manifest: dict[str, Any]):
-        self.root = Path(root)
+    def __init__(self, store: Store, manifest: dict[str, Any]):
+        self.store = store
+        self.root = store.root  # a Path, or a URL string for object storage
         self.manifest = manifest
 
     @classmethod
-    def open(cls, root: Path) -> "Cache":
-        manifest = read_manifest(root)
+    def open(cls, root: str | Path) -> "Cache":
+        store = Store(root)
+        if not store.is_file(MANIFEST) and store.files(SHARDS):
+            raise CacheError(f"{root}: cache is incomplete (shards of a sharded `kd label` are still running or "
+                             f"were interrupted); finish them, then run `kd cache merge {root}`")
+        manifest = read_manifest(store)
         if not manifest.get("complete"):
             raise CacheError(f"{root}: cache is incomplete (an interrupted `kd label`?); run `kd label` to finish it")
-        return cls(root, manifest)
+        return cls(store, manifest)
 
     @property
     def views(self) -> int:
@@ -102,13 +108,13 @@ class Cache:
                     f"{self.root}: the cache was labeled from other data than {source} (data fingerprint differs); "
                     "run `kd label` again")
             for part in info["parts"]:
-                problem = part_problem(self.root, part)
+                problem = part_problem(self.store, part)
                 if problem:
                     raise CacheError(f"{problem}; run `kd cache verify {self.root}`")
                 for layer in ["id", *layers] if layers else []:
-                    for chunk in chunk_files(self.root, self.manifest, split, layer, part["first_row"], part["rows"]):
-                        if not chunk.is_file():
-                            raise CacheError(f"{chunk} is missing; run `kd cache verify {self.root}`")
+                    for chunk in chunk_files(self.manifest, split, layer, part["first_row"], part["rows"]):
+                        if not self.store.is_file(chunk):
+                            raise CacheError(f"{self.store.show(chunk)} is missing; run `kd cache verify {self.root}`")
 
     def soft_targets(self, split: str, temperatures: list[float], parts: list[int] | None = None) -> SoftTargets:
         """Rows of `split` (all, or those of the given consecutive parts), reading only id,
@@ -116,7 +122,7 @@ class Cache:
         info = self.split(split)
         chosen = info["parts"] if parts is None else [info["parts"][i] for i in parts]
         columns = ["id", "view", "topk_idx", "topk_logit", *[lse_column(t) for t in temperatures]]
-        tables = [_read_part(safe_path(self.root, p["path"]), columns) for p in chosen]
+        tables = [_read_part(self.store, self.store.safe(p["path"]), columns) for p in chosen]
         table = pa.concat_tables(tables).combine_chunks() if tables else None
         expected = sum(p["rows"] for p in chosen)
         if table is None or table.num_rows != expected:
@@ -134,17 +140,17 @@ class Cache:
     def feature(self, split: str, layer: str) -> zarr.Array:
         """The Zarr array of one cached layer, rows aligned with `soft_targets(split)`."""
         self.split(split)
-        return zarr.open_array(str(safe_path(self.root, feature_path(split, layer))), mode="r")
+        return zarr.open_array(self.store.zarr(self.store.safe(feature_path(split, layer)), read_only=True), mode="r")
 
     def feature_ids(self, split: str) -> np.ndarray:
-        return zarr.open_array(str(safe_path(self.root, f"{FEATURES}/{split}/id")), mode="r")[:]
+        return zarr.open_array(self.store.zarr(f"{FEATURES}/{split}/id", read_only=True), mode="r")[:]
 
 
-def _read_part(path: Path, columns: list[str]) -> pa.Table:
+def _read_part(store: Store, rel: str, columns: list[str]) -> pa.Table:
     try:
-        return pq.read_table(path, columns=columns)
+        return pq.read_table(store.full(rel), columns=columns, filesystem=store.fs)
     except (pa.ArrowException, OSError) as exc:
-        raise CacheError(f"{path}: unreadable Parquet part ({exc}); run `kd cache verify`") from None
+        raise CacheError(f"{store.show(rel)}: unreadable Parquet part ({exc}); run `kd cache verify`") from None
 
 
 def _fixed_list(column: pa.ChunkedArray, k: int) -> np.ndarray:

@@ -16,16 +16,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cache.manifest import FEATURES, feature_path, lse_column, part_problem, read_manifest, safe_path
+from pipeline.cache.manifest import FEATURES, MANIFEST, feature_path, lse_column, part_problem, read_manifest
+from pipeline.cache.store import Store
 from pipeline.cache.reader import _fixed_list
 from pipeline.cache.writer import chunks_sha256
 from pipeline.errors import KDError
 
 
-def verify(root: Path) -> list[str]:
-    root = Path(root)
+def verify(root: str | Path) -> list[str]:
     try:
-        manifest = read_manifest(root)
+        store = Store(root)
+        manifest = read_manifest(store)
     except KDError as exc:
         return [str(exc)]
     problems: list[str] = []
@@ -33,63 +34,62 @@ def verify(root: Path) -> list[str]:
         problems.append(f"{root}: cache is incomplete (interrupted `kd label`); run `kd label` to finish it")
     for key in ("teacher", "num_classes", "top_k", "temperatures", "logit_dtype", "features", "views", "splits"):
         if key not in manifest:
-            problems.append(f"{root / 'manifest.json'}: missing key {key!r}")
+            problems.append(f"{store.show(MANIFEST)}: missing key {key!r}")
     if problems:
         return problems
     listed = set()
     for split, info in manifest["splits"].items():
-        problems += _verify_split(root, manifest, split, info)
+        problems += _verify_split(store, manifest, split, info)
         listed |= {p["path"] for p in info["parts"]}
-    on_disk = {str(p.relative_to(root)) for p in (root / "soft_targets").rglob("*") if p.is_file()}
-    for extra in sorted(on_disk - listed):
-        problems.append(f"{root / extra}: file not listed in the manifest")
+    for extra in sorted(set(store.files("soft_targets")) - listed):
+        problems.append(f"{store.show(extra)}: file not listed in the manifest")
     return problems
 
 
-def _verify_split(root: Path, manifest: dict[str, Any], split: str, info: dict[str, Any]) -> list[str]:
+def _verify_split(store: Store, manifest: dict[str, Any], split: str, info: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     views = manifest["views"]["count"] + 1
     part_rows = manifest["label"]["part_size"] * views
     expected_parts = math.ceil(info["samples"] / manifest["label"]["part_size"])
     if len(info["parts"]) != expected_parts or info["rows"] != info["samples"] * views:
-        problems.append(f"{root / 'manifest.json'}: split {split} lists {len(info['parts'])} parts "
+        problems.append(f"{store.show(MANIFEST)}: split {split} lists {len(info['parts'])} parts "
                         f"for {info['samples']} samples, expected {expected_parts}")
     ids_by_part = []
     next_row = 0
     for index, part in enumerate(info["parts"]):
         try:
-            path = safe_path(root, part["path"])
+            rel = store.safe(part["path"])
         except KDError as exc:
             problems.append(str(exc))
             continue
         if part["first_row"] != next_row or (index < expected_parts - 1 and part["rows"] != part_rows):
-            problems.append(f"{root / 'manifest.json'}: part {part['path']} covers rows "
+            problems.append(f"{store.show(MANIFEST)}: part {part['path']} covers rows "
                             f"{part['first_row']}..{part['first_row'] + part['rows']}, expected to start at {next_row}")
         next_row = part["first_row"] + part["rows"]
-        problem = part_problem(root, part)
+        problem = part_problem(store, part)
         if problem:
             problems.append(problem)
             continue
         try:
-            table = pq.read_table(path)
+            table = pq.read_table(store.full(rel), filesystem=store.fs)
         except (pa.ArrowException, OSError) as exc:
-            problems.append(f"{path}: unreadable Parquet ({exc})")
+            problems.append(f"{store.show(rel)}: unreadable Parquet ({exc})")
             continue
-        problems += _check_table(path, table, manifest, part, views)
+        problems += _check_table(store.show(rel), table, manifest, part, views)
         ids_by_part.append(table["id"].to_numpy())
         for layer, digest in part.get("features", {}).items():
-            got = chunks_sha256(root, manifest, split, layer, part["first_row"], part["rows"])
+            got = chunks_sha256(store, manifest, split, layer, part["first_row"], part["rows"])
             if got.startswith("missing:"):
-                problems.append(f"{root / got.removeprefix('missing:')}: Zarr chunk missing")
+                problems.append(f"{store.show(got.removeprefix('missing:'))}: Zarr chunk missing")
             elif got != digest:
-                problems.append(f"{root / feature_path(split, layer)}: chunks of rows {part['first_row']}.."
+                problems.append(f"{store.show(feature_path(split, layer))}: chunks of rows {part['first_row']}.."
                                 f"{part['first_row'] + part['rows']} differ from the manifest (corrupt or modified)")
     if manifest["features"] and ids_by_part and not any("Zarr" in p or "differ" in p for p in problems):
-        problems += _check_alignment(root, manifest, split, info, np.concatenate(ids_by_part))
+        problems += _check_alignment(store, manifest, split, info, np.concatenate(ids_by_part))
     return problems
 
 
-def _check_table(path: Path, table: pa.Table, manifest: dict[str, Any], part: dict[str, Any], views: int) -> list[str]:
+def _check_table(path: str, table: pa.Table, manifest: dict[str, Any], part: dict[str, Any], views: int) -> list[str]:
     k = manifest["top_k"]
     expected = ["id", "view", "topk_idx", "topk_logit", "logit_max", *map(lse_column, manifest["temperatures"])]
     if table.column_names != expected:
@@ -118,33 +118,36 @@ def _check_table(path: Path, table: pa.Table, manifest: dict[str, Any], part: di
     return problems
 
 
-def _check_alignment(root: Path, manifest: dict[str, Any], split: str, info: dict[str, Any],
+def _check_alignment(store: Store, manifest: dict[str, Any], split: str, info: dict[str, Any],
                      parquet_ids: np.ndarray) -> list[str]:
     import zarr
 
     problems = []
+    ids = f"{FEATURES}/{split}/id"
     try:
-        zarr_ids = zarr.open_array(str(root / FEATURES / split / "id"), mode="r")[:]
+        zarr_ids = zarr.open_array(store.zarr(ids, read_only=True), mode="r")[:]
     except Exception as exc:  # any failure to open is a finding, not a crash
-        return [f"{root / FEATURES / split / 'id'}: unreadable ({exc})"]
+        return [f"{store.show(ids)}: unreadable ({exc})"]
     if not np.array_equal(zarr_ids, parquet_ids):
-        problems.append(f"{root / FEATURES / split}: Zarr ids are not aligned row for row with the Parquet parts")
+        problems.append(f"{store.show(f'{FEATURES}/{split}')}: Zarr ids are not aligned row for row with the Parquet parts")
     for spec in manifest["features"]:
+        rel = feature_path(split, spec["name"])
         try:
-            shape = zarr.open_array(str(root / feature_path(split, spec["name"])), mode="r").shape
+            shape = zarr.open_array(store.zarr(rel, read_only=True), mode="r").shape
         except Exception as exc:
-            problems.append(f"{root / feature_path(split, spec['name'])}: unreadable ({exc})")
+            problems.append(f"{store.show(rel)}: unreadable ({exc})")
             continue
         if list(shape) != [info["rows"], *spec["shape"]]:
-            problems.append(f"{root / feature_path(split, spec['name'])}: shape {list(shape)}, "
+            problems.append(f"{store.show(rel)}: shape {list(shape)}, "
                             f"expected {[info['rows'], *spec['shape']]}")
     return problems
 
 
-def info(root: Path) -> dict[str, Any]:
+def info(root: str | Path) -> dict[str, Any]:
     """A summary of the cache for humans and machines (no hashing)."""
-    manifest = read_manifest(root)
-    size = sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
+    store = Store(root)
+    manifest = read_manifest(store)
+    size = store.total_bytes()
     teacher = manifest.get("teacher", {})
     return {
         "path": str(root),

@@ -7,18 +7,21 @@ fill whole chunks that no other part touches. After each part the manifest is re
 (atomically) with the part's sha256s and fidelity sums, so an interrupted `kd label`
 resumes at the first missing part and ends with the same bytes as an uninterrupted run.
 Memory holds one Parquet row group and one Zarr chunk per layer, whatever the split size.
+
+Parts are independent, so labeling shards: shard I of N labels parts I, I + N, ... (counted
+over every split) and keeps its progress in its own record; when all are done, `merge`
+writes the manifest a single process would have written. The cache may be a local
+directory or an object-store URL (see `store`).
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
+import json
 import math
-import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -28,13 +31,14 @@ import zarr
 from torch import nn
 from tqdm import tqdm
 from zarr.codecs import ZstdCodec
+from zarr.errors import ContainsArrayError
 
 from pipeline import augment, data, features
-from pipeline.cache.manifest import (FEATURES, SCHEMA_VERSION, feature_path, lse_column, part_path,
-                                     part_problem, read_manifest, write_manifest)
+from pipeline.cache.manifest import (FEATURES, MANIFEST, SCHEMA_VERSION, SHARDS, feature_path, lse_column,
+                                     part_path, part_problem, read_manifest, shard_record)
+from pipeline.cache.store import Store
 from pipeline.config import SPLITS, LabelConfig, as_dict
-from pipeline.errors import CacheError, ConfigError, InputError, MissingInputError
-from pipeline.files import file_sha256
+from pipeline.errors import CacheError, ConfigError, InputError, MissingInputError, StaleCacheError
 
 ROW_GROUP_ROWS = 16384
 CHUNK_BYTES = 4 << 20  # target Zarr chunk size before compression
@@ -108,28 +112,24 @@ def cache_key(teacher: Teacher, fingerprints: dict[str, str], cfg: LabelConfig) 
     }
 
 
-@contextmanager
-def locked(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the cache directory; a second writer fails at once."""
-    out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / ".lock", "w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise CacheError(f"{out}: another `kd label` is writing this cache (lock {out / '.lock'} is held)") from None
-    try:
-        yield
-    finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+def locked(out: str | Path, name: str = ".lock"):
+    """Hold an exclusive lock on the cache (local disks); a second writer fails at once."""
+    return Store(out).lock(name)
 
 
-def label(teacher: Teacher, prepared: Path, out: Path, cfg: LabelConfig, *, progress: bool = True) -> dict[str, Any]:
+def label(teacher: Teacher, prepared: Path, out: str | Path, cfg: LabelConfig, *, progress: bool = True,
+          shard: int = 0, num_shards: int = 1) -> dict[str, Any] | None:
     """Run the teacher over the prepared splits into the cache at `out`; resume if possible.
 
-    Returns the final manifest. An intact cache with the same key is left as is.
+    With `num_shards` > 1, only parts number shard, shard + N, ... (counted over all splits)
+    are labeled, and the shard's progress goes to its own record; the shard that finds every
+    record complete merges them into the manifest (see `merge`), which is then exactly what
+    a single process writes. Returns the final manifest, or None while other shards are
+    still running. An intact cache with the same key is left as is.
     """
+    if not 0 <= shard < num_shards:
+        raise ConfigError(f"--shard {shard} must be in [0, {num_shards}) for --num-shards {num_shards}")
+    store = Store(out)
     splits = [s for s in SPLITS if (prepared / f"{s}.parquet").is_file()]
     for required in ("labeled", "test"):
         if required not in splits:
@@ -140,56 +140,164 @@ def label(teacher: Teacher, prepared: Path, out: Path, cfg: LabelConfig, *, prog
     model = teacher.model.eval()
     input_shape = infos["labeled"]["input_shape"]
     num_classes, specs = plan(model, input_shape, cfg)  # every check before anything is touched
-    with locked(out):
-        manifest = _resume_or_start(out, key)
-        if manifest.get("complete"):
-            return manifest
+    sharded = num_shards > 1
+    record = shard_record(shard, num_shards) if sharded else MANIFEST
+    with store.lock(f".lock-{shard}-of-{num_shards}" if sharded else ".lock"):
+        if sharded:
+            done = _finished(store, key, num_shards)
+            if done is not None:
+                return done
+            manifest = _resume_shard(store, record, key)
+        else:
+            manifest = _resume_or_start(store, key)
+            if manifest.get("complete"):
+                return manifest
         if manifest.get("num_classes") is None:
-            _start(out, manifest, num_classes, specs, infos, fingerprints, cfg, teacher)
-        total = sum(info["rows"] * (cfg.views + 1) for info in manifest["splits"].values())
-        done = sum(p["rows"] for info in manifest["splits"].values() for p in info["parts"])
-        bar = tqdm(total=total, initial=done, unit="rows", desc="kd label", disable=not progress)
-        for split in splits:
-            info = manifest["splits"][split]
-            n_parts = math.ceil(infos[split]["rows"] / cfg.part_size)
-            for index in range(len(info["parts"]), n_parts):
-                part = _write_part(out, manifest, model, prepared / f"{split}.parquet", split, index,
-                                   input_shape, cfg, bar)
-                info["parts"].append(part)
-                write_manifest(out, manifest)
+            manifest.update(_header(teacher, num_classes, specs, infos, fingerprints, cfg))
+            store.write_json(record, manifest)
+        _create_arrays(store, manifest, cfg)
+        units = [(split, index) for split in splits
+                 for index in range(math.ceil(infos[split]["rows"] / cfg.part_size))][shard::num_shards]
+        have = {(p["split"], p["index"]) for info in manifest["splits"].values() for p in info["parts"]}
+        views = cfg.views + 1
+        total = sum(min(cfg.part_size, infos[s]["rows"] - i * cfg.part_size) * views for s, i in units)
+        done_rows = sum(p["rows"] for info in manifest["splits"].values() for p in info["parts"])
+        desc = f"kd label (shard {shard} of {num_shards})" if sharded else "kd label"
+        bar = tqdm(total=total, initial=done_rows, unit="rows", desc=desc, disable=not progress)
+        for split, index in units:
+            if (split, index) in have:
+                continue
+            part = _write_part(store, manifest, model, prepared / f"{split}.parquet", split, index,
+                               input_shape, cfg, bar)
+            manifest["splits"][split]["parts"].append(part)
+            store.write_json(record, manifest)
         bar.close()
-        _finish(manifest)
-        write_manifest(out, manifest)
+        if not sharded:
+            _finish(manifest)
+            store.write_json(MANIFEST, manifest)
+            return manifest
+        manifest["complete"] = True
+        store.write_json(record, manifest)
+    return merge(store.root, num_shards, missing_ok=True)
+
+
+def merge(out: str | Path, num_shards: int | None = None, *, missing_ok: bool = False) -> dict[str, Any] | None:
+    """Combine the records of a sharded `kd label` into the manifest, once every shard is done.
+
+    The manifest lists every part in order and aggregates the same per-part sums, so it is
+    byte for byte what a single process writes. Safe to run twice at once (both write the
+    same manifest, atomically). With `missing_ok`, returns None instead of raising while
+    some shard is not finished.
+    """
+    store = Store(out)
+    names = [rel for rel in store.files(SHARDS) if rel.endswith(".json")]
+    if not names:
+        if store.is_file(MANIFEST) and read_manifest(store).get("complete"):
+            return read_manifest(store)  # already merged
+        raise MissingInputError(f"{store.show(SHARDS)}: no shard records to merge (run `kd label --shard I "
+                                "--num-shards N` first)")
+    counts = {int(rel.rsplit("-of-", 1)[1].removesuffix(".json")) for rel in names}
+    if len(counts) > 1 or (num_shards is not None and counts != {num_shards}):
+        raise CacheError(f"{store.show(SHARDS)}: records of other shard counts ({', '.join(names)}); "
+                         "remove the cache and label it again with one --num-shards")
+    num_shards = counts.pop()
+    records, waiting = [], []
+    for i in range(num_shards):
+        try:
+            record = read_manifest(store, shard_record(i, num_shards))
+        except MissingInputError:
+            record = None
+        if record is None or not record.get("complete"):
+            waiting.append(i)
+        records.append(record)
+    if waiting:
+        if missing_ok:
+            return None
+        raise CacheError(f"{store.show(SHARDS)}: shards {', '.join(map(str, waiting))} of {num_shards} are not "
+                         "finished; run `kd label --shard I --num-shards N` for each, then merge")
+    keys = {json.dumps(r["key"], sort_keys=True) for r in records}
+    if len(keys) > 1:
+        raise StaleCacheError(f"{store.show(SHARDS)}: the shards were labeled by different teachers, data or "
+                              "parameters; remove the cache and label it again")
+    manifest = records[0]
+    for split, info in manifest["splits"].items():
+        parts = [p for r in records for p in r["splits"][split]["parts"]]
+        info["parts"] = sorted(parts, key=lambda p: p["index"])
+        expected = math.ceil(info["samples"] / manifest["label"]["part_size"])
+        if [p["index"] for p in info["parts"]] != list(range(expected)):
+            raise CacheError(f"{store.show(SHARDS)}: split {split} has parts {[p['index'] for p in info['parts']]} "
+                             f"across the shards, expected 0..{expected - 1}")
+    for split, info in manifest["splits"].items():
+        for part in info["parts"]:
+            problem = part_problem(store, part)
+            if problem:
+                raise CacheError(f"{problem}; run that shard's `kd label` again")
+    manifest["complete"] = False
+    _finish(manifest)
+    store.write_json(MANIFEST, manifest)
+    store.delete(SHARDS)
     return manifest
 
 
-def _resume_or_start(out: Path, key: dict[str, Any]) -> dict[str, Any]:
-    """The manifest to continue from: the existing one if its key matches, else a new one."""
+def _finished(store: Store, key: dict[str, Any], num_shards: int) -> dict[str, Any] | None:
+    """The manifest if the cache is already complete with this key; refuses another cache's
+    leftovers, which a shard cannot remove while other shards may be writing."""
     try:
-        existing = read_manifest(out)
+        existing = read_manifest(store)
     except (MissingInputError, CacheError, InputError):
         existing = None
-    if existing is not None and existing.get("key") == key:
-        if _parts_present(out, existing):
-            return existing
-    # Different teacher, data or parameters (or a damaged cache): start again from nothing.
-    for name in ("soft_targets", FEATURES, "manifest.json"):
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
+    if existing is not None and existing.get("complete") and existing.get("key") == key \
+            and _parts_present(store, existing):
+        return existing
+    if existing is not None:
+        raise StaleCacheError(f"{store.show()}: holds a cache of another teacher, data or parameters (or a damaged "
+                              "one); a shard does not remove it while others may be writing: remove it, or label "
+                              "into another --out")
+    for rel in store.files(SHARDS):
+        if not rel.endswith(f"-of-{num_shards:05d}.json"):
+            raise StaleCacheError(f"{store.show(rel)}: a shard of a run with another --num-shards; remove "
+                                  f"{store.show()} or label into another --out")
+        other = store.read_json(rel)
+        if isinstance(other, dict) and other.get("key") != key:
+            raise StaleCacheError(f"{store.show(rel)}: a shard of another teacher, data or parameters; remove "
+                                  f"{store.show()} or label into another --out")
+    return None
+
+
+def _resume_shard(store: Store, record: str, key: dict[str, Any]) -> dict[str, Any]:
+    """This shard's progress record to continue from, or a new one."""
+    try:
+        existing = read_manifest(store, record)
+    except (MissingInputError, CacheError, InputError):
+        existing = None
+    if existing is not None and existing.get("key") == key and _parts_present(store, existing):
+        return existing
     return {"schema_version": SCHEMA_VERSION, "key": key, "complete": False}
 
 
-def _parts_present(out: Path, manifest: dict[str, Any]) -> bool:
-    """Every part the manifest lists is intact on disk, its Zarr chunks included."""
+def _resume_or_start(store: Store, key: dict[str, Any]) -> dict[str, Any]:
+    """The manifest to continue from: the existing one if its key matches, else a new one."""
+    try:
+        existing = read_manifest(store)
+    except (MissingInputError, CacheError, InputError):
+        existing = None
+    if existing is not None and existing.get("key") == key:
+        if _parts_present(store, existing):
+            return existing
+    # Different teacher, data or parameters (or a damaged cache): start again from nothing.
+    for name in ("soft_targets", FEATURES, SHARDS, MANIFEST):
+        store.delete(name)
+    return {"schema_version": SCHEMA_VERSION, "key": key, "complete": False}
+
+
+def _parts_present(store: Store, manifest: dict[str, Any]) -> bool:
+    """Every part the manifest lists is intact, its Zarr chunks included."""
     for info in manifest.get("splits", {}).values():
         for part in info["parts"]:
-            if part_problem(out, part) is not None:
+            if part_problem(store, part) is not None:
                 return False
             for layer, digest in part.get("features", {}).items():
-                if chunks_sha256(out, manifest, part["split"], layer, part["first_row"], part["rows"]) != digest:
+                if chunks_sha256(store, manifest, part["split"], layer, part["first_row"], part["rows"]) != digest:
                     return False
     return True
 
@@ -223,14 +331,25 @@ def plan(model: nn.Module, input_shape: list[int], cfg: LabelConfig) -> tuple[in
     return num_classes, specs
 
 
-def _start(out: Path, manifest: dict[str, Any], num_classes: int, specs: list[dict[str, Any]],
-           infos: dict[str, dict], fingerprints: dict[str, str], cfg: LabelConfig, teacher: Teacher) -> None:
-    """Fill the manifest's header and create the Zarr arrays."""
-    input_shape = infos["labeled"]["input_shape"]
-    manifest.update({
+def _header(teacher: Teacher, num_classes: int, specs: list[dict[str, Any]], infos: dict[str, dict],
+            fingerprints: dict[str, str], cfg: LabelConfig) -> dict[str, Any]:
+    """Everything the manifest says besides its parts: what produced the cache, and the layout."""
+    part_rows = cfg.part_size * (cfg.views + 1)
+    splits = {}
+    for split, info in infos.items():
+        chunk_rows = {}
+        if specs:
+            for name, shape in [("id", []), *[(s["name"], s["shape"]) for s in specs]]:
+                itemsize = np.dtype("int64" if name == "id" else "float16").itemsize
+                chunk_rows[name] = _chunk_rows(part_rows, max(1, math.prod(shape)) * itemsize)
+        splits[split] = {
+            "rows": info["rows"] * (cfg.views + 1), "samples": info["rows"], "data_fingerprint": fingerprints[split],
+            "source": f"{split}.parquet", "chunk_rows": chunk_rows, "parts": [],
+        }
+    return {
         "teacher": {"fingerprint": teacher.fingerprint, "config": teacher.config},
         "num_classes": num_classes,
-        "input_shape": input_shape,
+        "input_shape": infos["labeled"]["input_shape"],
         "top_k": cfg.top_k,
         "temperatures": list(cfg.temperatures),
         "logit_dtype": cfg.logit_dtype,
@@ -238,26 +357,29 @@ def _start(out: Path, manifest: dict[str, Any], num_classes: int, specs: list[di
         "views": {"count": cfg.views, "seed": cfg.view_seed,
                   "recipe": {"name": "shift", "max_shift": cfg.view_shift}},
         "label": as_dict(cfg),
-        "splits": {},
-    })
-    part_rows = cfg.part_size * (cfg.views + 1)
-    group = zarr.open_group(str(out / FEATURES), mode="w") if specs else None
-    for split, info in infos.items():
-        rows = info["rows"] * (cfg.views + 1)
-        chunk_rows = {}
-        if group is not None:
-            arrays = [("id", [], "int64")] + [(s["name"], s["shape"], "float16") for s in specs]
-            for name, shape, dtype in arrays:
-                row_bytes = max(1, math.prod(shape)) * np.dtype(dtype).itemsize
-                chunk_rows[name] = _chunk_rows(part_rows, row_bytes)
-                group.create_array(f"{split}/{name}", shape=(rows, *shape), chunks=(chunk_rows[name], *shape),
-                                   dtype=dtype, compressors=ZstdCodec(level=3), fill_value=0,
-                                   config={"write_empty_chunks": True})
-        manifest["splits"][split] = {
-            "rows": rows, "samples": info["rows"], "data_fingerprint": fingerprints[split],
-            "source": f"{split}.parquet", "chunk_rows": chunk_rows, "parts": [],
-        }
-    write_manifest(out, manifest)
+        "splits": splits,
+    }
+
+
+def _create_arrays(store: Store, manifest: dict[str, Any], cfg: LabelConfig) -> None:
+    """Create the Zarr arrays the manifest's features need, keeping any that already exist
+    with the same layout (shards of one cache create them side by side)."""
+    specs = manifest["features"]
+    if not specs:
+        return
+    group = zarr.open_group(store.zarr(FEATURES), mode="a")
+    for split, info in manifest["splits"].items():
+        for name, shape, dtype in [("id", [], "int64"), *[(s["name"], s["shape"], "float16") for s in specs]]:
+            wanted = (info["rows"], *shape)
+            chunks = (info["chunk_rows"][name], *shape)
+            try:
+                group.create_array(f"{split}/{name}", shape=wanted, chunks=chunks, dtype=dtype,
+                                   compressors=ZstdCodec(level=3), fill_value=0, config={"write_empty_chunks": True})
+            except ContainsArrayError:
+                existing = group[f"{split}/{name}"]
+                if existing.shape != wanted or existing.chunks != chunks or existing.dtype != np.dtype(dtype):
+                    raise StaleCacheError(f"{store.show(feature_path(split, name))}: an array of another cache "
+                                          f"(shape {existing.shape}, expected {wanted}); remove {store.show()}") from None
 
 
 def _chunk_rows(part_rows: int, row_bytes: int) -> int:
@@ -284,7 +406,7 @@ class _Rows:
         return items
 
 
-def _write_part(out: Path, manifest: dict[str, Any], model: nn.Module, source: Path, split: str, index: int,
+def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, source: Path, split: str, index: int,
                 input_shape: list[int], cfg: LabelConfig, bar: tqdm) -> dict[str, Any]:
     info = manifest["splits"][split]
     views = cfg.views + 1
@@ -295,19 +417,18 @@ def _write_part(out: Path, manifest: dict[str, Any], model: nn.Module, source: P
         bad = split_data.ids[~np.isfinite(split_data.x).all(1)][:5].tolist()
         raise InputError(f"{source}: NaN or Inf in inputs (ids {bad})")
     first_row, n_rows = first_sample * views, (last_sample - first_sample) * views
-    final = out / part_path(split, index)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(final.name + ".tmp")
+    rel = part_path(split, index)
     schema = _schema(cfg)
     specs = {s["name"]: s for s in manifest["features"]}
-    group = zarr.open_group(str(out / FEATURES), mode="r+") if specs else None
+    group = zarr.open_group(store.zarr(FEATURES), mode="r+") if specs else None
     buffers = {name: _Rows(rows) for name, rows in info["chunk_rows"].items()}
     written = {name: first_row for name in buffers}
     soft = _Rows(ROW_GROUP_ROWS)
     sums: dict[str, float] = {}
     correct = labeled = 0
     try:
-        with pq.ParquetWriter(str(tmp), schema, compression="zstd", write_statistics=False) as writer:
+        with store.writing(rel) as tmp, pq.ParquetWriter(tmp, schema, filesystem=store.fs, compression="zstd",
+                                                          write_statistics=False) as writer:
             for start in range(0, last_sample - first_sample, max(1, cfg.batch_size // views)):
                 stop = min(start + max(1, cfg.batch_size // views), last_sample - first_sample)
                 ids = np.repeat(split_data.ids[start:stop], views)
@@ -342,17 +463,15 @@ def _write_part(out: Path, manifest: dict[str, Any], model: nn.Module, source: P
                         group[f"{split}/{name}"][written[name]:written[name] + len(block)] = block
                         written[name] += len(block)
                 bar.update(len(ids))
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)  # never leave a half-written part behind
-        if isinstance(exc, OSError) and exc.filename is None:  # e.g. pyarrow's: name the part
-            raise OSError(exc.errno, exc.strerror or str(exc), str(final)) from exc
+    except OSError as exc:  # the temporary file is gone already (`Store.writing`)
+        if exc.filename is None:  # e.g. pyarrow's: name the part
+            raise OSError(exc.errno, exc.strerror or str(exc), store.show(rel)) from exc
         raise
-    tmp.replace(final)
-    part = {"split": split, "index": index, "path": part_path(split, index), "first_row": first_row,
-            "rows": n_rows, "bytes": final.stat().st_size, "sha256": file_sha256(final), "labeled": labeled, "correct": correct,
+    part = {"split": split, "index": index, "path": rel, "first_row": first_row, "rows": n_rows,
+            "bytes": store.size(rel), "sha256": store.sha256(rel), "labeled": labeled, "correct": correct,
             "fidelity_sums": sums}
     if specs:
-        part["features"] = {name: chunks_sha256(out, manifest, split, name, first_row, n_rows)
+        part["features"] = {name: chunks_sha256(store, manifest, split, name, first_row, n_rows)
                             for name in buffers}
     return part
 
@@ -382,23 +501,22 @@ def _table(schema: pa.Schema, ids: np.ndarray, view: np.ndarray, cols: dict[str,
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def chunk_files(out: Path, manifest: dict[str, Any], split: str, layer: str, first_row: int,
-                rows: int) -> list[Path]:
-    """The Zarr chunk files holding rows [first_row, first_row + rows) of one array."""
+def chunk_files(manifest: dict[str, Any], split: str, layer: str, first_row: int, rows: int) -> list[str]:
+    """The Zarr chunk files (relative paths) holding rows [first_row, first_row + rows) of one array."""
     chunk_rows = manifest["splits"][split]["chunk_rows"][layer]
     shape = next((s["shape"] for s in manifest["features"] if s["name"] == layer), [])
-    base = out / feature_path(split, layer) / "c"
+    base = f"{feature_path(split, layer)}/c"
     first, last = first_row // chunk_rows, math.ceil((first_row + rows) / chunk_rows)
-    return [base.joinpath(str(i), *["0"] * len(shape)) for i in range(first, last)]
+    return ["/".join([base, str(i), *["0"] * len(shape)]) for i in range(first, last)]
 
 
-def chunks_sha256(out: Path, manifest: dict[str, Any], split: str, layer: str, first_row: int, rows: int) -> str:
+def chunks_sha256(store: Store, manifest: dict[str, Any], split: str, layer: str, first_row: int, rows: int) -> str:
     """sha256 over the sha256s of the chunk files of one part's rows ("missing:<path>" if one is gone)."""
     digest = hashlib.sha256()
-    for path in chunk_files(out, manifest, split, layer, first_row, rows):
-        if not path.is_file():
-            return "missing:" + str(path.relative_to(out))
-        digest.update(file_sha256(path).encode())
+    for rel in chunk_files(manifest, split, layer, first_row, rows):
+        if not store.is_file(rel):
+            return "missing:" + rel
+        digest.update(store.sha256(rel).encode())
     return digest.hexdigest()
 
 
