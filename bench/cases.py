@@ -155,8 +155,8 @@ class OnlineSet:
     def __len__(self) -> int:
         return len(self.base)
 
-    def batches(self, epoch: int, batch_size: int, seed: int, views: str = "none"):
-        for batch in self.base.batches(epoch, batch_size, seed, views):
+    def batches(self, epoch: int, batch_size: int, seed: int, views: str = "none", shard=None):
+        for batch in self.base.batches(epoch, batch_size, seed, views, shard):
             with torch.no_grad(), features.tap(self.teacher, list(self.layers)) as captured:
                 logits = self.teacher(batch["x"])
                 batch["teacher_logits"] = logits

@@ -7,6 +7,9 @@ of the labeled split only). Twins are keyed by everything that decides them and 
 once under `baselines/`, so students that share a twin share its training.
 `train_assistant` is progressive distillation's middle step: a student of the teacher that
 then labels the data into a cache of its own, for students that name it as `assistant`.
+
+Under torchrun (`pipeline.parallel`) every rank trains every model, student seeds and twins
+alike, so that their collectives line up; rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import data, features, losses
+from pipeline import data, features, losses, parallel
 from pipeline.cache import Cache, Teacher, label
 from pipeline.config import (AttentionTerm, CosineTerm, HardTerm, HintTerm, LabelConfig, RKDTerm, SoftTerm,
                              StudentConfig, as_dict)
@@ -237,12 +240,13 @@ def train_student(cfg: StudentConfig, cache: Cache, prepared: Path, out: Path, b
     cache.check(prepared, cfg.transfer, list(layers))
     dataset = transfer_set(cache, prepared, cfg, memory_mb)
     teacher_specs = {layer: cache.feature_spec(layer) for layer in layers}
-    staging = staging_dir(out)
-    (staging / "seeds").mkdir()
+    main = parallel.is_main()
+    staging = staging_dir(out) if main else None
+    if main:
+        (staging / "seeds").mkdir()
     summary: dict[str, Any] = {"seeds": [], "twins": []}
     for repeat in range(cfg.repeats):
         seed_cfg = dataclasses.replace(cfg, seed=cfg.seed + repeat)
-        target = staging if repeat == 0 else staging / "seeds" / str(seed_cfg.seed)
         checkpoint = _checkpoint(checkpoints, f"{cfg.name}-seed{seed_cfg.seed}",
                                  {"student": as_dict(seed_cfg), "cache": cache.manifest.get("key"),
                                   "teacher": cache.manifest["teacher"]["fingerprint"]})
@@ -250,17 +254,21 @@ def train_student(cfg: StudentConfig, cache: Cache, prepared: Path, out: Path, b
                                  "cached" if cfg.views else "none", f"distill {cfg.name} seed {seed_cfg.seed}",
                                  progress, teacher_specs, checkpoint)
         record = _record(seed_cfg, cache)
-        save_model(target, model, record)
-        write_log(target / "train_log.csv", log)
         twin, reused = _twin(seed_cfg, cache, prepared, baselines, record, progress, checkpoints)
-        shutil.copytree(twin, target / "baseline")
+        if main:
+            target = staging if repeat == 0 else staging / "seeds" / str(seed_cfg.seed)
+            save_model(target, model, record)
+            write_log(target / "train_log.csv", log)
+            shutil.copytree(twin, target / "baseline")
         summary["seeds"].append(seed_cfg.seed)
         summary["twins"].append((twin.name, reused))
         summary.setdefault("final", log[-1])
         summary.setdefault("epochs", len(log))
-    swap_into_place(staging, out)
-    for repeat in range(cfg.repeats):
-        _done(checkpoints, f"{cfg.name}-seed{cfg.seed + repeat}")
+    if main:
+        swap_into_place(staging, out)
+        for repeat in range(cfg.repeats):
+            _done(checkpoints, f"{cfg.name}-seed{cfg.seed + repeat}")
+    parallel.barrier()  # every rank returns once the student is in place
     return summary
 
 
@@ -277,17 +285,22 @@ def _twin(cfg: StudentConfig, cache: Cache, prepared: Path, baselines: Path, rec
           progress: bool, checkpoints: Path | None = None) -> tuple[Path, bool]:
     """The baseline twin of `cfg` from the shared store, trained first if it is not there."""
     twin_dir = baselines / twin_key(cfg, prepared)
-    if (twin_dir / "model.safetensors").is_file() and (twin_dir / "train_log.csv").is_file():
+
+    def stored() -> bool:
+        return (twin_dir / "model.safetensors").is_file() and (twin_dir / "train_log.csv").is_file()
+
+    if parallel.from_main(stored):  # rank 0 writes the store and decides: every rank trains the twin or none
         return twin_dir, True
     checkpoint = None if checkpoints is None else Path(checkpoints) / f"twin-{twin_dir.name}.pt"
     twin, log = train_model(cfg, baseline_set(prepared), cache.manifest["input_shape"], cache.num_classes,
                             "none", f"baseline {cfg.name} seed {cfg.seed}", progress, checkpoint=checkpoint)
-    tmp = staging_dir(twin_dir)
-    save_model(tmp, twin, {**record, "student": None, "baseline_of": as_dict(cfg), "twin_key": twin_dir.name})
-    write_log(tmp / "train_log.csv", log)
-    swap_into_place(tmp, twin_dir)
-    if checkpoint is not None:
-        checkpoint.unlink(missing_ok=True)
+    if parallel.is_main():
+        tmp = staging_dir(twin_dir)
+        save_model(tmp, twin, {**record, "student": None, "baseline_of": as_dict(cfg), "twin_key": twin_dir.name})
+        write_log(tmp / "train_log.csv", log)
+        swap_into_place(tmp, twin_dir)
+        if checkpoint is not None:
+            checkpoint.unlink(missing_ok=True)
     return twin_dir, False
 
 
@@ -298,14 +311,15 @@ def _checkpoint(checkpoints: Path | None, name: str, decided_by: dict[str, Any])
         return None
     key = hashlib.sha256(json.dumps(decided_by, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = Path(checkpoints) / f"{name}-{key}.pt"
-    for old in Path(checkpoints).glob(f"{name}-*.pt"):
-        if old != path:
-            old.unlink()
+    if parallel.is_main():
+        for old in Path(checkpoints).glob(f"{name}-*.pt"):
+            if old != path:
+                old.unlink()
     return path
 
 
 def _done(checkpoints: Path | None, name: str) -> None:
-    if checkpoints is not None:
+    if checkpoints is not None and parallel.is_main():
         for path in Path(checkpoints).glob(f"{name}-*.pt"):
             path.unlink()
 
@@ -327,6 +341,8 @@ def train_assistant(cfg: StudentConfig, cache: Cache, prepared: Path, assistants
     the teacher's (same top-k, temperatures and views; no features).
 
     An assistant whose config, teacher cache and label parameters are unchanged is kept.
+    Single-process only: `kd assistants` joins no process group (under torchrun every rank
+    would train and write it on its own).
     """
     out = Path(assistants) / cfg.name
     label_cfg = dataclasses.replace(label_cfg, features={})

@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipeline import augment, data
+from pipeline import augment, data, parallel
 from pipeline.cache import Cache, SoftTargets
 from pipeline.config import StudentConfig
 from pipeline.errors import StaleCacheError
@@ -54,11 +54,14 @@ class TransferSet:
                            targets={k: t[rows] for k, t in self.targets.items()}, views=self.views,
                            view_seed=self.view_seed, view_shift=self.view_shift)
 
-    def batches(self, epoch: int, batch_size: int, seed: int, views: str = "none") -> Iterator[Batch]:
+    def batches(self, epoch: int, batch_size: int, seed: int, views: str = "none",
+                shard: tuple[int, int] | None = None) -> Iterator[Batch]:
         """Shuffled batches for one epoch, seeded by (seed, epoch).
 
         views: "none" = view 0 only; "cached" = each sample draws one of its cached views;
         "fresh" = a new random view per sample and epoch (teacher training; no cached targets).
+        shard (rank, world size): the same batches, each cut to this rank's slice
+        (`parallel.shard`); only those rows are augmented and gathered.
         """
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         n = len(self.x)
@@ -71,6 +74,8 @@ class TransferSet:
             view = torch.zeros(n, dtype=torch.long)
         for start in range(0, n, batch_size):
             rows = order[start:start + batch_size]
+            if shard is not None:
+                rows = rows[parallel.shard(len(rows), *shard)]
             v = view[rows]
             x = augment.apply_views(self.x[rows], self.ids[rows.numpy()], v.numpy(), self.input_shape,
                                     self.view_seed, self.view_shift)
@@ -165,9 +170,11 @@ class StreamingSet:
             offset += info["rows"]
         return units
 
-    def batches(self, epoch: int, batch_size: int, seed: int, views: str = "none") -> Iterator[Batch]:
+    def batches(self, epoch: int, batch_size: int, seed: int, views: str = "none",
+                shard: tuple[int, int] | None = None) -> Iterator[Batch]:
         """Exactly ceil(len / batch_size) batches, like the in-memory set: rows that do not
-        fill a whole batch are carried over to the next buffer."""
+        fill a whole batch are carried over to the next buffer. Every rank reads every part
+        (the buffers, hence the batches, are the same on all ranks); `shard` as in `TransferSet`."""
         units = self._units()
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         buffer: list[TransferSet] = []
@@ -182,7 +189,8 @@ class StreamingSet:
                 order = torch.randperm(len(merged), generator=g)
                 whole = len(merged) if last else len(merged) // batch_size * batch_size
                 # Each buffer gets its own shuffle seed, derived from (seed, epoch, position).
-                yield from merged.subset(order[:whole]).batches(epoch * len(units) + position, batch_size, seed, views)
+                kept = merged.subset(order[:whole])
+                yield from kept.batches(epoch * len(units) + position, batch_size, seed, views, shard)
                 buffer = [merged.subset(order[whole:])]
                 held = len(buffer[0])
 

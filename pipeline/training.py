@@ -3,6 +3,11 @@
 What a model learns is decided by its loss terms, passed in as `{name: (weight, term)}`
 where `term(batch, out) -> scalar tensor` and `out` holds the logits plus any tapped
 layers. `step` returns every term on its own, so each one is logged per epoch.
+
+In a process group (`kd distill` under torchrun) `fit` trains data-parallel: each rank runs
+the model on its slice of every global batch and the terms see the whole batch (`step`), so
+the run follows the single-process one up to float rounding (BatchNorm aside on CPU, where
+each rank normalises with its own slice's statistics).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import features
+from pipeline import features, parallel
 from pipeline.loader import Batch
 
 Term = Callable[[Batch, dict[str, torch.Tensor]], torch.Tensor]
@@ -28,7 +33,8 @@ class Dataset(Protocol):
     """What `fit` trains on: an in-memory `loader.TransferSet` or a `loader.StreamingSet`."""
 
     def __len__(self) -> int: ...
-    def batches(self, epoch: int, batch_size: int, seed: int, views: str = "none"): ...
+    def batches(self, epoch: int, batch_size: int, seed: int, views: str = "none",
+                shard: tuple[int, int] | None = None): ...
 
 
 def hard_label_loss(batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -40,12 +46,36 @@ def hard_label_loss(batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits[keep], label[keep])
 
 
-def step(model: nn.Module, batch: Batch, terms: dict[str, tuple[float, Term]], taps: list[str]) -> dict[str, torch.Tensor]:
-    """One forward pass; every loss term by name (unweighted)."""
+def step(model: nn.Module, batch: Batch, terms: dict[str, tuple[float, Term]], taps: list[str],
+         counts: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """One forward pass; every loss term by name (unweighted).
+
+    counts (data-parallel: every rank's rows in this batch): the model runs on this rank's rows,
+    then the outputs and targets of all ranks' rows are gathered, in order, so every term sees
+    the global batch as in a single process: hard labels (a mean over the labeled rows only)
+    and RKD (relations between all rows) included, and a rank without rows still takes part.
+    """
     with features.tap(model, taps) as captured:
         logits = model(batch["x"])
     out = {"logits": logits, **captured}
+    if counts is not None:
+        out = {name: parallel.gather_rows(t, counts) for name, t in out.items()}
+        batch = {name: parallel.gather_rows(t, counts) for name, t in batch.items() if name != "x"}
     return {name: term(batch, out) for name, (_, term) in terms.items()}
+
+
+class _Trainee(nn.Module):
+    """The model and its extra modules as one module, so that DistributedDataParallel averages
+    the gradients of both; its forward is `step` on this rank's rows."""
+
+    def __init__(self, model: nn.Module, extra: list[nn.Module], terms: dict[str, tuple[float, Term]],
+                 taps: list[str]):
+        super().__init__()
+        self.model, self.extra = model, nn.ModuleList(extra)
+        self.terms, self.taps = terms, taps
+
+    def forward(self, batch: Batch, counts: list[int]) -> dict[str, torch.Tensor]:
+        return step(self.model, batch, self.terms, self.taps, counts)
 
 
 def fit(
@@ -71,29 +101,48 @@ def fit(
     With `checkpoint`, the full training state is saved there after every epoch and a run
     that finds one resumes after its last epoch. Batches are a pure function of (seed,
     epoch), so a resumed run ends with the same weights as an uninterrupted one.
+
+    In a process group of N ranks every rank calls `fit` with the same arguments: same
+    batches, same number of steps, each rank's gradient covering its slice of every batch
+    (DDP averages them into the global batch's). Rank 0 alone shows progress and writes the
+    checkpoint; a resumed run reads it on rank 0 and sends it to the others.
     """
+    rank, world = parallel.world()
+    on = parallel.device()
+    inner = _Trainee(model, list(extra_modules), terms, list(taps)).to(on) if world > 1 else None
     params = [*model.parameters(), *(p for m in extra_modules for p in m.parameters())]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)  # one kernel, not a loop over tensors
     steps = epochs * math.ceil(len(data) / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
     log: list[dict[str, float]] = []
-    if checkpoint is not None and checkpoint.is_file():
-        log = _restore(checkpoint, model, extra_modules, optimizer, schedule)
+    state = parallel.from_main(lambda: _load(checkpoint))
+    if state is not None:
+        log = _restore(state, model, extra_modules, optimizer, schedule)
+    trainee = None
+    if inner is not None:
+        if on.type == "cuda":  # SyncBatchNorm is GPU-only: on CPU each rank normalises with its own rows
+            nn.SyncBatchNorm.convert_sync_batchnorm(inner)
+        # static_graph: the same parameters take part in every step, so a parameter no term
+        # reaches (the head of a student without logit terms) keeps no gradient, as in one process
+        trainee = nn.parallel.DistributedDataParallel(inner, static_graph=True)
     bar = tqdm(total=steps, initial=len(log) * math.ceil(len(data) / batch_size), desc=desc, unit="step",
-               disable=not progress, leave=False)
+               disable=not progress or rank != 0, leave=False)
     for epoch in range(len(log), epochs):
         model.train()
         started = time.perf_counter()
         sums: dict[str, float] = {}
         count = 0
-        for batch in data.batches(epoch, batch_size, seed, views):
-            values = step(model, batch, terms, list(taps))
+        for batch in data.batches(epoch, batch_size, seed, views, (rank, world) if world > 1 else None):
+            if trainee is None:
+                values, n = step(model, batch, terms, list(taps)), len(batch["x"])
+            else:
+                counts = parallel.row_counts(len(batch["x"]))
+                values, n = trainee({k: v.to(on) for k, v in batch.items()}, counts), sum(counts)
             loss = sum(terms[name][0] * value for name, value in values.items())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            n = len(batch["x"])
             count += n
             for name, value in {**values, "total": loss}.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) * n
@@ -102,9 +151,11 @@ def fit(
                "lr": schedule.get_last_lr()[0], "seconds": time.perf_counter() - started}
         log.append(row)
         bar.set_postfix(loss=f"{row['total']:.4f}")
-        if checkpoint is not None:
+        if checkpoint is not None and rank == 0:
             _save(checkpoint, model, extra_modules, optimizer, schedule, log)
     bar.close()
+    if inner is not None:
+        inner.cpu()
     model.eval()
     return log
 
@@ -118,9 +169,15 @@ def _save(path: Path, model: nn.Module, extra: list[nn.Module], optimizer, sched
     tmp.replace(path)
 
 
-def _restore(path: Path, model: nn.Module, extra: list[nn.Module], optimizer, schedule) -> list[dict[str, float]]:
+def _load(path: Path | None) -> dict[str, Any] | None:
+    if path is None or not path.is_file():
+        return None
     # weights_only: tensors and plain containers only, no code runs while loading
-    state = torch.load(path, weights_only=True)
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def _restore(state: dict[str, Any], model: nn.Module, extra: list[nn.Module], optimizer,
+             schedule) -> list[dict[str, float]]:
     model.load_state_dict(state["model"])
     for module, module_state in zip(extra, state["extra"]):
         module.load_state_dict(module_state)

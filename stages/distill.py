@@ -3,6 +3,8 @@
 Never loads the teacher: it reads `data/teacher_outputs/` and `data/prepared/` only.
 Writes `data/students/NAME/` (model.safetensors, config.json, train_log.csv) with the
 student's hard-label baseline twin in `baseline/`. Reads `students.NAME` of params.yaml.
+Under `torchrun --nproc-per-node N --no-python kd distill NAME` it trains data-parallel
+(`pipeline.parallel`); rank 0 writes the outputs and prints the summary.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Optional
 
 import typer
 
+from pipeline import parallel
 from pipeline.cache import Cache
 from pipeline.config import student
 from pipeline.distill import assistant_cache, train_student
@@ -38,10 +41,16 @@ def main(
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Train student NAME and its baseline twin from the cache (never the teacher)."""
-    cfg = override(student(params, name), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-    source = cache if cfg.assistant is None else assistant_cache(assistants, cfg.assistant)
-    summary = train_student(cfg, Cache.open(source), prepared, students_dir / name, baselines,
-                            memory_mb=memory_mb, checkpoints=checkpoints, progress=progress)
+    rank, _ = parallel.init_from_env()
+    try:
+        cfg = override(student(params, name), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+        source = cache if cfg.assistant is None else assistant_cache(assistants, cfg.assistant)
+        summary = train_student(cfg, Cache.open(source), prepared, students_dir / name, baselines,
+                                memory_mb=memory_mb, checkpoints=checkpoints, progress=progress)
+    finally:
+        parallel.finish()
+    if rank != 0:
+        return
     final = summary["final"]
     terms = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k not in ("epoch", "lr", "seconds"))
     twins = ", ".join(f"{key} {'reused' if reused else 'trained'}" for key, reused in summary["twins"])
