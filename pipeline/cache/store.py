@@ -123,16 +123,23 @@ class Store:
     def delete(self, rel: str) -> None:
         """Remove a file or a whole directory; nothing if it is not there."""
         info = self.fs.get_file_info(self.full(rel))
-        if info.type == pafs.FileType.Directory:
-            self.fs.delete_dir(self.full(rel))
-        elif info.type == pafs.FileType.File:
-            self.fs.delete_file(self.full(rel))
+        try:
+            if info.type == pafs.FileType.Directory:
+                self.fs.delete_dir(self.full(rel))
+            elif info.type == pafs.FileType.File:
+                self.fs.delete_file(self.full(rel))
+        except FileNotFoundError:  # removed meanwhile by another process: the same outcome
+            pass
 
     def files(self, rel: str) -> list[str]:
         """Relative paths of every file under directory `rel` (none if it is not there)."""
         selector = pafs.FileSelector(self.full(rel), recursive=True, allow_not_found=True)
         prefix = len(self.base) + 1
-        return sorted(i.path[prefix:] for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File)
+        try:
+            infos = self.fs.get_file_info(selector)
+        except FileNotFoundError:  # removed while listed (another shard merging)
+            return []
+        return sorted(i.path[prefix:] for i in infos if i.type == pafs.FileType.File)
 
     def total_bytes(self) -> int:
         return sum(self.size(rel) or 0 for rel in self.files(""))
