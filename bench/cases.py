@@ -31,6 +31,7 @@ from bench.fused import cpp_topk_soft_target_loss, max_difference, topk_soft_tar
 from bench.timing import interleave, medians, paired_ratio, ratio, seconds
 from pipeline import config, data, features, losses
 from pipeline.cache import Cache, Teacher, label, lse_column, writer
+from pipeline.cache.inputs import Batch
 from pipeline.config import SPLITS, LabelConfig, PrepareConfig, StudentConfig, TeacherConfig
 from pipeline.distill import Built, Shapes, probe_shapes, student_layers, student_terms, train_model
 from pipeline.errors import CacheMissingError
@@ -389,7 +390,8 @@ def cache_size(ws: Workspace, rows: int) -> dict[str, Any]:
             cfg = dataclasses.replace(ws.label_cfg, top_k=k, logit_dtype=dtype, features={})
             cols = writer.soft_targets(logits, k, temperatures, dtype)
             schema = writer._schema(cfg)
-            table = writer._table(schema, ids, view, cols)
+            rows = Batch(ids, view, None, logits, {}, np.full(len(ids), -1), view == 0)
+            table = writer._table(schema, rows, cols)
             file_bytes, chunk_bytes = _parquet_bytes(scratch / f"k{k}_{dtype}.parquet", table)
             raw = sum(f.type.byte_width if not pa.types.is_fixed_size_list(f.type)
                       else f.type.list_size * f.type.value_type.byte_width for f in schema)

@@ -26,14 +26,29 @@ SPLITS = ("labeled", "unlabeled", "test")
 
 
 @dataclass
+class Shares:
+    """Text only: each split's share of the corpus's characters, dealt in whole documents."""
+
+    labeled: float = 0.7
+    unlabeled: float = 0.2
+    test: float = 0.1
+
+
+@dataclass
 class PrepareConfig:
-    dataset: str = "mnist5k"  # mnist5k | digits | mnist1d | path to a Parquet file
+    dataset: str = "mnist5k"  # mnist5k | digits | mnist1d | pydoc | path to a .parquet or .txt file
     input_shape: list[int] | None = None  # required for a Parquet file whose metadata lacks it
-    labeled: int = 1000
-    unlabeled: int = 3000
-    test: int = 1000
+    # samples per split; for text, blocks of block_size tokens (null: every block of the split)
+    labeled: int | None = 1000
+    unlabeled: int | None = 3000
+    test: int | None = 1000
     samples: int = 5000  # mnist1d only: how many digits to generate
     seed: int = 0
+    # text only (pydoc, a .txt file, a Parquet file with a text column); image datasets ignore them
+    text_column: str = "text"  # the Parquet column holding one document per row
+    shares: Shares = field(default_factory=Shares)
+    vocab_size: int = 4096  # byte-level BPE entries, special tokens included
+    block_size: int = 128  # tokens per row
 
 
 @dataclass

@@ -14,7 +14,8 @@ stream. Everything is written into a temporary directory next to `out` that repl
 once complete: an error or a crash never leaves a half-written directory that looks finished.
 
 The other stages read the files with `read_split`, `iter_split`, `split_info` and
-`data_fingerprint`.
+`data_fingerprint`. Text datasets are cut into token blocks by `pipeline.text` instead
+(`prepare` hands them over).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +40,9 @@ import pyarrow.parquet as pq
 from pipeline.config import SPLITS, PrepareConfig
 from pipeline.errors import ConfigError, InputError, MissingInputError
 from pipeline.files import file_sha256, swap_into_place
+
+if TYPE_CHECKING:
+    from pipeline.text import TextPrepared
 
 ROW_GROUP_ROWS = 16384
 TRUTH_FILE = "unlabeled_truth.parquet"
@@ -160,6 +164,8 @@ def parse_shape(text: str) -> list[int]:
 
 def check_config(cfg: PrepareConfig) -> None:
     for key in ("labeled", "unlabeled", "test", "seed"):
+        if getattr(cfg, key) is None:
+            raise ConfigError(f"prepare.{key}: null (every block) is for text datasets; give a number of samples")
         if getattr(cfg, key) < 0:
             raise ConfigError(f"prepare.{key}: {getattr(cfg, key)} must be >= 0")
     if cfg.samples < 1:
@@ -191,7 +197,7 @@ def load(cfg: PrepareConfig) -> Split:
     else:
         raise ConfigError(
             f"prepare.dataset: {cfg.dataset!r} is not a known dataset or an existing file "
-            f"(expected one of {', '.join(DATASETS)} or a path to a .parquet file)"
+            f"(expected one of {', '.join(DATASETS)}, pydoc, or a path to a .parquet or .txt file)"
         )
     validate(data, cfg.dataset)
     return data
@@ -210,7 +216,8 @@ def load_parquet(path: Path, input_shape: list[int] | None = None) -> Split:
     for column in ("id", "x"):
         if column not in names:
             found = ", ".join(names)
-            raise InputError(f"{path}: no column {column!r} (expected id, x and optionally y; found {found})")
+            raise InputError(f"{path}: no column {column!r} (expected id, x and optionally y, or text in a column "
+                             f"named by prepare.text_column; found {found})")
     ids = _int_column(table, "id", path)
     if table.column("id").null_count:
         raise InputError(f"{path}: column 'id' has {table.column('id').null_count} null values")
@@ -415,31 +422,51 @@ def _allocate(n: int, weights: np.ndarray, capacity: np.ndarray) -> np.ndarray:
 # --- writing ----------------------------------------------------------------------------------
 
 
-def prepare(cfg: PrepareConfig, out: Path) -> Prepared:
-    """Load, check, split and write `cfg.dataset` to `out` (replaced as a whole when done)."""
+def prepare(cfg: PrepareConfig, out: Path) -> Prepared | TextPrepared:
+    """Load, check, split and write `cfg.dataset` to `out` (replaced as a whole when done).
+
+    Text datasets (pydoc, a .txt file, a Parquet file with a text column) go to `text.prepare`.
+    """
+    from pipeline import text  # (here: pipeline.text builds on this module)
+
+    if text.is_text(cfg):
+        return text.prepare(cfg, out)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out: {out} exists and is not a directory")
     data = load(cfg)
     splits, truth = split(data, cfg, cfg.dataset)
     meta = {"dataset": cfg.dataset}
+
+    def write(tmp: Path) -> None:
+        for name, part in splits.items():
+            write_split(tmp / f"{name}.parquet", part, **meta)
+        if truth is not None:
+            write_truth(tmp / TRUTH_FILE, splits["unlabeled"].ids, truth, data.num_classes, **meta)
+
+    write_dir(out, write)
+    paths = {name: out / f"{name}.parquet" for name in splits}
+    if truth is not None:
+        paths["unlabeled_truth"] = out / TRUTH_FILE
+    return Prepared(splits, truth, paths)
+
+
+def write_dir(out: Path, write: Callable[[Path], None]) -> None:
+    """Run `write` on a fresh directory beside `out`, then swap it in as `out`.
+
+    An error or a crash never leaves a half-written `out`; a killed run's leftovers are removed.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {out} exists and is not a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     tmp.mkdir()  # (not mkdtemp: its mode 0700 would end up on `out`)
     try:
-        for name, part in splits.items():
-            write_split(tmp / f"{name}.parquet", part, **meta)
-        if truth is not None:
-            write_truth(tmp / TRUTH_FILE, splits["unlabeled"].ids, truth, data.num_classes, **meta)
+        write(tmp)
         swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    paths = {name: out / f"{name}.parquet" for name in splits}
-    if truth is not None:
-        paths["unlabeled_truth"] = out / TRUTH_FILE
-    return Prepared(splits, truth, paths)
 
 
 def _remove_abandoned(out: Path) -> None:

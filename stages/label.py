@@ -23,7 +23,8 @@ from pipeline.cache.store import location
 from pipeline.cache.verify import format_info, info
 from pipeline.config import LabelConfig, section
 from pipeline.errors import ConfigError
-from pipeline.models import fingerprint, load_model
+from pipeline.files import read_json
+from pipeline.models import count_params, fingerprint, load_model
 from stages.common import PARAMS_OPTION, clean_errors, json_option, override
 
 
@@ -61,13 +62,34 @@ def main(
     cfg = override(section(params, "label", LabelConfig), top_k=top_k, temperatures=temps, logit_dtype=logit_dtype,
                    features=layers, views=views, view_shift=view_shift, view_seed=view_seed,
                    batch_size=batch_size, part_size=part_size)
-    model, config = load_model(teacher, arch=arch, arch_kwargs=json_option("--arch-kwargs", arch_kwargs))
+    loaded = load_teacher(teacher, arch, json_option("--arch-kwargs", arch_kwargs))
     shard = int(os.environ.get("RANK", 0)) if shard is None else shard
     num_shards = int(os.environ.get("WORLD_SIZE", 1)) if num_shards is None else num_shards
-    manifest = label(Teacher(model, fingerprint(teacher), config), prepared, location(out), cfg, progress=progress,
-                     shard=shard, num_shards=num_shards)
+    manifest = label(loaded, prepared, location(out), cfg, progress=progress, shard=shard, num_shards=num_shards)
     if manifest is None:
         typer.echo(f"shard {shard} of {num_shards} done; the last shard to finish writes the manifest "
                    f"(or run `kd cache merge {out}` once all are done)")
     else:
         typer.echo(format_info(info(location(out))))
+
+
+def load_teacher(directory: Path, arch: str | None, arch_kwargs: dict | None) -> Teacher:
+    """Our image teacher (model.safetensors + our config.json), or a Hugging Face language model
+    directory (its config.json names a `model_type`), with the fingerprint that identifies it."""
+    config_path = directory / "config.json"
+    hf = config_path.is_file() and "model_type" in read_json(config_path)
+    if not hf:
+        model, config = load_model(directory, arch=arch, arch_kwargs=arch_kwargs)
+        return Teacher(model, fingerprint(directory), config)
+    import transformers
+
+    from pipeline import lm  # (transformers takes seconds to import; image runs never need it)
+
+    transformers.utils.logging.set_verbosity_error()  # no per-load progress bars or advice on stderr
+    transformers.utils.logging.disable_progress_bar()
+    model = lm.load(directory)
+    config = {"arch": model.config.model_type, "objective": lm.objective(model), "params": count_params(model),
+              "vocab_size": model.config.vocab_size}
+    if (directory / "training.json").is_file():
+        config["training"] = read_json(directory / "training.json")
+    return Teacher(model, lm.fingerprint(directory), config)

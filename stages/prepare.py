@@ -3,7 +3,9 @@
 Reads the `prepare` section of params.yaml (each key can be overridden by the option of the same
 name) and writes `data/prepared/{labeled,unlabeled,test}.parquet`, plus
 `unlabeled_truth.parquet` when the unlabeled rows' labels are known. The work is in
-`pipeline.data`; see its docstring for the file format.
+`pipeline.data`; see its docstring for the file format. Text datasets (pydoc, a .txt file, a
+Parquet file with a text column) are written as token blocks plus `tokenizer.json` by
+`pipeline.text`.
 """
 
 from __future__ import annotations
@@ -14,33 +16,48 @@ from typing import Optional
 import numpy as np
 import typer
 
-from pipeline import config, data
-from pipeline.config import PrepareConfig
-from stages.common import PARAMS_OPTION, clean_errors, override
+from pipeline import config, data, text
+from pipeline.config import PrepareConfig, Shares
+from stages.common import PARAMS_OPTION, clean_errors, json_option, override
 
 
 @clean_errors
 def main(
     dataset: Optional[str] = typer.Option(
-        None, "--dataset", help="mnist5k, digits, mnist1d, or a Parquet file with id, x and optional y."
+        None, "--dataset", help="mnist5k, digits, mnist1d, pydoc, a Parquet file with id, x and optional y "
+        "(or with a text column), or a .txt file."
     ),
     input_shape: Optional[str] = typer.Option(
         None, "--input-shape", help="Shape of one input, e.g. 1,28,28 (needed for a Parquet file without it)."
     ),
-    labeled: Optional[int] = typer.Option(None, "--labeled", help="Rows in the labeled split."),
-    unlabeled: Optional[int] = typer.Option(None, "--unlabeled", help="Rows in the unlabeled (transfer) split."),
-    test: Optional[int] = typer.Option(None, "--test", help="Rows in the test split."),
+    labeled: Optional[int] = typer.Option(None, "--labeled", help="Rows (text: blocks) in the labeled split."),
+    unlabeled: Optional[int] = typer.Option(None, "--unlabeled", help="Rows (text: blocks) in the unlabeled (transfer) split."),
+    test: Optional[int] = typer.Option(None, "--test", help="Rows (text: blocks) in the test split."),
     samples: Optional[int] = typer.Option(None, "--samples", help="mnist1d only: how many digits to generate."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the split."),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="Text: the Parquet column of documents."),
+    shares: Optional[str] = typer.Option(
+        None, "--shares", help='Text: each split\'s share of the characters, e.g. \'{"labeled": 0.8, "unlabeled": 0.1, "test": 0.1}\'.'
+    ),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Text: tokenizer entries."),
+    block_size: Optional[int] = typer.Option(None, "--block-size", help="Text: tokens per block."),
     params: Path = PARAMS_OPTION,
     out: Path = typer.Option(Path("data/prepared"), "--out", help="Directory to write the splits to."),
 ) -> None:
     """Split a dataset into labeled / unlabeled / test Parquet files."""
     cfg = config.section(params, "prepare", PrepareConfig)
     shape = data.parse_shape(input_shape) if input_shape is not None else None
+    parsed = json_option("--shares", shares)
     cfg = override(cfg, dataset=dataset, input_shape=shape, labeled=labeled, unlabeled=unlabeled,
-                   test=test, samples=samples, seed=seed)
+                   test=test, samples=samples, seed=seed, text_column=text_column, vocab_size=vocab_size,
+                   block_size=block_size, shares=None if parsed is None else config.from_mapping(Shares, parsed, "--shares"))
     prepared = data.prepare(cfg, out)
+    if isinstance(prepared, text.TextPrepared):
+        for name, blocks in prepared.blocks.items():
+            typer.echo(f"{name:<9} {len(blocks):>7} blocks of {blocks.shape[1]} tokens  "
+                       f"{prepared.documents[name]:>5} documents  -> {prepared.paths[name]}")
+        typer.echo(f"tokenizer {prepared.vocab_size:>7} entries (byte-level BPE)  -> {prepared.tokenizer}")
+        return
     for name, split in prepared.splits.items():
         known = prepared.truth if name == "unlabeled" and prepared.truth is not None else split.y[split.y >= 0]
         note = " (truth in unlabeled_truth.parquet)" if name == "unlabeled" and prepared.truth is not None else ""

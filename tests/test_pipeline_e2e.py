@@ -1,8 +1,9 @@
 """The whole pipeline through DVC on a tiny configuration, as a new user runs it.
 
 Copies the repository's dvc.yaml with the stage and library sources into a fresh git + DVC
-repository, writes a tiny params.yaml (the 8x8 digits, small models, one or two epochs) and
-runs `dvc repro`: every stage, then nothing, then only a newly added student.
+repository, writes a tiny params.yaml (the 8x8 digits, small models, one or two epochs) and a
+tiny params_text.yaml (pydoc in 32-token blocks, a one-layer GPT-2 teacher) and runs `dvc
+repro`: every stage of both pipelines, then nothing, then only a newly added student.
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ TINY = {
     "eval": {"latency_runs": 5, "throughput_runs": 2, "throughput_batch": 64},
 }
 
+TINY_TEXT = {
+    "prepare": {"dataset": "pydoc", "vocab_size": 512, "block_size": 32, "labeled": 100, "unlabeled": 40,
+                "test": 20, "seed": 0},
+    "teacher": {"arch": "gpt2", "arch_kwargs": {"n_layer": 1, "n_head": 2, "n_embd": 32}, "epochs": 1,
+                "batch_size": 16, "lr": 0.003, "seed": 0},
+    "label": {"top_k": 8, "temperatures": [1, 4], "batch_size": 1024},
+}
+
 METRIC_KEYS = {"accuracy", "baseline_accuracy", "teacher_accuracy", "accuracy_retained", "agreement",
                "kl_to_teacher", "ece", "params", "teacher_params", "size_bytes", "latency_ms", "throughput",
                "speedup_vs_teacher", "pseudo_label_accuracy"}
@@ -58,6 +67,7 @@ def project(tmp_path_factory) -> Path:
     for folder in ("pipeline", "stages"):
         shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
     (repo / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
+    (repo / "params_text.yaml").write_text(yaml.safe_dump(TINY_TEXT, sort_keys=False))
     run(["git", "init", "-q"], repo)
     run(["dvc", "init", "-q"], repo)
     run(["dvc", "config", "core.analytics", "false"], repo)
@@ -66,8 +76,12 @@ def project(tmp_path_factory) -> Path:
 
 def test_dvc_repro_runs_every_stage_then_nothing_then_only_a_new_student(project):
     first = ran_stages(run(["dvc", "repro"], project))
-    assert first[:4] == ["prepare", "teacher", "label", "assistants"]
-    assert set(first[4:]) == {"distill@mlp", "distill@pseudo", "eval@mlp", "eval@pseudo", "report"}
+    images = [s for s in first if not s.startswith("text_")]
+    assert images[:4] == ["prepare", "teacher", "label", "assistants"]
+    assert set(images[4:]) == {"distill@mlp", "distill@pseudo", "eval@mlp", "eval@pseudo", "report"}
+    assert [s for s in first if s.startswith("text_")] == ["text_prepare", "text_teacher", "text_label"]
+    text_cache = json.loads((project / "data/text/teacher_outputs/manifest.json").read_text())
+    assert text_cache["complete"] and text_cache["text"]["positions"] == 31 and text_cache["top_k"] == 8
 
     for name in ("mlp", "pseudo"):
         metrics = json.loads((project / f"data/students/{name}/metrics.json").read_text())

@@ -40,6 +40,12 @@ def feature_path(split: str, layer: str) -> str:
     return f"{FEATURES}/{split}/{layer}"
 
 
+def rows_per_sample(manifest: dict[str, Any]) -> int:
+    """Cache rows per prepared sample: 1 + its augmented views, or a block's predicted tokens."""
+    text = manifest.get("text")
+    return text["positions"] if text else manifest["views"]["count"] + 1
+
+
 def shard_record(shard: int, num_shards: int) -> str:
     return f"{SHARDS}/shard-{shard:05d}-of-{num_shards:05d}.json"
 

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import zarr
 
 from pipeline import data
-from pipeline.cache.manifest import FEATURES, MANIFEST, SHARDS, feature_path, lse_column, part_problem, read_manifest
+from pipeline.cache.manifest import (FEATURES, MANIFEST, SHARDS, feature_path, lse_column, part_problem, read_manifest,
+                                     rows_per_sample)
 from pipeline.cache.store import Store
 from pipeline.cache.writer import chunk_files
 from pipeline.errors import CacheError, CacheMissingError, StaleCacheError
@@ -55,8 +56,9 @@ class Cache:
 
     @property
     def views(self) -> int:
-        """Rows per sample: 1 + the number of augmented views."""
-        return self.manifest["views"]["count"] + 1
+        """Rows per sample: 1 + the number of augmented views (images), or a block's predicted
+        tokens (text: `position` 0..L-2)."""
+        return rows_per_sample(self.manifest)
 
     @property
     def num_classes(self) -> int:

@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cache.manifest import FEATURES, MANIFEST, feature_path, lse_column, part_problem, read_manifest
+from pipeline.cache.manifest import (FEATURES, MANIFEST, feature_path, lse_column, part_problem, read_manifest,
+                                     rows_per_sample)
 from pipeline.cache.store import Store
 from pipeline.cache.reader import _fixed_list
 from pipeline.cache.writer import chunks_sha256
@@ -48,7 +49,7 @@ def verify(root: str | Path) -> list[str]:
 
 def _verify_split(store: Store, manifest: dict[str, Any], split: str, info: dict[str, Any]) -> list[str]:
     problems: list[str] = []
-    views = manifest["views"]["count"] + 1
+    views = rows_per_sample(manifest)
     part_rows = manifest["label"]["part_size"] * views
     expected_parts = math.ceil(info["samples"] / manifest["label"]["part_size"])
     if len(info["parts"]) != expected_parts or info["rows"] != info["samples"] * views:
@@ -91,24 +92,29 @@ def _verify_split(store: Store, manifest: dict[str, Any], split: str, info: dict
 
 def _check_table(path: str, table: pa.Table, manifest: dict[str, Any], part: dict[str, Any], views: int) -> list[str]:
     k = manifest["top_k"]
-    expected = ["id", "view", "topk_idx", "topk_logit", "logit_max", *map(lse_column, manifest["temperatures"])]
+    tokens = "text" in manifest
+    expected = ["id", "view", *(["position"] if tokens else []), "topk_idx", "topk_logit", "logit_max",
+                *map(lse_column, manifest["temperatures"])]
     if table.column_names != expected:
         return [f"{path}: columns {table.column_names}, expected {expected}"]
     if table.num_rows != part["rows"]:
         return [f"{path}: {table.num_rows} rows, the manifest says {part['rows']}"]
     problems = []
-    view = table["view"].to_numpy()
-    if not np.array_equal(view, np.tile(np.arange(views), len(view) // views)):
-        problems.append(f"{path}: view column out of order (expected 0..{views - 1} per sample)")
+    order = "position" if tokens else "view"  # the row's index inside its sample
+    inner = table[order].to_numpy()
+    if not np.array_equal(inner, np.tile(np.arange(views), len(inner) // views)):
+        problems.append(f"{path}: {order} column out of order (expected 0..{views - 1} per sample)")
+    if tokens and table["view"].to_numpy().any():
+        problems.append(f"{path}: view column not 0 (token rows have no views)")
     ids = table["id"].to_numpy()
     if not (ids.reshape(-1, views) == ids[::views, None]).all():
-        problems.append(f"{path}: rows of one sample's views are not together")
+        problems.append(f"{path}: rows of one sample are not together")
     idx = _fixed_list(table["topk_idx"], k)
     if idx.size and (idx.min() < 0 or idx.max() >= manifest["num_classes"]):
         problems.append(f"{path}: topk_idx outside [0, {manifest['num_classes']})")
     logits = _fixed_list(table["topk_logit"], k).astype(np.float32)
     floats = {"topk_logit": logits, "logit_max": table["logit_max"].to_numpy()}
-    floats |= {name: table[name].to_numpy() for name in expected[5:]}
+    floats |= {name: table[name].to_numpy() for name in expected if name.startswith("lse_")}
     for name, values in floats.items():
         bad = ~np.isfinite(values).reshape(len(ids), -1).all(1)
         if bad.any():
@@ -160,6 +166,7 @@ def info(root: str | Path) -> dict[str, Any]:
         "temperatures": manifest.get("temperatures"),
         "logit_dtype": manifest.get("logit_dtype"),
         "views": manifest.get("views"),
+        "text": manifest.get("text"),
         "features": manifest.get("features"),
         "splits": {s: {"samples": i["samples"], "rows": i["rows"], "parts": len(i["parts"])}
                    for s, i in manifest.get("splits", {}).items()},
@@ -179,6 +186,10 @@ def format_info(summary: dict[str, Any]) -> str:
         f"views    {summary['views']['count']} augmented per sample ({summary['views']['recipe']['name']}, "
         f"max_shift {summary['views']['recipe']['max_shift']}, seed {summary['views']['seed']})",
     ]
+    if summary.get("text"):
+        t = summary["text"]
+        lines[3] = (f"rows     one per predicted token: {t['objective']} LM, blocks of {t['block_size']} tokens, "
+                    f"positions 0..{t['positions'] - 1}, vocabulary {t['vocab_size']}")
     for spec in summary["features"] or []:
         lines.append(f"feature  {spec['name']}: {spec['mode']} {spec['shape']} {spec['dtype']}")
     for split, s in summary["splits"].items():

@@ -33,9 +33,10 @@ from tqdm import tqdm
 from zarr.codecs import ZstdCodec
 from zarr.errors import ContainsArrayError
 
-from pipeline import augment, data, features
+from pipeline import data, features
 from pipeline.cache.manifest import (FEATURES, MANIFEST, SCHEMA_VERSION, SHARDS, feature_path, lse_column,
                                      part_path, part_problem, read_manifest, shard_record)
+from pipeline.cache.inputs import Batch, ImageInputs, TokenInputs, _token_rows, inputs_for
 from pipeline.cache.store import Store
 from pipeline.config import SPLITS, LabelConfig, as_dict
 from pipeline.errors import CacheError, ConfigError, InputError, MissingInputError, StaleCacheError
@@ -134,12 +135,11 @@ def label(teacher: Teacher, prepared: Path, out: str | Path, cfg: LabelConfig, *
     for required in ("labeled", "test"):
         if required not in splits:
             raise MissingInputError(f"{prepared / f'{required}.parquet'}: not found (run `kd prepare`)")
-    infos = {s: data.split_info(prepared / f"{s}.parquet") for s in splits}
+    inputs = inputs_for(prepared, splits, cfg)
     fingerprints = {s: data.data_fingerprint(prepared / f"{s}.parquet") for s in splits}
     key = cache_key(teacher, fingerprints, cfg)
     model = teacher.model.eval()
-    input_shape = infos["labeled"]["input_shape"]
-    num_classes, specs = plan(model, input_shape, cfg)  # every check before anything is touched
+    num_classes, specs = plan(model, inputs, cfg)  # every check before anything is touched
     sharded = num_shards > 1
     record = shard_record(shard, num_shards) if sharded else MANIFEST
     with store.lock(f".lock-{shard}-of-{num_shards}" if sharded else ".lock"):
@@ -153,22 +153,20 @@ def label(teacher: Teacher, prepared: Path, out: str | Path, cfg: LabelConfig, *
             if manifest.get("complete"):
                 return manifest
         if manifest.get("num_classes") is None:
-            manifest.update(_header(teacher, num_classes, specs, infos, fingerprints, cfg))
+            manifest.update(_header(teacher, num_classes, specs, inputs, fingerprints, cfg))
             store.write_json(record, manifest)
         _create_arrays(store, manifest, cfg)
         units = [(split, index) for split in splits
-                 for index in range(math.ceil(infos[split]["rows"] / cfg.part_size))][shard::num_shards]
+                 for index in range(math.ceil(inputs.samples(split) / cfg.part_size))][shard::num_shards]
         have = {(p["split"], p["index"]) for info in manifest["splits"].values() for p in info["parts"]}
-        views = cfg.views + 1
-        total = sum(min(cfg.part_size, infos[s]["rows"] - i * cfg.part_size) * views for s, i in units)
+        total = sum(min(cfg.part_size, inputs.samples(s) - i * cfg.part_size) * inputs.per_sample for s, i in units)
         done_rows = sum(p["rows"] for info in manifest["splits"].values() for p in info["parts"])
         desc = f"kd label (shard {shard} of {num_shards})" if sharded else "kd label"
         bar = tqdm(total=total, initial=done_rows, unit="rows", desc=desc, disable=not progress)
         for split, index in units:
             if (split, index) in have:
                 continue
-            part = _write_part(store, manifest, model, prepared / f"{split}.parquet", split, index,
-                               input_shape, cfg, bar)
+            part = _write_part(store, manifest, model, inputs, prepared / f"{split}.parquet", split, index, cfg, bar)
             manifest["splits"][split]["parts"].append(part)
             store.write_json(record, manifest)
         bar.close()
@@ -304,13 +302,19 @@ def _parts_present(store: Store, manifest: dict[str, Any]) -> bool:
     return True
 
 
-def plan(model: nn.Module, input_shape: list[int], cfg: LabelConfig) -> tuple[int, list[dict[str, Any]]]:
+def plan(model: nn.Module, inputs: ImageInputs | TokenInputs, cfg: LabelConfig) -> tuple[int, list[dict[str, Any]]]:
     """The number of classes and the feature specs, from one probe forward pass.
 
     Raises ConfigError naming the `label` key for a layer the teacher lacks, a mode the
     layer cannot give, or a top_k larger than the number of classes.
     """
-    probe = torch.zeros(1, *input_shape)
+    probe = inputs.probe()
+    if inputs.modality == "text":
+        from pipeline import lm
+
+        if lm.objective(model) != "causal":
+            raise ConfigError("--teacher: a masked language model; `kd label` caches causal LMs' next-token "
+                              "distributions (masked LMs are not supported yet)")
     specs = []
     with torch.no_grad():
         for layer in cfg.features:
@@ -319,8 +323,15 @@ def plan(model: nn.Module, input_shape: list[int], cfg: LabelConfig) -> tuple[in
             except ConfigError as exc:
                 raise ConfigError(f"label.features.{layer}: {exc}") from None
         with features.tap(model, list(cfg.features)) as captured:
-            logits = model(probe)
+            logits = inputs.logits(model, probe)
         for layer, mode in cfg.features.items():
+            if inputs.modality == "text":  # one hidden state per token row
+                if mode != "full":
+                    raise ConfigError(f"label.features.{layer}: mode {mode!r}; token rows cache hidden states "
+                                      "in full (one vector per token)")
+                shape = list(_token_rows(captured[layer]).shape[1:])
+                specs.append({"name": layer, "mode": mode, "shape": shape, "dtype": "float16", "source_shape": shape})
+                continue
             try:
                 shape = list(features.reduce(captured[layer], mode).shape[1:])
             except ConfigError as exc:
@@ -333,25 +344,26 @@ def plan(model: nn.Module, input_shape: list[int], cfg: LabelConfig) -> tuple[in
     return num_classes, specs
 
 
-def _header(teacher: Teacher, num_classes: int, specs: list[dict[str, Any]], infos: dict[str, dict],
+def _header(teacher: Teacher, num_classes: int, specs: list[dict[str, Any]], inputs: ImageInputs | TokenInputs,
             fingerprints: dict[str, str], cfg: LabelConfig) -> dict[str, Any]:
     """Everything the manifest says besides its parts: what produced the cache, and the layout."""
-    part_rows = cfg.part_size * (cfg.views + 1)
+    part_rows = cfg.part_size * inputs.per_sample
     splits = {}
-    for split, info in infos.items():
+    for split in fingerprints:
         chunk_rows = {}
         if specs:
             for name, shape in [("id", []), *[(s["name"], s["shape"]) for s in specs]]:
                 itemsize = np.dtype("int64" if name == "id" else "float16").itemsize
                 chunk_rows[name] = _chunk_rows(part_rows, max(1, math.prod(shape)) * itemsize)
+        samples = inputs.samples(split)
         splits[split] = {
-            "rows": info["rows"] * (cfg.views + 1), "samples": info["rows"], "data_fingerprint": fingerprints[split],
+            "rows": samples * inputs.per_sample, "samples": samples, "data_fingerprint": fingerprints[split],
             "source": f"{split}.parquet", "chunk_rows": chunk_rows, "parts": [],
         }
     return {
         "teacher": {"fingerprint": teacher.fingerprint, "config": teacher.config},
         "num_classes": num_classes,
-        "input_shape": infos["labeled"]["input_shape"],
+        **inputs.header(),
         "top_k": cfg.top_k,
         "temperatures": list(cfg.temperatures),
         "logit_dtype": cfg.logit_dtype,
@@ -408,19 +420,16 @@ class _Rows:
         return items
 
 
-def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, source: Path, split: str, index: int,
-                input_shape: list[int], cfg: LabelConfig, bar: tqdm) -> dict[str, Any]:
+def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs: ImageInputs | TokenInputs,
+                source: Path, split: str, index: int, cfg: LabelConfig, bar: tqdm) -> dict[str, Any]:
     info = manifest["splits"][split]
-    views = cfg.views + 1
+    per_sample = inputs.per_sample
     first_sample = index * cfg.part_size
     last_sample = min(first_sample + cfg.part_size, info["samples"])
-    split_data = data.read_rows(source, first_sample, last_sample)
-    if not np.isfinite(split_data.x).all():
-        bad = split_data.ids[~np.isfinite(split_data.x).all(1)][:5].tolist()
-        raise InputError(f"{source}: NaN or Inf in inputs (ids {bad})")
-    first_row, n_rows = first_sample * views, (last_sample - first_sample) * views
+    rows = inputs.read(source, first_sample, last_sample)
+    first_row, n_rows = first_sample * per_sample, (last_sample - first_sample) * per_sample
     rel = part_path(split, index)
-    schema = _schema(cfg)
+    schema = _schema(cfg, tokens=inputs.modality == "text")
     specs = {s["name"]: s for s in manifest["features"]}
     group = zarr.open_group(store.zarr(FEATURES), mode="r+") if specs else None
     buffers = {name: _Rows(rows) for name, rows in info["chunk_rows"].items()}
@@ -428,43 +437,38 @@ def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, source
     soft = _Rows(ROW_GROUP_ROWS)
     sums: dict[str, float] = {}
     correct = labeled = 0
+    step = max(1, cfg.batch_size // per_sample)
     try:
         with store.writing(rel) as tmp, pq.ParquetWriter(tmp, schema, filesystem=store.fs, compression="zstd",
                                                           write_statistics=False) as writer:
-            for start in range(0, last_sample - first_sample, max(1, cfg.batch_size // views)):
-                stop = min(start + max(1, cfg.batch_size // views), last_sample - first_sample)
-                ids = np.repeat(split_data.ids[start:stop], views)
-                view = np.tile(np.arange(views, dtype=np.int32), stop - start)
-                x = torch.tensor(split_data.x[start:stop]).repeat_interleave(views, dim=0)
-                x = augment.apply_views(x, ids, view, input_shape, cfg.view_seed, cfg.view_shift)
-                with torch.no_grad(), features.tap(model, list(specs)) as captured:
-                    logits = model(x.reshape(len(x), *input_shape)).float()
-                    feats = {name: features.reduce(captured[name], s["mode"]).to(torch.float16).numpy()
-                             for name, s in specs.items()}
+            for start in range(0, last_sample - first_sample, step):
+                stop = min(start + step, last_sample - first_sample)
+                batch = inputs.batch(model, rows, start, stop, specs)
+                logits = batch.logits
                 if not torch.isfinite(logits).all():
-                    bad = ids[~torch.isfinite(logits).all(1).numpy()][:5].tolist()
+                    bad = list(dict.fromkeys(batch.ids[~torch.isfinite(logits).all(1).numpy()].tolist()))[:5]
                     raise CacheError(f"teacher produced NaN or Inf logits on {split} ids {bad}")
                 cols = soft_targets(logits, cfg.top_k, cfg.temperatures, cfg.logit_dtype)
-                v0 = view == 0
-                for name, value in fidelity_sums(logits[torch.from_numpy(v0)],
-                                                 {k: v[v0] for k, v in cols.items()}, cfg.temperatures).items():
+                scored = batch.scored
+                for name, value in fidelity_sums(logits[torch.from_numpy(scored)],
+                                                 {k: v[scored] for k, v in cols.items()}, cfg.temperatures).items():
                     sums[name] = sums.get(name, 0.0) + value
-                y = split_data.y[start:stop]
-                if (y >= 0).any():
-                    labeled += int((y >= 0).sum())
-                    correct += int((cols["topk_idx"][v0][:, 0] == y)[y >= 0].sum())
-                soft.add(_table(schema, ids, view, cols), len(ids))
-                if soft.ready(final=stop == last_sample - first_sample):
-                    writer.write_table(pa.concat_tables(soft.take()), row_group_size=ROW_GROUP_ROWS)
-                feats["id"] = ids
+                truth = batch.truth[scored]
+                if (truth >= 0).any():
+                    labeled += int((truth >= 0).sum())
+                    correct += int((cols["topk_idx"][scored][:, 0] == truth)[truth >= 0].sum())
+                soft.add(_table(schema, batch, cols), len(batch.ids))
                 last = stop == last_sample - first_sample
+                if soft.ready(final=last):
+                    writer.write_table(pa.concat_tables(soft.take()), row_group_size=ROW_GROUP_ROWS)
+                feats = {**batch.features, "id": batch.ids}
                 for name, buffer in buffers.items():
-                    buffer.add(feats[name], len(ids))
+                    buffer.add(feats[name], len(batch.ids))
                     if buffer.ready(final=last):
                         block = np.concatenate(buffer.take())
                         group[f"{split}/{name}"][written[name]:written[name] + len(block)] = block
                         written[name] += len(block)
-                bar.update(len(ids))
+                bar.update(len(batch.ids))
     except OSError as exc:  # the temporary file is gone already (`Store.writing`)
         if exc.filename is None:  # e.g. pyarrow's: name the part
             raise OSError(exc.errno, exc.strerror or str(exc), store.show(rel)) from exc
@@ -478,10 +482,12 @@ def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, source
     return part
 
 
-def _schema(cfg: LabelConfig) -> pa.Schema:
+def _schema(cfg: LabelConfig, tokens: bool = False) -> pa.Schema:
+    """The soft-target columns; token rows add `position` (the predicting token's index)."""
     fields = [
         pa.field("id", pa.int64(), nullable=False),
         pa.field("view", pa.int32(), nullable=False),
+        *([pa.field("position", pa.int32(), nullable=False)] if tokens else []),
         pa.field("topk_idx", pa.list_(pa.int32(), cfg.top_k), nullable=False),
         pa.field("topk_logit", pa.list_(pa.from_numpy_dtype(np.dtype(cfg.logit_dtype)), cfg.top_k), nullable=False),
         pa.field("logit_max", pa.float32(), nullable=False),
@@ -490,16 +496,17 @@ def _schema(cfg: LabelConfig) -> pa.Schema:
     return pa.schema(fields)
 
 
-def _table(schema: pa.Schema, ids: np.ndarray, view: np.ndarray, cols: dict[str, np.ndarray]) -> pa.Table:
+def _table(schema: pa.Schema, batch: Batch, cols: dict[str, np.ndarray]) -> pa.Table:
     k = cols["topk_idx"].shape[1]
-    arrays = [
-        pa.array(ids, pa.int64()),
-        pa.array(view, pa.int32()),
+    arrays = [pa.array(batch.ids, pa.int64()), pa.array(batch.view, pa.int32())]
+    if batch.position is not None:
+        arrays.append(pa.array(batch.position, pa.int32()))
+    arrays += [
         pa.FixedSizeListArray.from_arrays(pa.array(cols["topk_idx"].reshape(-1)), k),
         pa.FixedSizeListArray.from_arrays(pa.array(cols["topk_logit"].reshape(-1)), k),
         pa.array(cols["logit_max"], pa.float32()),
     ]
-    arrays += [pa.array(cols[f.name], pa.float32()) for f in list(schema)[5:]]
+    arrays += [pa.array(cols[f.name], pa.float32()) for f in schema if f.name.startswith("lse_")]
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
@@ -530,7 +537,7 @@ def _finish(manifest: dict[str, Any]) -> None:
         for part in info["parts"]:
             for name, value in part["fidelity_sums"].items():
                 totals[name] = totals.get(name, 0.0) + value
-        samples = info["samples"]
+        samples = info["samples"] * manifest.get("text", {}).get("positions", 1)  # rows scored: view 0 / every token
         stats: dict[str, Any] = {}
         for t in manifest["temperatures"]:
             name = lse_column(t).removeprefix("lse_")

@@ -1,0 +1,153 @@
+"""What the teacher sees and what becomes a cache row, per kind of prepared data.
+
+`ImageInputs`: one row per (sample, view); view 0 is the input as is, views 1..V are
+augmented copies regenerated from (id, view, seed). `TokenInputs`: one row per predicted
+token of a block of L tokens; a causal LM's position t predicts token t + 1, so a block gives
+L - 1 rows, `position` 0..L-2. Either way a sample has a fixed number of rows
+(`per_sample`), sample-major, so parts and Zarr chunks line up the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import augment, data, features
+from pipeline.config import LabelConfig
+from pipeline.errors import ConfigError, InputError
+
+
+@dataclass
+class Batch:
+    """One batch of cache rows from the teacher."""
+
+    ids: np.ndarray  # (R,) int64
+    view: np.ndarray  # (R,) int32
+    position: np.ndarray | None  # (R,) int32 for token rows
+    logits: torch.Tensor  # (R, C) float32
+    features: dict[str, np.ndarray]  # layer -> (R, *shape) float16
+    truth: np.ndarray  # (R,) int64: the true class / next token, -1 where unknown
+    scored: np.ndarray  # (R,) bool: rows the fidelity statistics and teacher accuracy count
+
+
+class ImageInputs:
+    modality = "image"
+
+    def __init__(self, prepared: Path, splits: list[str], cfg: LabelConfig):
+        self.infos = {s: data.split_info(prepared / f"{s}.parquet") for s in splits}
+        self.input_shape = self.infos["labeled"]["input_shape"]
+        self.per_sample = cfg.views + 1
+        self.cfg = cfg
+
+    def samples(self, split: str) -> int:
+        return self.infos[split]["rows"]
+
+    def header(self) -> dict[str, Any]:
+        return {"input_shape": self.input_shape}
+
+    def probe(self) -> torch.Tensor:
+        return torch.zeros(1, *self.input_shape)
+
+    def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return model(x)
+
+    def read(self, source: Path, first: int, last: int) -> data.Split:
+        rows = data.read_rows(source, first, last)
+        if not np.isfinite(rows.x).all():
+            bad = rows.ids[~np.isfinite(rows.x).all(1)][:5].tolist()
+            raise InputError(f"{source}: NaN or Inf in inputs (ids {bad})")
+        return rows
+
+    def batch(self, model: nn.Module, rows: data.Split, start: int, stop: int,
+              specs: dict[str, dict]) -> Batch:
+        views, cfg = self.per_sample, self.cfg
+        ids = np.repeat(rows.ids[start:stop], views)
+        view = np.tile(np.arange(views, dtype=np.int32), stop - start)
+        x = torch.tensor(rows.x[start:stop]).repeat_interleave(views, dim=0)
+        x = augment.apply_views(x, ids, view, self.input_shape, cfg.view_seed, cfg.view_shift)
+        with torch.no_grad(), features.tap(model, list(specs)) as captured:
+            logits = model(x.reshape(len(x), *self.input_shape)).float()
+            feats = {name: features.reduce(captured[name], s["mode"]).to(torch.float16).numpy()
+                     for name, s in specs.items()}
+        return Batch(ids, view, None, logits, feats, np.repeat(rows.y[start:stop], views), view == 0)
+
+
+class TokenInputs:
+    """Blocks of tokens for a causal language model (a Hugging Face `...ForCausalLM`)."""
+
+    modality = "text"
+
+    def __init__(self, prepared: Path, splits: list[str], cfg: LabelConfig):
+        from pipeline import text
+
+        if cfg.views:
+            raise ConfigError(f"label.views: {cfg.views}; augmented views are for images, text has none (set 0)")
+        self.text = text
+        self.infos = {s: text.split_info(prepared / f"{s}.parquet") for s in splits}
+        self.block_size = self.infos["labeled"]["block_size"]
+        self.input_shape = [self.block_size]
+        self.per_sample = self.block_size - 1
+        self.cfg = cfg
+
+    def samples(self, split: str) -> int:
+        return self.infos[split]["rows"]
+
+    def header(self) -> dict[str, Any]:
+        info = self.infos["labeled"]
+        return {"input_shape": self.input_shape,
+                "text": {"objective": "causal", "block_size": self.block_size, "positions": self.per_sample,
+                         "vocab_size": info["vocab_size"], "tokenizer_sha256": info["tokenizer_sha256"]}}
+
+    def probe(self) -> torch.Tensor:
+        return torch.zeros(1, self.block_size, dtype=torch.long)
+
+    def logits(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> (B * (L - 1), V): every position's logits but the last's (it predicts
+        nothing inside the block)."""
+        out = model(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits  # full blocks, no padding
+        return out[:, :-1].reshape(-1, out.shape[-1])
+
+    def read(self, source: Path, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
+        """ids and tokens of blocks [first, last), reading only the row groups that hold them."""
+        file = self.text._open_text(source)
+        groups, offset, start = [], 0, None
+        for index in range(file.metadata.num_row_groups):
+            n = file.metadata.row_group(index).num_rows
+            if offset < last and offset + n > first:
+                groups.append(index)
+                start = offset if start is None else start
+            offset += n
+        table = file.read_row_groups(groups).slice(first - start, last - first)
+        return self.text._arrays(table, self.block_size)
+
+    def batch(self, model: nn.Module, rows: tuple[np.ndarray, np.ndarray], start: int, stop: int,
+              specs: dict[str, dict]) -> Batch:
+        ids, tokens = rows[0][start:stop], torch.from_numpy(rows[1][start:stop])
+        n, positions = len(ids), self.per_sample
+        with torch.no_grad(), features.tap(model, list(specs)) as captured:
+            logits = self.logits(model, tokens).float()
+            feats = {name: _token_rows(captured[name]).to(torch.float16).numpy() for name in specs}
+        truth = tokens[:, 1:].reshape(-1).numpy()
+        return Batch(np.repeat(ids, positions), np.zeros(n * positions, dtype=np.int32),
+                     np.tile(np.arange(positions, dtype=np.int32), n), logits, feats, truth,
+                     np.ones(n * positions, dtype=bool))
+
+
+def _token_rows(hidden: torch.Tensor | tuple) -> torch.Tensor:
+    # a layer's output (B, L, H) (or a tuple starting with it) -> (B * (L - 1), H): one row per predicted token
+    hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    return hidden[:, :-1].reshape(-1, hidden.shape[-1])
+
+
+def inputs_for(prepared: Path, splits: list[str], cfg: LabelConfig):
+    """ImageInputs or TokenInputs, from what `kd prepare` wrote."""
+    from pipeline import text
+
+    if text.modality(prepared / "labeled.parquet") == "text":
+        return TokenInputs(prepared, splits, cfg)
+    return ImageInputs(prepared, splits, cfg)

@@ -1,0 +1,262 @@
+"""Language models for text data: GPT-2 (causal) and BERT (masked) from `transformers`.
+
+`build` makes a model from an architecture name, its config keywords (the Hugging Face config's
+own names: n_layer/n_head/n_embd for gpt2; num_hidden_layers/hidden_size/num_attention_heads/
+intermediate_size for bert) and the prepared tokenizer's size. `fit` trains it on token blocks
+(AdamW, one-cycle schedule, batches a pure function of (seed, epoch), as `training.fit`);
+`evaluate` gives perplexity (causal) or masked-token accuracy (masked); `train_teacher` is
+`kd teacher` on text data. A model is kept as a
+Hugging Face directory: `model.safetensors`, `config.json` (+ `generation_config.json`) and the
+`tokenizer.json` it reads, loaded with `from_pretrained(local_files_only=True,
+use_safetensors=True)`, so any local HF causal/masked LM directory loads the same way and no
+file can run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors import SafetensorError
+from tqdm import tqdm
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, BertForMaskedLM,
+                          GPT2Config, GPT2LMHeadModel, PretrainedConfig, PreTrainedModel)
+
+from pipeline import text
+from pipeline.config import TeacherConfig, as_dict
+from pipeline.errors import ConfigError, InputError, MissingInputError
+from pipeline.files import file_sha256
+from pipeline.models import count_params
+from pipeline.text import TOKENIZER_FILE, SpecialIds
+
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+# name -> (config class, model class); the model class decides the objective (`objective`)
+ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
+    "gpt2": (GPT2Config, GPT2LMHeadModel),  # causal
+    "bert": (BertConfig, BertForMaskedLM),  # masked
+}
+# BERT's masking: 15% of the (non-special) tokens are predicted; of those 80% become [MASK],
+# 10% a random token and 10% stay as they are.
+MASK_PROB, MASK_AS_MASK, MASK_AS_RANDOM = 0.15, 0.8, 0.1
+CLIP_NORM = 1.0  # gradient-norm clipping, as Hugging Face's Trainer does by default
+SET_BY_DATA = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def build(arch: str, arch_kwargs: dict[str, Any], vocab_size: int, block_size: int, special: SpecialIds,
+          where: str = "teacher") -> PreTrainedModel:
+    """A freshly initialised model (seed torch first); the context length defaults to block_size."""
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"{where}.arch: {arch!r} is not a language model; text data needs one of "
+                          f"{', '.join(ARCHITECTURES)}")
+    config_class, model_class = ARCHITECTURES[arch]
+    defaults = config_class()
+    for key in arch_kwargs:
+        if key in SET_BY_DATA:
+            raise ConfigError(f"{where}.arch_kwargs.{key}: set from the prepared tokenizer, not by hand")
+        if not hasattr(defaults, key):
+            raise ConfigError(f"{where}.arch_kwargs.{key}: not a {config_class.__name__} field")
+    positions = "n_positions" if arch == "gpt2" else "max_position_embeddings"
+    try:
+        config = config_class(**{positions: block_size, **arch_kwargs}, vocab_size=vocab_size,
+                              bos_token_id=special.eos, eos_token_id=special.eos, pad_token_id=special.pad)
+        model = model_class(config)
+    except (ValueError, TypeError, AssertionError) as exc:
+        raise ConfigError(f"{where}.arch_kwargs: {arch_kwargs} do not make a {arch} ({exc})") from None
+    if getattr(config, positions) < block_size:
+        raise ConfigError(f"{where}.arch_kwargs.{positions}: {getattr(config, positions)} is shorter than "
+                          f"the blocks ({block_size} tokens)")
+    return model
+
+
+def objective(model: PreTrainedModel | PretrainedConfig) -> str:
+    """"causal" or "masked", from the model class the config names."""
+    config = model if isinstance(model, PretrainedConfig) else model.config
+    names = config.architectures or [type(model).__name__]
+    if any(n.endswith("ForMaskedLM") for n in names):
+        return "masked"
+    if any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names):
+        return "causal"
+    raise InputError(f"model class {names}: neither a causal LM (...ForCausalLM, ...LMHeadModel) nor a masked "
+                     "LM (...ForMaskedLM)")
+
+
+# --- losses -----------------------------------------------------------------------------------
+
+
+def mask_tokens(tokens: torch.Tensor, special: SpecialIds, vocab_size: int,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking of tokens (B, L) -> (inputs (B, L), labels (B, L), -100 where not predicted)."""
+    protected = (tokens == special.pad) | (tokens == special.eos) | (tokens == special.mask)
+    chosen = (torch.rand(tokens.shape, generator=generator) < MASK_PROB) & ~protected
+    labels = torch.where(chosen, tokens, -100)
+    how = torch.rand(tokens.shape, generator=generator)
+    random_tokens = torch.randint(vocab_size, tokens.shape, generator=generator)
+    inputs = torch.where(chosen & (how < MASK_AS_MASK), special.mask, tokens)
+    swap = chosen & (how >= MASK_AS_MASK) & (how < MASK_AS_MASK + MASK_AS_RANDOM)
+    return torch.where(swap, random_tokens, inputs), labels
+
+
+def lm_inputs(tokens: torch.Tensor, kind: str, special: SpecialIds, vocab_size: int,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks (B, L) -> (inputs (B, L), labels (B, L)): the label at each position is the token
+    its logits predict, -100 where nothing is predicted.
+
+    causal: position t predicts token t + 1 (the last predicts nothing); masked: the chosen
+    positions predict the original token (the generator draws the masks).
+    """
+    if kind == "masked":
+        return mask_tokens(tokens, special, vocab_size, generator)
+    labels = torch.full_like(tokens, -100)
+    labels[:, :-1] = tokens[:, 1:]
+    return tokens, labels
+
+
+def token_losses(model: PreTrainedModel, inputs: torch.Tensor,
+                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per predicted token: (cross-entropy (P,), the model's argmax (P,), the target (P,))."""
+    logits = model(input_ids=inputs).logits  # (B, L, V)
+    keep = labels != -100
+    logits, targets = logits[keep], labels[keep]  # (P, V), (P,)
+    return F.cross_entropy(logits, targets, reduction="none"), logits.argmax(-1), targets
+
+
+# --- training and evaluation ------------------------------------------------------------------
+
+
+def fit(model: PreTrainedModel, tokens: torch.Tensor, special: SpecialIds, *, epochs: int, batch_size: int,
+        lr: float, weight_decay: float, seed: int, desc: str = "lm", progress: bool = True) -> list[dict[str, float]]:
+    """Train on blocks (N, L) in place; the per-epoch log (mean loss per predicted token)."""
+    kind = objective(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+    steps = epochs * math.ceil(len(tokens) / batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
+    log: list[dict[str, float]] = []
+    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False)
+    for epoch in range(epochs):
+        model.train()
+        started = time.perf_counter()
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # the order and the masks
+        total, count = 0.0, 0
+        for rows in torch.randperm(len(tokens), generator=g).split(batch_size):
+            losses, _, _ = token_losses(model, *lm_inputs(tokens[rows], kind, special, model.config.vocab_size, g))
+            if not len(losses):  # a masked batch with nothing chosen
+                continue
+            loss = losses.mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
+            optimizer.step()
+            schedule.step()
+            total += float(loss.detach()) * len(losses)
+            count += len(losses)
+            bar.update(1)
+        log.append({"epoch": epoch + 1, "loss": total / max(count, 1), "lr": schedule.get_last_lr()[0],
+                    "seconds": time.perf_counter() - started})
+        bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
+    bar.close()
+    model.eval()
+    return log
+
+
+def evaluate(model: PreTrainedModel, tokens: torch.Tensor, special: SpecialIds, batch_size: int,
+             seed: int) -> dict[str, float]:
+    """causal: loss and perplexity per predicted token; masked: loss and accuracy on the masked
+    tokens, the masks drawn from `seed` (the same masks every run)."""
+    kind = objective(model)
+    # every mask drawn at once: the same masks whatever the batch size
+    inputs, labels = lm_inputs(tokens, kind, special, model.config.vocab_size, torch.Generator().manual_seed(seed))
+    model.eval()
+    total, correct, count = 0.0, 0, 0
+    with torch.no_grad():
+        for rows in torch.arange(len(tokens)).split(batch_size):
+            losses, predicted, targets = token_losses(model, inputs[rows], labels[rows])
+            total += float(losses.sum())
+            correct += int((predicted == targets).sum())
+            count += len(losses)
+    if count == 0:
+        raise InputError("no token to evaluate on (an empty split?)")
+    loss = total / count
+    if kind == "causal":
+        return {"loss": loss, "perplexity": math.exp(loss)}
+    return {"loss": loss, "masked_accuracy": correct / count}
+
+
+def unigram_perplexity(train: np.ndarray, test: np.ndarray, vocab_size: int) -> float:
+    """Perplexity on test[:, 1:] (the tokens a causal LM predicts) of the labeled split's token
+    frequencies, add-one smoothed: the bar a model that ignores context would reach."""
+    counts = np.bincount(train.reshape(-1), minlength=vocab_size) + 1.0
+    log_p = np.log(counts / counts.sum())
+    return float(np.exp(-log_p[test[:, 1:].reshape(-1)].mean()))
+
+
+def train_teacher(cfg: TeacherConfig, prepared: Path, *,
+                  progress: bool = True) -> tuple[PreTrainedModel, dict[str, Any], dict[str, Any]]:
+    """The teacher on the labeled blocks: (model, provenance to save beside it, test metrics).
+
+    `cfg.shift` (an image augmentation) does not apply to text.
+    """
+    _, train = text.read_blocks(prepared / "labeled.parquet")
+    _, test = text.read_blocks(prepared / "test.parquet")
+    info = text.split_info(prepared / "labeled.parquet")
+    _, special = text.load_tokenizer(prepared)
+    torch.manual_seed(cfg.seed)
+    model = build(cfg.arch, cfg.arch_kwargs, info["vocab_size"], info["block_size"], special)
+    log = fit(model, torch.from_numpy(train), special, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+              weight_decay=cfg.weight_decay, seed=cfg.seed, desc="teacher", progress=progress)
+    scores = evaluate(model, torch.from_numpy(test), special, cfg.batch_size, seed=cfg.seed)
+    kind = objective(model)
+    metrics = {"objective": kind, "test_loss": scores["loss"], "train_loss": log[-1]["loss"], "epochs": len(log),
+               "params": count_params(model), "train_tokens": int(train.size), "test_tokens": int(test.size)}
+    if kind == "causal":
+        metrics |= {"perplexity": scores["perplexity"],
+                    "unigram_perplexity": unigram_perplexity(train, test, info["vocab_size"])}
+    else:
+        metrics["masked_accuracy"] = scores["masked_accuracy"]
+    provenance = {"arch": cfg.arch, "arch_kwargs": cfg.arch_kwargs, "objective": kind, "training": as_dict(cfg),
+                  "data": {k: info[k] for k in ("dataset", "block_size", "vocab_size", "tokenizer_sha256")}}
+    return model, provenance, metrics
+
+
+# --- saving and loading -----------------------------------------------------------------------
+
+
+def save(directory: Path, model: PreTrainedModel, tokenizer: Path) -> None:
+    """The Hugging Face directory: safetensors weights, config.json and a copy of the tokenizer."""
+    transformers.utils.logging.disable_progress_bar()  # (a "writing shards" bar on every save otherwise)
+    model.save_pretrained(directory)
+    shutil.copyfile(tokenizer, Path(directory) / TOKENIZER_FILE)
+
+
+def load(directory: Path) -> PreTrainedModel:
+    """A local HF causal or masked LM (ours or a user's), in eval mode; never downloads."""
+    directory = Path(directory)
+    for name in (CONFIG, WEIGHTS):
+        if not (directory / name).is_file():
+            raise MissingInputError(f"{directory / name}: not found (expected a Hugging Face model directory)")
+    try:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        auto = AutoModelForMaskedLM if objective(config) == "masked" else AutoModelForCausalLM
+        model = auto.from_pretrained(directory, local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
+        raise InputError(f"{directory}: cannot load the model ({str(exc).splitlines()[0]})") from None
+    model.eval()
+    return model
+
+
+def fingerprint(directory: Path) -> str:
+    """sha256 over the weights, the config and the tokenizer: what identifies a text teacher."""
+    digest = hashlib.sha256()
+    for name in (WEIGHTS, CONFIG, TOKENIZER_FILE):
+        path = Path(directory) / name
+        if not path.is_file():
+            raise MissingInputError(f"{path}: not found (a text teacher keeps its tokenizer beside its weights)")
+        digest.update(file_sha256(path).encode())
+    return digest.hexdigest()

@@ -1,0 +1,112 @@
+"""The per-token cache of a causal language model: one row per predicted token.
+
+Real files: CPython's pydoc text cut into 32-token blocks with a 512-entry tokenizer, a tiny
+GPT-2 teacher trained for one epoch through `kd teacher`, then `kd label`. The rows are
+checked against the teacher run directly, position by position.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import zarr
+
+from pipeline import losses, text
+from pipeline.cache import Cache
+from pipeline.cache.store import Store
+from pipeline.cache.verify import verify
+from stages import label, prepare, teacher
+from tests.test_stages import invoke, ok
+
+BLOCK = 32
+
+
+@pytest.fixture(scope="module")
+def lm_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokens")
+    params = root / "params.yaml"
+    params.write_text("{}\n")
+    ok(invoke(prepare.main, "--dataset", "pydoc", "--vocab-size", 512, "--block-size", BLOCK, "--labeled", 120,
+              "--unlabeled", 40, "--test", 20, "--params", params, "--out", root / "prepared"))
+    ok(invoke(teacher.main, "--arch", "gpt2", "--arch-kwargs", '{"n_layer": 1, "n_head": 2, "n_embd": 32}',
+              "--epochs", 1, "--batch-size", 16, "--no-progress", "--prepared", root / "prepared",
+              "--out", root / "teacher", "--params", params))
+    return root
+
+
+def label_args(root, out, *extra):
+    return ["--no-progress", "--teacher", root / "teacher", "--prepared", root / "prepared", "--out", out,
+            "--params", root / "params.yaml", "--part-size", 16, *extra]
+
+
+def test_token_rows_are_the_teachers_next_token_distributions(lm_world, tmp_path):
+    from pipeline import lm
+
+    out = tmp_path / "cache"
+    ok(invoke(label.main, *label_args(lm_world, out, "--top-k", 8, "--feature", "transformer.h.0=full")))
+    assert verify(out) == []
+    cache = Cache.open(out)
+    assert cache.manifest["text"]["positions"] == BLOCK - 1 and cache.views == BLOCK - 1
+    table = pq.read_table(out / "soft_targets" / "split=test" / "part-00000.parquet")
+    assert table.column_names[:3] == ["id", "view", "position"]
+    ids, tokens = text.read_blocks(lm_world / "prepared" / "test.parquet")
+    model = lm.load(lm_world / "teacher")
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(tokens[:16])).logits[:, :-1].reshape(-1, 512)
+    soft = cache.soft_targets("test", [1.0, 4.0], parts=[0])
+    assert np.array_equal(soft.ids, np.repeat(ids[:16], BLOCK - 1))
+    assert np.array_equal(table["position"].to_numpy(), np.tile(np.arange(BLOCK - 1), 16))
+    shifted = logits - logits.max(1, keepdim=True).values
+    top = shifted.topk(8, dim=1)
+    assert np.array_equal(soft.topk_idx, top.indices.numpy())
+    np.testing.assert_allclose(soft.topk_logit.astype(np.float32), top.values.numpy(), atol=2e-3)
+    np.testing.assert_allclose(soft.lse[4.0], torch.logsumexp(shifted / 4, 1).numpy(), rtol=1e-6)
+    hidden = zarr.open_array(str(out / "features.zarr" / "test" / "transformer.h.0"), mode="r")
+    assert hidden.shape == (20 * (BLOCK - 1), 32)
+    # the teacher's next-token accuracy, counted over every predicted token of the test split
+    truth = tokens[:, 1:].reshape(-1)
+    all_rows = cache.soft_targets("test", [])
+    accuracy = float((all_rows.topk_idx[:, 0] == truth).mean())
+    assert cache.manifest["fidelity"]["test"]["teacher_accuracy"] == pytest.approx(accuracy)
+
+
+def test_k_equal_to_the_vocabulary_reproduces_full_logit_distillation(lm_world, tmp_path):
+    from pipeline import lm
+
+    out = tmp_path / "cache"
+    ok(invoke(label.main, *label_args(lm_world, out, "--top-k", 512, "--logit-dtype", "float32")))
+    soft = Cache.open(out).soft_targets("test", [4.0], parts=[0])
+    _, tokens = text.read_blocks(lm_world / "prepared" / "test.parquet")
+    with torch.no_grad():
+        teacher_logits = lm.load(lm_world / "teacher")(input_ids=torch.from_numpy(tokens[:16])).logits
+    teacher_logits = teacher_logits[:, :-1].reshape(-1, 512)
+    student = torch.randn(len(teacher_logits), 512, generator=torch.Generator().manual_seed(0)) * 3
+    full = losses.soft_target_loss(student, teacher_logits, 4.0)
+    for tail in ("bucket", "renorm"):
+        cached = losses.topk_soft_target_loss(student, torch.tensor(soft.topk_idx), torch.tensor(soft.topk_logit),
+                                              torch.tensor(soft.lse[4.0]), 4.0, tail=tail)
+        assert float(cached) == pytest.approx(float(full), rel=1e-6)
+
+
+def test_kept_mass_grows_with_k_and_shards_equal_one_process(lm_world, tmp_path):
+    kept = {}
+    for k in (8, 32, 128):
+        out = tmp_path / f"k{k}"
+        ok(invoke(label.main, *label_args(lm_world, out, "--top-k", k)))
+        kept[k] = Cache.open(out).manifest["fidelity"]["test"]["t1"]["kept_mass"]
+    assert kept[8] < kept[32] < kept[128] <= 1
+    sharded = tmp_path / "sharded"
+    for shard in (0, 1):
+        ok(invoke(label.main, *label_args(lm_world, sharded, "--top-k", 8, "--shard", shard, "--num-shards", 2)))
+    digest = lambda root: {rel: Store(root).sha256(rel) for rel in Store(root).files("")  # noqa: E731
+                           if not rel.split("/")[-1].startswith(".lock")}
+    assert digest(sharded) == digest(tmp_path / "k8")
+
+
+def test_a_pooled_token_feature_and_views_on_text_are_refused(lm_world, tmp_path):
+    result = invoke(label.main, *label_args(lm_world, tmp_path / "c", "--feature", "transformer.h.0=pooled"))
+    assert result.exit_code == 1 and "token rows cache hidden states in full" in result.output
+    result = invoke(label.main, *label_args(lm_world, tmp_path / "c", "--views", 2))
+    assert result.exit_code == 1 and "augmented views are for images" in result.output
