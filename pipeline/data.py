@@ -555,6 +555,12 @@ def read_rows(path: Path, start: int, stop: int, columns: Sequence[str] = ("id",
     """Rows [start, stop) of a split file, reading only the row groups that hold them."""
     file = _open(path)
     meta = _check_columns(file.schema_arrow, columns, path)
+    table = read_row_range(file, start, stop, columns)
+    return _to_split({name: table.column(name) for name in columns}, meta, path)
+
+
+def read_row_range(file: pq.ParquetFile, start: int, stop: int, columns: Sequence[str] | None = None) -> pa.Table:
+    """Rows [start, stop) of an open Parquet file, reading only the row groups that hold them."""
     groups, first, offset = [], None, 0
     for index in range(file.metadata.num_row_groups):
         n = file.metadata.row_group(index).num_rows
@@ -563,10 +569,10 @@ def read_rows(path: Path, start: int, stop: int, columns: Sequence[str] = ("id",
             first = offset if first is None else first
         offset += n
     if not groups:
-        table = file.schema_arrow.empty_table().select(list(columns))
-    else:
-        table = file.read_row_groups(groups, columns=list(columns)).slice(start - first, stop - start)
-    return _to_split({name: table.column(name) for name in columns}, meta, path)
+        empty = file.schema_arrow.empty_table()
+        return empty if columns is None else empty.select(list(columns))
+    columns = None if columns is None else list(columns)
+    return file.read_row_groups(groups, columns=columns).slice(start - first, stop - start)
 
 
 def split_info(path: Path) -> dict:

@@ -114,15 +114,7 @@ class TokenInputs:
 
     def read(self, source: Path, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
         """ids and tokens of blocks [first, last), reading only the row groups that hold them."""
-        file = self.text._open_text(source)
-        groups, offset, start = [], 0, None
-        for index in range(file.metadata.num_row_groups):
-            n = file.metadata.row_group(index).num_rows
-            if offset < last and offset + n > first:
-                groups.append(index)
-                start = offset if start is None else start
-            offset += n
-        table = file.read_row_groups(groups).slice(first - start, last - first)
+        table = data.read_row_range(self.text._open_text(source), first, last)
         return self.text._arrays(table, self.block_size)
 
     def batch(self, model: nn.Module, rows: tuple[np.ndarray, np.ndarray], start: int, stop: int,
