@@ -81,9 +81,6 @@ class Store:
     def is_file(self, rel: str) -> bool:
         return self.size(rel) is not None
 
-    def exists(self) -> bool:
-        return self.fs.get_file_info(self.base).type != pafs.FileType.NotFound
-
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open_input_stream(self.full(rel)) as handle:
             return handle.read()

@@ -190,8 +190,8 @@ def merge(out: str | Path, num_shards: int | None = None, *, missing_ok: bool = 
     store = Store(out)
     names = [rel for rel in store.files(SHARDS) if rel.endswith(".json")]
     if not names:
-        if store.is_file(MANIFEST) and read_manifest(store).get("complete"):
-            return read_manifest(store)  # already merged
+        if (merged := _merged(store)) is not None:
+            return merged
         raise MissingInputError(f"{store.show(SHARDS)}: no shard records to merge (run `kd label --shard I "
                                 "--num-shards N` first)")
     counts = {int(rel.rsplit("-of-", 1)[1].removesuffix(".json")) for rel in names}
@@ -209,8 +209,8 @@ def merge(out: str | Path, num_shards: int | None = None, *, missing_ok: bool = 
             waiting.append(i)
         records.append(record)
     if waiting:
-        if store.is_file(MANIFEST) and read_manifest(store).get("complete"):
-            return read_manifest(store)  # another shard merged while these records were read
+        if (merged := _merged(store)) is not None:
+            return merged  # another shard merged while these records were read
         if missing_ok:
             return None
         raise CacheError(f"{store.show(SHARDS)}: shards {', '.join(map(str, waiting))} of {num_shards} are not "
@@ -237,6 +237,14 @@ def merge(out: str | Path, num_shards: int | None = None, *, missing_ok: bool = 
     store.write_json(MANIFEST, manifest)
     store.delete(SHARDS)
     return manifest
+
+
+def _merged(store: Store) -> dict[str, Any] | None:
+    """The manifest if the cache is complete (already merged), else None."""
+    if not store.is_file(MANIFEST):
+        return None
+    manifest = read_manifest(store)
+    return manifest if manifest.get("complete") else None
 
 
 def _finished(store: Store, key: dict[str, Any], num_shards: int) -> dict[str, Any] | None:
