@@ -238,6 +238,8 @@ def save(directory: Path, model: PreTrainedModel, tokenizer: Path) -> None:
 def load(directory: Path) -> PreTrainedModel:
     """A local HF causal or masked LM (ours or a user's), in eval mode; never downloads."""
     directory = Path(directory)
+    transformers.utils.logging.set_verbosity_error()  # no per-load progress bars or advice on stderr
+    transformers.utils.logging.disable_progress_bar()
     for name in (CONFIG, WEIGHTS):
         if not (directory / name).is_file():
             raise MissingInputError(f"{directory / name}: not found (expected a Hugging Face model directory)")

@@ -45,7 +45,17 @@ def main(
     try:
         cfg = override(student(params, name), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
         source = cache if cfg.assistant is None else assistant_cache(assistants, cfg.assistant)
-        summary = train_student(cfg, Cache.open(source), prepared, students_dir / name, baselines,
+        opened = Cache.open(source)
+        if "text" in opened.manifest:  # a language model's per-token cache
+            from pipeline.lm_distill import train_text_student
+
+            text_summary = train_text_student(cfg, opened, prepared, students_dir / name, progress=progress)
+            final, twin = text_summary["final"], text_summary["baseline_final"]
+            typer.echo(f"student {name}: {text_summary['epochs']} epochs, final soft {final.get('soft', 0):.4f}, "
+                       f"hard {final.get('hard', 0):.4f}; baseline twin next-token loss {twin['hard']:.4f} "
+                       f"-> {students_dir / name}")
+            return
+        summary = train_student(cfg, opened, prepared, students_dir / name, baselines,
                                 memory_mb=memory_mb, checkpoints=checkpoints, progress=progress)
     finally:
         parallel.finish()

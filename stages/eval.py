@@ -20,6 +20,7 @@ import typer
 from pipeline.cache import Cache
 from pipeline.config import EvalConfig, section, student
 from pipeline.errors import MissingInputError
+from pipeline.files import write_json
 from pipeline.metrics import evaluate, write_eval
 from stages.common import PARAMS_OPTION, clean_errors, override
 
@@ -46,8 +47,19 @@ def main(
     directory = students_dir / name
     if not (directory / "config.json").is_file():
         raise MissingInputError(f"{directory}: no trained student {name!r} here (run `kd distill {name}`)")
+    opened = Cache.open(cache)
+    if "text" in opened.manifest:  # a language-model student
+        from pipeline.lm_distill import evaluate_text
+
+        metrics = evaluate_text(directory, opened, prepared, throughput_runs=cfg.throughput_runs)
+        write_json(directory / "metrics.json", metrics)
+        teacher = f"{metrics['teacher_perplexity']:.1f}" if metrics["teacher_perplexity"] else "unknown"
+        typer.echo(f"student {name}: test perplexity {metrics['perplexity']:.1f} (baseline twin "
+                   f"{metrics['baseline_perplexity']:.1f}, teacher {teacher}), agreement {metrics['agreement']:.4f}, "
+                   f"KL {metrics['kl_to_teacher']:.4f}, {metrics['params']:,} params -> {directory / 'metrics.json'}")
+        return
     custom = ":" in spec.arch  # a user's architecture is named by params, never by the checkpoint
-    result = evaluate(directory, Cache.open(cache), prepared, cfg,
+    result = evaluate(directory, opened, prepared, cfg,
                       arch=spec.arch if custom else None, arch_kwargs=spec.arch_kwargs if custom else None)
     path = write_eval(directory, result)
     typer.echo(summary(name, result) + f" -> {path}")

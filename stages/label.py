@@ -81,15 +81,12 @@ def load_teacher(directory: Path, arch: str | None, arch_kwargs: dict | None) ->
     if not hf:
         model, config = load_model(directory, arch=arch, arch_kwargs=arch_kwargs)
         return Teacher(model, fingerprint(directory), config)
-    import transformers
-
     from pipeline import lm  # (transformers takes seconds to import; image runs never need it)
 
-    transformers.utils.logging.set_verbosity_error()  # no per-load progress bars or advice on stderr
-    transformers.utils.logging.disable_progress_bar()
     model = lm.load(directory)
     config = {"arch": model.config.model_type, "objective": lm.objective(model), "params": count_params(model),
-              "vocab_size": model.config.vocab_size}
-    if (directory / "training.json").is_file():
-        config["training"] = read_json(directory / "training.json")
+              "vocab_size": model.config.vocab_size, "hf_config": model.config.to_dict()}
+    for name in ("training", "metrics"):  # where it came from and its test scores, when `kd teacher` made it
+        if (directory / f"{name}.json").is_file():
+            config[name] = read_json(directory / f"{name}.json")
     return Teacher(model, lm.fingerprint(directory), config)

@@ -1,23 +1,29 @@
-"""The per-token cache of a causal language model: one row per predicted token.
+"""The per-token cache of a causal language model, and causal students trained from it.
 
 Real files: CPython's pydoc text cut into 32-token blocks with a 512-entry tokenizer, a tiny
 GPT-2 teacher trained for one epoch through `kd teacher`, then `kd label`. The rows are
-checked against the teacher run directly, position by position.
+checked against the teacher run directly, position by position; a tiny GPT-2 student and its
+twin train through `kd distill` with the teacher's directory moved away, then `kd eval`.
 """
 
 from __future__ import annotations
+
+import json
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 import zarr
 
 from pipeline import losses, text
 from pipeline.cache import Cache
 from pipeline.cache.store import Store
 from pipeline.cache.verify import verify
-from stages import label, prepare, teacher
+from stages import distill, label, prepare, teacher
+from stages import eval as eval_stage
 from tests.test_stages import invoke, ok
 
 BLOCK = 32
@@ -110,3 +116,76 @@ def test_a_pooled_token_feature_and_views_on_text_are_refused(lm_world, tmp_path
     assert result.exit_code == 1 and "token rows cache hidden states in full" in result.output
     result = invoke(label.main, *label_args(lm_world, tmp_path / "c", "--views", 2))
     assert result.exit_code == 1 and "augmented views are for images" in result.output
+
+
+# --- causal students from the per-token cache --------------------------------------------------
+
+
+def text_student(**loss: Any) -> dict[str, Any]:
+    return {"arch": "gpt2", "arch_kwargs": {"n_layer": 1, "n_head": 2, "n_embd": 32}, "epochs": 1,
+            "batch_size": 16, "lr": 0.003, "loss": loss or {"soft": {"weight": 0.5, "temperature": 4},
+                                                            "hard": {"weight": 0.5, "labels": True}}}
+
+
+def test_a_causal_student_trains_from_the_cache_alone_and_is_evaluated(lm_world, tmp_path):
+    from pipeline.lm_distill import TokenSet, token_set
+
+    cache = tmp_path / "cache"
+    ok(invoke(label.main, *label_args(lm_world, cache, "--top-k", 32)))
+    teacher_dir = lm_world / "teacher"
+    hidden = teacher_dir.with_name("teacher-hidden")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"students": {"s": text_student()}}))
+    common = ["--cache", cache, "--prepared", lm_world / "prepared", "--students-dir", tmp_path / "students",
+              "--params", params]
+    teacher_dir.rename(hidden)  # the student never needs the teacher
+    try:
+        trained = ok(invoke(distill.main, "s", "--no-progress", *common))
+    finally:
+        hidden.rename(teacher_dir)
+    assert "baseline twin next-token loss" in trained.output
+    out = tmp_path / "students" / "s"
+    for directory in (out, out / "baseline"):
+        assert {"model.safetensors", "config.json", "tokenizer.json", "train_log.csv"} <= {
+            p.name for p in directory.iterdir()}
+    assert set(csv_header(out / "train_log.csv")) >= {"soft", "hard", "total"}
+    assert set(csv_header(out / "baseline" / "train_log.csv")) >= {"hard"} and "soft" not in csv_header(
+        out / "baseline" / "train_log.csv")
+    evaluated = ok(invoke(eval_stage.main, "s", "--latency-runs", 1, "--throughput-runs", 1, *common))
+    assert "test perplexity" in evaluated.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"perplexity", "baseline_perplexity", "teacher_perplexity", "agreement", "kl_to_teacher", "params",
+            "teacher_params", "size_bytes", "throughput_tokens_per_s", "speedup_vs_teacher"} <= set(metrics)
+    assert 1 < metrics["perplexity"] < 512 * 2 and 0 <= metrics["agreement"] <= 1
+    # every cache row lines up with the student's logits row of the same (block, position)
+    rows = token_set(Cache.open(cache), lm_world / "prepared", from_mapping_student(text_student()))
+    assert isinstance(rows, TokenSet) and len(rows.targets["label"]) == len(rows.tokens) * (BLOCK - 1)
+    batch = next(rows.batches(0, 4, 0))
+    assert torch.equal(batch["label"], batch["x"][:, 1:].reshape(-1))
+
+
+def test_text_students_refuse_what_they_cannot_do_yet(lm_world, tmp_path):
+    cache = tmp_path / "cache"
+    ok(invoke(label.main, *label_args(lm_world, cache, "--top-k", 8)))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"students": {
+        "mlp": {**text_student(), "arch": "mlp"},
+        "hint": text_student(soft={"temperature": 4}, hint={"teacher_layer": "a", "student_layer": "b"}),
+        "hot": text_student(soft={"temperature": 3})}}))
+    common = ["--no-progress", "--cache", cache, "--prepared", lm_world / "prepared", "--students-dir",
+              tmp_path / "students", "--params", params]
+    for name, message in (("mlp", "must be gpt2"), ("hint", "hint not supported for text students"),
+                          ("hot", "needs temperature 3")):
+        result = invoke(distill.main, name, *common)
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert not (tmp_path / "students" / name).exists()
+
+
+def csv_header(path) -> list[str]:
+    return path.read_text().splitlines()[0].split(",")
+
+
+def from_mapping_student(entry: dict[str, Any]):
+    from pipeline.config import StudentConfig, from_mapping
+
+    return from_mapping(StudentConfig, {**entry, "name": "s"}, "students.s")
