@@ -4,7 +4,8 @@ Never loads the teacher: it reads `data/teacher_outputs/` and `data/prepared/` o
 Writes `data/students/NAME/` (model.safetensors, config.json, train_log.csv) with the
 student's hard-label baseline twin in `baseline/`. Reads `students.NAME` of params.yaml.
 Under `torchrun --nproc-per-node N --no-python kd distill NAME` it trains data-parallel
-(`pipeline.parallel`); rank 0 writes the outputs and prints the summary.
+(`pipeline.parallel`); rank 0 writes the outputs and prints the summary. On a language model's
+per-token cache it trains a causal GPT-2 student and its text-only twin (`pipeline.lm_distill`).
 """
 
 from __future__ import annotations

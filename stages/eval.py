@@ -8,6 +8,8 @@ twin), summarised as mean +- std. Writes `data/students/NAME/metrics.json` (flat
 `dvc metrics show`) and `data/students/NAME/plots/` (per_class.csv, confusion.csv,
 reliability.csv, seeds.csv).
 Reads the `eval` section of params.yaml, and `students.NAME` for a custom architecture.
+A text student (a per-token cache) gets perplexity, its twin's and the teacher's, agreement,
+KL, size and speed instead (`pipeline.lm_distill.evaluate_text`).
 """
 
 from __future__ import annotations
