@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from pipeline import lm, losses, parallel, text
+from pipeline import lm, metrics, parallel, text
 from pipeline.cache import Cache
-from pipeline.config import StudentConfig, as_dict
+from pipeline.cache.inputs import next_token_logits
+from pipeline.config import EvalConfig, StudentConfig, as_dict
 from pipeline.distill import Built, Shapes, student_terms
 from pipeline.errors import ConfigError, StaleCacheError
 from pipeline.files import staging_dir, swap_into_place, write_json
@@ -44,8 +45,7 @@ class TokenRows(nn.Module):
         self.model = model
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits
-        return logits[:, :-1].reshape(-1, logits.shape[-1])
+        return next_token_logits(self.model, tokens)
 
 
 @dataclass
@@ -160,8 +160,8 @@ def _train(cfg: StudentConfig, dataset: TokenSet, built: Built, info: dict[str, 
 # --- evaluation -------------------------------------------------------------------------------
 
 
-def evaluate_text(student_dir: Path, cache: Cache, prepared: Path, *, batch_size: int = 16,
-                  throughput_runs: int = 3) -> dict[str, Any]:
+def evaluate_text(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, *,
+                  batch_size: int = 16) -> dict[str, Any]:
     """Test perplexity of the student and its twin, and against the cached teacher: top-1
     agreement, KL at T=1 (top-k plus a tail bucket: a lower bound when k < V), speed and size."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -170,44 +170,32 @@ def evaluate_text(student_dir: Path, cache: Cache, prepared: Path, *, batch_size
     _, special = text.load_tokenizer(prepared)
     _, blocks = text.read_blocks(prepared / "test.parquet")
     tokens = torch.from_numpy(blocks)
-    scores = lm.evaluate(student, tokens, special, batch_size, seed=0)
-    twin_scores = lm.evaluate(twin, tokens, special, batch_size, seed=0)
-    soft = cache.soft_targets("test", [1.0])
     rows = TokenRows(student).eval()
     with torch.no_grad():
         logits = torch.cat([rows(chunk) for chunk in tokens.split(batch_size)])
-    kl = losses.topk_soft_target_loss_per_row(logits, torch.tensor(soft.topk_idx, dtype=torch.long),
-                                              torch.tensor(soft.topk_logit, dtype=torch.float32),
-                                              torch.tensor(soft.lse[1.0]), 1.0)
+    perplexity = math.exp(float(F.cross_entropy(logits, tokens[:, 1:].reshape(-1))))
+    twin_perplexity = lm.evaluate(twin, tokens, special, batch_size, seed=0)["perplexity"]
+    soft = cache.soft_targets("test", [1.0])
+    kl, exact = metrics.kl_to_teacher(logits, torch.tensor(soft.topk_idx, dtype=torch.long),
+                                      torch.tensor(soft.topk_logit, dtype=torch.float32), torch.tensor(soft.lse[1.0]))
     teacher = cache.manifest["teacher"]["config"]
-    teacher_model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**teacher["hf_config"])) \
-        if "hf_config" in teacher else None
-    speed = _tokens_per_second(student, tokens[:batch_size], throughput_runs)
-    teacher_speed = _tokens_per_second(teacher_model, tokens[:batch_size], throughput_runs) if teacher_model else None
-    teacher_ppl = teacher.get("metrics", {}).get("perplexity")
+    models = [rows]
+    if "hf_config" in teacher:  # a random-weight copy of the teacher: weights do not change its speed
+        models.append(TokenRows(AutoModelForCausalLM.from_config(AutoConfig.for_model(**teacher["hf_config"]))))
+    with metrics.torch_threads(cfg.threads):
+        blocks_per_s = metrics.throughputs(models, tokens[:batch_size], cfg.throughput_runs)
+    speed = blocks_per_s[0] * tokens.shape[1]
     return {
         "objective": "causal",
-        "perplexity": scores["perplexity"], "baseline_perplexity": twin_scores["perplexity"],
-        "teacher_perplexity": teacher_ppl,
-        "perplexity_gain": twin_scores["perplexity"] - scores["perplexity"],
-        "agreement": float((logits.argmax(1).numpy() == soft.topk_idx[:, 0]).mean()),
-        "kl_to_teacher": float(kl.mean()), "kl_exact": cache.manifest["top_k"] == cache.num_classes,
+        "perplexity": perplexity, "baseline_perplexity": twin_perplexity,
+        "teacher_perplexity": teacher.get("metrics", {}).get("perplexity"),
+        "perplexity_gain": twin_perplexity - perplexity,
+        "agreement": metrics.agreement(logits.argmax(1).numpy(), soft.topk_idx[:, 0]),
+        "kl_to_teacher": kl, "kl_exact": exact,
         "kept_mass_t1": cache.manifest["fidelity"]["test"].get("t1", {}).get("kept_mass"),
         "params": count_params(student), "teacher_params": teacher.get("params"),
         "size_bytes": (student_dir / lm.WEIGHTS).stat().st_size,
-        "throughput_tokens_per_s": speed, "speedup_vs_teacher": speed / teacher_speed if teacher_speed else None,
+        "throughput_tokens_per_s": speed,
+        "speedup_vs_teacher": blocks_per_s[0] / blocks_per_s[1] if len(blocks_per_s) > 1 else None,
         "test_tokens": int(math.prod(tokens[:, 1:].shape)),
     }
-
-
-def _tokens_per_second(model: nn.Module, tokens: torch.Tensor, runs: int) -> float:
-    """Median predicted tokens per second of a forward pass over one batch of blocks."""
-    model.eval()
-    times = []
-    with torch.no_grad():
-        model(input_ids=tokens)  # warm-up
-        for _ in range(runs):
-            started = time.perf_counter()
-            model(input_ids=tokens)
-            times.append(time.perf_counter() - started)
-    return tokens.numel() / float(np.median(times))

@@ -53,7 +53,7 @@ def main(
     if "text" in opened.manifest:  # a language-model student
         from pipeline.lm_distill import evaluate_text
 
-        metrics = evaluate_text(directory, opened, prepared, throughput_runs=cfg.throughput_runs)
+        metrics = evaluate_text(directory, opened, prepared, cfg)
         write_json(directory / "metrics.json", metrics)
         teacher = f"{metrics['teacher_perplexity']:.1f}" if metrics["teacher_perplexity"] else "unknown"
         typer.echo(f"student {name}: test perplexity {metrics['perplexity']:.1f} (baseline twin "

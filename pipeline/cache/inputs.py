@@ -107,10 +107,7 @@ class TokenInputs:
         return torch.zeros(1, self.block_size, dtype=torch.long)
 
     def logits(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, L) -> (B * (L - 1), V): every position's logits but the last's (it predicts
-        nothing inside the block)."""
-        out = model(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits  # full blocks, no padding
-        return out[:, :-1].reshape(-1, out.shape[-1])
+        return next_token_logits(model, tokens)
 
     def read(self, source: Path, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
         """ids and tokens of blocks [first, last), reading only the row groups that hold them."""
@@ -128,6 +125,12 @@ class TokenInputs:
         return Batch(np.repeat(ids, positions), np.zeros(n * positions, dtype=np.int32),
                      np.tile(np.arange(positions, dtype=np.int32), n), logits, feats, truth,
                      np.ones(n * positions, dtype=bool))
+
+
+def next_token_logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """A causal LM's logits for blocks (B, L) as cache rows (B * (L - 1), V): every position
+    but the last, which predicts nothing inside the block."""
+    return _token_rows(model(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits)  # full blocks
 
 
 def _token_rows(hidden: torch.Tensor | tuple) -> torch.Tensor:
