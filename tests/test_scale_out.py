@@ -87,6 +87,19 @@ def test_shards_of_different_counts_are_not_merged(world, tmp_path):
     assert result.exit_code == 1 and "records of other shard counts" in result.output
 
 
+def test_two_writers_of_a_shared_file_do_not_move_each_others_temporary(tmp_path):
+    # Shards that finish together both merge: each writes the same manifest. A fixed
+    # temporary name let the first move the second's file away (seen under torchrun).
+    store = Store(tmp_path)
+    with store.writing("manifest.json", shared=True) as first:
+        with store.writing("manifest.json", shared=True) as second:
+            assert first != second
+            Path(second).write_text("second\n")
+        Path(first).write_text("first\n")
+    assert (tmp_path / "manifest.json").read_text() == "first\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
 def torchrun(nproc: int, *args: Any, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`torchrun --nproc-per-node N --no-python kd ARGS` from this Python, one thread per process."""
     kd = Path(sys.executable).with_name("kd")

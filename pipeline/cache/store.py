@@ -18,6 +18,8 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import os
+import secrets
 from contextlib import contextmanager, nullcontext
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
@@ -98,16 +100,22 @@ class Store:
         except json.JSONDecodeError as exc:
             raise InputError(f"{self.show(rel)}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
 
-    def write_json(self, rel: str, data: Any) -> None:
-        """Write JSON atomically (temporary name, then moved into place)."""
-        with self.writing(rel) as tmp, self.fs.open_output_stream(tmp) as handle:
+    def write_json(self, rel: str, data: Any, *, shared: bool = False) -> None:
+        """Write JSON atomically (temporary name, then moved into place); `shared` as in `writing`."""
+        with self.writing(rel, shared=shared) as tmp, self.fs.open_output_stream(tmp) as handle:
             handle.write((json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
     @contextmanager
-    def writing(self, rel: str) -> Iterator[str]:
+    def writing(self, rel: str, *, shared: bool = False) -> Iterator[str]:
         """Yield a temporary path in `self.fs` to write `rel` to; move it into place on success,
-        remove it on failure (so no half-written file is ever under its final name)."""
-        tmp = self.full(rel) + ".tmp"
+        remove it on failure (so no half-written file is ever under its final name).
+
+        A file only one process writes uses one fixed temporary name, so a rerun after a crash
+        overwrites the leftover. A `shared` file, which several processes may write at once
+        (the merged manifest, written by whichever shards finish together), gets a temporary
+        name of its own per writer, so no writer moves another's file away.
+        """
+        tmp = self.full(rel) + (f".tmp-{os.getpid()}-{secrets.token_hex(4)}" if shared else ".tmp")
         if not self.remote:
             Path(tmp).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -153,17 +161,18 @@ class Store:
             raise CacheError(f"{self.show(rel)}: a cache on object storage needs s3fs ({exc}); "
                              "pip install s3fs") from None
 
-    def lock(self, name: str = ".lock", what: str = "another `kd label`"):
-        """An exclusive lock held while writing (local disks only); a second writer fails at once."""
-        return nullcontext() if self.remote else _flock(Path(self.root), name, what)
+    def lock(self, name: str = ".lock", what: str = "another `kd label`", *, wait: bool = False):
+        """An exclusive lock held while writing (local disks only). A second writer fails at
+        once, or with `wait` waits its turn (for short steps that shards share)."""
+        return nullcontext() if self.remote else _flock(Path(self.root), name, what, wait)
 
 
 @contextmanager
-def _flock(root: Path, name: str, what: str) -> Iterator[None]:
+def _flock(root: Path, name: str, what: str, wait: bool) -> Iterator[None]:
     root.mkdir(parents=True, exist_ok=True)
     handle = open(root / name, "w")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
         raise CacheError(f"{root}: {what} is writing this cache (lock {root / name} is held)") from None

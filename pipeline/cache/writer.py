@@ -31,7 +31,7 @@ import zarr
 from torch import nn
 from tqdm import tqdm
 from zarr.codecs import ZstdCodec
-from zarr.errors import ContainsArrayError
+from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from pipeline import data, features
 from pipeline.cache.manifest import (FEATURES, MANIFEST, SCHEMA_VERSION, SHARDS, feature_path, lse_column,
@@ -234,7 +234,7 @@ def merge(out: str | Path, num_shards: int | None = None, *, missing_ok: bool = 
                 raise CacheError(f"{problem}; run that shard's `kd label` again")
     manifest["complete"] = False
     _finish(manifest)
-    store.write_json(MANIFEST, manifest)
+    store.write_json(MANIFEST, manifest, shared=True)
     store.delete(SHARDS)
     return manifest
 
@@ -389,19 +389,25 @@ def _create_arrays(store: Store, manifest: dict[str, Any], cfg: LabelConfig) -> 
     specs = manifest["features"]
     if not specs:
         return
-    group = zarr.open_group(store.zarr(FEATURES), mode="a")
-    for split, info in manifest["splits"].items():
-        for name, shape, dtype in [("id", [], "int64"), *[(s["name"], s["shape"], "float16") for s in specs]]:
-            wanted = (info["rows"], *shape)
-            chunks = (info["chunk_rows"][name], *shape)
-            try:
-                group.create_array(f"{split}/{name}", shape=wanted, chunks=chunks, dtype=dtype,
-                                   compressors=ZstdCodec(level=3), fill_value=0, config={"write_empty_chunks": True})
-            except ContainsArrayError:
-                existing = group[f"{split}/{name}"]
-                if existing.shape != wanted or existing.chunks != chunks or existing.dtype != np.dtype(dtype):
-                    raise StaleCacheError(f"{store.show(feature_path(split, name))}: an array of another cache "
-                                          f"(shape {existing.shape}, expected {wanted}); remove {store.show()}") from None
+    with store.lock(".lock-arrays", wait=True):  # shards starting together would race to create them
+        try:
+            group = zarr.open_group(store.zarr(FEATURES), mode="a")
+        except ContainsGroupError:  # on object storage, which has no lock: created meanwhile
+            group = zarr.open_group(store.zarr(FEATURES), mode="r+")
+        for split, info in manifest["splits"].items():
+            for name, shape, dtype in [("id", [], "int64"), *[(s["name"], s["shape"], "float16") for s in specs]]:
+                wanted = (info["rows"], *shape)
+                chunks = (info["chunk_rows"][name], *shape)
+                try:
+                    group.create_array(f"{split}/{name}", shape=wanted, chunks=chunks, dtype=dtype,
+                                       compressors=ZstdCodec(level=3), fill_value=0,
+                                       config={"write_empty_chunks": True})
+                except ContainsArrayError:
+                    existing = group[f"{split}/{name}"]
+                    if existing.shape != wanted or existing.chunks != chunks or existing.dtype != np.dtype(dtype):
+                        raise StaleCacheError(f"{store.show(feature_path(split, name))}: an array of another "
+                                              f"cache (shape {existing.shape}, expected {wanted}); remove "
+                                              f"{store.show()}") from None
 
 
 def _chunk_rows(part_rows: int, row_bytes: int) -> int:
