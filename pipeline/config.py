@@ -18,7 +18,10 @@ import yaml
 
 from pipeline.errors import ConfigError, MissingInputError
 
-SECTIONS = ("prepare", "teacher", "label", "assistants", "students", "eval")
+SECTIONS = ("prepare", "teacher", "label", "assistants", "students", "text_students", "eval")
+# `text_students` is `students` under another name, for params_text.yaml: dvc.yaml imports it
+# next to params.yaml (for its foreach), and DVC would merge two sections of one name.
+STUDENT_SECTIONS = ("students", "text_students")
 FEATURE_MODES = ("full", "pooled", "attention")
 TAIL_MODES = ("bucket", "renorm")
 LOGIT_DTYPES = ("float16", "float32")
@@ -196,7 +199,7 @@ class StudentConfig:
     """A student (or a teacher assistant: the same schema under `assistants`)."""
 
     name: str = ""  # the mapping key, set by `student()`
-    section: str = "students"  # "students" or "assistants", set by `student()`
+    section: str = "students"  # "students", "text_students" or "assistants", set by `student()`
     arch: str = "mlp"
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     epochs: int = 40
@@ -316,12 +319,16 @@ def section(path: str | Path, name: str, cls: type) -> Any:
 
 
 def student(path: str | Path, name: str, section: str = "students") -> StudentConfig:
-    """Entry `name` of the `students` (or `assistants`) section."""
-    entries = load_params(path).get(section) or {}
-    if name not in entries:
-        known = ", ".join(entries) or "none"
-        raise ConfigError(f"{path}: {section}.{name} is not defined (defined: {known})")
-    data = dict(entries[name] or {})
+    """Entry `name` of the `students` (or `text_students`) section, or of `assistants`."""
+    params = load_params(path)
+    sections = STUDENT_SECTIONS if section == "students" else (section,)
+    found = [s for s in sections if name in (params.get(s) or {})]
+    if len(found) != 1:
+        defined = [n for s in sections for n in (params.get(s) or {})]
+        raise ConfigError(f"{path}: {'/'.join(found) if found else section}.{name} is "
+                          f"{'defined twice' if found else 'not defined'} (defined: {', '.join(defined) or 'none'})")
+    section = found[0]
+    data = dict(params[section][name] or {})
     for key in ("name", "section"):
         if key in data:
             raise ConfigError(f"{section}.{name}.{key}: unknown key (set from where the entry stands)")
@@ -329,7 +336,9 @@ def student(path: str | Path, name: str, section: str = "students") -> StudentCo
 
 
 def student_names(path: str | Path, section: str = "students") -> list[str]:
-    return list((load_params(path).get(section) or {}).keys())
+    params = load_params(path)
+    sections = STUDENT_SECTIONS if section == "students" else (section,)
+    return [name for s in sections for name in (params.get(s) or {})]
 
 
 def from_mapping(cls: type, data: Any, where: str) -> Any:

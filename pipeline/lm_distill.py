@@ -160,42 +160,55 @@ def _train(cfg: StudentConfig, dataset: TokenSet, built: Built, info: dict[str, 
 # --- evaluation -------------------------------------------------------------------------------
 
 
-def evaluate_text(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, *,
-                  batch_size: int = 16) -> dict[str, Any]:
+def evaluate_text(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig) -> dict[str, Any]:
     """Test perplexity of the student and its twin, and against the cached teacher: top-1
-    agreement, KL at T=1 (top-k plus a tail bucket: a lower bound when k < V), speed and size."""
+    agreement, KL at T=1 (top-k plus a tail bucket: a lower bound when k < V), speed and size.
+    Returns the metrics and, under "plots", the per-position table (mean loss of the student
+    and its twin at each position of a block: how each uses its context)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    student, twin = lm.load(student_dir), lm.load(student_dir / "baseline")
-    _, special = text.load_tokenizer(prepared)
+    student, twin = TokenRows(lm.load(student_dir)), TokenRows(lm.load(student_dir / "baseline"))
     _, blocks = text.read_blocks(prepared / "test.parquet")
     tokens = torch.from_numpy(blocks)
-    rows = TokenRows(student).eval()
-    with torch.no_grad():
-        logits = torch.cat([rows(chunk) for chunk in tokens.split(batch_size)])
-    perplexity = math.exp(float(F.cross_entropy(logits, tokens[:, 1:].reshape(-1))))
-    twin_perplexity = lm.evaluate(twin, tokens, special, batch_size, seed=0)["perplexity"]
+    targets = tokens[:, 1:].reshape(-1)
+    logits = _logits(student, tokens, cfg.batch_size)
+    losses = {"student": F.cross_entropy(logits, targets, reduction="none"),
+              "baseline": F.cross_entropy(_logits(twin, tokens, cfg.batch_size), targets, reduction="none")}
     soft = cache.soft_targets("test", [1.0])
     kl, exact = metrics.kl_to_teacher(logits, torch.tensor(soft.topk_idx, dtype=torch.long),
                                       torch.tensor(soft.topk_logit, dtype=torch.float32), torch.tensor(soft.lse[1.0]))
     teacher = cache.manifest["teacher"]["config"]
-    models = [rows]
+    models = [student]
     if "hf_config" in teacher:  # a random-weight copy of the teacher: weights do not change its speed
         models.append(TokenRows(AutoModelForCausalLM.from_config(AutoConfig.for_model(**teacher["hf_config"]))))
     with metrics.torch_threads(cfg.threads):
-        blocks_per_s = metrics.throughputs(models, tokens[:batch_size], cfg.throughput_runs)
-    speed = blocks_per_s[0] * tokens.shape[1]
+        blocks_per_s = metrics.throughputs(models, tokens[:cfg.batch_size], cfg.throughput_runs)
+    perplexity, twin_perplexity = (math.exp(float(losses[k].mean())) for k in ("student", "baseline"))
+    per_position = {k: v.reshape(len(tokens), -1).mean(0).tolist() for k, v in losses.items()}
     return {
         "objective": "causal",
         "perplexity": perplexity, "baseline_perplexity": twin_perplexity,
         "teacher_perplexity": teacher.get("metrics", {}).get("perplexity"),
         "perplexity_gain": twin_perplexity - perplexity,
+        "perplexity_reduction": 1 - perplexity / twin_perplexity,
         "agreement": metrics.agreement(logits.argmax(1).numpy(), soft.topk_idx[:, 0]),
         "kl_to_teacher": kl, "kl_exact": exact,
         "kept_mass_t1": cache.manifest["fidelity"]["test"].get("t1", {}).get("kept_mass"),
+        "top_k": cache.manifest["top_k"],
         "params": count_params(student), "teacher_params": teacher.get("params"),
         "size_bytes": (student_dir / lm.WEIGHTS).stat().st_size,
-        "throughput_tokens_per_s": speed,
+        "throughput_tokens_per_s": blocks_per_s[0] * tokens.shape[1],
         "speedup_vs_teacher": blocks_per_s[0] / blocks_per_s[1] if len(blocks_per_s) > 1 else None,
-        "test_tokens": int(math.prod(tokens[:, 1:].shape)),
+        "test_tokens": len(targets),
+        "plots": {"per_position.csv": (["position", "student", "baseline"],
+                                       [{"position": i + 1, "student": a, "baseline": b}
+                                        for i, (a, b) in enumerate(zip(per_position["student"],
+                                                                       per_position["baseline"]))])},
     }
+
+
+def _logits(rows: TokenRows, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """One row of logits per predicted token of every block, in batches of blocks."""
+    rows.eval()
+    with torch.no_grad():
+        return torch.cat([rows(chunk) for chunk in tokens.split(batch_size)])

@@ -450,21 +450,29 @@ def metrics_record(result: dict[str, Any]) -> dict[str, Any]:
 
 def write_eval(student_dir: Path, result: dict[str, Any]) -> Path:
     """Write plots/ (swapped in whole) and then metrics.json (atomically); return the latter."""
-    student_dir = Path(student_dir)
     plots = result["plots"]
+    records = [{"actual": a, "predicted": p}
+               for a, row in enumerate(plots["confusion"]) for p, n in enumerate(row) for _ in range(n)]
+    tables = {"per_class.csv": (["class", "student", "baseline", "support"], plots["per_class"]),
+              "confusion.csv": (["actual", "predicted"], records),
+              "reliability.csv": (["bin", "lower", "upper", "confidence", "accuracy", "count"], plots["reliability"]),
+              "seeds.csv": (["seed", "accuracy", "baseline_accuracy"], plots["seeds"])}
+    return write_results(student_dir, tables, metrics_record(result))
+
+
+def write_results(student_dir: Path, tables: dict[str, tuple[list[str], list[dict[str, Any]]]],
+                  record: dict[str, Any]) -> Path:
+    """Write the plot tables (file name -> (columns, rows)) into plots/, swapped in whole, and
+    then `record` as metrics.json (atomically), so metrics never stand beside older plots."""
+    student_dir = Path(student_dir)
     path = student_dir / METRICS_FILE
     path.unlink(missing_ok=True)  # never old metrics beside new plots, even after a crash
     final = student_dir / PLOTS_DIR
     tmp = student_dir / f".{PLOTS_DIR}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        _write_csv(tmp / "per_class.csv", ["class", "student", "baseline", "support"], plots["per_class"])
-        records = [{"actual": a, "predicted": p}
-                   for a, row in enumerate(plots["confusion"]) for p, n in enumerate(row) for _ in range(n)]
-        _write_csv(tmp / "confusion.csv", ["actual", "predicted"], records)
-        _write_csv(tmp / "reliability.csv", ["bin", "lower", "upper", "confidence", "accuracy", "count"],
-                   plots["reliability"])
-        _write_csv(tmp / "seeds.csv", ["seed", "accuracy", "baseline_accuracy"], plots["seeds"])
+        for name, (columns, rows) in tables.items():
+            _write_csv(tmp / name, columns, rows)
         old = student_dir / f".{PLOTS_DIR}.old-{os.getpid()}"
         if final.exists():
             os.replace(final, old)
@@ -473,7 +481,7 @@ def write_eval(student_dir: Path, result: dict[str, Any]) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_json(path, metrics_record(result))
+    write_json(path, record)
     return path
 
 

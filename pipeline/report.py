@@ -27,9 +27,10 @@ import math
 import os
 import secrets
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import matplotlib
 import numpy as np
@@ -677,30 +678,39 @@ def write_report(students_dir: Path, out: Path, manifest: dict[str, Any], cache_
     assistant_points = {name: assistant_info(assistants, name)
                         for name in sorted({r.spec["assistant"] for r in results if r.spec.get("assistant")})}
 
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out: {out} exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    tmp.mkdir()
-    try:
-        _write_csv(tmp / "leaderboard.csv", LEADERBOARD, rows)
-        _write_csv(tmp / "methods.csv", METHODS, methods)
-        _write_csv(tmp / "progressive.csv", PROGRESSIVE, progressive)
+    with building(out) as tmp:
+        write_csv(tmp / "leaderboard.csv", LEADERBOARD, rows)
+        write_csv(tmp / "methods.csv", METHODS, methods)
+        write_csv(tmp / "progressive.csv", PROGRESSIVE, progressive)
         (tmp / "report.md").write_text(markdown(rows, ordered, manifest, cache_root, methods, progressive))
         plot_accuracy_vs_params(ordered, tmp / "accuracy_vs_params.png", assistant_points)
         plot_gains(methods, progressive, tmp / "gains.png")
         plot_training_curves(ordered, tmp / "training_curves.png")
         plot_per_class(best, per_class, tmp / "per_class.png")
         plot_confusion(best, confusion, tmp / "confusion.png")
-        swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"students": [row["student"] for row in rows], "best": best.name, "out": out,
             "methods": len(methods), "progressive": len(progressive)}
 
 
-def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+@contextmanager
+def building(out: Path) -> Iterator[Path]:
+    """A temporary directory beside `out` to write the report into; it replaces `out` whole
+    once the block completes, and is removed if it fails."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out: {out} exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(columns))
         writer.writeheader()

@@ -9,7 +9,8 @@ twin), summarised as mean +- std. Writes `data/students/NAME/metrics.json` (flat
 reliability.csv, seeds.csv).
 Reads the `eval` section of params.yaml, and `students.NAME` for a custom architecture.
 A text student (a per-token cache) gets perplexity, its twin's and the teacher's, agreement,
-KL, size and speed instead (`pipeline.lm_distill.evaluate_text`).
+KL, size and speed instead (`pipeline.lm_distill.evaluate_text`), and plots/per_position.csv
+(the mean loss of the student and its twin at each position of a block).
 """
 
 from __future__ import annotations
@@ -22,14 +23,13 @@ import typer
 from pipeline.cache import Cache
 from pipeline.config import EvalConfig, section, student
 from pipeline.errors import MissingInputError
-from pipeline.files import write_json
-from pipeline.metrics import evaluate, write_eval
+from pipeline.metrics import evaluate, write_eval, write_results
 from stages.common import PARAMS_OPTION, clean_errors, override
 
 
 @clean_errors
 def main(
-    name: str = typer.Argument(..., help="A student defined under `students` in params.yaml."),
+    name: str = typer.Argument(..., help="A student defined under `students` (or `text_students`) in the params file."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size for the test predictions."),
     ece_bins: Optional[int] = typer.Option(None, help="Equal-width confidence bins of the ECE."),
     latency_runs: Optional[int] = typer.Option(None, help="Batch-1 passes timed for the median latency."),
@@ -54,7 +54,7 @@ def main(
         from pipeline.lm_distill import evaluate_text
 
         metrics = evaluate_text(directory, opened, prepared, cfg)
-        write_json(directory / "metrics.json", metrics)
+        write_results(directory, metrics.pop("plots"), metrics)
         teacher = f"{metrics['teacher_perplexity']:.1f}" if metrics["teacher_perplexity"] else "unknown"
         typer.echo(f"student {name}: test perplexity {metrics['perplexity']:.1f} (baseline twin "
                    f"{metrics['baseline_perplexity']:.1f}, teacher {teacher}), agreement {metrics['agreement']:.4f}, "

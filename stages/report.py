@@ -8,6 +8,9 @@ Writes `data/report/` (report.md, leaderboard.csv, methods.csv: each method's ga
 targets alone; progressive.csv: through an assistant vs directly; PNG plots), replaced as a whole.
 The students are those of params.yaml's `students` section (every trained student under
 --students-dir when there is no params file); each must have been through `kd eval`.
+On a language model's cache (`--cache data/text/teacher_outputs`) it writes the text report
+instead: perplexity against the twins and the teacher, the kept mass, loss by position
+(`pipeline.text_report`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,13 @@ def main(
     """Write report.md, leaderboard.csv, methods.csv, progressive.csv and plots over every evaluated student."""
     names = student_names(params) if params.is_file() else None
     cache_ = Cache.open(cache)
+    if "text" in cache_.manifest:
+        from pipeline.text_report import write_text_report
+
+        text = write_text_report(students_dir, out, cache_.manifest, cache,
+                                 student_dirs(students_dir) if names is None else names)
+        typer.echo(f"text report on {len(text['students'])} students (best: {text['best']}) -> {out / 'report.md'}")
+        return
     summary = write_report(students_dir, out, cache_.manifest, cache, names, assistants)
     skipped = sorted(set(student_dirs(students_dir)) - set(summary["students"]))
     if skipped:

@@ -2,8 +2,9 @@
 
 Copies the repository's dvc.yaml with the stage and library sources into a fresh git + DVC
 repository, writes a tiny params.yaml (the 8x8 digits, small models, one or two epochs) and a
-tiny params_text.yaml (pydoc in 32-token blocks, a one-layer GPT-2 teacher) and runs `dvc
-repro`: every stage of both pipelines, then nothing, then only a newly added student.
+tiny params_text.yaml (pydoc in 32-token blocks, a one-layer GPT-2 teacher and student) and runs
+`dvc repro`: every stage of both pipelines, then nothing, then only a newly added student of
+each pipeline.
 """
 
 from __future__ import annotations
@@ -40,7 +41,15 @@ TINY_TEXT = {
     "teacher": {"arch": "gpt2", "arch_kwargs": {"n_layer": 1, "n_head": 2, "n_embd": 32}, "epochs": 1,
                 "batch_size": 16, "lr": 0.003, "seed": 0},
     "label": {"top_k": 8, "temperatures": [1, 4], "batch_size": 1024},
+    "text_students": {
+        "gpt_tiny": {"arch": "gpt2", "arch_kwargs": {"n_layer": 1, "n_head": 2, "n_embd": 16}, "epochs": 1,
+                     "batch_size": 16, "lr": 0.003, "transfer": ["unlabeled"],
+                     "loss": {"soft": {"weight": 0.5, "temperature": 1}, "hard": {"weight": 0.5, "labels": True}}},
+    },
+    "eval": {"batch_size": 8, "throughput_runs": 2},
 }
+TEXT_STAGES = ["text_prepare", "text_teacher", "text_label", "text_distill@gpt_tiny", "text_eval@gpt_tiny",
+               "text_report"]
 
 METRIC_KEYS = {"accuracy", "baseline_accuracy", "teacher_accuracy", "accuracy_retained", "agreement",
                "kl_to_teacher", "ece", "params", "teacher_params", "size_bytes", "latency_ms", "throughput",
@@ -79,9 +88,12 @@ def test_dvc_repro_runs_every_stage_then_nothing_then_only_a_new_student(project
     images = [s for s in first if not s.startswith("text_")]
     assert images[:4] == ["prepare", "teacher", "label", "assistants"]
     assert set(images[4:]) == {"distill@mlp", "distill@pseudo", "eval@mlp", "eval@pseudo", "report"}
-    assert [s for s in first if s.startswith("text_")] == ["text_prepare", "text_teacher", "text_label"]
+    assert [s for s in first if s.startswith("text_")] == TEXT_STAGES
     text_cache = json.loads((project / "data/text/teacher_outputs/manifest.json").read_text())
     assert text_cache["complete"] and text_cache["text"]["positions"] == 31 and text_cache["top_k"] == 8
+    text_metrics = json.loads((project / "data/text/students/gpt_tiny/metrics.json").read_text())
+    assert text_metrics["perplexity"] > 1 and text_metrics["params"] < text_metrics["teacher_params"]
+    assert "perplexity" in (project / "data/text/report/report.md").read_text()
 
     for name in ("mlp", "pseudo"):
         metrics = json.loads((project / f"data/students/{name}/metrics.json").read_text())
@@ -98,3 +110,10 @@ def test_dvc_repro_runs_every_stage_then_nothing_then_only_a_new_student(project
     params["students"]["added"] = {**TINY["students"]["mlp"], "seed": 1}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert ran_stages(run(["dvc", "repro"], project)) == ["distill@added", "eval@added", "report"]
+
+    text_params = yaml.safe_load((project / "params_text.yaml").read_text())
+    text_params["text_students"]["gpt_added"] = {**TINY_TEXT["text_students"]["gpt_tiny"], "seed": 1}
+    (project / "params_text.yaml").write_text(yaml.safe_dump(text_params, sort_keys=False))
+    assert ran_stages(run(["dvc", "repro"], project)) == ["text_distill@gpt_added", "text_eval@gpt_added",
+                                                         "text_report"]
+    assert "gpt_added" in (project / "data/text/report/leaderboard.csv").read_text()

@@ -3,12 +3,15 @@
 Real files: CPython's pydoc text cut into 32-token blocks with a 512-entry tokenizer, a tiny
 GPT-2 teacher trained for one epoch through `kd teacher`, then `kd label`. The rows are
 checked against the teacher run directly, position by position; a tiny GPT-2 student and its
-twin train through `kd distill` with the teacher's directory moved away, then `kd eval`.
+twin train through `kd distill` with the teacher's directory moved away, then `kd eval` and
+`kd report`.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -22,7 +25,8 @@ from pipeline import losses, text
 from pipeline.cache import Cache
 from pipeline.cache.store import Store
 from pipeline.cache.verify import verify
-from stages import distill, label, prepare, teacher
+from pipeline.errors import ConfigError
+from stages import distill, label, prepare, report, teacher
 from stages import eval as eval_stage
 from tests.test_stages import invoke, ok
 
@@ -135,7 +139,7 @@ def test_a_causal_student_trains_from_the_cache_alone_and_is_evaluated(lm_world,
     teacher_dir = lm_world / "teacher"
     hidden = teacher_dir.with_name("teacher-hidden")
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"students": {"s": text_student()}}))
+    params.write_text(yaml.safe_dump({"text_students": {"s": text_student()}}))
     common = ["--cache", cache, "--prepared", lm_world / "prepared", "--students-dir", tmp_path / "students",
               "--params", params]
     teacher_dir.rename(hidden)  # the student never needs the teacher
@@ -151,12 +155,29 @@ def test_a_causal_student_trains_from_the_cache_alone_and_is_evaluated(lm_world,
     assert set(csv_header(out / "train_log.csv")) >= {"soft", "hard", "total"}
     assert set(csv_header(out / "baseline" / "train_log.csv")) >= {"hard"} and "soft" not in csv_header(
         out / "baseline" / "train_log.csv")
-    evaluated = ok(invoke(eval_stage.main, "s", "--latency-runs", 1, "--throughput-runs", 1, *common))
+    evaluated = ok(invoke(eval_stage.main, "s", "--batch-size", 4, "--throughput-runs", 1, *common))
     assert "test perplexity" in evaluated.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"perplexity", "baseline_perplexity", "teacher_perplexity", "agreement", "kl_to_teacher", "params",
             "teacher_params", "size_bytes", "throughput_tokens_per_s", "speedup_vs_teacher"} <= set(metrics)
     assert 1 < metrics["perplexity"] < 512 * 2 and 0 <= metrics["agreement"] <= 1
+    # the per-position losses average to the perplexities (every position has as many tokens)
+    positions = list(csv.DictReader((out / "plots" / "per_position.csv").open()))
+    assert [int(r["position"]) for r in positions] == list(range(1, BLOCK))
+    for column, key in (("student", "perplexity"), ("baseline", "baseline_perplexity")):
+        mean = sum(float(r[column]) for r in positions) / len(positions)
+        assert math.exp(mean) == pytest.approx(metrics[key], rel=1e-5)
+
+    report_dir = tmp_path / "report"
+    reported = ok(invoke(report.main, "--cache", cache, "--students-dir", tmp_path / "students", "--params", params,
+                         "--out", report_dir))
+    assert "text report on 1 students (best: s)" in reported.output
+    text = (report_dir / "report.md").read_text()
+    kept = Cache.open(cache).manifest["fidelity"]["test"]["t1"]["kept_mass"]
+    assert f"T=1: {100 * kept:.1f}%" in text and "top-32 of 512" in text
+    assert f"test perplexity {metrics['perplexity']:.1f}" in text and f"twin's {metrics['baseline_perplexity']:.1f}" in text
+    assert {p.name for p in report_dir.iterdir()} == {"report.md", "leaderboard.csv", "perplexity_vs_params.png",
+                                                     "training_curves.png", "per_position.png"}
     # every cache row lines up with the student's logits row of the same (block, position)
     rows = token_set(Cache.open(cache), lm_world / "prepared", from_mapping_student(text_student()))
     assert isinstance(rows, TokenSet) and len(rows.targets["label"]) == len(rows.tokens) * (BLOCK - 1)
@@ -189,3 +210,17 @@ def from_mapping_student(entry: dict[str, Any]):
     from pipeline.config import StudentConfig, from_mapping
 
     return from_mapping(StudentConfig, {**entry, "name": "s"}, "students.s")
+
+
+def test_text_students_is_the_students_section_under_another_name(tmp_path):
+    from pipeline.config import student, student_names
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"students": {"a": {}}, "text_students": {"b": text_student()}}))
+    assert student_names(params) == ["a", "b"]
+    assert student(params, "b").where == "text_students.b" and student(params, "b").arch == "gpt2"
+    params.write_text(yaml.safe_dump({"students": {"a": {}}, "text_students": {"a": {}}}))
+    with pytest.raises(ConfigError, match="students/text_students.a is defined twice"):
+        student(params, "a")
+    with pytest.raises(ConfigError, match=r"students.c is not defined \(defined: a, a\)"):
+        student(params, "c")

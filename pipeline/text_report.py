@@ -1,0 +1,184 @@
+"""The report over the text students of a per-token cache: `kd report` on a language model's cache.
+
+Reads each student's `metrics.json`, `train_log.csv` and `plots/per_position.csv` (written by
+`kd distill` and `kd eval` on text) and the cache's manifest. Writes
+
+    <out>/leaderboard.csv              one row per student, best test quality first
+    <out>/report.md                    teacher and cache (with the kept mass per temperature),
+                                       the table, one sentence per student
+    <out>/perplexity_vs_params.png     teacher, students and their twins (log-log)
+    <out>/training_curves.png          every logged loss term per epoch, one panel per student
+    <out>/per_position.png             each student's and its twin's mean test loss at each position
+
+into a temporary directory that replaces `out` only once complete. Every number comes from
+those files. A causal student is measured by test perplexity (lower is better) against its
+twin: the same student trained on the same blocks with the next-token loss alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from pipeline.cache.manifest import lse_column
+from pipeline.errors import InputError, MissingInputError
+from pipeline.files import read_json
+from pipeline.metrics import METRICS_FILE, PLOTS_DIR
+from pipeline.report import StudentResult, _color, _fmt, building, plot_training_curves, read_log, write_csv
+
+NEEDED = ("objective", "perplexity", "baseline_perplexity", "perplexity_reduction", "agreement", "kl_to_teacher",
+          "params", "size_bytes", "throughput_tokens_per_s", "speedup_vs_teacher")
+LEADERBOARD = ("student", "params", "size_bytes", "throughput_tokens_per_s", "perplexity", "baseline_perplexity",
+               "perplexity_reduction", "teacher_perplexity", "agreement", "kl_to_teacher", "speedup_vs_teacher")
+PLOTS = ("perplexity_vs_params.png", "training_curves.png", "per_position.png")
+PER_POSITION = "per_position.csv"
+
+
+def load_text_student(students_dir: Path, name: str) -> StudentResult:
+    directory = Path(students_dir) / name
+    metrics_path = directory / METRICS_FILE
+    if not metrics_path.is_file():
+        raise MissingInputError(f"{metrics_path}: not found; text student {name!r} is not evaluated "
+                                f"(run `kd eval {name}` on the text cache)")
+    metrics = read_json(metrics_path)
+    missing = [key for key in NEEDED if key not in metrics] if isinstance(metrics, dict) else list(NEEDED)
+    if missing:
+        raise InputError(f"{metrics_path}: missing key {missing[0]!r} (is it a text student's? run `kd eval {name}` "
+                         "on the text cache again)")
+    log_path = directory / "train_log.csv"
+    if not log_path.is_file():
+        raise MissingInputError(f"{log_path}: not found (run `kd distill {name}`)")
+    return StudentResult(name, directory, metrics, {}, {}, read_log(log_path))
+
+
+def per_position(result: StudentResult) -> list[dict[str, float]]:
+    path = result.directory / PLOTS_DIR / PER_POSITION
+    if not path.is_file():
+        raise MissingInputError(f"{path}: not found (run `kd eval {result.name}` again)")
+    with open(path, newline="") as handle:
+        try:
+            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{path}: a value is not a number ({exc})") from None
+
+
+def sentence(name: str, m: dict[str, Any]) -> str:
+    """One student in words: its perplexity against its twin's and the teacher's, size and speed."""
+    size = (f"{m['params']:,} parameters, {100 * m['params'] / m['teacher_params']:.0f}% of the teacher's"
+            if m.get("teacher_params") else f"{m['params']:,} parameters")
+    teacher = f"; the teacher has {m['teacher_perplexity']:.1f}" if m.get("teacher_perplexity") else ""
+    change = m["perplexity_reduction"]
+    direction = f"{100 * change:.1f}% lower" if change >= 0 else f"{-100 * change:.1f}% higher"
+    speed = (f", runs {m['speedup_vs_teacher']:.1f}x the teacher's tokens/s" if m.get("speedup_vs_teacher") else "")
+    return (f"**{name}** ({size}): test perplexity {m['perplexity']:.1f}, {direction} than its twin's "
+            f"{m['baseline_perplexity']:.1f} (the same student on the same text alone, same budget){teacher}. "
+            f"It agrees with the teacher's top token on {100 * m['agreement']:.1f}% of test tokens{speed}.")
+
+
+def markdown(results: list[StudentResult], manifest: dict[str, Any], cache_root: Any) -> str:
+    teacher = manifest.get("teacher", {})
+    config = teacher.get("config") or {}
+    info = manifest.get("text", {})
+    test = manifest.get("fidelity", {}).get("test", {})
+    first = results[0].metrics
+    kept = []
+    for t in manifest.get("temperatures", []):
+        stats = test.get(lse_column(t).removeprefix("lse_"))
+        if stats:
+            kept.append(f"T={t}: {100 * stats['kept_mass']:.1f}% (KL(full || cached) "
+                        f"{stats['kl_full_to_cached']:.3f})")
+    teacher_perplexity = first.get("teacher_perplexity")
+    lines = [
+        "# Text distillation report",
+        "",
+        f"Teacher: `{config.get('arch', '?')}` ({info.get('objective', '?')} LM), {_fmt(first.get('teacher_params'), ',')} "
+        f"parameters, test perplexity {_fmt(teacher_perplexity, '.1f')} "
+        f"(fingerprint `{str(teacher.get('fingerprint', '?'))[:12]}`).",
+        f"Cache `{cache_root}`: one row per predicted token ({info.get('positions')} per block of "
+        f"{info.get('block_size')} tokens), the teacher's top-{manifest.get('top_k')} of {info.get('vocab_size')} "
+        f"token logits per row ({manifest.get('logit_dtype')}).",
+        f"Probability mass the top-{manifest.get('top_k')} keeps on the test split: {'; '.join(kept) or 'n/a'}.",
+        "",
+        "Each student is compared with its twin: the same architecture, seed and budget (epochs over the same "
+        "blocks), trained on the text alone (the next-token loss). Speed is tokens/s on CPU, measured side by side "
+        "with a random-weight copy of the teacher's architecture. KL is KL(teacher || student) at T=1 over the "
+        "top-k tokens plus one tail bucket: a lower bound of the full KL.",
+        "",
+        "| student | params | size (bytes) | tokens/s | perplexity | twin | reduction | agreement | KL | speedup |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        m = r.metrics
+        lines.append(f"| {r.name} | {_fmt(m['params'], ',')} | {_fmt(m['size_bytes'], ',')} "
+                     f"| {_fmt(m['throughput_tokens_per_s'], ',.0f')} | {_fmt(m['perplexity'], '.1f')} "
+                     f"| {_fmt(m['baseline_perplexity'], '.1f')} | {_fmt(100 * m['perplexity_reduction'], '+.1f')}% "
+                     f"| {_fmt(m['agreement'], '.4f')} | {_fmt(m['kl_to_teacher'], '.4f')} "
+                     f"| {_fmt(m['speedup_vs_teacher'], '.1f')}x |")
+    lines += ["", "## Students", ""]
+    lines += [f"- {sentence(r.name, r.metrics)}" for r in results]
+    lines += ["", "## Plots", ""]
+    lines += [f"![{name[:-4]}]({name})" for name in PLOTS]
+    return "\n".join(lines) + "\n"
+
+
+def plot_perplexity_vs_params(results: list[StudentResult], path: Path) -> None:
+    fig = Figure(figsize=(7.6, 4.4), layout="constrained")
+    ax = fig.subplots()
+    first = results[0].metrics
+    if first.get("teacher_params") and first.get("teacher_perplexity"):
+        ax.scatter([first["teacher_params"]], [first["teacher_perplexity"]], marker="*", s=220, color="black",
+                   label="teacher", zorder=3)
+    for i, r in enumerate(results):
+        color, m = _color(i, len(results)), r.metrics
+        ax.plot([m["params"], m["params"]], [m["baseline_perplexity"], m["perplexity"]], color=color, lw=0.8, alpha=0.6)
+        ax.scatter([m["params"]], [m["perplexity"]], color=color, marker="o", label=r.name, zorder=3)
+        ax.scatter([m["params"]], [m["baseline_perplexity"]], color=color, marker="x", zorder=3)
+    ax.scatter([], [], color="gray", marker="x", label="twins (text alone)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters (log scale)")
+    ax.set_ylabel("test perplexity (log scale, lower is better)")
+    ax.set_title("Perplexity vs size")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.legend(loc="outside right upper", fontsize=7)
+    fig.savefig(path, dpi=110)
+
+
+def plot_per_position(results: list[StudentResult], rows: dict[str, list[dict[str, float]]], path: Path) -> None:
+    fig = Figure(figsize=(7.6, 4.4), layout="constrained")
+    ax = fig.subplots()
+    for i, r in enumerate(results):
+        color = _color(i, len(results))
+        positions = [row["position"] for row in rows[r.name]]
+        ax.plot(positions, [row["student"] for row in rows[r.name]], color=color, lw=1.2, label=r.name)
+        ax.plot(positions, [row["baseline"] for row in rows[r.name]], color=color, lw=1.0, ls="--",
+                label=f"{r.name} twin")
+    ax.set_xlabel("position in the block (tokens of context)")
+    ax.set_ylabel("mean test loss (nats per token)")
+    ax.set_title("Loss by position: how much each model gains from context")
+    ax.grid(True, alpha=0.3)
+    fig.legend(loc="outside right upper", fontsize=7)
+    fig.savefig(path, dpi=110)
+
+
+def write_text_report(students_dir: Path, out: Path, manifest: dict[str, Any], cache_root: Any,
+                      names: list[str]) -> dict[str, Any]:
+    """Write the text report for `names` into `out`; returns a summary for the command line."""
+    if not names:
+        raise MissingInputError(f"{students_dir}: no text students to report on (run `kd distill NAME` and "
+                                "`kd eval NAME` on the text cache)")
+    results = sorted((load_text_student(students_dir, name) for name in names),
+                     key=lambda r: (math.inf if r.metrics["perplexity"] is None else r.metrics["perplexity"]))
+    positions = {r.name: per_position(r) for r in results}
+    rows = [{"student": r.name, **{k: r.metrics.get(k) for k in LEADERBOARD[1:]}} for r in results]
+    with building(out) as tmp:
+        write_csv(tmp / "leaderboard.csv", LEADERBOARD, rows)
+        (tmp / "report.md").write_text(markdown(results, manifest, cache_root))
+        plot_perplexity_vs_params(results, tmp / "perplexity_vs_params.png")
+        plot_training_curves(results, tmp / "training_curves.png")
+        plot_per_position(results, positions, tmp / "per_position.png")
+    return {"students": [r.name for r in results], "best": results[0].name, "out": out}
