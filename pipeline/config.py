@@ -82,6 +82,7 @@ class LabelConfig:
     view_seed: int = 0
     batch_size: int = 256
     part_size: int = 16384  # samples per Parquet part (and per resume step)
+    keep_teacher: bool = False  # copy the teacher's weights into the cache (students with init: teacher)
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
@@ -211,6 +212,7 @@ class StudentConfig:
     assistant: str | None = None  # learn from this assistant's cache instead of the teacher's
     transfer: list[str] = field(default_factory=lambda: ["labeled", "unlabeled"])
     views: bool = False  # draw each epoch among the cached views of a sample
+    init: str | None = None  # "teacher": start from the teacher's layers (masked LMs; label.keep_teacher)
     loss: LossConfig = field(default_factory=LossConfig)
 
     @property
@@ -223,6 +225,9 @@ class StudentConfig:
         if self.section == "assistants" and self.assistant is not None:
             raise ConfigError(f"{where}.assistant: an assistant learns from the teacher (chains of assistants "
                               "are not supported yet)")
+        if self.init not in (None, "teacher"):
+            raise ConfigError(f"{where}.init: {self.init!r} must be 'teacher' (start from the teacher's layers, "
+                              "one in every N_teacher / N_student) or null (random)")
         for split in self.transfer:
             if split not in ("labeled", "unlabeled"):
                 raise ConfigError(f"{where}.transfer: {split!r} must be 'labeled' or 'unlabeled'")

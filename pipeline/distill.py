@@ -234,6 +234,9 @@ def train_student(cfg: StudentConfig, cache: Cache, prepared: Path, out: Path, b
     everything that decides the model), so an interrupted run resumes. Returns a summary.
     """
     who = f"student {cfg.name!r}"
+    if cfg.init is not None:
+        raise ConfigError(f"{cfg.where}.init: starting from the teacher's layers is for masked-LM students "
+                          "(the cache of a BERT teacher); an image student starts at random")
     layers = cfg.loss.teacher_layers(cfg.where)
     rebuild = "`kd label`" if cfg.assistant is None else "`kd label`, then `kd assistants`"
     cache.require(temperatures=needed_temperatures(cfg), features=layers, views=cfg.views, who=who, rebuild=rebuild)

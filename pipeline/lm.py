@@ -76,6 +76,34 @@ def build(arch: str, arch_kwargs: dict[str, Any], vocab_size: int, block_size: i
     return model
 
 
+def init_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, where: str = "init") -> list[int]:
+    """DistilBERT's start: the student takes the teacher's embeddings, head and one layer in
+    every N_teacher / N_student (every other layer for half the depth). Returns the teacher
+    layers taken. The two must share everything but the number of layers."""
+    s, t = student.config, teacher.config
+    if type(student) is not type(teacher):
+        raise ConfigError(f"{where}: a {type(student).__name__} cannot start from a {type(teacher).__name__}")
+    for key in ("hidden_size", "num_attention_heads", "intermediate_size", "vocab_size", "max_position_embeddings"):
+        if getattr(s, key) != getattr(t, key):
+            raise ConfigError(f"{where}: the student's {key} is {getattr(s, key)}, the teacher's {getattr(t, key)}; "
+                              "a student that starts from the teacher's layers must match it but for depth")
+    if s.num_hidden_layers > t.num_hidden_layers:
+        raise ConfigError(f"{where}: the student has {s.num_hidden_layers} layers, the teacher only "
+                          f"{t.num_hidden_layers}")
+    taken = [i * t.num_hidden_layers // s.num_hidden_layers for i in range(s.num_hidden_layers)]
+    state = {}
+    for key, value in teacher.state_dict().items():
+        parts = key.split(".")
+        if "layer" in parts and parts[parts.index("layer") - 1] == "encoder":
+            at = parts.index("layer") + 1
+            if int(parts[at]) not in taken:
+                continue
+            parts[at] = str(taken.index(int(parts[at])))
+        state[".".join(parts)] = value
+    student.load_state_dict(state, strict=True)
+    return taken
+
+
 def objective(model: PreTrainedModel | PretrainedConfig) -> str:
     """"causal" or "masked", from the model class the config names."""
     config = model if isinstance(model, PretrainedConfig) else model.config
@@ -102,6 +130,41 @@ def mask_tokens(tokens: torch.Tensor, special: SpecialIds, vocab_size: int,
     inputs = torch.where(chosen & (how < MASK_AS_MASK), special.mask, tokens)
     swap = chosen & (how >= MASK_AS_MASK) & (how < MASK_AS_MASK + MASK_AS_RANDOM)
     return torch.where(swap, random_tokens, inputs), labels
+
+
+def mask_count(block_size: int) -> int:
+    """Positions a masked-LM cache records per block and view: BERT's 15%, rounded."""
+    return max(1, round(MASK_PROB * block_size))
+
+
+def fixed_masks(tokens: torch.Tensor, ids: np.ndarray, views: np.ndarray, count: int, special: SpecialIds,
+                vocab_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking with a fixed number of positions per block, the same rows for every block:
+    blocks (B, L) -> (positions (B, count), ascending; the token the model sees there (B, count)).
+
+    Each block's draw is a pure function of (seed, id, view), whatever the batch it falls in, so
+    a cache's masks can be checked by drawing them again. Special tokens are masked only when a
+    block has fewer than `count` others. Of the chosen, 80% become [MASK], 10% a random token
+    and 10% stay as they are.
+    """
+    protected = ((tokens == special.pad) | (tokens == special.eos) | (tokens == special.mask)).float()
+    positions, seen = [], []
+    for row, (block_id, view) in enumerate(zip(ids.tolist(), views.tolist())):
+        g = torch.Generator().manual_seed((seed * 1_000_003 + block_id) * 1_009 + view)
+        keys = torch.rand(tokens.shape[1], generator=g) + protected[row]  # specials sort last
+        chosen = keys.topk(count, largest=False).indices.sort().values
+        how = torch.rand(count, generator=g)
+        random_tokens = torch.randint(vocab_size, (count,), generator=g)
+        original = tokens[row, chosen]
+        seen.append(torch.where(how < MASK_AS_MASK, special.mask,
+                                torch.where(how < MASK_AS_MASK + MASK_AS_RANDOM, random_tokens, original)))
+        positions.append(chosen)
+    return torch.stack(positions), torch.stack(seen).to(tokens.dtype)
+
+
+def apply_masks(tokens: torch.Tensor, positions: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """Blocks (B, L) with the recorded tokens put at the recorded positions (B, M)."""
+    return tokens.scatter(1, positions.long(), seen.to(tokens.dtype))
 
 
 def lm_inputs(tokens: torch.Tensor, kind: str, special: SpecialIds, vocab_size: int,

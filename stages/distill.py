@@ -5,7 +5,8 @@ Writes `data/students/NAME/` (model.safetensors, config.json, train_log.csv) wit
 student's hard-label baseline twin in `baseline/`. Reads `students.NAME` of params.yaml.
 Under `torchrun --nproc-per-node N --no-python kd distill NAME` it trains data-parallel
 (`pipeline.parallel`); rank 0 writes the outputs and prints the summary. On a language model's
-per-token cache it trains a causal GPT-2 student and its text-only twin (`pipeline.lm_distill`).
+per-token cache it trains a GPT-2 student (causal) or a BERT student with DistilBERT's triple
+loss (masked) and its text-only twin (`pipeline.lm_distill`).
 """
 
 from __future__ import annotations
@@ -52,9 +53,10 @@ def main(
 
             text_summary = train_text_student(cfg, opened, prepared, students_dir / name, progress=progress)
             final, twin = text_summary["final"], text_summary["baseline_final"]
-            typer.echo(f"student {name}: {text_summary['epochs']} epochs, final soft {final.get('soft', 0):.4f}, "
-                       f"hard {final.get('hard', 0):.4f}; baseline twin next-token loss {twin['hard']:.4f} "
-                       f"-> {students_dir / name}")
+            terms = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k not in ("epoch", "lr", "seconds"))
+            typer.echo(f"student {name}: {text_summary['epochs']} epochs, final {terms}; baseline twin "
+                       f"{'masked-LM' if text_summary['objective'] == 'masked' else 'next-token'} loss "
+                       f"{twin['hard']:.4f} -> {students_dir / name}")
             return
         summary = train_student(cfg, opened, prepared, students_dir / name, baselines,
                                 memory_mb=memory_mb, checkpoints=checkpoints, progress=progress)

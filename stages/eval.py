@@ -8,9 +8,10 @@ twin), summarised as mean +- std. Writes `data/students/NAME/metrics.json` (flat
 `dvc metrics show`) and `data/students/NAME/plots/` (per_class.csv, confusion.csv,
 reliability.csv, seeds.csv).
 Reads the `eval` section of params.yaml, and `students.NAME` for a custom architecture.
-A text student (a per-token cache) gets perplexity, its twin's and the teacher's, agreement,
-KL, size and speed instead (`pipeline.lm_distill.evaluate_text`), and plots/per_position.csv
-(the mean loss of the student and its twin at each position of a block).
+A text student (a per-token cache) gets perplexity (causal) or masked-token accuracy on the
+cache's test masks (masked), its twin's and the teacher's, agreement, KL, size and speed
+instead (`pipeline.lm_distill`), and plots/per_position.csv (the mean loss of the student and
+its twin at each position of a block).
 """
 
 from __future__ import annotations
@@ -51,13 +52,12 @@ def main(
         raise MissingInputError(f"{directory}: no trained student {name!r} here (run `kd distill {name}`)")
     opened = Cache.open(cache)
     if "text" in opened.manifest:  # a language-model student
-        from pipeline.lm_distill import evaluate_text
+        from pipeline.lm_distill import evaluate_masked, evaluate_text
 
-        metrics = evaluate_text(directory, opened, prepared, cfg)
+        masked = opened.manifest["text"]["objective"] == "masked"
+        metrics = (evaluate_masked if masked else evaluate_text)(directory, opened, prepared, cfg)
         write_results(directory, metrics.pop("plots"), metrics)
-        teacher = f"{metrics['teacher_perplexity']:.1f}" if metrics["teacher_perplexity"] else "unknown"
-        typer.echo(f"student {name}: test perplexity {metrics['perplexity']:.1f} (baseline twin "
-                   f"{metrics['baseline_perplexity']:.1f}, teacher {teacher}), agreement {metrics['agreement']:.4f}, "
+        typer.echo(f"student {name}: {text_summary(metrics)}, agreement {metrics['agreement']:.4f}, "
                    f"KL {metrics['kl_to_teacher']:.4f}, {metrics['params']:,} params -> {directory / 'metrics.json'}")
         return
     custom = ":" in spec.arch  # a user's architecture is named by params, never by the checkpoint
@@ -65,6 +65,16 @@ def main(
                       arch=spec.arch if custom else None, arch_kwargs=spec.arch_kwargs if custom else None)
     path = write_eval(directory, result)
     typer.echo(summary(name, result) + f" -> {path}")
+
+
+def text_summary(m: dict) -> str:
+    """A text student's score against its twin's and the teacher's."""
+    if m["objective"] == "masked":
+        teacher = f"{m['teacher_masked_accuracy']:.4f}" if m["teacher_masked_accuracy"] is not None else "unknown"
+        return (f"masked-token accuracy {m['masked_accuracy']:.4f} (baseline twin {m['baseline_masked_accuracy']:.4f}, "
+                f"teacher {teacher})")
+    teacher = f"{m['teacher_perplexity']:.1f}" if m["teacher_perplexity"] else "unknown"
+    return f"test perplexity {m['perplexity']:.1f} (baseline twin {m['baseline_perplexity']:.1f}, teacher {teacher})"
 
 
 def summary(name: str, m: dict) -> str:

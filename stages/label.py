@@ -1,6 +1,8 @@
 """`kd label`: run the teacher once over every prepared split and write the cache.
 
-Writes `data/teacher_outputs/` (manifest.json, soft_targets/ Parquet parts, features.zarr).
+Writes `data/teacher_outputs/` (manifest.json, soft_targets/ Parquet parts, features.zarr, and
+with `label.keep_teacher` a copy of the teacher's weights in teacher/). On a masked language
+model it caches BERT-style masked positions, recorded so that students see the same masks.
 Resumes an interrupted run at the first missing part; an intact cache built from the same
 teacher, data and parameters is left as is. Reads only the `label` section of params.yaml.
 
@@ -39,6 +41,9 @@ def main(
     view_seed: Optional[int] = typer.Option(None),
     batch_size: Optional[int] = typer.Option(None),
     part_size: Optional[int] = typer.Option(None, help="Samples per Parquet part (the resume step)."),
+    keep_teacher: Optional[bool] = typer.Option(None, "--keep-teacher/--no-keep-teacher",
+                                                help="Copy the teacher's weights into the cache (for students "
+                                                "with `init: teacher`)."),
     teacher: Path = typer.Option(Path("data/teacher"), help="Teacher directory: model.safetensors + config.json."),
     arch: Optional[str] = typer.Option(None, help="The teacher's architecture when it is package.module:factory."),
     arch_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --arch."),
@@ -61,7 +66,7 @@ def main(
         layers = dict(f.split("=", 1) if "=" in f else (f, "") for f in feature)
     cfg = override(section(params, "label", LabelConfig), top_k=top_k, temperatures=temps, logit_dtype=logit_dtype,
                    features=layers, views=views, view_shift=view_shift, view_seed=view_seed,
-                   batch_size=batch_size, part_size=part_size)
+                   batch_size=batch_size, part_size=part_size, keep_teacher=keep_teacher)
     loaded = load_teacher(teacher, arch, json_option("--arch-kwargs", arch_kwargs))
     shard = int(os.environ.get("RANK", 0)) if shard is None else shard
     num_shards = int(os.environ.get("WORLD_SIZE", 1)) if num_shards is None else num_shards
@@ -80,7 +85,7 @@ def load_teacher(directory: Path, arch: str | None, arch_kwargs: dict | None) ->
     hf = config_path.is_file() and "model_type" in read_json(config_path)
     if not hf:
         model, config = load_model(directory, arch=arch, arch_kwargs=arch_kwargs)
-        return Teacher(model, fingerprint(directory), config)
+        return Teacher(model, fingerprint(directory), config, directory)
     from pipeline import lm  # (transformers takes seconds to import; image runs never need it)
 
     model = lm.load(directory)
@@ -89,4 +94,4 @@ def load_teacher(directory: Path, arch: str | None, arch_kwargs: dict | None) ->
     for name in ("training", "metrics"):  # where it came from and its test scores, when `kd teacher` made it
         if (directory / f"{name}.json").is_file():
             config[name] = read_json(directory / f"{name}.json")
-    return Teacher(model, lm.fingerprint(directory), config)
+    return Teacher(model, lm.fingerprint(directory), config, directory)

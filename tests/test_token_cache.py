@@ -195,7 +195,7 @@ def test_text_students_refuse_what_they_cannot_do_yet(lm_world, tmp_path):
         "hot": text_student(soft={"temperature": 3})}}))
     common = ["--no-progress", "--cache", cache, "--prepared", lm_world / "prepared", "--students-dir",
               tmp_path / "students", "--params", params]
-    for name, message in (("mlp", "must be gpt2"), ("hint", "hint not supported for text students"),
+    for name, message in (("mlp", "must be gpt2"), ("hint", "hint not supported for causal LM students"),
                           ("hot", "needs temperature 3")):
         result = invoke(distill.main, name, *common)
         assert result.exit_code == 1 and message in result.output, result.output

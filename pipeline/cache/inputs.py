@@ -3,13 +3,17 @@
 `ImageInputs`: one row per (sample, view); view 0 is the input as is, views 1..V are
 augmented copies regenerated from (id, view, seed). `TokenInputs`: one row per predicted
 token of a block of L tokens; a causal LM's position t predicts token t + 1, so a block gives
-L - 1 rows, `position` 0..L-2. Either way a sample has a fixed number of rows
-(`per_sample`), sample-major, so parts and Zarr chunks line up the same way.
+L - 1 rows, `position` 0..L-2. `MaskedTokenInputs`: one row per masked token; each view of a
+block is one masking of M positions (BERT's 15%), and the rows record the masking (`position`
+and `input_token`, what the model saw there), so a student sees the same masks. Either way a
+sample has a fixed number of rows (`per_sample`), sample-major, so parts and Zarr chunks line
+up the same way.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,7 @@ class Batch:
     features: dict[str, np.ndarray]  # layer -> (R, *shape) float16
     truth: np.ndarray  # (R,) int64: the true class / next token, -1 where unknown
     scored: np.ndarray  # (R,) bool: rows the fidelity statistics and teacher accuracy count
+    input_token: np.ndarray | None = None  # (R,) int32 for masked rows: the token the model saw
 
 
 class ImageInputs:
@@ -127,22 +132,70 @@ class TokenInputs:
                      np.ones(n * positions, dtype=bool))
 
 
+class MaskedTokenInputs(TokenInputs):
+    """Blocks of tokens for a masked language model (a Hugging Face `...ForMaskedLM`): per block,
+    `label.views` + 1 maskings of M positions, one cache row per masked position."""
+
+    def __init__(self, prepared: Path, splits: list[str], cfg: LabelConfig):
+        from pipeline import lm
+
+        super().__init__(prepared, splits, dataclass_replace(cfg, views=0))
+        self.cfg, self.lm = cfg, lm
+        self.masked = lm.mask_count(self.block_size)
+        self.per_sample = (cfg.views + 1) * self.masked
+        self.special = self.text.load_tokenizer(prepared)[1]
+
+    def header(self) -> dict[str, Any]:
+        header = super().header()
+        header["text"] |= {"objective": "masked", "positions": self.masked, "masked_per_view": self.masked,
+                           "mask_recipe": {"name": "bert", "mask": self.lm.MASK_AS_MASK,
+                                           "random": self.lm.MASK_AS_RANDOM, "seed": self.cfg.view_seed}}
+        return header
+
+    def logits(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits[:, 0]
+
+    def batch(self, model: nn.Module, rows: tuple[np.ndarray, np.ndarray], start: int, stop: int,
+              specs: dict[str, dict]) -> Batch:
+        views, m = self.cfg.views + 1, self.masked
+        ids = np.repeat(rows[0][start:stop], views)
+        view = np.tile(np.arange(views, dtype=np.int32), stop - start)
+        blocks = torch.from_numpy(rows[1][start:stop]).repeat_interleave(views, dim=0)
+        positions, seen = self.lm.fixed_masks(blocks, ids, view, m, self.special, self.infos["labeled"]["vocab_size"],
+                                              self.cfg.view_seed)
+        inputs = self.lm.apply_masks(blocks, positions, seen)
+        at = (torch.arange(len(blocks))[:, None], positions)  # (B, M) index: the masked rows
+        with torch.no_grad(), features.tap(model, list(specs)) as captured:
+            logits = model(input_ids=inputs, attention_mask=torch.ones_like(inputs)).logits[at].float()
+            feats = {name: _hidden(captured[name])[at].reshape(len(blocks) * m, -1).to(torch.float16).numpy()
+                     for name in specs}
+        return Batch(np.repeat(ids, m), np.repeat(view, m), positions.reshape(-1).numpy().astype(np.int32),
+                     logits.reshape(len(blocks) * m, -1), feats, blocks.gather(1, positions).reshape(-1).numpy(),
+                     np.repeat(view == 0, m), input_token=seen.reshape(-1).numpy().astype(np.int32))
+
+
 def next_token_logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """A causal LM's logits for blocks (B, L) as cache rows (B * (L - 1), V): every position
     but the last, which predicts nothing inside the block."""
     return _token_rows(model(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits)  # full blocks
 
 
-def _token_rows(hidden: torch.Tensor | tuple) -> torch.Tensor:
-    # a layer's output (B, L, H) (or a tuple starting with it) -> (B * (L - 1), H): one row per predicted token
-    hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+def _hidden(output: torch.Tensor | tuple) -> torch.Tensor:
+    """A layer's hidden states (B, L, H) from its output (a tensor, or a tuple starting with it)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _token_rows(output: torch.Tensor | tuple) -> torch.Tensor:
+    # a layer's output (B, L, H) -> (B * (L - 1), H): one row per predicted token
+    hidden = _hidden(output)
     return hidden[:, :-1].reshape(-1, hidden.shape[-1])
 
 
-def inputs_for(prepared: Path, splits: list[str], cfg: LabelConfig):
-    """ImageInputs or TokenInputs, from what `kd prepare` wrote."""
+def inputs_for(prepared: Path, splits: list[str], cfg: LabelConfig, objective: str | None = None):
+    """ImageInputs, TokenInputs or MaskedTokenInputs, from what `kd prepare` wrote and the
+    teacher's objective ("causal" or "masked", for text)."""
     from pipeline import text
 
     if text.modality(prepared / "labeled.parquet") == "text":
-        return TokenInputs(prepared, splits, cfg)
+        return MaskedTokenInputs(prepared, splits, cfg) if objective == "masked" else TokenInputs(prepared, splits, cfg)
     return ImageInputs(prepared, splits, cfg)

@@ -23,6 +23,7 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 FEATURES = "features.zarr"
 SHARDS = "shards"
+TEACHER_COPY = "teacher"  # label.keep_teacher: the teacher's weights and config, for students that start from them
 
 
 def lse_column(temperature: float) -> str:
@@ -41,9 +42,10 @@ def feature_path(split: str, layer: str) -> str:
 
 
 def rows_per_sample(manifest: dict[str, Any]) -> int:
-    """Cache rows per prepared sample: 1 + its augmented views, or a block's predicted tokens."""
+    """Cache rows per prepared sample: 1 + its augmented views, a block's predicted tokens, or
+    its masked positions in every masking (view) of it."""
     text = manifest.get("text")
-    return text["positions"] if text else manifest["views"]["count"] + 1
+    return (text["positions"] if text else 1) * (manifest["views"]["count"] + 1)
 
 
 def shard_record(shard: int, num_shards: int) -> str:

@@ -44,6 +44,11 @@ def verify(root: str | Path) -> list[str]:
         listed |= {p["path"] for p in info["parts"]}
     for extra in sorted(set(store.files("soft_targets")) - listed):
         problems.append(f"{store.show(extra)}: file not listed in the manifest")
+    for rel, digest in manifest.get("teacher_files", {}).items():
+        if not store.is_file(store.safe(rel)):
+            problems.append(f"{store.show(rel)}: the teacher's copy is missing")
+        elif store.sha256(rel) != digest:
+            problems.append(f"{store.show(rel)}: sha256 differs from the manifest (the teacher's copy changed)")
     return problems
 
 
@@ -93,19 +98,31 @@ def _verify_split(store: Store, manifest: dict[str, Any], split: str, info: dict
 def _check_table(path: str, table: pa.Table, manifest: dict[str, Any], part: dict[str, Any], views: int) -> list[str]:
     k = manifest["top_k"]
     tokens = "text" in manifest
-    expected = ["id", "view", *(["position"] if tokens else []), "topk_idx", "topk_logit", "logit_max",
-                *map(lse_column, manifest["temperatures"])]
+    masked = tokens and manifest["text"]["objective"] == "masked"
+    expected = ["id", "view", *(["position"] if tokens else []), *(["input_token"] if masked else []),
+                "topk_idx", "topk_logit", "logit_max", *map(lse_column, manifest["temperatures"])]
     if table.column_names != expected:
         return [f"{path}: columns {table.column_names}, expected {expected}"]
     if table.num_rows != part["rows"]:
         return [f"{path}: {table.num_rows} rows, the manifest says {part['rows']}"]
     problems = []
-    order = "position" if tokens else "view"  # the row's index inside its sample
-    inner = table[order].to_numpy()
-    if not np.array_equal(inner, np.tile(np.arange(views), len(inner) // views)):
-        problems.append(f"{path}: {order} column out of order (expected 0..{views - 1} per sample)")
-    if tokens and table["view"].to_numpy().any():
-        problems.append(f"{path}: view column not 0 (token rows have no views)")
+    if masked:  # per block: each view's masked positions, ascending, inside the block
+        per_view = manifest["text"]["positions"]
+        view = table["view"].to_numpy().reshape(-1, per_view)
+        position = table["position"].to_numpy().reshape(-1, per_view)
+        if not np.array_equal(view[:, 0], np.tile(np.arange(views // per_view), len(view) // (views // per_view))) \
+                or (view != view[:, :1]).any():
+            problems.append(f"{path}: view column out of order (expected each view's masked rows together)")
+        if position.size and ((np.diff(position, axis=1) <= 0).any() or position.min() < 0
+                              or position.max() >= manifest["text"]["block_size"]):
+            problems.append(f"{path}: masked positions not ascending inside the block")
+    else:
+        order = "position" if tokens else "view"  # the row's index inside its sample
+        inner = table[order].to_numpy()
+        if not np.array_equal(inner, np.tile(np.arange(views), len(inner) // views)):
+            problems.append(f"{path}: {order} column out of order (expected 0..{views - 1} per sample)")
+        if tokens and table["view"].to_numpy().any():
+            problems.append(f"{path}: view column not 0 (token rows have no views)")
     ids = table["id"].to_numpy()
     if not (ids.reshape(-1, views) == ids[::views, None]).all():
         problems.append(f"{path}: rows of one sample are not together")
@@ -188,8 +205,14 @@ def format_info(summary: dict[str, Any]) -> str:
     ]
     if summary.get("text"):
         t = summary["text"]
-        lines[3] = (f"rows     one per predicted token: {t['objective']} LM, blocks of {t['block_size']} tokens, "
-                    f"positions 0..{t['positions'] - 1}, vocabulary {t['vocab_size']}")
+        if t["objective"] == "masked":
+            maskings = (summary.get("views") or {}).get("count", 0) + 1
+            lines[3] = (f"rows     one per masked token: masked LM, blocks of {t['block_size']} tokens, "
+                        f"{t['positions']} masked per masking, {maskings} masking(s) per block, "
+                        f"vocabulary {t['vocab_size']}")
+        else:
+            lines[3] = (f"rows     one per predicted token: {t['objective']} LM, blocks of {t['block_size']} "
+                        f"tokens, positions 0..{t['positions'] - 1}, vocabulary {t['vocab_size']}")
     for spec in summary["features"] or []:
         lines.append(f"feature  {spec['name']}: {spec['mode']} {spec['shape']} {spec['dtype']}")
     for split, s in summary["splits"].items():

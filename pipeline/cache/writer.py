@@ -34,9 +34,9 @@ from zarr.codecs import ZstdCodec
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from pipeline import data, features
-from pipeline.cache.manifest import (FEATURES, MANIFEST, SCHEMA_VERSION, SHARDS, feature_path, lse_column,
+from pipeline.cache.manifest import (FEATURES, MANIFEST, SCHEMA_VERSION, SHARDS, TEACHER_COPY, feature_path, lse_column,
                                      part_path, part_problem, read_manifest, shard_record)
-from pipeline.cache.inputs import Batch, ImageInputs, TokenInputs, _token_rows, inputs_for
+from pipeline.cache.inputs import Batch, ImageInputs, TokenInputs, _hidden, inputs_for
 from pipeline.cache.store import Store
 from pipeline.config import SPLITS, LabelConfig, as_dict
 from pipeline.errors import CacheError, ConfigError, InputError, MissingInputError, StaleCacheError
@@ -53,6 +53,7 @@ class Teacher:
     model: nn.Module
     fingerprint: str
     config: dict[str, Any]
+    directory: Path | None = None  # where its files are (for `label.keep_teacher`)
 
 
 def soft_targets(logits: torch.Tensor, top_k: int, temperatures: list[float], dtype: str) -> dict[str, np.ndarray]:
@@ -135,7 +136,7 @@ def label(teacher: Teacher, prepared: Path, out: str | Path, cfg: LabelConfig, *
     for required in ("labeled", "test"):
         if required not in splits:
             raise MissingInputError(f"{prepared / f'{required}.parquet'}: not found (run `kd prepare`)")
-    inputs = inputs_for(prepared, splits, cfg)
+    inputs = inputs_for(prepared, splits, cfg, teacher.config.get("objective"))
     fingerprints = {s: data.data_fingerprint(prepared / f"{s}.parquet") for s in splits}
     key = cache_key(teacher, fingerprints, cfg)
     model = teacher.model.eval()
@@ -153,7 +154,10 @@ def label(teacher: Teacher, prepared: Path, out: str | Path, cfg: LabelConfig, *
             if manifest.get("complete"):
                 return manifest
         if manifest.get("num_classes") is None:
-            manifest.update(_header(teacher, num_classes, specs, inputs, fingerprints, cfg))
+            header = _header(teacher, num_classes, specs, inputs, fingerprints, cfg)
+            if cfg.keep_teacher:
+                header["teacher_files"] = _keep_teacher(store, teacher)
+            manifest.update(header)
             store.write_json(record, manifest)
         _create_arrays(store, manifest, cfg)
         units = [(split, index) for split in splits
@@ -272,6 +276,22 @@ def _finished(store: Store, key: dict[str, Any], num_shards: int) -> dict[str, A
     return None
 
 
+def _keep_teacher(store: Store, teacher: Teacher) -> dict[str, str]:
+    """Copy the teacher's weights and config into `teacher/` of the cache (for students that
+    start from its layers, as DistilBERT's did); relative path -> sha256, for the manifest."""
+    if teacher.directory is None:
+        raise ConfigError("label.keep_teacher: the teacher was not loaded from a directory")
+    kept = {}
+    for name in ("model.safetensors", "config.json"):
+        source = Path(teacher.directory) / name
+        rel = f"{TEACHER_COPY}/{name}"
+        with store.writing(rel) as tmp, store.fs.open_output_stream(tmp) as handle, open(source, "rb") as src:
+            while block := src.read(1 << 20):
+                handle.write(block)
+        kept[rel] = store.sha256(rel)
+    return kept
+
+
 def _resume_shard(store: Store, record: str, key: dict[str, Any]) -> dict[str, Any]:
     """This shard's progress record to continue from, or a new one."""
     try:
@@ -293,7 +313,7 @@ def _resume_or_start(store: Store, key: dict[str, Any]) -> dict[str, Any]:
         if _parts_present(store, existing):
             return existing
     # Different teacher, data or parameters (or a damaged cache): start again from nothing.
-    for name in ("soft_targets", FEATURES, SHARDS, MANIFEST):
+    for name in ("soft_targets", FEATURES, SHARDS, TEACHER_COPY, MANIFEST):
         store.delete(name)
     return {"schema_version": SCHEMA_VERSION, "key": key, "complete": False}
 
@@ -317,12 +337,6 @@ def plan(model: nn.Module, inputs: ImageInputs | TokenInputs, cfg: LabelConfig) 
     layer cannot give, or a top_k larger than the number of classes.
     """
     probe = inputs.probe()
-    if inputs.modality == "text":
-        from pipeline import lm
-
-        if lm.objective(model) != "causal":
-            raise ConfigError("--teacher: a masked language model; `kd label` caches causal LMs' next-token "
-                              "distributions (masked LMs are not supported yet)")
     specs = []
     with torch.no_grad():
         for layer in cfg.features:
@@ -337,7 +351,7 @@ def plan(model: nn.Module, inputs: ImageInputs | TokenInputs, cfg: LabelConfig) 
                 if mode != "full":
                     raise ConfigError(f"label.features.{layer}: mode {mode!r}; token rows cache hidden states "
                                       "in full (one vector per token)")
-                shape = list(_token_rows(captured[layer]).shape[1:])
+                shape = [_hidden(captured[layer]).shape[-1]]
                 specs.append({"name": layer, "mode": mode, "shape": shape, "dtype": "float16", "source_shape": shape})
                 continue
             try:
@@ -443,7 +457,7 @@ def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs
     rows = inputs.read(source, first_sample, last_sample)
     first_row, n_rows = first_sample * per_sample, (last_sample - first_sample) * per_sample
     rel = part_path(split, index)
-    schema = _schema(cfg, tokens=inputs.modality == "text")
+    schema = _schema(cfg, tokens=inputs.modality == "text", masked=manifest.get("text", {}).get("objective") == "masked")
     specs = {s["name"]: s for s in manifest["features"]}
     group = zarr.open_group(store.zarr(FEATURES), mode="r+") if specs else None
     buffers = {name: _Rows(rows) for name, rows in info["chunk_rows"].items()}
@@ -496,12 +510,14 @@ def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs
     return part
 
 
-def _schema(cfg: LabelConfig, tokens: bool = False) -> pa.Schema:
-    """The soft-target columns; token rows add `position` (the predicting token's index)."""
+def _schema(cfg: LabelConfig, tokens: bool = False, masked: bool = False) -> pa.Schema:
+    """The soft-target columns; token rows add `position` (the predicting token's index), masked
+    rows also `input_token` (the token the model saw there: [MASK], a random one or itself)."""
     fields = [
         pa.field("id", pa.int64(), nullable=False),
         pa.field("view", pa.int32(), nullable=False),
         *([pa.field("position", pa.int32(), nullable=False)] if tokens else []),
+        *([pa.field("input_token", pa.int32(), nullable=False)] if masked else []),
         pa.field("topk_idx", pa.list_(pa.int32(), cfg.top_k), nullable=False),
         pa.field("topk_logit", pa.list_(pa.from_numpy_dtype(np.dtype(cfg.logit_dtype)), cfg.top_k), nullable=False),
         pa.field("logit_max", pa.float32(), nullable=False),
@@ -515,6 +531,8 @@ def _table(schema: pa.Schema, batch: Batch, cols: dict[str, np.ndarray]) -> pa.T
     arrays = [pa.array(batch.ids, pa.int64()), pa.array(batch.view, pa.int32())]
     if batch.position is not None:
         arrays.append(pa.array(batch.position, pa.int32()))
+    if batch.input_token is not None:
+        arrays.append(pa.array(batch.input_token, pa.int32()))
     arrays += [
         pa.FixedSizeListArray.from_arrays(pa.array(cols["topk_idx"].reshape(-1)), k),
         pa.FixedSizeListArray.from_arrays(pa.array(cols["topk_logit"].reshape(-1)), k),

@@ -1,0 +1,172 @@
+"""The masked-LM cache (recorded masks) and DistilBERT-style students trained from it.
+
+Real files: CPython's pydoc text in 32-token blocks with a 512-entry tokenizer, a tiny
+two-layer BERT teacher trained through `kd teacher`, then `kd label` with two maskings per
+block, a hidden layer and a copy of the teacher. The rows are checked against the teacher run
+directly on the recorded masked blocks; a one-layer student starts from the teacher's layers
+and trains with the triple loss through `kd distill` with the teacher's directory moved away,
+then `kd eval` and `kd report`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from pipeline import lm, text
+from pipeline.cache import Cache
+from pipeline.cache.verify import verify
+from pipeline.errors import ConfigError
+from stages import distill, label, prepare, report, teacher
+from stages import eval as eval_stage
+from tests.test_stages import invoke, ok
+
+BLOCK, MASKED = 32, 5  # 15% of 32 tokens, rounded
+TEACHER_KWARGS = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
+LAYER = "bert.encoder.layer.1"  # the teacher's last layer
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("masked")
+    params = root / "params.yaml"
+    params.write_text("{}\n")
+    ok(invoke(prepare.main, "--dataset", "pydoc", "--vocab-size", 512, "--block-size", BLOCK, "--labeled", 100,
+              "--unlabeled", 40, "--test", 20, "--params", params, "--out", root / "prepared"))
+    ok(invoke(teacher.main, "--arch", "bert", "--arch-kwargs", json.dumps(TEACHER_KWARGS), "--epochs", 2,
+              "--batch-size", 16, "--no-progress", "--prepared", root / "prepared", "--out", root / "teacher",
+              "--params", params))
+    ok(invoke(label.main, "--no-progress", "--teacher", root / "teacher", "--prepared", root / "prepared",
+              "--out", root / "cache", "--params", params, "--top-k", 16, "--views", 1, "--keep-teacher",
+              "--feature", f"{LAYER}=full", "--part-size", 64))
+    return root
+
+
+def test_masked_rows_record_their_masks_and_are_the_teachers_outputs_on_them(world):
+    cache = Cache.open(world / "cache")
+    info = cache.manifest["text"]
+    assert info["objective"] == "masked" and info["positions"] == MASKED and cache.views == 2 * MASKED
+    assert verify(world / "cache") == []
+    model = lm.load(world / "teacher")
+    _, special = text.load_tokenizer(world / "prepared")
+    ids, blocks = text.read_blocks(world / "prepared" / "test.parquet")
+    table = pq.read_table(world / "cache" / cache.split("test")["parts"][0]["path"]).slice(0, 8 * 2 * MASKED)
+    assert table.column_names[:5] == ["id", "view", "position", "input_token", "topk_idx"]
+    rows_ids, views = table["id"].to_numpy(), table["view"].to_numpy()
+    assert (rows_ids == np.repeat(ids[:8], 2 * MASKED)).all()
+    assert (views == np.tile(np.repeat([0, 1], MASKED), 8)).all()
+    position = torch.tensor(table["position"].to_numpy(), dtype=torch.long).reshape(16, MASKED)
+    seen = torch.tensor(table["input_token"].to_numpy(), dtype=torch.long).reshape(16, MASKED)
+    tokens = torch.from_numpy(blocks[:8]).long().repeat_interleave(2, 0)
+    # the masks are BERT's, a pure function of (seed, id, view): drawn again, they are the same
+    drawn_position, drawn_seen = lm.fixed_masks(tokens, np.repeat(ids[:8], 2), np.tile([0, 1], 8), MASKED, special,
+                                                512, seed=0)
+    assert torch.equal(drawn_position, position) and torch.equal(drawn_seen, seen)
+    assert not torch.equal(position[0::2], position[1::2])  # the two maskings differ
+    assert (seen == special.mask).float().mean() > 0.5
+    # each row is the teacher's output at that position of the masked block
+    inputs = lm.apply_masks(tokens, position, seen)
+    with torch.no_grad():
+        out = model(input_ids=inputs, output_hidden_states=True)
+    at = (torch.arange(16)[:, None], position)
+    logits = out.logits[at].reshape(-1, 512)
+    top = logits.topk(16, dim=1)
+    cached_idx = np.stack(table["topk_idx"].to_numpy(zero_copy_only=False))
+    assert (cached_idx[:, 0] == top.indices[:, 0].numpy()).all()
+    cached_logit = np.stack(table["topk_logit"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    np.testing.assert_allclose(cached_logit, (top.values - top.values[:, :1]).numpy(), atol=2e-2)
+    features = cache.feature("test", LAYER)[:16 * MASKED]
+    np.testing.assert_allclose(features, out.hidden_states[2][at].reshape(-1, 32).numpy(), atol=1e-2)
+
+
+def test_the_teachers_copy_is_checked_by_verify(world, tmp_path):
+    import shutil
+
+    copy = tmp_path / "cache"
+    shutil.copytree(world / "cache", copy)
+    weights = copy / "teacher" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert any("teacher/model.safetensors: sha256 differs" in p for p in verify(copy))
+
+
+def masked_student(**changes: Any) -> dict[str, Any]:
+    entry = {"arch": "bert", "arch_kwargs": {**TEACHER_KWARGS, "num_hidden_layers": 1}, "epochs": 2,
+             "batch_size": 16, "lr": 0.003, "init": "teacher", "views": True,
+             "loss": {"soft": {"weight": 0.5, "temperature": 4}, "hard": {"weight": 0.3, "labels": True},
+                      "cosine": {"teacher_layer": LAYER, "student_layer": "hidden.1", "weight": 0.2}}}
+    return {**entry, **changes}
+
+
+def test_a_masked_student_with_the_triple_loss_trains_from_the_cache_alone(world, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"text_students": {"m": masked_student()}}))
+    common = ["--cache", world / "cache", "--prepared", world / "prepared", "--students-dir", tmp_path / "students",
+              "--params", params]
+    hidden = world / "teacher-hidden"
+    (world / "teacher").rename(hidden)  # the student never needs the teacher's directory
+    try:
+        trained = ok(invoke(distill.main, "m", "--no-progress", *common))
+    finally:
+        hidden.rename(world / "teacher")
+    assert "cosine" in trained.output and "baseline twin masked-LM loss" in trained.output
+    out = tmp_path / "students" / "m"
+    header = (out / "train_log.csv").read_text().splitlines()[0].split(",")
+    assert {"soft", "hard", "cosine", "total"} <= set(header)
+    assert "soft" not in (out / "baseline" / "train_log.csv").read_text().splitlines()[0]
+    evaluated = ok(invoke(eval_stage.main, "m", "--batch-size", 8, "--throughput-runs", 1, *common))
+    assert "masked-token accuracy" in evaluated.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["objective"] == "masked" and metrics["test_tokens"] == 20 * MASKED
+    assert 0 <= metrics["masked_accuracy"] <= 1 and metrics["params"] < metrics["teacher_params"]
+    assert metrics["teacher_masked_accuracy"] == Cache.open(world / "cache").manifest["fidelity"]["test"][
+        "teacher_accuracy"]
+    reported = ok(invoke(report.main, "--cache", world / "cache", "--students-dir", tmp_path / "students",
+                         "--params", params, "--out", tmp_path / "report"))
+    assert "text report on 1 students" in reported.output
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert f"masked-token accuracy {metrics['masked_accuracy']:.4f}" in md and "accuracy_vs_params.png" in md
+
+
+def test_a_student_starts_from_every_other_teacher_layer():
+    _, special = None, text.SpecialIds(pad=0, eos=1, mask=2)
+    torch.manual_seed(0)
+    teacher_model = lm.build("bert", {**TEACHER_KWARGS, "num_hidden_layers": 4}, 64, 16, special)
+    student = lm.build("bert", {**TEACHER_KWARGS, "num_hidden_layers": 2}, 64, 16, special)
+    assert lm.init_from_teacher(student, teacher_model) == [0, 2]
+    for s, t in ((0, 0), (1, 2)):
+        for (name, a), (_, b) in zip(student.bert.encoder.layer[s].named_parameters(),
+                                     teacher_model.bert.encoder.layer[t].named_parameters()):
+            assert torch.equal(a, b), name
+    assert torch.equal(student.bert.embeddings.word_embeddings.weight, teacher_model.bert.embeddings.word_embeddings.weight)
+    assert torch.equal(student.cls.predictions.transform.dense.weight, teacher_model.cls.predictions.transform.dense.weight)
+    wide = lm.build("bert", {**TEACHER_KWARGS, "hidden_size": 64}, 64, 16, special)
+    with pytest.raises(ConfigError, match="hidden_size is 64, the teacher's 32"):
+        lm.init_from_teacher(wide, teacher_model)
+
+
+def test_masked_students_refuse_what_the_cache_cannot_give(world, tmp_path):
+    bare = tmp_path / "bare"
+    ok(invoke(label.main, "--no-progress", "--teacher", world / "teacher", "--prepared", world / "prepared",
+              "--out", bare, "--params", world / "params.yaml", "--top-k", 16))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"text_students": {
+        "init": masked_student(loss={"hard": {"labels": True}}, views=False),
+        "views": masked_student(loss={"hard": {"labels": True}}, init=None),
+        "layer": masked_student(init=None, views=False, loss={"cosine": {"teacher_layer": LAYER,
+                                                                        "student_layer": "bert.encoder.layer.0"}}),
+        "gpt": {**masked_student(init=None, views=False), "arch": "gpt2", "arch_kwargs": {}}}}))
+    for name, message in (("init", "set label.keep_teacher: true"), ("views", "holds one masking per block"),
+                          ("layer", "a masked LM student's layers are hidden.N"),
+                          ("gpt", "a student of a masked LM cache must be bert")):
+        result = invoke(distill.main, name, "--no-progress", "--cache", bare, "--prepared", world / "prepared",
+                        "--students-dir", tmp_path / "students", "--params", params)
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert not (tmp_path / "students" / name).exists()
