@@ -18,10 +18,11 @@ import yaml
 
 from pipeline.errors import ConfigError, MissingInputError
 
-SECTIONS = ("prepare", "teacher", "label", "assistants", "students", "text_students", "eval")
-# `text_students` is `students` under another name, for params_text.yaml: dvc.yaml imports it
-# next to params.yaml (for its foreach), and DVC would merge two sections of one name.
-STUDENT_SECTIONS = ("students", "text_students")
+SECTIONS = ("prepare", "teacher", "label", "assistants", "students", "text_students", "mlm_students", "eval")
+# `text_students` and `mlm_students` are `students` under other names, for params_text.yaml and
+# params_mlm.yaml: dvc.yaml imports them next to params.yaml (for their foreach), and DVC would
+# merge sections of one name.
+STUDENT_SECTIONS = ("students", "text_students", "mlm_students")
 FEATURE_MODES = ("full", "pooled", "attention")
 TAIL_MODES = ("bucket", "renorm")
 LOGIT_DTYPES = ("float16", "float32")
@@ -200,7 +201,7 @@ class StudentConfig:
     """A student (or a teacher assistant: the same schema under `assistants`)."""
 
     name: str = ""  # the mapping key, set by `student()`
-    section: str = "students"  # "students", "text_students" or "assistants", set by `student()`
+    section: str = "students"  # a STUDENT_SECTIONS name or "assistants", set by `student()`
     arch: str = "mlp"
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     epochs: int = 40
@@ -324,7 +325,7 @@ def section(path: str | Path, name: str, cls: type) -> Any:
 
 
 def student(path: str | Path, name: str, section: str = "students") -> StudentConfig:
-    """Entry `name` of the `students` (or `text_students`) section, or of `assistants`."""
+    """Entry `name` of the `students` (or `text_students`, `mlm_students`) section, or of `assistants`."""
     params = load_params(path)
     sections = STUDENT_SECTIONS if section == "students" else (section,)
     found = [s for s in sections if name in (params.get(s) or {})]

@@ -2,9 +2,10 @@
 
 Copies the repository's dvc.yaml with the stage and library sources into a fresh git + DVC
 repository, writes a tiny params.yaml (the 8x8 digits, small models, one or two epochs) and a
-tiny params_text.yaml (pydoc in 32-token blocks, a one-layer GPT-2 teacher and student) and runs
-`dvc repro`: every stage of both pipelines, then nothing, then only a newly added student of
-each pipeline.
+tiny params_text.yaml (pydoc in 32-token blocks, a one-layer GPT-2 teacher and student) and a
+tiny params_mlm.yaml (a two-layer BERT teacher, a one-layer student started from it) and runs
+`dvc repro`: every stage of the three pipelines, then nothing, then only a newly added student
+of the image and text pipelines.
 """
 
 from __future__ import annotations
@@ -48,6 +49,21 @@ TINY_TEXT = {
     },
     "eval": {"batch_size": 8, "throughput_runs": 2},
 }
+BERT = {"num_hidden_layers": 2, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}
+TINY_MLM = {
+    "teacher": {"arch": "bert", "arch_kwargs": BERT, "epochs": 1, "batch_size": 16, "lr": 0.003, "seed": 0},
+    "label": {"top_k": 8, "temperatures": [1, 4], "views": 1, "keep_teacher": True,
+              "features": {"bert.encoder.layer.1": "full"}, "batch_size": 1024},
+    "mlm_students": {
+        "distil": {"arch": "bert", "arch_kwargs": {**BERT, "num_hidden_layers": 1}, "init": "teacher", "views": True,
+                   "epochs": 1, "batch_size": 16, "lr": 0.003,
+                   "loss": {"soft": {"weight": 0.5, "temperature": 4}, "hard": {"weight": 0.3, "labels": True},
+                            "cosine": {"teacher_layer": "bert.encoder.layer.1", "student_layer": "hidden.1",
+                                       "weight": 0.2}}},
+    },
+    "eval": {"batch_size": 8, "throughput_runs": 2},
+}
+MLM_STAGES = ["mlm_teacher", "mlm_label", "mlm_distill@distil", "mlm_eval@distil", "mlm_report"]
 TEXT_STAGES = ["text_prepare", "text_teacher", "text_label", "text_distill@gpt_tiny", "text_eval@gpt_tiny",
                "text_report"]
 
@@ -77,6 +93,7 @@ def project(tmp_path_factory) -> Path:
         shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
     (repo / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
     (repo / "params_text.yaml").write_text(yaml.safe_dump(TINY_TEXT, sort_keys=False))
+    (repo / "params_mlm.yaml").write_text(yaml.safe_dump(TINY_MLM, sort_keys=False))
     run(["git", "init", "-q"], repo)
     run(["dvc", "init", "-q"], repo)
     run(["dvc", "config", "core.analytics", "false"], repo)
@@ -85,10 +102,14 @@ def project(tmp_path_factory) -> Path:
 
 def test_dvc_repro_runs_every_stage_then_nothing_then_only_a_new_student(project):
     first = ran_stages(run(["dvc", "repro"], project))
-    images = [s for s in first if not s.startswith("text_")]
+    images = [s for s in first if not s.startswith(("text_", "mlm_"))]
     assert images[:4] == ["prepare", "teacher", "label", "assistants"]
     assert set(images[4:]) == {"distill@mlp", "distill@pseudo", "eval@mlp", "eval@pseudo", "report"}
     assert [s for s in first if s.startswith("text_")] == TEXT_STAGES
+    assert [s for s in first if s.startswith("mlm_")] == MLM_STAGES
+    mlm_metrics = json.loads((project / "data/mlm/students/distil/metrics.json").read_text())
+    assert 0 <= mlm_metrics["masked_accuracy"] <= 1 and mlm_metrics["params"] < mlm_metrics["teacher_params"]
+    assert "masked-token accuracy" in (project / "data/mlm/report/report.md").read_text()
     text_cache = json.loads((project / "data/text/teacher_outputs/manifest.json").read_text())
     assert text_cache["complete"] and text_cache["text"]["positions"] == 31 and text_cache["top_k"] == 8
     text_metrics = json.loads((project / "data/text/students/gpt_tiny/metrics.json").read_text())
