@@ -326,12 +326,9 @@ def _teacher_start(cache: Cache) -> nn.Module:
 
 
 def evaluate_text(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig) -> dict[str, Any]:
-    """Test perplexity of the student and its twin, and against the cached teacher: top-1
-    agreement, KL at T=1 (top-k plus a tail bucket: a lower bound when k < V), speed and size.
-    Returns the metrics and, under "plots", the per-position table (mean loss of the student
-    and its twin at each position of a block: how each uses its context)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    """Test perplexity of the student and its twin, and against the cached teacher (`_against_teacher`).
+    "plots" holds the mean loss of the student and its twin at each position of a block: how
+    each uses its context."""
     student, twin = TokenRows(lm.load(student_dir)), TokenRows(lm.load(student_dir / "baseline"))
     _, blocks = text.read_blocks(prepared / "test.parquet")
     tokens = torch.from_numpy(blocks)
@@ -339,32 +336,16 @@ def evaluate_text(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConf
     logits = _logits(student, tokens, cfg.batch_size)
     losses = {"student": F.cross_entropy(logits, targets, reduction="none"),
               "baseline": F.cross_entropy(_logits(twin, tokens, cfg.batch_size), targets, reduction="none")}
-    soft = cache.soft_targets("test", [1.0])
-    kl, exact = metrics.kl_to_teacher(logits, torch.tensor(soft.topk_idx, dtype=torch.long),
-                                      torch.tensor(soft.topk_logit, dtype=torch.float32), torch.tensor(soft.lse[1.0]))
-    teacher = cache.manifest["teacher"]["config"]
-    models = [student]
-    if "hf_config" in teacher:  # a random-weight copy of the teacher: weights do not change its speed
-        models.append(TokenRows(AutoModelForCausalLM.from_config(AutoConfig.for_model(**teacher["hf_config"]))))
-    with metrics.torch_threads(cfg.threads):
-        blocks_per_s = metrics.throughputs(models, tokens[:cfg.batch_size], cfg.throughput_runs)
     perplexity, twin_perplexity = (math.exp(float(losses[k].mean())) for k in ("student", "baseline"))
     per_position = {k: v.reshape(len(tokens), -1).mean(0).tolist() for k, v in losses.items()}
+    teacher = cache.manifest["teacher"]["config"]
     return {
         "objective": "causal",
         "perplexity": perplexity, "baseline_perplexity": twin_perplexity,
         "teacher_perplexity": teacher.get("metrics", {}).get("perplexity"),
         "perplexity_gain": twin_perplexity - perplexity,
         "perplexity_reduction": 1 - perplexity / twin_perplexity,
-        "agreement": metrics.agreement(logits.argmax(1).numpy(), soft.topk_idx[:, 0]),
-        "kl_to_teacher": kl, "kl_exact": exact,
-        "kept_mass_t1": cache.manifest["fidelity"]["test"].get("t1", {}).get("kept_mass"),
-        "top_k": cache.manifest["top_k"],
-        "params": count_params(student), "teacher_params": teacher.get("params"),
-        "size_bytes": (student_dir / lm.WEIGHTS).stat().st_size,
-        "throughput_tokens_per_s": blocks_per_s[0] * tokens.shape[1],
-        "speedup_vs_teacher": blocks_per_s[0] / blocks_per_s[1] if len(blocks_per_s) > 1 else None,
-        "test_tokens": len(targets),
+        **_against_teacher(student, logits, tokens, np.ones(len(targets), dtype=bool), student_dir, cache, cfg),
         "plots": {"per_position.csv": (["position", "student", "baseline"],
                                        [{"position": i + 1, "student": a, "baseline": b}
                                         for i, (a, b) in enumerate(zip(per_position["student"],
@@ -374,60 +355,72 @@ def evaluate_text(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConf
 
 def evaluate_masked(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig) -> dict[str, Any]:
     """Masked-token accuracy of the student and its twin on the test split's first cached masking
-    (the masks the teacher was scored on), and against the cached teacher: top-1 agreement, KL
-    at T=1 (a lower bound when k < V), speed and size. "plots" holds the mean loss at each
-    block position (over the masked tokens there)."""
-    from transformers import AutoConfig, AutoModelForMaskedLM
-
+    (the masks the teacher was scored on), and against the cached teacher (`_against_teacher`).
+    "plots" holds the mean loss at each block position (over the masked tokens there)."""
     info = cache.manifest["text"]
-    maskings, masked = cache.manifest["views"]["count"] + 1, info["positions"]
-    block = info["block_size"]
+    maskings, masked, block = cache.manifest["views"]["count"] + 1, info["positions"], info["block_size"]
     _, blocks = text.read_blocks(prepared / "test.parquet")
     position, seen = cache.masks("test")
     first = (np.arange(len(position)) // masked) % maskings == 0  # masking 0 of every block
     tokens = torch.from_numpy(blocks).long()
-    positions = torch.from_numpy(position[first]).long().reshape(len(tokens), masked)
+    positions = torch.tensor(position[first], dtype=torch.long).reshape(len(tokens), masked)
     x = torch.cat([lm.apply_masks(tokens, positions, torch.tensor(seen[first]).reshape(len(tokens), masked)),
                    positions], 1)
     truth = tokens.gather(1, positions).reshape(-1)
     student = MaskedRows(lm.load(student_dir), block)
-    twin = MaskedRows(lm.load(student_dir / "baseline"), block)
     logits = _logits(student, x, cfg.batch_size)
-    twin_logits = _logits(twin, x, cfg.batch_size)
+    twin_logits = _logits(MaskedRows(lm.load(student_dir / "baseline"), block), x, cfg.batch_size)
     losses = {"student": F.cross_entropy(logits, truth, reduction="none"),
               "baseline": F.cross_entropy(twin_logits, truth, reduction="none")}
-    soft = cache.soft_targets("test", [1.0])
-    kl, exact = metrics.kl_to_teacher(logits, torch.tensor(soft.topk_idx[first], dtype=torch.long),
-                                      torch.tensor(soft.topk_logit[first], dtype=torch.float32),
-                                      torch.tensor(soft.lse[1.0][first]))
-    teacher = cache.manifest["teacher"]["config"]
-    models = [student]
-    if "hf_config" in teacher:
-        models.append(MaskedRows(AutoModelForMaskedLM.from_config(AutoConfig.for_model(**teacher["hf_config"])), block))
-    with metrics.torch_threads(cfg.threads):
-        blocks_per_s = metrics.throughputs(models, x[:cfg.batch_size], cfg.throughput_runs)
     accuracy = float((logits.argmax(1) == truth).float().mean())
     twin_accuracy = float((twin_logits.argmax(1) == truth).float().mean())
     flat = positions.reshape(-1).numpy()
     counts = np.bincount(flat, minlength=block)
-    table = [{"position": int(p), **{k: float(np.bincount(flat, v.numpy(), minlength=block)[p] / counts[p])
-                                    for k, v in losses.items()}} for p in np.flatnonzero(counts)]
+    sums = {k: np.bincount(flat, v.numpy(), minlength=block) for k, v in losses.items()}
     return {
         "objective": "masked",
         "masked_accuracy": accuracy, "baseline_masked_accuracy": twin_accuracy,
         "teacher_masked_accuracy": cache.manifest["fidelity"]["test"].get("teacher_accuracy"),
         "accuracy_gain_points": 100 * (accuracy - twin_accuracy),
         "loss": float(losses["student"].mean()), "baseline_loss": float(losses["baseline"].mean()),
-        "agreement": metrics.agreement(logits.argmax(1).numpy(), soft.topk_idx[first][:, 0]),
+        **_against_teacher(student, logits, x, first, student_dir, cache, cfg),
+        "plots": {"per_position.csv": (["position", "student", "baseline"],
+                                       [{"position": int(p), **{k: float(sums[k][p] / counts[p]) for k in sums}}
+                                        for p in np.flatnonzero(counts)])},
+    }
+
+
+def _against_teacher(student: nn.Module, logits: torch.Tensor, x: torch.Tensor, rows: np.ndarray,
+                     student_dir: Path, cache: Cache, cfg: EvalConfig) -> dict[str, Any]:
+    """What every text student reports beside its own score: top-1 agreement with the cached
+    teacher and KL at T=1 (top-k plus a tail bucket: a lower bound when k < V) on the test
+    cache `rows` its `logits` stand for; size; and tokens/s against a random-weight copy of
+    the teacher's architecture (weights do not change its speed), on the student's input `x`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    soft = cache.soft_targets("test", [1.0])
+    kl, exact = metrics.kl_to_teacher(logits, torch.tensor(soft.topk_idx[rows], dtype=torch.long),
+                                      torch.tensor(soft.topk_logit[rows], dtype=torch.float32),
+                                      torch.tensor(soft.lse[1.0][rows]))
+    teacher = cache.manifest["teacher"]["config"]
+    models = [student]
+    if "hf_config" in teacher:
+        masked = cache.manifest["text"]["objective"] == "masked"
+        auto = AutoModelForMaskedLM if masked else AutoModelForCausalLM
+        copy = auto.from_config(AutoConfig.for_model(**teacher["hf_config"]))
+        models.append(MaskedRows(copy, cache.manifest["text"]["block_size"]) if masked else TokenRows(copy))
+    with metrics.torch_threads(cfg.threads):
+        blocks_per_s = metrics.throughputs(models, x[:cfg.batch_size], cfg.throughput_runs)
+    return {
+        "agreement": metrics.agreement(logits.argmax(1).numpy(), soft.topk_idx[rows][:, 0]),
         "kl_to_teacher": kl, "kl_exact": exact,
         "kept_mass_t1": cache.manifest["fidelity"]["test"].get("t1", {}).get("kept_mass"),
         "top_k": cache.manifest["top_k"],
         "params": count_params(student), "teacher_params": teacher.get("params"),
         "size_bytes": (student_dir / lm.WEIGHTS).stat().st_size,
-        "throughput_tokens_per_s": blocks_per_s[0] * block,
+        "throughput_tokens_per_s": blocks_per_s[0] * cache.manifest["text"]["block_size"],
         "speedup_vs_teacher": blocks_per_s[0] / blocks_per_s[1] if len(blocks_per_s) > 1 else None,
-        "test_tokens": len(truth),
-        "plots": {"per_position.csv": (["position", "student", "baseline"], table)},
+        "test_tokens": len(logits),
     }
 
 
