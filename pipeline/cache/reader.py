@@ -81,7 +81,7 @@ class Cache:
             if float(t) not in cached_t:
                 raise CacheMissingError(
                     f"{who} needs temperature {t:g}, but the cache at {self.root} holds {self.manifest['temperatures']}; "
-                    f"add {t:g} to label.temperatures in params.yaml and run {rebuild}")
+                    f"add {t:g} to label.temperatures (in the params file) and run {rebuild}")
         specs = {s["name"]: s["mode"] for s in self.manifest["features"]}
         for layer, modes in (features or {}).items():
             modes = (modes,) if isinstance(modes, str) else tuple(modes)
@@ -89,11 +89,11 @@ class Cache:
                 held = f"holds it as {specs[layer]!r}" if layer in specs else "does not hold it"
                 raise CacheMissingError(
                     f"{who} needs teacher layer {layer!r} in mode {' or '.join(map(repr, modes))}, but the cache at "
-                    f"{self.root} {held}; set label.features.{layer}: {modes[0]} in params.yaml and run {rebuild}")
+                    f"{self.root} {held}; set label.features.{layer}: {modes[0]} (in the params file) and run {rebuild}")
         if views and self.views == 1:
             raise CacheMissingError(
                 f"{who} trains on augmented views, but the cache at {self.root} holds none; "
-                f"set label.views (e.g. 4) in params.yaml and run {rebuild}")
+                f"set label.views in the params file (e.g. 4) and run {rebuild}")
 
     def feature_spec(self, layer: str) -> dict[str, Any]:
         return next(s for s in self.manifest["features"] if s["name"] == layer)
