@@ -96,6 +96,8 @@ def sentence(name: str, m: dict[str, Any]) -> str:
     twin_is = ("the same student on the same text alone, same budget" if m["objective"] == "causal" else
                "the same student, start, masks and budget with the masked-LM loss alone")
     of_teacher = f"; the teacher has {teacher:{q['format']}}" if teacher is not None else ""
+    if m["objective"] == "masked" and teacher:
+        of_teacher += f", so the student keeps {100 * mine / teacher:.1f}% of the teacher's accuracy"
     speed = (f", runs {m['speedup_vs_teacher']:.1f}x the teacher's tokens/s" if m.get("speedup_vs_teacher") else "")
     return (f"**{name}** ({size}): {q['name']} {mine:{q['format']}}, {versus} ({twin_is}){of_teacher}. "
             f"It agrees with the teacher's top token on {100 * m['agreement']:.1f}% of test tokens{speed}.")
@@ -120,8 +122,8 @@ def markdown(results: list[StudentResult], manifest: dict[str, Any], cache_root:
             f"one row per masked token ({info.get('positions')} per masking of a block of {info.get('block_size')} "
             f"tokens, {manifest.get('views', {}).get('count', 0) + 1} masking(s) per block, recorded)")
     twin = ("trained on the text alone (the next-token loss)" if objective == "causal" else
-            "trained from the same start on the same masks with the masked-LM loss alone; scores are on the test "
-            "split's first cached masking, the masks the teacher was scored on")
+            "trained from the same start on the same masks with the masked-LM loss alone. Scores are on every "
+            "cached masking of the test split; the teacher's is its cached top-1 on the same masked tokens")
     lines = [
         "# Text distillation report",
         "",
