@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import math
 import tempfile
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from pipeline.distill import Built, Shapes, student_layers, student_terms
 from pipeline.errors import CacheError, ConfigError, StaleCacheError
 from pipeline.files import staging_dir, swap_into_place, write_json
 from pipeline.loader import needed_temperatures
+from pipeline.metrics import SEEDS_DIR, mean_std
 from pipeline.models import count_params
 from pipeline.training import fit, hard_label_loss, write_log
 
@@ -231,20 +233,27 @@ def train_text_student(cfg: StudentConfig, cache: Cache, prepared: Path, out: Pa
         twin_set = dataclasses.replace(dataset, targets={"label": torch.from_numpy(
             np.ascontiguousarray(dataset.tokens[:, 1:].reshape(-1).numpy()))})
     views = "cached" if cfg.views else "none"
-    student, log = _train(cfg, make, dataset, built, views, f"distill {cfg.name}", progress)
-    twin, twin_log = _train(cfg, make, twin_set, Built({"hard": (1.0, hard_label_loss)}), views,
-                            f"baseline {cfg.name}", progress)
-    record = {"student": as_dict(cfg), "teacher_fingerprint": cache.manifest["teacher"]["fingerprint"],
-              "cache": str(cache.root), "objective": info["objective"]}
     staging = staging_dir(out)
-    for directory, model, train_log, what in ((staging, student, log, record),
-                                              (staging / "baseline", twin, twin_log, {**record, "student": None,
-                                                                                      "baseline_of": as_dict(cfg)})):
-        lm.save(directory, model, prepared / text.TOKENIZER_FILE)
-        write_json(directory / STUDENT_RECORD, what)
-        write_log(directory / "train_log.csv", train_log)
+    (staging / SEEDS_DIR).mkdir()  # always there (empty for one seed): a DVC output
+    seeds = [cfg.seed + i for i in range(cfg.repeats)]
+    for seed in seeds:  # the first seed at the top of `out`, further ones under seeds/<seed>/
+        seed_cfg = dataclasses.replace(cfg, seed=seed)
+        student, log = _train(seed_cfg, make, dataset, built, views, f"distill {cfg.name} seed {seed}", progress)
+        twin, twin_log = _train(seed_cfg, make, twin_set, Built({"hard": (1.0, hard_label_loss)}), views,
+                                f"baseline {cfg.name} seed {seed}", progress)
+        record = {"student": as_dict(seed_cfg), "teacher_fingerprint": cache.manifest["teacher"]["fingerprint"],
+                  "cache": str(cache.root), "objective": info["objective"]}
+        root = staging if seed == cfg.seed else staging / SEEDS_DIR / str(seed)
+        for directory, model, train_log, what in (
+                (root, student, log, record),
+                (root / "baseline", twin, twin_log, {**record, "student": None, "baseline_of": as_dict(seed_cfg)})):
+            lm.save(directory, model, prepared / text.TOKENIZER_FILE)
+            write_json(directory / STUDENT_RECORD, what)
+            write_log(directory / "train_log.csv", train_log)
+        if seed == cfg.seed:
+            summary = {"final": log[-1], "baseline_final": twin_log[-1], "epochs": len(log)}
     swap_into_place(staging, out)
-    return {"final": log[-1], "baseline_final": twin_log[-1], "epochs": len(log), "objective": info["objective"]}
+    return {**summary, "seeds": seeds, "objective": info["objective"]}
 
 
 def _refuse(cfg: StudentConfig, cache: Cache) -> None:
@@ -259,7 +268,7 @@ def _refuse(cfg: StudentConfig, cache: Cache) -> None:
     if extra:
         raise ConfigError(f"{cfg.where}.loss: {', '.join(extra)} not supported for {objective} LM students yet "
                           f"({', '.join(allowed)})")
-    unsupported = [("repeats", cfg.repeats != 1), ("assistant", cfg.assistant)]
+    unsupported = [("assistant", cfg.assistant)]
     if objective == "causal":
         unsupported += [("views", cfg.views), ("init", cfg.init)]
     for key, value in unsupported:
@@ -339,6 +348,11 @@ def evaluate_text(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConf
     perplexity, twin_perplexity = (math.exp(float(losses[k].mean())) for k in ("student", "baseline"))
     per_position = {k: v.reshape(len(tokens), -1).mean(0).tolist() for k, v in losses.items()}
     teacher = cache.manifest["teacher"]["config"]
+
+    def score(directory: Path) -> float:
+        return math.exp(float(F.cross_entropy(_logits(TokenRows(lm.load(directory)), tokens, cfg.batch_size), targets)))
+
+    seeds = _seeds(student_dir, perplexity, twin_perplexity, score)
     return {
         "objective": "causal",
         "perplexity": perplexity, "baseline_perplexity": twin_perplexity,
@@ -346,10 +360,12 @@ def evaluate_text(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConf
         "perplexity_gain": twin_perplexity - perplexity,
         "perplexity_reduction": 1 - perplexity / twin_perplexity,
         **_against_teacher(student, logits, tokens, np.ones(len(targets), dtype=bool), student_dir, cache, cfg),
+        **_seed_summary(seeds, "perplexity", "perplexity_reduction", lambda r: 1 - r["student"] / r["baseline"]),
         "plots": {"per_position.csv": (["position", "student", "baseline"],
                                        [{"position": i + 1, "student": a, "baseline": b}
                                         for i, (a, b) in enumerate(zip(per_position["student"],
-                                                                       per_position["baseline"]))])},
+                                                                       per_position["baseline"]))]),
+                  "seeds.csv": (["seed", "student", "baseline"], seeds)},
     }
 
 
@@ -374,6 +390,12 @@ def evaluate_masked(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalCo
     accuracy = float((logits.argmax(1) == truth).float().mean())
     twin_accuracy = float((twin_logits.argmax(1) == truth).float().mean())
     teacher_top1 = cache.soft_targets("test", []).topk_idx[:, 0]
+
+    def score(directory: Path) -> float:
+        rows = MaskedRows(lm.load(directory), block)
+        return float((_logits(rows, x, cfg.batch_size).argmax(1) == truth).float().mean())
+
+    seeds = _seeds(student_dir, accuracy, twin_accuracy, score)
     flat = positions.reshape(-1).numpy()
     counts = np.bincount(flat, minlength=block)
     sums = {k: np.bincount(flat, v.numpy(), minlength=block) for k, v in losses.items()}
@@ -384,10 +406,36 @@ def evaluate_masked(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalCo
         "accuracy_gain_points": 100 * (accuracy - twin_accuracy),
         "loss": float(losses["student"].mean()), "baseline_loss": float(losses["baseline"].mean()),
         **_against_teacher(student, logits, x, np.ones(len(truth), dtype=bool), student_dir, cache, cfg),
+        **_seed_summary(seeds, "masked_accuracy", "accuracy_gain_points",
+                        lambda r: 100 * (r["student"] - r["baseline"])),
         "plots": {"per_position.csv": (["position", "student", "baseline"],
                                        [{"position": int(p), **{k: float(sums[k][p] / counts[p]) for k in sums}}
-                                        for p in np.flatnonzero(counts)])},
+                                        for p in np.flatnonzero(counts)]),
+                  "seeds.csv": (["seed", "student", "baseline"], seeds)},
     }
+
+
+def _seeds(student_dir: Path, student: float, baseline: float, score: Any) -> list[dict[str, float]]:
+    """One row per trained seed: the first (the student at the top of `student_dir`, already
+    scored) and each `seeds/<seed>/` with its own twin, scored by `score(directory)`."""
+    first = json.loads((student_dir / STUDENT_RECORD).read_text())["student"]["seed"]
+    rows = [{"seed": first, "student": student, "baseline": baseline}]
+    root = student_dir / SEEDS_DIR
+    for directory in sorted((p for p in (root.iterdir() if root.is_dir() else []) if p.name.isdigit()),
+                            key=lambda p: int(p.name)):
+        rows.append({"seed": int(directory.name), "student": score(directory),
+                     "baseline": score(directory / "baseline")})
+    return rows
+
+
+def _seed_summary(rows: list[dict[str, float]], key: str, change: str, paired: Any) -> dict[str, Any]:
+    """Mean and sample std over seeds of the student's score, its twins' and the per-seed
+    (paired) change: `seeds`, KEY_mean/_std, baseline_KEY_mean/_std, CHANGE_mean/_std."""
+    summary: dict[str, Any] = {"seeds": len(rows)}
+    for name, values in ((key, [r["student"] for r in rows]), (f"baseline_{key}", [r["baseline"] for r in rows]),
+                         (change, [paired(r) for r in rows])):
+        summary[f"{name}_mean"], summary[f"{name}_std"] = mean_std(values)
+    return summary
 
 
 def _against_teacher(student: nn.Module, logits: torch.Tensor, x: torch.Tensor, rows: np.ndarray,

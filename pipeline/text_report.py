@@ -76,9 +76,28 @@ def per_position(result: StudentResult) -> list[dict[str, float]]:
             raise InputError(f"{path}: a value is not a number ({exc})") from None
 
 
+def change_key(objective: str) -> str:
+    """The per-seed comparison with the twin: perplexity_reduction or accuracy_gain_points."""
+    return "perplexity_reduction" if objective == "causal" else "accuracy_gain_points"
+
+
 def leaderboard_columns(objective: str) -> tuple[str, ...]:
-    return ("student", "params", "size_bytes", "throughput_tokens_per_s", *QUALITY[objective]["keys"],
-            "perplexity_reduction" if objective == "causal" else "accuracy_gain_points", *COMMON)
+    key, change = QUALITY[objective]["keys"][0], change_key(objective)
+    return ("student", "params", "size_bytes", "throughput_tokens_per_s", *QUALITY[objective]["keys"], change,
+            *COMMON, "seeds", f"{key}_mean", f"{key}_std", f"{change}_mean", f"{change}_std")
+
+
+def over_seeds(m: dict[str, Any]) -> str:
+    """The score and the change over the twins as mean +- sample std over seeds, with the count."""
+    q, change = QUALITY[m["objective"]], change_key(m["objective"])
+    key = q["keys"][0]
+    if m.get("seeds") is None:
+        return "n/a"
+    if m["objective"] == "causal":
+        delta = f"{100 * m[f'{change}_mean']:+.1f} ± {100 * m[f'{change}_std']:.1f}%"
+    else:
+        delta = f"{m[f'{change}_mean']:+.2f} ± {m[f'{change}_std']:.2f}"
+    return f"{m[f'{key}_mean']:{q['format']}} ± {m[f'{key}_std']:{q['format']}}, {delta} ({m['seeds']})"
 
 
 def sentence(name: str, m: dict[str, Any]) -> str:
@@ -99,8 +118,9 @@ def sentence(name: str, m: dict[str, Any]) -> str:
     if m["objective"] == "masked" and teacher:
         of_teacher += f", so the student keeps {100 * mine / teacher:.1f}% of the teacher's accuracy"
     speed = (f", runs {m['speedup_vs_teacher']:.1f}x the teacher's tokens/s" if m.get("speedup_vs_teacher") else "")
+    seeds = f" Over {m['seeds']} seeds: {over_seeds(m)}." if (m.get("seeds") or 1) > 1 else ""
     return (f"**{name}** ({size}): {q['name']} {mine:{q['format']}}, {versus} ({twin_is}){of_teacher}. "
-            f"It agrees with the teacher's top token on {100 * m['agreement']:.1f}% of test tokens{speed}.")
+            f"It agrees with the teacher's top token on {100 * m['agreement']:.1f}% of test tokens{speed}.{seeds}")
 
 
 def markdown(results: list[StudentResult], manifest: dict[str, Any], cache_root: Any) -> str:
@@ -138,9 +158,12 @@ def markdown(results: list[StudentResult], manifest: dict[str, Any], cache_root:
         "tokens/s on CPU, measured side by side with a random-weight copy of the teacher's architecture. KL is "
         "KL(teacher || student) at T=1 over the top-k tokens plus one tail bucket: a lower bound of the full KL.",
         "",
+        "The columns up to speedup are the first seed's; the last gives the mean ± sample std over every "
+        "trained seed of the score and of the paired change against each seed's own twin (seeds in brackets).",
+        "",
         f"| student | params | size (bytes) | tokens/s | {q['name']} | twin | "
-        f"{'reduction' if objective == 'causal' else 'gain (points)'} | agreement | KL | speedup |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"{'reduction' if objective == 'causal' else 'gain (points)'} | agreement | KL | speedup | over seeds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         m = r.metrics
@@ -150,7 +173,7 @@ def markdown(results: list[StudentResult], manifest: dict[str, Any], cache_root:
                      f"| {_fmt(m['throughput_tokens_per_s'], ',.0f')} | {_fmt(m[q['keys'][0]], q['format'])} "
                      f"| {_fmt(m[q['keys'][1]], q['format'])} | {change} "
                      f"| {_fmt(m['agreement'], '.4f')} | {_fmt(m['kl_to_teacher'], '.4f')} "
-                     f"| {_fmt(m['speedup_vs_teacher'], '.1f')}x |")
+                     f"| {_fmt(m['speedup_vs_teacher'], '.1f')}x | {over_seeds(m)} |")
     lines += ["", "## Students", ""]
     lines += [f"- {sentence(r.name, r.metrics)}" for r in results]
     lines += ["", "## Plots", ""]

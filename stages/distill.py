@@ -54,7 +54,8 @@ def main(
             text_summary = train_text_student(cfg, opened, prepared, students_dir / name, progress=progress)
             final, twin = text_summary["final"], text_summary["baseline_final"]
             terms = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k not in ("epoch", "lr", "seconds"))
-            typer.echo(f"student {name}: {text_summary['epochs']} epochs, final {terms}; baseline twin "
+            typer.echo(f"student {name}: seeds {', '.join(map(str, text_summary['seeds']))}, "
+                       f"{text_summary['epochs']} epochs, final (first seed) {terms}; baseline twin "
                        f"{'masked-LM' if text_summary['objective'] == 'masked' else 'next-token'} loss "
                        f"{twin['hard']:.4f} -> {students_dir / name}")
             return

@@ -71,10 +71,17 @@ def text_summary(m: dict) -> str:
     """A text student's score against its twin's and the teacher's."""
     if m["objective"] == "masked":
         teacher = f"{m['teacher_masked_accuracy']:.4f}" if m["teacher_masked_accuracy"] is not None else "unknown"
-        return (f"masked-token accuracy {m['masked_accuracy']:.4f} (baseline twin {m['baseline_masked_accuracy']:.4f}, "
+        line = (f"masked-token accuracy {m['masked_accuracy']:.4f} (baseline twin {m['baseline_masked_accuracy']:.4f}, "
                 f"teacher {teacher})")
-    teacher = f"{m['teacher_perplexity']:.1f}" if m["teacher_perplexity"] else "unknown"
-    return f"test perplexity {m['perplexity']:.1f} (baseline twin {m['baseline_perplexity']:.1f}, teacher {teacher})"
+        over = (f"accuracy {m['masked_accuracy_mean']:.4f} +- {m['masked_accuracy_std']:.4f}, "
+                f"{m['accuracy_gain_points_mean']:+.2f} +- {m['accuracy_gain_points_std']:.2f} points over the twins")
+    else:
+        teacher = f"{m['teacher_perplexity']:.1f}" if m["teacher_perplexity"] else "unknown"
+        line = f"test perplexity {m['perplexity']:.1f} (baseline twin {m['baseline_perplexity']:.1f}, teacher {teacher})"
+        over = (f"perplexity {m['perplexity_mean']:.1f} +- {m['perplexity_std']:.1f}, "
+                f"{100 * m['perplexity_reduction_mean']:.1f} +- {100 * m['perplexity_reduction_std']:.1f}% lower "
+                "than the twins")
+    return line + (f"; over {m['seeds']} seeds: {over}" if m["seeds"] > 1 else "")
 
 
 def summary(name: str, m: dict) -> str:

@@ -10,6 +10,7 @@ then `kd eval` and `kd report`.
 
 from __future__ import annotations
 
+import csv
 import json
 from typing import Any
 
@@ -107,7 +108,7 @@ def masked_student(**changes: Any) -> dict[str, Any]:
 
 def test_a_masked_student_with_the_triple_loss_trains_from_the_cache_alone(world, tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"text_students": {"m": masked_student()}}))
+    params.write_text(yaml.safe_dump({"mlm_students": {"m": masked_student(repeats=2)}}))
     common = ["--cache", world / "cache", "--prepared", world / "prepared", "--students-dir", tmp_path / "students",
               "--params", params]
     hidden = world / "teacher-hidden"
@@ -117,7 +118,10 @@ def test_a_masked_student_with_the_triple_loss_trains_from_the_cache_alone(world
     finally:
         hidden.rename(world / "teacher")
     assert "cosine" in trained.output and "baseline twin masked-LM loss" in trained.output
+    assert "seeds 0, 1" in trained.output
     out = tmp_path / "students" / "m"
+    assert json.loads((out / "seeds" / "1" / "student.json").read_text())["student"]["seed"] == 1
+    assert (out / "seeds" / "1" / "baseline" / "model.safetensors").is_file()
     header = (out / "train_log.csv").read_text().splitlines()[0].split(",")
     assert {"soft", "hard", "cosine", "total"} <= set(header)
     assert "soft" not in (out / "baseline" / "train_log.csv").read_text().splitlines()[0]
@@ -133,11 +137,20 @@ def test_a_masked_student_with_the_triple_loss_trains_from_the_cache_alone(world
     truth = np.take_along_axis(np.repeat(blocks, 2, axis=0), position.reshape(-1, MASKED), 1).reshape(-1)
     top1 = cache.soft_targets("test", []).topk_idx[:, 0]
     assert metrics["teacher_masked_accuracy"] == pytest.approx((top1 == truth).mean())
+    seeds = list(csv.DictReader((out / "plots" / "seeds.csv").open()))
+    assert [int(r["seed"]) for r in seeds] == [0, 1] and metrics["seeds"] == 2
+    assert float(seeds[0]["student"]) == pytest.approx(metrics["masked_accuracy"])
+    assert float(seeds[0]["baseline"]) == pytest.approx(metrics["baseline_masked_accuracy"])
+    gains = [100 * (float(r["student"]) - float(r["baseline"])) for r in seeds]
+    assert metrics["accuracy_gain_points_mean"] == pytest.approx(np.mean(gains))
+    assert metrics["accuracy_gain_points_std"] == pytest.approx(np.std(gains, ddof=1))
+    assert "over 2 seeds" in evaluated.output
     reported = ok(invoke(report.main, "--cache", world / "cache", "--students-dir", tmp_path / "students",
                          "--params", params, "--out", tmp_path / "report"))
     assert "text report on 1 students" in reported.output
     md = (tmp_path / "report" / "report.md").read_text()
     assert f"masked-token accuracy {metrics['masked_accuracy']:.4f}" in md and "accuracy_vs_params.png" in md
+    assert f"Over 2 seeds: {metrics['masked_accuracy_mean']:.4f} ± {metrics['masked_accuracy_std']:.4f}" in md
 
 
 def test_a_student_starts_from_every_other_teacher_layer():
