@@ -97,7 +97,7 @@ def token_set(cache: Cache, prepared: Path, cfg: StudentConfig) -> TokenSet:
                                   "run `kd label` again")
         part = {"topk_idx": torch.tensor(soft.topk_idx, dtype=torch.long),
                 "topk_logit": torch.tensor(soft.topk_logit, dtype=torch.float32),
-                "label": torch.from_numpy(_labels(cfg, blocks, soft.topk_idx))}
+                "label": _labels(cfg, torch.from_numpy(blocks[:, 1:].reshape(-1)).long(), soft.topk_idx)}
         if cfg.loss.soft is not None:
             part["lse"] = torch.tensor(soft.lse[float(cfg.loss.soft.temperature)])
         tokens.append(torch.from_numpy(blocks))
@@ -106,14 +106,15 @@ def token_set(cache: Cache, prepared: Path, cfg: StudentConfig) -> TokenSet:
     return TokenSet(torch.cat(tokens), {name: torch.cat(parts) for name, parts in targets.items()})
 
 
-def _labels(cfg: StudentConfig, blocks: np.ndarray, topk_idx: np.ndarray) -> np.ndarray:
-    """Per row: the true next token (`hard.labels`), the teacher's argmax (`hard.pseudo`), or -1."""
+def _labels(cfg: StudentConfig, truth: torch.Tensor, topk_idx: np.ndarray) -> torch.Tensor:
+    """Per row: the true token (`hard.labels`; `truth`, the next or the masked one), the
+    teacher's argmax (`hard.pseudo`), or -1."""
     hard = cfg.loss.hard
     if hard is not None and hard.labels:
-        return np.ascontiguousarray(blocks[:, 1:].reshape(-1))
+        return truth
     if hard is not None and hard.pseudo:
-        return topk_idx[:, 0].astype(np.int64)
-    return np.full(len(topk_idx), -1, dtype=np.int64)
+        return torch.from_numpy(topk_idx[:, 0].astype(np.int64))
+    return torch.full((len(topk_idx),), -1, dtype=torch.long)
 
 
 class MaskedRows(nn.Module):
@@ -192,9 +193,7 @@ def masked_set(cache: Cache, prepared: Path, cfg: StudentConfig, layers: list[st
         part = {"positions": position, "seen": torch.tensor(seen, dtype=torch.long).reshape(len(ids), maskings, masked),
                 "truth": truth, "topk_idx": torch.tensor(soft.topk_idx, dtype=torch.long),
                 "topk_logit": torch.tensor(soft.topk_logit, dtype=torch.float32)}
-        hard = cfg.loss.hard
-        part["label"] = (truth if hard is not None and hard.labels else part["topk_idx"][:, 0].clone()
-                         if hard is not None and hard.pseudo else torch.full_like(truth, -1))
+        part["label"] = _labels(cfg, truth, soft.topk_idx)
         if cfg.loss.soft is not None:
             part["lse"] = torch.tensor(soft.lse[float(cfg.loss.soft.temperature)])
         for layer in layers:
@@ -222,7 +221,7 @@ def train_text_student(cfg: StudentConfig, cache: Cache, prepared: Path, out: Pa
         dataset = masked_set(cache, prepared, cfg, list(layers))
         start = _teacher_start(cache) if cfg.init == "teacher" else None
         make = functools.partial(_masked_student, cfg, info, special, start)
-        width = make().model.config.hidden_size
+        width = lm.ARCHITECTURES[cfg.arch][0](**cfg.arch_kwargs).hidden_size
         built = student_terms(cfg, Shapes({layer: [width] for layer in student_layers(cfg)},
                                           {layer: cache.feature_spec(layer) for layer in layers}))
         twin_set = dataclasses.replace(dataset, targets={"label": dataset.truth})
