@@ -25,7 +25,7 @@ from stages.common import PARAMS_OPTION, clean_errors, override
 
 @clean_errors
 def main(
-    name: str = typer.Argument(..., help="A student defined under `students` (or `text_students`) in the params file."),
+    name: str = typer.Argument(..., help="A student defined under `students` (or `text_students`, `mlm_students`) in the params file."),
     epochs: Optional[int] = typer.Option(None),
     batch_size: Optional[int] = typer.Option(None),
     lr: Optional[float] = typer.Option(None),

@@ -30,7 +30,7 @@ from stages.common import PARAMS_OPTION, clean_errors, override
 
 @clean_errors
 def main(
-    name: str = typer.Argument(..., help="A student defined under `students` (or `text_students`) in the params file."),
+    name: str = typer.Argument(..., help="A student defined under `students` (or `text_students`, `mlm_students`) in the params file."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size for the test predictions."),
     ece_bins: Optional[int] = typer.Option(None, help="Equal-width confidence bins of the ECE."),
     latency_runs: Optional[int] = typer.Option(None, help="Batch-1 passes timed for the median latency."),

@@ -147,7 +147,7 @@ class MaskedTokenInputs(TokenInputs):
 
     def header(self) -> dict[str, Any]:
         header = super().header()
-        header["text"] |= {"objective": "masked", "positions": self.masked, "masked_per_view": self.masked,
+        header["text"] |= {"objective": "masked", "positions": self.masked,
                            "mask_recipe": {"name": "bert", "mask": self.lm.MASK_AS_MASK,
                                            "random": self.lm.MASK_AS_RANDOM, "seed": self.cfg.view_seed}}
         return header
