@@ -37,13 +37,14 @@ from torch import nn
 
 from pipeline import lm, metrics, parallel, text
 from pipeline.cache import Cache
+from pipeline.cache.reader import SoftTargets
 from pipeline.cache.inputs import next_token_logits
 from pipeline.config import EvalConfig, StudentConfig, as_dict
 from pipeline.distill import Built, Shapes, student_layers, student_terms
 from pipeline.errors import CacheError, ConfigError, StaleCacheError
 from pipeline.files import staging_dir, swap_into_place, write_json
 from pipeline.loader import needed_temperatures
-from pipeline.metrics import SEEDS_DIR, mean_std
+from pipeline.metrics import SEEDS_DIR
 from pipeline.models import count_params
 from pipeline.training import fit, hard_label_loss, write_log
 
@@ -358,8 +359,8 @@ def evaluate_text(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConf
         "teacher_perplexity": teacher.get("metrics", {}).get("perplexity"),
         "perplexity_gain": twin_perplexity - perplexity,
         "perplexity_reduction": 1 - perplexity / twin_perplexity,
-        **_against_teacher(student, logits, tokens, np.ones(len(targets), dtype=bool), student_dir, cache, cfg),
-        **_seed_summary(seeds, "perplexity", "perplexity_reduction", lambda r: 1 - r["student"] / r["baseline"]),
+        **_against_teacher(student, logits, tokens, cache.soft_targets("test", [1.0]), student_dir, cache, cfg),
+        **_seed_summary(seeds, "perplexity", "perplexity_reduction", lambda s, b: 1 - s / b),
         "plots": {"per_position.csv": (["position", "student", "baseline"],
                                        [{"position": i + 1, "student": a, "baseline": b}
                                         for i, (a, b) in enumerate(zip(per_position["student"],
@@ -388,7 +389,7 @@ def evaluate_masked(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalCo
               "baseline": F.cross_entropy(twin_logits, truth, reduction="none")}
     accuracy = float((logits.argmax(1) == truth).float().mean())
     twin_accuracy = float((twin_logits.argmax(1) == truth).float().mean())
-    teacher_top1 = cache.soft_targets("test", []).topk_idx[:, 0]
+    soft = cache.soft_targets("test", [1.0])
 
     def score(directory: Path) -> float:
         rows = MaskedRows(lm.load(directory), block)
@@ -401,12 +402,11 @@ def evaluate_masked(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalCo
     return {
         "objective": "masked",
         "masked_accuracy": accuracy, "baseline_masked_accuracy": twin_accuracy,
-        "teacher_masked_accuracy": float((teacher_top1 == truth.numpy()).mean()),
+        "teacher_masked_accuracy": float((soft.topk_idx[:, 0] == truth.numpy()).mean()),
         "accuracy_gain_points": 100 * (accuracy - twin_accuracy),
         "loss": float(losses["student"].mean()), "baseline_loss": float(losses["baseline"].mean()),
-        **_against_teacher(student, logits, x, np.ones(len(truth), dtype=bool), student_dir, cache, cfg),
-        **_seed_summary(seeds, "masked_accuracy", "accuracy_gain_points",
-                        lambda r: 100 * (r["student"] - r["baseline"])),
+        **_against_teacher(student, logits, x, soft, student_dir, cache, cfg),
+        **_seed_summary(seeds, "masked_accuracy", "accuracy_gain_points", lambda s, b: 100 * (s - b)),
         "plots": {"per_position.csv": (["position", "student", "baseline"],
                                        [{"position": int(p), **{k: float(sums[k][p] / counts[p]) for k in sums}}
                                         for p in np.flatnonzero(counts)]),
@@ -428,27 +428,22 @@ def _seeds(student_dir: Path, student: float, baseline: float, score: Any) -> li
 
 
 def _seed_summary(rows: list[dict[str, float]], key: str, change: str, paired: Any) -> dict[str, Any]:
-    """Mean and sample std over seeds of the student's score, its twins' and the per-seed
-    (paired) change: `seeds`, KEY_mean/_std, baseline_KEY_mean/_std, CHANGE_mean/_std."""
-    summary: dict[str, Any] = {"seeds": len(rows)}
-    for name, values in ((key, [r["student"] for r in rows]), (f"baseline_{key}", [r["baseline"] for r in rows]),
-                         (change, [paired(r) for r in rows])):
-        summary[f"{name}_mean"], summary[f"{name}_std"] = mean_std(values)
-    return summary
+    """`metrics.seed_summary` of the (seed, student, baseline) rows, under KEY and CHANGE."""
+    return metrics.seed_summary([{key: r["student"], f"baseline_{key}": r["baseline"]} for r in rows],
+                                key, change, paired)
 
 
-def _against_teacher(student: nn.Module, logits: torch.Tensor, x: torch.Tensor, rows: np.ndarray,
+def _against_teacher(student: nn.Module, logits: torch.Tensor, x: torch.Tensor, soft: SoftTargets,
                      student_dir: Path, cache: Cache, cfg: EvalConfig) -> dict[str, Any]:
     """What every text student reports beside its own score: top-1 agreement with the cached
-    teacher and KL at T=1 (top-k plus a tail bucket: a lower bound when k < V) on the test
-    cache `rows` its `logits` stand for; size; and tokens/s against a random-weight copy of
-    the teacher's architecture (weights do not change its speed), on the student's input `x`."""
+    teacher and KL at T=1 (top-k plus a tail bucket: a lower bound when k < V) against the test
+    rows `soft` (with lse at T=1), one per row of `logits`; size; and tokens/s against a
+    random-weight copy of the teacher's architecture (weights do not change its speed), on the
+    student's input `x`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
-    soft = cache.soft_targets("test", [1.0])
-    kl, exact = metrics.kl_to_teacher(logits, torch.tensor(soft.topk_idx[rows], dtype=torch.long),
-                                      torch.tensor(soft.topk_logit[rows], dtype=torch.float32),
-                                      torch.tensor(soft.lse[1.0][rows]))
+    kl, exact = metrics.kl_to_teacher(logits, torch.tensor(soft.topk_idx, dtype=torch.long),
+                                      torch.tensor(soft.topk_logit, dtype=torch.float32), torch.tensor(soft.lse[1.0]))
     teacher = cache.manifest["teacher"]["config"]
     models = [student]
     if "hf_config" in teacher:
@@ -459,7 +454,7 @@ def _against_teacher(student: nn.Module, logits: torch.Tensor, x: torch.Tensor, 
     with metrics.torch_threads(cfg.threads):
         blocks_per_s = metrics.throughputs(models, x[:cfg.batch_size], cfg.throughput_runs)
     return {
-        "agreement": metrics.agreement(logits.argmax(1).numpy(), soft.topk_idx[rows][:, 0]),
+        "agreement": metrics.agreement(logits.argmax(1).numpy(), soft.topk_idx[:, 0]),
         "kl_to_teacher": kl, "kl_exact": exact,
         "kept_mass_t1": cache.manifest["fidelity"]["test"].get("t1", {}).get("kept_mass"),
         "top_k": cache.manifest["top_k"],

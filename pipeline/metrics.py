@@ -32,7 +32,7 @@ import statistics
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -142,14 +142,16 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(a.mean()), (float(a.std(ddof=1)) if len(a) > 1 else 0.0)
 
 
-def seed_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    # rows: one {"seed", "accuracy", "baseline_accuracy"} per seed -> the SEED_KEYS. The gain of
-    # a seed is over its own twin (same seed), so the std is that of paired differences.
-    acc, acc_std = mean_std([r["accuracy"] for r in rows])
-    base, base_std = mean_std([r["baseline_accuracy"] for r in rows])
-    gain, gain_std = mean_std([100.0 * (r["accuracy"] - r["baseline_accuracy"]) for r in rows])
-    return {"seeds": len(rows), "accuracy_mean": acc, "accuracy_std": acc_std, "baseline_accuracy_mean": base,
-            "baseline_accuracy_std": base_std, "gain_points_mean": gain, "gain_points_std": gain_std}
+def seed_summary(rows: list[dict[str, Any]], key: str = "accuracy", change: str = "gain_points",
+                 paired: Callable[[float, float], float] = lambda s, b: 100.0 * (s - b)) -> dict[str, Any]:
+    # rows: one {"seed", KEY, "baseline_KEY"} per seed -> seeds, KEY_mean/_std, baseline_KEY_mean/_std
+    # and CHANGE_mean/_std (the SEED_KEYS for the defaults). The change of a seed is over its own
+    # twin (same seed), so the std is that of paired differences.
+    summary: dict[str, Any] = {"seeds": len(rows)}
+    for name, values in ((key, [r[key] for r in rows]), (f"baseline_{key}", [r[f"baseline_{key}"] for r in rows]),
+                         (change, [paired(r[key], r[f"baseline_{key}"]) for r in rows])):
+        summary[f"{name}_mean"], summary[f"{name}_std"] = mean_std(values)
+    return summary
 
 
 def pseudo_label_accuracy(teacher_top1: np.ndarray, ids: np.ndarray, truth_ids: np.ndarray,
