@@ -12,6 +12,7 @@ per-round ratios), never an absolute time compared across runs. The cases are in
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -33,6 +34,7 @@ import typer  # noqa: E402
 
 from bench import cases  # noqa: E402
 from bench.scale import scale as scale_case  # noqa: E402
+from pipeline import metrics  # noqa: E402
 
 CASES = ("labeling", "student", "size", "reader", "scale")
 KEYS = {"labeling": "labeling_overhead", "student": "student_from_cache", "size": "cache_size",
@@ -66,49 +68,48 @@ def bench(*, out: Path | None = REPO / "bench" / "results.json", params: Path = 
     for name in chosen:
         if name not in CASES:
             raise typer.BadParameter(f"unknown case {name!r} (cases: {', '.join(CASES)})")
-    if threads:
-        torch.set_num_threads(threads)
-    results: dict[str, Any] = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine(), "load_average_before": list(os.getloadavg()),
-        "options": {"rows": rows, "label_rows": label_rows, "size_rows": size_rows, "reader_rows": reader_rows,
-                    "students": list(students), "repeats": repeats, "label_repeats": label_repeats,
-                    "online_repeats": online_repeats, "epochs_per_measurement": epochs,
-                    "scale_sizes": list(scale_sizes), "scale_memory_mb": scale_memory_mb, "threads": threads,
-                    "cpp_prototype": cpp_prototype,
-                    "params": str(params)},
-        "cases": {}, "seconds": {},
-    }
-    with tempfile.TemporaryDirectory(prefix="kd-bench-") as scratch:
-        root = Path(workdir or scratch)
-        root.mkdir(parents=True, exist_ok=True)
-        ws = None
-        if set(chosen) & {"labeling", "student", "size", "reader"}:
-            started = time.perf_counter()
-            log(f"workspace: mnist5k ({rows} rows), random-weight default teacher, its cache ...")
-            ws = cases.workspace(root / "ws", params, rows)
-            results["seconds"]["workspace"] = time.perf_counter() - started
-        runs = {
-            "labeling": lambda: cases.labeling_overhead(ws, label_rows, label_repeats),
-            "student": lambda: cases.student_from_cache(ws, list(students), repeats, online_repeats, epochs,
-                                                cpp_prototype),
-            "size": lambda: cases.cache_size(ws, size_rows),
-            "reader": lambda: cases.reader_throughput(ws, reader_rows, repeats),
-            "scale": lambda: scale_case(root / "scale", params, list(scale_sizes), scale_memory_mb,
-                                        threads=threads, log=log),
+    with metrics.torch_threads(threads) if threads else contextlib.nullcontext():  # restored on return
+        results: dict[str, Any] = {
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "machine": machine(), "load_average_before": list(os.getloadavg()),
+            "options": {"rows": rows, "label_rows": label_rows, "size_rows": size_rows, "reader_rows": reader_rows,
+                        "students": list(students), "repeats": repeats, "label_repeats": label_repeats,
+                        "online_repeats": online_repeats, "epochs_per_measurement": epochs,
+                        "scale_sizes": list(scale_sizes), "scale_memory_mb": scale_memory_mb, "threads": threads,
+                        "cpp_prototype": cpp_prototype,
+                        "params": str(params)},
+            "cases": {}, "seconds": {},
         }
-        for name in chosen:
-            log(f"case {KEYS[name]} ...")
-            started = time.perf_counter()
-            results["cases"][KEYS[name]] = runs[name]()
-            results["seconds"][KEYS[name]] = time.perf_counter() - started
-    results["load_average_after"] = list(os.getloadavg())
-    log(table(results))
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(results, indent=2, default=_jsonable) + "\n")
-        log(f"wrote {out}")
-    return results
+        with tempfile.TemporaryDirectory(prefix="kd-bench-") as scratch:
+            root = Path(workdir or scratch)
+            root.mkdir(parents=True, exist_ok=True)
+            ws = None
+            if set(chosen) & {"labeling", "student", "size", "reader"}:
+                started = time.perf_counter()
+                log(f"workspace: mnist5k ({rows} rows), random-weight default teacher, its cache ...")
+                ws = cases.workspace(root / "ws", params, rows)
+                results["seconds"]["workspace"] = time.perf_counter() - started
+            runs = {
+                "labeling": lambda: cases.labeling_overhead(ws, label_rows, label_repeats),
+                "student": lambda: cases.student_from_cache(ws, list(students), repeats, online_repeats, epochs,
+                                                    cpp_prototype),
+                "size": lambda: cases.cache_size(ws, size_rows),
+                "reader": lambda: cases.reader_throughput(ws, reader_rows, repeats),
+                "scale": lambda: scale_case(root / "scale", params, list(scale_sizes), scale_memory_mb,
+                                            threads=threads, log=log),
+            }
+            for name in chosen:
+                log(f"case {KEYS[name]} ...")
+                started = time.perf_counter()
+                results["cases"][KEYS[name]] = runs[name]()
+                results["seconds"][KEYS[name]] = time.perf_counter() - started
+        results["load_average_after"] = list(os.getloadavg())
+        log(table(results))
+        if out is not None:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(results, indent=2, default=_jsonable) + "\n")
+            log(f"wrote {out}")
+        return results
 
 
 def _jsonable(value: Any) -> Any:

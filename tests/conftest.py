@@ -1,14 +1,60 @@
-"""Fixtures shared by the tests: a scratch working directory, a params.yaml writer, a CLI runner."""
+"""Fixtures shared by the tests: a scratch working directory, a params.yaml writer, a CLI runner,
+and a guard that fails any test leaving process-wide state changed."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import torch
 import typer
 import yaml
 from typer.testing import CliRunner
+
+
+# Set by the tools themselves, once per process: pytest (per test phase) and torch (its fused
+# AdamW on CPU initialises Inductor's cache directory on first use).
+_SET_BY_TOOLS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
+
+
+def _process_state() -> dict[str, Any]:
+    """What one test could change for every test after it in this process."""
+    return {"torch threads": torch.get_num_threads(), "torch default dtype": torch.get_default_dtype(),
+            "torch deterministic algorithms": torch.are_deterministic_algorithms_enabled(),
+            "environment": {k: v for k, v in os.environ.items() if k not in _SET_BY_TOOLS},
+            "working directory": os.getcwd()}
+
+
+def _restore(state: dict[str, Any]) -> None:
+    torch.set_num_threads(state["torch threads"])
+    torch.set_default_dtype(state["torch default dtype"])
+    torch.use_deterministic_algorithms(state["torch deterministic algorithms"])
+    for key in set(os.environ) - set(state["environment"]) - _SET_BY_TOOLS:
+        del os.environ[key]
+    os.environ.update(state["environment"])
+    os.chdir(state["working directory"])
+
+
+@pytest.fixture(autouse=True)
+def process_state_unchanged() -> Any:
+    """Fail the test (and put things back) if it left torch's threads, default dtype or
+    deterministic flag, the environment or the working directory changed. A test that compares
+    runs needs the same state on both sides (1 and 2 threads give different float bits), so a
+    leak here shows up far away, in whichever test runs next."""
+    before = _process_state()
+    yield
+    after = _process_state()
+    changed = [key for key in before if before[key] != after[key]]
+    if changed:
+        _restore(before)
+        env = [k for k in before["environment"].keys() | after["environment"].keys()
+               if before["environment"].get(k) != after["environment"].get(k)]
+        details = "; ".join(f"{key}: {before[key]!r} -> {after[key]!r}" if key != "environment"
+                            else f"environment variables {sorted(env)}" for key in changed)
+        pytest.fail(f"the test left process-wide state changed (restore it, e.g. metrics.torch_threads): {details}",
+                    pytrace=False)
 
 
 @pytest.fixture
@@ -43,3 +89,10 @@ def run_command() -> Callable[..., Any]:
         return CliRunner().invoke(app, [str(a) for a in args])
 
     return run
+
+
+@pytest.fixture
+def child_env() -> dict[str, str]:
+    """The environment for a subprocess whose result is compared with one computed in this process:
+    the same torch thread count on both sides (1 and 2 threads give different float bits)."""
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}

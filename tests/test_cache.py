@@ -300,7 +300,7 @@ KILL_SCRIPT = textwrap.dedent("""
     *[pytest.param(what, after, marks=pytest.mark.slow)
       for what, after in [("parquet", 1), ("parquet", 9), ("parquet", 26), ("zarr", 1), ("zarr", 12), ("zarr", 40)]],
 ])
-def test_sigkill_mid_label_then_rerun_equals_uninterrupted(teacher, prepared, tmp_path, what, after):
+def test_sigkill_mid_label_then_rerun_equals_uninterrupted(teacher, prepared, tmp_path, what, after, child_env):
     _, teacher_dir = teacher
     model, config = load_model(teacher_dir)  # as `kd label` loads it
     t = Teacher(model, fingerprint(teacher_dir), config)
@@ -309,7 +309,7 @@ def test_sigkill_mid_label_then_rerun_equals_uninterrupted(teacher, prepared, tm
                                               features={"stages.0": "full"}), progress=False)
     out = tmp_path / "cache"
     args = [sys.executable, "-c", KILL_SCRIPT, str(teacher_dir), str(prepared), str(out), what, str(after)]
-    killed = subprocess.run(args, capture_output=True, text=True)
+    killed = subprocess.run(args, capture_output=True, text=True, env=child_env)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert not manifest["complete"]

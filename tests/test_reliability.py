@@ -106,10 +106,10 @@ def reference(workspace, tmp_path_factory) -> Path:
     pytest.param(6, marks=pytest.mark.slow),  # in its baseline twin
     pytest.param(9, marks=pytest.mark.slow),  # mid second seed
 ])
-def test_distill_killed_then_resumed_equals_an_uninterrupted_run(workspace, reference, tmp_path, after):
+def test_distill_killed_then_resumed_equals_an_uninterrupted_run(workspace, reference, tmp_path, after, child_env):
     out = tmp_path / "resumed"
     killed = subprocess.run([sys.executable, "-c", KILL_DISTILL, str(after), *distill_args(workspace, out)],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, env=child_env)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not (out / "students" / "s").exists()  # nothing that looks finished
     assert any((out / "checkpoints").glob("*.pt"))

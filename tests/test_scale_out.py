@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from pipeline.cache import Cache
 from pipeline.cache.store import Store
 from pipeline.cache.verify import verify
+from pipeline.metrics import torch_threads
 from stages import distill, label, prepare, teacher
 from stages import eval as eval_stage
 from tests.test_stages import invoke, invoke_cache, ok, students_params, tiny_student
@@ -46,7 +47,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
     ok(invoke(teacher.main, "--arch", "mlp", "--arch-kwargs", '{"hidden": [32]}', "--epochs", "2", "--no-progress",
               "--prepared", prepared, "--out", teacher_dir, "--params", params))
     reference = root / "reference"
-    ok(invoke(label.main, *LABEL_ARGS, *paths(root, reference)))
+    with torch_threads(1):  # as torchrun's processes label (OMP_NUM_THREADS=1)
+        ok(invoke(label.main, *LABEL_ARGS, *paths(root, reference)))
     return {"root": root, "params": params, "prepared": prepared, "teacher": teacher_dir, "reference": reference}
 
 
