@@ -24,13 +24,13 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline import features, parallel
-from pipeline.loader import Batch
-
+Batch = dict[str, torch.Tensor]  # "x" (the model's input) and per-row targets, one row per output row
 Term = Callable[[Batch, dict[str, torch.Tensor]], torch.Tensor]
 
 
 class Dataset(Protocol):
-    """What `fit` trains on: an in-memory `loader.TransferSet` or a `loader.StreamingSet`."""
+    """What `fit` trains on: a task's set of samples with their cache rows (`loader.TransferSet`,
+    `loader.StreamingSet`, a text task's blocks), batches a pure function of (seed, epoch)."""
 
     def __len__(self) -> int: ...
     def batches(self, epoch: int, batch_size: int, seed: int, views: str = "none",
@@ -50,8 +50,9 @@ def step(model: nn.Module, batch: Batch, terms: dict[str, tuple[float, Term]], t
          counts: list[int] | None = None) -> dict[str, torch.Tensor]:
     """One forward pass; every loss term by name (unweighted).
 
-    counts (data-parallel: every rank's rows in this batch): the model runs on this rank's rows,
-    then the outputs and targets of all ranks' rows are gathered, in order, so every term sees
+    counts (data-parallel: every rank's inputs in this batch): the model runs on this rank's
+    inputs, then the output rows (a text model gives several per input) and their targets of
+    all ranks are gathered, in order, so every term sees
     the global batch as in a single process: hard labels (a mean over the labeled rows only)
     and RKD (relations between all rows) included, and a rank without rows still takes part.
     """
@@ -59,8 +60,9 @@ def step(model: nn.Module, batch: Batch, terms: dict[str, tuple[float, Term]], t
         logits = model(batch["x"])
     out = {"logits": logits, **captured}
     if counts is not None:
-        out = {name: parallel.gather_rows(t, counts) for name, t in out.items()}
-        batch = {name: parallel.gather_rows(t, counts) for name, t in batch.items() if name != "x"}
+        rows = parallel.row_counts(len(logits))
+        out = {name: parallel.gather_rows(t, rows) for name, t in out.items()}
+        batch = {name: parallel.gather_rows(t, rows) for name, t in batch.items() if name != "x"}
     return {name: term(batch, out) for name, (_, term) in terms.items()}
 
 

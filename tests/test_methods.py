@@ -24,9 +24,10 @@ from safetensors.torch import load_file
 from pipeline import config, features, losses
 from pipeline.cache import Cache
 from pipeline.config import StudentConfig, from_mapping
-from pipeline.distill import Shapes, probe_shapes, student_layers, student_terms
+from pipeline.methods import Shapes, needed_temperatures, student_layers, student_terms
+from pipeline.tasks.image import probe_shapes
 from pipeline.errors import CacheMissingError, ConfigError
-from pipeline.loader import needed_temperatures, transfer_set
+from pipeline.loader import transfer_set
 from pipeline.models import build
 from pipeline.training import step
 from stages import assistants, distill, label, prepare, teacher

@@ -132,7 +132,7 @@ def text_student(**loss: Any) -> dict[str, Any]:
 
 
 def test_a_causal_student_trains_from_the_cache_alone_and_is_evaluated(lm_world, tmp_path):
-    from pipeline.lm_distill import TokenSet, token_set
+    from pipeline.tasks.causal_lm import TokenSet, rows as token_set
 
     cache = tmp_path / "cache"
     ok(invoke(label.main, *label_args(lm_world, cache, "--top-k", 32)))
@@ -179,7 +179,7 @@ def test_a_causal_student_trains_from_the_cache_alone_and_is_evaluated(lm_world,
     assert {p.name for p in report_dir.iterdir()} == {"report.md", "leaderboard.csv", "perplexity_vs_params.png",
                                                      "training_curves.png", "per_position.png"}
     # every cache row lines up with the student's logits row of the same (block, position)
-    rows = token_set(Cache.open(cache), lm_world / "prepared", from_mapping_student(text_student()))
+    rows = token_set(Cache.open(cache), lm_world / "prepared", from_mapping_student(text_student()), memory_mb=2048)
     assert isinstance(rows, TokenSet) and len(rows.targets["label"]) == len(rows.tokens) * (BLOCK - 1)
     batch = next(rows.batches(0, 4, 0))
     assert torch.equal(batch["label"], batch["x"][:, 1:].reshape(-1))
