@@ -27,7 +27,6 @@ import zarr
 from torch import nn
 from zarr.codecs import ZstdCodec
 
-from bench.fused import cpp_topk_soft_target_loss, max_difference, topk_soft_target_loss_fused
 from bench.timing import interleave, medians, paired_ratio, ratio, seconds
 from pipeline import config, data, features, losses
 from pipeline.cache import Cache, Teacher, label, lse_column, writer
@@ -199,23 +198,6 @@ def _library_train(cfg, dataset, cache, prepared, teacher_specs) -> float:
     return statistics.fmean(row["seconds"] for row in log)
 
 
-def _fused_soft(cfg: StudentConfig):
-    soft = cfg.loss.soft
-
-    def term(batch, out):
-        return topk_soft_target_loss_fused(out["logits"], batch["topk_idx"], batch["topk_logit"], batch["lse"],
-                                           soft.temperature, tail=soft.tail)
-    return term
-
-
-def _cpp_soft(cfg: StudentConfig):
-    soft, loss = cfg.loss.soft, cpp_topk_soft_target_loss()
-
-    def term(batch, out):
-        return loss(out["logits"], batch["topk_idx"], batch["topk_logit"], batch["lse"], soft.temperature)
-    return term
-
-
 def _online_soft(cfg: StudentConfig):
     temperature = cfg.loss.soft.temperature
 
@@ -241,11 +223,9 @@ def _true_labels(prepared: Path, cache: Cache, cfg: StudentConfig, ids: np.ndarr
 
 
 def student_from_cache(ws: Workspace, students: list[str], repeats: int, online_repeats: int,
-                       epochs: int, cpp: bool = False) -> dict[str, Any]:
+                       epochs: int) -> dict[str, Any]:
     """Per student: epoch time from the cache / epoch time on in-memory hard labels, plus the
-    streaming reader, the fused-loss prototypes, the data path alone and the speedup over
-    online KD. cpp: also the one-op C++ loss of bench/topk_kl.cpp (compiled on first use)."""
-    cpp = cpp and cpp_topk_soft_target_loss() is not None
+    streaming reader, the data path alone and the speedup over online KD."""
     cache = Cache.open(ws.cache)
     ratios: dict[str, Any] = {}
     details: dict[str, Any] = {"epochs_per_measurement": epochs, "skipped": {}}
@@ -288,10 +268,7 @@ def student_from_cache(ws: Workspace, students: list[str], repeats: int, online_
             "cache_streaming": lambda: _library_train(cfg, streaming, cache, ws.prepared, teacher_specs),
         }
         if cfg.loss.soft is not None:
-            sides["cache_fused_loss"] = lambda: _train(cfg, cached, shape, classes, teacher_specs, _fused_soft)
             sides["cache_without_soft"] = lambda: _train(cfg, cached, shape, classes, teacher_specs, "drop")
-            if cpp and cfg.loss.soft.tail == "bucket":
-                sides["cache_cpp_loss"] = lambda: _train(cfg, cached, shape, classes, teacher_specs, _cpp_soft)
         times = interleave(sides, repeats)
         online_times = interleave({
             "online": lambda: _train(cfg, online, shape, classes, teacher_specs,
@@ -305,14 +282,6 @@ def student_from_cache(ws: Workspace, students: list[str], repeats: int, online_
                              what=f"epoch from the cache ({' + '.join(terms)}) / epoch on in-memory hard labels")
         ratios[f"{name}.streaming"] = ratio(paired_ratio(times, "cache_streaming", "hard_labels"),
                                             what="same, cache streamed from disk every epoch (StreamingSet)")
-        if "cache_fused_loss" in sides:
-            ratios[f"{name}.fused_loss_prototype"] = ratio(
-                paired_ratio(times, "cache_fused_loss", "hard_labels"),
-                what="what-if: soft term = bench/fused.py (leaner forward, closed-form backward)")
-        if "cache_cpp_loss" in sides:
-            ratios[f"{name}.cpp_loss_prototype"] = ratio(
-                paired_ratio(times, "cache_cpp_loss", "hard_labels"),
-                what="what-if: soft term = bench/topk_kl.cpp (one C++ op, gradient in the same pass)")
         if "cache_without_soft" in sides:
             ratios[f"{name}.without_soft_term"] = ratio(
                 paired_ratio(times, "cache_without_soft", "hard_labels"),
@@ -325,11 +294,6 @@ def student_from_cache(ws: Workspace, students: list[str], repeats: int, online_
         details[name] = {"rows": len(cached), "steps_per_epoch": math.ceil(len(cached) / cfg.batch_size),
                          "median_epoch_seconds": {**medians(times), "online": medians(online_times)["online"]},
                          "load_seconds": load_seconds, "terms": terms}
-    details["fused_prototype_max_abs_difference"] = max_difference(losses.topk_soft_target_loss,
-                                                                   topk_soft_target_loss_fused)
-    if cpp:
-        details["cpp_prototype_max_abs_difference"] = max_difference(
-            losses.topk_soft_target_loss, cpp_topk_soft_target_loss(), tails=("bucket",))
     return {"ratios": ratios, "details": details}
 
 

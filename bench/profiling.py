@@ -109,8 +109,6 @@ def main(out: Path = typer.Option(REPO / "bench" / "profiles"), params: Path = t
          student: str = "mlp_soft", rows: int = 5000, label_rows: int = 2000, reader_rows: int = 200_000,
          threads: int = 1) -> None:
     """Profile labeling, a student's epoch (cached / hard labels), and the cache reader."""
-    from bench.fused import topk_soft_target_loss_fused
-
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"threads": threads, "student": student}
@@ -143,14 +141,10 @@ def main(out: Path = typer.Option(REPO / "bench" / "profiles"), params: Path = t
             torch.manual_seed(0)
             return build(cfg.arch, cfg.arch_kwargs, shape, classes)
         built = student_terms(cfg, Shapes(probe_shapes(model(), shape, student_layers(cfg)), {}))
-        fused = dict(built.terms)
         soft = cfg.loss.soft
-        fused["soft"] = (soft.weight, lambda b, o: topk_soft_target_loss_fused(
-            o["logits"], b["topk_idx"], b["topk_logit"], b["lse"], soft.temperature, tail=soft.tail))
         hard_terms = {"hard": (1.0, hard_label_loss)}
         summary["ops_per_step"] = {"cache": ops_per_step(model(), cached, built.terms),
-                                   "hard_labels": ops_per_step(model(), hard, hard_terms),
-                                   "cache_fused_loss": ops_per_step(model(), cached, fused)}
+                                   "hard_labels": ops_per_step(model(), hard, hard_terms)}
         summary["epoch_cache"] = profiled("epoch_cache", lambda: train_model(
             image_task, epochs, cache, ws.prepared, cached, "p", False, {}), out)
         summary["epoch_hard_labels"] = profiled("epoch_hard_labels", lambda: train_model(
@@ -183,15 +177,11 @@ def _loss_alone(cached: TransferSet, soft) -> dict[str, float]:
     """Microseconds per forward + backward of each soft loss on one batch, and of cross-entropy."""
     import time
 
-    from bench.fused import topk_soft_target_loss_fused
-
     batch = next(cached.batches(0, 64, 0))
     logits = torch.randn(len(batch["x"]), 10, requires_grad=True)
     label = torch.randint(0, 10, (len(batch["x"]),))
     calls = {
         "topk_soft_target_loss": lambda: losses.topk_soft_target_loss(
-            logits, batch["topk_idx"], batch["topk_logit"], batch["lse"], soft.temperature, tail=soft.tail),
-        "fused_prototype": lambda: topk_soft_target_loss_fused(
             logits, batch["topk_idx"], batch["topk_logit"], batch["lse"], soft.temperature, tail=soft.tail),
         "cross_entropy": lambda: torch.nn.functional.cross_entropy(logits, label),
         "hard_label_loss": lambda: hard_label_loss({"label": label}, {"logits": logits}),

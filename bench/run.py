@@ -57,7 +57,7 @@ def bench(*, out: Path | None = REPO / "bench" / "results.json", params: Path = 
           size_rows: int = 2000, reader_rows: int = 200_000, students: list[str] | None = None,
           repeats: int = 5, label_repeats: int = 3, online_repeats: int = 3, epochs: int = 1,
           scale_sizes: list[int] = (100_000, 1_000_000), scale_memory_mb: float = 16,
-          cpp_prototype: bool = False, threads: int | None = 1, workdir: Path | None = None,
+          threads: int | None = 1, workdir: Path | None = None,
           log=print) -> dict[str, Any]:
     """Run the chosen cases (default: all but scale) and return (and write to `out`) the results."""
     chosen = list(only) if only else [c for c in CASES if c != "scale" or scale]
@@ -76,7 +76,6 @@ def bench(*, out: Path | None = REPO / "bench" / "results.json", params: Path = 
                         "students": list(students), "repeats": repeats, "label_repeats": label_repeats,
                         "online_repeats": online_repeats, "epochs_per_measurement": epochs,
                         "scale_sizes": list(scale_sizes), "scale_memory_mb": scale_memory_mb, "threads": threads,
-                        "cpp_prototype": cpp_prototype,
                         "params": str(params)},
             "cases": {}, "seconds": {},
         }
@@ -91,8 +90,7 @@ def bench(*, out: Path | None = REPO / "bench" / "results.json", params: Path = 
                 results["seconds"]["workspace"] = time.perf_counter() - started
             runs = {
                 "labeling": lambda: cases.labeling_overhead(ws, label_rows, label_repeats),
-                "student": lambda: cases.student_from_cache(ws, list(students), repeats, online_repeats, epochs,
-                                                    cpp_prototype),
+                "student": lambda: cases.student_from_cache(ws, list(students), repeats, online_repeats, epochs),
                 "size": lambda: cases.cache_size(ws, size_rows),
                 "reader": lambda: cases.reader_throughput(ws, reader_rows, repeats),
                 "scale": lambda: scale_case(root / "scale", params, list(scale_sizes), scale_memory_mb,
@@ -174,8 +172,6 @@ def main(
     scale_sizes: str = typer.Option("100000,1000000", help="Sample counts compared by case 4."),
     scale_memory_mb: float = typer.Option(16, help="`kd distill --memory-mb` in case 4 (small: both sizes stream)."),
     only: Optional[str] = typer.Option(None, help=f"Comma-separated cases to run: {', '.join(CASES)}."),
-    cpp_prototype: bool = typer.Option(False, "--cpp-prototype", help="Case 2: also time the one-op C++ soft loss "
-                                       "of bench/topk_kl.cpp (needs a compiler; ~25 s to build the first time)."),
     threads: int = typer.Option(1, help="torch threads, here and in case 4's `kd` processes (0: torch's own "
                                 "choice). 1 by default: on a busy 2-core machine OpenMP's spinning threads make "
                                 "2-thread timings 10-100x slower and meaningless."),
@@ -189,7 +185,7 @@ def main(
           label_rows=label_rows, size_rows=size_rows, reader_rows=reader_rows, students=names, repeats=repeats,
           label_repeats=label_repeats, online_repeats=online_repeats, epochs=epochs,
           scale_sizes=[int(s) for s in scale_sizes.split(",")], scale_memory_mb=scale_memory_mb,
-          cpp_prototype=cpp_prototype, threads=threads, workdir=workdir)
+          threads=threads, workdir=workdir)
 
 
 if __name__ == "__main__":

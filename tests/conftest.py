@@ -14,9 +14,10 @@ import yaml
 from typer.testing import CliRunner
 
 
-# Set by the tools themselves, once per process: pytest (per test phase) and torch (its fused
-# AdamW on CPU initialises Inductor's cache directory on first use).
-_SET_BY_TOOLS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
+# Set by the tools themselves, once per process: pytest (per test phase), torch (its fused AdamW
+# on CPU initialises Inductor's cache directory on first use) and polars (its allocator's
+# settings, on import).
+_SET_BY_TOOLS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "_RJEM_MALLOC_CONF"}
 
 
 def _process_state() -> dict[str, Any]:

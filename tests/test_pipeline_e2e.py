@@ -83,12 +83,34 @@ def ran_stages(output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", output)
 
 
+def stale_stages(project: Path) -> set[str]:
+    """The stages `dvc status` reports as changed."""
+    return set(json.loads(run(["dvc", "status", "--json"], project) or "{}"))
+
+
+def check_code_edits_make_the_stages_that_run_them_stale(project: Path, stages: list[str]) -> None:
+    """An edit to a library module makes every stage stale (each depends on the whole library);
+    an edit to a stage module, only the stages that run it; Python's byte-code caches, none."""
+    (project / "pipeline" / "__pycache__").mkdir(exist_ok=True)
+    (project / "pipeline" / "__pycache__" / "augment.cpython-311.pyc").write_bytes(b"compiled")
+    assert stale_stages(project) == set()
+    for edited, expected in (("pipeline/augment.py", set(stages)),
+                             ("stages/eval.py", {s for s in stages if s.split("@")[0].endswith("eval")})):
+        path = project / edited
+        original = path.read_text()
+        path.write_text(original + "\n# edited\n")
+        assert stale_stages(project) == expected, edited
+        path.write_text(original)
+    assert stale_stages(project) == set()
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     if shutil.which("dvc") is None or shutil.which("kd") is None:
         pytest.fail("dvc and kd must be on PATH (pip install -e .)")
     repo = tmp_path_factory.mktemp("e2e")
     shutil.copy(ROOT / "dvc.yaml", repo)
+    shutil.copy(ROOT / ".dvcignore", repo)
     for folder in ("pipeline", "stages"):
         shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
     (repo / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
@@ -126,6 +148,7 @@ def test_dvc_repro_runs_every_stage_then_nothing_then_only_a_new_student(project
     assert "mlp" in run(["dvc", "metrics", "show"], project)
 
     assert ran_stages(run(["dvc", "repro"], project)) == []
+    check_code_edits_make_the_stages_that_run_them_stale(project, first)
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["students"]["added"] = {**TINY["students"]["mlp"], "seed": 1}
