@@ -100,9 +100,10 @@ def fit(
     """Train `model` (and `extra_modules`, e.g. hint regressors) in place with AdamW and a
     one-cycle schedule; return the per-epoch log.
 
-    With `checkpoint`, the full training state is saved there after every epoch and a run
-    that finds one resumes after its last epoch. Batches are a pure function of (seed,
-    epoch), so a resumed run ends with the same weights as an uninterrupted one.
+    With `checkpoint`, the full training state (torch's random stream included, for dropout)
+    is saved there after every epoch and a run that finds one resumes after its last epoch.
+    Batches are a pure function of (seed, epoch), so a resumed run ends with the same weights
+    as an uninterrupted one.
 
     In a process group of N ranks every rank calls `fit` with the same arguments: same
     batches, same number of steps, each rank's gradient covering its slice of every batch
@@ -163,8 +164,10 @@ def fit(
 
 
 def _save(path: Path, model: nn.Module, extra: list[nn.Module], optimizer, schedule, log) -> None:
+    # the random stream too: dropout draws from it, so a resumed run draws what an uninterrupted one would
     state = {"model": model.state_dict(), "extra": [m.state_dict() for m in extra],
-             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "log": log}
+             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "log": log,
+             "rng": torch.get_rng_state()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
@@ -185,6 +188,8 @@ def _restore(state: dict[str, Any], model: nn.Module, extra: list[nn.Module], op
         module.load_state_dict(module_state)
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
+    if "rng" in state:
+        torch.set_rng_state(state["rng"])
     return list(state["log"])
 
 

@@ -46,12 +46,21 @@ def for_cache(cache: Any) -> ModuleType:
 
 def for_prepared(prepared: Path, objective: str | None = None) -> ModuleType:
     """The task of prepared data: images, or text for a causal or masked language model (the
-    teacher's `objective`)."""
+    teacher's `objective`; `causal_lm` without one, whose `train_teacher` trains either)."""
     from pipeline import text
 
     if text.modality(Path(prepared) / "labeled.parquet") != "text":
         return get("image")
     return get(OBJECTIVES.get(objective or "causal", "causal_lm"))
+
+
+def for_teacher(directory: Path) -> ModuleType:
+    """The task that loads the teacher in `directory`: a Hugging Face language model (its
+    config.json names a `model_type`; either objective loads through `causal_lm`), or ours."""
+    from pipeline.files import read_json
+
+    config = Path(directory) / "config.json"
+    return get("causal_lm" if config.is_file() and "model_type" in read_json(config) else "image")
 
 
 @dataclass

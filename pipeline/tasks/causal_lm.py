@@ -9,7 +9,9 @@ same blocks with the next-token loss alone and the same budget ("the text alone"
 is a Hugging Face directory (`lm.save`) plus `student.json`; it is scored by test perplexity.
 
 The helpers every token task shares (saving, the seed table, what is measured against the
-cached teacher) live here too; `masked_lm` uses them.
+cached teacher) live here too, and so does the text teacher of either objective (`kd teacher`
+trains a GPT-2 or a BERT; `kd label` loads any local Hugging Face causal or masked LM);
+`masked_lm` uses them.
 """
 
 from __future__ import annotations
@@ -28,11 +30,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
 from pipeline import data, features, lm, loader, metrics, parallel, text
-from pipeline.cache import Cache
+from pipeline.cache import Cache, Teacher
 from pipeline.cache.reader import SoftTargets
-from pipeline.config import EvalConfig, LabelConfig, StudentConfig
+from pipeline.config import EvalConfig, LabelConfig, StudentConfig, TeacherConfig
 from pipeline.errors import ConfigError
-from pipeline.files import write_json
+from pipeline.files import read_json, write_json
 from pipeline.methods import chosen
 from pipeline.metrics import SEEDS_DIR
 from pipeline.models import count_params
@@ -351,3 +353,29 @@ def predict(rows: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     rows.eval()
     with torch.no_grad():
         return torch.cat([rows(chunk) for chunk in x.split(batch_size)])
+
+
+# --- the teacher (of either objective: `arch` gpt2 is causal, bert masked) --------------------
+
+
+def train_teacher(cfg: TeacherConfig, prepared: Path, out: Path, *, progress: bool = True) -> str:
+    """`kd teacher` on text: a Hugging Face language model (`lm.train_teacher`) written into
+    `out` with its tokenizer, `training.json` (where it came from) and `metrics.json`; its score."""
+    model, provenance, scores = lm.train_teacher(cfg, prepared, progress=progress)
+    lm.save(out, model, prepared / text.TOKENIZER_FILE)
+    write_json(out / "training.json", provenance)
+    write_json(out / "metrics.json", scores)
+    return (f"test perplexity {scores['perplexity']:.2f} (unigram {scores['unigram_perplexity']:.1f})"
+            if "perplexity" in scores else f"test masked-token accuracy {scores['masked_accuracy']:.4f}")
+
+
+def load_teacher(directory: Path, arch: str | None = None, arch_kwargs: dict | None = None) -> Teacher:
+    """A Hugging Face language model directory (causal or masked), with the fingerprint that
+    identifies it and its provenance and test scores when `kd teacher` made it."""
+    model = lm.load(directory)
+    config = {"arch": model.config.model_type, "objective": lm.objective(model), "params": count_params(model),
+              "vocab_size": model.config.vocab_size, "hf_config": model.config.to_dict()}
+    for name in ("training", "metrics"):
+        if (directory / f"{name}.json").is_file():
+            config[name] = read_json(directory / f"{name}.json")
+    return Teacher(model, lm.fingerprint(directory), config, directory)

@@ -5,6 +5,7 @@ copies regenerated from (id, view, seed). A student is built from `models.ARCHIT
 `package.module:factory`) and trains on the transfer splits (`loader.transfer_set`: in memory,
 or streamed above the memory budget); its baseline twin on the labeled split's true labels.
 Saved as `model.safetensors` + `config.json`; scored by test accuracy (`metrics.evaluate`).
+Its teacher is trained by `pipeline.teacher` and loaded from the same two files.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import augment, data, features, loader, metrics
-from pipeline.cache import Cache
+from pipeline import augment, data, features, loader, metrics, teacher
+from pipeline.cache import Cache, Teacher
 from pipeline.tasks import Batch
-from pipeline.config import EvalConfig, LabelConfig, StudentConfig
+from pipeline.config import EvalConfig, LabelConfig, StudentConfig, TeacherConfig
 from pipeline.errors import ConfigError, InputError
-from pipeline.models import build as build_model, load_model, save_model
+from pipeline.files import write_json
+from pipeline.models import build as build_model, fingerprint, load_model, save_model
 
 NAME = "image"
 TWIN_LOSS = "hard-label"  # what the baseline twin learns from, for messages
@@ -160,3 +162,20 @@ def summary(name: str, m: dict[str, Any]) -> str:
             f"teacher {m['teacher_accuracy']:.4f}), agreement {m['agreement']:.4f}, "
             f"KL {m['kl_to_teacher']:.4f} ({kl}), ECE {m['ece']:.4f}, {m['params']:,} params, "
             f"{m['latency_ms']:.3f} ms at batch 1, {m['throughput']:,.0f} samples/s, {speed}{pseudo}{seeds}")
+
+
+# --- the teacher ------------------------------------------------------------------------------
+
+
+def train_teacher(cfg: TeacherConfig, prepared: Path, out: Path, *, progress: bool = True) -> str:
+    """`kd teacher` on images: train it (`pipeline.teacher`) and write it into `out`; its score."""
+    model, config, scores = teacher.train_teacher(cfg, prepared, progress=progress)
+    save_model(out, model, config)
+    write_json(out / "metrics.json", scores)
+    return f"test accuracy {scores['test_accuracy']:.4f}"
+
+
+def load_teacher(directory: Path, arch: str | None, arch_kwargs: dict | None) -> Teacher:
+    """Our image teacher (model.safetensors + our config.json), with its fingerprint."""
+    model, config = load_model(directory, arch=arch, arch_kwargs=arch_kwargs)
+    return Teacher(model, fingerprint(directory), config, directory)
