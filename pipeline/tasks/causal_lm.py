@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from pipeline import data, features, lm, loader, metrics, parallel, text
 from pipeline.cache import Cache, Teacher
@@ -44,6 +44,7 @@ NAME, OBJECTIVE = "causal_lm", "causal"
 TWIN_LOSS = "next-token"  # what the baseline twin learns from, for messages
 METHODS = ("soft", "hard")  # the loss methods a causal student supports so far
 STUDENT_RECORD = "student.json"
+AUTO_MODEL = AutoModelForCausalLM  # how a directory of this task loads
 
 
 class Inputs:
@@ -152,6 +153,37 @@ class TokenSet:
                 blocks = blocks[parallel.shard(len(blocks), *shard)]
             rows = (blocks[:, None] * positions + torch.arange(positions)).reshape(-1)
             yield {"x": self.tokens[blocks], **{name: t[rows] for name, t in self.targets.items()}}
+
+
+def lm_inputs(tokens: torch.Tensor, special: text.SpecialIds, vocab_size: int,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks (B, L) -> (inputs (B, L), labels (B, L)): position t predicts token t + 1, the
+    last predicts nothing (-100)."""
+    labels = torch.full_like(tokens, -100)
+    labels[:, :-1] = tokens[:, 1:]
+    return tokens, labels
+
+
+def token_logits(model: nn.Module, inputs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Logits (P, V) of the predicted positions (`keep`, (B, L))."""
+    return model(input_ids=inputs).logits[keep]
+
+
+def lm_score(loss: float, accuracy: float) -> dict[str, float]:
+    return {"perplexity": math.exp(loss)}
+
+
+def teacher_scores(scores: dict[str, float], train: np.ndarray, test: np.ndarray, vocab_size: int) -> dict[str, float]:
+    """What a causal teacher's metrics.json adds: its test perplexity and a unigram model's."""
+    return {"perplexity": scores["perplexity"], "unigram_perplexity": unigram_perplexity(train, test, vocab_size)}
+
+
+def unigram_perplexity(train: np.ndarray, test: np.ndarray, vocab_size: int) -> float:
+    """Perplexity on test[:, 1:] (the tokens a causal LM predicts) of the labeled split's token
+    frequencies, add-one smoothed: the bar a model that ignores context would reach."""
+    counts = np.bincount(train.reshape(-1), minlength=vocab_size) + 1.0
+    log_p = np.log(counts / counts.sum())
+    return float(np.exp(-log_p[test[:, 1:].reshape(-1)].mean()))
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -320,7 +352,9 @@ def teacher_copy(cache: Cache, wrap: Callable[[nn.Module], nn.Module]) -> nn.Mod
     teacher = cache.manifest["teacher"]["config"]
     if "hf_config" not in teacher:
         return None
-    auto = {"causal": AutoModelForCausalLM, "masked": AutoModelForMaskedLM}[cache.manifest["text"]["objective"]]
+    from pipeline import tasks
+
+    auto = tasks.for_cache(cache).AUTO_MODEL
     return wrap(auto.from_config(AutoConfig.for_model(**teacher["hf_config"])))
 
 

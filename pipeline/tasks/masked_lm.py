@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoModelForMaskedLM
 
 from pipeline import data, features, lm, loader, parallel, text
 from pipeline.cache import Cache
@@ -40,6 +41,7 @@ NAME, OBJECTIVE = "masked_lm", "masked"
 TWIN_LOSS = "masked-LM"  # what the baseline twin learns from, for messages
 METHODS = ("soft", "hard", "cosine")  # the loss methods a masked student supports so far
 __all__ = ["save"]  # a Hugging Face directory plus student.json, as for causal students
+AUTO_MODEL = AutoModelForMaskedLM  # how a directory of this task loads
 
 
 class Inputs(causal_lm.Inputs):
@@ -140,6 +142,31 @@ class MaskedSet:
                 blocks, view = blocks[mine], view[mine]
             rows = (((blocks * maskings + view) * masked)[:, None] + torch.arange(masked)).reshape(-1)
             yield {"x": self.inputs(blocks, view), **{name: t[rows] for name, t in self.targets.items()}}
+
+
+def lm_inputs(tokens: torch.Tensor, special: text.SpecialIds, vocab_size: int,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks (B, L) -> (inputs (B, L), labels (B, L)): BERT's masking drawn from `generator`;
+    the chosen positions predict the original token, the others nothing (-100)."""
+    return lm.mask_tokens(tokens, special, vocab_size, generator)
+
+
+def token_logits(model: nn.Module, inputs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Logits (P, V) of the masked positions (`keep`, (B, L)); a BERT's head runs on those only,
+    a fraction of its cost, which dominates at a small width and a large vocabulary."""
+    if not hasattr(model, "cls"):  # another masked LM: the whole head
+        return model(input_ids=inputs).logits[keep]
+    states = model.base_model(input_ids=inputs, attention_mask=torch.ones_like(inputs)).last_hidden_state
+    return model.cls(states[keep])
+
+
+def lm_score(loss: float, accuracy: float) -> dict[str, float]:
+    return {"masked_accuracy": accuracy}
+
+
+def teacher_scores(scores: dict[str, float], train: np.ndarray, test: np.ndarray, vocab_size: int) -> dict[str, float]:
+    """What a masked teacher's metrics.json adds: its masked-token accuracy on the test split."""
+    return {"masked_accuracy": scores["masked_accuracy"]}
 
 
 # --- training ---------------------------------------------------------------------------------
