@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 
 from pipeline import losses
 from pipeline.errors import ConfigError
-from pipeline.methods.common import Built, Shapes, pool_to
+from pipeline.methods.common import Built, Method, Shapes, pool_to
 
 
 @dataclass
-class AttentionTerm:
+class AttentionTerm(Method):
     """Attention transfer over [teacher layer, student layer] pairs (Zagoruyko & Komodakis).
 
     The default weight is their beta / 2 with beta = 1000.
@@ -26,11 +26,7 @@ class AttentionTerm:
             raise ConfigError(f"{where}.pairs: {self.pairs!r} must be a list of [teacher_layer, student_layer] pairs")
         if self.p <= 0:
             raise ConfigError(f"{where}.p: {self.p} must be > 0")
-        if self.weight < 0:
-            raise ConfigError(f"{where}.weight: {self.weight} must be >= 0")
-
-    def temperatures(self) -> list[float]:
-        return []
+        super().check(where)
 
     def teacher_layers(self) -> list[tuple[str, tuple[str, ...]]]:
         modes = ("attention", "full") if self.p == 2 else ("full",)  # a cached map is made with p = 2

@@ -1,5 +1,7 @@
-"""What every loss method shares: what a method adds to training (`Built`), the shapes its
-builder sees (`Shapes`), and the pooling helpers that line a student layer up with a cached one."""
+"""What every loss method shares: the base of its config (`Method`: by default it needs no
+temperature and no layer; `LayerPair` names a teacher and a student layer), what it adds to
+training (`Built`), the shapes its builder sees (`Shapes`), and the pooling helpers that line
+a student layer up with a cached one."""
 
 from __future__ import annotations
 
@@ -10,7 +12,48 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.errors import ConfigError
 from pipeline.training import Term
+
+
+class Method:
+    """A method's config: checked by `check(where)`; says which cached temperatures (lse
+    columns), teacher layers (with the cache modes that serve) and student layers it reads."""
+
+    def check(self, where: str) -> None:
+        for key in ("weight", "distance", "angle"):
+            if getattr(self, key, 0) < 0:
+                raise ConfigError(f"{where}.{key}: {getattr(self, key)} must be >= 0")
+
+    def temperatures(self) -> list[float]:
+        return []
+
+    def teacher_layers(self) -> list[tuple[str, tuple[str, ...]]]:
+        return []
+
+    def student_layers(self) -> list[str]:
+        return []
+
+
+@dataclass
+class LayerPair(Method):
+    """A method between one cached teacher layer (in one of MODES) and one student layer."""
+
+    teacher_layer: str = ""
+    student_layer: str = ""
+    MODES = ("pooled", "full")
+
+    def check(self, where: str) -> None:
+        for key in ("teacher_layer", "student_layer"):
+            if not getattr(self, key):
+                raise ConfigError(f"{where}.{key}: missing (a layer name)")
+        super().check(where)
+
+    def teacher_layers(self) -> list[tuple[str, tuple[str, ...]]]:
+        return [(self.teacher_layer, self.MODES)]
+
+    def student_layers(self) -> list[str]:
+        return [self.student_layer]
 
 
 @dataclass

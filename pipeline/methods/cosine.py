@@ -7,33 +7,15 @@ from dataclasses import dataclass
 from torch import nn
 
 from pipeline import losses
-from pipeline.errors import ConfigError
-from pipeline.methods.common import Built, Shapes, vector
+from pipeline.methods.common import Built, LayerPair, Shapes, vector
 
 
 @dataclass
-class CosineTerm:
-    """DistilBERT's alignment: 1 - cos(projection(student layer), teacher layer)."""
+class CosineTerm(LayerPair):
+    """DistilBERT's alignment: 1 - cos(projection(student layer), teacher layer); the teacher
+    layer cached as pooled (or full)."""
 
-    teacher_layer: str = ""  # cached as pooled (or full)
-    student_layer: str = ""
     weight: float = 1.0
-
-    def check(self, where: str) -> None:
-        for key in ("teacher_layer", "student_layer"):
-            if not getattr(self, key):
-                raise ConfigError(f"{where}.{key}: missing (a layer name)")
-        if self.weight < 0:
-            raise ConfigError(f"{where}.weight: {self.weight} must be >= 0")
-
-    def temperatures(self) -> list[float]:
-        return []
-
-    def teacher_layers(self) -> list[tuple[str, tuple[str, ...]]]:
-        return [(self.teacher_layer, ("pooled", "full"))]
-
-    def student_layers(self) -> list[str]:
-        return [self.student_layer]
 
 
 def build(cfg: CosineTerm, shapes: Shapes) -> Built:

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.errors import ConfigError
-from pipeline.methods.common import Built, Shapes
+from pipeline.methods.common import Built, Method, Shapes
 from pipeline.training import hard_label_loss
 
 
 @dataclass
-class HardTerm:
+class HardTerm(Method):
     """Cross-entropy on hard labels: true labels and/or the teacher's argmax (pseudo-labels).
     What each key means for a row is stated once, in `loader.hard_labels`."""
 
@@ -29,12 +29,6 @@ class HardTerm:
 
     def temperatures(self) -> list[float]:
         return [1.0] if self.pseudo and self.threshold > 0 else []  # p(top-1) at T=1 decides confidence
-
-    def teacher_layers(self) -> list[tuple[str, tuple[str, ...]]]:
-        return []
-
-    def student_layers(self) -> list[str]:
-        return []
 
 
 def build(cfg: HardTerm, shapes: Shapes) -> Built:

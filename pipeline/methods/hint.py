@@ -8,32 +8,15 @@ from torch import nn
 
 from pipeline import losses
 from pipeline.errors import ConfigError
-from pipeline.methods.common import Built, Shapes, pool_to
+from pipeline.methods.common import Built, LayerPair, Shapes, pool_to
 
 
 @dataclass
-class HintTerm:
+class HintTerm(LayerPair):
     """FitNets: MSE between regressor(student layer) and a cached teacher layer (mode full)."""
 
-    teacher_layer: str = ""
-    student_layer: str = ""
     weight: float = 1.0
-
-    def check(self, where: str) -> None:
-        for key in ("teacher_layer", "student_layer"):
-            if not getattr(self, key):
-                raise ConfigError(f"{where}.{key}: missing (a layer name)")
-        if self.weight < 0:
-            raise ConfigError(f"{where}.weight: {self.weight} must be >= 0")
-
-    def temperatures(self) -> list[float]:
-        return []
-
-    def teacher_layers(self) -> list[tuple[str, tuple[str, ...]]]:
-        return [(self.teacher_layer, ("full",))]
-
-    def student_layers(self) -> list[str]:
-        return [self.student_layer]
+    MODES = ("full",)
 
 
 def build(cfg: HintTerm, shapes: Shapes) -> Built:

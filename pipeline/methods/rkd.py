@@ -6,35 +6,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline import losses
-from pipeline.errors import ConfigError
-from pipeline.methods.common import Built, Shapes, vector
+from pipeline.methods.common import Built, LayerPair, Shapes, vector
 
 
 @dataclass
-class RKDTerm:
-    """Relational KD (Park et al.): distance and angle structure of a batch's embeddings."""
+class RKDTerm(LayerPair):
+    """Relational KD (Park et al.): distance and angle structure of a batch's embeddings;
+    the teacher layer cached as pooled (or full)."""
 
-    teacher_layer: str = ""  # cached as pooled (or full)
-    student_layer: str = ""
     distance: float = 25.0  # weights of Park et al.
     angle: float = 50.0
-
-    def check(self, where: str) -> None:
-        for key in ("teacher_layer", "student_layer"):
-            if not getattr(self, key):
-                raise ConfigError(f"{where}.{key}: missing (a layer name)")
-        for key in ("distance", "angle"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{where}.{key}: {getattr(self, key)} must be >= 0")
-
-    def temperatures(self) -> list[float]:
-        return []
-
-    def teacher_layers(self) -> list[tuple[str, tuple[str, ...]]]:
-        return [(self.teacher_layer, ("pooled", "full"))]
-
-    def student_layers(self) -> list[str]:
-        return [self.student_layer]
 
 
 def build(cfg: RKDTerm, shapes: Shapes) -> Built:

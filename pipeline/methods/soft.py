@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 from pipeline import losses
 from pipeline.errors import ConfigError
-from pipeline.methods.common import Built, Shapes
+from pipeline.methods.common import Built, Method, Shapes
 
 TAIL_MODES = ("bucket", "renorm")
 
 
 @dataclass
-class SoftTerm:
+class SoftTerm(Method):
     """Hinton soft targets: weight * T^2 * KL(teacher_T || student_T) over the transfer set."""
 
     weight: float = 0.9
@@ -29,12 +29,6 @@ class SoftTerm:
 
     def temperatures(self) -> list[float]:
         return [float(self.temperature)]
-
-    def teacher_layers(self) -> list[tuple[str, tuple[str, ...]]]:
-        return []
-
-    def student_layers(self) -> list[str]:
-        return []
 
 
 def build(cfg: SoftTerm, shapes: Shapes) -> Built:

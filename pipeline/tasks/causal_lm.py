@@ -17,7 +17,6 @@ trains a GPT-2 or a BERT; `kd label` loads any local Hugging Face causal or mask
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,6 @@ from pipeline.config import EvalConfig, LabelConfig, StudentConfig, TeacherConfi
 from pipeline.errors import ConfigError
 from pipeline.files import read_json, write_json
 from pipeline.methods import chosen
-from pipeline.metrics import SEEDS_DIR
 from pipeline.models import count_params
 from pipeline.tasks import Batch
 
@@ -276,39 +274,58 @@ def save(directory: Path, model: nn.Module, cfg: StudentConfig, cache: Cache, re
 
 def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, spec: StudentConfig
              ) -> tuple[dict[str, Any], dict[str, tuple[list[str], list[dict[str, Any]]]]]:
-    """Test perplexity of the student and its twin, and against the cached teacher (`against_teacher`).
-    Plots: the mean loss of the student and its twin at each position of a block (how each uses
-    its context), and one row per seed."""
-    student, twin = TokenRows(lm.load(student_dir)), TokenRows(lm.load(student_dir / "baseline"))
+    """Test perplexity of the student, its twin and the teacher (its own `kd teacher` figure),
+    and against the cached teacher (`evaluate_rows`)."""
     _, blocks = text.read_blocks(prepared / "test.parquet")
     tokens = torch.from_numpy(blocks)
-    targets = tokens[:, 1:].reshape(-1)
-    logits = predict(student, tokens, cfg.batch_size)
-    losses = {"student": F.cross_entropy(logits, targets, reduction="none"),
-              "baseline": F.cross_entropy(predict(twin, tokens, cfg.batch_size), targets, reduction="none")}
-    perplexity, twin_perplexity = (math.exp(float(losses[k].mean())) for k in ("student", "baseline"))
-    per_position = {k: v.reshape(len(tokens), -1).mean(0).tolist() for k, v in losses.items()}
-    teacher = cache.manifest["teacher"]["config"]
+    teacher = cache.manifest["teacher"]["config"].get("metrics", {}).get("perplexity")
 
-    def score(directory: Path) -> float:
-        return math.exp(float(F.cross_entropy(predict(TokenRows(lm.load(directory)), tokens, cfg.batch_size),
-                                              targets)))
+    def perplexity(logits: torch.Tensor, truth: torch.Tensor) -> float:
+        return math.exp(float(F.cross_entropy(logits, truth)))
 
-    seeds = seed_rows(student_dir, perplexity, twin_perplexity, score)
-    record = {
-        "objective": OBJECTIVE,
-        "perplexity": perplexity, "baseline_perplexity": twin_perplexity,
-        "teacher_perplexity": teacher.get("metrics", {}).get("perplexity"),
-        "perplexity_gain": twin_perplexity - perplexity,
-        "perplexity_reduction": 1 - perplexity / twin_perplexity,
-        **against_teacher(student, logits, tokens, cache.soft_targets("test", [1.0]), student_dir, cache, cfg,
-                          teacher_copy(cache, TokenRows)),
-        **seed_summary(seeds, "perplexity", "perplexity_reduction", lambda s, b: 1 - s / b),
-    }
+    def keys(student: float, twin: float, losses: dict[str, torch.Tensor], soft: SoftTargets) -> dict[str, Any]:
+        return {"perplexity": student, "baseline_perplexity": twin, "teacher_perplexity": teacher,
+                "perplexity_gain": twin - student, "perplexity_reduction": 1 - student / twin}
+
+    return evaluate_rows(student_dir, cache, cfg, TokenRows, tokens, tokens[:, 1:].reshape(-1),
+                         torch.arange(1, tokens.shape[1]).repeat(len(tokens)), perplexity, keys,
+                         ("perplexity", "perplexity_reduction", lambda s, b: 1 - s / b))
+
+
+def evaluate_rows(student_dir: Path, cache: Cache, cfg: EvalConfig, wrap: Callable[[nn.Module], nn.Module],
+                  x: torch.Tensor, truth: torch.Tensor, position: torch.Tensor,
+                  score: Callable[[torch.Tensor, torch.Tensor], float], keys: Callable[..., dict[str, Any]],
+                  seeds_as: tuple[str, str, Callable[[float, float], float]]
+                  ) -> tuple[dict[str, Any], dict[str, tuple[list[str], list[dict[str, Any]]]]]:
+    """What every token task measures on the test rows: the student (wrapped by `wrap`) and its
+    twin on the inputs `x`, one logits row per cache row with its `truth` and block `position`;
+    `score(logits, truth)` for them and every further seed; the task's `keys(student score, twin
+    score, per-row losses, the cache's test rows)`; `against_teacher`; the seed summary
+    (`seeds_as`: the key, the change's key, the change). Plots: the mean loss of the student and
+    its twin at each block position (how each uses its context), and one row per seed."""
+    student = wrap(lm.load(student_dir))
+    logits = predict(student, x, cfg.batch_size)
+    twin_logits = predict(wrap(lm.load(student_dir / "baseline")), x, cfg.batch_size)
+    losses = {"student": F.cross_entropy(logits, truth, reduction="none"),
+              "baseline": F.cross_entropy(twin_logits, truth, reduction="none")}
+    first, twin = score(logits, truth), score(twin_logits, truth)
+    seeds = [{"seed": read_json(student_dir / STUDENT_RECORD)["student"]["seed"], "student": first,
+              "baseline": twin}]
+    for seed, directory in metrics.seed_dirs(student_dir, read_json(student_dir / STUDENT_RECORD)):
+        seeds.append({"seed": seed, **{who: score(predict(wrap(lm.load(path)), x, cfg.batch_size), truth)
+                                      for who, path in (("student", directory), ("baseline", directory / "baseline"))}})
+    soft = cache.soft_targets("test", [1.0])
+    key, change, paired = seeds_as
+    record = {"objective": cache.manifest["text"]["objective"], **keys(first, twin, losses, soft),
+              **against_teacher(student, logits, x, soft, student_dir, cache, cfg, teacher_copy(cache, wrap)),
+              **metrics.seed_summary([{key: r["student"], f"baseline_{key}": r["baseline"]} for r in seeds],
+                                     key, change, paired)}
+    flat = position.numpy()
+    counts = np.bincount(flat)
+    sums = {k: np.bincount(flat, v.double().numpy()) for k, v in losses.items()}
     return record, {"per_position.csv": (["position", "student", "baseline"],
-                                         [{"position": i + 1, "student": a, "baseline": b}
-                                          for i, (a, b) in enumerate(zip(per_position["student"],
-                                                                         per_position["baseline"]))]),
+                                         [{"position": int(p), **{k: float(sums[k][p] / counts[p]) for k in sums}}
+                                          for p in np.flatnonzero(counts)]),
                     "seeds.csv": (["seed", "student", "baseline"], seeds)}
 
 
@@ -324,26 +341,6 @@ def summary(name: str, m: dict[str, Any]) -> str:
 def token_summary(name: str, m: dict[str, Any], line: str, over: str) -> str:
     return (f"student {name}: {line}" + (f"; over {m['seeds']} seeds: {over}" if m["seeds"] > 1 else "")
             + f", agreement {m['agreement']:.4f}, KL {m['kl_to_teacher']:.4f}, {m['params']:,} params")
-
-
-def seed_rows(student_dir: Path, student: float, baseline: float, score: Callable[[Path], float]
-              ) -> list[dict[str, float]]:
-    """One row per trained seed: the first (the student at the top of `student_dir`, already
-    scored) and each `seeds/<seed>/` with its own twin, scored by `score(directory)`."""
-    first = json.loads((student_dir / STUDENT_RECORD).read_text())["student"]["seed"]
-    found = [{"seed": first, "student": student, "baseline": baseline}]
-    root = student_dir / SEEDS_DIR
-    for directory in sorted((p for p in (root.iterdir() if root.is_dir() else []) if p.name.isdigit()),
-                            key=lambda p: int(p.name)):
-        found.append({"seed": int(directory.name), "student": score(directory),
-                      "baseline": score(directory / "baseline")})
-    return found
-
-
-def seed_summary(found: list[dict[str, float]], key: str, change: str, paired: Any) -> dict[str, Any]:
-    """`metrics.seed_summary` of the (seed, student, baseline) rows, under KEY and CHANGE."""
-    return metrics.seed_summary([{key: r["student"], f"baseline_{key}": r["baseline"]} for r in found],
-                                key, change, paired)
 
 
 def teacher_copy(cache: Cache, wrap: Callable[[nn.Module], nn.Module]) -> nn.Module | None:

@@ -24,7 +24,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForMaskedLM
 
@@ -34,8 +33,7 @@ from pipeline.config import EvalConfig, LabelConfig, StudentConfig
 from pipeline.errors import CacheError, ConfigError
 from pipeline.methods import student_layers
 from pipeline.tasks import Batch, causal_lm
-from pipeline.tasks.causal_lm import (against_teacher, check_token_student, hidden, memory_check, predict, save,
-                                      seed_rows, seed_summary, teacher_copy, token_summary)
+from pipeline.tasks.causal_lm import check_token_student, evaluate_rows, hidden, memory_check, save, token_summary
 
 NAME, OBJECTIVE = "masked_lm", "masked"
 TWIN_LOSS = "masked-LM"  # what the baseline twin learns from, for messages
@@ -268,47 +266,28 @@ def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, s
              ) -> tuple[dict[str, Any], dict[str, tuple[list[str], list[dict[str, Any]]]]]:
     """Masked-token accuracy of the student, its twin and the teacher on every cached masking of
     the test split (the teacher's from its cached top-1, on the very same masked tokens), and
-    against the cached teacher (`against_teacher`). Plots: the mean loss at each block position
-    (over the masked tokens there), and one row per seed."""
-    info = cache.manifest["text"]
-    maskings, masked, block = cache.manifest["views"]["count"] + 1, info["positions"], info["block_size"]
+    against the cached teacher (`evaluate_rows`)."""
+    maskings, masked = cache.manifest["views"]["count"] + 1, cache.manifest["text"]["positions"]
     _, blocks = text.read_blocks(prepared / "test.parquet")
     position, seen = cache.masks("test")
     tokens = torch.from_numpy(blocks).long().repeat_interleave(maskings, 0)  # (N * maskings, L), cache order
     positions = torch.tensor(position, dtype=torch.long).reshape(len(tokens), masked)
     x = torch.cat([lm.apply_masks(tokens, positions, torch.tensor(seen).reshape(len(tokens), masked)), positions], 1)
     truth = tokens.gather(1, positions).reshape(-1)
-    student = MaskedRows(lm.load(student_dir), block)
-    logits = predict(student, x, cfg.batch_size)
-    twin_logits = predict(MaskedRows(lm.load(student_dir / "baseline"), block), x, cfg.batch_size)
-    losses = {"student": F.cross_entropy(logits, truth, reduction="none"),
-              "baseline": F.cross_entropy(twin_logits, truth, reduction="none")}
-    accuracy = float((logits.argmax(1) == truth).float().mean())
-    twin_accuracy = float((twin_logits.argmax(1) == truth).float().mean())
-    soft = cache.soft_targets("test", [1.0])
 
-    def score(directory: Path) -> float:
-        return float((predict(MaskedRows(lm.load(directory), block), x, cfg.batch_size).argmax(1) == truth)
-                     .float().mean())
+    def accuracy(logits: torch.Tensor, truth: torch.Tensor) -> float:
+        return float((logits.argmax(1) == truth).float().mean())
 
-    seeds = seed_rows(student_dir, accuracy, twin_accuracy, score)
-    flat = positions.reshape(-1).numpy()
-    counts = np.bincount(flat, minlength=block)
-    sums = {k: np.bincount(flat, v.numpy(), minlength=block) for k, v in losses.items()}
-    record = {
-        "objective": OBJECTIVE,
-        "masked_accuracy": accuracy, "baseline_masked_accuracy": twin_accuracy,
-        "teacher_masked_accuracy": float((soft.topk_idx[:, 0] == truth.numpy()).mean()),
-        "accuracy_gain_points": 100 * (accuracy - twin_accuracy),
-        "loss": float(losses["student"].mean()), "baseline_loss": float(losses["baseline"].mean()),
-        **against_teacher(student, logits, x, soft, student_dir, cache, cfg,
-                          teacher_copy(cache, lambda model: MaskedRows(model, block))),
-        **seed_summary(seeds, "masked_accuracy", "accuracy_gain_points", lambda s, b: 100 * (s - b)),
-    }
-    return record, {"per_position.csv": (["position", "student", "baseline"],
-                                         [{"position": int(p), **{k: float(sums[k][p] / counts[p]) for k in sums}}
-                                          for p in np.flatnonzero(counts)]),
-                    "seeds.csv": (["seed", "student", "baseline"], seeds)}
+    def keys(student: float, twin: float, losses: dict[str, torch.Tensor], soft: Any) -> dict[str, Any]:
+        return {"masked_accuracy": student, "baseline_masked_accuracy": twin,
+                "teacher_masked_accuracy": float((soft.topk_idx[:, 0] == truth.numpy()).mean()),
+                "accuracy_gain_points": 100 * (student - twin),
+                "loss": float(losses["student"].mean()), "baseline_loss": float(losses["baseline"].mean())}
+
+    block = cache.manifest["text"]["block_size"]
+    return evaluate_rows(student_dir, cache, cfg, lambda model: MaskedRows(model, block), x, truth,
+                         positions.reshape(-1), accuracy, keys,
+                         ("masked_accuracy", "accuracy_gain_points", lambda s, b: 100 * (s - b)))
 
 
 def summary(name: str, m: dict[str, Any]) -> str:
