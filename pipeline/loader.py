@@ -238,16 +238,18 @@ def transfer_set(cache: Cache, prepared: Path, cfg: StudentConfig, memory_mb: fl
     return StreamingSet(cache, prepared, cfg, buffer_samples=buffer)
 
 
-def _bytes_per_sample(cache: Cache, cfg: StudentConfig) -> float:
+def _bytes_per_sample(cache: Cache, cfg: StudentConfig, input_bytes: float | None = None) -> float:
+    """A sample's bytes in memory: its input (an image's float32 values unless given) and its rows."""
     k = cache.manifest["top_k"]
     per_row = k * (8 + 4) + 8 + 8 + 4  # top-k idx (int64) + logits (float32) + label + row + lse
     for layer in cfg.loss.teacher_layers(cfg.where):
         per_row += 2 * math.prod(cache.feature_spec(layer)["shape"])
-    return 4 * math.prod(cache.manifest["input_shape"]) + 8 + cache.views * per_row
+    inputs = 4 * math.prod(cache.manifest["input_shape"]) if input_bytes is None else input_bytes
+    return inputs + 8 + cache.views * per_row
 
 
-def estimated_bytes(cache: Cache, cfg: StudentConfig) -> float:
-    return len(StreamingSet(cache, Path(), cfg, 0)) * _bytes_per_sample(cache, cfg)
+def estimated_bytes(cache: Cache, cfg: StudentConfig, input_bytes: float | None = None) -> float:
+    return len(StreamingSet(cache, Path(), cfg, 0)) * _bytes_per_sample(cache, cfg, input_bytes)
 
 
 def baseline_set(prepared: Path) -> TransferSet:

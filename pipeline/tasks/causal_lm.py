@@ -38,7 +38,7 @@ from pipeline.methods import chosen
 from pipeline.models import count_params
 from pipeline.tasks import Batch
 
-NAME, OBJECTIVE = "causal_lm", "causal"
+NAME, OBJECTIVE, ARCH = "causal_lm", "causal", "gpt2"  # ARCH: the student architecture it supports
 TWIN_LOSS = "next-token"  # what the baseline twin learns from, for messages
 METHODS = ("soft", "hard")  # the loss methods a causal student supports so far
 STUDENT_RECORD = "student.json"
@@ -189,19 +189,17 @@ def unigram_perplexity(train: np.ndarray, test: np.ndarray, vocab_size: int) -> 
 
 def check(cfg: StudentConfig, cache: Cache) -> None:
     """What a causal student cannot do yet, said up front."""
-    check_token_student(cfg, cache, METHODS, [("assistant", cfg.assistant), ("views", cfg.views),
-                                              ("init", cfg.init)])
+    check_token_student(cfg, ARCH, OBJECTIVE, METHODS, [("assistant", cfg.assistant), ("views", cfg.views),
+                                                    ("init", cfg.init)])
 
 
-def check_token_student(cfg: StudentConfig, cache: Cache, allowed: tuple[str, ...],
+def check_token_student(cfg: StudentConfig, arch: str, objective: str, allowed: tuple[str, ...],
                         unsupported: list[tuple[str, Any]]) -> None:
     """A token task's refusals: its architecture, its loss methods, the keys it cannot use."""
-    objective, arch = cache.manifest["text"]["objective"], {"causal": "gpt2", "masked": "bert"}
     if cfg.section == "assistants":
         raise ConfigError(f"{cfg.where}: teacher assistants are for image students so far")
-    if lm.ARCHITECTURES.get(cfg.arch, (None, None))[1] is not lm.ARCHITECTURES[arch[objective]][1]:
-        raise ConfigError(f"{cfg.where}.arch: {cfg.arch!r}; a student of a {objective} LM cache must be "
-                          f"{arch[objective]}")
+    if lm.ARCHITECTURES.get(cfg.arch, (None, None))[1] is not lm.ARCHITECTURES[arch][1]:
+        raise ConfigError(f"{cfg.where}.arch: {cfg.arch!r}; a student of a {objective} LM cache must be {arch}")
     extra = [name for name in chosen(cfg.loss) if name not in allowed]
     if extra:
         raise ConfigError(f"{cfg.where}.loss: {', '.join(extra)} not supported for {objective} LM students yet "
@@ -214,10 +212,7 @@ def check_token_student(cfg: StudentConfig, cache: Cache, allowed: tuple[str, ..
 def memory_check(cfg: StudentConfig, cache: Cache, memory_mb: float, input_bytes: int) -> None:
     """Text students hold their transfer set in memory (no streaming yet): refuse one that
     would not fit the budget, rather than exceed it."""
-    per_row = cache.manifest["top_k"] * (8 + 4) + 8 + 8 + 4
-    per_row += sum(2 * math.prod(cache.feature_spec(layer)["shape"]) for layer in cfg.loss.teacher_layers(cfg.where))
-    samples = sum(cache.split(s)["samples"] for s in cfg.transfer)
-    needed = samples * (input_bytes + cache.views * per_row)
+    needed = loader.estimated_bytes(cache, cfg, input_bytes)
     if needed > memory_mb * 2**20:
         raise ConfigError(f"--memory-mb {memory_mb:g}: the transfer set of {cfg.where} needs about "
                           f"{needed / 2**20:,.0f} MB in memory and text students are not streamed yet; "

@@ -35,7 +35,7 @@ from pipeline.methods import student_layers
 from pipeline.tasks import Batch, causal_lm
 from pipeline.tasks.causal_lm import check_token_student, evaluate_rows, hidden, memory_check, save, token_summary
 
-NAME, OBJECTIVE = "masked_lm", "masked"
+NAME, OBJECTIVE, ARCH = "masked_lm", "masked", "bert"  # ARCH: the student architecture it supports
 TWIN_LOSS = "masked-LM"  # what the baseline twin learns from, for messages
 METHODS = ("soft", "hard", "cosine")  # the loss methods a masked student supports so far
 __all__ = ["save"]  # a Hugging Face directory plus student.json, as for causal students
@@ -172,7 +172,7 @@ def teacher_scores(scores: dict[str, float], train: np.ndarray, test: np.ndarray
 
 def check(cfg: StudentConfig, cache: Cache) -> None:
     """What a masked student cannot do yet, said up front."""
-    check_token_student(cfg, cache, METHODS, [("assistant", cfg.assistant)])
+    check_token_student(cfg, ARCH, OBJECTIVE, METHODS, [("assistant", cfg.assistant)])
     if cfg.views and cache.manifest["views"]["count"] == 0:
         raise ConfigError(f"{cfg.where}.views: the cache holds one masking per block; set label.views (e.g. 4) "
                           "and run `kd label` again")
