@@ -3,7 +3,7 @@
 
 All of them call the real library (`pipeline.cache.label`, `pipeline.loader.transfer_set`,
 `pipeline.distill.train_model` / `student_terms`, `pipeline.training.fit`, `Cache.soft_targets`)
-on data written by `pipeline.data.prepare` and a random-weight teacher of the default
+on data written by `pipeline.sources.prepare` and a random-weight teacher of the default
 architecture (params.yaml `teacher`): weights do not change the cost of a forward pass. The
 scale case (4) lives in `bench/scale.py`, because it runs the `kd` commands in fresh processes.
 """
@@ -29,7 +29,8 @@ from zarr.codecs import ZstdCodec
 
 from bench.fused import cpp_topk_soft_target_loss, max_difference, topk_soft_target_loss_fused
 from bench.timing import interleave, medians, paired_ratio, ratio, seconds
-from pipeline import config, data, features, losses
+from pipeline import config, features, losses, sources
+from pipeline.prepared import images as data
 from pipeline.cache import Cache, Teacher, label, lse_column, writer
 from pipeline.cache.inputs import Batch
 from pipeline.config import SPLITS, LabelConfig, PrepareConfig, StudentConfig, TeacherConfig
@@ -60,7 +61,7 @@ def prepare_default(out: Path, params: Path, rows: int) -> Path:
     total = cfg.labeled + cfg.unlabeled + cfg.test
     labeled, test = max(10, rows * cfg.labeled // total), max(10, rows * cfg.test // total)
     cfg = dataclasses.replace(cfg, labeled=labeled, test=test, unlabeled=max(10, rows - labeled - test))
-    data.prepare(cfg, out)
+    sources.prepare(cfg, out)
     return out
 
 
@@ -445,8 +446,8 @@ def reader_workspace(root: Path, params: Path, rows: int) -> tuple[Path, Path, T
                                         rng.integers(0, 10, rows), [40], 10), dataset="bench-random")
     labeled = test = max(10, rows // 10)
     prepared = root / "reader_prepared"
-    data.prepare(PrepareConfig(dataset=str(source), labeled=labeled, test=test, unlabeled=rows - labeled - test),
-                 prepared)
+    sources.prepare(PrepareConfig(dataset=str(source), labeled=labeled, test=test, unlabeled=rows - labeled - test),
+                    prepared)
     teacher = make_teacher(root / "reader_teacher", params, [40], 10, arch="mlp", arch_kwargs={"hidden": [32]})
     cfg = dataclasses.replace(config.section(params, "label", LabelConfig), features={})
     label(teacher, prepared, root / "reader_cache", cfg, progress=False)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from pipeline import data
+from pipeline.prepared import data_fingerprint
 from pipeline.cache.manifest import (FEATURES, MANIFEST, SHARDS, feature_path, lse_column, part_problem, read_manifest,
                                      rows_per_sample)
 from pipeline.cache.store import Store
@@ -105,7 +105,7 @@ class Cache:
         for split in splits:
             info = self.split(split)
             source = Path(prepared) / info["source"]
-            if data.data_fingerprint(source) != info["data_fingerprint"]:
+            if data_fingerprint(source) != info["data_fingerprint"]:
                 raise StaleCacheError(
                     f"{self.root}: the cache was labeled from other data than {source} (data fingerprint differs); "
                     "run `kd label` again")

@@ -33,7 +33,8 @@ from tqdm import tqdm
 from zarr.codecs import ZstdCodec
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
-from pipeline import data, features
+from pipeline import features
+from pipeline.prepared import data_fingerprint
 from pipeline.cache.manifest import (FEATURES, MANIFEST, SCHEMA_VERSION, SHARDS, TEACHER_COPY, feature_path, lse_column,
                                      part_path, part_problem, read_manifest, shard_record)
 from pipeline.cache.inputs import Batch, ImageInputs, TokenInputs, _hidden, inputs_for
@@ -137,7 +138,7 @@ def label(teacher: Teacher, prepared: Path, out: str | Path, cfg: LabelConfig, *
         if required not in splits:
             raise MissingInputError(f"{prepared / f'{required}.parquet'}: not found (run `kd prepare`)")
     inputs = inputs_for(prepared, splits, cfg, teacher.config.get("objective"))
-    fingerprints = {s: data.data_fingerprint(prepared / f"{s}.parquet") for s in splits}
+    fingerprints = {s: data_fingerprint(prepared / f"{s}.parquet") for s in splits}
     key = cache_key(teacher, fingerprints, cfg)
     model = teacher.model.eval()
     num_classes, specs = plan(model, inputs, cfg)  # every check before anything is touched
