@@ -31,7 +31,7 @@ from bench.fused import cpp_topk_soft_target_loss, max_difference, topk_soft_tar
 from bench.timing import interleave, medians, paired_ratio, ratio, seconds
 from pipeline import config, features, losses, sources
 from pipeline.prepared import images as data
-from pipeline.cache import Cache, Teacher, label, lse_column, writer
+from pipeline.cache import Cache, Teacher, label, layout, lse_column, writer
 from pipeline.cache.inputs import Batch
 from pipeline.config import SPLITS, LabelConfig, PrepareConfig, StudentConfig, TeacherConfig
 from pipeline.distill import Built, Shapes, probe_shapes, student_layers, student_terms, train_model
@@ -337,7 +337,7 @@ def student_from_cache(ws: Workspace, students: list[str], repeats: int, online_
 def _parquet_bytes(path: Path, table: pa.Table) -> tuple[int, int]:
     """Write `table` with the writer's settings; -> (file bytes, column-chunk bytes without the footer)."""
     with pq.ParquetWriter(str(path), table.schema, compression="zstd", write_statistics=False) as out:
-        out.write_table(table, row_group_size=writer.ROW_GROUP_ROWS)
+        out.write_table(table, row_group_size=layout.ROW_GROUP_ROWS)
     meta = pq.ParquetFile(path).metadata
     chunks = sum(meta.row_group(g).column(c).total_compressed_size
                  for g in range(meta.num_row_groups) for c in range(meta.num_columns))
@@ -348,7 +348,7 @@ def _zarr_bytes(root: Path, name: str, block: np.ndarray) -> int:
     """Chunk bytes of `block` written as the writer writes a feature array (Zstd 3, whole-row chunks)."""
     row_bytes = max(1, math.prod(block.shape[1:])) * block.dtype.itemsize
     group = zarr.open_group(str(root), mode="a")
-    array = group.create_array(name, shape=block.shape, chunks=(writer._chunk_rows(len(block), row_bytes),
+    array = group.create_array(name, shape=block.shape, chunks=(layout.chunk_rows(len(block), row_bytes),
                                                                 *block.shape[1:]),
                                dtype=block.dtype, compressors=ZstdCodec(level=3), fill_value=0,
                                config={"write_empty_chunks": True})
