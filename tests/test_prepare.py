@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ from pipeline.prepared import images as data
 from pipeline.sources import images as image_sources
 from pipeline.config import PrepareConfig
 from pipeline.errors import ConfigError, InputError, MissingInputError
+from pipeline.files import replacing
 from stages import prepare
 
 SPLIT_FILES = ("labeled.parquet", "unlabeled.parquet", "test.parquet")
@@ -271,6 +275,37 @@ def test_existing_output_is_replaced_whole(workdir, write_params, run_command):
     assert not (out / "stray.txt").exists()
     assert sorted(p.name for p in (workdir / "data").iterdir()) == ["prepared"]
 
+
+
+def test_replacing_builds_aside_and_swaps_in_whole(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    abandoned = tmp_path / f".out.tmp-{dead.pid}-0000abcd"  # a killed run's leftover
+    running = tmp_path / f".out.tmp-{os.getpid()}-0000abcd"  # another writer still at work
+    abandoned.mkdir()
+    running.mkdir()
+    with pytest.raises(RuntimeError, match="half-way"):
+        with replacing(out) as tmp:
+            (tmp / "new.txt").write_text("new")
+            raise RuntimeError("half-way")
+    assert files_bytes(out) == {"old.txt": b"old"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "out"]
+    with replacing(out) as tmp:
+        assert tmp.parent == tmp_path and not (tmp / "old.txt").exists()
+        (tmp / "new.txt").write_text("new")
+        assert files_bytes(out) == {"old.txt": b"old"}  # untouched until the block completes
+    assert files_bytes(out) == {"new.txt": b"new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "out"]
+    with replacing(tmp_path / "fresh" / "dir") as tmp:
+        (tmp / "a").write_text("a")
+    assert files_bytes(tmp_path / "fresh" / "dir") == {"a": b"a"}
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="file exists and is not a directory"):
+        with replacing(tmp_path / "file"):
+            pass
 
 # --- the command: user Parquet files ----------------------------------------------------------
 
