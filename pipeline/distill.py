@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import data, features, losses, parallel
+from pipeline import features, losses, parallel
+from pipeline import prepared as data
 from pipeline.cache import Cache, Teacher, label
 from pipeline.config import (AttentionTerm, CosineTerm, HardTerm, HintTerm, LabelConfig, RKDTerm, SoftTerm,
                              StudentConfig, as_dict)

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import lm, metrics, parallel, text
+from pipeline import lm, metrics, parallel
+from pipeline.prepared import tokens as text
 from pipeline.cache import Cache
 from pipeline.cache.reader import SoftTargets
 from pipeline.cache.inputs import next_token_logits

@@ -38,7 +38,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from pipeline.cache.manifest import lse_column
+from pipeline.cache.layout import lse_column
 from pipeline.errors import InputError, MissingInputError
 from pipeline.metrics import METRICS_FILE, PLOTS_DIR, SEED_KEYS, mean_std
 from pipeline.files import read_json, swap_into_place

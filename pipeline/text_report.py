@@ -26,7 +26,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from pipeline.cache.manifest import lse_column
+from pipeline.cache.layout import lse_column
 from pipeline.errors import InputError, MissingInputError
 from pipeline.files import read_json
 from pipeline.metrics import METRICS_FILE, PLOTS_DIR

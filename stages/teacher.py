@@ -17,7 +17,7 @@ from typing import Optional
 
 import typer
 
-from pipeline import text
+from pipeline.prepared import tokens as text
 from pipeline.config import TeacherConfig, section
 from pipeline.files import staging_dir, swap_into_place, write_json
 from pipeline.models import save_model

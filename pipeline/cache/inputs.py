@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import augment, data, features
+from pipeline import augment, features
+from pipeline.prepared import images as data
 from pipeline.config import LabelConfig
 from pipeline.errors import ConfigError, InputError
 
@@ -88,7 +89,7 @@ class TokenInputs:
     modality = "text"
 
     def __init__(self, prepared: Path, splits: list[str], cfg: LabelConfig):
-        from pipeline import text
+        from pipeline.prepared import tokens as text
 
         if cfg.views:
             raise ConfigError(f"label.views: {cfg.views}; augmented views are for images, text has none (set 0)")
@@ -116,8 +117,7 @@ class TokenInputs:
 
     def read(self, source: Path, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
         """ids and tokens of blocks [first, last), reading only the row groups that hold them."""
-        table = data.read_row_range(self.text._open_text(source), first, last)
-        return self.text._arrays(table, self.block_size)
+        return self.text.read_rows(source, first, last)
 
     def batch(self, model: nn.Module, rows: tuple[np.ndarray, np.ndarray], start: int, stop: int,
               specs: dict[str, dict]) -> Batch:
@@ -194,7 +194,7 @@ def _token_rows(output: torch.Tensor | tuple) -> torch.Tensor:
 def inputs_for(prepared: Path, splits: list[str], cfg: LabelConfig, objective: str | None = None):
     """ImageInputs, TokenInputs or MaskedTokenInputs, from what `kd prepare` wrote and the
     teacher's objective ("causal" or "masked", for text)."""
-    from pipeline import text
+    from pipeline.prepared import tokens as text
 
     if text.modality(prepared / "labeled.parquet") == "text":
         return MaskedTokenInputs(prepared, splits, cfg) if objective == "masked" else TokenInputs(prepared, splits, cfg)
