@@ -32,6 +32,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline import metrics, report
+from pipeline.report import SCORES
 from pipeline.cache import Cache, Teacher, label
 from pipeline.cache.writer import soft_targets
 from pipeline.config import EvalConfig, LabelConfig, student
@@ -40,6 +41,8 @@ from pipeline.models import build, count_params, fingerprint, load_model, save_m
 from pipeline.training import predict
 from stages import eval as eval_stage
 from stages import report as report_stage
+
+IMAGE = SCORES["image"]  # what the report measures for image students
 
 D, C = 6, 4  # input size and classes of the toy data
 SIZES = {"labeled": 64, "unlabeled": 48, "test": 40}
@@ -187,10 +190,10 @@ def test_check_config_names_the_key():
 def test_sentence_is_honest_about_signs():
     m = {"params": 250, "teacher_params": 1000, "speedup_vs_teacher": 4.04, "accuracy": 0.9,
          "baseline_accuracy": 0.904, "accuracy_retained": 0.9 / 0.95}
-    assert report.sentence("a", m) == ("**a**: 75% smaller, 4.0x faster, keeps 94.7% of the teacher's accuracy "
+    assert report.sentence("a", m, IMAGE) == ("**a**: 75% smaller, 4.0x faster, keeps 94.7% of the teacher's accuracy "
                                       "(-0.4 points over training on labels alone).")
     m2 = {**m, "params": 1500, "speedup_vs_teacher": 0.5, "baseline_accuracy": 0.8999}
-    assert report.sentence("b", m2) == ("**b**: 50% larger, 2.0x slower, keeps 94.7% of the teacher's accuracy "
+    assert report.sentence("b", m2, IMAGE) == ("**b**: 50% larger, 2.0x slower, keeps 94.7% of the teacher's accuracy "
                                        "(+0.0 points over training on labels alone).")
 
 
@@ -241,7 +244,7 @@ def test_methods_table_picks_one_reference_and_normalises_numbers():
                          {"0": 0.5, "1": 0.7}),
                result_of("c_rkd", {**base, "loss": {**SOFT, "rkd": RKD}}, {"0": 0.6, "1": 0.8, "2": 0.9}),
                result_of("d_alone", {**base, "lr": 0.1, "loss": {**SOFT, "rkd": RKD}}, {"0": 0.6, "1": 0.6})]
-    rows = {row["student"]: row for row in report.methods_table(results)}
+    rows = {row["student"]: row for row in report.methods_table(results, IMAGE)}
     assert rows["a_soft"]["role"] == "reference" and rows["a_soft"]["group"] == rows["b_soft"]["group"] == 1
     assert rows["b_soft"]["reference"] == rows["c_rkd"]["reference"] == "a_soft"
     assert rows["b_soft"]["gain_over_soft_mean"] == pytest.approx(5.0)  # (+10, 0) points
@@ -253,10 +256,10 @@ def test_methods_table_picks_one_reference_and_normalises_numbers():
     assert rows["d_alone"]["role"] == "no soft-only reference" and rows["d_alone"]["gain_over_soft_mean"] is None
     # no direct counterpart: the only assistant-free student has another loss
     via = result_of("via", {**base, "assistant": "ta", "loss": SOFT}, {"0": 0.6, "1": 0.7})
-    (row,) = report.progressive_table([via, results[2]], None)
+    (row,) = report.progressive_table([via, results[2]], None, IMAGE)
     assert row["direct"] is None and row["verdict"].startswith("no direct counterpart")
     assert row["assistant_params"] is None and row["difference_mean"] is None
-    (row,) = report.progressive_table([via, results[0], results[1]], None)
+    (row,) = report.progressive_table([via, results[0], results[1]], None, IMAGE)
     assert row["direct"] == "b_soft" and row["difference_mean"] == 0.0 and row["verdict"] == "no measurable gain"
 
 
@@ -525,7 +528,7 @@ def test_report_writes_leaderboard_sentences_and_plots(world, reported):
     result, out, _ = reported
     assert result.exit_code == 0, result.output + result.stderr
     rows = read_csv(out / "leaderboard.csv")
-    assert tuple(rows[0]) == report.LEADERBOARD
+    assert tuple(rows[0]) == IMAGE.columns
     assert sorted(r["student"] for r in rows) == sorted(TRAINED)
     means = [float(r["accuracy_mean"]) for r in rows]
     assert means == sorted(means, reverse=True)
@@ -537,11 +540,11 @@ def test_report_writes_leaderboard_sentences_and_plots(world, reported):
         assert float(row["gain_over_baseline_points"]) == pytest.approx(100 * (m["accuracy"] - m["baseline_accuracy"]))
         assert float(row["accuracy_mean"]) == pytest.approx(m["accuracy_mean"], abs=1e-6)
         assert int(row["seeds"]) == m["seeds"]
-        assert report.sentence(name, m) in text
-        assert "% smaller, " in report.sentence(name, m)
+        assert report.sentence(name, m, IMAGE) in text
+        assert "% smaller, " in report.sentence(name, m, IMAGE)
     assert f"| {rows[0]['student']} |" in text
     assert "Over 2 seeds: accuracy" in text
-    for png in report.PLOTS:
+    for png in IMAGE.plots:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / png).stat().st_size > 1000
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".report")]
 
