@@ -32,7 +32,11 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline import metrics, report
+from pipeline.errors import InputError
 from pipeline.report import SCORES
+from pipeline.report import markdown as report_markdown
+from pipeline.report import plots as report_plots
+from pipeline.report import results as report_results
 from pipeline.cache import Cache, Teacher, label
 from pipeline.cache.writer import soft_targets
 from pipeline.config import EvalConfig, LabelConfig, student
@@ -261,6 +265,57 @@ def test_methods_table_picks_one_reference_and_normalises_numbers():
     assert row["assistant_params"] is None and row["difference_mean"] is None
     (row,) = report.progressive_table([via, results[0], results[1]], None, IMAGE)
     assert row["direct"] == "b_soft" and row["difference_mean"] == 0.0 and row["verdict"] == "no measurable gain"
+
+
+@pytest.mark.parametrize("task", sorted(SCORES))
+def test_every_task_describes_a_complete_report(task):
+    score = SCORES[task]
+    assert score.columns[0] == "student" and score.columns.index("seeds") < len(score.columns)
+    for key in (score.key, score.baseline_key, score.change_column, score.throughput_key, f"{score.key}_mean",
+                f"{score.key}_std", f"{score.change_key}_mean", f"{score.change_key}_std"):
+        assert key in score.columns, key
+    assert len(set(score.columns)) == len(score.columns)
+    assert set(score.plots) <= set(report_plots.DRAW) and "training_curves.png" in score.plots
+    shown = score.columns[1:score.columns.index("seeds")]
+    assert all(c in report_markdown.HEADERS or c in (score.key, score.baseline_key, score.teacher_key,
+                                                      score.change_column) for c in shown)
+
+
+def test_leaderboard_puts_the_best_mean_first_whichever_way_the_score_goes(tmp_path):
+    def ranked(task, per_seed, twin):
+        score, results = SCORES[task], []
+        for name, values in per_seed.items():
+            m = {c: 1 for c in score.columns if c not in ("student", score.change_column)}
+            m.update(metrics.seed_summary([{score.key: v, score.baseline_key: twin} for v in values],
+                                          score.key, score.change_key, score.paired))
+            m.update({score.key: values[0], score.baseline_key: twin})
+            results.append(report.StudentResult(name, tmp_path / name, m, {}, {}, []))
+        rows = report.leaderboard(results, score)
+        assert all(tuple(row) == score.columns for row in rows)
+        return rows
+
+    # "a" has the better first seed, "b" the better mean over seeds: the mean decides
+    rows = ranked("causal_lm", {"a": [10.0, 50.0], "b": [20.0, 20.0], "c": [35.0, 35.0]}, 40.0)
+    assert [row["student"] for row in rows] == ["b", "a", "c"]  # lower perplexity is better
+    assert rows[1]["perplexity_reduction"] == pytest.approx(1 - 10 / 40)  # the first seed's, against its twin
+    assert rows[1]["perplexity_reduction_mean"] == pytest.approx(1 - 30 / 40)
+    rows = ranked("masked_lm", {"a": [0.9, 0.1], "b": [0.6, 0.6], "c": [0.2, 0.2]}, 0.5)
+    assert [row["student"] for row in rows] == ["b", "a", "c"]  # higher accuracy is better
+    assert rows[1]["accuracy_gain_points"] == pytest.approx(100 * (0.9 - 0.5))
+
+
+def test_a_student_of_another_task_is_refused_naming_both(tmp_path):
+    directory = tmp_path / "students" / "m"
+    directory.mkdir(parents=True)
+    (directory / "metrics.json").write_text(json.dumps({"objective": "masked", "masked_accuracy": 0.5}))
+    with pytest.raises(InputError, match=r"metrics.json: a student of objective 'masked', the cache's students "
+                                         r"have 'causal' \(run `kd eval m` on this cache\)"):
+        report_results.load_student(tmp_path / "students", "m", SCORES["causal_lm"])
+    with pytest.raises(InputError, match="objective 'masked'.*have None"):
+        report_results.load_student(tmp_path / "students", "m", SCORES["image"])
+    (directory / "metrics.json").write_text(json.dumps({"objective": "masked", "masked_accuracy": 0.5}))
+    with pytest.raises(InputError, match="missing key 'params'"):
+        report_results.load_student(tmp_path / "students", "m", SCORES["masked_lm"])
 
 
 # --- a real tiny pipeline ----------------------------------------------------------------------

@@ -33,7 +33,7 @@ from pipeline.errors import InputError, MissingInputError
 from pipeline.files import swap_into_place
 from pipeline.report.compare import (METHODS, PROGRESSIVE, is_soft_only, leaderboard, method_label, methods_table,
                                      progressive_table, verdict)
-from pipeline.report.markdown import markdown, seeds_sentence, sentence
+from pipeline.report.markdown import render, seeds_sentence, sentence
 from pipeline.report.plots import DRAW, Figures
 from pipeline.report.results import StudentResult, assistant_info, load_student, student_dirs
 from pipeline.report.scores import SCORES, Score, task_name
@@ -70,7 +70,7 @@ def write_report(students_dir: Path, out: Path, manifest: dict[str, Any], cache_
             write_csv(tmp / "methods.csv", METHODS, figures.methods)
             write_csv(tmp / "progressive.csv", PROGRESSIVE, figures.progressive)
         tables = (figures.methods, figures.progressive) if score.compares_methods else (None, None)
-        (tmp / "report.md").write_text(markdown(rows, ordered, manifest, cache_root, score, *tables))
+        (tmp / "report.md").write_text(render(rows, ordered, manifest, cache_root, score, *tables))
         for png in score.plots:
             DRAW[png](figures, tmp / png)
     return {"students": [row["student"] for row in rows], "best": rows[0]["student"], "out": out,

@@ -101,7 +101,7 @@ def _header(column: str, score: Score) -> str:
             score.change_column: "vs twin"}.get(column) or HEADERS[column][0]
 
 
-def markdown(rows: list[dict[str, Any]], results: list[StudentResult], manifest: dict[str, Any], cache_root: Any,
+def render(rows: list[dict[str, Any]], results: list[StudentResult], manifest: dict[str, Any], cache_root: Any,
              score: Score, methods: list[dict[str, Any]] | None = None,
              progressive: list[dict[str, Any]] | None = None) -> str:
     """report.md: `rows` is the leaderboard, `results` the students in its order."""
