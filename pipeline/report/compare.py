@@ -10,13 +10,12 @@ seed, `Score.paired`), summarised as mean +- sample std.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from pipeline.metrics import mean_std
 from pipeline.report.results import StudentResult, assistant_info
-from pipeline.report.scores import Score
+from pipeline.report.scores import Score, fmt
 
 METHODS = ("group", "setup", "student", "method", "role", "reference", "seeds", "accuracy_mean", "accuracy_std",
            "gain_over_baseline_mean", "gain_over_baseline_std", "gain_over_soft_mean", "gain_over_soft_std",
@@ -182,13 +181,6 @@ def progressive_table(results: list[StudentResult], assistants: Path | None, sco
                        difference_std=std, paired_seeds=n, verdict=verdict(mean, std, n))
         rows.append(row)
     return rows
-
-
-def fmt(value: Any, spec: str) -> str:
-    """`value` formatted by `spec`; "n/a" for a value that is not there (None or NaN)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return format(value, spec)
 
 
 def _seed_order(seed: str) -> tuple[int, Any]:

@@ -10,9 +10,8 @@ import json
 from typing import Any
 
 from pipeline.cache.manifest import lse_column
-from pipeline.report.compare import fmt
 from pipeline.report.results import StudentResult
-from pipeline.report.scores import Score
+from pipeline.report.scores import Score, fmt, points
 
 # Leaderboard columns the markdown table shows beside the task's score: header and format.
 HEADERS = {"params": ("params", ","), "size_bytes": ("size (bytes)", ","), "throughput": ("samples/s", ",.0f"),
@@ -54,17 +53,8 @@ def seeds_sentence(metrics: dict[str, Any], score: Score) -> str:
                                                              metrics[f"{score.change_key}_std"]))
 
 
-def _signed(points: float) -> str:
-    return format(round(points, 2) + 0.0, "+.2f")  # + 0.0: no "-0.00"
-
-
 def _pm(mean: Any, std: Any, spec: str = ".4f") -> str:
-    # "mean ± std": scores formatted by `spec`, gains as signed points ("points")
-    if mean is None:
-        return "n/a"
-    if spec == "points":
-        return f"{_signed(mean)} ± {std:.2f}"
-    return f"{format(mean, spec)} ± {format(std, spec)}"
+    return "n/a" if mean is None else f"{format(mean, spec)} ± {format(std, spec)}"
 
 
 def _kept_mass(manifest: dict[str, Any]) -> str:
@@ -165,24 +155,24 @@ def methods_markdown(methods: list[dict[str, Any]]) -> list[str]:
                   "|---|---|---:|---:|---:|---:|---|"]
         for row in members:
             vs_soft = {"reference": "reference", "no soft-only reference": "n/a"}.get(
-                row["role"], _pm(row["gain_over_soft_mean"], row["gain_over_soft_std"], "points")
+                row["role"], points(row["gain_over_soft_mean"], row["gain_over_soft_std"])
                 + f" ({row['paired_seeds']} paired)")
             lines.append(f"| {row['student']} | {row['method']} | {row['seeds']} "
                          f"| {_pm(row['accuracy_mean'], row['accuracy_std'])} "
-                         f"| {_pm(row['gain_over_baseline_mean'], row['gain_over_baseline_std'], 'points')} "
+                         f"| {points(row['gain_over_baseline_mean'], row['gain_over_baseline_std'])} "
                          f"| {vs_soft} | {row['verdict']} |")
         sentences = []
         for row in members:
             if row["role"] == "compared":
                 sentences.append(
                     f"- **{row['student']}** ({row['method']}) vs **{row['reference']}** (soft alone): "
-                    f"{_pm(row['gain_over_soft_mean'], row['gain_over_soft_std'], 'points')} points "
+                    f"{points(row['gain_over_soft_mean'], row['gain_over_soft_std'])} points "
                     f"over {row['paired_seeds']} paired seeds: {row['verdict']}.")
             elif row["role"] == "no soft-only reference":
                 sentences.append(
                     f"- **{row['student']}** ({row['method']}): no soft-only reference with the same architecture "
                     f"and budget; accuracy {_pm(row['accuracy_mean'], row['accuracy_std'])}, "
-                    f"{_pm(row['gain_over_baseline_mean'], row['gain_over_baseline_std'], 'points')} points "
+                    f"{points(row['gain_over_baseline_mean'], row['gain_over_baseline_std'])} points "
                     f"over its baseline twins.")
         lines += ["", *sentences, ""] if sentences else [""]
     return lines[:-1]
@@ -199,7 +189,7 @@ def progressive_markdown(progressive: list[dict[str, Any]]) -> list[str]:
               "| via-assistant accuracy | difference (points) | verdict |",
               "|---|---|---|---|---:|---:|---:|---|"]
     for row in progressive:
-        difference = (f"{_pm(row['difference_mean'], row['difference_std'], 'points')} ({row['paired_seeds']} paired)"
+        difference = (f"{points(row['difference_mean'], row['difference_std'])} ({row['paired_seeds']} paired)"
                       if row["direct"] else "n/a")
         lines.append(f"| {row['student']} | {row['assistant']} ({fmt(row['assistant_params'], ',')}, "
                      f"{fmt(row['assistant_accuracy'], '.4f')}) | {fmt(row['teacher_params'], ',')}, "
@@ -212,7 +202,7 @@ def progressive_markdown(progressive: list[dict[str, Any]]) -> list[str]:
             lines.append(f"- **{row['student']}** ({fmt(row['student_params'], ',')} parameters) through "
                          f"**{row['assistant']}** ({fmt(row['assistant_params'], ',')}) vs **{row['direct']}** "
                          f"directly from the teacher ({fmt(row['teacher_params'], ',')}): "
-                         f"{_pm(row['difference_mean'], row['difference_std'], 'points')} points over "
+                         f"{points(row['difference_mean'], row['difference_std'])} points over "
                          f"{row['paired_seeds']} paired seeds: {row['verdict']}.")
         else:
             lines.append(f"- **{row['student']}** through **{row['assistant']}**: no student with the same "

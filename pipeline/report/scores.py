@@ -7,6 +7,7 @@ a cache's manifest to one of them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -26,7 +27,6 @@ class Score:
     paired: Callable[[float, float], float]  # (score, other score) -> change, as `kd eval` pairs seeds
     change_words: Callable[[float, float | None], str]  # a change (mean, std or None) as the markdown shows it
     throughput_key: str             # metrics.json's items per second ("throughput")
-    unit: str                       # what one test item is ("samples", "tokens")
     columns: tuple[str, ...]        # leaderboard.csv, in order: "student", the change column, metrics keys
     seeds_columns: tuple[str, str]  # plots/seeds.csv: the student's and its twin's score
     record: str                     # the file in a student's directory holding its config ({"student": ...})
@@ -45,16 +45,25 @@ class Score:
     over_seeds: str                 # the sentence's seed summary: {n}, {mean}, {std}, {change}
 
 
-def _signed(value: float, spec: str) -> str:
+def fmt(value: Any, spec: str) -> str:
+    """`value` formatted by `spec`; "n/a" for a value that is not there (None or NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return format(value, spec)
+
+
+def signed(value: float, spec: str = ".2f") -> str:
     return format(round(value, int(spec[1:-1])) + 0.0, "+" + spec)  # + 0.0: no "-0.0"
 
 
-def _points(mean: float, std: float | None) -> str:
-    return _signed(mean, ".2f") + (f" ± {std:.2f}" if std is not None else "")
+def points(mean: float | None, std: float | None = None) -> str:
+    """A change in points, "+1.23" or "+1.23 ± 0.45"."""
+    return "n/a" if mean is None else signed(mean) + (f" ± {std:.2f}" if std is not None else "")
 
 
-def _percent(mean: float, std: float | None) -> str:
-    return _signed(100 * mean, ".1f") + (f" ± {100 * std:.1f}" if std is not None else "") + "%"
+def percent(mean: float | None, std: float | None = None) -> str:
+    """A relative change, "+1.2%" or "+1.2 ± 0.4%"."""
+    return "n/a" if mean is None else signed(100 * mean, ".1f") + (f" ± {100 * std:.1f}" if std is not None else "") + "%"
 
 
 def _image_keeps(m: Metrics) -> str:
@@ -63,7 +72,7 @@ def _image_keeps(m: Metrics) -> str:
 
 
 def _image_versus(m: Metrics) -> str:
-    return f"{_signed(100.0 * (m['accuracy'] - m['baseline_accuracy']), '.1f')} points over training on labels alone"
+    return f"{signed(100.0 * (m['accuracy'] - m['baseline_accuracy']), '.1f')} points over training on labels alone"
 
 
 def _causal_keeps(m: Metrics) -> str:
@@ -85,18 +94,20 @@ def _masked_keeps(m: Metrics) -> str:
 
 
 def _masked_versus(m: Metrics) -> str:
-    return (f"{_signed(100 * (m['masked_accuracy'] - m['baseline_masked_accuracy']), '.1f')} points over its twin's "
+    return (f"{signed(100 * (m['masked_accuracy'] - m['baseline_masked_accuracy']), '.1f')} points over its twin's "
             f"{m['baseline_masked_accuracy']:.4f}: the same student, start, masks and budget with the masked-LM "
             "loss alone")
 
 
-def _text_rows(manifest: Metrics) -> str:
+def _causal_rows(manifest: Metrics) -> str:
     info = manifest.get("text", {})
-    if info.get("objective") == "masked":
-        return (f"one row per masked token ({info.get('positions')} per masking of a block of "
-                f"{info.get('block_size')} tokens, {manifest.get('views', {}).get('count', 0) + 1} masking(s) per "
-                "block, recorded)")
     return f"one row per predicted token ({info.get('positions')} per block of {info.get('block_size')} tokens)"
+
+
+def _masked_rows(manifest: Metrics) -> str:
+    info = manifest.get("text", {})
+    return (f"one row per masked token ({info.get('positions')} per masking of a block of {info.get('block_size')} "
+            f"tokens, {manifest.get('views', {}).get('count', 0) + 1} masking(s) per block, recorded)")
 
 
 # Task name -> what its report measures. The one place the report meets a task.
@@ -104,7 +115,7 @@ SCORES: dict[str, Score] = {
     "image": Score(
         key="accuracy", baseline_key="baseline_accuracy", teacher_key="teacher_accuracy", name="test accuracy",
         lower_is_better=False, fmt=".4f", change_key="gain_points", change_column="gain_over_baseline_points",
-        paired=lambda s, b: 100.0 * (s - b), change_words=_points, throughput_key="throughput", unit="samples",
+        paired=lambda s, b: 100.0 * (s - b), change_words=points, throughput_key="throughput",
         columns=("student", "params", "size_bytes", "throughput", "accuracy", "baseline_accuracy",
                  "accuracy_retained", "agreement", "kl_to_teacher", "ece", "gain_over_baseline_points",
                  "speedup_vs_teacher", "seeds", "accuracy_mean", "accuracy_std", "gain_points_mean",
@@ -121,8 +132,8 @@ SCORES: dict[str, Score] = {
     "causal_lm": Score(
         key="perplexity", baseline_key="baseline_perplexity", teacher_key="teacher_perplexity",
         name="test perplexity", lower_is_better=True, fmt=".1f", change_key="perplexity_reduction",
-        change_column="perplexity_reduction", paired=lambda s, b: 1 - s / b, change_words=_percent,
-        throughput_key="throughput_tokens_per_s", unit="tokens",
+        change_column="perplexity_reduction", paired=lambda s, b: 1 - s / b, change_words=percent,
+        throughput_key="throughput_tokens_per_s",
         columns=("student", "params", "size_bytes", "throughput_tokens_per_s", "perplexity", "baseline_perplexity",
                  "teacher_perplexity", "perplexity_reduction", "agreement", "kl_to_teacher", "speedup_vs_teacher",
                  "seeds", "perplexity_mean", "perplexity_std", "perplexity_reduction_mean",
@@ -131,15 +142,15 @@ SCORES: dict[str, Score] = {
         plots=("perplexity_vs_params.png", "training_curves.png", "per_position.png"),
         compares_methods=False, objective="causal", kind="causal LM", title="Text distillation report",
         called="text report",
-        rows=_text_rows, classes=lambda manifest: manifest.get("text", {}).get("vocab_size"),
+        rows=_causal_rows, classes=lambda manifest: manifest.get("text", {}).get("vocab_size"),
         twin="trained on the text alone (the next-token loss)",
         keeps=_causal_keeps, versus=_causal_versus,
         over_seeds=" Over {n} seeds: perplexity {mean} ± {std}, {change} lower than the twins'."),
     "masked_lm": Score(
         key="masked_accuracy", baseline_key="baseline_masked_accuracy", teacher_key="teacher_masked_accuracy",
         name="masked-token accuracy", lower_is_better=False, fmt=".4f", change_key="accuracy_gain_points",
-        change_column="accuracy_gain_points", paired=lambda s, b: 100.0 * (s - b), change_words=_points,
-        throughput_key="throughput_tokens_per_s", unit="masked tokens",
+        change_column="accuracy_gain_points", paired=lambda s, b: 100.0 * (s - b), change_words=points,
+        throughput_key="throughput_tokens_per_s",
         columns=("student", "params", "size_bytes", "throughput_tokens_per_s", "masked_accuracy",
                  "baseline_masked_accuracy", "teacher_masked_accuracy", "accuracy_gain_points", "agreement",
                  "kl_to_teacher", "speedup_vs_teacher", "seeds", "masked_accuracy_mean", "masked_accuracy_std",
@@ -148,7 +159,7 @@ SCORES: dict[str, Score] = {
         plots=("accuracy_vs_params.png", "training_curves.png", "per_position.png"),
         compares_methods=False, objective="masked", kind="masked LM", title="Text distillation report",
         called="text report",
-        rows=_text_rows, classes=lambda manifest: manifest.get("text", {}).get("vocab_size"),
+        rows=_masked_rows, classes=lambda manifest: manifest.get("text", {}).get("vocab_size"),
         twin=("trained from the same start on the same masks with the masked-LM loss alone. Scores are on every "
               "cached masking of the test split; the teacher's is its cached top-1 on the same masked tokens"),
         keeps=_masked_keeps, versus=_masked_versus,
