@@ -126,7 +126,7 @@ def render(rows: list[dict[str, Any]], results: list[StudentResult], manifest: d
         lines.append(f"| {row['student']} | " + " | ".join(_cell(c, row, score) for c in shown)
                      + f" | {over_seeds} |")
     if any(not r.metrics.get("kl_exact", True) for r in results):
-        lines += ["", f"KL is KL(teacher || student) at T=1 over the top-{top_k} classes plus one tail bucket: "
+        lines += ["", f"KL is KL(teacher || student) at T=1 over the teacher's top-{top_k} plus one tail bucket: "
                       "a lower bound of the full KL, since the cache holds only the top-k logits."]
     lines += ["", "## Students", ""]
     lines += [f"- {sentence(r.name, r.metrics, score)}{seeds_sentence(r.metrics, score)}" for r in results]
