@@ -59,10 +59,10 @@ def write_report(students_dir: Path, out: Path, manifest: dict[str, Any], cache_
     ordered = [by_name[row["student"]] for row in rows]
     figures = Figures(score, ordered)
     if score.compares_methods:
-        figures.methods = methods_table(results, score)
-        figures.progressive = progressive_table(results, assistants, score)
         figures.assistants = {name: assistant_info(assistants, name)
                               for name in sorted({r.spec["assistant"] for r in results if r.spec.get("assistant")})}
+        figures.methods = methods_table(results, score)
+        figures.progressive = progressive_table(results, figures.assistants, score)
 
     with building(out) as tmp:
         write_csv(tmp / "leaderboard.csv", score.columns, rows)

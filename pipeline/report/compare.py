@@ -10,11 +10,10 @@ seed, `Score.paired`), summarised as mean +- sample std.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from pipeline.metrics import mean_std
-from pipeline.report.results import StudentResult, assistant_info
+from pipeline.report.results import StudentResult
 from pipeline.report.scores import Score, fmt
 
 METHODS = ("group", "setup", "student", "method", "role", "reference", "seeds", "accuracy_mean", "accuracy_std",
@@ -155,8 +154,10 @@ def methods_table(results: list[StudentResult], score: Score) -> list[dict[str, 
     return rows
 
 
-def progressive_table(results: list[StudentResult], assistants: Path | None, score: Score) -> list[dict[str, Any]]:
-    """PROGRESSIVE rows: each student taught through an assistant against the student with the
+def progressive_table(results: list[StudentResult], assistants: dict[str, dict[str, Any]] | None,
+                      score: Score) -> list[dict[str, Any]]:
+    """PROGRESSIVE rows: each student taught through an assistant (its params and accuracy from
+    `assistants`, name -> `results.assistant_info`) against the student with the
     same architecture, budget and loss taught directly by the teacher."""
     rows = []
     for r in sorted(results, key=lambda r: r.name):
@@ -166,7 +167,7 @@ def progressive_table(results: list[StudentResult], assistants: Path | None, sco
         wanted = (canonical(setup(r.spec, assistant=None)), canonical(r.spec.get("loss")))
         direct = next((d for d in sorted(results, key=lambda d: d.name) if d is not r
                        and (canonical(setup(d.spec)), canonical(d.spec.get("loss"))) == wanted), None)
-        info = assistant_info(assistants, name)
+        info = (assistants or {}).get(name) or {"params": None, "accuracy": None}
         row = {"student": r.name, "assistant": name, "assistant_params": info["params"],
                "assistant_accuracy": info["accuracy"], "teacher_params": r.metrics["teacher_params"],
                "teacher_accuracy": r.metrics[score.teacher_key], "student_params": r.metrics["params"],
