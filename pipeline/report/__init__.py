@@ -22,15 +22,11 @@ sample std.
 from __future__ import annotations
 
 import csv
-import os
-import secrets
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from pipeline.errors import InputError, MissingInputError
-from pipeline.files import swap_into_place
+from pipeline.errors import MissingInputError
+from pipeline.files import replacing
 from pipeline.report.compare import (METHODS, PROGRESSIVE, is_soft_only, leaderboard, method_label, methods_table,
                                      progressive_table, verdict)
 from pipeline.report.markdown import render, seeds_sentence, sentence
@@ -38,7 +34,7 @@ from pipeline.report.plots import DRAW, Figures
 from pipeline.report.results import StudentResult, assistant_info, load_student, student_dirs
 from pipeline.report.scores import SCORES, Score, task_name
 
-__all__ = ["METHODS", "PROGRESSIVE", "SCORES", "Score", "StudentResult", "building", "is_soft_only", "leaderboard",
+__all__ = ["METHODS", "PROGRESSIVE", "SCORES", "Score", "StudentResult", "is_soft_only", "leaderboard",
            "method_label", "methods_table", "progressive_table", "seeds_sentence", "sentence", "student_dirs",
            "task_name", "verdict", "write_report"]
 
@@ -64,7 +60,7 @@ def write_report(students_dir: Path, out: Path, manifest: dict[str, Any], cache_
         figures.methods = methods_table(results, score)
         figures.progressive = progressive_table(results, figures.assistants, score)
 
-    with building(out) as tmp:
+    with replacing(out) as tmp:
         write_csv(tmp / "leaderboard.csv", score.columns, rows)
         if score.compares_methods:
             write_csv(tmp / "methods.csv", METHODS, figures.methods)
@@ -76,24 +72,6 @@ def write_report(students_dir: Path, out: Path, manifest: dict[str, Any], cache_
     return {"students": [row["student"] for row in rows], "best": rows[0]["student"], "out": out,
             "methods": len(figures.methods), "progressive": len(figures.progressive),
             "called": score.called, "compares_methods": score.compares_methods}
-
-
-@contextmanager
-def building(out: Path) -> Iterator[Path]:
-    """A temporary directory beside `out` to write the report into; it replaces `out` whole
-    once the block completes, and is removed if it fails."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out: {out} exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    tmp.mkdir()
-    try:
-        yield tmp
-        swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
