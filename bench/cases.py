@@ -3,7 +3,7 @@
 
 All of them call the real library (`pipeline.cache.label`, `pipeline.loader.transfer_set`,
 `pipeline.distill.train_model` / `student_terms`, `pipeline.training.fit`, `Cache.soft_targets`)
-on data written by `pipeline.data.prepare` and a random-weight teacher of the default
+on data written by `pipeline.sources.prepare` and a random-weight teacher of the default
 architecture (params.yaml `teacher`): weights do not change the cost of a forward pass. The
 scale case (4) lives in `bench/scale.py`, because it runs the `kd` commands in fresh processes.
 """
@@ -28,8 +28,9 @@ from torch import nn
 from zarr.codecs import ZstdCodec
 
 from bench.timing import interleave, medians, paired_ratio, ratio, seconds
-from pipeline import config, data, features, losses
-from pipeline.cache import Cache, Teacher, label, lse_column, writer
+from pipeline import config, features, losses, sources
+from pipeline.prepared import images as data
+from pipeline.cache import Cache, Teacher, label, layout, lse_column, writer
 from pipeline.config import SPLITS, LabelConfig, PrepareConfig, StudentConfig, TeacherConfig
 from pipeline.distill import train_model
 from pipeline.methods import Built, Shapes, student_layers, student_terms
@@ -62,7 +63,7 @@ def prepare_default(out: Path, params: Path, rows: int) -> Path:
     total = cfg.labeled + cfg.unlabeled + cfg.test
     labeled, test = max(10, rows * cfg.labeled // total), max(10, rows * cfg.test // total)
     cfg = dataclasses.replace(cfg, labeled=labeled, test=test, unlabeled=max(10, rows - labeled - test))
-    data.prepare(cfg, out)
+    sources.prepare(cfg, out)
     return out
 
 
@@ -303,7 +304,7 @@ def student_from_cache(ws: Workspace, students: list[str], repeats: int, online_
 def _parquet_bytes(path: Path, table: pa.Table) -> tuple[int, int]:
     """Write `table` with the writer's settings; -> (file bytes, column-chunk bytes without the footer)."""
     with pq.ParquetWriter(str(path), table.schema, compression="zstd", write_statistics=False) as out:
-        out.write_table(table, row_group_size=writer.ROW_GROUP_ROWS)
+        out.write_table(table, row_group_size=layout.ROW_GROUP_ROWS)
     meta = pq.ParquetFile(path).metadata
     chunks = sum(meta.row_group(g).column(c).total_compressed_size
                  for g in range(meta.num_row_groups) for c in range(meta.num_columns))
@@ -314,7 +315,7 @@ def _zarr_bytes(root: Path, name: str, block: np.ndarray) -> int:
     """Chunk bytes of `block` written as the writer writes a feature array (Zstd 3, whole-row chunks)."""
     row_bytes = max(1, math.prod(block.shape[1:])) * block.dtype.itemsize
     group = zarr.open_group(str(root), mode="a")
-    array = group.create_array(name, shape=block.shape, chunks=(writer._chunk_rows(len(block), row_bytes),
+    array = group.create_array(name, shape=block.shape, chunks=(layout.chunk_rows(len(block), row_bytes),
                                                                 *block.shape[1:]),
                                dtype=block.dtype, compressors=ZstdCodec(level=3), fill_value=0,
                                config={"write_empty_chunks": True})
@@ -412,8 +413,8 @@ def reader_workspace(root: Path, params: Path, rows: int) -> tuple[Path, Path, T
                                         rng.integers(0, 10, rows), [40], 10), dataset="bench-random")
     labeled = test = max(10, rows // 10)
     prepared = root / "reader_prepared"
-    data.prepare(PrepareConfig(dataset=str(source), labeled=labeled, test=test, unlabeled=rows - labeled - test),
-                 prepared)
+    sources.prepare(PrepareConfig(dataset=str(source), labeled=labeled, test=test, unlabeled=rows - labeled - test),
+                    prepared)
     teacher = make_teacher(root / "reader_teacher", params, [40], 10, arch="mlp", arch_kwargs={"hidden": [32]})
     cfg = dataclasses.replace(config.section(params, "label", LabelConfig), features={})
     label(teacher, prepared, root / "reader_cache", cfg, progress=False)

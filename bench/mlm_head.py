@@ -28,7 +28,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from pipeline import lm  # noqa: E402
-from pipeline.text import SpecialIds  # noqa: E402
+from pipeline.prepared.tokens import SpecialIds  # noqa: E402
 
 ROUNDS, STEPS = 7, 5
 

@@ -26,7 +26,8 @@ import torch  # noqa: E402
 import typer  # noqa: E402
 
 from bench import cases  # noqa: E402
-from pipeline import config, data, losses  # noqa: E402
+from pipeline import config, losses  # noqa: E402
+from pipeline.prepared import images as data  # noqa: E402
 from pipeline.cache import Cache, label  # noqa: E402
 from pipeline.config import SPLITS  # noqa: E402
 from pipeline.distill import train_model  # noqa: E402

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 import typer
 
-from pipeline import config, data
+from pipeline import config
+from pipeline.prepared import images as data
 from pipeline.cache import Cache, Teacher, label
 from pipeline.distill import train_student
 from pipeline.models import fingerprint, load_model

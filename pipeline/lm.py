@@ -32,12 +32,12 @@ from tqdm import tqdm
 from transformers import (AutoConfig, BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, PretrainedConfig,
                           PreTrainedModel)
 
-from pipeline import text
+from pipeline.prepared import tokens as text
 from pipeline.config import TeacherConfig, as_dict
 from pipeline.errors import ConfigError, InputError, MissingInputError
 from pipeline.files import file_sha256
 from pipeline.models import count_params
-from pipeline.text import TOKENIZER_FILE, SpecialIds
+from pipeline.prepared.tokens import TOKENIZER_FILE, SpecialIds
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 # name -> (config class, model class); the model class decides the objective (`objective`)

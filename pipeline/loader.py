@@ -25,7 +25,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipeline import augment, data, parallel
+from pipeline import augment, parallel
+from pipeline.prepared import images as data
 from pipeline.cache import Cache, SoftTargets
 from pipeline.config import StudentConfig
 from pipeline.errors import StaleCacheError

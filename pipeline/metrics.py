@@ -40,7 +40,8 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from pipeline import data, losses
+from pipeline import losses
+from pipeline.prepared import images as data
 from pipeline.cache import Cache
 from pipeline.config import EvalConfig
 from pipeline.errors import ConfigError, InputError, StaleCacheError

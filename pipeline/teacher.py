@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from pipeline import data
+from pipeline.prepared import images as data
 from pipeline.config import TeacherConfig, as_dict
 from pipeline.models import build
 from pipeline.loader import baseline_set

@@ -3,9 +3,8 @@
 Reads the `prepare` section of params.yaml (each key can be overridden by the option of the same
 name) and writes `data/prepared/{labeled,unlabeled,test}.parquet`, plus
 `unlabeled_truth.parquet` when the unlabeled rows' labels are known. The work is in
-`pipeline.data`; see its docstring for the file format. Text datasets (pydoc, a .txt file, a
-Parquet file with a text column) are written as token blocks plus `tokenizer.json` by
-`pipeline.text`.
+`pipeline.sources` (the file format is `pipeline.prepared`). Text datasets (pydoc, a .txt
+file, a Parquet file with a text column) are written as token blocks plus `tokenizer.json`.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from typing import Optional
 import numpy as np
 import typer
 
-from pipeline import config, data, text
+from pipeline import config, sources
 from pipeline.config import PrepareConfig, Shares
 from stages.common import PARAMS_OPTION, clean_errors, json_option, override
 
@@ -46,13 +45,13 @@ def main(
 ) -> None:
     """Split a dataset into labeled / unlabeled / test Parquet files."""
     cfg = config.section(params, "prepare", PrepareConfig)
-    shape = data.parse_shape(input_shape) if input_shape is not None else None
+    shape = sources.images.parse_shape(input_shape) if input_shape is not None else None
     parsed = json_option("--shares", shares)
     cfg = override(cfg, dataset=dataset, input_shape=shape, labeled=labeled, unlabeled=unlabeled,
                    test=test, samples=samples, seed=seed, text_column=text_column, vocab_size=vocab_size,
                    block_size=block_size, shares=None if parsed is None else config.from_mapping(Shares, parsed, "--shares"))
-    prepared = data.prepare(cfg, out)
-    if isinstance(prepared, text.TextPrepared):
+    prepared = sources.prepare(cfg, out)
+    if isinstance(prepared, sources.text.TextPrepared):
         for name, blocks in prepared.blocks.items():
             typer.echo(f"{name:<9} {len(blocks):>7} blocks of {blocks.shape[1]} tokens  "
                        f"{prepared.documents[name]:>5} documents  -> {prepared.paths[name]}")

@@ -13,7 +13,6 @@ masked-token accuracy).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -21,7 +20,7 @@ import typer
 
 from pipeline import tasks
 from pipeline.config import TeacherConfig, section
-from pipeline.files import staging_dir, swap_into_place
+from pipeline.files import replacing
 from stages.common import PARAMS_OPTION, clean_errors, json_option, override
 
 
@@ -44,11 +43,6 @@ def main(
     cfg = override(section(params, "teacher", TeacherConfig), arch=arch,
                    arch_kwargs=json_option("--arch-kwargs", arch_kwargs), epochs=epochs,
                    batch_size=batch_size, lr=lr, weight_decay=weight_decay, shift=shift, seed=seed)
-    staging = staging_dir(out)
-    try:
+    with replacing(out) as staging:  # nothing half-written where `kd label` looks
         score = tasks.for_prepared(prepared).train_teacher(cfg, prepared, staging, progress=progress)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # nothing half-written beside the teacher
-        raise
-    swap_into_place(staging, out)
     typer.echo(f"teacher {cfg.arch}: {score} -> {out}")

@@ -7,17 +7,20 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+# polars and scikit-learn write environment variables when imported (polars its allocator's
+# settings; scikit-learn, imported by the datasets, OpenMP's): imported here, before the first
+# test, so that the guard below does not blame the first test that imports them.
+import polars  # noqa: F401
 import pytest
+import sklearn  # noqa: F401
 import torch
 import typer
 import yaml
 from typer.testing import CliRunner
 
-
-# Set by the tools themselves, once per process: pytest (per test phase), torch (its fused AdamW
-# on CPU initialises Inductor's cache directory on first use) and polars (its allocator's
-# settings, on import).
-_SET_BY_TOOLS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "_RJEM_MALLOC_CONF"}
+# Set by the tools themselves, once per process, whenever first used: pytest (per test phase)
+# and torch (its fused AdamW on CPU initialises Inductor's cache directory).
+_SET_BY_TOOLS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
 
 
 def _process_state() -> dict[str, Any]:

@@ -18,7 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import augment, data, features, losses
+from pipeline import augment, features, losses, sources
+from pipeline.prepared import data_fingerprint
+from pipeline.prepared import images as data
 from pipeline.cache import Cache, Teacher, label, lse_column, soft_targets
 from pipeline.cache.verify import verify
 from pipeline.cache.writer import fidelity_sums
@@ -33,7 +35,7 @@ FEATURES = {"stages.0": "full", "stages.1": "attention", "embed": "pooled"}
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "prepared"
-    data.prepare(PrepareConfig(dataset="digits", labeled=120, unlabeled=200, test=100, seed=0), out)
+    sources.prepare(PrepareConfig(dataset="digits", labeled=120, unlabeled=200, test=100, seed=0), out)
     return out
 
 
@@ -114,7 +116,7 @@ def test_columns_and_manifest_follow_the_contract(teacher, prepared, tmp_path):
     for split, rows in (("labeled", 120), ("unlabeled", 200), ("test", 100)):
         info = manifest["splits"][split]
         assert info["rows"] == rows
-        assert info["data_fingerprint"] == data.data_fingerprint(prepared / f"{split}.parquet")
+        assert info["data_fingerprint"] == data_fingerprint(prepared / f"{split}.parquet")
         assert sum(p["rows"] for p in info["parts"]) == rows
         assert all(len(p["sha256"]) == 64 for p in info["parts"])
     assert len(manifest["splits"]["unlabeled"]["parts"]) == 4  # 200 samples in parts of 64
@@ -252,7 +254,7 @@ def test_stale_cache_is_refused(teacher, prepared, tmp_path):
     t, _ = teacher
     cache = Cache.open(make_cache(t, prepared, tmp_path / "cache"))
     other = tmp_path / "other"
-    data.prepare(PrepareConfig(dataset="digits", labeled=120, unlabeled=200, test=100, seed=1), other)
+    sources.prepare(PrepareConfig(dataset="digits", labeled=120, unlabeled=200, test=100, seed=1), other)
     with pytest.raises(StaleCacheError, match="data fingerprint differs"):
         cache.check(other, ["labeled"])
 

@@ -32,6 +32,11 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline import metrics, report
+from pipeline.errors import InputError
+from pipeline.report import SCORES
+from pipeline.report import markdown as report_markdown
+from pipeline.report import plots as report_plots
+from pipeline.report import results as report_results
 from pipeline.cache import Cache, Teacher, label
 from pipeline.cache.writer import soft_targets
 from pipeline.config import EvalConfig, LabelConfig, student
@@ -40,6 +45,8 @@ from pipeline.models import build, count_params, fingerprint, load_model, save_m
 from pipeline.training import predict
 from stages import eval as eval_stage
 from stages import report as report_stage
+
+IMAGE = SCORES["image"]  # what the report measures for image students
 
 D, C = 6, 4  # input size and classes of the toy data
 SIZES = {"labeled": 64, "unlabeled": 48, "test": 40}
@@ -187,10 +194,10 @@ def test_check_config_names_the_key():
 def test_sentence_is_honest_about_signs():
     m = {"params": 250, "teacher_params": 1000, "speedup_vs_teacher": 4.04, "accuracy": 0.9,
          "baseline_accuracy": 0.904, "accuracy_retained": 0.9 / 0.95}
-    assert report.sentence("a", m) == ("**a**: 75% smaller, 4.0x faster, keeps 94.7% of the teacher's accuracy "
+    assert report.sentence("a", m, IMAGE) == ("**a**: 75% smaller, 4.0x faster, keeps 94.7% of the teacher's accuracy "
                                       "(-0.4 points over training on labels alone).")
     m2 = {**m, "params": 1500, "speedup_vs_teacher": 0.5, "baseline_accuracy": 0.8999}
-    assert report.sentence("b", m2) == ("**b**: 50% larger, 2.0x slower, keeps 94.7% of the teacher's accuracy "
+    assert report.sentence("b", m2, IMAGE) == ("**b**: 50% larger, 2.0x slower, keeps 94.7% of the teacher's accuracy "
                                        "(+0.0 points over training on labels alone).")
 
 
@@ -241,7 +248,7 @@ def test_methods_table_picks_one_reference_and_normalises_numbers():
                          {"0": 0.5, "1": 0.7}),
                result_of("c_rkd", {**base, "loss": {**SOFT, "rkd": RKD}}, {"0": 0.6, "1": 0.8, "2": 0.9}),
                result_of("d_alone", {**base, "lr": 0.1, "loss": {**SOFT, "rkd": RKD}}, {"0": 0.6, "1": 0.6})]
-    rows = {row["student"]: row for row in report.methods_table(results)}
+    rows = {row["student"]: row for row in report.methods_table(results, IMAGE)}
     assert rows["a_soft"]["role"] == "reference" and rows["a_soft"]["group"] == rows["b_soft"]["group"] == 1
     assert rows["b_soft"]["reference"] == rows["c_rkd"]["reference"] == "a_soft"
     assert rows["b_soft"]["gain_over_soft_mean"] == pytest.approx(5.0)  # (+10, 0) points
@@ -253,11 +260,62 @@ def test_methods_table_picks_one_reference_and_normalises_numbers():
     assert rows["d_alone"]["role"] == "no soft-only reference" and rows["d_alone"]["gain_over_soft_mean"] is None
     # no direct counterpart: the only assistant-free student has another loss
     via = result_of("via", {**base, "assistant": "ta", "loss": SOFT}, {"0": 0.6, "1": 0.7})
-    (row,) = report.progressive_table([via, results[2]], None)
+    (row,) = report.progressive_table([via, results[2]], None, IMAGE)
     assert row["direct"] is None and row["verdict"].startswith("no direct counterpart")
     assert row["assistant_params"] is None and row["difference_mean"] is None
-    (row,) = report.progressive_table([via, results[0], results[1]], None)
+    (row,) = report.progressive_table([via, results[0], results[1]], None, IMAGE)
     assert row["direct"] == "b_soft" and row["difference_mean"] == 0.0 and row["verdict"] == "no measurable gain"
+
+
+@pytest.mark.parametrize("task", sorted(SCORES))
+def test_every_task_describes_a_complete_report(task):
+    score = SCORES[task]
+    assert score.columns[0] == "student" and score.columns.index("seeds") < len(score.columns)
+    for key in (score.key, score.baseline_key, score.change_column, score.throughput_key, f"{score.key}_mean",
+                f"{score.key}_std", f"{score.change_key}_mean", f"{score.change_key}_std"):
+        assert key in score.columns, key
+    assert len(set(score.columns)) == len(score.columns)
+    assert set(score.plots) <= set(report_plots.DRAW) and "training_curves.png" in score.plots
+    shown = score.columns[1:score.columns.index("seeds")]
+    assert all(c in report_markdown.HEADERS or c in (score.key, score.baseline_key, score.teacher_key,
+                                                      score.change_column) for c in shown)
+
+
+def test_leaderboard_puts_the_best_mean_first_whichever_way_the_score_goes(tmp_path):
+    def ranked(task, per_seed, twin):
+        score, results = SCORES[task], []
+        for name, values in per_seed.items():
+            m = {c: 1 for c in score.columns if c not in ("student", score.change_column)}
+            m.update(metrics.seed_summary([{score.key: v, score.baseline_key: twin} for v in values],
+                                          score.key, score.change_key, score.paired))
+            m.update({score.key: values[0], score.baseline_key: twin})
+            results.append(report.StudentResult(name, tmp_path / name, m, {}, {}, []))
+        rows = report.leaderboard(results, score)
+        assert all(tuple(row) == score.columns for row in rows)
+        return rows
+
+    # "a" has the better first seed, "b" the better mean over seeds: the mean decides
+    rows = ranked("causal_lm", {"a": [10.0, 50.0], "b": [20.0, 20.0], "c": [35.0, 35.0]}, 40.0)
+    assert [row["student"] for row in rows] == ["b", "a", "c"]  # lower perplexity is better
+    assert rows[1]["perplexity_reduction"] == pytest.approx(1 - 10 / 40)  # the first seed's, against its twin
+    assert rows[1]["perplexity_reduction_mean"] == pytest.approx(1 - 30 / 40)
+    rows = ranked("masked_lm", {"a": [0.9, 0.1], "b": [0.6, 0.6], "c": [0.2, 0.2]}, 0.5)
+    assert [row["student"] for row in rows] == ["b", "a", "c"]  # higher accuracy is better
+    assert rows[1]["accuracy_gain_points"] == pytest.approx(100 * (0.9 - 0.5))
+
+
+def test_a_student_of_another_task_is_refused_naming_both(tmp_path):
+    directory = tmp_path / "students" / "m"
+    directory.mkdir(parents=True)
+    (directory / "metrics.json").write_text(json.dumps({"objective": "masked", "masked_accuracy": 0.5}))
+    with pytest.raises(InputError, match=r"metrics.json: a student of objective 'masked', the cache's students "
+                                         r"have 'causal' \(run `kd eval m` on this cache\)"):
+        report_results.load_student(tmp_path / "students", "m", SCORES["causal_lm"])
+    with pytest.raises(InputError, match="objective 'masked'.*have None"):
+        report_results.load_student(tmp_path / "students", "m", SCORES["image"])
+    (directory / "metrics.json").write_text(json.dumps({"objective": "masked", "masked_accuracy": 0.5}))
+    with pytest.raises(InputError, match="missing key 'params'"):
+        report_results.load_student(tmp_path / "students", "m", SCORES["masked_lm"])
 
 
 # --- a real tiny pipeline ----------------------------------------------------------------------
@@ -525,7 +583,7 @@ def test_report_writes_leaderboard_sentences_and_plots(world, reported):
     result, out, _ = reported
     assert result.exit_code == 0, result.output + result.stderr
     rows = read_csv(out / "leaderboard.csv")
-    assert tuple(rows[0]) == report.LEADERBOARD
+    assert tuple(rows[0]) == IMAGE.columns
     assert sorted(r["student"] for r in rows) == sorted(TRAINED)
     means = [float(r["accuracy_mean"]) for r in rows]
     assert means == sorted(means, reverse=True)
@@ -537,11 +595,11 @@ def test_report_writes_leaderboard_sentences_and_plots(world, reported):
         assert float(row["gain_over_baseline_points"]) == pytest.approx(100 * (m["accuracy"] - m["baseline_accuracy"]))
         assert float(row["accuracy_mean"]) == pytest.approx(m["accuracy_mean"], abs=1e-6)
         assert int(row["seeds"]) == m["seeds"]
-        assert report.sentence(name, m) in text
-        assert "% smaller, " in report.sentence(name, m)
+        assert report.sentence(name, m, IMAGE) in text
+        assert "% smaller, " in report.sentence(name, m, IMAGE)
     assert f"| {rows[0]['student']} |" in text
     assert "Over 2 seeds: accuracy" in text
-    for png in report.PLOTS:
+    for png in IMAGE.plots:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / png).stat().st_size > 1000
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".report")]
 

@@ -20,7 +20,8 @@ import pytest
 import torch
 import yaml
 
-from pipeline import lm, text
+from pipeline import lm
+from pipeline.prepared import tokens as text
 from pipeline.cache import Cache
 from pipeline.cache.verify import verify
 from pipeline.errors import ConfigError

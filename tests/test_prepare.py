@@ -1,9 +1,12 @@
-"""`kd prepare` and pipeline.data: the prepared files' schema, splits, reader API and errors."""
+"""`kd prepare`, pipeline.sources and pipeline.prepared: the prepared files' schema, splits, reader API and errors."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +17,12 @@ import pytest
 from numpy.testing import assert_array_equal
 from polars.testing import assert_frame_equal
 
-from pipeline import data
+from pipeline import prepared
+from pipeline.prepared import images as data
+from pipeline.sources import images as image_sources
 from pipeline.config import PrepareConfig
 from pipeline.errors import ConfigError, InputError, MissingInputError
+from pipeline.files import replacing
 from stages import prepare
 
 SPLIT_FILES = ("labeled.parquet", "unlabeled.parquet", "test.parquet")
@@ -93,7 +99,7 @@ def test_write_read_round_trip(tmp_path):
     assert_array_equal(np.concatenate([b.y for b in batches]), split.y)
 
     assert data.split_info(path) == {"rows": 23, "input_shape": [1, 2, 3], "num_classes": 4, "dataset": "toy"}
-    assert data.data_fingerprint(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert prepared.data_fingerprint(path) == hashlib.sha256(path.read_bytes()).hexdigest()
     assert not list(tmp_path.glob(".*"))  # no temporary file left
 
 
@@ -114,7 +120,7 @@ def test_read_errors(tmp_path):
     with pytest.raises(MissingInputError, match="nope.parquet"):
         next(data.iter_split(tmp_path / "nope.parquet", 10))
     with pytest.raises(MissingInputError, match="nope.parquet"):
-        data.data_fingerprint(tmp_path / "nope.parquet")
+        prepared.data_fingerprint(tmp_path / "nope.parquet")
 
     no_x = tmp_path / "no_x.parquet"
     pq.write_table(pa.table({"id": pa.array([1], pa.int64()), "y": pa.array([0], pa.int64())}), no_x)
@@ -138,22 +144,22 @@ def test_read_errors(tmp_path):
 
 def test_allocation_is_proportional_and_fits():
     y = np.repeat(np.arange(3), [50, 30, 20])
-    rows = data._stratified(y, {"labeled": 10, "unlabeled": 70, "test": 20}, np.random.default_rng(0))
+    rows = image_sources._stratified(y, {"labeled": 10, "unlabeled": 70, "test": 20}, np.random.default_rng(0))
     assert {k: np.bincount(y[v], minlength=3).tolist() for k, v in rows.items()} == {
         "test": [10, 6, 4], "labeled": [5, 3, 2], "unlabeled": [35, 21, 14],
     }
     # every row used: a class running short is topped up from the others
     y = np.repeat(np.arange(3), [7, 2, 1])
-    rows = data._stratified(y, {"labeled": 3, "unlabeled": 4, "test": 3}, np.random.default_rng(1))
+    rows = image_sources._stratified(y, {"labeled": 3, "unlabeled": 4, "test": 3}, np.random.default_rng(1))
     assert sorted(np.concatenate(list(rows.values())).tolist()) == list(range(10))
 
 
 def test_test_split_does_not_depend_on_other_sizes():
     cfg = PrepareConfig(dataset="digits", labeled=100, unlabeled=200, test=150, seed=3)
-    data_ = data.load(cfg)
-    first, _ = data.split(data_, cfg, "digits")
+    data_ = image_sources.load(cfg)
+    first, _ = image_sources.split(data_, cfg, "digits")
     cfg.unlabeled, cfg.labeled = 900, 300
-    second, _ = data.split(data_, cfg, "digits")
+    second, _ = image_sources.split(data_, cfg, "digits")
     assert_array_equal(first["test"].ids, second["test"].ids)
 
 
@@ -269,6 +275,37 @@ def test_existing_output_is_replaced_whole(workdir, write_params, run_command):
     assert not (out / "stray.txt").exists()
     assert sorted(p.name for p in (workdir / "data").iterdir()) == ["prepared"]
 
+
+
+def test_replacing_builds_aside_and_swaps_in_whole(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    abandoned = tmp_path / f".out.tmp-{dead.pid}-0000abcd"  # a killed run's leftover
+    running = tmp_path / f".out.tmp-{os.getpid()}-0000abcd"  # another writer still at work
+    abandoned.mkdir()
+    running.mkdir()
+    with pytest.raises(RuntimeError, match="half-way"):
+        with replacing(out) as tmp:
+            (tmp / "new.txt").write_text("new")
+            raise RuntimeError("half-way")
+    assert files_bytes(out) == {"old.txt": b"old"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "out"]
+    with replacing(out) as tmp:
+        assert tmp.parent == tmp_path and not (tmp / "old.txt").exists()
+        (tmp / "new.txt").write_text("new")
+        assert files_bytes(out) == {"old.txt": b"old"}  # untouched until the block completes
+    assert files_bytes(out) == {"new.txt": b"new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "out"]
+    with replacing(tmp_path / "fresh" / "dir") as tmp:
+        (tmp / "a").write_text("a")
+    assert files_bytes(tmp_path / "fresh" / "dir") == {"a": b"a"}
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="file exists and is not a directory"):
+        with replacing(tmp_path / "file"):
+            pass
 
 # --- the command: user Parquet files ----------------------------------------------------------
 
@@ -386,8 +423,8 @@ def test_errors(case, workdir, write_params, run_command):
 
 def test_config_errors_from_the_library():
     with pytest.raises(ConfigError, match="prepare.labeled: -5"):
-        data.load(PrepareConfig(dataset="digits", labeled=-5))
+        image_sources.load(PrepareConfig(dataset="digits", labeled=-5))
     with pytest.raises(ConfigError, match="prepare.samples: 0"):
-        data.load(PrepareConfig(dataset="mnist1d", samples=0))
-    assert data.parse_shape("[1, 28, 28]") == data.parse_shape("1x28x28") == [1, 28, 28]
-    assert json.loads("[1,28,28]") == data.parse_shape("1,28,28")
+        image_sources.load(PrepareConfig(dataset="mnist1d", samples=0))
+    assert image_sources.parse_shape("[1, 28, 28]") == image_sources.parse_shape("1x28x28") == [1, 28, 28]
+    assert json.loads("[1,28,28]") == image_sources.parse_shape("1,28,28")

@@ -131,7 +131,7 @@ def test_same_params_same_seed_give_identical_cache_and_weights(workspace, refer
 
 KILL_PREPARE = textwrap.dedent("""
     import os, signal, sys
-    import pipeline.data as data
+    import pipeline.prepared.images as data
     from stages.cli import app
 
     original, calls = data.write_split, [0]

@@ -693,7 +693,7 @@ def test_verify_zarr_ids_out_of_alignment(built, tmp_path):
 def test_verify_zarr_ids_out_of_alignment_with_consistent_checksums(built, tmp_path):
     """Even with the manifest's chunk digests rewritten to match, the ids must equal the Parquet ids."""
     from pipeline.cache.store import Store
-    from pipeline.cache.writer import chunks_sha256
+    from pipeline.cache.layout import chunks_sha256
 
     cache = copy_cache(built.feature_cache, tmp_path)
     ids = zarr.open_array(str(cache / "features.zarr" / "labeled" / "id"), mode="r+")

@@ -20,7 +20,9 @@ import torch
 from numpy.testing import assert_array_equal
 from safetensors.torch import load_file
 
-from pipeline import lm, text
+from pipeline import lm
+from pipeline.prepared import tokens as text
+from pipeline.sources import text as text_sources
 from pipeline.config import PrepareConfig, Shares
 from pipeline.errors import InputError, MissingInputError
 from stages import prepare, teacher
@@ -89,11 +91,11 @@ def test_pydoc_files(root):
 def test_documents_never_cross_splits():
     lengths = list(range(1, 80))
     cfg = PrepareConfig(dataset="pydoc", shares=Shares(labeled=0.6, unlabeled=0.3, test=0.1))
-    dealt = text.deal(lengths, cfg)
+    dealt = text_sources.deal(lengths, cfg)
     assert sorted(i for docs in dealt.values() for i in docs) == list(range(79))
     chars = {name: sum(lengths[i] for i in docs) / sum(lengths) for name, docs in dealt.items()}
     assert chars == pytest.approx({"labeled": 0.6, "unlabeled": 0.3, "test": 0.1}, abs=0.05)
-    more_labeled = text.deal(lengths, PrepareConfig(shares=Shares(labeled=0.8, unlabeled=0.1, test=0.1)))
+    more_labeled = text_sources.deal(lengths, PrepareConfig(shares=Shares(labeled=0.8, unlabeled=0.1, test=0.1)))
     assert more_labeled["test"] == dealt["test"]  # the test split is dealt first
 
 
@@ -107,7 +109,7 @@ def test_same_params_same_bytes(root, tmp_path):
 def test_txt_source(tmp_path, run_command):
     source = tmp_path / "essay.txt"
     source.write_text("\n\n" + essay())
-    docs = text.documents(PrepareConfig(dataset=str(source)))
+    docs = text_sources.documents(PrepareConfig(dataset=str(source)))
     assert len(docs) == 30 and docs[0] == "Document 0 says that the 0th value is 0.\nIt goes on, line two."
     (tmp_path / "params.yaml").write_text("prepare:\n  labeled: null\n  unlabeled: null\n  test: null\n")
     result = run_command(prepare.main, "--dataset", source, "--block-size", 8, "--vocab-size", 280,
@@ -124,7 +126,7 @@ def test_parquet_source(tmp_path, run_command):
     source = tmp_path / "docs.parquet"
     pq.write_table(pa.table({"body": pa.array(body, pa.string()), "n": pa.array(range(len(body)))}), source)
     cfg = PrepareConfig(dataset=str(source), text_column="body")
-    assert text.is_text(cfg) and len(text.documents(cfg)) == len([b for b in body if b and b.strip()])
+    assert text_sources.is_text(cfg) and len(text_sources.documents(cfg)) == len([b for b in body if b and b.strip()])
     (tmp_path / "params.yaml").write_text("prepare:\n  labeled: 3\n  unlabeled: 2\n  test: 1\n")
     result = run_command(prepare.main, "--dataset", source, "--text-column", "body", "--block-size", 8,
                          "--vocab-size", 270, "--params", tmp_path / "params.yaml", "--out", tmp_path / "out")

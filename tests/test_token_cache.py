@@ -21,7 +21,8 @@ import torch
 import yaml
 import zarr
 
-from pipeline import losses, text
+from pipeline import losses
+from pipeline.prepared import tokens as text
 from pipeline.cache import Cache
 from pipeline.cache.store import Store
 from pipeline.cache.verify import verify

@@ -1,10 +1,12 @@
 """The teacher-output cache: top-k soft targets in Parquet, features in Zarr, a manifest.
 
 `writer.label` builds it (resumably), `reader.Cache` serves it to students, `verify`
-checks it byte for byte. The layout and columns are documented in the README.
+checks it byte for byte; all three find its files through `layout`. The columns are
+documented in the README.
 """
 
-from pipeline.cache.manifest import SCHEMA_VERSION, lse_column, read_manifest
+from pipeline.cache.layout import lse_column
+from pipeline.cache.manifest import SCHEMA_VERSION, read_manifest
 from pipeline.cache.reader import Cache, SoftTargets
 from pipeline.cache.writer import Teacher, label, soft_targets
 

@@ -1,11 +1,6 @@
 """The cache's manifest: what produced the cache, and which parts are complete.
 
-Layout of a cache directory (see the README for the column-level schema):
-
-    manifest.json
-    soft_targets/split=<split>/part-<n>.parquet
-    features.zarr/<split>/<layer>, features.zarr/<split>/id
-    shards/shard-<i>-of-<n>.json   (only while a sharded `kd label` runs)
+The layout of a cache directory is in `layout` (the column-level schema in the README).
 
 The manifest is data, never code: every path in it is checked to stay inside the cache
 before it is opened. A sharded `kd label` keeps one progress record per shard, shaped like
@@ -16,40 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.cache.layout import MANIFEST
 from pipeline.cache.store import Store
 from pipeline.errors import CacheError, MissingInputError
 
 SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-FEATURES = "features.zarr"
-SHARDS = "shards"
-TEACHER_COPY = "teacher"  # label.keep_teacher: the teacher's weights and config, for students that start from them
-
-
-def lse_column(temperature: float) -> str:
-    """`lse_t4` for 4 or 4.0, `lse_t2_5` for 2.5: the temperature as written in params."""
-    t = float(temperature)
-    text = str(int(t)) if t.is_integer() else repr(t)
-    return "lse_t" + text.replace(".", "_")
-
-
-def part_path(split: str, index: int) -> str:
-    return f"soft_targets/split={split}/part-{index:05d}.parquet"
-
-
-def feature_path(split: str, layer: str) -> str:
-    return f"{FEATURES}/{split}/{layer}"
-
-
-def rows_per_sample(manifest: dict[str, Any]) -> int:
-    """Cache rows per prepared sample: 1 + its augmented views, a block's predicted tokens, or
-    its masked positions in every masking (view) of it."""
-    text = manifest.get("text")
-    return (text["positions"] if text else 1) * (manifest["views"]["count"] + 1)
-
-
-def shard_record(shard: int, num_shards: int) -> str:
-    return f"{SHARDS}/shard-{shard:05d}-of-{num_shards:05d}.json"
 
 
 def read_manifest(store: Store, name: str = MANIFEST) -> dict[str, Any]:

@@ -18,12 +18,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from pipeline import data
-from pipeline.cache.manifest import (FEATURES, MANIFEST, SHARDS, feature_path, lse_column, part_problem, read_manifest,
-                                     rows_per_sample)
+from pipeline.cache.layout import FEATURES, MANIFEST, SHARDS, chunk_files, feature_path, lse_column, rows_per_sample
+from pipeline.cache.manifest import part_problem, read_manifest
 from pipeline.cache.store import Store
-from pipeline.cache.writer import chunk_files
 from pipeline.errors import CacheError, CacheMissingError, StaleCacheError
+from pipeline.prepared import data_fingerprint
 
 
 @dataclass
@@ -105,7 +104,7 @@ class Cache:
         for split in splits:
             info = self.split(split)
             source = Path(prepared) / info["source"]
-            if data.data_fingerprint(source) != info["data_fingerprint"]:
+            if data_fingerprint(source) != info["data_fingerprint"]:
                 raise StaleCacheError(
                     f"{self.root}: the cache was labeled from other data than {source} (data fingerprint differs); "
                     "run `kd label` again")
@@ -134,8 +133,8 @@ class Cache:
         return SoftTargets(
             ids=table["id"].to_numpy(),
             view=table["view"].to_numpy(),
-            topk_idx=_fixed_list(table["topk_idx"], k),
-            topk_logit=_fixed_list(table["topk_logit"], k),
+            topk_idx=fixed_list(table["topk_idx"], k),
+            topk_logit=fixed_list(table["topk_logit"], k),
             lse={float(t): table[lse_column(t)].to_numpy() for t in temperatures},
         )
 
@@ -166,7 +165,7 @@ def _read_part(store: Store, rel: str, columns: list[str]) -> pa.Table:
         raise CacheError(f"{store.show(rel)}: unreadable Parquet part ({exc}); run `kd cache verify`") from None
 
 
-def _fixed_list(column: pa.ChunkedArray, k: int) -> np.ndarray:
+def fixed_list(column: pa.ChunkedArray, k: int) -> np.ndarray:
     # A fixed_size_list<T>[k] column -> (R, k) numpy array without a per-row copy.
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     return array.flatten().to_numpy(zero_copy_only=False).reshape(-1, k)

@@ -16,11 +16,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cache.manifest import (FEATURES, MANIFEST, feature_path, lse_column, part_problem, read_manifest,
-                                     rows_per_sample)
+from pipeline.cache.layout import (FEATURES, MANIFEST, SOFT_TARGETS, chunks_sha256, feature_path, lse_column,
+                                   rows_per_sample)
+from pipeline.cache.manifest import part_problem, read_manifest
+from pipeline.cache.reader import fixed_list
 from pipeline.cache.store import Store
-from pipeline.cache.reader import _fixed_list
-from pipeline.cache.writer import chunks_sha256
 from pipeline.errors import KDError
 
 
@@ -42,7 +42,7 @@ def verify(root: str | Path) -> list[str]:
     for split, info in manifest["splits"].items():
         problems += _verify_split(store, manifest, split, info)
         listed |= {p["path"] for p in info["parts"]}
-    for extra in sorted(set(store.files("soft_targets")) - listed):
+    for extra in sorted(set(store.files(SOFT_TARGETS)) - listed):
         problems.append(f"{store.show(extra)}: file not listed in the manifest")
     for rel, digest in manifest.get("teacher_files", {}).items():
         if not store.is_file(store.safe(rel)):
@@ -126,10 +126,10 @@ def _check_table(path: str, table: pa.Table, manifest: dict[str, Any], part: dic
     ids = table["id"].to_numpy()
     if not (ids.reshape(-1, views) == ids[::views, None]).all():
         problems.append(f"{path}: rows of one sample are not together")
-    idx = _fixed_list(table["topk_idx"], k)
+    idx = fixed_list(table["topk_idx"], k)
     if idx.size and (idx.min() < 0 or idx.max() >= manifest["num_classes"]):
         problems.append(f"{path}: topk_idx outside [0, {manifest['num_classes']})")
-    logits = _fixed_list(table["topk_logit"], k).astype(np.float32)
+    logits = fixed_list(table["topk_logit"], k).astype(np.float32)
     floats = {"topk_logit": logits, "logit_max": table["logit_max"].to_numpy()}
     floats |= {name: table[name].to_numpy() for name in expected if name.startswith("lse_")}
     for name, values in floats.items():

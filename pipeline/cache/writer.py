@@ -16,7 +16,6 @@ directory or an object-store URL (see `store`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -33,15 +32,15 @@ from tqdm import tqdm
 from zarr.codecs import ZstdCodec
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
-from pipeline import data, features, tasks
-from pipeline.cache.manifest import (FEATURES, MANIFEST, SCHEMA_VERSION, SHARDS, TEACHER_COPY, feature_path, lse_column,
-                                     part_path, part_problem, read_manifest, shard_record)
+from pipeline import features, tasks
+from pipeline.cache.layout import (FEATURES, MANIFEST, ROW_GROUP_ROWS, SHARDS, SOFT_TARGETS, TEACHER_COPY, chunk_rows,
+                                   chunks_sha256, feature_arrays, feature_path, lse_column, part_path, shard_record)
+from pipeline.cache.manifest import SCHEMA_VERSION, part_problem, read_manifest
 from pipeline.cache.store import Store
 from pipeline.config import SPLITS, LabelConfig, as_dict
 from pipeline.errors import CacheError, ConfigError, InputError, MissingInputError, StaleCacheError
+from pipeline.prepared import data_fingerprint
 
-ROW_GROUP_ROWS = 16384
-CHUNK_BYTES = 4 << 20  # target Zarr chunk size before compression
 FLOAT16_MIN = float(np.finfo(np.float16).min)
 
 
@@ -136,7 +135,7 @@ def label(teacher: Teacher, prepared: Path, out: str | Path, cfg: LabelConfig, *
         if required not in splits:
             raise MissingInputError(f"{prepared / f'{required}.parquet'}: not found (run `kd prepare`)")
     inputs = tasks.for_prepared(prepared, teacher.config.get("objective")).Inputs(prepared, splits, cfg)
-    fingerprints = {s: data.data_fingerprint(prepared / f"{s}.parquet") for s in splits}
+    fingerprints = {s: data_fingerprint(prepared / f"{s}.parquet") for s in splits}
     key = cache_key(teacher, fingerprints, cfg)
     model = teacher.model.eval()
     num_classes, specs = plan(model, inputs, cfg)  # every check before anything is touched
@@ -312,7 +311,7 @@ def _resume_or_start(store: Store, key: dict[str, Any]) -> dict[str, Any]:
         if _parts_present(store, existing):
             return existing
     # Different teacher, data or parameters (or a damaged cache): start again from nothing.
-    for name in ("soft_targets", FEATURES, SHARDS, TEACHER_COPY, MANIFEST):
+    for name in (SOFT_TARGETS, FEATURES, SHARDS, TEACHER_COPY, MANIFEST):
         store.delete(name)
     return {"schema_version": SCHEMA_VERSION, "key": key, "complete": False}
 
@@ -357,15 +356,14 @@ def _header(teacher: Teacher, num_classes: int, specs: list[dict[str, Any]], inp
     part_rows = cfg.part_size * inputs.per_sample
     splits = {}
     for split in fingerprints:
-        chunk_rows = {}
+        rows_per_chunk = {}
         if specs:
-            for name, shape in [("id", []), *[(s["name"], s["shape"]) for s in specs]]:
-                itemsize = np.dtype("int64" if name == "id" else "float16").itemsize
-                chunk_rows[name] = _chunk_rows(part_rows, max(1, math.prod(shape)) * itemsize)
+            for name, shape, dtype in feature_arrays(specs):
+                rows_per_chunk[name] = chunk_rows(part_rows, max(1, math.prod(shape)) * np.dtype(dtype).itemsize)
         samples = inputs.samples(split)
         splits[split] = {
             "rows": samples * inputs.per_sample, "samples": samples, "data_fingerprint": fingerprints[split],
-            "source": f"{split}.parquet", "chunk_rows": chunk_rows, "parts": [],
+            "source": f"{split}.parquet", "chunk_rows": rows_per_chunk, "parts": [],
         }
     return {
         "teacher": {"fingerprint": teacher.fingerprint, "config": teacher.config},
@@ -394,7 +392,7 @@ def _create_arrays(store: Store, manifest: dict[str, Any], cfg: LabelConfig) -> 
         except ContainsGroupError:  # on object storage, which has no lock: created meanwhile
             group = zarr.open_group(store.zarr(FEATURES), mode="r+")
         for split, info in manifest["splits"].items():
-            for name, shape, dtype in [("id", [], "int64"), *[(s["name"], s["shape"], "float16") for s in specs]]:
+            for name, shape, dtype in feature_arrays(specs):
                 wanted = (info["rows"], *shape)
                 chunks = (info["chunk_rows"][name], *shape)
                 try:
@@ -407,12 +405,6 @@ def _create_arrays(store: Store, manifest: dict[str, Any], cfg: LabelConfig) -> 
                         raise StaleCacheError(f"{store.show(feature_path(split, name))}: an array of another "
                                               f"cache (shape {existing.shape}, expected {wanted}); remove "
                                               f"{store.show()}") from None
-
-
-def _chunk_rows(part_rows: int, row_bytes: int) -> int:
-    """The largest divisor of part_rows whose chunk stays under CHUNK_BYTES: no chunk spans two parts."""
-    limit = max(1, CHUNK_BYTES // row_bytes)
-    return max(d for d in range(1, min(part_rows, limit) + 1) if part_rows % d == 0)
 
 
 class _Rows:
@@ -525,25 +517,6 @@ def _table(schema: pa.Schema, batch: tasks.Batch, cols: dict[str, np.ndarray]) -
     ]
     arrays += [pa.array(cols[f.name], pa.float32()) for f in schema if f.name.startswith("lse_")]
     return pa.Table.from_arrays(arrays, schema=schema)
-
-
-def chunk_files(manifest: dict[str, Any], split: str, layer: str, first_row: int, rows: int) -> list[str]:
-    """The Zarr chunk files (relative paths) holding rows [first_row, first_row + rows) of one array."""
-    chunk_rows = manifest["splits"][split]["chunk_rows"][layer]
-    shape = next((s["shape"] for s in manifest["features"] if s["name"] == layer), [])
-    base = f"{feature_path(split, layer)}/c"
-    first, last = first_row // chunk_rows, math.ceil((first_row + rows) / chunk_rows)
-    return ["/".join([base, str(i), *["0"] * len(shape)]) for i in range(first, last)]
-
-
-def chunks_sha256(store: Store, manifest: dict[str, Any], split: str, layer: str, first_row: int, rows: int) -> str:
-    """sha256 over the sha256s of the chunk files of one part's rows ("missing:<path>" if one is gone)."""
-    digest = hashlib.sha256()
-    for rel in chunk_files(manifest, split, layer, first_row, rows):
-        if not store.is_file(rel):
-            return "missing:" + rel
-        digest.update(store.sha256(rel).encode())
-    return digest.hexdigest()
 
 
 def _finish(manifest: dict[str, Any]) -> None:

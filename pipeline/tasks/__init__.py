@@ -47,7 +47,7 @@ def for_cache(cache: Any) -> ModuleType:
 def for_prepared(prepared: Path, objective: str | None = None) -> ModuleType:
     """The task of prepared data: images, or text for a causal or masked language model (the
     teacher's `objective`; `causal_lm` without one, whose `train_teacher` trains either)."""
-    from pipeline import text
+    from pipeline.prepared import tokens as text
 
     if text.modality(Path(prepared) / "labeled.parquet") != "text":
         return get("image")

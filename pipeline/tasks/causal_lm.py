@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from pipeline import data, features, lm, loader, metrics, parallel, text
+from pipeline import features, lm, loader, metrics, parallel
+from pipeline.prepared import data_fingerprint
+from pipeline.prepared import tokens as text
 from pipeline.cache import Cache, Teacher
 from pipeline.cache.reader import SoftTargets
 from pipeline.config import EvalConfig, LabelConfig, StudentConfig, TeacherConfig
@@ -84,8 +86,7 @@ class Inputs:
 
     def read(self, source: Path, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
         """ids and tokens of blocks [first, last), reading only the row groups that hold them."""
-        table = data.read_row_range(text._open_text(source), first, last)
-        return text._arrays(table, self.block_size)
+        return text.read_rows(source, first, last)
 
     def batch(self, model: nn.Module, rows: tuple[np.ndarray, np.ndarray], start: int, stop: int,
               specs: dict[str, dict]) -> Batch:
@@ -242,7 +243,7 @@ def twin_rows(cache: Cache, prepared: Path, cfg: StudentConfig, transfer: TokenS
 
 def twin_decided_by(cfg: StudentConfig, cache: Cache, prepared: Path) -> dict[str, Any]:
     """What decides a causal twin besides its budget and seed: the task and the transfer blocks."""
-    return {"task": NAME, "data": {s: data.data_fingerprint(prepared / f"{s}.parquet") for s in cfg.transfer}}
+    return {"task": NAME, "data": {s: data_fingerprint(prepared / f"{s}.parquet") for s in cfg.transfer}}
 
 
 def build(cfg: StudentConfig, cache: Cache, prepared: Path) -> TokenRows:

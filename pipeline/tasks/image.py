@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import augment, data, features, loader, metrics, teacher
+from pipeline import augment, features, loader, metrics, teacher
+from pipeline.prepared import data_fingerprint
+from pipeline.prepared import images as data
 from pipeline.cache import Cache, Teacher
 from pipeline.tasks import Batch
 from pipeline.config import EvalConfig, LabelConfig, StudentConfig, TeacherConfig
@@ -103,7 +105,7 @@ def twin_rows(cache: Cache, prepared: Path, cfg: StudentConfig, transfer: Any) -
 
 def twin_decided_by(cfg: StudentConfig, cache: Cache, prepared: Path) -> dict[str, Any]:
     """What decides a baseline twin besides its budget and seed: the labeled data."""
-    return {"data": data.data_fingerprint(prepared / "labeled.parquet")}
+    return {"data": data_fingerprint(prepared / "labeled.parquet")}
 
 
 def build(cfg: StudentConfig, cache: Cache, prepared: Path) -> nn.Module:

@@ -27,7 +27,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForMaskedLM
 
-from pipeline import data, features, lm, loader, parallel, text
+from pipeline import features, lm, loader, parallel
+from pipeline.prepared import data_fingerprint
+from pipeline.prepared import tokens as text
 from pipeline.cache import Cache
 from pipeline.config import EvalConfig, LabelConfig, StudentConfig
 from pipeline.errors import CacheError, ConfigError
@@ -219,7 +221,7 @@ def twin_rows(cache: Cache, prepared: Path, cfg: StudentConfig, transfer: Masked
 def twin_decided_by(cfg: StudentConfig, cache: Cache, prepared: Path) -> dict[str, Any]:
     """What decides a masked twin besides its budget and seed: the task, the transfer blocks, the
     cached masks it sees (and whether it draws among them) and its start."""
-    return {"task": NAME, "data": {s: data.data_fingerprint(prepared / f"{s}.parquet") for s in cfg.transfer},
+    return {"task": NAME, "data": {s: data_fingerprint(prepared / f"{s}.parquet") for s in cfg.transfer},
             "masks": {"count": cache.manifest["views"]["count"], "recipe": cache.manifest["text"]["mask_recipe"],
                       "positions": cache.manifest["text"]["positions"]},
             "views": cfg.views, "init": cache.manifest.get("teacher_files") if cfg.init == "teacher" else None}

@@ -1,4 +1,4 @@
-"""Text data: documents, a byte-level BPE tokenizer, and fixed-length token blocks in Parquet.
+"""Text datasets: documents, a byte-level BPE tokenizer, and fixed-length token blocks.
 
 `prepare(cfg, out)` reads the documents of `cfg.dataset`:
 
@@ -7,7 +7,7 @@
     FILE.txt         UTF-8 text; documents are separated by one or more blank lines
                      (a line holding only whitespace counts as blank)
     FILE.parquet     one document per row of the string column `cfg.text_column`
-                     (a Parquet file with a column `x` is image data; see pipeline.data)
+                     (a Parquet file with a column `x` is image data; see sources.images)
 
 Empty documents (and null rows) are dropped. The documents are shuffled with `cfg.seed` and dealt
 to the splits by characters (the shares sum to 1): laid end to end in that order, the first
@@ -25,11 +25,9 @@ of them). The files
 
     out/labeled.parquet, out/unlabeled.parquet, out/test.parquet
 
-hold one row per block: `id` int64 (unique across splits: labeled first, then unlabeled, then
-test) and `tokens` fixed_size_list<int32>[block_size], with the key-value metadata `modality`
-("text"), `dataset`, `block_size`, `vocab_size`, `tokenizer_sha256` and `documents` (how many
-documents were dealt to the split). Same params, same Python: byte-identical files (pydoc's
-text is that of the running CPython).
+hold one row per block in the format of `pipeline.prepared.tokens`; ids are unique across
+splits: labeled first, then unlabeled, then test. Same params, same Python: byte-identical
+files (pydoc's text is that of the running CPython).
 
 The text-only keys of `prepare` (text_column, shares, vocab_size, block_size) are ignored by the
 image datasets, as `samples` is by all but mnist1d; `input_shape` is refused for text, and a
@@ -41,31 +39,21 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from pipeline import data
 from pipeline.config import SPLITS, PrepareConfig
 from pipeline.errors import ConfigError, InputError, MissingInputError
-from pipeline.files import file_sha256
+from pipeline.files import file_sha256, replacing
+from pipeline.prepared import tokens as token_files
+from pipeline.prepared.tokens import EOS, SPECIAL_TOKENS, TOKENIZER_FILE
+from pipeline.sources.images import DATASETS, DRAW_ORDER
 
-TOKENIZER_FILE = "tokenizer.json"
-# [PAD] pads and never takes part in a loss; <|endoftext|> starts every document (bos and eos,
-# as in GPT-2); [MASK] is the masked LM's mask. The trainer gives them ids 0, 1, 2.
-PAD, EOS, MASK = "[PAD]", "<|endoftext|>", "[MASK]"
-SPECIAL_TOKENS = (PAD, EOS, MASK)
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # byte-level BPE starts from all 256 bytes
 TEXT_DATASETS = ("pydoc",)
-
-
-class SpecialIds(NamedTuple):
-    pad: int
-    eos: int
-    mask: int
 
 
 @dataclass
@@ -87,12 +75,12 @@ def is_text(cfg: PrepareConfig) -> bool:
     if cfg.dataset in TEXT_DATASETS or cfg.dataset.endswith(".txt"):
         return True
     path = Path(cfg.dataset)
-    if cfg.dataset in data.DATASETS or not path.is_file() or path.suffix != ".parquet":
+    if cfg.dataset in DATASETS or not path.is_file() or path.suffix != ".parquet":
         return False
     try:
         names = pq.read_schema(path).names
     except (pa.ArrowException, OSError):
-        return False  # pipeline.data reports the unreadable file
+        return False  # sources.images reports the unreadable file
     return "x" not in names and cfg.text_column in names
 
 
@@ -161,9 +149,9 @@ def deal(lengths: list[int], cfg: PrepareConfig) -> dict[str, list[int]]:
     order = np.random.default_rng(cfg.seed).permutation(len(lengths))
     sizes = np.array([lengths[i] for i in order], np.float64)
     middles = (np.cumsum(sizes) - sizes / 2) / sizes.sum()  # each document's middle, in [0, 1]
-    bounds = np.cumsum([getattr(cfg.shares, name) for name in data.DRAW_ORDER])[:-1]
+    bounds = np.cumsum([getattr(cfg.shares, name) for name in DRAW_ORDER])[:-1]
     where = np.searchsorted(bounds, middles, side="right")
-    return {name: order[where == k].tolist() for k, name in enumerate(data.DRAW_ORDER)}
+    return {name: order[where == k].tolist() for k, name in enumerate(DRAW_ORDER)}
 
 
 def train_tokenizer(docs: list[str], vocab_size: int) -> Tokenizer:
@@ -175,14 +163,6 @@ def train_tokenizer(docs: list[str], vocab_size: int) -> Tokenizer:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(docs, trainer)
     return tokenizer
-
-
-def special_ids(tokenizer: Tokenizer, source: str | Path) -> SpecialIds:
-    ids = [tokenizer.token_to_id(token) for token in SPECIAL_TOKENS]
-    if None in ids:
-        missing = [t for t, i in zip(SPECIAL_TOKENS, ids) if i is None]
-        raise InputError(f"{source}: the tokenizer lacks the special tokens {missing}")
-    return SpecialIds(*ids)
 
 
 def stream_blocks(tokenizer: Tokenizer, docs: list[str], block_size: int) -> np.ndarray:
@@ -218,99 +198,16 @@ def prepare(cfg: PrepareConfig, out: Path) -> TextPrepared:
                               f"{name} documents of {cfg.dataset} hold {len(made)}; lower it (null = all)")
         blocks[name] = made[:asked]
     out = Path(out)
-
-    def write(tmp: Path) -> None:
+    with replacing(out) as tmp:
         tokenizer.save(str(tmp / TOKENIZER_FILE))
         meta = {"modality": "text", "dataset": cfg.dataset, "block_size": str(cfg.block_size),
                 "vocab_size": str(tokenizer.get_vocab_size()), "tokenizer_sha256": file_sha256(tmp / TOKENIZER_FILE)}
         first = 0
         for name in SPLITS:
             ids = np.arange(first, first + len(blocks[name]), dtype=np.int64)
-            write_blocks(tmp / f"{name}.parquet", ids, blocks[name], {**meta, "documents": str(len(dealt[name]))})
+            token_files.write_blocks(tmp / f"{name}.parquet", ids, blocks[name],
+                                     {**meta, "documents": str(len(dealt[name]))})
             first += len(blocks[name])
-
-    data.write_dir(out, write)
     return TextPrepared(blocks, {name: len(dealt[name]) for name in SPLITS},
                         {name: out / f"{name}.parquet" for name in SPLITS}, out / TOKENIZER_FILE,
                         tokenizer.get_vocab_size())
-
-
-def write_blocks(path: Path, ids: np.ndarray, tokens: np.ndarray, meta: dict[str, str]) -> None:
-    """One split file: `id` int64, `tokens` fixed_size_list<int32>[L], written atomically."""
-    length = tokens.shape[1]
-    schema = pa.schema([pa.field("id", pa.int64(), nullable=False),
-                        pa.field("tokens", pa.list_(pa.int32(), length), nullable=False)]).with_metadata(meta)
-    flat = pa.array(np.ascontiguousarray(tokens, np.int32).reshape(-1), pa.int32())
-    table = pa.table({"id": pa.array(ids, pa.int64()), "tokens": pa.FixedSizeListArray.from_arrays(flat, length)},
-                     schema=schema)
-    data._write_atomic(table, path, data.ROW_GROUP_ROWS)
-
-
-# --- reading (used by the other stages) -------------------------------------------------------
-
-
-def modality(path: Path) -> str:
-    """"text" or "image": what `kd prepare` wrote in the split file at `path` (footer only)."""
-    return data._metadata(data._open(path).schema_arrow).get("modality", "image")
-
-
-def split_info(path: Path) -> dict:
-    """rows, block_size, vocab_size, tokenizer_sha256, documents, dataset, from the footer only."""
-    file = _open_text(path)
-    meta = data._metadata(file.schema_arrow)
-    try:
-        return {"rows": file.metadata.num_rows, "block_size": int(meta["block_size"]),
-                "vocab_size": int(meta["vocab_size"]), "tokenizer_sha256": meta["tokenizer_sha256"],
-                "documents": int(meta["documents"]), "dataset": meta["dataset"]}
-    except (KeyError, ValueError) as exc:
-        raise InputError(f"{path}: metadata {exc} missing or not an integer (expected what `kd prepare` writes)") from None
-
-
-def read_blocks(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """ids (N,) int64 and tokens (N, block_size) int64 of a whole split file."""
-    file = _open_text(path)
-    return _arrays(file.read(), file.schema_arrow.field("tokens").type.list_size)
-
-
-def iter_blocks(path: Path, batch_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, tokens) batches of at most batch_rows rows, in file order."""
-    if batch_rows < 1:
-        raise ValueError(f"batch_rows: {batch_rows} must be >= 1")
-    file = _open_text(path)
-    length = file.schema_arrow.field("tokens").type.list_size
-    for batch in file.iter_batches(batch_size=batch_rows):
-        yield _arrays(batch, length)
-
-
-def load_tokenizer(prepared: Path) -> tuple[Tokenizer, SpecialIds]:
-    """The prepared directory's tokenizer, checked against the sha256 its splits were cut with."""
-    path = Path(prepared) / TOKENIZER_FILE
-    if not path.is_file():
-        raise MissingInputError(f"{path}: tokenizer not found (run `kd prepare` on a text dataset)")
-    expected = split_info(Path(prepared) / "labeled.parquet")["tokenizer_sha256"]
-    if file_sha256(path) != expected:
-        raise InputError(f"{path}: not the tokenizer labeled.parquet was cut with (sha256 differs); "
-                         "run `kd prepare` again")
-    tokenizer = Tokenizer.from_file(str(path))
-    return tokenizer, special_ids(tokenizer, path)
-
-
-def _open_text(path: Path) -> pq.ParquetFile:
-    file = data._open(path)
-    schema = file.schema_arrow
-    if data._metadata(schema).get("modality") != "text":
-        raise InputError(f"{path}: not a text split (no modality 'text' in its metadata)")
-    kind = schema.field("tokens").type if "tokens" in schema.names else None
-    if schema.names != ["id", "tokens"] or schema.field("id").type != pa.int64() or not (
-            pa.types.is_fixed_size_list(kind) and kind.value_type == pa.int32()):
-        raise InputError(f"{path}: expected columns id int64, tokens fixed_size_list<int32>[L]; "
-                         f"got {', '.join(f'{f.name} {f.type}' for f in schema)}")
-    return file
-
-
-def _arrays(table: pa.Table | pa.RecordBatch, length: int) -> tuple[np.ndarray, np.ndarray]:
-    tokens = table.column("tokens")
-    if isinstance(tokens, pa.ChunkedArray):
-        tokens = pa.concat_arrays(tokens.chunks) if tokens.num_chunks else pa.array([], pa.list_(pa.int32(), length))
-    flat = tokens.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-    return table.column("id").to_numpy(), flat.reshape(len(tokens), length)

@@ -1,4 +1,4 @@
-"""Prepared data: load a dataset, split it, write it as Parquet, and read it back.
+"""Image datasets: a built-in one or a user Parquet file, checked, split and written.
 
 `prepare(cfg, out)` loads `cfg.dataset` (a name in DATASETS or a user Parquet file), checks it,
 splits it into labeled / unlabeled / test (stratified by class, seeded) and writes
@@ -6,68 +6,37 @@ splits it into labeled / unlabeled / test (stratified by class, seeded) and writ
     out/labeled.parquet, out/unlabeled.parquet, out/test.parquet
     out/unlabeled_truth.parquet          (only when the unlabeled rows' labels are known)
 
-Each split file holds one row per sample: `id` int64 (unique across splits), `x`
-fixed_size_list<float32>[D] (the flattened input), `y` int64 (null in unlabeled.parquet), and
-the key-value metadata `input_shape` (JSON, e.g. "[1,28,28]"), `num_classes` and `dataset`.
-Rows are in a seeded shuffled order and in row groups of ROW_GROUP_ROWS rows, so readers can
-stream. Everything is written into a temporary directory next to `out` that replaces `out` only
-once complete: an error or a crash never leaves a half-written directory that looks finished.
-
-The other stages read the files with `read_split`, `iter_split`, `split_info` and
-`data_fingerprint`. Text datasets are cut into token blocks by `pipeline.text` instead
-(`prepare` hands them over).
+in the format of `pipeline.prepared.images`. Rows are in a seeded shuffled order. Everything
+is written into a directory beside `out` that replaces `out` only once complete
+(`files.replacing`).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
-import os
 import random
 import re
-import secrets
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.config import SPLITS, PrepareConfig
 from pipeline.errors import ConfigError, InputError, MissingInputError
-from pipeline.files import file_sha256, swap_into_place
+from pipeline.files import replacing
+from pipeline.prepared import images as image_files
+from pipeline.prepared import metadata, open_parquet
+from pipeline.prepared.images import Split, check_shape, parse_meta_shape
 
-if TYPE_CHECKING:
-    from pipeline.text import TextPrepared
-
-ROW_GROUP_ROWS = 16384
-TRUTH_FILE = "unlabeled_truth.parquet"
 # The order in which splits are drawn from each class: the test set does not change when the
 # labeled or unlabeled sizes do, and the labeled set does not change with the unlabeled size.
+# Text documents are dealt in the same order (`sources.text.deal`).
 DRAW_ORDER = ("test", "labeled", "unlabeled")
-COLUMN_TYPES = {"id": pa.int64(), "y": pa.int64()}  # `x` is checked on its own (its D varies)
 MAX_NAMED = 5  # how many offending ids an error message lists
-
-
-@dataclass
-class Split:
-    """One prepared split in memory (or one streamed batch of it)."""
-
-    ids: np.ndarray  # (N,) int64
-    x: np.ndarray  # (N, D) float32, C-contiguous, read-only when read from a file
-    y: np.ndarray  # (N,) int64, -1 where the label is null
-    input_shape: list[int]
-    num_classes: int
-
-    def __len__(self) -> int:
-        return max(len(self.ids), len(self.x), len(self.y))
-
-    def take(self, rows: np.ndarray) -> Split:
-        return Split(self.ids[rows], self.x[rows], self.y[rows], self.input_shape, self.num_classes)
 
 
 class Loaded(NamedTuple):
@@ -189,7 +158,7 @@ def load(cfg: PrepareConfig) -> Split:
         data = Split(np.arange(len(loaded.y), dtype=np.int64), loaded.x, loaded.y, loaded.input_shape,
                      loaded.num_classes)
         if cfg.input_shape is not None:  # a built-in may be reshaped (e.g. flat for an MLP)
-            _check_shape(cfg.input_shape, data.x.shape[1], f"--input-shape / prepare.input_shape {cfg.input_shape}",
+            check_shape(cfg.input_shape, data.x.shape[1], f"--input-shape / prepare.input_shape {cfg.input_shape}",
                          cfg.dataset, ConfigError)
             data.input_shape = list(cfg.input_shape)
     elif is_user_file(cfg.dataset):
@@ -223,15 +192,15 @@ def load_parquet(path: Path, input_shape: list[int] | None = None) -> Split:
         raise InputError(f"{path}: column 'id' has {table.column('id').null_count} null values")
     x = _x_matrix(table.column("x"), ids, path)
     y = _labels(table, ids, path) if "y" in names else np.full(len(ids), -1, np.int64)
-    meta = _metadata(table.schema)
+    meta = metadata(table.schema)
 
     d = x.shape[1]
     if input_shape is not None:
-        _check_shape(input_shape, d, f"--input-shape / prepare.input_shape {list(input_shape)}", path, ConfigError)
+        check_shape(input_shape, d, f"--input-shape / prepare.input_shape {list(input_shape)}", path, ConfigError)
         shape = list(input_shape)
     elif "input_shape" in meta:
-        shape = _parse_meta_shape(meta["input_shape"], path)
-        _check_shape(shape, d, f"metadata input_shape {shape}", path, InputError)
+        shape = parse_meta_shape(meta["input_shape"], path)
+        check_shape(shape, d, f"metadata input_shape {shape}", path, InputError)
     else:
         raise ConfigError(
             f"{path}: no input_shape in the file's metadata; pass --input-shape (e.g. --input-shape {d}"
@@ -268,7 +237,7 @@ def validate(data: Split, source: str | Path) -> None:
 
 
 def _read_table(path: Path) -> pa.Table:
-    return _open(path, missing="dataset file not found (prepare.dataset / --dataset)").read()
+    return open_parquet(path, missing="dataset file not found (prepare.dataset / --dataset)").read()
 
 
 def _int_column(table: pa.Table, name: str, path: Path) -> np.ndarray:
@@ -327,25 +296,6 @@ def _labels(table: pa.Table, ids: np.ndarray, path: Path) -> np.ndarray:
     if negative.any():
         raise InputError(f"{path}: labels in 'y' must be >= 0; {_name_ids(ids[negative])} have negative labels")
     return y
-
-
-def _check_shape(shape: Sequence[int], d: int, what: str, source: str | Path, error: type) -> None:
-    if math.prod(shape) != d:
-        raise error(f"{source}: {what} has {math.prod(shape)} values but x has {d} per row")
-
-
-def _parse_meta_shape(text: str, path: Path) -> list[int]:
-    try:
-        shape = json.loads(text)
-    except json.JSONDecodeError:
-        shape = None
-    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 1 for d in shape):
-        raise InputError(f"{path}: metadata input_shape {text!r} must be a JSON list of integers >= 1, e.g. [1,28,28]")
-    return shape
-
-
-def _metadata(schema: pa.Schema) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
 
 
 def _name_ids(ids: np.ndarray) -> str:
@@ -422,247 +372,19 @@ def _allocate(n: int, weights: np.ndarray, capacity: np.ndarray) -> np.ndarray:
 # --- writing ----------------------------------------------------------------------------------
 
 
-def prepare(cfg: PrepareConfig, out: Path) -> Prepared | TextPrepared:
-    """Load, check, split and write `cfg.dataset` to `out` (replaced as a whole when done).
-
-    Text datasets (pydoc, a .txt file, a Parquet file with a text column) go to `text.prepare`.
-    """
-    from pipeline import text  # (here: pipeline.text builds on this module)
-
-    if text.is_text(cfg):
-        return text.prepare(cfg, out)
+def prepare(cfg: PrepareConfig, out: Path) -> Prepared:
+    """Load, check, split and write `cfg.dataset` to `out` (replaced as a whole when done)."""
     out = Path(out)
     data = load(cfg)
     splits, truth = split(data, cfg, cfg.dataset)
     meta = {"dataset": cfg.dataset}
-
-    def write(tmp: Path) -> None:
+    with replacing(out) as tmp:
         for name, part in splits.items():
-            write_split(tmp / f"{name}.parquet", part, **meta)
+            image_files.write_split(tmp / f"{name}.parquet", part, **meta)
         if truth is not None:
-            write_truth(tmp / TRUTH_FILE, splits["unlabeled"].ids, truth, data.num_classes, **meta)
-
-    write_dir(out, write)
+            image_files.write_truth(tmp / image_files.TRUTH_FILE, splits["unlabeled"].ids, truth, data.num_classes,
+                                    **meta)
     paths = {name: out / f"{name}.parquet" for name in splits}
     if truth is not None:
-        paths["unlabeled_truth"] = out / TRUTH_FILE
+        paths["unlabeled_truth"] = out / image_files.TRUTH_FILE
     return Prepared(splits, truth, paths)
-
-
-def write_dir(out: Path, write: Callable[[Path], None]) -> None:
-    """Run `write` on a fresh directory beside `out`, then swap it in as `out`.
-
-    An error or a crash never leaves a half-written `out`; a killed run's leftovers are removed.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out: {out} exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    tmp.mkdir()  # (not mkdtemp: its mode 0700 would end up on `out`)
-    try:
-        write(tmp)
-        swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _remove_abandoned(out: Path) -> None:
-    """Remove temporary directories left next to `out` by runs that were killed."""
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 2)[-2]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def write_split(path: Path, data: Split, dataset: str, row_group_rows: int = ROW_GROUP_ROWS) -> None:
-    """One split file in the contract's schema (y = -1 written as null), atomically."""
-    d = math.prod(data.input_shape)
-    if data.x.shape != (len(data.ids), d):
-        raise ValueError(f"x has shape {data.x.shape}, expected ({len(data.ids)}, {d})")
-    x = np.ascontiguousarray(data.x, dtype=np.float32).reshape(-1)
-    schema = split_schema(d).with_metadata({
-        "input_shape": json.dumps(list(data.input_shape), separators=(",", ":")),
-        "num_classes": str(data.num_classes),
-        "dataset": dataset,
-    })
-    table = pa.table({
-        "id": pa.array(data.ids, pa.int64()),
-        "x": pa.FixedSizeListArray.from_arrays(pa.array(x, pa.float32()), d),
-        "y": pa.array(data.y, pa.int64(), mask=data.y < 0),
-    }, schema=schema)
-    _write_atomic(table, path, row_group_rows)
-
-
-def write_truth(path: Path, ids: np.ndarray, y: np.ndarray, num_classes: int, dataset: str) -> None:
-    schema = pa.schema([pa.field("id", pa.int64(), nullable=False), pa.field("y", pa.int64(), nullable=False)])
-    schema = schema.with_metadata({"num_classes": str(num_classes), "dataset": dataset})
-    table = pa.table({"id": pa.array(ids, pa.int64()), "y": pa.array(y, pa.int64())}, schema=schema)
-    _write_atomic(table, path, ROW_GROUP_ROWS)
-
-
-def split_schema(d: int) -> pa.Schema:
-    return pa.schema([
-        pa.field("id", pa.int64(), nullable=False),
-        pa.field("x", pa.list_(pa.float32(), d), nullable=False),
-        pa.field("y", pa.int64()),
-    ])
-
-
-def _write_atomic(table: pa.Table, path: Path, row_group_rows: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        pq.write_table(table, tmp, row_group_size=row_group_rows)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-# --- reading (used by the other stages) -------------------------------------------------------
-
-
-def read_split(path: Path, columns: Sequence[str] = ("id", "x", "y")) -> Split:
-    """A whole split file; the columns not asked for come back as empty arrays."""
-    file = _open(path)
-    meta = _check_columns(file.schema_arrow, columns, path)
-    table = file.read(columns=list(columns))
-    return _to_split({name: table.column(name) for name in columns}, meta, path)
-
-
-def iter_split(path: Path, batch_rows: int, columns: Sequence[str] = ("id", "x", "y")) -> Iterator[Split]:
-    """A split file in batches of at most batch_rows rows, in file order."""
-    if batch_rows < 1:
-        raise ValueError(f"batch_rows: {batch_rows} must be >= 1")
-    file = _open(path)
-    meta = _check_columns(file.schema_arrow, columns, path)
-    for batch in file.iter_batches(batch_size=batch_rows, columns=list(columns)):
-        yield _to_split({name: batch.column(name) for name in columns}, meta, path)
-
-
-def read_rows(path: Path, start: int, stop: int, columns: Sequence[str] = ("id", "x", "y")) -> Split:
-    """Rows [start, stop) of a split file, reading only the row groups that hold them."""
-    file = _open(path)
-    meta = _check_columns(file.schema_arrow, columns, path)
-    table = read_row_range(file, start, stop, columns)
-    return _to_split({name: table.column(name) for name in columns}, meta, path)
-
-
-def read_row_range(file: pq.ParquetFile, start: int, stop: int, columns: Sequence[str] | None = None) -> pa.Table:
-    """Rows [start, stop) of an open Parquet file, reading only the row groups that hold them."""
-    groups, first, offset = [], None, 0
-    for index in range(file.metadata.num_row_groups):
-        n = file.metadata.row_group(index).num_rows
-        if offset < stop and offset + n > start:
-            groups.append(index)
-            first = offset if first is None else first
-        offset += n
-    if not groups:
-        empty = file.schema_arrow.empty_table()
-        return empty if columns is None else empty.select(list(columns))
-    columns = None if columns is None else list(columns)
-    return file.read_row_groups(groups, columns=columns).slice(start - first, stop - start)
-
-
-def split_info(path: Path) -> dict:
-    """rows, input_shape, num_classes, dataset, from the file's footer only."""
-    file = _open(path)
-    meta = _metadata(file.schema_arrow)
-    shape = _parse_meta_shape(meta["input_shape"], Path(path)) if "input_shape" in meta else None
-    return {
-        "rows": file.metadata.num_rows,
-        "input_shape": shape,
-        "num_classes": int(meta["num_classes"]) if "num_classes" in meta else None,
-        "dataset": meta.get("dataset"),
-    }
-
-
-def data_fingerprint(path: Path) -> str:
-    """sha256 (hex) of the file's bytes."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingInputError(f"{path}: prepared data file not found (run `kd prepare`)")
-    return file_sha256(path)
-
-
-def _open(path: Path, missing: str = "prepared data file not found (run `kd prepare`)") -> pq.ParquetFile:
-    path = Path(path)
-    if not path.is_file():
-        raise MissingInputError(f"{path}: {missing}")
-    try:
-        return pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
-
-
-@dataclass
-class _Meta:
-    input_shape: list[int]
-    num_classes: int
-    d: int
-
-
-def _check_columns(schema: pa.Schema, columns: Sequence[str], path: Path) -> _Meta:
-    """The metadata, after checking the asked-for columns exist with the contract's types."""
-    path = Path(path)
-    for name in columns:
-        if name not in ("id", "x", "y"):
-            raise ValueError(f"unknown column {name!r}: a split has id, x, y")
-        if name not in schema.names:
-            raise InputError(f"{path}: no column {name!r} (found {', '.join(schema.names)}); "
-                             "expected a prepared split with id, x, y")
-        kind = schema.field(name).type
-        if name == "x":
-            ok = pa.types.is_fixed_size_list(kind) and kind.value_type == pa.float32()
-            expected = "fixed_size_list<float32>[D]"
-        else:
-            ok, expected = kind == COLUMN_TYPES[name], str(COLUMN_TYPES[name])
-        if not ok:
-            raise InputError(f"{path}: column {name!r} has type {kind}, expected {expected}")
-    meta = _metadata(schema)
-    try:
-        num_classes = int(meta.get("num_classes", "0"))
-    except ValueError:
-        raise InputError(f"{path}: metadata num_classes {meta['num_classes']!r} is not an integer") from None
-    if "x" not in schema.names:
-        return _Meta([], num_classes, 0)
-    d = schema.field("x").type.list_size
-    if "input_shape" not in meta:
-        if "x" in columns:
-            raise InputError(f"{path}: no input_shape in the file's metadata (expected e.g. [1,28,28])")
-        return _Meta([d], num_classes, d)
-    shape = _parse_meta_shape(meta["input_shape"], path)
-    _check_shape(shape, d, f"metadata input_shape {shape}", path, InputError)
-    return _Meta(shape, num_classes, d)
-
-
-def _to_split(cols: dict[str, pa.Array | pa.ChunkedArray], meta: _Meta, path: Path) -> Split:
-    for name, column in cols.items():
-        if name != "y" and column.null_count:
-            raise InputError(f"{path}: column {name!r} has {column.null_count} null values")
-    ids = cols["id"].to_numpy() if "id" in cols else np.empty(0, np.int64)
-    y = pc.fill_null(cols["y"], -1).to_numpy() if "y" in cols else np.empty(0, np.int64)
-    x = _x_view(cols["x"], meta.d) if "x" in cols else np.empty((0, meta.d), np.float32)
-    return Split(ids, x, y, list(meta.input_shape), meta.num_classes)
-
-
-def _x_view(column: pa.Array | pa.ChunkedArray, d: int) -> np.ndarray:
-    """(N, D) float32 over Arrow's buffer (no copy for a single chunk); read-only."""
-    if isinstance(column, pa.ChunkedArray):
-        if column.num_chunks == 0:
-            return np.empty((0, d), np.float32)
-        column = column.chunk(0) if column.num_chunks == 1 else pa.concat_arrays(column.chunks)
-    x = column.flatten().to_numpy().reshape(len(column), d)
-    x.flags.writeable = False
-    return x

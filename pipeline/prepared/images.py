@@ -1,0 +1,201 @@
+"""Image splits in the prepared format: write them, read them whole, in batches or by rows.
+
+Each split file holds one row per sample: `id` int64 (unique across splits), `x`
+fixed_size_list<float32>[D] (the flattened input), `y` int64 (null in unlabeled.parquet), and
+the key-value metadata `input_shape` (JSON, e.g. "[1,28,28]"), `num_classes` and `dataset`.
+`unlabeled_truth.parquet` (`id`, `y`) holds the unlabeled rows' labels when they are known;
+only `kd eval` reads it. Files are written atomically (`prepared.write_atomic`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.errors import InputError
+from pipeline.prepared import ROW_GROUP_ROWS, metadata, open_parquet, read_row_range, write_atomic
+
+TRUTH_FILE = "unlabeled_truth.parquet"
+COLUMN_TYPES = {"id": pa.int64(), "y": pa.int64()}  # `x` is checked on its own (its D varies)
+
+
+@dataclass
+class Split:
+    """One prepared split in memory (or one streamed batch of it)."""
+
+    ids: np.ndarray  # (N,) int64
+    x: np.ndarray  # (N, D) float32, C-contiguous, read-only when read from a file
+    y: np.ndarray  # (N,) int64, -1 where the label is null
+    input_shape: list[int]
+    num_classes: int
+
+    def __len__(self) -> int:
+        return max(len(self.ids), len(self.x), len(self.y))
+
+    def take(self, rows: np.ndarray) -> Split:
+        return Split(self.ids[rows], self.x[rows], self.y[rows], self.input_shape, self.num_classes)
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def write_split(path: Path, data: Split, dataset: str, row_group_rows: int = ROW_GROUP_ROWS) -> None:
+    """One split file in the contract's schema (y = -1 written as null), atomically."""
+    d = math.prod(data.input_shape)
+    if data.x.shape != (len(data.ids), d):
+        raise ValueError(f"x has shape {data.x.shape}, expected ({len(data.ids)}, {d})")
+    x = np.ascontiguousarray(data.x, dtype=np.float32).reshape(-1)
+    schema = split_schema(d).with_metadata({
+        "input_shape": json.dumps(list(data.input_shape), separators=(",", ":")),
+        "num_classes": str(data.num_classes),
+        "dataset": dataset,
+    })
+    table = pa.table({
+        "id": pa.array(data.ids, pa.int64()),
+        "x": pa.FixedSizeListArray.from_arrays(pa.array(x, pa.float32()), d),
+        "y": pa.array(data.y, pa.int64(), mask=data.y < 0),
+    }, schema=schema)
+    write_atomic(table, path, row_group_rows)
+
+
+def write_truth(path: Path, ids: np.ndarray, y: np.ndarray, num_classes: int, dataset: str) -> None:
+    schema = pa.schema([pa.field("id", pa.int64(), nullable=False), pa.field("y", pa.int64(), nullable=False)])
+    schema = schema.with_metadata({"num_classes": str(num_classes), "dataset": dataset})
+    table = pa.table({"id": pa.array(ids, pa.int64()), "y": pa.array(y, pa.int64())}, schema=schema)
+    write_atomic(table, path, ROW_GROUP_ROWS)
+
+
+def split_schema(d: int) -> pa.Schema:
+    return pa.schema([
+        pa.field("id", pa.int64(), nullable=False),
+        pa.field("x", pa.list_(pa.float32(), d), nullable=False),
+        pa.field("y", pa.int64()),
+    ])
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def read_split(path: Path, columns: Sequence[str] = ("id", "x", "y")) -> Split:
+    """A whole split file; the columns not asked for come back as empty arrays."""
+    file = open_parquet(path)
+    meta = _check_columns(file.schema_arrow, columns, path)
+    table = file.read(columns=list(columns))
+    return _to_split({name: table.column(name) for name in columns}, meta, path)
+
+
+def iter_split(path: Path, batch_rows: int, columns: Sequence[str] = ("id", "x", "y")) -> Iterator[Split]:
+    """A split file in batches of at most batch_rows rows, in file order."""
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows: {batch_rows} must be >= 1")
+    file = open_parquet(path)
+    meta = _check_columns(file.schema_arrow, columns, path)
+    for batch in file.iter_batches(batch_size=batch_rows, columns=list(columns)):
+        yield _to_split({name: batch.column(name) for name in columns}, meta, path)
+
+
+def read_rows(path: Path, start: int, stop: int, columns: Sequence[str] = ("id", "x", "y")) -> Split:
+    """Rows [start, stop) of a split file, reading only the row groups that hold them."""
+    file = open_parquet(path)
+    meta = _check_columns(file.schema_arrow, columns, path)
+    table = read_row_range(file, start, stop, columns)
+    return _to_split({name: table.column(name) for name in columns}, meta, path)
+
+
+def split_info(path: Path) -> dict:
+    """rows, input_shape, num_classes, dataset, from the file's footer only."""
+    file = open_parquet(path)
+    meta = metadata(file.schema_arrow)
+    shape = parse_meta_shape(meta["input_shape"], Path(path)) if "input_shape" in meta else None
+    return {
+        "rows": file.metadata.num_rows,
+        "input_shape": shape,
+        "num_classes": int(meta["num_classes"]) if "num_classes" in meta else None,
+        "dataset": meta.get("dataset"),
+    }
+
+
+def check_shape(shape: Sequence[int], d: int, what: str, source: str | Path, error: type) -> None:
+    """Raise `error` naming `source` and `what` unless `shape` holds exactly d values."""
+    if math.prod(shape) != d:
+        raise error(f"{source}: {what} has {math.prod(shape)} values but x has {d} per row")
+
+
+def parse_meta_shape(text: str, path: Path) -> list[int]:
+    """The `input_shape` metadata ("[1,28,28]") as a list of integers >= 1."""
+    try:
+        shape = json.loads(text)
+    except json.JSONDecodeError:
+        shape = None
+    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 1 for d in shape):
+        raise InputError(f"{path}: metadata input_shape {text!r} must be a JSON list of integers >= 1, e.g. [1,28,28]")
+    return shape
+
+
+@dataclass
+class _Meta:
+    input_shape: list[int]
+    num_classes: int
+    d: int
+
+
+def _check_columns(schema: pa.Schema, columns: Sequence[str], path: Path) -> _Meta:
+    """The metadata, after checking the asked-for columns exist with the contract's types."""
+    path = Path(path)
+    for name in columns:
+        if name not in ("id", "x", "y"):
+            raise ValueError(f"unknown column {name!r}: a split has id, x, y")
+        if name not in schema.names:
+            raise InputError(f"{path}: no column {name!r} (found {', '.join(schema.names)}); "
+                             "expected a prepared split with id, x, y")
+        kind = schema.field(name).type
+        if name == "x":
+            ok = pa.types.is_fixed_size_list(kind) and kind.value_type == pa.float32()
+            expected = "fixed_size_list<float32>[D]"
+        else:
+            ok, expected = kind == COLUMN_TYPES[name], str(COLUMN_TYPES[name])
+        if not ok:
+            raise InputError(f"{path}: column {name!r} has type {kind}, expected {expected}")
+    meta = metadata(schema)
+    try:
+        num_classes = int(meta.get("num_classes", "0"))
+    except ValueError:
+        raise InputError(f"{path}: metadata num_classes {meta['num_classes']!r} is not an integer") from None
+    if "x" not in schema.names:
+        return _Meta([], num_classes, 0)
+    d = schema.field("x").type.list_size
+    if "input_shape" not in meta:
+        if "x" in columns:
+            raise InputError(f"{path}: no input_shape in the file's metadata (expected e.g. [1,28,28])")
+        return _Meta([d], num_classes, d)
+    shape = parse_meta_shape(meta["input_shape"], path)
+    check_shape(shape, d, f"metadata input_shape {shape}", path, InputError)
+    return _Meta(shape, num_classes, d)
+
+
+def _to_split(cols: dict[str, pa.Array | pa.ChunkedArray], meta: _Meta, path: Path) -> Split:
+    for name, column in cols.items():
+        if name != "y" and column.null_count:
+            raise InputError(f"{path}: column {name!r} has {column.null_count} null values")
+    ids = cols["id"].to_numpy() if "id" in cols else np.empty(0, np.int64)
+    y = pc.fill_null(cols["y"], -1).to_numpy() if "y" in cols else np.empty(0, np.int64)
+    x = _x_view(cols["x"], meta.d) if "x" in cols else np.empty((0, meta.d), np.float32)
+    return Split(ids, x, y, list(meta.input_shape), meta.num_classes)
+
+
+def _x_view(column: pa.Array | pa.ChunkedArray, d: int) -> np.ndarray:
+    """(N, D) float32 over Arrow's buffer (no copy for a single chunk); read-only."""
+    if isinstance(column, pa.ChunkedArray):
+        if column.num_chunks == 0:
+            return np.empty((0, d), np.float32)
+        column = column.chunk(0) if column.num_chunks == 1 else pa.concat_arrays(column.chunks)
+    x = column.flatten().to_numpy().reshape(len(column), d)
+    x.flags.writeable = False
+    return x

@@ -1,0 +1,191 @@
+"""The report's numbers, computed from loaded students alone (pure: no files).
+
+`leaderboard` gives one row per student with the task's named columns; `methods_table` groups
+students by architecture and budget and measures each against the soft-only reference;
+`progressive_table` measures a student taught through a teacher assistant against the same
+student taught directly. Every gain between two students is a per-seed paired difference (same
+seed, `Score.paired`), summarised as mean +- sample std.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pipeline.metrics import mean_std
+from pipeline.report.results import StudentResult
+from pipeline.report.scores import Score, fmt
+
+METHODS = ("group", "setup", "student", "method", "role", "reference", "seeds", "accuracy_mean", "accuracy_std",
+           "gain_over_baseline_mean", "gain_over_baseline_std", "gain_over_soft_mean", "gain_over_soft_std",
+           "paired_seeds", "verdict")
+PROGRESSIVE = ("student", "assistant", "assistant_params", "assistant_accuracy", "teacher_params", "teacher_accuracy",
+               "student_params", "direct", "direct_accuracy_mean", "direct_accuracy_std", "via_accuracy_mean",
+               "via_accuracy_std", "difference_mean", "difference_std", "paired_seeds", "verdict")
+
+# What must match for two students to be compared: the architecture and the whole budget.
+# (Defaults stand in for checkpoints written before a key existed.)
+SETUP_DEFAULTS: dict[str, Any] = {"arch": None, "arch_kwargs": {}, "epochs": None, "batch_size": None, "lr": None,
+                                  "weight_decay": 0.0, "transfer": ["labeled", "unlabeled"], "seed": 0, "repeats": 1,
+                                  "views": False, "assistant": None}
+FEATURE_TERMS = ("hint", "attention", "rkd", "cosine")
+LOSS_TERMS = ("soft", "hard", *FEATURE_TERMS)
+
+
+def leaderboard(results: list[StudentResult], score: Score) -> list[dict[str, Any]]:
+    """One row per student (the task's columns), best mean score over seeds first, then the
+    first seed's score. The change column is the first seed's change over its twin."""
+    rows = []
+    for r in results:
+        m = r.metrics
+        change = score.paired(m[score.key], m[score.baseline_key])
+        rows.append({column: r.name if column == "student" else change if column == score.change_column
+                     else m[column] for column in score.columns})
+    sign = 1.0 if score.lower_is_better else -1.0
+    return sorted(rows, key=lambda row: (sign * row[f"{score.key}_mean"], sign * row[score.key], row["student"]))
+
+
+def method_label(loss: dict[str, Any]) -> str:
+    """A student's method named by its loss terms, e.g. "soft + hard + rkd" or "hard (pseudo)"."""
+    names = []
+    for term in LOSS_TERMS:
+        cfg = loss.get(term)
+        if cfg is None:
+            continue
+        if term == "hard" and cfg.get("pseudo"):
+            names.append("hard (pseudo)")
+        else:
+            names.append(term)
+    return " + ".join(names) or "none"
+
+
+def is_soft_only(loss: dict[str, Any]) -> bool:
+    """Soft targets without any feature term: the reference a group's other methods are measured against."""
+    return loss.get("soft") is not None and all(loss.get(term) is None for term in FEATURE_TERMS)
+
+
+def setup(spec: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """The architecture and budget of a student (SETUP_DEFAULTS' keys)."""
+    return {**{key: spec.get(key, default) for key, default in SETUP_DEFAULTS.items()}, **changes}
+
+
+def canonical(value: Any) -> str:
+    """A key that equal configs share whether a number was written 0 or 0.0 (YAML keeps either)."""
+    def norm(v: Any) -> Any:
+        if isinstance(v, bool) or v is None or isinstance(v, str):
+            return v
+        if isinstance(v, (int, float)):
+            return float(v)
+        if isinstance(v, dict):
+            return {str(k): norm(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [norm(x) for x in v]
+        return v
+    return json.dumps(norm(value), sort_keys=True)
+
+
+def describe_setup(s: dict[str, Any]) -> str:
+    kwargs = f" `{json.dumps(s['arch_kwargs'], sort_keys=True)}`" if s["arch_kwargs"] else ""
+    seeds = f"seed {s['seed']}" if s["repeats"] == 1 else f"seeds {s['seed']}..{s['seed'] + s['repeats'] - 1}"
+    text = (f"`{s['arch']}`{kwargs}, epochs {s['epochs']}, batch {s['batch_size']}, lr {fmt(s['lr'], 'g')}, "
+            f"weight decay {fmt(s['weight_decay'], 'g')}, transfer {'+'.join(s['transfer'])}, {seeds}")
+    if s["views"]:
+        text += ", cached views"
+    if s["assistant"]:
+        text += f", through assistant `{s['assistant']}`"
+    return text
+
+
+def paired_points(a: StudentResult, b: StudentResult, score: Score) -> list[float]:
+    """Per-seed change of `a`'s score over `b`'s (`Score.paired`), over the seeds both have."""
+    common = sorted(set(a.seeds) & set(b.seeds), key=_seed_order)
+    return [score.paired(a.seeds[s][score.key], b.seeds[s][score.key]) for s in common]
+
+
+def verdict(mean: float | None, std: float | None, n: int) -> str:
+    """Plain words for a gain of mean +- std points over n paired seeds."""
+    if n == 0 or mean is None:
+        return "no common seed"
+    if abs(mean) <= std + 1e-9:
+        words = "no measurable gain"
+    elif mean < 0:
+        words = "hurts"
+    else:
+        words = "helps"
+    return words + (" (one seed: no spread to judge by)" if n == 1 else "")
+
+
+def _gain(a: StudentResult, b: StudentResult, score: Score) -> tuple[float | None, float | None, int]:
+    diffs = paired_points(a, b, score)
+    if not diffs:
+        return None, None, 0
+    mean, std = mean_std(diffs)
+    return mean, std, len(diffs)
+
+
+def methods_table(results: list[StudentResult], score: Score) -> list[dict[str, Any]]:
+    """METHODS rows: students grouped by architecture and budget; in each group every student
+    against the soft-only reference (the first by name when there are several)."""
+    groups: dict[str, list[StudentResult]] = {}
+    for r in sorted(results, key=lambda r: r.name):
+        groups.setdefault(canonical(setup(r.spec)), []).append(r)
+    rows = []  # the largest groups (the most comparisons) first
+    for number, members in enumerate(sorted(groups.values(), key=lambda g: (-len(g), g[0].name)), start=1):
+        references = [r for r in members if is_soft_only(r.spec.get("loss") or {})]
+        reference = references[0] if references else None
+        ordered = ([reference] if reference else []) + [r for r in members if r is not reference]
+        for r in ordered:
+            m = r.metrics
+            row = {"group": number, "setup": describe_setup(setup(r.spec)), "student": r.name,
+                   "method": method_label(r.spec.get("loss") or {}), "reference": reference.name if reference else None,
+                   "seeds": m["seeds"], "accuracy_mean": m[f"{score.key}_mean"], "accuracy_std": m[f"{score.key}_std"],
+                   "gain_over_baseline_mean": m[f"{score.change_key}_mean"],
+                   "gain_over_baseline_std": m[f"{score.change_key}_std"],
+                   "gain_over_soft_mean": None, "gain_over_soft_std": None, "paired_seeds": None}
+            if reference is None:
+                row.update(role="no soft-only reference", verdict="no soft-only reference")
+            elif r is reference:
+                row.update(role="reference", verdict="reference (soft targets alone)")
+            else:
+                mean, std, n = _gain(r, reference, score)
+                row.update(role="compared", gain_over_soft_mean=mean, gain_over_soft_std=std, paired_seeds=n,
+                           verdict=verdict(mean, std, n))
+            rows.append(row)
+    return rows
+
+
+def progressive_table(results: list[StudentResult], assistants: dict[str, dict[str, Any]] | None,
+                      score: Score) -> list[dict[str, Any]]:
+    """PROGRESSIVE rows: each student taught through an assistant (its params and accuracy from
+    `assistants`, name -> `results.assistant_info`) against the student with the
+    same architecture, budget and loss taught directly by the teacher."""
+    rows = []
+    for r in sorted(results, key=lambda r: r.name):
+        name = r.spec.get("assistant")
+        if not name:
+            continue
+        wanted = (canonical(setup(r.spec, assistant=None)), canonical(r.spec.get("loss")))
+        direct = next((d for d in sorted(results, key=lambda d: d.name) if d is not r
+                       and (canonical(setup(d.spec)), canonical(d.spec.get("loss"))) == wanted), None)
+        info = (assistants or {}).get(name) or {"params": None, "accuracy": None}
+        row = {"student": r.name, "assistant": name, "assistant_params": info["params"],
+               "assistant_accuracy": info["accuracy"], "teacher_params": r.metrics["teacher_params"],
+               "teacher_accuracy": r.metrics[score.teacher_key], "student_params": r.metrics["params"],
+               "direct": None, "direct_accuracy_mean": None, "direct_accuracy_std": None,
+               "via_accuracy_mean": r.metrics[f"{score.key}_mean"], "via_accuracy_std": r.metrics[f"{score.key}_std"],
+               "difference_mean": None, "difference_std": None, "paired_seeds": None,
+               "verdict": "no direct counterpart (same architecture, budget and loss without an assistant)"}
+        if direct is not None:
+            mean, std, n = _gain(r, direct, score)
+            row.update(direct=direct.name, direct_accuracy_mean=direct.metrics[f"{score.key}_mean"],
+                       direct_accuracy_std=direct.metrics[f"{score.key}_std"], difference_mean=mean,
+                       difference_std=std, paired_seeds=n, verdict=verdict(mean, std, n))
+        rows.append(row)
+    return rows
+
+
+def _seed_order(seed: str) -> tuple[int, Any]:
+    try:
+        return 0, int(seed)
+    except ValueError:
+        return 1, seed

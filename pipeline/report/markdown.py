@@ -1,0 +1,211 @@
+"""The report's markdown: the teacher and cache, the leaderboard, one sentence per student, and
+(for tasks that compare methods) the methods and progressive-distillation sections.
+
+Every word that differs between tasks comes from the task's `Score`; everything else is shared.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pipeline.cache.layout import lse_column
+from pipeline.report.results import StudentResult
+from pipeline.report.scores import Score, fmt, points
+
+# Leaderboard columns the markdown table shows beside the task's score: header and format.
+HEADERS = {"params": ("params", ","), "size_bytes": ("size (bytes)", ","), "throughput": ("samples/s", ",.0f"),
+           "throughput_tokens_per_s": ("tokens/s", ",.0f"), "accuracy_retained": ("retained", ".3f"),
+           "agreement": ("agreement", ".4f"), "kl_to_teacher": ("KL", ".4f"), "ece": ("ECE", ".4f"),
+           "speedup_vs_teacher": ("speedup", ".1f")}
+
+
+def sentence(name: str, metrics: dict[str, Any], score: Score) -> str:
+    """One student in words, computed from its metrics: size and speed against the teacher, its
+    score against the teacher's and its twin's, and (when measured) its agreement with the teacher."""
+    parts = []
+    if metrics.get("teacher_params"):
+        smaller = 100.0 * (1.0 - metrics["params"] / metrics["teacher_params"])
+        parts.append(f"{abs(smaller):.0f}% smaller" if smaller >= 0 else f"{abs(smaller):.0f}% larger")
+    else:
+        parts.append("size vs the teacher unknown")
+    speedup = metrics.get("speedup_vs_teacher")
+    if speedup is None:
+        parts.append("speed vs the teacher unknown")
+    elif speedup >= 1:
+        parts.append(f"{speedup:.1f}x faster")
+    else:
+        parts.append(f"{1.0 / speedup:.1f}x slower")
+    agrees = (f" It agrees with the teacher's top-1 on {100 * metrics['agreement']:.1f}% of the cache's test rows."
+              if metrics.get("agreement") is not None else "")
+    return f"**{name}**: {', '.join(parts)}, {score.keeps(metrics)} ({score.versus(metrics)}).{agrees}"
+
+
+def seeds_sentence(metrics: dict[str, Any], score: Score) -> str:
+    """Mean +- std over seeds of the score and of the change over the twins, when there is more
+    than the first seed."""
+    n = metrics["seeds"]
+    if n < 2:
+        return ""
+    return score.over_seeds.format(n=n, mean=format(metrics[f"{score.key}_mean"], score.fmt),
+                                   std=format(metrics[f"{score.key}_std"], score.fmt),
+                                   change=score.change_words(metrics[f"{score.change_key}_mean"],
+                                                             metrics[f"{score.change_key}_std"]))
+
+
+def _pm(mean: Any, std: Any, spec: str = ".4f") -> str:
+    return "n/a" if mean is None else f"{format(mean, spec)} ± {format(std, spec)}"
+
+
+def _kept_mass(manifest: dict[str, Any]) -> str:
+    """Per cached temperature, the mean probability mass the top-k keeps on each split (test
+    first) and, where recorded, the KL from the full distribution to the cached one on test."""
+    fidelity = manifest.get("fidelity", {})
+    splits = sorted(fidelity, key=lambda split: (split != "test", split))
+    kept = []
+    for t in manifest.get("temperatures", []):
+        name = lse_column(t).removeprefix("lse_")  # fidelity keys: t1, t4, t2_5
+        per_split = [f"{100 * fidelity[split][name]['kept_mass']:.1f}% on {split}" for split in splits
+                     if name in fidelity[split]]
+        if not per_split:
+            continue
+        kl = fidelity.get("test", {}).get(name, {}).get("kl_full_to_cached")
+        kept.append(f"T={t}: {', '.join(per_split)}" + (f" (KL(full || cached) {kl:.3f} on test)"
+                                                        if kl is not None else ""))
+    return "; ".join(kept) or "n/a"
+
+
+def _cell(column: str, row: dict[str, Any], score: Score) -> str:
+    if column == score.change_column:
+        return score.change_words(row[column], None)
+    if column in (score.key, score.baseline_key, score.teacher_key):
+        return fmt(row[column], score.fmt)
+    header, spec = HEADERS[column]
+    if column == "speedup_vs_teacher" and row[column] is not None:
+        return f"{fmt(row[column], spec)}x"
+    return fmt(row[column], spec)
+
+
+def _header(column: str, score: Score) -> str:
+    return {score.key: score.name, score.baseline_key: "twin", score.teacher_key: "teacher",
+            score.change_column: "vs twin"}.get(column) or HEADERS[column][0]
+
+
+def render(rows: list[dict[str, Any]], results: list[StudentResult], manifest: dict[str, Any], cache_root: Any,
+             score: Score, methods: list[dict[str, Any]] | None = None,
+             progressive: list[dict[str, Any]] | None = None) -> str:
+    """report.md: `rows` is the leaderboard, `results` the students in its order."""
+    teacher = manifest.get("teacher", {})
+    config = teacher.get("config") or {}
+    first = results[0].metrics
+    kwargs = f" `{json.dumps(config['arch_kwargs'])}`" if config.get("arch_kwargs") else ""
+    top_k = manifest.get("top_k")
+    shown = score.columns[1:score.columns.index("seeds")]  # the first seed's columns; the seeds' go in the last
+    lines = [
+        f"# {score.title}",
+        "",
+        f"Teacher: `{config.get('arch', '?')}`{kwargs} ({score.kind}), {fmt(first.get('teacher_params'), ',')} "
+        f"parameters, {score.name} {fmt(first.get(score.teacher_key), score.fmt)} "
+        f"(fingerprint `{str(teacher.get('fingerprint', '?'))[:12]}`).",
+        f"Cache `{cache_root}`: {score.rows(manifest)}, the teacher's top-{top_k} of {score.classes(manifest)} "
+        f"logits per row ({manifest.get('logit_dtype')}), temperatures {manifest.get('temperatures')}.",
+        f"Mean probability mass the top-{top_k} keeps: {_kept_mass(manifest)}.",
+        "",
+        f"Each student is compared with its twin: the same architecture, seed and budget, {score.twin}. Speed is "
+        f"{HEADERS[score.throughput_key][0]} on CPU, measured side by side with a random-weight copy of the teacher's "
+        "architecture. The columns up to speedup are the first seed's; the last gives the mean ± sample std over "
+        "every trained seed of the score and of the paired change against each seed's own twin (seeds in brackets).",
+        "",
+        "| student | " + " | ".join(_header(c, score) for c in shown) + " | over seeds |",
+        "|---|" + "---:|" * (len(shown) + 1),
+    ]
+    for row in rows:
+        over_seeds = (f"{_pm(row[f'{score.key}_mean'], row[f'{score.key}_std'], score.fmt)}, "
+                      f"{score.change_words(row[f'{score.change_key}_mean'], row[f'{score.change_key}_std'])} "
+                      f"({row['seeds']})")
+        lines.append(f"| {row['student']} | " + " | ".join(_cell(c, row, score) for c in shown)
+                     + f" | {over_seeds} |")
+    if any(not r.metrics.get("kl_exact", True) for r in results):
+        lines += ["", f"KL is KL(teacher || student) at T=1 over the teacher's top-{top_k} plus one tail bucket: "
+                      "a lower bound of the full KL, since the cache holds only the top-k logits."]
+    lines += ["", "## Students", ""]
+    lines += [f"- {sentence(r.name, r.metrics, score)}{seeds_sentence(r.metrics, score)}" for r in results]
+    if methods is not None:
+        lines += methods_markdown(methods)
+    if progressive is not None:
+        lines += progressive_markdown(progressive)
+    lines += ["", "## Plots", ""]
+    lines += [f"![{name[:-4]}]({name})" for name in score.plots]
+    return "\n".join(lines) + "\n"
+
+
+def methods_markdown(methods: list[dict[str, Any]]) -> list[str]:
+    lines = ["", "## Methods: gain over soft targets alone", "",
+             "Students are grouped by architecture and budget (architecture, epochs, batch size, learning rate, "
+             "weight decay, transfer set, seeds, views, assistant). In each group the reference is the student "
+             "trained with soft targets and no feature term; every other student's gain over it is the paired "
+             "difference of test accuracy on the same seed, as mean ± sample std in points over the seeds both "
+             "have. A mean within one std of zero is no measurable gain; a negative one beyond it hurts.", ""]
+    groups: dict[int, list[dict[str, Any]]] = {}
+    for row in methods:
+        groups.setdefault(row["group"], []).append(row)
+    for number, members in groups.items():
+        lines += [f"Group {number}: {members[0]['setup']}.", "",
+                  "| student | terms | seeds | accuracy | vs baseline twin (points) | vs soft alone (points) | verdict |",
+                  "|---|---|---:|---:|---:|---:|---|"]
+        for row in members:
+            vs_soft = {"reference": "reference", "no soft-only reference": "n/a"}.get(
+                row["role"], points(row["gain_over_soft_mean"], row["gain_over_soft_std"])
+                + f" ({row['paired_seeds']} paired)")
+            lines.append(f"| {row['student']} | {row['method']} | {row['seeds']} "
+                         f"| {_pm(row['accuracy_mean'], row['accuracy_std'])} "
+                         f"| {points(row['gain_over_baseline_mean'], row['gain_over_baseline_std'])} "
+                         f"| {vs_soft} | {row['verdict']} |")
+        sentences = []
+        for row in members:
+            if row["role"] == "compared":
+                sentences.append(
+                    f"- **{row['student']}** ({row['method']}) vs **{row['reference']}** (soft alone): "
+                    f"{points(row['gain_over_soft_mean'], row['gain_over_soft_std'])} points "
+                    f"over {row['paired_seeds']} paired seeds: {row['verdict']}.")
+            elif row["role"] == "no soft-only reference":
+                sentences.append(
+                    f"- **{row['student']}** ({row['method']}): no soft-only reference with the same architecture "
+                    f"and budget; accuracy {_pm(row['accuracy_mean'], row['accuracy_std'])}, "
+                    f"{points(row['gain_over_baseline_mean'], row['gain_over_baseline_std'])} points "
+                    f"over its baseline twins.")
+        lines += ["", *sentences, ""] if sentences else [""]
+    return lines[:-1]
+
+
+def progressive_markdown(progressive: list[dict[str, Any]]) -> list[str]:
+    lines = ["", "## Progressive distillation", ""]
+    if not progressive:
+        return lines + ["No student learns through a teacher assistant."]
+    lines += ["Each student taught through a teacher assistant against the same student (architecture, budget, "
+              "loss) taught directly by the teacher; the difference is paired by seed, via minus direct, in points.",
+              "",
+              "| student | assistant (params, accuracy) | teacher (params, accuracy) | direct | direct accuracy "
+              "| via-assistant accuracy | difference (points) | verdict |",
+              "|---|---|---|---|---:|---:|---:|---|"]
+    for row in progressive:
+        difference = (f"{points(row['difference_mean'], row['difference_std'])} ({row['paired_seeds']} paired)"
+                      if row["direct"] else "n/a")
+        lines.append(f"| {row['student']} | {row['assistant']} ({fmt(row['assistant_params'], ',')}, "
+                     f"{fmt(row['assistant_accuracy'], '.4f')}) | {fmt(row['teacher_params'], ',')}, "
+                     f"{fmt(row['teacher_accuracy'], '.4f')} | {row['direct'] or 'none'} "
+                     f"| {_pm(row['direct_accuracy_mean'], row['direct_accuracy_std'])} "
+                     f"| {_pm(row['via_accuracy_mean'], row['via_accuracy_std'])} | {difference} | {row['verdict']} |")
+    lines.append("")
+    for row in progressive:
+        if row["direct"]:
+            lines.append(f"- **{row['student']}** ({fmt(row['student_params'], ',')} parameters) through "
+                         f"**{row['assistant']}** ({fmt(row['assistant_params'], ',')}) vs **{row['direct']}** "
+                         f"directly from the teacher ({fmt(row['teacher_params'], ',')}): "
+                         f"{points(row['difference_mean'], row['difference_std'])} points over "
+                         f"{row['paired_seeds']} paired seeds: {row['verdict']}.")
+        else:
+            lines.append(f"- **{row['student']}** through **{row['assistant']}**: no student with the same "
+                         "architecture, budget and loss is taught directly by the teacher, so there is nothing "
+                         "to compare with.")
+    return lines

@@ -1,0 +1,142 @@
+"""Reading what `kd distill` and `kd eval` wrote for each student, the same way for every task.
+
+A student's directory holds `metrics.json` and `plots/*.csv` (from `kd eval`), its config
+record and `train_log.csv` (from `kd distill`) and `baseline/<record>` for its twin. A teacher
+assistant's directory holds `config.json` and its own cache's `outputs/manifest.json`.
+Anything missing or malformed is refused with one line naming the file and the command to rerun.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import InputError, MissingInputError
+from pipeline.files import read_json
+from pipeline.metrics import METRICS_FILE, PLOTS_DIR
+from pipeline.report.scores import Score
+
+SEEDS_FILE = "seeds.csv"
+
+
+@dataclass
+class StudentResult:
+    name: str
+    directory: Path
+    metrics: dict[str, Any]
+    config: dict[str, Any]
+    baseline_config: dict[str, Any]
+    log: list[dict[str, float]]  # train_log.csv: one dict per epoch
+    seeds: dict[str, dict[str, float]] = field(default_factory=dict)  # seeds.csv: seed -> {KEY, baseline_KEY}
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """The StudentConfig the checkpoint was trained with, as a dict."""
+        return self.config.get("student") or {}
+
+
+def needed(score: Score) -> tuple[str, ...]:
+    """The metrics.json keys the report reads for a student of this task."""
+    columns = [c for c in score.columns if c not in ("student", score.change_column)]
+    return (*columns, score.baseline_key, score.teacher_key, "teacher_params", f"{score.baseline_key}_mean",
+            f"{score.baseline_key}_std")
+
+
+def student_dirs(students_dir: Path) -> list[str]:
+    """Names of the trained students under `students_dir` (directories holding a config.json)."""
+    if not students_dir.is_dir():
+        return []
+    return sorted(p.name for p in students_dir.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and not p.name.endswith(".tmp")
+                  and (p / "config.json").is_file())
+
+
+def load_student(students_dir: Path, name: str, score: Score) -> StudentResult:
+    directory = Path(students_dir) / name
+    if not directory.is_dir():
+        raise MissingInputError(f"{directory}: student {name!r} not found (run `kd distill {name}` and `kd eval {name}`)")
+    metrics_path = directory / METRICS_FILE
+    if not metrics_path.is_file():
+        raise MissingInputError(f"{metrics_path}: not found; student {name!r} is not evaluated (run `kd eval {name}`)")
+    metrics = read_json(metrics_path)
+    if not isinstance(metrics, dict):
+        raise InputError(f"{metrics_path}: expected a JSON object (run `kd eval {name}` again)")
+    if metrics.get("objective") != score.objective:
+        raise InputError(f"{metrics_path}: a student of objective {metrics.get('objective')!r}, the cache's students "
+                         f"have {score.objective!r} (run `kd eval {name}` on this cache)")
+    missing = [key for key in needed(score) if key not in metrics]
+    if missing:
+        raise InputError(f"{metrics_path}: missing key {missing[0]!r} (run `kd eval {name}` again)")
+    record, baseline_record = directory / score.record, directory / "baseline" / score.record
+    for path in (record, baseline_record, directory / "train_log.csv"):
+        if not path.is_file():
+            raise MissingInputError(f"{path}: not found (run `kd distill {name}`)")
+    return StudentResult(name, directory, metrics, read_json(record), read_json(baseline_record),
+                         read_log(directory / "train_log.csv"),
+                         read_seeds(directory / PLOTS_DIR / SEEDS_FILE, name, metrics["seeds"], score))
+
+
+def read_log(path: Path) -> list[dict[str, float]]:
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "epoch" not in rows[0] or "total" not in rows[0]:
+        raise InputError(f"{path}: expected a training log with columns epoch and total")
+    try:
+        return [{k: float(v) for k, v in row.items()} for row in rows]
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{path}: a value is not a number ({exc})") from None
+
+
+def read_seeds(path: Path, name: str, count: int, score: Score) -> dict[str, dict[str, float]]:
+    """seeds.csv of `kd eval`: seed -> {KEY, baseline_KEY} (read from the task's seeds_columns);
+    `count` rows, as metrics.json says."""
+    rows = read_plot_csv(path, name)
+    student, baseline = score.seeds_columns
+    try:
+        seeds = {row["seed"]: {score.key: float(row[student]), score.baseline_key: float(row[baseline])}
+                 for row in rows}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{path}: expected columns seed, {student}, {baseline} with numbers ({exc}); "
+                         f"run `kd eval {name}` again") from None
+    if len(seeds) != len(rows) or len(rows) != count:
+        raise InputError(f"{path}: {len(rows)} rows ({len(seeds)} distinct seeds), but its metrics.json counts "
+                         f"{count} seeds; run `kd eval {name}` again")
+    return seeds
+
+
+def read_plot_csv(path: Path, name: str) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise MissingInputError(f"{path}: not found (run `kd eval {name}`)")
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def plot_table(result: StudentResult, file: str) -> list[dict[str, str]]:
+    """plots/<file> of a student, as written by `kd eval`."""
+    return read_plot_csv(result.directory / PLOTS_DIR / file, result.name)
+
+
+def assistant_info(assistants: Path | None, name: str) -> dict[str, Any]:
+    """An assistant's parameter count (its config.json) and test accuracy (its own cache's
+    fidelity statistics); None for what is not there."""
+    info: dict[str, Any] = {"params": None, "accuracy": None}
+    if assistants is None:
+        return info
+    config_path = Path(assistants) / name / "config.json"
+    manifest_path = Path(assistants) / name / "outputs" / "manifest.json"
+    if config_path.is_file():
+        info["params"] = read_json(config_path).get("params")
+    if manifest_path.is_file():
+        info["accuracy"] = read_json(manifest_path).get("fidelity", {}).get("test", {}).get("teacher_accuracy")
+    return info
+
+
+def plot_numbers(result: StudentResult, file: str) -> list[dict[str, float]]:
+    """plots/<file> of a student, every value a number."""
+    path = result.directory / PLOTS_DIR / file
+    try:
+        return [{k: float(v) for k, v in row.items()} for row in plot_table(result, file)]
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{path}: a value is not a number ({exc}); run `kd eval {result.name}` again") from None
