@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -32,7 +33,7 @@ from pipeline import parallel, tasks
 from pipeline.cache import Cache, Teacher, label
 from pipeline.config import LabelConfig, StudentConfig, as_dict
 from pipeline.errors import MissingInputError
-from pipeline.files import read_json, staging_dir, swap_into_place, write_json
+from pipeline.files import read_json, replacing, write_json
 from pipeline.methods import Built, Shapes, needed_temperatures, student_layers, student_terms
 from pipeline.metrics import SEEDS_DIR
 from pipeline.models import fingerprint
@@ -88,31 +89,30 @@ def train_student(cfg: StudentConfig, cache: Cache, prepared: Path, out: Path, b
     dataset = task.rows(cache, prepared, cfg, memory_mb)
     teacher_specs = {layer: cache.feature_spec(layer) for layer in layers}
     main = parallel.is_main()
-    staging = staging_dir(out) if main else None
-    if main:
-        (staging / SEEDS_DIR).mkdir()  # always there (empty for one seed): a DVC output
     summary: dict[str, Any] = {"twin_loss": task.TWIN_LOSS, "seeds": [], "twins": []}
-    for repeat in range(cfg.repeats):
-        seed_cfg = dataclasses.replace(cfg, seed=cfg.seed + repeat)
-        checkpoint = _checkpoint(checkpoints, f"{cfg.name}-seed{seed_cfg.seed}",
-                                 {"student": as_dict(seed_cfg), "cache": cache.manifest.get("key"),
-                                  "teacher": cache.manifest["teacher"]["fingerprint"]})
-        model, log = train_model(task, seed_cfg, cache, prepared, dataset, f"distill {cfg.name} seed {seed_cfg.seed}",
-                                 progress, teacher_specs, checkpoint)
-        record = _record(seed_cfg, cache)
-        twin, reused = _twin(task, seed_cfg, cache, prepared, baselines, record, dataset, progress, checkpoints)
+    with replacing(out) if main else nullcontext() as staging:  # rank 0 writes, swapped in whole at the end
         if main:
-            target = staging if repeat == 0 else staging / SEEDS_DIR / str(seed_cfg.seed)
-            task.save(target, model, seed_cfg, cache, record, prepared)
-            write_log(target / "train_log.csv", log)
-            shutil.copytree(twin, target / "baseline")
-        summary["seeds"].append(seed_cfg.seed)
-        summary["twins"].append((twin.name, reused))
-        summary.setdefault("final", log[-1])
-        summary.setdefault("epochs", len(log))
-        summary.setdefault("baseline_final", _last_row(twin / "train_log.csv") if main else None)
+            (staging / SEEDS_DIR).mkdir()  # always there (empty for one seed): a DVC output
+        for repeat in range(cfg.repeats):
+            seed_cfg = dataclasses.replace(cfg, seed=cfg.seed + repeat)
+            checkpoint = _checkpoint(checkpoints, f"{cfg.name}-seed{seed_cfg.seed}",
+                                     {"student": as_dict(seed_cfg), "cache": cache.manifest.get("key"),
+                                      "teacher": cache.manifest["teacher"]["fingerprint"]})
+            model, log = train_model(task, seed_cfg, cache, prepared, dataset,
+                                     f"distill {cfg.name} seed {seed_cfg.seed}", progress, teacher_specs, checkpoint)
+            record = _record(seed_cfg, cache)
+            twin, reused = _twin(task, seed_cfg, cache, prepared, baselines, record, dataset, progress, checkpoints)
+            if main:
+                target = staging if repeat == 0 else staging / SEEDS_DIR / str(seed_cfg.seed)
+                task.save(target, model, seed_cfg, cache, record, prepared)
+                write_log(target / "train_log.csv", log)
+                shutil.copytree(twin, target / "baseline")
+            summary["seeds"].append(seed_cfg.seed)
+            summary["twins"].append((twin.name, reused))
+            summary.setdefault("final", log[-1])
+            summary.setdefault("epochs", len(log))
+            summary.setdefault("baseline_final", _last_row(twin / "train_log.csv") if main else None)
     if main:
-        swap_into_place(staging, out)
         for repeat in range(cfg.repeats):
             _done(checkpoints, f"{cfg.name}-seed{cfg.seed + repeat}")
     parallel.barrier()  # every rank returns once the student is in place
@@ -147,11 +147,10 @@ def _twin(task: ModuleType, cfg: StudentConfig, cache: Cache, prepared: Path, ba
     twin, log = train_model(task, cfg, cache, prepared, task.twin_rows(cache, prepared, cfg, transfer),
                             f"baseline {cfg.name} seed {cfg.seed}", progress, checkpoint=checkpoint)
     if parallel.is_main():
-        tmp = staging_dir(twin_dir)
-        task.save(tmp, twin, cfg, cache, {**record, "student": None, "baseline_of": as_dict(cfg),
-                                          "twin_key": twin_dir.name}, prepared)
-        write_log(tmp / "train_log.csv", log)
-        swap_into_place(tmp, twin_dir)
+        with replacing(twin_dir) as tmp:
+            task.save(tmp, twin, cfg, cache, {**record, "student": None, "baseline_of": as_dict(cfg),
+                                              "twin_key": twin_dir.name}, prepared)
+            write_log(tmp / "train_log.csv", log)
         if checkpoint is not None:
             checkpoint.unlink(missing_ok=True)
     return twin_dir, False
