@@ -277,7 +277,7 @@ def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, s
     teacher = cache.manifest["teacher"]["config"].get("metrics", {}).get("perplexity")
 
     def perplexity(logits: torch.Tensor, truth: torch.Tensor) -> float:
-        return math.exp(float(F.cross_entropy(logits, truth)))
+        return math.exp(float(F.cross_entropy(logits, truth, reduction="none").mean()))
 
     def keys(student: float, twin: float, losses: dict[str, torch.Tensor], soft: SoftTargets) -> dict[str, Any]:
         return {"perplexity": student, "baseline_perplexity": twin, "teacher_perplexity": teacher,
