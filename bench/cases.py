@@ -31,9 +31,12 @@ from bench.timing import interleave, medians, paired_ratio, ratio, seconds
 from pipeline import config, features, losses, sources
 from pipeline.prepared import images as data
 from pipeline.cache import Cache, Teacher, label, layout, lse_column, writer
-from pipeline.cache.inputs import Batch
 from pipeline.config import SPLITS, LabelConfig, PrepareConfig, StudentConfig, TeacherConfig
-from pipeline.distill import Built, Shapes, probe_shapes, student_layers, student_terms, train_model
+from pipeline.distill import train_model
+from pipeline.methods import Built, Shapes, student_layers, student_terms
+from pipeline.tasks import Batch
+from pipeline.tasks import image as image_task
+from pipeline.tasks.image import probe_shapes
 from pipeline.errors import CacheMissingError
 from pipeline.loader import TransferSet, needed_temperatures, transfer_set
 from pipeline.models import build, fingerprint, load_model, save_model
@@ -189,10 +192,10 @@ def _train(cfg: StudentConfig, dataset, input_shape: list[int], num_classes: int
     return statistics.fmean(row["seconds"] for row in log)
 
 
-def _library_train(cfg, dataset, input_shape, num_classes, teacher_specs) -> float:
+def _library_train(cfg, dataset, cache, prepared, teacher_specs) -> float:
     """Mean epoch seconds of `distill.train_model`, the code path of `kd distill` (teacher_specs
     None: the baseline twin's hard-label-only training)."""
-    _, log = train_model(cfg, dataset, input_shape, num_classes, "none", "bench", False, teacher_specs)
+    _, log = train_model(image_task, cfg, cache, prepared, dataset, "bench", False, teacher_specs)
     return statistics.fmean(row["seconds"] for row in log)
 
 
@@ -261,9 +264,9 @@ def student_from_cache(ws: Workspace, students: list[str], repeats: int, online_
             hard_cfg.threshold if hard_cfg is not None and hard_cfg.pseudo else None)
 
         sides = {
-            "cache": lambda: _library_train(cfg, cached, shape, classes, teacher_specs),
-            "hard_labels": lambda: _library_train(cfg, hard, shape, classes, None),
-            "cache_streaming": lambda: _library_train(cfg, streaming, shape, classes, teacher_specs),
+            "cache": lambda: _library_train(cfg, cached, cache, ws.prepared, teacher_specs),
+            "hard_labels": lambda: _library_train(cfg, hard, cache, ws.prepared, None),
+            "cache_streaming": lambda: _library_train(cfg, streaming, cache, ws.prepared, teacher_specs),
         }
         if cfg.loss.soft is not None:
             sides["cache_without_soft"] = lambda: _train(cfg, cached, shape, classes, teacher_specs, "drop")

@@ -30,7 +30,10 @@ from pipeline import config, losses  # noqa: E402
 from pipeline.prepared import images as data  # noqa: E402
 from pipeline.cache import Cache, label  # noqa: E402
 from pipeline.config import SPLITS  # noqa: E402
-from pipeline.distill import Shapes, probe_shapes, student_layers, student_terms  # noqa: E402
+from pipeline.distill import train_model  # noqa: E402
+from pipeline.methods import Shapes, student_layers, student_terms  # noqa: E402
+from pipeline.tasks import image as image_task  # noqa: E402
+from pipeline.tasks.image import probe_shapes  # noqa: E402
 from pipeline.loader import TransferSet, needed_temperatures, transfer_set  # noqa: E402
 from pipeline.models import build  # noqa: E402
 from pipeline.training import hard_label_loss, step  # noqa: E402
@@ -143,11 +146,10 @@ def main(out: Path = typer.Option(REPO / "bench" / "profiles"), params: Path = t
         hard_terms = {"hard": (1.0, hard_label_loss)}
         summary["ops_per_step"] = {"cache": ops_per_step(model(), cached, built.terms),
                                    "hard_labels": ops_per_step(model(), hard, hard_terms)}
-        from pipeline.distill import train_model
         summary["epoch_cache"] = profiled("epoch_cache", lambda: train_model(
-            epochs, cached, shape, classes, "none", "p", False, {}), out)
+            image_task, epochs, cache, ws.prepared, cached, "p", False, {}), out)
         summary["epoch_hard_labels"] = profiled("epoch_hard_labels", lambda: train_model(
-            epochs, hard, shape, classes, "none", "p", False, None), out)
+            image_task, epochs, cache, ws.prepared, hard, "p", False, None), out)
         summary["loss_alone"] = _loss_alone(cached, soft)
 
         reader_prepared, reader_root, _ = cases.reader_workspace(root, params, reader_rows)

@@ -16,7 +16,14 @@ from typing import Any
 
 import yaml
 
+from pipeline import methods
 from pipeline.errors import ConfigError, MissingInputError
+from pipeline.methods.attention import AttentionTerm
+from pipeline.methods.cosine import CosineTerm
+from pipeline.methods.hard import HardTerm
+from pipeline.methods.hint import HintTerm
+from pipeline.methods.rkd import RKDTerm
+from pipeline.methods.soft import SoftTerm
 
 SECTIONS = ("prepare", "teacher", "label", "assistants", "students", "text_students", "mlm_students", "eval")
 # `text_students` and `mlm_students` are `students` under other names, for params_text.yaml and
@@ -24,7 +31,6 @@ SECTIONS = ("prepare", "teacher", "label", "assistants", "students", "text_stude
 # merge sections of one name.
 STUDENT_SECTIONS = ("students", "text_students", "mlm_students")
 FEATURE_MODES = ("full", "pooled", "attention")
-TAIL_MODES = ("bucket", "renorm")
 LOGIT_DTYPES = ("float16", "float32")
 SPLITS = ("labeled", "unlabeled", "test")
 
@@ -107,65 +113,6 @@ class LabelConfig:
 
 
 @dataclass
-class SoftTerm:
-    """Hinton soft targets: weight * T^2 * KL(teacher_T || student_T) over the transfer set."""
-
-    weight: float = 0.9
-    temperature: float = 4
-    tail: str = "bucket"  # how the mass outside the cached top-k is treated
-
-
-@dataclass
-class HardTerm:
-    """Cross-entropy on hard labels: true labels and/or the teacher's argmax (pseudo-labels)."""
-
-    weight: float = 0.1
-    labels: bool = True  # true labels of the labeled split
-    pseudo: bool = False  # teacher argmax on the unlabeled split
-    threshold: float = 0.0  # keep a pseudo-label only if the teacher's p(top-1) at T=1 >= this
-
-
-@dataclass
-class HintTerm:
-    """FitNets: MSE between regressor(student layer) and a cached teacher layer (mode full)."""
-
-    teacher_layer: str = ""
-    student_layer: str = ""
-    weight: float = 1.0
-
-
-@dataclass
-class AttentionTerm:
-    """Attention transfer over [teacher layer, student layer] pairs (Zagoruyko & Komodakis).
-
-    The default weight is their beta / 2 with beta = 1000.
-    """
-
-    pairs: list[list[str]] = field(default_factory=list)
-    p: float = 2
-    weight: float = 500.0
-
-
-@dataclass
-class RKDTerm:
-    """Relational KD (Park et al.): distance and angle structure of a batch's embeddings."""
-
-    teacher_layer: str = ""  # cached as pooled (or full)
-    student_layer: str = ""
-    distance: float = 25.0  # weights of Park et al.
-    angle: float = 50.0
-
-
-@dataclass
-class CosineTerm:
-    """DistilBERT's alignment: 1 - cos(projection(student layer), teacher layer)."""
-
-    teacher_layer: str = ""  # cached as pooled (or full)
-    student_layer: str = ""
-    weight: float = 1.0
-
-
-@dataclass
 class LossConfig:
     soft: SoftTerm | None = None
     hard: HardTerm | None = None
@@ -175,24 +122,15 @@ class LossConfig:
     cosine: CosineTerm | None = None
 
     def teacher_layers(self, where: str) -> dict[str, tuple[str, ...]]:
-        """Teacher layer -> the cache modes that serve every term using it (preferred first)."""
-        wanted: list[tuple[str, str, tuple[str, ...]]] = []
-        if self.hint is not None:
-            wanted.append((self.hint.teacher_layer, "hint", ("full",)))
-        if self.attention is not None:
-            modes = ("attention", "full") if self.attention.p == 2 else ("full",)
-            wanted += [(pair[0], "attention", modes) for pair in self.attention.pairs]
-        for name in ("rkd", "cosine"):
-            term = getattr(self, name)
-            if term is not None:
-                wanted.append((term.teacher_layer, name, ("pooled", "full")))
+        """Teacher layer -> the cache modes that serve every method using it (preferred first)."""
         layers: dict[str, tuple[str, ...]] = {}
-        for layer, term, modes in wanted:
-            both = tuple(m for m in layers.get(layer, modes) if m in modes)
-            if not both:
-                raise ConfigError(f"{where}.loss.{term}: teacher layer {layer!r} is needed in modes "
-                                  f"{layers[layer]} by another term and {modes} by this one")
-            layers[layer] = both
+        for name, term in methods.chosen(self).items():
+            for layer, modes in term.teacher_layers():
+                both = tuple(m for m in layers.get(layer, modes) if m in modes)
+                if not both:
+                    raise ConfigError(f"{where}.loss.{name}: teacher layer {layer!r} is needed in modes "
+                                      f"{layers[layer]} by another term and {modes} by this one")
+                layers[layer] = both
         return layers
 
 
@@ -234,48 +172,17 @@ class StudentConfig:
                 raise ConfigError(f"{where}.transfer: {split!r} must be 'labeled' or 'unlabeled'")
         if not self.transfer:
             raise ConfigError(f"{where}.transfer: must name at least one split")
-        soft, hard = self.loss.soft, self.loss.hard
-        terms = [f.name for f in dataclasses.fields(self.loss) if getattr(self.loss, f.name) is not None]
+        terms = methods.chosen(self.loss)
         if not terms:
-            raise ConfigError(f"{where}.loss: needs at least one term "
-                              f"({', '.join(f.name for f in dataclasses.fields(self.loss))})")
-        if soft is not None:
-            if soft.temperature <= 0:
-                raise ConfigError(f"{where}.loss.soft.temperature: {soft.temperature} must be > 0")
-            if soft.tail not in TAIL_MODES:
-                raise ConfigError(f"{where}.loss.soft.tail: {soft.tail!r} must be one of {TAIL_MODES}")
-        for term_name, term in (("soft", soft), ("hard", hard)):
-            if term is not None and not 0.0 <= term.weight <= 1.0:
-                raise ConfigError(f"{where}.loss.{term_name}.weight: {term.weight} must be in [0, 1]")
-        for term_name in ("hint", "rkd", "cosine"):
-            term = getattr(self.loss, term_name)
-            if term is not None:
-                for key in ("teacher_layer", "student_layer"):
-                    if not getattr(term, key):
-                        raise ConfigError(f"{where}.loss.{term_name}.{key}: missing (a layer name)")
-        attention = self.loss.attention
-        if attention is not None:
-            if not attention.pairs or any(len(pair) != 2 for pair in attention.pairs):
-                raise ConfigError(f"{where}.loss.attention.pairs: {attention.pairs!r} must be a list of "
-                                  "[teacher_layer, student_layer] pairs")
-            if attention.p <= 0:
-                raise ConfigError(f"{where}.loss.attention.p: {attention.p} must be > 0")
-        for term_name, key in (("hint", "weight"), ("attention", "weight"), ("cosine", "weight"),
-                               ("rkd", "distance"), ("rkd", "angle")):
-            term = getattr(self.loss, term_name)
-            if term is not None and getattr(term, key) < 0:
-                raise ConfigError(f"{where}.loss.{term_name}.{key}: {getattr(term, key)} must be >= 0")
+            raise ConfigError(f"{where}.loss: needs at least one term ({', '.join(methods.METHODS)})")
+        for name, term in terms.items():
+            term.check(f"{where}.loss.{name}")
         if self.repeats < 1:
             raise ConfigError(f"{where}.repeats: {self.repeats} must be >= 1")
         if self.assistant is not None and self.loss.teacher_layers(where):
             raise ConfigError(f"{where}.assistant: an assistant's cache holds no features; feature terms "
                               "(hint, attention, rkd, cosine) learn from the teacher's cache only")
         self.loss.teacher_layers(where)  # conflicting modes for one teacher layer
-        if hard is not None:
-            if not (hard.labels or hard.pseudo):
-                raise ConfigError(f"{where}.loss.hard: set labels and/or pseudo to true")
-            if not 0.0 <= hard.threshold < 1.0:
-                raise ConfigError(f"{where}.loss.hard.threshold: {hard.threshold} must be in [0, 1)")
         check_budget(where, self)
 
 

@@ -4,8 +4,10 @@
 own names: n_layer/n_head/n_embd for gpt2; num_hidden_layers/hidden_size/num_attention_heads/
 intermediate_size for bert) and the prepared tokenizer's size. `fit` trains it on token blocks
 (AdamW, one-cycle schedule, batches a pure function of (seed, epoch), as `training.fit`);
-`evaluate` gives perplexity (causal) or masked-token accuracy (masked); `train_teacher` is
-`kd teacher` on text data. A model is kept as a
+`evaluate` gives its loss and its task's score; `train_teacher` is `kd teacher` on text data.
+What depends on the objective (the inputs and labels of a batch, the head, the score, the
+Auto class) is asked of the model's task (`pipeline.tasks.causal_lm` / `masked_lm`). A model
+is kept as a
 Hugging Face directory: `model.safetensors`, `config.json` (+ `generation_config.json`) and the
 `tokenizer.json` it reads, loaded with `from_pretrained(local_files_only=True,
 use_safetensors=True)`, so any local HF causal/masked LM directory loads the same way and no
@@ -27,8 +29,8 @@ import torch.nn.functional as F
 import transformers
 from safetensors import SafetensorError
 from tqdm import tqdm
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, BertForMaskedLM,
-                          GPT2Config, GPT2LMHeadModel, PretrainedConfig, PreTrainedModel)
+from transformers import (AutoConfig, BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, PretrainedConfig,
+                          PreTrainedModel)
 
 from pipeline.prepared import tokens as text
 from pipeline.config import TeacherConfig, as_dict
@@ -167,33 +169,21 @@ def apply_masks(tokens: torch.Tensor, positions: torch.Tensor, seen: torch.Tenso
     return tokens.scatter(1, positions.long(), seen.to(tokens.dtype))
 
 
-def lm_inputs(tokens: torch.Tensor, kind: str, special: SpecialIds, vocab_size: int,
-              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blocks (B, L) -> (inputs (B, L), labels (B, L)): the label at each position is the token
-    its logits predict, -100 where nothing is predicted.
+def _task(model: PreTrainedModel | PretrainedConfig) -> Any:
+    """The task module of a model's objective (`pipeline.tasks`): what it predicts and how it is scored."""
+    from pipeline import tasks  # (the tasks import this module)
 
-    causal: position t predicts token t + 1 (the last predicts nothing); masked: the chosen
-    positions predict the original token (the generator draws the masks).
-    """
-    if kind == "masked":
-        return mask_tokens(tokens, special, vocab_size, generator)
-    labels = torch.full_like(tokens, -100)
-    labels[:, :-1] = tokens[:, 1:]
-    return tokens, labels
+    return tasks.get(tasks.OBJECTIVES[objective(model)])
 
 
 def token_losses(model: PreTrainedModel, inputs: torch.Tensor,
                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per predicted token: (cross-entropy (P,), the model's argmax (P,), the target (P,)).
 
-    A BERT's head runs on the masked positions only (about 15% of them): the same numbers,
-    a fraction of the head's cost, which dominates at a small width and a large vocabulary."""
+    The task gives the logits of the predicted positions (a BERT's head runs on the masked ones
+    only: the same numbers, a fraction of the head's cost)."""
     keep = labels != -100
-    if objective(model) == "masked" and hasattr(model, "cls"):
-        hidden = model.base_model(input_ids=inputs, attention_mask=torch.ones_like(inputs)).last_hidden_state
-        logits = model.cls(hidden[keep])  # (P, V)
-    else:
-        logits = model(input_ids=inputs).logits[keep]  # (P, V)
+    logits = _task(model).token_logits(model, inputs, keep)  # (P, V)
     targets = labels[keep]
     return F.cross_entropy(logits, targets, reduction="none"), logits.argmax(-1), targets
 
@@ -204,7 +194,7 @@ def token_losses(model: PreTrainedModel, inputs: torch.Tensor,
 def fit(model: PreTrainedModel, tokens: torch.Tensor, special: SpecialIds, *, epochs: int, batch_size: int,
         lr: float, weight_decay: float, seed: int, desc: str = "lm", progress: bool = True) -> list[dict[str, float]]:
     """Train on blocks (N, L) in place; the per-epoch log (mean loss per predicted token)."""
-    kind = objective(model)
+    task = _task(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
     steps = epochs * math.ceil(len(tokens) / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
@@ -216,7 +206,7 @@ def fit(model: PreTrainedModel, tokens: torch.Tensor, special: SpecialIds, *, ep
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # the order and the masks
         total, count = 0.0, 0
         for rows in torch.randperm(len(tokens), generator=g).split(batch_size):
-            losses, _, _ = token_losses(model, *lm_inputs(tokens[rows], kind, special, model.config.vocab_size, g))
+            losses, _, _ = token_losses(model, *task.lm_inputs(tokens[rows], special, model.config.vocab_size, g))
             if not len(losses):  # a masked batch with nothing chosen
                 continue
             loss = losses.mean()
@@ -238,11 +228,11 @@ def fit(model: PreTrainedModel, tokens: torch.Tensor, special: SpecialIds, *, ep
 
 def evaluate(model: PreTrainedModel, tokens: torch.Tensor, special: SpecialIds, batch_size: int,
              seed: int) -> dict[str, float]:
-    """causal: loss and perplexity per predicted token; masked: loss and accuracy on the masked
-    tokens, the masks drawn from `seed` (the same masks every run)."""
-    kind = objective(model)
+    """The loss per predicted token and the task's score of it (causal: perplexity; masked:
+    accuracy on the masked tokens, the masks drawn from `seed`: the same masks every run)."""
+    task = _task(model)
     # every mask drawn at once: the same masks whatever the batch size
-    inputs, labels = lm_inputs(tokens, kind, special, model.config.vocab_size, torch.Generator().manual_seed(seed))
+    inputs, labels = task.lm_inputs(tokens, special, model.config.vocab_size, torch.Generator().manual_seed(seed))
     model.eval()
     total, correct, count = 0.0, 0, 0
     with torch.no_grad():
@@ -254,17 +244,7 @@ def evaluate(model: PreTrainedModel, tokens: torch.Tensor, special: SpecialIds, 
     if count == 0:
         raise InputError("no token to evaluate on (an empty split?)")
     loss = total / count
-    if kind == "causal":
-        return {"loss": loss, "perplexity": math.exp(loss)}
-    return {"loss": loss, "masked_accuracy": correct / count}
-
-
-def unigram_perplexity(train: np.ndarray, test: np.ndarray, vocab_size: int) -> float:
-    """Perplexity on test[:, 1:] (the tokens a causal LM predicts) of the labeled split's token
-    frequencies, add-one smoothed: the bar a model that ignores context would reach."""
-    counts = np.bincount(train.reshape(-1), minlength=vocab_size) + 1.0
-    log_p = np.log(counts / counts.sum())
-    return float(np.exp(-log_p[test[:, 1:].reshape(-1)].mean()))
+    return {"loss": loss, **task.lm_score(loss, correct / count)}
 
 
 def train_teacher(cfg: TeacherConfig, prepared: Path, *,
@@ -285,11 +265,7 @@ def train_teacher(cfg: TeacherConfig, prepared: Path, *,
     kind = objective(model)
     metrics = {"objective": kind, "test_loss": scores["loss"], "train_loss": log[-1]["loss"], "epochs": len(log),
                "params": count_params(model), "train_tokens": int(train.size), "test_tokens": int(test.size)}
-    if kind == "causal":
-        metrics |= {"perplexity": scores["perplexity"],
-                    "unigram_perplexity": unigram_perplexity(train, test, info["vocab_size"])}
-    else:
-        metrics["masked_accuracy"] = scores["masked_accuracy"]
+    metrics |= _task(model).teacher_scores(scores, train, test, info["vocab_size"])
     provenance = {"arch": cfg.arch, "arch_kwargs": cfg.arch_kwargs, "objective": kind, "training": as_dict(cfg),
                   "data": {k: info[k] for k in ("dataset", "block_size", "vocab_size", "tokenizer_sha256")}}
     return model, provenance, metrics
@@ -315,8 +291,7 @@ def load(directory: Path) -> PreTrainedModel:
             raise MissingInputError(f"{directory / name}: not found (expected a Hugging Face model directory)")
     try:
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
-        auto = AutoModelForMaskedLM if objective(config) == "masked" else AutoModelForCausalLM
-        model = auto.from_pretrained(directory, local_files_only=True, use_safetensors=True)
+        model = _task(config).AUTO_MODEL.from_pretrained(directory, local_files_only=True, use_safetensors=True)
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise InputError(f"{directory}: cannot load the model ({str(exc).splitlines()[0]})") from None
     model.eval()

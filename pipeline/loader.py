@@ -1,6 +1,12 @@
-"""Feeding a student: prepared inputs lined up with the cached teacher targets.
+"""Feeding a student: prepared samples lined up with their cache rows, for every task.
 
-Two ways to serve the same rows, chosen by size against a memory budget:
+`read_rows` is the one reader of cache rows for training: it reads only the columns and
+arrays the student's methods ask for (the top-k, the lse of their temperatures, the cached
+layers), checks that the rows belong to the prepared samples (ids, in order) and gives
+`CacheRows`, whose `targets` are the per-row batch keys the loss terms read. `hard_labels`
+states once what `loss.hard` means for a row.
+
+Image samples are served in one of two ways, chosen by size against a memory budget:
 - `TransferSet`: everything the student needs in memory (the default when it fits);
 - `StreamingSet`: cache parts in a shuffled order through a shuffle buffer, so memory
   stays bounded by the buffer whatever the number of rows.
@@ -24,8 +30,70 @@ from pipeline.prepared import images as data
 from pipeline.cache import Cache, SoftTargets
 from pipeline.config import StudentConfig
 from pipeline.errors import StaleCacheError
+from pipeline.methods import needed_temperatures
+from pipeline.methods.hard import HardTerm
+from pipeline.training import Batch
 
-Batch = dict[str, torch.Tensor]
+
+@dataclass
+class CacheRows:
+    """What the cache gives a training step, row for row in cache order (sample-major)."""
+
+    ids: np.ndarray  # (R,) int64: each row's sample id, checked against the prepared split
+    row: torch.Tensor  # (R,) int64: the row's index over the student's transfer splits
+    topk_idx: torch.Tensor  # (R, k) int64
+    topk_logit: torch.Tensor  # (R, k) float32, max-shifted as cached
+    lse: dict[float, torch.Tensor]  # temperature -> (R,) float32
+    label: torch.Tensor  # (R,) int64: `hard_labels`, -1 for none
+    features: dict[str, torch.Tensor]  # teacher layer -> (R, *shape), float16 as cached
+
+    def targets(self, cfg: StudentConfig) -> dict[str, torch.Tensor]:
+        """The per-row batch keys: row, topk_idx, topk_logit, label, lse (at the soft term's
+        temperature) and teacher.<layer> for each cached layer."""
+        targets = {"row": self.row, "topk_idx": self.topk_idx, "topk_logit": self.topk_logit, "label": self.label}
+        if cfg.loss.soft is not None:
+            targets["lse"] = self.lse[float(cfg.loss.soft.temperature)]
+        return targets | {f"teacher.{layer}": value for layer, value in self.features.items()}
+
+
+def hard_labels(hard: HardTerm | None, truth: np.ndarray, soft: SoftTargets) -> np.ndarray:
+    """The one meaning of `loss.hard`, per cache row: the row's true label where `labels` is on
+    and its truth is known (`truth` >= 0: the labeled split for images; every token for text,
+    whose label is the text itself); otherwise the teacher's argmax where `pseudo` is on and
+    its top-1 probability at T=1 is at least `threshold`; otherwise -1 (no hard label)."""
+    labels = np.full(len(truth), -1, dtype=np.int64)
+    if hard is None:
+        return labels
+    if hard.pseudo:
+        labels = soft.topk_idx[:, 0].astype(np.int64)
+        if hard.threshold > 0:
+            confidence = np.exp(-soft.lse[1.0])  # p(top-1) at T=1: topk_logit[0] is 0 by construction
+            labels[confidence < hard.threshold] = -1
+    if hard.labels:
+        known = truth >= 0
+        labels[known] = truth[known]
+    return labels
+
+
+def read_rows(cache: Cache, cfg: StudentConfig, split: str, source: Path, sample_ids: np.ndarray,
+              truth: np.ndarray, *, parts: list[int] | None = None, row_offset: int = 0) -> CacheRows:
+    """The cache rows of `split` (all, or those of the given consecutive parts) for the prepared
+    samples `sample_ids` read from `source`, each with `cache.views` rows; `truth` (R,) is each
+    row's true label, -1 where unknown. Refuses rows of other samples."""
+    soft = cache.soft_targets(split, needed_temperatures(cfg), parts=parts)
+    if not np.array_equal(soft.ids[::cache.views], sample_ids):
+        raise StaleCacheError(f"{cache.root}: ids of split {split} differ from {source}; run `kd label` again")
+    first_row = cache.split(split)["parts"][parts[0]]["first_row"] if parts else 0
+    features = {}
+    for layer in cfg.loss.teacher_layers(cfg.where):
+        # float16 as cached; terms upcast per batch, which halves the memory of big maps
+        block = cache.feature(split, layer)[first_row:first_row + len(soft.ids)]
+        features[layer] = torch.from_numpy(np.ascontiguousarray(block))
+    return CacheRows(ids=soft.ids, row=torch.arange(row_offset + first_row, row_offset + first_row + len(soft.ids)),
+                     topk_idx=torch.tensor(soft.topk_idx, dtype=torch.long),
+                     topk_logit=torch.tensor(soft.topk_logit, dtype=torch.float32),
+                     lse={t: torch.tensor(v) for t, v in soft.lse.items()},
+                     label=torch.from_numpy(hard_labels(cfg.loss.hard, truth, soft)), features=features)
 
 
 @dataclass
@@ -67,7 +135,7 @@ class TransferSet:
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         n = len(self.x)
         order = torch.randperm(n, generator=g)
-        if views == "cached":
+        if views == "cached" and self.views > 1:  # (a baseline twin's set has view 0 alone)
             view = torch.randint(0, self.views, (n,), generator=g)
         elif views == "fresh":
             view = torch.randint(0, 2**30, (n,), generator=g)
@@ -80,59 +148,24 @@ class TransferSet:
             v = view[rows]
             x = augment.apply_views(self.x[rows], self.ids[rows.numpy()], v.numpy(), self.input_shape,
                                     self.view_seed, self.view_shift)
-            cache_rows = rows * self.views + (v if views == "cached" else 0)
+            cache_rows = rows * self.views + v if views == "cached" else rows * self.views
             batch = {"x": x.view(len(rows), *self.input_shape)}
             for name, target in self.targets.items():
                 batch[name] = target[cache_rows]
             yield batch
 
 
-def needed_temperatures(cfg: StudentConfig) -> list[float]:
-    temps = []
-    if cfg.loss.soft is not None:
-        temps.append(cfg.loss.soft.temperature)
-    if cfg.loss.hard is not None and cfg.loss.hard.pseudo and cfg.loss.hard.threshold > 0:
-        temps.append(1)  # the teacher's top-1 probability at T=1 decides confidence
-    return list(dict.fromkeys(float(t) for t in temps))
-
-
-def hard_labels(cfg: StudentConfig, split: str, y: np.ndarray, soft: SoftTargets, views: int) -> np.ndarray:
-    """Per cache row: the true label (labeled split), the teacher's argmax (pseudo), or -1."""
-    hard = cfg.loss.hard
-    labels = np.full(len(soft.ids), -1, dtype=np.int64)
-    if hard is None:
-        return labels
-    if hard.labels and split == "labeled":
-        labels = np.repeat(y, views)
-    if hard.pseudo and split == "unlabeled":
-        labels = soft.topk_idx[:, 0].astype(np.int64)
-        if hard.threshold > 0:
-            confidence = np.exp(-soft.lse[1.0])  # p(top-1) at T=1: topk_logit[0] is 0 by construction
-            labels[confidence < hard.threshold] = -1
-    return labels
-
-
 def _rows(cache: Cache, prepared: Path, cfg: StudentConfig, split: str, row_offset: int,
           parts: list[int] | None = None) -> TransferSet:
     """The student's rows of one split (or of some of its parts), as an in-memory set."""
     source = prepared / f"{split}.parquet"
-    soft = cache.soft_targets(split, needed_temperatures(cfg), parts=parts)
-    first_row = cache.split(split)["parts"][parts[0]]["first_row"] if parts else 0
-    samples = data.read_rows(source, first_row // cache.views, first_row // cache.views + len(soft.ids) // cache.views)
-    if not np.array_equal(soft.ids[::cache.views], samples.ids):
-        raise StaleCacheError(f"{cache.root}: ids of split {split} differ from {source}; run `kd label` again")
-    targets = {
-        "row": torch.arange(row_offset + first_row, row_offset + first_row + len(soft.ids)),
-        "topk_idx": torch.tensor(soft.topk_idx, dtype=torch.long),
-        "topk_logit": torch.tensor(soft.topk_logit, dtype=torch.float32),
-        "label": torch.from_numpy(hard_labels(cfg, split, samples.y, soft, cache.views)),
-    }
-    if cfg.loss.soft is not None:
-        targets["lse"] = torch.tensor(soft.lse[float(cfg.loss.soft.temperature)])
-    for layer in cfg.loss.teacher_layers(cfg.where):
-        # float16 as cached; terms upcast per batch, which halves the memory of big maps
-        block = cache.feature(split, layer)[first_row:first_row + len(soft.ids)]
-        targets[f"teacher.{layer}"] = torch.from_numpy(np.ascontiguousarray(block))
+    info = cache.split(split)
+    chosen = [info["parts"][i] for i in parts] if parts else info["parts"]
+    first = chosen[0]["first_row"] // cache.views if chosen else 0
+    samples = data.read_rows(source, first, first + sum(p["rows"] for p in chosen) // cache.views)
+    rows = read_rows(cache, cfg, split, source, samples.ids, np.repeat(samples.y, cache.views), parts=parts,
+                     row_offset=row_offset)
+    targets = rows.targets(cfg)
     return TransferSet(x=torch.tensor(samples.x), ids=np.array(samples.ids), input_shape=samples.input_shape,
                        targets=targets, views=cache.views, view_seed=cache.manifest["views"]["seed"],
                        view_shift=cache.manifest["views"]["recipe"]["max_shift"])
@@ -206,16 +239,18 @@ def transfer_set(cache: Cache, prepared: Path, cfg: StudentConfig, memory_mb: fl
     return StreamingSet(cache, prepared, cfg, buffer_samples=buffer)
 
 
-def _bytes_per_sample(cache: Cache, cfg: StudentConfig) -> float:
+def _bytes_per_sample(cache: Cache, cfg: StudentConfig, input_bytes: float | None = None) -> float:
+    """A sample's bytes in memory: its input (an image's float32 values unless given) and its rows."""
     k = cache.manifest["top_k"]
     per_row = k * (8 + 4) + 8 + 8 + 4  # top-k idx (int64) + logits (float32) + label + row + lse
     for layer in cfg.loss.teacher_layers(cfg.where):
         per_row += 2 * math.prod(cache.feature_spec(layer)["shape"])
-    return 4 * math.prod(cache.manifest["input_shape"]) + 8 + cache.views * per_row
+    inputs = 4 * math.prod(cache.manifest["input_shape"]) if input_bytes is None else input_bytes
+    return inputs + 8 + cache.views * per_row
 
 
-def estimated_bytes(cache: Cache, cfg: StudentConfig) -> float:
-    return len(StreamingSet(cache, Path(), cfg, 0)) * _bytes_per_sample(cache, cfg)
+def estimated_bytes(cache: Cache, cfg: StudentConfig, input_bytes: float | None = None) -> float:
+    return len(StreamingSet(cache, Path(), cfg, 0)) * _bytes_per_sample(cache, cfg, input_bytes)
 
 
 def baseline_set(prepared: Path) -> TransferSet:

@@ -1,8 +1,8 @@
 """Student metrics on the test split: quality against labels and teacher, size and speed.
 
 The metric functions are pure (numpy / torch in, floats and arrays out). `evaluate` puts
-them together for one student directory and returns every key of the contract's
-`metrics.json` plus the plot data; `write_eval` writes
+them together for one image student directory and returns every key of the contract's
+`metrics.json` plus the plot data; `write_results` writes (`plot_tables` for an image student)
 
     <student>/plots/per_class.csv     class, student, baseline, support
     <student>/plots/confusion.csv     actual, predicted (one row per test sample; DVC's confusion template)
@@ -451,16 +451,14 @@ def metrics_record(result: dict[str, Any]) -> dict[str, Any]:
     return {key: result[key] for key in (*CONTRACT_KEYS, *PROVENANCE_KEYS, *SEED_KEYS) if key in result}
 
 
-def write_eval(student_dir: Path, result: dict[str, Any]) -> Path:
-    """Write plots/ (swapped in whole) and then metrics.json (atomically); return the latter."""
-    plots = result["plots"]
+def plot_tables(plots: dict[str, Any]) -> dict[str, tuple[list[str], list[dict[str, Any]]]]:
+    """`evaluate`'s plot data as the CSV tables of plots/: file name -> (columns, rows)."""
     records = [{"actual": a, "predicted": p}
                for a, row in enumerate(plots["confusion"]) for p, n in enumerate(row) for _ in range(n)]
-    tables = {"per_class.csv": (["class", "student", "baseline", "support"], plots["per_class"]),
-              "confusion.csv": (["actual", "predicted"], records),
-              "reliability.csv": (["bin", "lower", "upper", "confidence", "accuracy", "count"], plots["reliability"]),
-              "seeds.csv": (["seed", "accuracy", "baseline_accuracy"], plots["seeds"])}
-    return write_results(student_dir, tables, metrics_record(result))
+    return {"per_class.csv": (["class", "student", "baseline", "support"], plots["per_class"]),
+            "confusion.csv": (["actual", "predicted"], records),
+            "reliability.csv": (["bin", "lower", "upper", "confidence", "accuracy", "count"], plots["reliability"]),
+            "seeds.csv": (["seed", "accuracy", "baseline_accuracy"], plots["seeds"])}
 
 
 def write_results(student_dir: Path, tables: dict[str, tuple[list[str], list[dict[str, Any]]]],

@@ -24,13 +24,13 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline import features, parallel
-from pipeline.loader import Batch
-
+Batch = dict[str, torch.Tensor]  # "x" (the model's input) and per-row targets, one row per output row
 Term = Callable[[Batch, dict[str, torch.Tensor]], torch.Tensor]
 
 
 class Dataset(Protocol):
-    """What `fit` trains on: an in-memory `loader.TransferSet` or a `loader.StreamingSet`."""
+    """What `fit` trains on: a task's set of samples with their cache rows (`loader.TransferSet`,
+    `loader.StreamingSet`, a text task's blocks), batches a pure function of (seed, epoch)."""
 
     def __len__(self) -> int: ...
     def batches(self, epoch: int, batch_size: int, seed: int, views: str = "none",
@@ -50,8 +50,9 @@ def step(model: nn.Module, batch: Batch, terms: dict[str, tuple[float, Term]], t
          counts: list[int] | None = None) -> dict[str, torch.Tensor]:
     """One forward pass; every loss term by name (unweighted).
 
-    counts (data-parallel: every rank's rows in this batch): the model runs on this rank's rows,
-    then the outputs and targets of all ranks' rows are gathered, in order, so every term sees
+    counts (data-parallel: every rank's inputs in this batch): the model runs on this rank's
+    inputs, then the output rows (a text model gives several per input) and their targets of
+    all ranks are gathered, in order, so every term sees
     the global batch as in a single process: hard labels (a mean over the labeled rows only)
     and RKD (relations between all rows) included, and a rank without rows still takes part.
     """
@@ -59,8 +60,9 @@ def step(model: nn.Module, batch: Batch, terms: dict[str, tuple[float, Term]], t
         logits = model(batch["x"])
     out = {"logits": logits, **captured}
     if counts is not None:
-        out = {name: parallel.gather_rows(t, counts) for name, t in out.items()}
-        batch = {name: parallel.gather_rows(t, counts) for name, t in batch.items() if name != "x"}
+        rows = parallel.row_counts(len(logits))
+        out = {name: parallel.gather_rows(t, rows) for name, t in out.items()}
+        batch = {name: parallel.gather_rows(t, rows) for name, t in batch.items() if name != "x"}
     return {name: term(batch, out) for name, (_, term) in terms.items()}
 
 
@@ -98,9 +100,10 @@ def fit(
     """Train `model` (and `extra_modules`, e.g. hint regressors) in place with AdamW and a
     one-cycle schedule; return the per-epoch log.
 
-    With `checkpoint`, the full training state is saved there after every epoch and a run
-    that finds one resumes after its last epoch. Batches are a pure function of (seed,
-    epoch), so a resumed run ends with the same weights as an uninterrupted one.
+    With `checkpoint`, the full training state (torch's random stream included, for dropout)
+    is saved there after every epoch and a run that finds one resumes after its last epoch.
+    Batches are a pure function of (seed, epoch), so a resumed run ends with the same weights
+    as an uninterrupted one.
 
     In a process group of N ranks every rank calls `fit` with the same arguments: same
     batches, same number of steps, each rank's gradient covering its slice of every batch
@@ -161,8 +164,10 @@ def fit(
 
 
 def _save(path: Path, model: nn.Module, extra: list[nn.Module], optimizer, schedule, log) -> None:
+    # the random stream too: dropout draws from it, so a resumed run draws what an uninterrupted one would
     state = {"model": model.state_dict(), "extra": [m.state_dict() for m in extra],
-             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "log": log}
+             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "log": log,
+             "rng": torch.get_rng_state()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
@@ -183,6 +188,8 @@ def _restore(state: dict[str, Any], model: nn.Module, extra: list[nn.Module], op
         module.load_state_dict(module_state)
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
+    if "rng" in state:
+        torch.set_rng_state(state["rng"])
     return list(state["log"])
 
 

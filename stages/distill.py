@@ -4,9 +4,10 @@ Never loads the teacher: it reads `data/teacher_outputs/` and `data/prepared/` o
 Writes `data/students/NAME/` (model.safetensors, config.json, train_log.csv) with the
 student's hard-label baseline twin in `baseline/`. Reads `students.NAME` of params.yaml.
 Under `torchrun --nproc-per-node N --no-python kd distill NAME` it trains data-parallel
-(`pipeline.parallel`); rank 0 writes the outputs and prints the summary. On a language model's
-per-token cache it trains a GPT-2 student (causal) or a BERT student with DistilBERT's triple
-loss (masked) and its text-only twin (`pipeline.lm_distill`).
+(`pipeline.parallel`); rank 0 writes the outputs and prints the summary. The cache's task
+(`pipeline.tasks`) decides the student: an image classifier, a GPT-2 on a language model's
+per-token cache (causal) or a BERT with DistilBERT's triple loss (masked), each with its
+baseline twin (for text, the same student on the text alone).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def main(
     baselines: Path = typer.Option(Path("data/baselines"), help="Shared store of baseline twins."),
     checkpoints: Path = typer.Option(Path("data/checkpoints"), help="Per-epoch training state, to resume an "
                                      "interrupted run (removed when training is done)."),
-    memory_mb: float = typer.Option(2048, help="Hold the transfer set in memory up to this size; stream the cache above it."),
+    memory_mb: float = typer.Option(2048, help="Hold the transfer set in memory up to this size; above it an image student streams the cache, a text student is refused."),
     params: Path = PARAMS_OPTION,
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
@@ -47,27 +48,15 @@ def main(
     try:
         cfg = override(student(params, name), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
         source = cache if cfg.assistant is None else assistant_cache(assistants, cfg.assistant)
-        opened = Cache.open(source)
-        if "text" in opened.manifest:  # a language model's per-token cache
-            from pipeline.lm_distill import train_text_student
-
-            text_summary = train_text_student(cfg, opened, prepared, students_dir / name, progress=progress)
-            final, twin = text_summary["final"], text_summary["baseline_final"]
-            terms = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k not in ("epoch", "lr", "seconds"))
-            typer.echo(f"student {name}: seeds {', '.join(map(str, text_summary['seeds']))}, "
-                       f"{text_summary['epochs']} epochs, final (first seed) {terms}; baseline twin "
-                       f"{'masked-LM' if text_summary['objective'] == 'masked' else 'next-token'} loss "
-                       f"{twin['hard']:.4f} -> {students_dir / name}")
-            return
-        summary = train_student(cfg, opened, prepared, students_dir / name, baselines,
+        summary = train_student(cfg, Cache.open(source), prepared, students_dir / name, baselines,
                                 memory_mb=memory_mb, checkpoints=checkpoints, progress=progress)
     finally:
         parallel.finish()
     if rank != 0:
         return
-    final = summary["final"]
+    final, twin = summary["final"], summary["baseline_final"]
     terms = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k not in ("epoch", "lr", "seconds"))
     twins = ", ".join(f"{key} {'reused' if reused else 'trained'}" for key, reused in summary["twins"])
     seeds = ", ".join(map(str, summary["seeds"]))
     typer.echo(f"student {name}: seeds {seeds}, {summary['epochs']} epochs, final (seed {summary['seeds'][0]}) {terms}; "
-               f"baseline twin {twins} -> {students_dir / name}")
+               f"baseline twin {summary['twin_loss']} loss {twin['hard']:.4f} ({twins}) -> {students_dir / name}")

@@ -20,13 +20,12 @@ import os
 
 import typer
 
+from pipeline import tasks
 from pipeline.cache import Teacher, label
 from pipeline.cache.store import location
 from pipeline.cache.verify import format_info, info
 from pipeline.config import LabelConfig, section
 from pipeline.errors import ConfigError
-from pipeline.files import read_json
-from pipeline.models import count_params, fingerprint, load_model
 from stages.common import PARAMS_OPTION, clean_errors, json_option, override
 
 
@@ -81,17 +80,4 @@ def main(
 def load_teacher(directory: Path, arch: str | None, arch_kwargs: dict | None) -> Teacher:
     """Our image teacher (model.safetensors + our config.json), or a Hugging Face language model
     directory (its config.json names a `model_type`), with the fingerprint that identifies it."""
-    config_path = directory / "config.json"
-    hf = config_path.is_file() and "model_type" in read_json(config_path)
-    if not hf:
-        model, config = load_model(directory, arch=arch, arch_kwargs=arch_kwargs)
-        return Teacher(model, fingerprint(directory), config, directory)
-    from pipeline import lm  # (transformers takes seconds to import; image runs never need it)
-
-    model = lm.load(directory)
-    config = {"arch": model.config.model_type, "objective": lm.objective(model), "params": count_params(model),
-              "vocab_size": model.config.vocab_size, "hf_config": model.config.to_dict()}
-    for name in ("training", "metrics"):  # where it came from and its test scores, when `kd teacher` made it
-        if (directory / f"{name}.json").is_file():
-            config[name] = read_json(directory / f"{name}.json")
-    return Teacher(model, lm.fingerprint(directory), config, directory)
+    return tasks.for_teacher(directory).load_teacher(directory, arch, arch_kwargs)

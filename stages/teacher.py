@@ -4,7 +4,8 @@ Writes `data/teacher/model.safetensors`, `config.json` (architecture, shapes, tr
 params) and `metrics.json` (test accuracy). To bring your own teacher instead, put its
 safetensors weights and a config.json in a directory and point `kd label --teacher` at it.
 
-On text data (`kd prepare` of a text dataset) the teacher is a Hugging Face language model
+The prepared data's task (`pipeline.tasks`) trains and writes it. On text data (`kd prepare`
+of a text dataset) the teacher is a Hugging Face language model
 (`arch: gpt2` causal or `bert` masked): `model.safetensors`, its HF `config.json`,
 `tokenizer.json`, `training.json` (where it came from) and `metrics.json` (test perplexity or
 masked-token accuracy).
@@ -17,11 +18,9 @@ from typing import Optional
 
 import typer
 
-from pipeline.prepared import tokens as text
+from pipeline import tasks
 from pipeline.config import TeacherConfig, section
-from pipeline.files import staging_dir, swap_into_place, write_json
-from pipeline.models import save_model
-from pipeline.teacher import train_teacher
+from pipeline.files import replacing
 from stages.common import PARAMS_OPTION, clean_errors, json_option, override
 
 
@@ -44,22 +43,6 @@ def main(
     cfg = override(section(params, "teacher", TeacherConfig), arch=arch,
                    arch_kwargs=json_option("--arch-kwargs", arch_kwargs), epochs=epochs,
                    batch_size=batch_size, lr=lr, weight_decay=weight_decay, shift=shift, seed=seed)
-    if text.modality(prepared / "labeled.parquet") == "text":
-        from pipeline import lm  # (here: transformers takes seconds to import; image runs never need it)
-
-        model, provenance, metrics = lm.train_teacher(cfg, prepared, progress=progress)
-        staging = staging_dir(out)
-        lm.save(staging, model, prepared / text.TOKENIZER_FILE)
-        write_json(staging / "training.json", provenance)
-        write_json(staging / "metrics.json", metrics)
-        swap_into_place(staging, out)
-        score = (f"test perplexity {metrics['perplexity']:.2f} (unigram {metrics['unigram_perplexity']:.1f})"
-                 if "perplexity" in metrics else f"test masked-token accuracy {metrics['masked_accuracy']:.4f}")
-        typer.echo(f"teacher {cfg.arch}: {score} -> {out}")
-        return
-    model, config, metrics = train_teacher(cfg, prepared, progress=progress)
-    staging = staging_dir(out)
-    save_model(staging, model, config)
-    write_json(staging / "metrics.json", metrics)
-    swap_into_place(staging, out)
-    typer.echo(f"teacher {cfg.arch}: test accuracy {metrics['test_accuracy']:.4f} -> {out}")
+    with replacing(out) as staging:  # nothing half-written where `kd label` looks
+        score = tasks.for_prepared(prepared).train_teacher(cfg, prepared, staging, progress=progress)
+    typer.echo(f"teacher {cfg.arch}: {score} -> {out}")

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from pipeline import loader, parallel
@@ -29,6 +30,7 @@ from pipeline.cache import Cache
 from pipeline.config import student
 from stages import distill, label, prepare, teacher
 from tests.test_stages import invoke, ok, students_params, tiny_student
+from tests.test_token_cache import lm_world  # noqa: F401 (a fixture: the tiny text world)
 
 TOLERANCE = 1e-5  # max |weight difference|, and of every logged term, vs a single process
 # 160 + 225 = 385 transfer samples = 6 batches of 64 + 1: in the last batch rank 1 has no rows
@@ -182,3 +184,40 @@ def test_a_process_group_that_cannot_form_is_one_clear_line(built, tmp_path, mon
     result = invoke(distill.main, "mlp", *distill_args(built, tmp_path))
     assert_clean_error(result, "cannot join the process group", "WORLD_SIZE=2", "torchrun")
     assert not (tmp_path / "students").exists()
+
+
+# --- text students -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_text_ranks_split_every_batch_of_blocks_and_their_rows(world_size):
+    from pipeline.tasks.causal_lm import TokenSet
+    from pipeline.tasks.masked_lm import MaskedSet
+
+    g = torch.Generator().manual_seed(0)
+    n, length, maskings, masked = 23, 6, 3, 2
+    tokens = torch.randint(50, (n, length), generator=g)
+    positions = torch.randint(length, (n, maskings, masked), generator=g)
+    seen = torch.randint(50, (n, maskings, masked), generator=g)
+    for batch_size in (1, 4, 7, 64):
+        split_batches(TokenSet(tokens, {"label": torch.arange(n * (length - 1))}), batch_size, "none", world_size)
+        split_batches(MaskedSet(tokens, positions, seen, {"label": torch.arange(n * maskings * masked)},
+                                torch.zeros(0)), batch_size, "cached", world_size)
+
+
+def test_two_process_torchrun_text_student_matches_a_single_process(lm_world, tmp_path):
+    """A causal GPT-2 student without dropout (each rank would draw its own masks) and its twin."""
+    from tests.test_token_cache import label_args, text_student
+
+    cache = tmp_path / "cache"
+    ok(invoke(label.main, *label_args(lm_world, cache, "--top-k", 8)))
+    entry = text_student()
+    entry["arch_kwargs"] |= {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"text_students": {"gpt": {**entry, "epochs": 2, "transfer": ["unlabeled"]}}}))
+    single, data_parallel, stdout = both_ways({"cache": cache, "prepared": lm_world / "prepared", "params": params},
+                                              tmp_path, "gpt")
+    for rel in ("model.safetensors", "baseline/model.safetensors"):
+        assert max_difference(single / rel, data_parallel / rel) < TOLERANCE, rel
+    assert log_difference(single / "train_log.csv", data_parallel / "train_log.csv") < TOLERANCE
+    assert stdout.count("student gpt:") == 1

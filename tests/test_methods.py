@@ -24,9 +24,10 @@ from safetensors.torch import load_file
 from pipeline import config, features, losses
 from pipeline.cache import Cache
 from pipeline.config import StudentConfig, from_mapping
-from pipeline.distill import Shapes, probe_shapes, student_layers, student_terms
+from pipeline.methods import Shapes, needed_temperatures, student_layers, student_terms
+from pipeline.tasks.image import probe_shapes
 from pipeline.errors import CacheMissingError, ConfigError
-from pipeline.loader import needed_temperatures, transfer_set
+from pipeline.loader import transfer_set
 from pipeline.models import build
 from pipeline.training import step
 from stages import assistants, distill, label, prepare, teacher
@@ -238,3 +239,27 @@ def test_unknown_student_layer_and_too_small_map_are_refused(workspace):
     shapes = Shapes(probe_shapes(small, [1, 4, 4], ["stages.0"]), specs)
     with pytest.raises(ConfigError, match=r"students.s.loss.attention: .*set label.features.stages.0: full"):
         student_terms(cfg, shapes)
+
+
+def test_the_one_meaning_of_loss_hard_per_row_every_case():
+    """`loader.hard_labels`, for every (labels, pseudo, threshold) and every kind of row: truth
+    known or not, teacher confident or not."""
+    import itertools
+
+    from pipeline.cache import SoftTargets
+    from pipeline.loader import hard_labels
+    from pipeline.methods.hard import HardTerm
+
+    truth = np.array([3, 3, -1, -1])  # known, known, unknown, unknown
+    top1 = np.array([5, 5, 6, 6])
+    confidence = np.array([0.9, 0.2, 0.9, 0.2])  # the teacher's p(top-1) at T=1
+    soft = SoftTargets(ids=np.arange(4), view=np.zeros(4, np.int32), topk_idx=np.stack([top1, top1 + 1], 1),
+                       topk_logit=np.zeros((4, 2), np.float16), lse={1.0: -np.log(confidence)})
+    assert (hard_labels(None, truth, soft) == -1).all()
+    for labels, pseudo, threshold in itertools.product([True, False], [True, False], [0.0, 0.5]):
+        if not (labels or pseudo):
+            continue
+        got = hard_labels(HardTerm(labels=labels, pseudo=pseudo, threshold=threshold), truth, soft)
+        expected = [t if labels and t >= 0 else p if pseudo and c >= threshold else -1
+                    for t, p, c in zip(truth, top1, confidence)]
+        assert got.tolist() == expected, (labels, pseudo, threshold)

@@ -133,7 +133,7 @@ def text_student(**loss: Any) -> dict[str, Any]:
 
 
 def test_a_causal_student_trains_from_the_cache_alone_and_is_evaluated(lm_world, tmp_path):
-    from pipeline.lm_distill import TokenSet, token_set
+    from pipeline.tasks.causal_lm import TokenSet, rows as token_set
 
     cache = tmp_path / "cache"
     ok(invoke(label.main, *label_args(lm_world, cache, "--top-k", 32)))
@@ -180,7 +180,7 @@ def test_a_causal_student_trains_from_the_cache_alone_and_is_evaluated(lm_world,
     assert {p.name for p in report_dir.iterdir()} == {"report.md", "leaderboard.csv", "perplexity_vs_params.png",
                                                      "training_curves.png", "per_position.png"}
     # every cache row lines up with the student's logits row of the same (block, position)
-    rows = token_set(Cache.open(cache), lm_world / "prepared", from_mapping_student(text_student()))
+    rows = token_set(Cache.open(cache), lm_world / "prepared", from_mapping_student(text_student()), memory_mb=2048)
     assert isinstance(rows, TokenSet) and len(rows.targets["label"]) == len(rows.tokens) * (BLOCK - 1)
     batch = next(rows.batches(0, 4, 0))
     assert torch.equal(batch["label"], batch["x"][:, 1:].reshape(-1))
@@ -225,3 +225,71 @@ def test_text_students_is_the_students_section_under_another_name(tmp_path):
         student(params, "a")
     with pytest.raises(ConfigError, match=r"students.c is not defined \(defined: a, a\)"):
         student(params, "c")
+
+
+def test_a_causal_student_killed_with_sigkill_resumes_to_the_same_weights(lm_world, tmp_path, child_env):
+    import signal
+    import subprocess
+    import sys
+
+    from tests.test_reliability import KILL_DISTILL, digest
+
+    cache = tmp_path / "cache"
+    ok(invoke(label.main, *label_args(lm_world, cache, "--top-k", 8)))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"text_students": {"s": {**text_student(), "epochs": 3}}}))
+
+    def args(out):
+        return ["s", "--no-progress", "--cache", str(cache), "--prepared", str(lm_world / "prepared"),
+                "--students-dir", str(out / "students"), "--baselines", str(out / "baselines"),
+                "--checkpoints", str(out / "checkpoints"), "--params", str(params)]
+
+    ok(invoke(distill.main, *args(tmp_path / "reference")))
+    out = tmp_path / "resumed"
+    killed = subprocess.run([sys.executable, "-c", KILL_DISTILL, "2", *args(out)], capture_output=True, text=True,
+                            env=child_env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (out / "students" / "s").exists()  # nothing that looks finished
+    assert any((out / "checkpoints").glob("*.pt"))
+    ok(invoke(distill.main, *args(out)))
+    assert digest(out / "students" / "s") == digest(tmp_path / "reference" / "students" / "s")
+    assert not any((out / "checkpoints").glob("*.pt"))  # removed once training is done
+
+
+def test_hard_threshold_keeps_only_confident_pseudo_labels_of_a_text_student(lm_world, tmp_path):
+    from pipeline.tasks import causal_lm
+
+    cache = tmp_path / "cache"
+    ok(invoke(label.main, *label_args(lm_world, cache, "--top-k", 8)))
+    opened = Cache.open(cache)
+    soft = opened.soft_targets("unlabeled", [1.0])
+    confidence = np.exp(-soft.lse[1.0])  # the teacher's p(top-1) at T=1
+    threshold = float(np.median(confidence))
+    cfg = from_mapping_student({**text_student(hard={"weight": 1.0, "labels": False, "pseudo": True,
+                                                     "threshold": threshold}), "transfer": ["unlabeled"]})
+    rows = causal_lm.rows(opened, lm_world / "prepared", cfg, memory_mb=2048)
+    label_ = rows.targets["label"].numpy()
+    confident = confidence >= threshold
+    assert 0 < confident.sum() < len(confident)
+    np.testing.assert_array_equal(label_[~confident], -1)
+    np.testing.assert_array_equal(label_[confident], soft.topk_idx[confident, 0])
+    # through the CLI: the student trains on the confident rows' pseudo-labels alone
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"text_students": {"s": {
+        **text_student(hard={"weight": 1.0, "labels": False, "pseudo": True, "threshold": threshold}),
+        "transfer": ["unlabeled"]}}}))
+    ok(invoke(distill.main, "s", "--no-progress", "--cache", cache, "--prepared", lm_world / "prepared",
+              "--students-dir", tmp_path / "students", "--baselines", tmp_path / "baselines",
+              "--checkpoints", tmp_path / "checkpoints", "--params", params))
+    assert (tmp_path / "students" / "s" / "model.safetensors").is_file()
+
+
+def test_a_text_student_over_the_memory_budget_is_refused(lm_world, tmp_path):
+    cache = tmp_path / "cache"
+    ok(invoke(label.main, *label_args(lm_world, cache, "--top-k", 8)))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"text_students": {"s": text_student()}}))
+    result = invoke(distill.main, "s", "--no-progress", "--memory-mb", 0.01, "--cache", cache, "--prepared",
+                    lm_world / "prepared", "--students-dir", tmp_path / "students", "--params", params)
+    assert result.exit_code == 1 and "--memory-mb 0.01" in result.output and "MB in memory" in result.output
+    assert not (tmp_path / "students" / "s").exists()

@@ -32,11 +32,10 @@ from tqdm import tqdm
 from zarr.codecs import ZstdCodec
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
-from pipeline import features
+from pipeline import features, tasks
 from pipeline.cache.layout import (FEATURES, MANIFEST, ROW_GROUP_ROWS, SHARDS, SOFT_TARGETS, TEACHER_COPY, chunk_rows,
                                    chunks_sha256, feature_arrays, feature_path, lse_column, part_path, shard_record)
 from pipeline.cache.manifest import SCHEMA_VERSION, part_problem, read_manifest
-from pipeline.cache.inputs import Batch, ImageInputs, TokenInputs, _hidden, inputs_for
 from pipeline.cache.store import Store
 from pipeline.config import SPLITS, LabelConfig, as_dict
 from pipeline.errors import CacheError, ConfigError, InputError, MissingInputError, StaleCacheError
@@ -135,7 +134,7 @@ def label(teacher: Teacher, prepared: Path, out: str | Path, cfg: LabelConfig, *
     for required in ("labeled", "test"):
         if required not in splits:
             raise MissingInputError(f"{prepared / f'{required}.parquet'}: not found (run `kd prepare`)")
-    inputs = inputs_for(prepared, splits, cfg, teacher.config.get("objective"))
+    inputs = tasks.for_prepared(prepared, teacher.config.get("objective")).Inputs(prepared, splits, cfg)
     fingerprints = {s: data_fingerprint(prepared / f"{s}.parquet") for s in splits}
     key = cache_key(teacher, fingerprints, cfg)
     model = teacher.model.eval()
@@ -329,14 +328,13 @@ def _parts_present(store: Store, manifest: dict[str, Any]) -> bool:
     return True
 
 
-def plan(model: nn.Module, inputs: ImageInputs | TokenInputs, cfg: LabelConfig) -> tuple[int, list[dict[str, Any]]]:
+def plan(model: nn.Module, inputs: Any, cfg: LabelConfig) -> tuple[int, list[dict[str, Any]]]:
     """The number of classes and the feature specs, from one probe forward pass.
 
     Raises ConfigError naming the `label` key for a layer the teacher lacks, a mode the
     layer cannot give, or a top_k larger than the number of classes.
     """
     probe = inputs.probe()
-    specs = []
     with torch.no_grad():
         for layer in cfg.features:
             try:
@@ -345,27 +343,14 @@ def plan(model: nn.Module, inputs: ImageInputs | TokenInputs, cfg: LabelConfig) 
                 raise ConfigError(f"label.features.{layer}: {exc}") from None
         with features.tap(model, list(cfg.features)) as captured:
             logits = inputs.logits(model, probe)
-        for layer, mode in cfg.features.items():
-            if inputs.modality == "text":  # one hidden state per token row
-                if mode != "full":
-                    raise ConfigError(f"label.features.{layer}: mode {mode!r}; token rows cache hidden states "
-                                      "in full (one vector per token)")
-                shape = [_hidden(captured[layer]).shape[-1]]
-                specs.append({"name": layer, "mode": mode, "shape": shape, "dtype": "float16", "source_shape": shape})
-                continue
-            try:
-                shape = list(features.reduce(captured[layer], mode).shape[1:])
-            except ConfigError as exc:
-                raise ConfigError(f"label.features.{layer}: {exc}") from None
-            specs.append({"name": layer, "mode": mode, "shape": shape, "dtype": "float16",
-                          "source_shape": list(captured[layer].shape[1:])})
+        specs = [inputs.feature_spec(layer, mode, captured[layer]) for layer, mode in cfg.features.items()]
     num_classes = int(logits.shape[1])
     if cfg.top_k > num_classes:
         raise ConfigError(f"label.top_k: {cfg.top_k} is more than the teacher's {num_classes} classes")
     return num_classes, specs
 
 
-def _header(teacher: Teacher, num_classes: int, specs: list[dict[str, Any]], inputs: ImageInputs | TokenInputs,
+def _header(teacher: Teacher, num_classes: int, specs: list[dict[str, Any]], inputs: Any,
             fingerprints: dict[str, str], cfg: LabelConfig) -> dict[str, Any]:
     """Everything the manifest says besides its parts: what produced the cache, and the layout."""
     part_rows = cfg.part_size * inputs.per_sample
@@ -440,7 +425,7 @@ class _Rows:
         return items
 
 
-def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs: ImageInputs | TokenInputs,
+def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs: Any,
                 source: Path, split: str, index: int, cfg: LabelConfig, bar: tqdm) -> dict[str, Any]:
     info = manifest["splits"][split]
     per_sample = inputs.per_sample
@@ -449,7 +434,7 @@ def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs
     rows = inputs.read(source, first_sample, last_sample)
     first_row, n_rows = first_sample * per_sample, (last_sample - first_sample) * per_sample
     rel = part_path(split, index)
-    schema = _schema(cfg, tokens=inputs.modality == "text", masked=manifest.get("text", {}).get("objective") == "masked")
+    schema = _schema(cfg, tokens=inputs.tokens, masked=inputs.masked)
     specs = {s["name"]: s for s in manifest["features"]}
     group = zarr.open_group(store.zarr(FEATURES), mode="r+") if specs else None
     buffers = {name: _Rows(rows) for name, rows in info["chunk_rows"].items()}
@@ -518,7 +503,7 @@ def _schema(cfg: LabelConfig, tokens: bool = False, masked: bool = False) -> pa.
     return pa.schema(fields)
 
 
-def _table(schema: pa.Schema, batch: Batch, cols: dict[str, np.ndarray]) -> pa.Table:
+def _table(schema: pa.Schema, batch: tasks.Batch, cols: dict[str, np.ndarray]) -> pa.Table:
     k = cols["topk_idx"].shape[1]
     arrays = [pa.array(batch.ids, pa.int64()), pa.array(batch.view, pa.int32())]
     if batch.position is not None:

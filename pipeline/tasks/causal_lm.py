@@ -1,0 +1,408 @@
+"""Causal language modelling: a student predicts each next token of a block.
+
+Inputs: a block of L tokens gives L - 1 cache rows, one per predicted token (`position`
+0..L-2), sample-major. `TokenRows` wraps a Hugging Face causal LM so that the training loop
+sees what it sees for images: a batch of blocks in, one row of logits per predicted token out,
+lined up with the cache rows that `TokenSet` serves. The true label of a row is the next token
+(text is its own label, on every split); the baseline twin is the same student trained on the
+same blocks with the next-token loss alone and the same budget ("the text alone"). A student
+is a Hugging Face directory (`lm.save`) plus `student.json`; it is scored by test perplexity.
+
+The helpers every token task shares (saving, the seed table, what is measured against the
+cached teacher) live here too, and so does the text teacher of either objective (`kd teacher`
+trains a GPT-2 or a BERT; `kd label` loads any local Hugging Face causal or masked LM);
+`masked_lm` uses them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from pipeline import features, lm, loader, metrics, parallel
+from pipeline.prepared import data_fingerprint
+from pipeline.prepared import tokens as text
+from pipeline.cache import Cache, Teacher
+from pipeline.cache.reader import SoftTargets
+from pipeline.config import EvalConfig, LabelConfig, StudentConfig, TeacherConfig
+from pipeline.errors import ConfigError
+from pipeline.files import read_json, write_json
+from pipeline.methods import chosen
+from pipeline.models import count_params
+from pipeline.tasks import Batch
+
+NAME, OBJECTIVE, ARCH = "causal_lm", "causal", "gpt2"  # ARCH: the student architecture it supports
+TWIN_LOSS = "next-token"  # what the baseline twin learns from, for messages
+METHODS = ("soft", "hard")  # the loss methods a causal student supports so far
+STUDENT_RECORD = "student.json"
+AUTO_MODEL = AutoModelForCausalLM  # how a directory of this task loads
+
+
+class Inputs:
+    """Blocks of tokens for a causal language model (a Hugging Face `...ForCausalLM`)."""
+
+    tokens, masked = True, False  # cache rows carry `position`; no `input_token`
+
+    def __init__(self, prepared: Path, splits: list[str], cfg: LabelConfig):
+        if cfg.views:
+            raise ConfigError(f"label.views: {cfg.views}; augmented views are for images, text has none (set 0)")
+        self.infos = {s: text.split_info(prepared / f"{s}.parquet") for s in splits}
+        self.block_size = self.infos["labeled"]["block_size"]
+        self.input_shape = [self.block_size]
+        self.per_sample = self.block_size - 1
+        self.cfg = cfg
+
+    def samples(self, split: str) -> int:
+        return self.infos[split]["rows"]
+
+    def header(self) -> dict[str, Any]:
+        info = self.infos["labeled"]
+        return {"input_shape": self.input_shape,
+                "text": {"objective": OBJECTIVE, "block_size": self.block_size, "positions": self.per_sample,
+                         "vocab_size": info["vocab_size"], "tokenizer_sha256": info["tokenizer_sha256"]}}
+
+    def probe(self) -> torch.Tensor:
+        return torch.zeros(1, self.block_size, dtype=torch.long)
+
+    def logits(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        return next_token_logits(model, tokens)
+
+    def feature_spec(self, layer: str, mode: str, captured: Any) -> dict[str, Any]:
+        """One hidden state per token row, cached in full."""
+        if mode != "full":
+            raise ConfigError(f"label.features.{layer}: mode {mode!r}; token rows cache hidden states "
+                              "in full (one vector per token)")
+        shape = [hidden(captured).shape[-1]]
+        return {"name": layer, "mode": mode, "shape": shape, "dtype": "float16", "source_shape": shape}
+
+    def read(self, source: Path, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
+        """ids and tokens of blocks [first, last), reading only the row groups that hold them."""
+        return text.read_rows(source, first, last)
+
+    def batch(self, model: nn.Module, rows: tuple[np.ndarray, np.ndarray], start: int, stop: int,
+              specs: dict[str, dict]) -> Batch:
+        ids, tokens = rows[0][start:stop], torch.from_numpy(rows[1][start:stop])
+        n, positions = len(ids), self.per_sample
+        with torch.no_grad(), features.tap(model, list(specs)) as captured:
+            logits = self.logits(model, tokens).float()
+            feats = {name: _token_rows(captured[name]).to(torch.float16).numpy() for name in specs}
+        truth = tokens[:, 1:].reshape(-1).numpy()
+        return Batch(np.repeat(ids, positions), np.zeros(n * positions, dtype=np.int32),
+                     np.tile(np.arange(positions, dtype=np.int32), n), logits, feats, truth,
+                     np.ones(n * positions, dtype=bool))
+
+
+def next_token_logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """A causal LM's logits for blocks (B, L) as cache rows (B * (L - 1), V): every position
+    but the last, which predicts nothing inside the block."""
+    return _token_rows(model(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits)  # full blocks
+
+
+def hidden(output: torch.Tensor | tuple) -> torch.Tensor:
+    """A layer's hidden states (B, L, H) from its output (a tensor, or a tuple starting with it)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _token_rows(output: torch.Tensor | tuple) -> torch.Tensor:
+    # a layer's output (B, L, H) -> (B * (L - 1), H): one row per predicted token
+    states = hidden(output)
+    return states[:, :-1].reshape(-1, states.shape[-1])
+
+
+class TokenRows(nn.Module):
+    """A causal LM seen row by row: blocks (B, L) -> logits (B * (L - 1), V), the last position
+    dropped (it predicts nothing inside the block)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return next_token_logits(self.model, tokens)
+
+
+@dataclass
+class TokenSet:
+    """Blocks in memory with their cache rows: tokens (N, L); targets hold one row per
+    predicted token, N * (L - 1) rows."""
+
+    tokens: torch.Tensor
+    targets: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def batches(self, epoch: int, batch_size: int, seed: int, views: str = "none",
+                shard: tuple[int, int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Shuffled batches of whole blocks, seeded by (seed, epoch), with all their rows;
+        `shard` (rank, world size): this rank's slice of every batch (`parallel.shard`)."""
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        positions = self.tokens.shape[1] - 1
+        for blocks in torch.randperm(len(self.tokens), generator=g).split(batch_size):
+            if shard is not None:
+                blocks = blocks[parallel.shard(len(blocks), *shard)]
+            rows = (blocks[:, None] * positions + torch.arange(positions)).reshape(-1)
+            yield {"x": self.tokens[blocks], **{name: t[rows] for name, t in self.targets.items()}}
+
+
+def lm_inputs(tokens: torch.Tensor, special: text.SpecialIds, vocab_size: int,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks (B, L) -> (inputs (B, L), labels (B, L)): position t predicts token t + 1, the
+    last predicts nothing (-100)."""
+    labels = torch.full_like(tokens, -100)
+    labels[:, :-1] = tokens[:, 1:]
+    return tokens, labels
+
+
+def token_logits(model: nn.Module, inputs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Logits (P, V) of the predicted positions (`keep`, (B, L))."""
+    return model(input_ids=inputs).logits[keep]
+
+
+def lm_score(loss: float, accuracy: float) -> dict[str, float]:
+    return {"perplexity": math.exp(loss)}
+
+
+def teacher_scores(scores: dict[str, float], train: np.ndarray, test: np.ndarray, vocab_size: int) -> dict[str, float]:
+    """What a causal teacher's metrics.json adds: its test perplexity and a unigram model's."""
+    return {"perplexity": scores["perplexity"], "unigram_perplexity": unigram_perplexity(train, test, vocab_size)}
+
+
+def unigram_perplexity(train: np.ndarray, test: np.ndarray, vocab_size: int) -> float:
+    """Perplexity on test[:, 1:] (the tokens a causal LM predicts) of the labeled split's token
+    frequencies, add-one smoothed: the bar a model that ignores context would reach."""
+    counts = np.bincount(train.reshape(-1), minlength=vocab_size) + 1.0
+    log_p = np.log(counts / counts.sum())
+    return float(np.exp(-log_p[test[:, 1:].reshape(-1)].mean()))
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+def check(cfg: StudentConfig, cache: Cache) -> None:
+    """What a causal student cannot do yet, said up front."""
+    check_token_student(cfg, ARCH, OBJECTIVE, METHODS, [("assistant", cfg.assistant), ("views", cfg.views),
+                                                    ("init", cfg.init)])
+
+
+def check_token_student(cfg: StudentConfig, arch: str, objective: str, allowed: tuple[str, ...],
+                        unsupported: list[tuple[str, Any]]) -> None:
+    """A token task's refusals: its architecture, its loss methods, the keys it cannot use."""
+    if cfg.section == "assistants":
+        raise ConfigError(f"{cfg.where}: teacher assistants are for image students so far")
+    if lm.ARCHITECTURES.get(cfg.arch, (None, None))[1] is not lm.ARCHITECTURES[arch][1]:
+        raise ConfigError(f"{cfg.where}.arch: {cfg.arch!r}; a student of a {objective} LM cache must be {arch}")
+    extra = [name for name in chosen(cfg.loss) if name not in allowed]
+    if extra:
+        raise ConfigError(f"{cfg.where}.loss: {', '.join(extra)} not supported for {objective} LM students yet "
+                          f"({', '.join(allowed)})")
+    for key, value in unsupported:
+        if value:
+            raise ConfigError(f"{cfg.where}.{key}: not supported for {objective} LM students yet")
+
+
+def memory_check(cfg: StudentConfig, cache: Cache, memory_mb: float, input_bytes: int) -> None:
+    """Text students hold their transfer set in memory (no streaming yet): refuse one that
+    would not fit the budget, rather than exceed it."""
+    needed = loader.estimated_bytes(cache, cfg, input_bytes)
+    if needed > memory_mb * 2**20:
+        raise ConfigError(f"--memory-mb {memory_mb:g}: the transfer set of {cfg.where} needs about "
+                          f"{needed / 2**20:,.0f} MB in memory and text students are not streamed yet; "
+                          "raise --memory-mb or transfer fewer blocks")
+
+
+def rows(cache: Cache, prepared: Path, cfg: StudentConfig, memory_mb: float) -> TokenSet:
+    """The student's transfer blocks with the cached top-k, lse and next tokens per row."""
+    memory_check(cfg, cache, memory_mb, 8 * cache.manifest["text"]["block_size"])
+    tokens, targets, offset = [], {}, 0
+    for split in cfg.transfer:
+        source = prepared / f"{split}.parquet"
+        ids, blocks = text.read_blocks(source)
+        cache_rows = loader.read_rows(cache, cfg, split, source, ids, blocks[:, 1:].reshape(-1).astype(np.int64),
+                                      row_offset=offset)
+        offset += cache.split(split)["rows"]
+        tokens.append(torch.from_numpy(blocks))
+        for name, value in cache_rows.targets(cfg).items():
+            targets.setdefault(name, []).append(value)
+    return TokenSet(torch.cat(tokens), {name: torch.cat(parts) for name, parts in targets.items()})
+
+
+def twin_rows(cache: Cache, prepared: Path, cfg: StudentConfig, transfer: TokenSet) -> TokenSet:
+    """The same blocks with their next tokens alone: the text the twin learns from."""
+    return dataclasses.replace(transfer, targets={"label": transfer.tokens[:, 1:].reshape(-1).long()})
+
+
+def twin_decided_by(cfg: StudentConfig, cache: Cache, prepared: Path) -> dict[str, Any]:
+    """What decides a causal twin besides its budget and seed: the task and the transfer blocks."""
+    return {"task": NAME, "data": {s: data_fingerprint(prepared / f"{s}.parquet") for s in cfg.transfer}}
+
+
+def build(cfg: StudentConfig, cache: Cache, prepared: Path) -> TokenRows:
+    """A fresh student (seed torch first), sized by the prepared tokenizer and blocks."""
+    _, special = text.load_tokenizer(prepared)
+    info = cache.manifest["text"]
+    return TokenRows(lm.build(cfg.arch, cfg.arch_kwargs, info["vocab_size"], info["block_size"], special,
+                              where=cfg.where))
+
+
+def student_shapes(model: nn.Module, cfg: StudentConfig, layers: list[str], cache: Cache) -> dict[str, list[int]]:
+    return {}  # no method taps a causal student's layers yet
+
+
+def save(directory: Path, model: nn.Module, cfg: StudentConfig, cache: Cache, record: dict[str, Any],
+         prepared: Path) -> None:
+    """A Hugging Face directory (weights, config, tokenizer) plus `student.json`, the record."""
+    lm.save(directory, model.model, prepared / text.TOKENIZER_FILE)
+    write_json(directory / STUDENT_RECORD, {**record, "objective": cache.manifest["text"]["objective"]})
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+
+def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, spec: StudentConfig
+             ) -> tuple[dict[str, Any], dict[str, tuple[list[str], list[dict[str, Any]]]]]:
+    """Test perplexity of the student, its twin and the teacher (its own `kd teacher` figure),
+    and against the cached teacher (`evaluate_rows`)."""
+    _, blocks = text.read_blocks(prepared / "test.parquet")
+    tokens = torch.from_numpy(blocks)
+    teacher = cache.manifest["teacher"]["config"].get("metrics", {}).get("perplexity")
+
+    def perplexity(logits: torch.Tensor, truth: torch.Tensor) -> float:
+        return math.exp(float(F.cross_entropy(logits, truth, reduction="none").mean()))
+
+    def keys(student: float, twin: float, losses: dict[str, torch.Tensor], soft: SoftTargets) -> dict[str, Any]:
+        return {"perplexity": student, "baseline_perplexity": twin, "teacher_perplexity": teacher,
+                "perplexity_gain": twin - student, "perplexity_reduction": 1 - student / twin}
+
+    return evaluate_rows(student_dir, cache, cfg, TokenRows, tokens, tokens[:, 1:].reshape(-1),
+                         torch.arange(1, tokens.shape[1]).repeat(len(tokens)), perplexity, keys,
+                         ("perplexity", "perplexity_reduction", lambda s, b: 1 - s / b))
+
+
+def evaluate_rows(student_dir: Path, cache: Cache, cfg: EvalConfig, wrap: Callable[[nn.Module], nn.Module],
+                  x: torch.Tensor, truth: torch.Tensor, position: torch.Tensor,
+                  score: Callable[[torch.Tensor, torch.Tensor], float], keys: Callable[..., dict[str, Any]],
+                  seeds_as: tuple[str, str, Callable[[float, float], float]]
+                  ) -> tuple[dict[str, Any], dict[str, tuple[list[str], list[dict[str, Any]]]]]:
+    """What every token task measures on the test rows: the student (wrapped by `wrap`) and its
+    twin on the inputs `x`, one logits row per cache row with its `truth` and block `position`;
+    `score(logits, truth)` for them and every further seed; the task's `keys(student score, twin
+    score, per-row losses, the cache's test rows)`; `against_teacher`; the seed summary
+    (`seeds_as`: the key, the change's key, the change). Plots: the mean loss of the student and
+    its twin at each block position (how each uses its context), and one row per seed."""
+    student = wrap(lm.load(student_dir))
+    logits = predict(student, x, cfg.batch_size)
+    twin_logits = predict(wrap(lm.load(student_dir / "baseline")), x, cfg.batch_size)
+    losses = {"student": F.cross_entropy(logits, truth, reduction="none"),
+              "baseline": F.cross_entropy(twin_logits, truth, reduction="none")}
+    first, twin = score(logits, truth), score(twin_logits, truth)
+    seeds = [{"seed": read_json(student_dir / STUDENT_RECORD)["student"]["seed"], "student": first,
+              "baseline": twin}]
+    for seed, directory in metrics.seed_dirs(student_dir, read_json(student_dir / STUDENT_RECORD)):
+        seeds.append({"seed": seed, **{who: score(predict(wrap(lm.load(path)), x, cfg.batch_size), truth)
+                                      for who, path in (("student", directory), ("baseline", directory / "baseline"))}})
+    soft = cache.soft_targets("test", [1.0])
+    key, change, paired = seeds_as
+    record = {"objective": cache.manifest["text"]["objective"], **keys(first, twin, losses, soft),
+              **against_teacher(student, logits, x, soft, student_dir, cache, cfg, teacher_copy(cache, wrap)),
+              **metrics.seed_summary([{key: r["student"], f"baseline_{key}": r["baseline"]} for r in seeds],
+                                     key, change, paired)}
+    flat = position.numpy()
+    counts = np.bincount(flat)
+    sums = {k: np.bincount(flat, v.double().numpy()) for k, v in losses.items()}
+    return record, {"per_position.csv": (["position", "student", "baseline"],
+                                         [{"position": int(p), **{k: float(sums[k][p] / counts[p]) for k in sums}}
+                                          for p in np.flatnonzero(counts)]),
+                    "seeds.csv": (["seed", "student", "baseline"], seeds)}
+
+
+def summary(name: str, m: dict[str, Any]) -> str:
+    teacher = f"{m['teacher_perplexity']:.1f}" if m["teacher_perplexity"] else "unknown"
+    line = f"test perplexity {m['perplexity']:.1f} (baseline twin {m['baseline_perplexity']:.1f}, teacher {teacher})"
+    over = (f"perplexity {m['perplexity_mean']:.1f} +- {m['perplexity_std']:.1f}, "
+            f"{100 * m['perplexity_reduction_mean']:.1f} +- {100 * m['perplexity_reduction_std']:.1f}% lower "
+            "than the twins")
+    return token_summary(name, m, line, over)
+
+
+def token_summary(name: str, m: dict[str, Any], line: str, over: str) -> str:
+    return (f"student {name}: {line}" + (f"; over {m['seeds']} seeds: {over}" if m["seeds"] > 1 else "")
+            + f", agreement {m['agreement']:.4f}, KL {m['kl_to_teacher']:.4f}, {m['params']:,} params")
+
+
+def teacher_copy(cache: Cache, wrap: Callable[[nn.Module], nn.Module]) -> nn.Module | None:
+    """A random-weight copy of the teacher's architecture (weights do not change its speed),
+    seen row by row as `wrap` sees the student; None without the teacher's HF config."""
+    teacher = cache.manifest["teacher"]["config"]
+    if "hf_config" not in teacher:
+        return None
+    from pipeline import tasks
+
+    auto = tasks.for_cache(cache).AUTO_MODEL
+    return wrap(auto.from_config(AutoConfig.for_model(**teacher["hf_config"])))
+
+
+def against_teacher(student: nn.Module, logits: torch.Tensor, x: torch.Tensor, soft: SoftTargets,
+                    student_dir: Path, cache: Cache, cfg: EvalConfig, teacher: nn.Module | None) -> dict[str, Any]:
+    """What every text student reports beside its own score: top-1 agreement with the cached
+    teacher and KL at T=1 (top-k plus a tail bucket: a lower bound when k < V) against the test
+    rows `soft` (with lse at T=1), one per row of `logits`; size; and tokens/s against the
+    teacher's copy (`teacher_copy`), on the student's input `x`."""
+    kl, exact = metrics.kl_to_teacher(logits, torch.tensor(soft.topk_idx, dtype=torch.long),
+                                      torch.tensor(soft.topk_logit, dtype=torch.float32), torch.tensor(soft.lse[1.0]))
+    with metrics.torch_threads(cfg.threads):
+        blocks_per_s = metrics.throughputs([student] + ([teacher] if teacher is not None else []),
+                                           x[:cfg.batch_size], cfg.throughput_runs)
+    return {
+        "agreement": metrics.agreement(logits.argmax(1).numpy(), soft.topk_idx[:, 0]),
+        "kl_to_teacher": kl, "kl_exact": exact,
+        "kept_mass_t1": cache.manifest["fidelity"]["test"].get("t1", {}).get("kept_mass"),
+        "top_k": cache.manifest["top_k"],
+        "params": count_params(student), "teacher_params": cache.manifest["teacher"]["config"].get("params"),
+        "size_bytes": (student_dir / lm.WEIGHTS).stat().st_size,
+        "throughput_tokens_per_s": blocks_per_s[0] * cache.manifest["text"]["block_size"],
+        "speedup_vs_teacher": blocks_per_s[0] / blocks_per_s[1] if len(blocks_per_s) > 1 else None,
+        "test_tokens": len(logits),
+    }
+
+
+def predict(rows: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """One row of logits per predicted token of every block, in batches of blocks."""
+    rows.eval()
+    with torch.no_grad():
+        return torch.cat([rows(chunk) for chunk in x.split(batch_size)])
+
+
+# --- the teacher (of either objective: `arch` gpt2 is causal, bert masked) --------------------
+
+
+def train_teacher(cfg: TeacherConfig, prepared: Path, out: Path, *, progress: bool = True) -> str:
+    """`kd teacher` on text: a Hugging Face language model (`lm.train_teacher`) written into
+    `out` with its tokenizer, `training.json` (where it came from) and `metrics.json`; its score."""
+    model, provenance, scores = lm.train_teacher(cfg, prepared, progress=progress)
+    lm.save(out, model, prepared / text.TOKENIZER_FILE)
+    write_json(out / "training.json", provenance)
+    write_json(out / "metrics.json", scores)
+    return (f"test perplexity {scores['perplexity']:.2f} (unigram {scores['unigram_perplexity']:.1f})"
+            if "perplexity" in scores else f"test masked-token accuracy {scores['masked_accuracy']:.4f}")
+
+
+def load_teacher(directory: Path, arch: str | None = None, arch_kwargs: dict | None = None) -> Teacher:
+    """A Hugging Face language model directory (causal or masked), with the fingerprint that
+    identifies it and its provenance and test scores when `kd teacher` made it."""
+    model = lm.load(directory)
+    config = {"arch": model.config.model_type, "objective": lm.objective(model), "params": count_params(model),
+              "vocab_size": model.config.vocab_size, "hf_config": model.config.to_dict()}
+    for name in ("training", "metrics"):
+        if (directory / f"{name}.json").is_file():
+            config[name] = read_json(directory / f"{name}.json")
+    return Teacher(model, lm.fingerprint(directory), config, directory)

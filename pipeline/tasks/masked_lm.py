@@ -1,0 +1,301 @@
+"""Masked language modelling (DistilBERT): a student predicts the masked tokens of a block.
+
+Inputs: per block, `label.views` + 1 maskings of M positions (BERT's 15%), one cache row per
+masked position; the rows record the masking (`position`, and `input_token`: what the
+teacher saw there), so a student sees the same masks. `MaskedRows` wraps a BERT so that a
+batch of masked blocks gives one row of logits per masked token, lined up with the cache rows
+that `MaskedSet` serves (`views: true` draws among the cached maskings every epoch). Its
+`hidden.N` layers are hidden state N at the masked positions, for the `cosine` method against a
+cached teacher layer. With `init: teacher` the student starts from the teacher's embeddings,
+head and one layer in every N_t / N_s (the copy `label.keep_teacher` put in the cache). The
+true label of a row is the original token; the twin is the same student, same start and same
+masks, with the masked-LM loss alone. Scored by masked-token accuracy on the test maskings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import tempfile
+from dataclasses import dataclass
+from dataclasses import replace as dataclass_replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoModelForMaskedLM
+
+from pipeline import features, lm, loader, parallel
+from pipeline.prepared import data_fingerprint
+from pipeline.prepared import tokens as text
+from pipeline.cache import Cache
+from pipeline.config import EvalConfig, LabelConfig, StudentConfig
+from pipeline.errors import CacheError, ConfigError
+from pipeline.methods import student_layers
+from pipeline.tasks import Batch, causal_lm
+from pipeline.tasks.causal_lm import check_token_student, evaluate_rows, hidden, memory_check, save, token_summary
+
+NAME, OBJECTIVE, ARCH = "masked_lm", "masked", "bert"  # ARCH: the student architecture it supports
+TWIN_LOSS = "masked-LM"  # what the baseline twin learns from, for messages
+METHODS = ("soft", "hard", "cosine")  # the loss methods a masked student supports so far
+__all__ = ["save"]  # a Hugging Face directory plus student.json, as for causal students
+AUTO_MODEL = AutoModelForMaskedLM  # how a directory of this task loads
+
+
+class Inputs(causal_lm.Inputs):
+    """Blocks of tokens for a masked language model (a Hugging Face `...ForMaskedLM`): per block,
+    `label.views` + 1 maskings of M positions, one cache row per masked position."""
+
+    masked = True  # cache rows carry `input_token`
+
+    def __init__(self, prepared: Path, splits: list[str], cfg: LabelConfig):
+        super().__init__(prepared, splits, dataclass_replace(cfg, views=0))
+        self.cfg = cfg
+        self.masked_count = lm.mask_count(self.block_size)
+        self.per_sample = (cfg.views + 1) * self.masked_count
+        self.special = text.load_tokenizer(prepared)[1]
+
+    def header(self) -> dict[str, Any]:
+        header = super().header()
+        header["text"] |= {"objective": OBJECTIVE, "positions": self.masked_count,
+                           "mask_recipe": {"name": "bert", "mask": lm.MASK_AS_MASK,
+                                           "random": lm.MASK_AS_RANDOM, "seed": self.cfg.view_seed}}
+        return header
+
+    def logits(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits[:, 0]
+
+    def batch(self, model: nn.Module, rows: tuple[np.ndarray, np.ndarray], start: int, stop: int,
+              specs: dict[str, dict]) -> Batch:
+        views, m = self.cfg.views + 1, self.masked_count
+        ids = np.repeat(rows[0][start:stop], views)
+        view = np.tile(np.arange(views, dtype=np.int32), stop - start)
+        blocks = torch.from_numpy(rows[1][start:stop]).repeat_interleave(views, dim=0)
+        positions, seen = lm.fixed_masks(blocks, ids, view, m, self.special, self.infos["labeled"]["vocab_size"],
+                                         self.cfg.view_seed)
+        inputs = lm.apply_masks(blocks, positions, seen)
+        at = (torch.arange(len(blocks))[:, None], positions)  # (B, M) index: the masked rows
+        with torch.no_grad(), features.tap(model, list(specs)) as captured:
+            logits = model(input_ids=inputs, attention_mask=torch.ones_like(inputs)).logits[at].float()
+            feats = {name: hidden(captured[name])[at].reshape(len(blocks) * m, -1).to(torch.float16).numpy()
+                     for name in specs}
+        return Batch(np.repeat(ids, m), np.repeat(view, m), positions.reshape(-1).numpy().astype(np.int32),
+                     logits.reshape(len(blocks) * m, -1), feats, blocks.gather(1, positions).reshape(-1).numpy(),
+                     np.repeat(view == 0, m), input_token=seen.reshape(-1).numpy().astype(np.int32))
+
+
+class MaskedRows(nn.Module):
+    """A masked LM seen row by row: x (B, L + M), the masked blocks and their M masked positions
+    -> logits (B * M, V), one row per masked token in cache order. The MLM head runs on the
+    masked positions only. `hidden.N` pass hidden state N (0 = the embeddings) at the masked
+    positions, (B * M, H), for methods that tap a student layer."""
+
+    def __init__(self, model: nn.Module, block_size: int, layers: list[int] = ()):
+        super().__init__()
+        self.model, self.block_size = model, block_size
+        self.hidden = nn.ModuleDict({str(n): nn.Identity() for n in layers})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens, positions = x[:, :self.block_size], x[:, self.block_size:]
+        at = (torch.arange(len(x))[:, None], positions)
+        out = self.model.base_model(input_ids=tokens, attention_mask=torch.ones_like(tokens),
+                                    output_hidden_states=len(self.hidden) > 0)
+        for n, identity in self.hidden.items():
+            identity(out.hidden_states[int(n)][at].flatten(0, 1))
+        return self.model.cls(out.last_hidden_state[at].flatten(0, 1))
+
+
+@dataclass
+class MaskedSet:
+    """Blocks with their cached maskings: tokens (N, L); positions and seen (N, V, M), the masked
+    positions of each of V maskings and the token the teacher saw there; targets and truth
+    (the original tokens) hold one row per masked token, N * V * M rows in cache order."""
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    seen: torch.Tensor
+    targets: dict[str, torch.Tensor]
+    truth: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def inputs(self, blocks: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+        """MaskedRows' input for these blocks, each masked as in the given view."""
+        positions = self.positions[blocks, view]
+        return torch.cat([lm.apply_masks(self.tokens[blocks], positions, self.seen[blocks, view]), positions], 1)
+
+    def batches(self, epoch: int, batch_size: int, seed: int, views: str = "none",
+                shard: tuple[int, int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Shuffled batches of whole blocks, seeded by (seed, epoch): masking 0, or with
+        views="cached" one drawn per block, with the rows of that masking; `shard` (rank,
+        world size): this rank's slice of every batch (`parallel.shard`)."""
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        _, maskings, masked = self.positions.shape
+        for blocks in torch.randperm(len(self.tokens), generator=g).split(batch_size):
+            view = (torch.randint(maskings, (len(blocks),), generator=g) if views == "cached"
+                    else torch.zeros(len(blocks), dtype=torch.long))
+            if shard is not None:
+                mine = parallel.shard(len(blocks), *shard)
+                blocks, view = blocks[mine], view[mine]
+            rows = (((blocks * maskings + view) * masked)[:, None] + torch.arange(masked)).reshape(-1)
+            yield {"x": self.inputs(blocks, view), **{name: t[rows] for name, t in self.targets.items()}}
+
+
+def lm_inputs(tokens: torch.Tensor, special: text.SpecialIds, vocab_size: int,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks (B, L) -> (inputs (B, L), labels (B, L)): BERT's masking drawn from `generator`;
+    the chosen positions predict the original token, the others nothing (-100)."""
+    return lm.mask_tokens(tokens, special, vocab_size, generator)
+
+
+def token_logits(model: nn.Module, inputs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Logits (P, V) of the masked positions (`keep`, (B, L)); a BERT's head runs on those only,
+    a fraction of its cost, which dominates at a small width and a large vocabulary."""
+    if not hasattr(model, "cls"):  # another masked LM: the whole head
+        return model(input_ids=inputs).logits[keep]
+    states = model.base_model(input_ids=inputs, attention_mask=torch.ones_like(inputs)).last_hidden_state
+    return model.cls(states[keep])
+
+
+def lm_score(loss: float, accuracy: float) -> dict[str, float]:
+    return {"masked_accuracy": accuracy}
+
+
+def teacher_scores(scores: dict[str, float], train: np.ndarray, test: np.ndarray, vocab_size: int) -> dict[str, float]:
+    """What a masked teacher's metrics.json adds: its masked-token accuracy on the test split."""
+    return {"masked_accuracy": scores["masked_accuracy"]}
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+def check(cfg: StudentConfig, cache: Cache) -> None:
+    """What a masked student cannot do yet, said up front."""
+    check_token_student(cfg, ARCH, OBJECTIVE, METHODS, [("assistant", cfg.assistant)])
+    if cfg.views and cache.manifest["views"]["count"] == 0:
+        raise ConfigError(f"{cfg.where}.views: the cache holds one masking per block; set label.views (e.g. 4) "
+                          "and run `kd label` again")
+    if cfg.init == "teacher" and "teacher_files" not in cache.manifest:
+        raise ConfigError(f"{cfg.where}.init: 'teacher' needs the teacher's weights in the cache; set "
+                          "label.keep_teacher: true and run `kd label` again")
+    for layer in student_layers(cfg):
+        if not (layer.startswith("hidden.") and layer.removeprefix("hidden.").isdigit()):
+            raise ConfigError(f"{cfg.where}.loss: student_layer {layer!r}; a masked LM student's layers are "
+                              "hidden.N (hidden state N at the masked positions, 0 = the embeddings)")
+
+
+def rows(cache: Cache, prepared: Path, cfg: StudentConfig, memory_mb: float) -> MaskedSet:
+    """The student's transfer blocks with their cached maskings, top-k, lse, true tokens and the
+    teacher layers the loss needs."""
+    maskings = cache.manifest["views"]["count"] + 1
+    masked, block = cache.manifest["text"]["positions"], cache.manifest["text"]["block_size"]
+    memory_check(cfg, cache, memory_mb, 8 * (block + 2 * maskings * masked))
+    tokens, parts, offset = [], {}, 0
+    for split in cfg.transfer:
+        source = prepared / f"{split}.parquet"
+        ids, blocks = text.read_blocks(source)
+        position, seen = cache.masks(split)
+        block_tensor = torch.from_numpy(blocks).long()
+        position = torch.tensor(position, dtype=torch.long).reshape(len(ids), maskings, masked)
+        truth = block_tensor.gather(1, position.reshape(len(ids), -1)).reshape(-1)
+        cache_rows = loader.read_rows(cache, cfg, split, source, ids, truth.numpy(), row_offset=offset)
+        offset += cache.split(split)["rows"]
+        part = {"positions": position, "seen": torch.tensor(seen, dtype=torch.long).reshape(len(ids), maskings, masked),
+                "truth": truth, **cache_rows.targets(cfg)}
+        tokens.append(block_tensor)
+        for name, value in part.items():
+            parts.setdefault(name, []).append(value)
+    joined = {name: torch.cat(values) for name, values in parts.items()}
+    positions, seen, truth = joined.pop("positions"), joined.pop("seen"), joined.pop("truth")
+    return MaskedSet(torch.cat(tokens), positions, seen, joined, truth)
+
+
+def twin_rows(cache: Cache, prepared: Path, cfg: StudentConfig, transfer: MaskedSet) -> MaskedSet:
+    """The same blocks and masks with their original tokens alone."""
+    return dataclasses.replace(transfer, targets={"label": transfer.truth})
+
+
+def twin_decided_by(cfg: StudentConfig, cache: Cache, prepared: Path) -> dict[str, Any]:
+    """What decides a masked twin besides its budget and seed: the task, the transfer blocks, the
+    cached masks it sees (and whether it draws among them) and its start."""
+    return {"task": NAME, "data": {s: data_fingerprint(prepared / f"{s}.parquet") for s in cfg.transfer},
+            "masks": {"count": cache.manifest["views"]["count"], "recipe": cache.manifest["text"]["mask_recipe"],
+                      "positions": cache.manifest["text"]["positions"]},
+            "views": cfg.views, "init": cache.manifest.get("teacher_files") if cfg.init == "teacher" else None}
+
+
+def build(cfg: StudentConfig, cache: Cache, prepared: Path) -> MaskedRows:
+    """A fresh student (seed torch first), from the teacher's layers with `init: teacher`."""
+    _, special = text.load_tokenizer(prepared)
+    info = cache.manifest["text"]
+    model = lm.build(cfg.arch, cfg.arch_kwargs, info["vocab_size"], info["block_size"], special, where=cfg.where)
+    if cfg.init == "teacher":
+        with torch.random.fork_rng():  # loading the teacher's copy leaves the student's random stream alone
+            start = _teacher_start(cache)
+        lm.init_from_teacher(model, start, where=f"{cfg.where}.init")
+    layers = [int(layer.removeprefix("hidden.")) for layer in student_layers(cfg)]
+    for n in layers:
+        if n > model.config.num_hidden_layers:
+            raise ConfigError(f"{cfg.where}.loss: student_layer hidden.{n}; the student has "
+                              f"{model.config.num_hidden_layers} layers (hidden.0 .. hidden.{model.config.num_hidden_layers})")
+    return MaskedRows(model, info["block_size"], layers)
+
+
+def student_shapes(model: MaskedRows, cfg: StudentConfig, layers: list[str], cache: Cache) -> dict[str, list[int]]:
+    """Every `hidden.N` is one vector of the student's width per masked token."""
+    return {layer: [model.model.config.hidden_size] for layer in layers}
+
+
+def _teacher_start(cache: Cache) -> nn.Module:
+    """The teacher's copy in the cache (`label.keep_teacher`), checked against the manifest."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for rel, digest in cache.manifest["teacher_files"].items():
+            blob = cache.store.read_bytes(cache.store.safe(rel))
+            if hashlib.sha256(blob).hexdigest() != digest:
+                raise CacheError(f"{cache.store.show(rel)}: sha256 differs from the manifest; run "
+                                 f"`kd cache verify {cache.root}`")
+            (Path(tmp) / Path(rel).name).write_bytes(blob)
+        return lm.load(Path(tmp))
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+
+def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, spec: StudentConfig
+             ) -> tuple[dict[str, Any], dict[str, tuple[list[str], list[dict[str, Any]]]]]:
+    """Masked-token accuracy of the student, its twin and the teacher on every cached masking of
+    the test split (the teacher's from its cached top-1, on the very same masked tokens), and
+    against the cached teacher (`evaluate_rows`)."""
+    maskings, masked = cache.manifest["views"]["count"] + 1, cache.manifest["text"]["positions"]
+    _, blocks = text.read_blocks(prepared / "test.parquet")
+    position, seen = cache.masks("test")
+    tokens = torch.from_numpy(blocks).long().repeat_interleave(maskings, 0)  # (N * maskings, L), cache order
+    positions = torch.tensor(position, dtype=torch.long).reshape(len(tokens), masked)
+    x = torch.cat([lm.apply_masks(tokens, positions, torch.tensor(seen).reshape(len(tokens), masked)), positions], 1)
+    truth = tokens.gather(1, positions).reshape(-1)
+
+    def accuracy(logits: torch.Tensor, truth: torch.Tensor) -> float:
+        return float((logits.argmax(1) == truth).float().mean())
+
+    def keys(student: float, twin: float, losses: dict[str, torch.Tensor], soft: Any) -> dict[str, Any]:
+        return {"masked_accuracy": student, "baseline_masked_accuracy": twin,
+                "teacher_masked_accuracy": float((soft.topk_idx[:, 0] == truth.numpy()).mean()),
+                "accuracy_gain_points": 100 * (student - twin),
+                "loss": float(losses["student"].mean()), "baseline_loss": float(losses["baseline"].mean())}
+
+    block = cache.manifest["text"]["block_size"]
+    return evaluate_rows(student_dir, cache, cfg, lambda model: MaskedRows(model, block), x, truth,
+                         positions.reshape(-1), accuracy, keys,
+                         ("masked_accuracy", "accuracy_gain_points", lambda s, b: 100 * (s - b)))
+
+
+def summary(name: str, m: dict[str, Any]) -> str:
+    teacher = f"{m['teacher_masked_accuracy']:.4f}" if m["teacher_masked_accuracy"] is not None else "unknown"
+    line = (f"masked-token accuracy {m['masked_accuracy']:.4f} (baseline twin {m['baseline_masked_accuracy']:.4f}, "
+            f"teacher {teacher})")
+    over = (f"accuracy {m['masked_accuracy_mean']:.4f} +- {m['masked_accuracy_std']:.4f}, "
+            f"{m['accuracy_gain_points_mean']:+.2f} +- {m['accuracy_gain_points_std']:.2f} points over the twins")
+    return token_summary(name, m, line, over)
