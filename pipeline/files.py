@@ -80,18 +80,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def staging_dir(out: Path) -> Path:
-    """An empty directory beside `out` to build it in (a leftover of a crashed run is cleared).
-
-    Older form of `replacing`, kept until its last callers (distill, lm_distill, kd teacher)
-    move to it."""
-    staging = Path(out).with_name(Path(out).name + ".tmp")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    return staging
-
-
 def swap_into_place(tmp: Path, out: Path) -> None:
     """Replace directory `out` by the finished directory `tmp` (two renames, no partial state)."""
     if not out.exists():

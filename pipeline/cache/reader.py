@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from pipeline.cache.layout import FEATURES, MANIFEST, SHARDS, chunk_files, feature_path, lse_column, rows_per_sample
+from pipeline.cache.layout import MANIFEST, SHARDS, chunk_files, feature_path, lse_column, rows_per_sample
 from pipeline.cache.manifest import part_problem, read_manifest
 from pipeline.cache.store import Store
 from pipeline.errors import CacheError, CacheMissingError, StaleCacheError
@@ -153,9 +153,6 @@ class Cache:
         """The Zarr array of one cached layer, rows aligned with `soft_targets(split)`."""
         self.split(split)
         return zarr.open_array(self.store.zarr(self.store.safe(feature_path(split, layer)), read_only=True), mode="r")
-
-    def feature_ids(self, split: str) -> np.ndarray:
-        return zarr.open_array(self.store.zarr(f"{FEATURES}/{split}/id", read_only=True), mode="r")[:]
 
 
 def _read_part(store: Store, rel: str, columns: list[str]) -> pa.Table:

@@ -21,6 +21,7 @@ from pipeline.cache.layout import (FEATURES, MANIFEST, SOFT_TARGETS, chunks_sha2
 from pipeline.cache.manifest import part_problem, read_manifest
 from pipeline.cache.reader import fixed_list
 from pipeline.cache.store import Store
+from pipeline import tasks
 from pipeline.errors import KDError
 
 
@@ -97,32 +98,14 @@ def _verify_split(store: Store, manifest: dict[str, Any], split: str, info: dict
 
 def _check_table(path: str, table: pa.Table, manifest: dict[str, Any], part: dict[str, Any], views: int) -> list[str]:
     k = manifest["top_k"]
-    tokens = "text" in manifest
-    masked = tokens and manifest["text"]["objective"] == "masked"
-    expected = ["id", "view", *(["position"] if tokens else []), *(["input_token"] if masked else []),
-                "topk_idx", "topk_logit", "logit_max", *map(lse_column, manifest["temperatures"])]
+    task = tasks.get(tasks.name_of(manifest))  # what a row holds besides (id, view) and how a sample's rows are ordered
+    expected = ["id", "view", *task.ROW_COLUMNS, "topk_idx", "topk_logit", "logit_max",
+                *map(lse_column, manifest["temperatures"])]
     if table.column_names != expected:
         return [f"{path}: columns {table.column_names}, expected {expected}"]
     if table.num_rows != part["rows"]:
         return [f"{path}: {table.num_rows} rows, the manifest says {part['rows']}"]
-    problems = []
-    if masked:  # per block: each view's masked positions, ascending, inside the block
-        per_view = manifest["text"]["positions"]
-        view = table["view"].to_numpy().reshape(-1, per_view)
-        position = table["position"].to_numpy().reshape(-1, per_view)
-        if not np.array_equal(view[:, 0], np.tile(np.arange(views // per_view), len(view) // (views // per_view))) \
-                or (view != view[:, :1]).any():
-            problems.append(f"{path}: view column out of order (expected each view's masked rows together)")
-        if position.size and ((np.diff(position, axis=1) <= 0).any() or position.min() < 0
-                              or position.max() >= manifest["text"]["block_size"]):
-            problems.append(f"{path}: masked positions not ascending inside the block")
-    else:
-        order = "position" if tokens else "view"  # the row's index inside its sample
-        inner = table[order].to_numpy()
-        if not np.array_equal(inner, np.tile(np.arange(views), len(inner) // views)):
-            problems.append(f"{path}: {order} column out of order (expected 0..{views - 1} per sample)")
-        if tokens and table["view"].to_numpy().any():
-            problems.append(f"{path}: view column not 0 (token rows have no views)")
+    problems = task.check_rows(path, table, manifest, views)
     ids = table["id"].to_numpy()
     if not (ids.reshape(-1, views) == ids[::views, None]).all():
         problems.append(f"{path}: rows of one sample are not together")
@@ -166,6 +149,14 @@ def _check_alignment(store: Store, manifest: dict[str, Any], split: str, info: d
     return problems
 
 
+def in_order(path: str, table: pa.Table, column: str, per_sample: int) -> list[str]:
+    """The problem, if any, with `column` not counting 0..per_sample-1 within every sample."""
+    inner = table[column].to_numpy()
+    if np.array_equal(inner, np.tile(np.arange(per_sample), len(inner) // per_sample)):
+        return []
+    return [f"{path}: {column} column out of order (expected 0..{per_sample - 1} per sample)"]
+
+
 def info(root: str | Path) -> dict[str, Any]:
     """A summary of the cache for humans and machines (no hashing)."""
     store = Store(root)
@@ -203,16 +194,8 @@ def format_info(summary: dict[str, Any]) -> str:
         f"views    {summary['views']['count']} augmented per sample ({summary['views']['recipe']['name']}, "
         f"max_shift {summary['views']['recipe']['max_shift']}, seed {summary['views']['seed']})",
     ]
-    if summary.get("text"):
-        t = summary["text"]
-        if t["objective"] == "masked":
-            maskings = (summary.get("views") or {}).get("count", 0) + 1
-            lines[3] = (f"rows     one per masked token: masked LM, blocks of {t['block_size']} tokens, "
-                        f"{t['positions']} masked per masking, {maskings} masking(s) per block, "
-                        f"vocabulary {t['vocab_size']}")
-        else:
-            lines[3] = (f"rows     one per predicted token: {t['objective']} LM, blocks of {t['block_size']} "
-                        f"tokens, positions 0..{t['positions'] - 1}, vocabulary {t['vocab_size']}")
+    if summary.get("text"):  # a token cache: what one row is replaces the views line
+        lines[3] = "rows     " + tasks.get(tasks.name_of(summary)).rows_description(summary)
     for spec in summary["features"] or []:
         lines.append(f"feature  {spec['name']}: {spec['mode']} {spec['shape']} {spec['dtype']}")
     for split, s in summary["splits"].items():

@@ -434,7 +434,7 @@ def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs
     rows = inputs.read(source, first_sample, last_sample)
     first_row, n_rows = first_sample * per_sample, (last_sample - first_sample) * per_sample
     rel = part_path(split, index)
-    schema = _schema(cfg, tokens=inputs.tokens, masked=inputs.masked)
+    schema = _schema(cfg, inputs.row_columns)
     specs = {s["name"]: s for s in manifest["features"]}
     group = zarr.open_group(store.zarr(FEATURES), mode="r+") if specs else None
     buffers = {name: _Rows(rows) for name, rows in info["chunk_rows"].items()}
@@ -487,14 +487,13 @@ def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs
     return part
 
 
-def _schema(cfg: LabelConfig, tokens: bool = False, masked: bool = False) -> pa.Schema:
-    """The soft-target columns; token rows add `position` (the predicting token's index), masked
-    rows also `input_token` (the token the model saw there: [MASK], a random one or itself)."""
+def _schema(cfg: LabelConfig, row_columns: tuple[str, ...] = ()) -> pa.Schema:
+    """The soft-target columns, after the task's own int32 row columns (`ROW_COLUMNS`: a token
+    row's `position`, a masked row's `input_token`)."""
     fields = [
         pa.field("id", pa.int64(), nullable=False),
         pa.field("view", pa.int32(), nullable=False),
-        *([pa.field("position", pa.int32(), nullable=False)] if tokens else []),
-        *([pa.field("input_token", pa.int32(), nullable=False)] if masked else []),
+        *[pa.field(name, pa.int32(), nullable=False) for name in row_columns],
         pa.field("topk_idx", pa.list_(pa.int32(), cfg.top_k), nullable=False),
         pa.field("topk_logit", pa.list_(pa.from_numpy_dtype(np.dtype(cfg.logit_dtype)), cfg.top_k), nullable=False),
         pa.field("logit_max", pa.float32(), nullable=False),

@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -89,16 +89,6 @@ def read_split(path: Path, columns: Sequence[str] = ("id", "x", "y")) -> Split:
     meta = _check_columns(file.schema_arrow, columns, path)
     table = file.read(columns=list(columns))
     return _to_split({name: table.column(name) for name in columns}, meta, path)
-
-
-def iter_split(path: Path, batch_rows: int, columns: Sequence[str] = ("id", "x", "y")) -> Iterator[Split]:
-    """A split file in batches of at most batch_rows rows, in file order."""
-    if batch_rows < 1:
-        raise ValueError(f"batch_rows: {batch_rows} must be >= 1")
-    file = open_parquet(path)
-    meta = _check_columns(file.schema_arrow, columns, path)
-    for batch in file.iter_batches(batch_size=batch_rows, columns=list(columns)):
-        yield _to_split({name: batch.column(name) for name in columns}, meta, path)
 
 
 def read_rows(path: Path, start: int, stop: int, columns: Sequence[str] = ("id", "x", "y")) -> Split:

@@ -10,7 +10,7 @@ with; `load_tokenizer` checks its sha256 against the splits' metadata.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -80,16 +80,6 @@ def read_blocks(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """ids (N,) int64 and tokens (N, block_size) int64 of a whole split file."""
     file = _open_blocks(path)
     return _arrays(file.read(), file.schema_arrow.field("tokens").type.list_size)
-
-
-def iter_blocks(path: Path, batch_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, tokens) batches of at most batch_rows rows, in file order."""
-    if batch_rows < 1:
-        raise ValueError(f"batch_rows: {batch_rows} must be >= 1")
-    file = _open_blocks(path)
-    length = file.schema_arrow.field("tokens").type.list_size
-    for batch in file.iter_batches(batch_size=batch_rows):
-        yield _arrays(batch, length)
 
 
 def read_rows(path: Path, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:

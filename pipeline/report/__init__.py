@@ -32,11 +32,12 @@ from pipeline.report.compare import (METHODS, PROGRESSIVE, is_soft_only, leaderb
 from pipeline.report.markdown import render, seeds_sentence, sentence
 from pipeline.report.plots import DRAW, Figures
 from pipeline.report.results import StudentResult, assistant_info, load_student, student_dirs
-from pipeline.report.scores import SCORES, Score, task_name
+from pipeline import tasks
+from pipeline.report.scores import SCORES, Score
 
 __all__ = ["METHODS", "PROGRESSIVE", "SCORES", "Score", "StudentResult", "is_soft_only", "leaderboard",
            "method_label", "methods_table", "progressive_table", "seeds_sentence", "sentence", "student_dirs",
-           "task_name", "verdict", "write_report"]
+           "verdict", "write_report"]
 
 
 def write_report(students_dir: Path, out: Path, manifest: dict[str, Any], cache_root: Any,
@@ -45,7 +46,7 @@ def write_report(students_dir: Path, out: Path, manifest: dict[str, Any], cache_
     cache whose manifest is given; assistants named by students are looked up under `assistants`.
     Returns a summary for the command line."""
     students_dir, out = Path(students_dir), Path(out)
-    score = SCORES[task_name(manifest)]
+    score = SCORES[tasks.name_of(manifest)]
     names = student_dirs(students_dir) if names is None else list(names)
     if not names:
         raise MissingInputError(f"{students_dir}: no students to report on (run `kd distill NAME` and `kd eval NAME`)")

@@ -1,8 +1,8 @@
 """What each task's report measures and how its numbers read: one `Score` per task.
 
 The rest of `pipeline.report` never asks which kind of student it reports on; it reads these
-fields. The keys are the task names ("image", "causal_lm", "masked_lm"); `task_name` resolves
-a cache's manifest to one of them.
+fields. The keys are the task names of `pipeline.tasks` ("image", "causal_lm", "masked_lm"),
+which resolves a cache's manifest to one of them.
 """
 
 from __future__ import annotations
@@ -165,10 +165,3 @@ SCORES: dict[str, Score] = {
         keeps=_masked_keeps, versus=_masked_versus,
         over_seeds=" Over {n} seeds: {mean} ± {std} masked-token accuracy, {change} points over the twins."),
 }
-
-
-def task_name(manifest: Metrics) -> str:
-    """The task a cache was labeled for, from its manifest (the SCORES key)."""
-    if "text" not in manifest:
-        return "image"
-    return {"causal": "causal_lm", "masked": "masked_lm"}[manifest["text"].get("objective", "causal")]

@@ -47,10 +47,14 @@ STUDENT_RECORD = "student.json"
 AUTO_MODEL = AutoModelForCausalLM  # how a directory of this task loads
 
 
+# Cache columns between `view` and the soft targets: the predicting token's index in its block.
+ROW_COLUMNS: tuple[str, ...] = ("position",)
+
+
 class Inputs:
     """Blocks of tokens for a causal language model (a Hugging Face `...ForCausalLM`)."""
 
-    tokens, masked = True, False  # cache rows carry `position`; no `input_token`
+    row_columns = ROW_COLUMNS
 
     def __init__(self, prepared: Path, splits: list[str], cfg: LabelConfig):
         if cfg.views:
@@ -323,6 +327,23 @@ def evaluate_rows(student_dir: Path, cache: Cache, cfg: EvalConfig, wrap: Callab
                                          [{"position": int(p), **{k: float(sums[k][p] / counts[p]) for k in sums}}
                                           for p in np.flatnonzero(counts)]),
                     "seeds.csv": (["seed", "student", "baseline"], seeds)}
+
+
+def check_rows(path: str, table: Any, manifest: dict[str, Any], views: int) -> list[str]:
+    """`kd cache verify`: each block's rows are positions 0..L-2, in order, all of view 0."""
+    from pipeline.cache.verify import in_order
+
+    problems = in_order(path, table, "position", views)
+    if table["view"].to_numpy().any():
+        problems.append(f"{path}: view column not 0 (token rows have no views)")
+    return problems
+
+
+def rows_description(summary: dict[str, Any]) -> str:
+    """`kd cache info`: what one cache row is."""
+    t = summary["text"]
+    return (f"one per predicted token: {t['objective']} LM, blocks of {t['block_size']} tokens, "
+            f"positions 0..{t['positions'] - 1}, vocabulary {t['vocab_size']}")
 
 
 def summary(name: str, m: dict[str, Any]) -> str:

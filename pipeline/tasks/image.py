@@ -31,10 +31,14 @@ NAME = "image"
 TWIN_LOSS = "hard-label"  # what the baseline twin learns from, for messages
 
 
+# Cache columns between `view` and the soft targets: none, a row is (sample, view).
+ROW_COLUMNS: tuple[str, ...] = ()
+
+
 class Inputs:
     """What the teacher sees at label time and which rows it becomes: `per_sample` = 1 + views."""
 
-    tokens, masked = False, False  # the cache rows carry no `position`, no `input_token`
+    row_columns = ROW_COLUMNS
 
     def __init__(self, prepared: Path, splits: list[str], cfg: LabelConfig):
         self.infos = {s: data.split_info(prepared / f"{s}.parquet") for s in splits}
@@ -151,6 +155,13 @@ def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, s
     result = metrics.evaluate(student_dir, cache, prepared, cfg, arch=spec.arch if custom else None,
                               arch_kwargs=spec.arch_kwargs if custom else None)
     return metrics.metrics_record(result), metrics.plot_tables(result["plots"])
+
+
+def check_rows(path: str, table: Any, manifest: dict[str, Any], views: int) -> list[str]:
+    """`kd cache verify`: each sample's rows are its views 0..V-1, in order."""
+    from pipeline.cache.verify import in_order
+
+    return in_order(path, table, "view", views)
 
 
 def summary(name: str, m: dict[str, Any]) -> str:

@@ -44,11 +44,16 @@ __all__ = ["save"]  # a Hugging Face directory plus student.json, as for causal 
 AUTO_MODEL = AutoModelForMaskedLM  # how a directory of this task loads
 
 
+# Cache columns between `view` and the soft targets: the masked position and the token the
+# teacher saw there ([MASK], a random token or itself).
+ROW_COLUMNS: tuple[str, ...] = ("position", "input_token")
+
+
 class Inputs(causal_lm.Inputs):
     """Blocks of tokens for a masked language model (a Hugging Face `...ForMaskedLM`): per block,
     `label.views` + 1 maskings of M positions, one cache row per masked position."""
 
-    masked = True  # cache rows carry `input_token`
+    row_columns = ROW_COLUMNS
 
     def __init__(self, prepared: Path, splits: list[str], cfg: LabelConfig):
         super().__init__(prepared, splits, dataclass_replace(cfg, views=0))
@@ -290,6 +295,28 @@ def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, s
     return evaluate_rows(student_dir, cache, cfg, lambda model: MaskedRows(model, block), x, truth,
                          positions.reshape(-1), accuracy, keys,
                          ("masked_accuracy", "accuracy_gain_points", lambda s, b: 100 * (s - b)))
+
+
+def check_rows(path: str, table: Any, manifest: dict[str, Any], views: int) -> list[str]:
+    """`kd cache verify`: per block, each masking's rows together, its masked positions ascending
+    inside the block."""
+    per_view, problems = manifest["text"]["positions"], []
+    view = table["view"].to_numpy().reshape(-1, per_view)
+    position = table["position"].to_numpy().reshape(-1, per_view)
+    if not np.array_equal(view[:, 0], np.tile(np.arange(views // per_view), len(view) // (views // per_view))) \
+            or (view != view[:, :1]).any():
+        problems.append(f"{path}: view column out of order (expected each view's masked rows together)")
+    if position.size and ((np.diff(position, axis=1) <= 0).any() or position.min() < 0
+                          or position.max() >= manifest["text"]["block_size"]):
+        problems.append(f"{path}: masked positions not ascending inside the block")
+    return problems
+
+
+def rows_description(summary: dict[str, Any]) -> str:
+    """`kd cache info`: what one cache row is."""
+    t, maskings = summary["text"], (summary.get("views") or {}).get("count", 0) + 1
+    return (f"one per masked token: masked LM, blocks of {t['block_size']} tokens, {t['positions']} masked per "
+            f"masking, {maskings} masking(s) per block, vocabulary {t['vocab_size']}")
 
 
 def summary(name: str, m: dict[str, Any]) -> str:
