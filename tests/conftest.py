@@ -1,5 +1,8 @@
-"""Fixtures shared by the tests: a scratch working directory, a params.yaml writer, a CLI runner,
-and a guard that fails any test leaving process-wide state changed."""
+"""What the tests share: a scratch working directory, a params.yaml writer, the stage runner
+(`invoke`, `invoke_cache`, `ok`: plain functions, for module-scoped fixtures too, and the
+`run_command` fixture), a tiny text world (`lm_world`), the environment for a subprocess whose
+result is compared with this process's (`child_env`), and a guard that fails any test leaving
+process-wide state changed."""
 
 from __future__ import annotations
 
@@ -80,19 +83,53 @@ def write_params(tmp_path: Path) -> Callable[..., Path]:
     return write
 
 
+def invoke(command: Callable[..., Any], *args: Any, expect: int | None = None) -> Any:
+    """Run one stage command registered alone on a fresh Typer app, as stages/cli.py registers
+    it, through typer's CliRunner; with `expect`, assert its exit code (showing its output)."""
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(command)
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if expect is not None:
+        assert result.exit_code == expect, (result.output, result.stderr, result.exception)
+    return result
+
+
+def invoke_cache(*args: Any) -> Any:
+    """`kd cache ...`: the cache app itself, with its subcommands."""
+    from stages import cache
+
+    return CliRunner().invoke(cache.app, [str(a) for a in args])
+
+
+def ok(result: Any) -> Any:
+    assert result.exit_code == 0, f"exit {result.exit_code}: {result.output}\n{result.exception!r}"
+    return result
+
+
 @pytest.fixture
 def run_command() -> Callable[..., Any]:
-    """run_command(stage.main, "--opt", value, ...) -> click Result, through typer's CliRunner.
+    """run_command(stage.main, "--opt", value, ...) -> click Result (`invoke`, as a fixture)."""
+    return invoke
 
-    The command is registered alone on a fresh Typer app, as stages/cli.py registers it.
-    """
 
-    def run(command: Callable[..., Any], *args: Any) -> Any:
-        app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-        app.command()(command)
-        return CliRunner().invoke(app, [str(a) for a in args])
+LM_BLOCK = 32  # the tokens in a block of `lm_world`
 
-    return run
+
+@pytest.fixture(scope="module")
+def lm_world(tmp_path_factory) -> Path:
+    """A tiny text world: pydoc in LM_LM_BLOCK-token blocks with a 512-token BPE, and a one-layer
+    GPT-2 teacher trained one epoch on it (module-scoped: one per test module that asks)."""
+    from stages import prepare, teacher
+
+    root = tmp_path_factory.mktemp("tokens")
+    params = root / "params.yaml"
+    params.write_text("{}\n")
+    ok(invoke(prepare.main, "--dataset", "pydoc", "--vocab-size", 512, "--block-size", LM_BLOCK, "--labeled", 120,
+              "--unlabeled", 40, "--test", 20, "--params", params, "--out", root / "prepared"))
+    ok(invoke(teacher.main, "--arch", "gpt2", "--arch-kwargs", '{"n_layer": 1, "n_head": 2, "n_embd": 32}',
+              "--epochs", 1, "--batch-size", 16, "--no-progress", "--prepared", root / "prepared",
+              "--out", root / "teacher", "--params", params))
+    return root
 
 
 @pytest.fixture

@@ -29,8 +29,8 @@ from pipeline import loader, parallel
 from pipeline.cache import Cache
 from pipeline.config import student
 from stages import distill, label, prepare, teacher
-from tests.test_stages import invoke, ok, students_params, tiny_student
-from tests.test_token_cache import lm_world  # noqa: F401 (a fixture: the tiny text world)
+from conftest import invoke, ok
+from tests.test_stages import students_params, tiny_student
 
 TOLERANCE = 1e-5  # max |weight difference|, and of every logged term, vs a single process
 # 160 + 225 = 385 transfer samples = 6 batches of 64 + 1: in the last batch rank 1 has no rows

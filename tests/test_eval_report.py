@@ -27,9 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-import typer
 import yaml
-from typer.testing import CliRunner
 
 from pipeline import metrics, report
 from pipeline.errors import InputError
@@ -45,6 +43,7 @@ from pipeline.models import build, count_params, fingerprint, load_model, save_m
 from pipeline.training import predict
 from stages import eval as eval_stage
 from stages import report as report_stage
+from conftest import invoke
 
 IMAGE = SCORES["image"]  # what the report measures for image students
 
@@ -72,13 +71,6 @@ ASSISTANTS = {"ta": {"arch": "mlp", "arch_kwargs": {"hidden": [16]}, "epochs": 2
 TRAINED = [name for name in STUDENTS if name != "untrained"]
 EVAL = {"latency_runs": 3, "throughput_batch": 32, "throughput_runs": 2, "threads": 1}
 TEACHER_CONFIG = {"arch": "mlp", "arch_kwargs": {"hidden": [32]}, "input_shape": [D], "num_classes": C}
-
-
-def invoke(command, *args):
-    """Run one stage command registered alone on a fresh Typer app, as stages/cli.py does."""
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(command)
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def assert_clean_error(result, *needles: str) -> None:

@@ -27,7 +27,7 @@ from pipeline.cache.verify import verify
 from pipeline.errors import ConfigError
 from stages import distill, label, prepare, report, teacher
 from stages import eval as eval_stage
-from tests.test_stages import invoke, ok
+from conftest import invoke, ok
 
 BLOCK, MASKED = 32, 5  # 15% of 32 tokens, rounded
 TEACHER_KWARGS = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}

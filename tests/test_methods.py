@@ -7,6 +7,7 @@ checked against real caches built with real feature layers.
 
 from __future__ import annotations
 
+import functools
 import csv
 import json
 import shutil
@@ -17,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
 from safetensors.torch import load_file
 
@@ -31,21 +31,14 @@ from pipeline.loader import transfer_set
 from pipeline.models import build
 from pipeline.training import step
 from stages import assistants, distill, label, prepare, teacher
+from conftest import invoke as run_stage
+
+invoke = functools.partial(run_stage, expect=0)  # every call must succeed unless it says otherwise
 
 ROOT = Path(__file__).parents[1]
 CNN = {"widths": [4, 8], "convs_per_stage": 1, "hidden": 16}
 TEACHER = {"widths": [8, 16], "convs_per_stage": 1, "hidden": 32}
 FEATURES = {"stages.0": "attention", "stages.1": "full", "embed": "pooled"}
-
-
-def invoke(command, *args):
-    import typer
-
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(command)
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, (result.output, result.stderr, result.exception)
-    return result
 
 
 def student(loss: dict[str, Any], **changes: Any) -> dict[str, Any]:

@@ -6,6 +6,7 @@ function to kill its own process after N calls); the rerun must equal an uninter
 
 from __future__ import annotations
 
+import functools
 import csv
 import errno
 import hashlib
@@ -19,9 +20,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
 from stages import distill, label, prepare, teacher
+from conftest import invoke as run_stage
+
+invoke = functools.partial(run_stage, expect=0)  # every call must succeed unless it says otherwise
 
 STUDENT = {"arch": "mlp", "arch_kwargs": {"hidden": [16]}, "epochs": 4, "batch_size": 32, "lr": 0.003,
            "repeats": 2, "loss": {"soft": {"weight": 0.9, "temperature": 4}, "hard": {"weight": 0.1}}}
@@ -31,16 +34,6 @@ PARAMS = {
     "label": {"top_k": 4, "temperatures": [1, 4], "part_size": 64},
     "students": {"s": STUDENT},
 }
-
-
-def invoke(command, *args, expect: int = 0):
-    import typer
-
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(command)
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == expect, (result.output, result.stderr, result.exception)
-    return result
 
 
 def digest(root: Path) -> dict[str, str]:

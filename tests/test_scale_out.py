@@ -26,7 +26,8 @@ from pipeline.cache.verify import verify
 from pipeline.metrics import torch_threads
 from stages import distill, label, prepare, teacher
 from stages import eval as eval_stage
-from tests.test_stages import invoke, invoke_cache, ok, students_params, tiny_student
+from conftest import invoke, invoke_cache, ok
+from tests.test_stages import students_params, tiny_student
 
 LABEL_ARGS = ("--no-progress", "--part-size", "64", "--feature", "hidden.0=full", "--views", "1")
 

@@ -15,42 +15,23 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import typer
 import yaml
 import zarr
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from stages import cache as cache_stage
 from stages import distill, label, prepare, teacher
+from conftest import invoke, invoke_cache, ok
 
 TEACHER_ARGS = ("--arch", "mlp", "--arch-kwargs", '{"hidden": [32]}', "--epochs", "2")
 SIZES = {"labeled": 200, "unlabeled": 300, "test": 200}
 FEATURE_LAYER = "hidden.0"  # the MLP teacher's first hidden layer: a (32,) vector per sample
 PART_SIZE = 128
-
-
-def invoke(command: Callable[..., Any], *args: Any) -> Any:
-    """What the `run_command` fixture does, usable from the module-scoped fixture."""
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(command)
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def invoke_cache(*args: Any) -> Any:
-    """`kd cache ...`: the cache app itself, with its two subcommands."""
-    return CliRunner().invoke(cache_stage.app, [str(a) for a in args])
-
-
-def ok(result: Any) -> Any:
-    assert result.exit_code == 0, f"exit {result.exit_code}: {result.output}\n{result.exception!r}"
-    return result
 
 
 @dataclass

@@ -27,7 +27,7 @@ from pipeline.config import PrepareConfig, Shares
 from pipeline.errors import InputError, MissingInputError
 from stages import prepare, teacher
 from tests.test_prepare import assert_clean_error, files_bytes
-from tests.test_stages import invoke, ok
+from conftest import invoke, ok
 
 SMALL = ("--vocab-size", 300, "--block-size", 32, "--labeled", 40, "--unlabeled", 10, "--test", 10)
 TINY_GPT2 = '{"n_layer": 1, "n_head": 2, "n_embd": 32}'

@@ -27,24 +27,10 @@ from pipeline.cache import Cache
 from pipeline.cache.store import Store
 from pipeline.cache.verify import verify
 from pipeline.errors import ConfigError
-from stages import distill, label, prepare, report, teacher
+from stages import distill, label, report
 from stages import eval as eval_stage
-from tests.test_stages import invoke, ok
-
-BLOCK = 32
-
-
-@pytest.fixture(scope="module")
-def lm_world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tokens")
-    params = root / "params.yaml"
-    params.write_text("{}\n")
-    ok(invoke(prepare.main, "--dataset", "pydoc", "--vocab-size", 512, "--block-size", BLOCK, "--labeled", 120,
-              "--unlabeled", 40, "--test", 20, "--params", params, "--out", root / "prepared"))
-    ok(invoke(teacher.main, "--arch", "gpt2", "--arch-kwargs", '{"n_layer": 1, "n_head": 2, "n_embd": 32}',
-              "--epochs", 1, "--batch-size", 16, "--no-progress", "--prepared", root / "prepared",
-              "--out", root / "teacher", "--params", params))
-    return root
+from conftest import LM_BLOCK as BLOCK
+from conftest import invoke, ok
 
 
 def label_args(root, out, *extra):
