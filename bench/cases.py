@@ -1,7 +1,7 @@
 """The benchmark cases of the bench issue, one function each; every one returns a dict with
 `ratios` (name -> `timing.ratio` record: value, target, met) and `details` (the raw figures).
 
-All of them call the real library (`pipeline.cache.label`, `pipeline.loader.transfer_set`,
+All of them call the real library (`pipeline.cache.label`, `pipeline.tasks.image.rows`,
 `pipeline.distill.train_model` / `student_terms`, `pipeline.training.fit`, `Cache.soft_targets`)
 on data written by `pipeline.sources.prepare` and a random-weight teacher of the default
 architecture (params.yaml `teacher`): weights do not change the cost of a forward pass. The
@@ -38,7 +38,7 @@ from pipeline.tasks import Batch
 from pipeline.tasks import image as image_task
 from pipeline.tasks.image import probe_shapes
 from pipeline.errors import CacheMissingError
-from pipeline.loader import TransferSet, needed_temperatures, transfer_set
+from pipeline.loader import SampleSet, image_set, needed_temperatures
 from pipeline.models import build, fingerprint, load_model, save_model
 from pipeline.training import fit
 
@@ -151,7 +151,7 @@ class OnlineSet:
     each batch; with `pseudo`, rows flagged `pseudo` get the teacher's argmax as their label.
     """
 
-    base: TransferSet
+    base: SampleSet
     teacher: nn.Module
     layers: dict[str, str]
     pseudo_threshold: float | None = None
@@ -247,19 +247,19 @@ def student_from_cache(ws: Workspace, students: list[str], repeats: int, online_
 
         loaded: dict[str, Any] = {}
         load_seconds = seconds(lambda: (cache.check(ws.prepared, cfg.transfer, list(layers)),
-                                        loaded.setdefault("set", transfer_set(cache, ws.prepared, cfg))))
+                                        loaded.setdefault("set", image_task.rows(cache, ws.prepared, cfg, memory_mb=2048))))
         cached = loaded["set"]
-        streaming = transfer_set(cache, ws.prepared, cfg, memory_mb=1e-3)  # any budget below the set: streamed
-        hard = TransferSet(x=cached.x, ids=cached.ids, input_shape=cached.input_shape,
-                           targets={"label": _true_labels(ws.prepared, cache, cfg, cached.ids)})
+        streaming = image_task.rows(cache, ws.prepared, cfg, memory_mb=1e-3)  # any budget below the set: streamed
+        hard = image_set(cached.inputs["x"], cached.ids, shape,
+                         {"label": _true_labels(ws.prepared, cache, cfg, cached.ids)})
         pseudo = np.concatenate([np.full(cache.split(s)["rows"], s == "unlabeled") for s in cfg.transfer])
         own_labels = cached.targets["label"].clone()
         hard_cfg = cfg.loss.hard
         if hard_cfg is not None and hard_cfg.pseudo:
             own_labels[torch.from_numpy(pseudo)] = -1  # online: the teacher gives these inside the loop
         online = OnlineSet(
-            TransferSet(x=cached.x, ids=cached.ids, input_shape=cached.input_shape,
-                        targets={"label": own_labels, "pseudo": torch.from_numpy(pseudo)}),
+            image_set(cached.inputs["x"], cached.ids, shape,
+                      {"label": own_labels, "pseudo": torch.from_numpy(pseudo)}),
             ws.teacher.model.eval(), {layer: spec["mode"] for layer, spec in teacher_specs.items()},
             hard_cfg.threshold if hard_cfg is not None and hard_cfg.pseudo else None)
 
@@ -447,7 +447,7 @@ def reader_throughput(ws: Workspace, rows: int, repeats: int, student: str = "ml
         return seconds(run)
 
     def student_set() -> float:
-        return seconds(lambda: transfer_set(cache, prepared, cfg))
+        return seconds(lambda: image_task.rows(cache, prepared, cfg, memory_mb=2048))
 
     def raw_student_columns() -> float:  # the same cache columns plus the prepared x and y, raw
         def run():
@@ -457,7 +457,7 @@ def reader_throughput(ws: Workspace, rows: int, repeats: int, student: str = "ml
         return seconds(run)
 
     def streamed_epoch() -> float:
-        streaming = transfer_set(cache, prepared, cfg, memory_mb=1e-3)
+        streaming = image_task.rows(cache, prepared, cfg, memory_mb=1e-3)
         return seconds(lambda: sum(1 for _ in streaming.batches(0, 4096, 0)))
 
     times = interleave({"reader": reader, "pyarrow": raw, "pyarrow_numpy": raw_numpy, "transfer_set": student_set,

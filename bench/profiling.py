@@ -34,7 +34,7 @@ from pipeline.distill import train_model  # noqa: E402
 from pipeline.methods import Shapes, student_layers, student_terms  # noqa: E402
 from pipeline.tasks import image as image_task  # noqa: E402
 from pipeline.tasks.image import probe_shapes  # noqa: E402
-from pipeline.loader import TransferSet, needed_temperatures, transfer_set  # noqa: E402
+from pipeline.loader import SampleSet, image_set, needed_temperatures  # noqa: E402
 from pipeline.models import build  # noqa: E402
 from pipeline.training import hard_label_loss, step  # noqa: E402
 
@@ -131,10 +131,10 @@ def main(out: Path = typer.Option(REPO / "bench" / "profiles"), params: Path = t
 
         cache = Cache.open(ws.cache)
         cfg = config.student(params, student)
-        cached = transfer_set(cache, ws.prepared, cfg)
+        cached = image_task.rows(cache, ws.prepared, cfg, memory_mb=2048)
         labels = cached.targets["label"].clone()
         labels[labels < 0] = torch.from_numpy(cache.soft_targets("unlabeled", []).topk_idx[:, 0]).long()
-        hard = TransferSet(x=cached.x, ids=cached.ids, input_shape=cached.input_shape, targets={"label": labels})
+        hard = image_set(cached.inputs["x"], cached.ids, cache.manifest["input_shape"], {"label": labels})
         shape, classes = cache.manifest["input_shape"], cache.num_classes
         epochs = dataclasses.replace(cfg, epochs=3, repeats=1)
 
@@ -158,8 +158,8 @@ def main(out: Path = typer.Option(REPO / "bench" / "profiles"), params: Path = t
         summary["reader_soft_targets"] = profiled("reader_soft_targets", lambda: [
             reader_cache.soft_targets(s, temps) for _ in range(10) for s in cfg.transfer], out)
         summary["reader_transfer_set"] = profiled("reader_transfer_set", lambda: [
-            transfer_set(reader_cache, reader_prepared, cfg) for _ in range(3)], out)
-        streaming = transfer_set(reader_cache, reader_prepared, cfg, memory_mb=1e-3)
+            image_task.rows(reader_cache, reader_prepared, cfg, memory_mb=2048) for _ in range(3)], out)
+        streaming = image_task.rows(reader_cache, reader_prepared, cfg, memory_mb=1e-3)
         summary["reader_streamed_epoch"] = profiled("reader_streamed_epoch", lambda: sum(
             1 for _ in streaming.batches(0, 4096, 0)), out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -174,7 +174,7 @@ def main(out: Path = typer.Option(REPO / "bench" / "profiles"), params: Path = t
     print(f"\nwrote {out}")
 
 
-def _loss_alone(cached: TransferSet, soft) -> dict[str, float]:
+def _loss_alone(cached: SampleSet, soft) -> dict[str, float]:
     """Microseconds per forward + backward of each soft loss on one batch, and of cross-entropy."""
     import time
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -74,14 +75,15 @@ def one_size(root: Path, params: Path, samples: int, memory_mb: float, student: 
     opened = Cache.open(cache)
     cfg = config.student(size_params, student)
     transfer_rows = sum(opened.split(s)["rows"] for s in cfg.transfer)
+    set_bytes = estimated_bytes(opened, cfg, 4 * math.prod(opened.manifest["input_shape"]))  # float32 images
     with open(root / "students" / student / "train_log.csv") as handle:
         epoch_seconds = float(next(csv.DictReader(handle))["seconds"])
     stages["prepare"]["rows_per_second"] = samples / stages["prepare"]["seconds"]
     stages["label"]["rows_per_second"] = samples / stages["label"]["seconds"]
     stages["distill"].update(epoch_seconds=epoch_seconds, rows_per_second=transfer_rows / epoch_seconds,
                              transfer_rows=transfer_rows,
-                             mode="streamed" if estimated_bytes(opened, cfg) > memory_mb * 2**20 else "in memory",
-                             estimated_set_mb=estimated_bytes(opened, cfg) / 2**20)
+                             mode="streamed" if set_bytes > memory_mb * 2**20 else "in memory",
+                             estimated_set_mb=set_bytes / 2**20)
     stages["cache_bytes"] = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
     return stages
 

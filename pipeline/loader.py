@@ -6,21 +6,25 @@ layers), checks that the rows belong to the prepared samples (ids, in order) and
 `CacheRows`, whose `targets` are the per-row batch keys the loss terms read. `hard_labels`
 states once what `loss.hard` means for a row.
 
-Image samples are served in one of two ways, chosen by size against a memory budget:
-- `TransferSet`: everything the student needs in memory (the default when it fits);
-- `StreamingSet`: cache parts in a shuffled order through a shuffle buffer, so memory
-  stays bounded by the buffer whatever the number of rows.
+Every task's samples are served in one of two ways, chosen by size against a memory budget
+(`transfer_set`):
+- `SampleSet`: everything the student needs in memory (the default when it fits): each
+  sample's inputs, its rows, and the task's `model_input` that makes the input of a sample
+  seen in one of its views (an image's shifted copy, a block's recorded masking);
+- `StreamingSet`: cache parts in a shuffled order through a shuffle buffer, each part read
+  by the task into a `SampleSet`, so memory stays bounded by the buffer whatever the number
+  of rows.
 Either way only the columns and arrays the student asks for are read: the top-k, the lse
-of its temperature, its hard labels and its cached layers. Each sample has `views` cache
-rows (view 0 first); the input of (sample, view v) is regenerated from (id, v, seed).
+of its temperature, its hard labels and its cached layers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -43,7 +47,7 @@ class CacheRows:
     row: torch.Tensor  # (R,) int64: the row's index over the student's transfer splits
     topk_idx: torch.Tensor  # (R, k) int64
     topk_logit: torch.Tensor  # (R, k) float32, max-shifted as cached
-    lse: dict[float, torch.Tensor]  # temperature -> (R,) float32
+    lse: dict[float, np.ndarray]  # temperature -> (R,) float32
     label: torch.Tensor  # (R,) int64: `hard_labels`, -1 for none
     features: dict[str, torch.Tensor]  # teacher layer -> (R, *shape), float16 as cached
 
@@ -52,7 +56,7 @@ class CacheRows:
         temperature) and teacher.<layer> for each cached layer."""
         targets = {"row": self.row, "topk_idx": self.topk_idx, "topk_logit": self.topk_logit, "label": self.label}
         if cfg.loss.soft is not None:
-            targets["lse"] = self.lse[float(cfg.loss.soft.temperature)]
+            targets["lse"] = torch.tensor(self.lse[float(cfg.loss.soft.temperature)])  # (a copy: Arrow arrays are read-only)
         return targets | {f"teacher.{layer}": value for layer, value in self.features.items()}
 
 
@@ -92,48 +96,58 @@ def read_rows(cache: Cache, cfg: StudentConfig, split: str, source: Path, sample
     return CacheRows(ids=soft.ids, row=torch.arange(row_offset + first_row, row_offset + first_row + len(soft.ids)),
                      topk_idx=torch.tensor(soft.topk_idx, dtype=torch.long),
                      topk_logit=torch.tensor(soft.topk_logit, dtype=torch.float32),
-                     lse={t: torch.tensor(v) for t, v in soft.lse.items()},
+                     lse=soft.lse,
                      label=torch.from_numpy(hard_labels(cfg.loss.hard, truth, soft)), features=features)
 
 
 @dataclass
-class TransferSet:
-    """Inputs in memory, one row per sample, plus per-cache-row targets.
+class SampleSet:
+    """Samples in memory with their cache rows, for every task.
 
-    x: (N, D) float32; ids: (N,) int64. Row of (sample i, view v) = i * views + v. `targets`
-    maps a name to a tensor with one row per cache row (top-k, lse, hard label with -1 for
-    none, cached features, the global cache row index `row`, ...).
+    `inputs` hold one entry per sample (first axis N: an image's values, a block's tokens, a
+    block's recorded maskings); `targets` one entry per cache row, in cache order: sample i,
+    view v holds rows (i * views + v) * per_view ... + per_view - 1 (an image row per view, a
+    causal block's predicted tokens as its one view, a masked block's M positions per masking).
+    `model_input(inputs, ids, view)` makes the model's input for some samples (their inputs,
+    ids and the view each is seen in): the task's knowledge of how a view is drawn.
     """
 
-    x: torch.Tensor
+    inputs: dict[str, torch.Tensor]
     ids: np.ndarray
-    input_shape: list[int]
     targets: dict[str, torch.Tensor]
+    model_input: Callable[[dict[str, torch.Tensor], np.ndarray, torch.Tensor], torch.Tensor]
     views: int = 1
-    view_seed: int = 0
-    view_shift: int = 0
+    per_view: int = 1
 
     def __len__(self) -> int:
-        return len(self.x)
+        return len(self.ids)
 
-    def subset(self, samples: torch.Tensor) -> "TransferSet":
+    def _rows(self, samples: torch.Tensor, view: torch.Tensor | None = None) -> torch.Tensor:
+        # cache rows of the given samples: every view's (view None) or the given view's
+        if view is None:
+            first, count = samples * self.views * self.per_view, self.views * self.per_view
+        else:
+            first, count = (samples * self.views + view) * self.per_view, self.per_view
+        return (first[:, None] + torch.arange(count)).reshape(-1)
+
+    def subset(self, samples: torch.Tensor) -> "SampleSet":
         """The given samples (indices into this set) with all their cache rows."""
-        rows = (samples[:, None] * self.views + torch.arange(self.views)).reshape(-1)
-        return TransferSet(x=self.x[samples], ids=self.ids[samples.numpy()], input_shape=self.input_shape,
-                           targets={k: t[rows] for k, t in self.targets.items()}, views=self.views,
-                           view_seed=self.view_seed, view_shift=self.view_shift)
+        rows = self._rows(samples)
+        return dataclasses.replace(self, inputs={k: v[samples] for k, v in self.inputs.items()},
+                                   ids=self.ids[samples.numpy()], targets={k: t[rows] for k, t in self.targets.items()})
 
     def batches(self, epoch: int, batch_size: int, seed: int, views: str = "none",
                 shard: tuple[int, int] | None = None) -> Iterator[Batch]:
-        """Shuffled batches for one epoch, seeded by (seed, epoch).
+        """Shuffled batches for one epoch, seeded by (seed, epoch), with the rows of the view
+        each sample is seen in.
 
         views: "none" = view 0 only; "cached" = each sample draws one of its cached views;
-        "fresh" = a new random view per sample and epoch (teacher training; no cached targets).
-        shard (rank, world size): the same batches, each cut to this rank's slice
-        (`parallel.shard`); only those rows are augmented and gathered.
+        "fresh" = a new random view per sample and epoch (an image teacher's training; no
+        cached targets). shard (rank, world size): the same batches, each cut to this rank's
+        slice (`parallel.shard`); only those samples are made into inputs and gathered.
         """
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        n = len(self.x)
+        n = len(self)
         order = torch.randperm(n, generator=g)
         if views == "cached" and self.views > 1:  # (a baseline twin's set has view 0 alone)
             view = torch.randint(0, self.views, (n,), generator=g)
@@ -141,47 +155,40 @@ class TransferSet:
             view = torch.randint(0, 2**30, (n,), generator=g)
         else:
             view = torch.zeros(n, dtype=torch.long)
-        for start in range(0, n, batch_size):
-            rows = order[start:start + batch_size]
+        for samples in order.split(batch_size):
             if shard is not None:
-                rows = rows[parallel.shard(len(rows), *shard)]
-            v = view[rows]
-            x = augment.apply_views(self.x[rows], self.ids[rows.numpy()], v.numpy(), self.input_shape,
-                                    self.view_seed, self.view_shift)
-            cache_rows = rows * self.views + v if views == "cached" else rows * self.views
-            batch = {"x": x.view(len(rows), *self.input_shape)}
-            for name, target in self.targets.items():
-                batch[name] = target[cache_rows]
-            yield batch
+                samples = samples[parallel.shard(len(samples), *shard)]
+            v = view[samples]
+            rows = self._rows(samples, v if views == "cached" else torch.zeros_like(v))
+            x = self.model_input({k: t[samples] for k, t in self.inputs.items()}, self.ids[samples.numpy()], v)
+            yield {"x": x, **{name: target[rows] for name, target in self.targets.items()}}
 
 
-def _rows(cache: Cache, prepared: Path, cfg: StudentConfig, split: str, row_offset: int,
-          parts: list[int] | None = None) -> TransferSet:
-    """The student's rows of one split (or of some of its parts), as an in-memory set."""
-    source = prepared / f"{split}.parquet"
-    info = cache.split(split)
-    chosen = [info["parts"][i] for i in parts] if parts else info["parts"]
-    first = chosen[0]["first_row"] // cache.views if chosen else 0
-    samples = data.read_rows(source, first, first + sum(p["rows"] for p in chosen) // cache.views)
-    rows = read_rows(cache, cfg, split, source, samples.ids, np.repeat(samples.y, cache.views), parts=parts,
-                     row_offset=row_offset)
-    targets = rows.targets(cfg)
-    return TransferSet(x=torch.tensor(samples.x), ids=np.array(samples.ids), input_shape=samples.input_shape,
-                       targets=targets, views=cache.views, view_seed=cache.manifest["views"]["seed"],
-                       view_shift=cache.manifest["views"]["recipe"]["max_shift"])
-
-
-def _concat(sets: list[TransferSet]) -> TransferSet:
+def concat(sets: list[SampleSet]) -> SampleSet:
     first = sets[0]
-    return TransferSet(x=torch.cat([s.x for s in sets]), ids=np.concatenate([s.ids for s in sets]),
-                       input_shape=first.input_shape,
-                       targets={k: torch.cat([s.targets[k] for s in sets]) for k in first.targets},
-                       views=first.views, view_seed=first.view_seed, view_shift=first.view_shift)
+    return dataclasses.replace(first, inputs={k: torch.cat([s.inputs[k] for s in sets]) for k in first.inputs},
+                               ids=np.concatenate([s.ids for s in sets]),
+                               targets={k: torch.cat([s.targets[k] for s in sets]) for k in first.targets})
+
+
+# A task's reader of one transfer split's samples with their rows: (split, row offset over the
+# transfer splits, the cache parts to read or None for all) -> SampleSet
+ReadSplit = Callable[[str, int, "list[int] | None"], SampleSet]
+
+
+def sample_range(cache: Cache, split: str, parts: list[int] | None) -> tuple[int, int]:
+    """The prepared samples [first, last) whose rows are the given cache parts (all: None)."""
+    info = cache.split(split)
+    if parts is None:
+        return 0, info["samples"]
+    chosen = [info["parts"][i] for i in parts]
+    first = chosen[0]["first_row"] // cache.views
+    return first, first + sum(p["rows"] for p in chosen) // cache.views
 
 
 @dataclass
 class StreamingSet:
-    """The same rows as `TransferSet`, read part by part through a shuffle buffer.
+    """The same rows as the in-memory set, read part by part through a shuffle buffer.
 
     Each epoch visits the cache parts of every transfer split in a seeded random order,
     gathers parts until the buffer holds `buffer_samples`, and yields shuffled batches from
@@ -189,16 +196,16 @@ class StreamingSet:
     """
 
     cache: Cache
-    prepared: Path
-    cfg: StudentConfig
+    transfer: list[str]
+    read: ReadSplit
     buffer_samples: int
 
     def __len__(self) -> int:
-        return sum(self.cache.split(s)["samples"] for s in self.cfg.transfer)
+        return sum(self.cache.split(s)["samples"] for s in self.transfer)
 
     def _units(self) -> list[tuple[str, int, int]]:
         units, offset = [], 0
-        for split in self.cfg.transfer:
+        for split in self.transfer:
             info = self.cache.split(split)
             units += [(split, index, offset) for index in range(len(info["parts"]))]
             offset += info["rows"]
@@ -208,18 +215,18 @@ class StreamingSet:
                 shard: tuple[int, int] | None = None) -> Iterator[Batch]:
         """Exactly ceil(len / batch_size) batches, like the in-memory set: rows that do not
         fill a whole batch are carried over to the next buffer. Every rank reads every part
-        (the buffers, hence the batches, are the same on all ranks); `shard` as in `TransferSet`."""
+        (the buffers, hence the batches, are the same on all ranks); `shard` as in `SampleSet`."""
         units = self._units()
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        buffer: list[TransferSet] = []
+        buffer: list[SampleSet] = []
         held = 0
         for position, unit in enumerate(torch.randperm(len(units), generator=g).tolist()):
             split, index, offset = units[unit]
-            buffer.append(_rows(self.cache, self.prepared, self.cfg, split, offset, parts=[index]))
+            buffer.append(self.read(split, offset, [index]))
             held += len(buffer[-1])
             last = position == len(units) - 1
             if held >= self.buffer_samples or last:
-                merged = _concat(buffer)
+                merged = concat(buffer)
                 order = torch.randperm(len(merged), generator=g)
                 whole = len(merged) if last else len(merged) // batch_size * batch_size
                 # Each buffer gets its own shuffle seed, derived from (seed, epoch, position).
@@ -229,32 +236,61 @@ class StreamingSet:
                 held = len(buffer[0])
 
 
-def transfer_set(cache: Cache, prepared: Path, cfg: StudentConfig, memory_mb: float = 2048):
-    """The student's training rows: in memory if they fit `memory_mb`, else streamed."""
-    if estimated_bytes(cache, cfg) <= memory_mb * 2**20:
+def transfer_set(cache: Cache, cfg: StudentConfig, read: ReadSplit, input_bytes: float,
+                 memory_mb: float = 2048) -> SampleSet | StreamingSet:
+    """The student's training rows over its transfer splits, read by the task's `read`: in
+    memory if they fit `memory_mb` (a sample's input taking `input_bytes`), else streamed."""
+    per_sample = bytes_per_sample(cache, cfg, input_bytes)
+    if estimated_bytes(cache, cfg, input_bytes) <= memory_mb * 2**20:
         offsets = np.cumsum([0] + [cache.split(s)["rows"] for s in cfg.transfer])
-        return _concat([_rows(cache, prepared, cfg, s, int(o)) for s, o in zip(cfg.transfer, offsets)])
+        return concat([read(s, int(o), None) for s, o in zip(cfg.transfer, offsets)])
     part_samples = cache.manifest["label"]["part_size"]
-    buffer = max(part_samples, int(memory_mb * 2**20 / max(1, _bytes_per_sample(cache, cfg))) // 2)
-    return StreamingSet(cache, prepared, cfg, buffer_samples=buffer)
+    buffer = max(part_samples, int(memory_mb * 2**20 / max(1.0, per_sample)) // 2)
+    return StreamingSet(cache, list(cfg.transfer), read, buffer_samples=buffer)
 
 
-def _bytes_per_sample(cache: Cache, cfg: StudentConfig, input_bytes: float | None = None) -> float:
-    """A sample's bytes in memory: its input (an image's float32 values unless given) and its rows."""
+def bytes_per_sample(cache: Cache, cfg: StudentConfig, input_bytes: float) -> float:
+    """A sample's bytes in memory: its input and its cache rows."""
     k = cache.manifest["top_k"]
     per_row = k * (8 + 4) + 8 + 8 + 4  # top-k idx (int64) + logits (float32) + label + row + lse
     for layer in cfg.loss.teacher_layers(cfg.where):
         per_row += 2 * math.prod(cache.feature_spec(layer)["shape"])
-    inputs = 4 * math.prod(cache.manifest["input_shape"]) if input_bytes is None else input_bytes
-    return inputs + 8 + cache.views * per_row
+    return input_bytes + 8 + cache.views * per_row
 
 
-def estimated_bytes(cache: Cache, cfg: StudentConfig, input_bytes: float | None = None) -> float:
-    return len(StreamingSet(cache, Path(), cfg, 0)) * _bytes_per_sample(cache, cfg, input_bytes)
+def estimated_bytes(cache: Cache, cfg: StudentConfig, input_bytes: float) -> float:
+    return sum(cache.split(s)["samples"] for s in cfg.transfer) * bytes_per_sample(cache, cfg, input_bytes)
 
 
-def baseline_set(prepared: Path) -> TransferSet:
-    """The labeled split with its true labels: what a baseline twin trains on."""
+# --- images -----------------------------------------------------------------------------------
+
+
+def image_set(x: torch.Tensor, ids: np.ndarray, input_shape: list[int], targets: dict[str, torch.Tensor],
+              views: int = 1, view_seed: int = 0, view_shift: int = 0) -> SampleSet:
+    """Images (N, D) float32 with their rows; the input of (sample, view v) is regenerated from
+    (id, v, seed) by `augment.apply_views` (view 0 is the image as is)."""
+
+    def model_input(inputs: dict[str, torch.Tensor], ids: np.ndarray, view: torch.Tensor) -> torch.Tensor:
+        shown = augment.apply_views(inputs["x"], ids, view.numpy(), input_shape, view_seed, view_shift)
+        return shown.view(len(shown), *input_shape)
+
+    return SampleSet({"x": x}, ids, targets, model_input, views=views)
+
+
+def image_rows(cache: Cache, prepared: Path, cfg: StudentConfig, split: str, row_offset: int,
+               parts: list[int] | None = None) -> SampleSet:
+    """The student's rows of one image split (or of some of its parts), in memory."""
+    source = prepared / f"{split}.parquet"
+    samples = data.read_rows(source, *sample_range(cache, split, parts))
+    rows = read_rows(cache, cfg, split, source, samples.ids, np.repeat(samples.y, cache.views), parts=parts,
+                     row_offset=row_offset)
+    return image_set(torch.tensor(samples.x), np.array(samples.ids), samples.input_shape, rows.targets(cfg),
+                     cache.views, cache.manifest["views"]["seed"], cache.manifest["views"]["recipe"]["max_shift"])
+
+
+def baseline_set(prepared: Path, view_seed: int = 0, view_shift: int = 0) -> SampleSet:
+    """The labeled images with their true labels: what a baseline twin (and the teacher, with
+    fresh shifted views) trains on."""
     rows = data.read_split(prepared / "labeled.parquet")
-    return TransferSet(x=torch.tensor(rows.x), ids=np.array(rows.ids), input_shape=rows.input_shape,
-                       targets={"label": torch.tensor(rows.y)})
+    return image_set(torch.tensor(rows.x), np.array(rows.ids), rows.input_shape, {"label": torch.tensor(rows.y)},
+                     view_seed=view_seed, view_shift=view_shift)

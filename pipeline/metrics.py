@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import secrets
-import shutil
 import statistics
 import time
 from contextlib import contextmanager
@@ -45,7 +42,7 @@ from pipeline.prepared import images as data
 from pipeline.cache import Cache
 from pipeline.config import EvalConfig
 from pipeline.errors import ConfigError, InputError, StaleCacheError
-from pipeline.files import write_json
+from pipeline.files import replacing, write_json
 from pipeline.models import build, count_params, load_model
 from pipeline.training import predict
 
@@ -465,23 +462,11 @@ def write_results(student_dir: Path, tables: dict[str, tuple[list[str], list[dic
                   record: dict[str, Any]) -> Path:
     """Write the plot tables (file name -> (columns, rows)) into plots/, swapped in whole, and
     then `record` as metrics.json (atomically), so metrics never stand beside older plots."""
-    student_dir = Path(student_dir)
-    path = student_dir / METRICS_FILE
+    path = Path(student_dir) / METRICS_FILE
     path.unlink(missing_ok=True)  # never old metrics beside new plots, even after a crash
-    final = student_dir / PLOTS_DIR
-    tmp = student_dir / f".{PLOTS_DIR}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
+    with replacing(Path(student_dir) / PLOTS_DIR) as tmp:
         for name, (columns, rows) in tables.items():
             _write_csv(tmp / name, columns, rows)
-        old = student_dir / f".{PLOTS_DIR}.old-{os.getpid()}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     write_json(path, record)
     return path
 

@@ -6,7 +6,6 @@ The same loop as every student (`training.fit`); augmentation is the view recipe
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +21,16 @@ from pipeline.training import fit, hard_label_loss, predict
 def train_teacher(cfg: TeacherConfig, prepared: Path, *, progress: bool = True) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
     """Return (model, config to save beside the weights, metrics)."""
     # the labeled split with its labels, as a baseline twin sees it, plus the shift augmentation
-    dataset = dataclasses.replace(baseline_set(prepared), view_seed=cfg.seed, view_shift=cfg.shift)
+    dataset = baseline_set(prepared, view_seed=cfg.seed, view_shift=cfg.shift)
     test = data.read_split(prepared / "test.parquet")
     torch.manual_seed(cfg.seed)
-    model = build(cfg.arch, cfg.arch_kwargs, dataset.input_shape, test.num_classes)
+    model = build(cfg.arch, cfg.arch_kwargs, test.input_shape, test.num_classes)
     log = fit(model, dataset, {"hard": (1.0, hard_label_loss)}, epochs=cfg.epochs, batch_size=cfg.batch_size,
               lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed, views="fresh" if cfg.shift else "none",
               desc="teacher", progress=progress)
     logits = predict(model, torch.tensor(test.x), test.input_shape)
     accuracy = float((logits.argmax(1).numpy() == test.y).mean())
-    config = {"arch": cfg.arch, "arch_kwargs": cfg.arch_kwargs, "input_shape": dataset.input_shape,
+    config = {"arch": cfg.arch, "arch_kwargs": cfg.arch_kwargs, "input_shape": test.input_shape,
               "num_classes": test.num_classes, "training": as_dict(cfg)}
     metrics = {"test_accuracy": accuracy, "train_loss": log[-1]["total"], "epochs": len(log)}
     return model, config, metrics

@@ -29,8 +29,10 @@ Term = Callable[[Batch, dict[str, torch.Tensor]], torch.Tensor]
 
 
 class Dataset(Protocol):
-    """What `fit` trains on: a task's set of samples with their cache rows (`loader.TransferSet`,
-    `loader.StreamingSet`, a text task's blocks), batches a pure function of (seed, epoch)."""
+    """What `fit` trains on: a task's samples with their cache rows (`loader.SampleSet`,
+    `loader.StreamingSet`), batches a pure function of (seed, epoch): ceil(len / batch_size)
+    batches of `batch_size` samples, the last one smaller (each cut to a rank's slice with
+    `shard`)."""
 
     def __len__(self) -> int: ...
     def batches(self, epoch: int, batch_size: int, seed: int, views: str = "none",
@@ -47,19 +49,19 @@ def hard_label_loss(batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def step(model: nn.Module, batch: Batch, terms: dict[str, tuple[float, Term]], taps: list[str],
-         counts: list[int] | None = None) -> dict[str, torch.Tensor]:
+         gather: bool = False) -> dict[str, torch.Tensor]:
     """One forward pass; every loss term by name (unweighted).
 
-    counts (data-parallel: every rank's inputs in this batch): the model runs on this rank's
-    inputs, then the output rows (a text model gives several per input) and their targets of
-    all ranks are gathered, in order, so every term sees
-    the global batch as in a single process: hard labels (a mean over the labeled rows only)
-    and RKD (relations between all rows) included, and a rank without rows still takes part.
+    gather (data-parallel): the model runs on this rank's inputs, then the output rows (a text
+    model gives several per input) and their targets of all ranks are gathered, in order, so
+    every term sees the global batch as in a single process: hard labels (a mean over the
+    labeled rows only) and RKD (relations between all rows) included, and a rank without rows
+    still takes part.
     """
     with features.tap(model, taps) as captured:
         logits = model(batch["x"])
     out = {"logits": logits, **captured}
-    if counts is not None:
+    if gather:
         rows = parallel.row_counts(len(logits))
         out = {name: parallel.gather_rows(t, rows) for name, t in out.items()}
         batch = {name: parallel.gather_rows(t, rows) for name, t in batch.items() if name != "x"}
@@ -76,8 +78,8 @@ class _Trainee(nn.Module):
         self.model, self.extra = model, nn.ModuleList(extra)
         self.terms, self.taps = terms, taps
 
-    def forward(self, batch: Batch, counts: list[int]) -> dict[str, torch.Tensor]:
-        return step(self.model, batch, self.terms, self.taps, counts)
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return step(self.model, batch, self.terms, self.taps, gather=True)
 
 
 def fit(
@@ -135,12 +137,12 @@ def fit(
         started = time.perf_counter()
         sums: dict[str, float] = {}
         count = 0
-        for batch in data.batches(epoch, batch_size, seed, views, (rank, world) if world > 1 else None):
+        for index, batch in enumerate(data.batches(epoch, batch_size, seed, views, (rank, world) if world > 1 else None)):
             if trainee is None:
                 values, n = step(model, batch, terms, list(taps)), len(batch["x"])
-            else:
-                counts = parallel.row_counts(len(batch["x"]))
-                values, n = trainee({k: v.to(on) for k, v in batch.items()}, counts), sum(counts)
+            else:  # this rank holds a slice of a global batch: full but for the epoch's last
+                values = trainee({k: v.to(on) for k, v in batch.items()})
+                n = min(batch_size, len(data) - index * batch_size)
             loss = sum(terms[name][0] * value for name, value in values.items())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

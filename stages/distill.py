@@ -39,7 +39,7 @@ def main(
     baselines: Path = typer.Option(Path("data/baselines"), help="Shared store of baseline twins."),
     checkpoints: Path = typer.Option(Path("data/checkpoints"), help="Per-epoch training state, to resume an "
                                      "interrupted run (removed when training is done)."),
-    memory_mb: float = typer.Option(2048, help="Hold the transfer set in memory up to this size; above it an image student streams the cache, a text student is refused."),
+    memory_mb: float = typer.Option(2048, help="Hold the transfer set in memory up to this size; stream the cache above it."),
     params: Path = PARAMS_OPTION,
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:

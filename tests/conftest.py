@@ -112,6 +112,26 @@ def run_command() -> Callable[..., Any]:
     return invoke
 
 
+def assert_streams_like_in_memory(in_memory: Any, streamed: Any, views: str = "cached", batch_size: int = 8) -> None:
+    """A streamed set serves every sample once per epoch, each batch with the targets and the
+    model inputs the in-memory set (a `loader.SampleSet`) has for the same rows."""
+    import torch
+
+    per_sample, served = in_memory.views * in_memory.per_view, []
+    assert len(streamed) == len(in_memory)
+    for batch in streamed.batches(0, batch_size, 0, views):
+        for name, value in batch.items():
+            if name != "x":
+                assert torch.equal(value, in_memory.targets[name][batch["row"]]), name
+        first = batch["row"].reshape(-1, in_memory.per_view)[:, 0]  # one row per (sample, view)
+        samples, view = first // per_sample, first % per_sample // in_memory.per_view
+        expected = in_memory.model_input({k: t[samples] for k, t in in_memory.inputs.items()},
+                                         in_memory.ids[samples.numpy()], view)
+        assert torch.equal(batch["x"], expected)
+        served += samples.tolist()
+    assert sorted(served) == list(range(len(in_memory)))
+
+
 LM_BLOCK = 32  # the tokens in a block of `lm_world`
 
 

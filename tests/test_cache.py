@@ -26,7 +26,8 @@ from pipeline.cache import Cache, Teacher, label, lse_column, soft_targets
 from pipeline.cache.verify import verify
 from pipeline.cache.writer import fidelity_sums
 from pipeline.config import LabelConfig, PrepareConfig, StudentConfig, from_mapping
-from pipeline.loader import StreamingSet, transfer_set
+from pipeline.loader import StreamingSet
+from pipeline.tasks import image
 from pipeline.errors import CacheError, CacheMissingError, StaleCacheError
 from pipeline.models import build, fingerprint, load_model, save_model
 
@@ -200,7 +201,7 @@ def test_views_regenerate_the_teachers_input_bit_for_bit(teacher, prepared, tmp_
     cache = Cache.open(out)
     cfg = from_mapping(StudentConfig, {"name": "s", "views": True, "transfer": ["labeled", "unlabeled"],
                                        "loss": {"soft": {"temperature": 4}}}, "students.s")
-    dataset = transfer_set(cache, prepared, cfg)
+    dataset = image.rows(cache, prepared, cfg, memory_mb=2048)
     labeled_rows = cache.split("labeled")["rows"]
     assert len(teacher_inputs) == labeled_rows + cache.split("unlabeled")["rows"] + cache.split("test")["rows"]
     views_used = set()
@@ -353,8 +354,8 @@ def test_streaming_set_serves_every_row_once_with_the_same_targets(teacher, prep
     cache = Cache.open(make_cache(t, prepared, tmp_path / "cache", part_size=32, views=1))
     cfg = from_mapping(StudentConfig, {"name": "s", "views": True,
                                        "loss": {"soft": {"temperature": 4}, "hard": {"pseudo": True}}}, "students.s")
-    in_memory = transfer_set(cache, prepared, cfg)
-    streamed = transfer_set(cache, prepared, cfg, memory_mb=0)  # nothing fits: stream
+    in_memory = image.rows(cache, prepared, cfg, memory_mb=2048)
+    streamed = image.rows(cache, prepared, cfg, memory_mb=0)  # nothing fits: stream
     assert isinstance(streamed, StreamingSet) and len(streamed) == len(in_memory) == 320
     rows = []
     for batch in streamed.batches(epoch=0, batch_size=16, seed=0, views="cached"):
@@ -364,7 +365,7 @@ def test_streaming_set_serves_every_row_once_with_the_same_targets(teacher, prep
                 assert torch.equal(value, reference[name]), name
         sample = batch["row"] // 2
         assert torch.equal(batch["x"], torch.stack([
-            augment.apply_views(in_memory.x[i:i + 1], in_memory.ids[i:i + 1], np.array([int(r) % 2]),
+            augment.apply_views(in_memory.inputs["x"][i:i + 1], in_memory.ids[i:i + 1], np.array([int(r) % 2]),
                                 [1, 8, 8], 0, 2)[0].view(1, 8, 8) for i, r in zip(sample.tolist(), batch["row"])]))
         rows += batch["row"].tolist()
     assert sorted(r // 2 for r in rows) == list(range(320))  # every sample exactly once

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from pipeline import loader, parallel
 from pipeline.cache import Cache
 from pipeline.config import student
+from pipeline.tasks import image
 from stages import distill, label, prepare, teacher
 from conftest import invoke, ok
 from tests.test_stages import students_params, tiny_student
@@ -125,15 +126,15 @@ def split_batches(data, batch_size: int, views: str, world_size: int) -> None:
 def test_ranks_split_every_batch_into_contiguous_disjoint_slices(world_size, views):
     n, per_sample = 23, 3
     g = torch.Generator().manual_seed(0)
-    data = loader.TransferSet(x=torch.rand(n, 16, generator=g), ids=np.arange(100, 100 + n), input_shape=[1, 4, 4],
-                              targets={"row": torch.arange(n * per_sample)}, views=per_sample, view_shift=1)
+    data = loader.image_set(torch.rand(n, 16, generator=g), np.arange(100, 100 + n), [1, 4, 4],
+                            {"row": torch.arange(n * per_sample)}, views=per_sample, view_shift=1)
     for batch_size in (1, 4, 7, 64):  # 1 and 4: batches smaller than the world; 64: one batch
         split_batches(data, batch_size, views, world_size)
 
 
 def test_the_streaming_reader_splits_rows_the_same_way(built):
     cfg = student(built["params"], "mlp")
-    data = loader.transfer_set(Cache.open(built["cache"]), built["prepared"], cfg, memory_mb=0.01)
+    data = image.rows(Cache.open(built["cache"]), built["prepared"], cfg, memory_mb=0.01)
     assert isinstance(data, loader.StreamingSet)
     split_batches(data, 64, "cached", 2)
 
@@ -191,8 +192,8 @@ def test_a_process_group_that_cannot_form_is_one_clear_line(built, tmp_path, mon
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_text_ranks_split_every_batch_of_blocks_and_their_rows(world_size):
-    from pipeline.tasks.causal_lm import TokenSet
-    from pipeline.tasks.masked_lm import MaskedSet
+    from pipeline.tasks.causal_lm import block_set
+    from pipeline.tasks.masked_lm import masked_set
 
     g = torch.Generator().manual_seed(0)
     n, length, maskings, masked = 23, 6, 3, 2
@@ -200,9 +201,11 @@ def test_text_ranks_split_every_batch_of_blocks_and_their_rows(world_size):
     positions = torch.randint(length, (n, maskings, masked), generator=g)
     seen = torch.randint(50, (n, maskings, masked), generator=g)
     for batch_size in (1, 4, 7, 64):
-        split_batches(TokenSet(tokens, {"label": torch.arange(n * (length - 1))}), batch_size, "none", world_size)
-        split_batches(MaskedSet(tokens, positions, seen, {"label": torch.arange(n * maskings * masked)},
-                                torch.zeros(0)), batch_size, "cached", world_size)
+        ids = np.arange(n)
+        split_batches(block_set(tokens, ids, {"label": torch.arange(n * (length - 1))}), batch_size, "none",
+                      world_size)
+        split_batches(masked_set(tokens, ids, positions, seen, {"label": torch.arange(n * maskings * masked)}),
+                      batch_size, "cached", world_size)
 
 
 def test_two_process_torchrun_text_student_matches_a_single_process(lm_world, tmp_path):

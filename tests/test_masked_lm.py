@@ -24,10 +24,11 @@ from pipeline import lm
 from pipeline.prepared import tokens as text
 from pipeline.cache import Cache
 from pipeline.cache.verify import verify
+from pipeline.config import StudentConfig, from_mapping
 from pipeline.errors import ConfigError
 from stages import distill, label, prepare, report, teacher
 from stages import eval as eval_stage
-from conftest import invoke, ok
+from conftest import assert_streams_like_in_memory, invoke, ok
 
 BLOCK, MASKED = 32, 5  # 15% of 32 tokens, rounded
 TEACHER_KWARGS = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
@@ -189,3 +190,21 @@ def test_masked_students_refuse_what_the_cache_cannot_give(world, tmp_path):
                         "--students-dir", tmp_path / "students", "--params", params)
         assert result.exit_code == 1 and message in result.output, result.output
         assert not (tmp_path / "students" / name).exists()
+
+
+def test_a_masked_student_over_the_memory_budget_streams_the_cache(world):
+    from pipeline.loader import SampleSet, StreamingSet
+    from pipeline.tasks import masked_lm
+
+    cache = Cache.open(world / "cache")
+    cfg = from_mapping(StudentConfig, {**masked_student(), "transfer": ["labeled", "unlabeled"]}, "mlm_students.m")
+    in_memory = masked_lm.rows(cache, world / "prepared", cfg, memory_mb=2048)
+    streamed = masked_lm.rows(cache, world / "prepared", cfg, memory_mb=0.01)
+    assert isinstance(in_memory, SampleSet) and isinstance(streamed, StreamingSet)
+    assert (in_memory.views, in_memory.per_view) == (2, MASKED) and len(cache.split("labeled")["parts"]) > 1
+    assert_streams_like_in_memory(in_memory, streamed, views="cached")
+    # the twin: the same blocks and maskings, the original tokens as labels
+    twin = masked_lm.twin_rows(cache, world / "prepared", cfg, streamed)
+    assert torch.equal(twin.inputs["positions"], in_memory.inputs["positions"])
+    assert torch.equal(twin.targets["label"], in_memory.inputs["tokens"].gather(
+        1, in_memory.inputs["positions"].flatten(1)).reshape(-1))

@@ -27,7 +27,7 @@ from pipeline.config import StudentConfig, from_mapping
 from pipeline.methods import Shapes, needed_temperatures, student_layers, student_terms
 from pipeline.tasks.image import probe_shapes
 from pipeline.errors import CacheMissingError, ConfigError
-from pipeline.loader import transfer_set
+from pipeline.tasks import image
 from pipeline.models import build
 from pipeline.training import step
 from stages import assistants, distill, label, prepare, teacher
@@ -137,7 +137,7 @@ def test_cached_attention_map_and_full_feature_give_the_same_loss(workspace):
     cfg_map = from_mapping(StudentConfig, {"name": "a", **student(
         {"attention": {"pairs": [["stages.0", "stages.0"]]}})}, "students.a")
     model = build("cnn", CNN, [1, 8, 8], 10)
-    dataset = transfer_set(cache, workspace / "data" / "prepared", cfg_map)
+    dataset = image.rows(cache, workspace / "data" / "prepared", cfg_map, memory_mb=2048)
     batch = next(dataset.batches(0, 32, 0))
     specs = {"stages.0": cache.feature_spec("stages.0")}
     built = student_terms(cfg_map, Shapes(probe_shapes(model, [1, 8, 8], student_layers(cfg_map)), specs))

@@ -138,14 +138,15 @@ class Cache:
             lse={float(t): table[lse_column(t)].to_numpy() for t in temperatures},
         )
 
-    def masks(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """A masked-LM cache's masking of `split`, row for row: (position, input_token), the
-        token the teacher saw at each masked position ([MASK], a random one or itself)."""
+    def masks(self, split: str, parts: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """A masked-LM cache's masking of `split` (all, or the given parts), row for row:
+        (position, input_token), the token the teacher saw at each masked position ([MASK], a
+        random one or itself)."""
         if self.manifest.get("text", {}).get("objective") != "masked":
             raise CacheError(f"{self.root}: not a masked language model's cache (no recorded masks)")
         info = self.split(split)
-        tables = [_read_part(self.store, self.store.safe(p["path"]), ["position", "input_token"])
-                  for p in info["parts"]]
+        chosen = info["parts"] if parts is None else [info["parts"][i] for i in parts]
+        tables = [_read_part(self.store, self.store.safe(p["path"]), ["position", "input_token"]) for p in chosen]
         table = pa.concat_tables(tables).combine_chunks()
         return table["position"].to_numpy(), table["input_token"].to_numpy()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,7 @@ def verify(root: str | Path) -> list[str]:
 def _verify_split(store: Store, manifest: dict[str, Any], split: str, info: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     views = rows_per_sample(manifest)
+    task = tasks.get(tasks.name_of(manifest))  # what a row holds besides (id, view) and how a sample's rows are ordered
     part_rows = manifest["label"]["part_size"] * views
     expected_parts = math.ceil(info["samples"] / manifest["label"]["part_size"])
     if len(info["parts"]) != expected_parts or info["rows"] != info["samples"] * views:
@@ -82,7 +84,7 @@ def _verify_split(store: Store, manifest: dict[str, Any], split: str, info: dict
         except (pa.ArrowException, OSError) as exc:
             problems.append(f"{store.show(rel)}: unreadable Parquet ({exc})")
             continue
-        problems += _check_table(store.show(rel), table, manifest, part, views)
+        problems += _check_table(store.show(rel), table, manifest, part, views, task)
         ids_by_part.append(table["id"].to_numpy())
         for layer, digest in part.get("features", {}).items():
             got = chunks_sha256(store, manifest, split, layer, part["first_row"], part["rows"])
@@ -96,9 +98,9 @@ def _verify_split(store: Store, manifest: dict[str, Any], split: str, info: dict
     return problems
 
 
-def _check_table(path: str, table: pa.Table, manifest: dict[str, Any], part: dict[str, Any], views: int) -> list[str]:
+def _check_table(path: str, table: pa.Table, manifest: dict[str, Any], part: dict[str, Any], views: int,
+                 task: ModuleType) -> list[str]:
     k = manifest["top_k"]
-    task = tasks.get(tasks.name_of(manifest))  # what a row holds besides (id, view) and how a sample's rows are ordered
     expected = ["id", "view", *task.ROW_COLUMNS, "topk_idx", "topk_logit", "logit_max",
                 *map(lse_column, manifest["temperatures"])]
     if table.column_names != expected:

@@ -120,7 +120,8 @@ def render(rows: list[dict[str, Any]], results: list[StudentResult], manifest: d
         "|---|" + "---:|" * (len(shown) + 1),
     ]
     for row in rows:
-        over_seeds = (f"{_pm(row[f'{score.key}_mean'], row[f'{score.key}_std'], score.fmt)}, "
+        over_seeds = ("one seed (no spread)" if row["seeds"] < 2 else
+                      f"{_pm(row[f'{score.key}_mean'], row[f'{score.key}_std'], score.fmt)}, "
                       f"{score.change_words(row[f'{score.change_key}_mean'], row[f'{score.change_key}_std'])} "
                       f"({row['seeds']})")
         lines.append(f"| {row['student']} | " + " | ".join(_cell(c, row, score) for c in shown)

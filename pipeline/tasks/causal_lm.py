@@ -3,7 +3,7 @@
 Inputs: a block of L tokens gives L - 1 cache rows, one per predicted token (`position`
 0..L-2), sample-major. `TokenRows` wraps a Hugging Face causal LM so that the training loop
 sees what it sees for images: a batch of blocks in, one row of logits per predicted token out,
-lined up with the cache rows that `TokenSet` serves. The true label of a row is the next token
+lined up with the cache rows of its `block_set`. The true label of a row is the next token
 (text is its own label, on every split); the baseline twin is the same student trained on the
 same blocks with the next-token loss alone and the same budget ("the text alone"). A student
 is a Hugging Face directory (`lm.save`) plus `student.json`; it is scored by test perplexity.
@@ -16,11 +16,10 @@ trains a GPT-2 or a BERT; `kd label` loads any local Hugging Face causal or mask
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from pipeline import features, lm, loader, metrics, parallel
+from pipeline import features, lm, loader, metrics
 from pipeline.prepared import data_fingerprint
 from pipeline.prepared import tokens as text
 from pipeline.cache import Cache, Teacher
@@ -134,28 +133,11 @@ class TokenRows(nn.Module):
         return next_token_logits(self.model, tokens)
 
 
-@dataclass
-class TokenSet:
-    """Blocks in memory with their cache rows: tokens (N, L); targets hold one row per
-    predicted token, N * (L - 1) rows."""
-
-    tokens: torch.Tensor
-    targets: dict[str, torch.Tensor]
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def batches(self, epoch: int, batch_size: int, seed: int, views: str = "none",
-                shard: tuple[int, int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """Shuffled batches of whole blocks, seeded by (seed, epoch), with all their rows;
-        `shard` (rank, world size): this rank's slice of every batch (`parallel.shard`)."""
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        positions = self.tokens.shape[1] - 1
-        for blocks in torch.randperm(len(self.tokens), generator=g).split(batch_size):
-            if shard is not None:
-                blocks = blocks[parallel.shard(len(blocks), *shard)]
-            rows = (blocks[:, None] * positions + torch.arange(positions)).reshape(-1)
-            yield {"x": self.tokens[blocks], **{name: t[rows] for name, t in self.targets.items()}}
+def block_set(tokens: torch.Tensor, ids: np.ndarray, targets: dict[str, torch.Tensor]) -> loader.SampleSet:
+    """Blocks (N, L) with their rows, one per predicted token (N * (L - 1)); a block is its
+    own input (no views)."""
+    return loader.SampleSet({"tokens": tokens}, ids, targets, lambda inputs, ids, view: inputs["tokens"],
+                            per_view=tokens.shape[1] - 1)
 
 
 def lm_inputs(tokens: torch.Tensor, special: text.SpecialIds, vocab_size: int,
@@ -214,35 +196,31 @@ def check_token_student(cfg: StudentConfig, arch: str, objective: str, allowed: 
             raise ConfigError(f"{cfg.where}.{key}: not supported for {objective} LM students yet")
 
 
-def memory_check(cfg: StudentConfig, cache: Cache, memory_mb: float, input_bytes: int) -> None:
-    """Text students hold their transfer set in memory (no streaming yet): refuse one that
-    would not fit the budget, rather than exceed it."""
-    needed = loader.estimated_bytes(cache, cfg, input_bytes)
-    if needed > memory_mb * 2**20:
-        raise ConfigError(f"--memory-mb {memory_mb:g}: the transfer set of {cfg.where} needs about "
-                          f"{needed / 2**20:,.0f} MB in memory and text students are not streamed yet; "
-                          "raise --memory-mb or transfer fewer blocks")
+def rows(cache: Cache, prepared: Path, cfg: StudentConfig, memory_mb: float) -> loader.SampleSet | loader.StreamingSet:
+    """The student's transfer blocks with the cached top-k, lse and next tokens per row: in
+    memory if they fit `memory_mb`, else streamed part by part."""
+    return loader.transfer_set(cache, cfg, functools.partial(_split_rows, cache, prepared, cfg),
+                               8 * cache.manifest["text"]["block_size"], memory_mb)
 
 
-def rows(cache: Cache, prepared: Path, cfg: StudentConfig, memory_mb: float) -> TokenSet:
-    """The student's transfer blocks with the cached top-k, lse and next tokens per row."""
-    memory_check(cfg, cache, memory_mb, 8 * cache.manifest["text"]["block_size"])
-    tokens, targets, offset = [], {}, 0
+def _split_rows(cache: Cache, prepared: Path, cfg: StudentConfig, split: str, row_offset: int,
+                parts: list[int] | None = None) -> loader.SampleSet:
+    source = prepared / f"{split}.parquet"
+    ids, blocks = text.read_rows(source, *loader.sample_range(cache, split, parts))
+    cache_rows = loader.read_rows(cache, cfg, split, source, ids, blocks[:, 1:].reshape(-1).astype(np.int64),
+                                  parts=parts, row_offset=row_offset)
+    return block_set(torch.from_numpy(blocks), ids, cache_rows.targets(cfg))
+
+
+def twin_rows(cache: Cache, prepared: Path, cfg: StudentConfig, transfer: Any) -> loader.SampleSet:
+    """The same blocks with their next tokens alone: the text the twin learns from (in memory:
+    tokens only, a small fraction of the student's rows)."""
+    sets = []
     for split in cfg.transfer:
-        source = prepared / f"{split}.parquet"
-        ids, blocks = text.read_blocks(source)
-        cache_rows = loader.read_rows(cache, cfg, split, source, ids, blocks[:, 1:].reshape(-1).astype(np.int64),
-                                      row_offset=offset)
-        offset += cache.split(split)["rows"]
-        tokens.append(torch.from_numpy(blocks))
-        for name, value in cache_rows.targets(cfg).items():
-            targets.setdefault(name, []).append(value)
-    return TokenSet(torch.cat(tokens), {name: torch.cat(parts) for name, parts in targets.items()})
-
-
-def twin_rows(cache: Cache, prepared: Path, cfg: StudentConfig, transfer: TokenSet) -> TokenSet:
-    """The same blocks with their next tokens alone: the text the twin learns from."""
-    return dataclasses.replace(transfer, targets={"label": transfer.tokens[:, 1:].reshape(-1).long()})
+        ids, blocks = text.read_blocks(prepared / f"{split}.parquet")
+        tokens = torch.from_numpy(blocks)
+        sets.append(block_set(tokens, ids, {"label": tokens[:, 1:].reshape(-1).long()}))
+    return loader.concat(sets)
 
 
 def twin_decided_by(cfg: StudentConfig, cache: Cache, prepared: Path) -> dict[str, Any]:

@@ -10,6 +10,8 @@ Its teacher is trained by `pipeline.teacher` and loaded from the same two files.
 
 from __future__ import annotations
 
+import functools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +101,8 @@ def check(cfg: StudentConfig, cache: Cache) -> None:
 
 def rows(cache: Cache, prepared: Path, cfg: StudentConfig, memory_mb: float) -> Any:
     """The transfer splits with their cache rows: in memory if they fit `memory_mb`, else streamed."""
-    return loader.transfer_set(cache, prepared, cfg, memory_mb)
+    return loader.transfer_set(cache, cfg, functools.partial(loader.image_rows, cache, prepared, cfg),
+                               4 * math.prod(cache.manifest["input_shape"]), memory_mb)
 
 
 def twin_rows(cache: Cache, prepared: Path, cfg: StudentConfig, transfer: Any) -> Any:

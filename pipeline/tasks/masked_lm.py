@@ -4,7 +4,7 @@ Inputs: per block, `label.views` + 1 maskings of M positions (BERT's 15%), one c
 masked position; the rows record the masking (`position`, and `input_token`: what the
 teacher saw there), so a student sees the same masks. `MaskedRows` wraps a BERT so that a
 batch of masked blocks gives one row of logits per masked token, lined up with the cache rows
-that `MaskedSet` serves (`views: true` draws among the cached maskings every epoch). Its
+of its `masked_set` (`views: true` draws among the cached maskings every epoch). Its
 `hidden.N` layers are hidden state N at the masked positions, for the `cosine` method against a
 cached teacher layer. With `init: teacher` the student starts from the teacher's embeddings,
 head and one layer in every N_t / N_s (the copy `label.keep_teacher` put in the cache). The
@@ -14,20 +14,19 @@ masks, with the masked-LM loss alone. Scored by masked-token accuracy on the tes
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import hashlib
 import tempfile
-from dataclasses import dataclass
 from dataclasses import replace as dataclass_replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from transformers import AutoModelForMaskedLM
 
-from pipeline import features, lm, loader, parallel
+from pipeline import features, lm, loader
 from pipeline.prepared import data_fingerprint
 from pipeline.prepared import tokens as text
 from pipeline.cache import Cache
@@ -35,7 +34,7 @@ from pipeline.config import EvalConfig, LabelConfig, StudentConfig
 from pipeline.errors import CacheError, ConfigError
 from pipeline.methods import student_layers
 from pipeline.tasks import Batch, causal_lm
-from pipeline.tasks.causal_lm import check_token_student, evaluate_rows, hidden, memory_check, save, token_summary
+from pipeline.tasks.causal_lm import check_token_student, evaluate_rows, hidden, save, token_summary
 
 NAME, OBJECTIVE, ARCH = "masked_lm", "masked", "bert"  # ARCH: the student architecture it supports
 TWIN_LOSS = "masked-LM"  # what the baseline twin learns from, for messages
@@ -112,41 +111,20 @@ class MaskedRows(nn.Module):
         return self.model.cls(out.last_hidden_state[at].flatten(0, 1))
 
 
-@dataclass
-class MaskedSet:
-    """Blocks with their cached maskings: tokens (N, L); positions and seen (N, V, M), the masked
-    positions of each of V maskings and the token the teacher saw there; targets and truth
-    (the original tokens) hold one row per masked token, N * V * M rows in cache order."""
+def masked_set(tokens: torch.Tensor, ids: np.ndarray, positions: torch.Tensor, seen: torch.Tensor,
+               targets: dict[str, torch.Tensor]) -> loader.SampleSet:
+    """Blocks (N, L) with their cached maskings, positions and seen (N, V, M): the masked
+    positions of each of V maskings and the token the teacher saw there; one row per masked
+    token, N * V * M in cache order. A block seen in masking v is `MaskedRows`' input: the
+    block masked as in v, then its masked positions."""
 
-    tokens: torch.Tensor
-    positions: torch.Tensor
-    seen: torch.Tensor
-    targets: dict[str, torch.Tensor]
-    truth: torch.Tensor
+    def model_input(inputs: dict[str, torch.Tensor], ids: np.ndarray, view: torch.Tensor) -> torch.Tensor:
+        at = torch.arange(len(view))
+        positions = inputs["positions"][at, view]
+        return torch.cat([lm.apply_masks(inputs["tokens"], positions, inputs["seen"][at, view]), positions], 1)
 
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def inputs(self, blocks: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
-        """MaskedRows' input for these blocks, each masked as in the given view."""
-        positions = self.positions[blocks, view]
-        return torch.cat([lm.apply_masks(self.tokens[blocks], positions, self.seen[blocks, view]), positions], 1)
-
-    def batches(self, epoch: int, batch_size: int, seed: int, views: str = "none",
-                shard: tuple[int, int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """Shuffled batches of whole blocks, seeded by (seed, epoch): masking 0, or with
-        views="cached" one drawn per block, with the rows of that masking; `shard` (rank,
-        world size): this rank's slice of every batch (`parallel.shard`)."""
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        _, maskings, masked = self.positions.shape
-        for blocks in torch.randperm(len(self.tokens), generator=g).split(batch_size):
-            view = (torch.randint(maskings, (len(blocks),), generator=g) if views == "cached"
-                    else torch.zeros(len(blocks), dtype=torch.long))
-            if shard is not None:
-                mine = parallel.shard(len(blocks), *shard)
-                blocks, view = blocks[mine], view[mine]
-            rows = (((blocks * maskings + view) * masked)[:, None] + torch.arange(masked)).reshape(-1)
-            yield {"x": self.inputs(blocks, view), **{name: t[rows] for name, t in self.targets.items()}}
+    return loader.SampleSet({"tokens": tokens, "positions": positions, "seen": seen}, ids, targets, model_input,
+                            views=positions.shape[1], per_view=positions.shape[2])
 
 
 def lm_inputs(tokens: torch.Tensor, special: text.SpecialIds, vocab_size: int,
@@ -192,35 +170,34 @@ def check(cfg: StudentConfig, cache: Cache) -> None:
                               "hidden.N (hidden state N at the masked positions, 0 = the embeddings)")
 
 
-def rows(cache: Cache, prepared: Path, cfg: StudentConfig, memory_mb: float) -> MaskedSet:
+def rows(cache: Cache, prepared: Path, cfg: StudentConfig, memory_mb: float) -> loader.SampleSet | loader.StreamingSet:
     """The student's transfer blocks with their cached maskings, top-k, lse, true tokens and the
-    teacher layers the loss needs."""
+    teacher layers the loss needs: in memory if they fit `memory_mb`, else streamed."""
     maskings = cache.manifest["views"]["count"] + 1
     masked, block = cache.manifest["text"]["positions"], cache.manifest["text"]["block_size"]
-    memory_check(cfg, cache, memory_mb, 8 * (block + 2 * maskings * masked))
-    tokens, parts, offset = [], {}, 0
-    for split in cfg.transfer:
-        source = prepared / f"{split}.parquet"
-        ids, blocks = text.read_blocks(source)
-        position, seen = cache.masks(split)
-        block_tensor = torch.from_numpy(blocks).long()
-        position = torch.tensor(position, dtype=torch.long).reshape(len(ids), maskings, masked)
-        truth = block_tensor.gather(1, position.reshape(len(ids), -1)).reshape(-1)
-        cache_rows = loader.read_rows(cache, cfg, split, source, ids, truth.numpy(), row_offset=offset)
-        offset += cache.split(split)["rows"]
-        part = {"positions": position, "seen": torch.tensor(seen, dtype=torch.long).reshape(len(ids), maskings, masked),
-                "truth": truth, **cache_rows.targets(cfg)}
-        tokens.append(block_tensor)
-        for name, value in part.items():
-            parts.setdefault(name, []).append(value)
-    joined = {name: torch.cat(values) for name, values in parts.items()}
-    positions, seen, truth = joined.pop("positions"), joined.pop("seen"), joined.pop("truth")
-    return MaskedSet(torch.cat(tokens), positions, seen, joined, truth)
+    return loader.transfer_set(cache, cfg, functools.partial(_split_rows, cache, prepared, cfg),
+                               8 * (block + 2 * maskings * masked), memory_mb)
 
 
-def twin_rows(cache: Cache, prepared: Path, cfg: StudentConfig, transfer: MaskedSet) -> MaskedSet:
-    """The same blocks and masks with their original tokens alone."""
-    return dataclasses.replace(transfer, targets={"label": transfer.truth})
+def _split_rows(cache: Cache, prepared: Path, cfg: StudentConfig, split: str, row_offset: int,
+                parts: list[int] | None = None, cached: bool = True) -> loader.SampleSet:
+    """One split's blocks (or those of some cache parts) with their maskings and rows: the
+    cached targets, or with `cached` False the original tokens alone (a twin's)."""
+    source = prepared / f"{split}.parquet"
+    ids, blocks = text.read_rows(source, *loader.sample_range(cache, split, parts))
+    position, seen = cache.masks(split, parts)
+    shape = (len(ids), cache.manifest["views"]["count"] + 1, cache.manifest["text"]["positions"])
+    tokens = torch.from_numpy(blocks).long()
+    positions = torch.tensor(position, dtype=torch.long).reshape(shape)
+    truth = tokens.gather(1, positions.reshape(len(ids), -1)).reshape(-1)
+    targets = (loader.read_rows(cache, cfg, split, source, ids, truth.numpy(), parts=parts,
+                                row_offset=row_offset).targets(cfg) if cached else {"label": truth})
+    return masked_set(tokens, ids, positions, torch.tensor(seen, dtype=torch.long).reshape(shape), targets)
+
+
+def twin_rows(cache: Cache, prepared: Path, cfg: StudentConfig, transfer: Any) -> loader.SampleSet:
+    """The same blocks and masks with their original tokens alone (in memory)."""
+    return loader.concat([_split_rows(cache, prepared, cfg, split, 0, cached=False) for split in cfg.transfer])
 
 
 def twin_decided_by(cfg: StudentConfig, cache: Cache, prepared: Path) -> dict[str, Any]:
