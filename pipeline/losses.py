@@ -43,75 +43,146 @@ def topk_soft_target_loss_per_row(student_logits, topk_idx, topk_logit, lse, tem
     # topk_logit = z[topk_idx] - max(z), lse = logsumexp((z - max z) / T) over all C classes,
     # so topk_logit / T - lse are the teacher's exact log-probs at T. No T^2, no mean: a
     # training loop can mask or weight rows before reducing. The cached targets get no
-    # gradient; the student's has a closed form (see _TopkKL), one fused backward step.
+    # gradient; the student's has a closed form, computed chunk by chunk (see _TopkKL).
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
     return _TopkKL.apply(student_logits, topk_idx, topk_logit, lse, float(temperature), tail)
 
 
-def _topk_kl_parts(student_logits, topk_idx, topk_logit, lse, T, tail):
-    """The forward computation: per-row KL and what the closed-form backward needs."""
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    idx = topk_idx.long()
-    t_logp = topk_logit.to(dtype) / T - lse.to(dtype).reshape(-1, 1)  # (B, k)
-    s_logp_all = F.log_softmax(student_logits.to(dtype) / T, dim=1)  # (B, C)
-    s_logp = s_logp_all.gather(1, idx)  # (B, k)
-    parts = {"idx": idx, "s_logp_all": s_logp_all}
-    if tail == "renorm":
-        p_hat, log_q_hat = F.log_softmax(t_logp, dim=1), F.log_softmax(s_logp, dim=1)
-        parts.update(p_hat=p_hat.exp(), q_hat=log_q_hat.exp())
-        return _kl_rows(p_hat, log_q_hat), parts
-    parts["p"] = t_logp.exp()
-    if idx.shape[1] == student_logits.shape[1]:
-        return _kl_rows(t_logp, s_logp), parts  # k == C: the tail is empty
+# Rows per chunk of the fused loss: about this many elements of (rows, C) temporaries at a time.
+CHUNK_ELEMENTS = 2**20
+# A student tail mass (relative to its largest probability) below this may have lost terms to
+# underflow in exp(z - max z); such rows take a logsumexp over the tail alone.
+TAIL_UNDERFLOW = 1e-30
 
-    # bucket: everything outside the top-k is one extra class on both sides.
-    # float16 rounding can push the teacher's kept mass a hair past 1, hence the clamp.
-    t_tail = (1 - parts["p"].sum(dim=1)).clamp(min=0)  # (B,)
-    in_topk = torch.zeros_like(s_logp_all, dtype=torch.bool).scatter_(1, idx, True)
-    s_log_tail = s_logp_all.masked_fill(in_topk, float("-inf")).logsumexp(dim=1)  # (B,)
-    log_p = torch.cat([t_logp, t_tail.log().unsqueeze(1)], dim=1)  # (B, k+1)
-    log_q = torch.cat([s_logp, s_log_tail.unsqueeze(1)], dim=1)  # (B, k+1)
-    parts.update(t_tail=t_tail, s_log_tail=s_log_tail, in_topk=in_topk)
-    return _kl_rows(log_p, log_q), parts
+
+def _row_chunks(rows, classes):
+    step = max(1, CHUNK_ELEMENTS // max(classes, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
 class _TopkKL(torch.autograd.Function):
-    """Per-row top-k KL with its gradient in closed form (z = student_logits / T, q = softmax(z)):
+    """Per-row top-k KL with its gradient in closed form, fused and chunked over rows.
 
-    bucket: dKL/dz = q * (sum_k p_k + p_tail) - target, where target_j = p_j on the top-k and
-            p_tail * q_j / q_tail outside it (the tail mass spread like the student's own tail);
+    With z = student_logits / T, q = softmax(z) and p the teacher's cached top-k probabilities:
+    bucket: dKL/dz_j = q_j * (sum_k p_k + p_tail) - p_j on the top-k, and q_j * mass - p_tail *
+            q_j / q_tail outside it (the teacher's tail mass spread like the student's own tail);
     renorm: dKL/dz = q_hat - p_hat on the top-k, 0 elsewhere.
-    One backward step instead of autograd's walk through every forward op (per-op dispatch
-    dominates the cost of a small student's step).
+    The forward keeps per-row figures only (the student's logsumexp and tail mass, and (B, k)
+    tensors); the backward recomputes q one chunk of rows at a time. So the only (B, C) tensor
+    is the gradient itself: no log-softmax, mask or target of the student's size is kept, which
+    at a language model's vocabulary is what decides the memory of a step.
     """
 
     @staticmethod
     def forward(ctx, student_logits, topk_idx, topk_logit, lse, T, tail):
-        with torch.no_grad():
-            kl, parts = _topk_kl_parts(student_logits, topk_idx, topk_logit, lse, T, tail)
-        ctx.T, ctx.tail, ctx.dtype = T, tail, student_logits.dtype
-        ctx.parts = parts
+        kl, saved = _topk_kl(student_logits, topk_idx.long(), topk_logit, lse, T, tail)
+        ctx.save_for_backward(student_logits, topk_idx.long(), *saved)
+        ctx.T, ctx.tail = T, tail
         return kl
 
     @staticmethod
     def backward(ctx, grad_rows):
-        parts, T = ctx.parts, ctx.T
-        idx = parts["idx"]
-        if ctx.tail == "renorm":
-            grad_z = torch.zeros_like(parts["s_logp_all"]).scatter_(1, idx, parts["q_hat"] - parts["p_hat"])
-        else:
-            q = parts["s_logp_all"].exp()
-            p = parts["p"]
-            if "t_tail" in parts:
-                mass = p.sum(dim=1) + parts["t_tail"]
-                target = (parts["s_logp_all"] - parts["s_log_tail"][:, None]).exp() * parts["t_tail"][:, None]
-                target = target.masked_fill(parts["in_topk"], 0.0).scatter_(1, idx, p)
-            else:
-                mass, target = p.sum(dim=1), torch.zeros_like(q).scatter_(1, idx, p)
-            grad_z = q * mass[:, None] - target
-        grad = (grad_rows.to(grad_z.dtype)[:, None] * grad_z / T).to(ctx.dtype)
-        return grad, None, None, None, None, None
+        student_logits, idx, *saved = ctx.saved_tensors
+        return _topk_kl_grad(student_logits, idx, saved, grad_rows, ctx.T, ctx.tail), None, None, None, None, None
+
+
+@torch.no_grad()
+def _topk_kl(student_logits, idx, topk_logit, lse, T, tail):
+    """(KL per row (B,), the per-row figures `_topk_kl_grad` needs), one chunk of rows at a time."""
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    rows, classes = student_logits.shape
+    t_logp = topk_logit.to(dtype) / T - lse.to(dtype).reshape(-1, 1)  # (B, k)
+    with_tail = tail == "bucket" and idx.shape[1] < classes
+    s_lse = torch.empty(rows, dtype=dtype, device=student_logits.device)
+    s_log_tail = torch.full_like(s_lse, float("-inf"))
+    for chunk in _row_chunks(rows, classes):
+        z = student_logits[chunk].to(dtype) / T  # (r, C), a fresh tensor
+        top = z.max(dim=1, keepdim=True).values
+        e = z.sub_(top).exp_()
+        total = e.sum(dim=1)
+        s_lse[chunk] = top.squeeze(1) + total.log()
+        if with_tail:  # the student's mass outside the top-k, summed directly (no cancellation)
+            outside = e.scatter_(1, idx[chunk], 0.0).sum(dim=1)
+            s_log_tail[chunk] = outside.log() - total.log()
+            small = outside < TAIL_UNDERFLOW  # its terms lost to underflow: a logsumexp of its own
+            if small.any():
+                z = student_logits[chunk][small].to(dtype) / T
+                z.scatter_(1, idx[chunk][small], float("-inf"))
+                s_log_tail[chunk][small] = z.logsumexp(dim=1) - s_lse[chunk][small]
+    s_logp = student_logits.gather(1, idx).to(dtype) / T - s_lse[:, None]  # (B, k)
+    if tail == "renorm":
+        log_p_hat, log_q_hat = F.log_softmax(t_logp, dim=1), F.log_softmax(s_logp, dim=1)
+        return _kl_rows(log_p_hat, log_q_hat), (log_p_hat.exp(), log_q_hat.exp())
+    p = t_logp.exp()
+    if not with_tail:  # k == C: the tail is empty
+        return _kl_rows(t_logp, s_logp), (p, s_logp, torch.zeros_like(s_lse), s_lse, s_log_tail)
+    # float16 rounding can push the teacher's kept mass a hair past 1, hence the clamp
+    t_tail = (1 - p.sum(dim=1)).clamp(min=0)  # (B,)
+    kl = _kl_rows(torch.cat([t_logp, t_tail.log()[:, None]], 1), torch.cat([s_logp, s_log_tail[:, None]], 1))
+    return kl, (p, s_logp, t_tail, s_lse, s_log_tail)
+
+
+@torch.no_grad()
+def _topk_kl_grad(student_logits, idx, saved, grad_rows, T, tail):
+    """d(sum_b grad_rows_b * KL_b) / d student_logits, (B, C), one chunk of rows at a time."""
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    scale = grad_rows.to(dtype)[:, None] / T  # (B, 1)
+    if tail == "renorm":
+        p_hat, q_hat = saved
+        return torch.zeros_like(student_logits).scatter_(1, idx, (scale * (q_hat - p_hat)).to(student_logits.dtype))
+    p, s_logp, t_tail, s_lse, s_log_tail = saved
+    mass = p.sum(dim=1) + t_tail  # (B,)
+    top = scale * (s_logp.exp() * mass[:, None] - p)  # (B, k): the gradient on the top-k
+    # outside the top-k: q_j * mass - t_tail * q_j / q_tail = u_j * (q_tail * mass - t_tail),
+    # u_j = q_j / q_tail = exp(z_j - s_lse - s_log_tail) <= 1 there (0 where the student has no tail)
+    shift = torch.where(torch.isfinite(s_log_tail), s_lse + s_log_tail, float("inf"))
+    coefficient = scale.squeeze(1) * (s_log_tail.exp() * mass - t_tail)  # (B,)
+    grad = torch.empty_like(student_logits)
+    for chunk in _row_chunks(*student_logits.shape):
+        u = (student_logits[chunk].to(dtype) / T).sub_(shift[chunk, None]).exp_()
+        grad[chunk] = u.mul_(coefficient[chunk, None]).scatter_(1, idx[chunk], top[chunk])
+    return grad
+
+
+def topk_soft_target_loss_from_hidden(hidden, weight, topk_idx, topk_logit, lse, temperature, bias=None):
+    # hidden: (B, H), the student's last hidden state; weight: (C, H), its output layer (bias (C,))
+    # -> (B,) KL per row with the bucket tail, as topk_soft_target_loss_per_row on
+    # hidden @ weight.T + bias, without ever holding those (B, C) logits: each chunk of rows
+    # is projected, scored and dropped, and projected again for the backward. For a large
+    # vocabulary, where the logits (and their gradient) are what fills the memory.
+    return _HiddenTopkKL.apply(hidden, weight, bias, topk_idx, topk_logit, lse, float(temperature))
+
+
+class _HiddenTopkKL(torch.autograd.Function):
+    """`_TopkKL` on logits that exist one chunk of rows at a time: the forward projects, scores
+    and drops each chunk; the backward projects it again for its gradient, then the chunk's
+    share of the hidden state's and the output layer's gradients."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, topk_idx, topk_logit, lse, T):
+        idx = topk_idx.long()
+        kl = torch.cat([_topk_kl(F.linear(hidden[chunk], weight, bias), idx[chunk], topk_logit[chunk], lse[chunk],
+                                 T, "bucket")[0] for chunk in _row_chunks(len(hidden), len(weight))])
+        ctx.save_for_backward(hidden, weight, bias, idx, topk_logit, lse)
+        ctx.T = T
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        hidden, weight, bias, idx, topk_logit, lse = ctx.saved_tensors
+        grad_hidden, grad_weight = torch.empty_like(hidden), torch.zeros_like(weight)
+        grad_bias = None if bias is None else torch.zeros_like(bias)
+        with torch.no_grad():
+            for chunk in _row_chunks(len(hidden), len(weight)):
+                logits = F.linear(hidden[chunk], weight, bias)
+                _, saved = _topk_kl(logits, idx[chunk], topk_logit[chunk], lse[chunk], ctx.T, "bucket")
+                grad_logits = _topk_kl_grad(logits, idx[chunk], saved, grad_rows[chunk], ctx.T, "bucket")
+                grad_hidden[chunk] = grad_logits @ weight
+                grad_weight += grad_logits.T @ hidden[chunk]
+                if grad_bias is not None:
+                    grad_bias += grad_logits.sum(0)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 def topk_soft_target_loss(student_logits, topk_idx, topk_logit, lse, temperature,

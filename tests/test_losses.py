@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline import losses
 
@@ -41,6 +42,9 @@ GOLDEN_CASES = {
     ],
     "topk_soft_target_loss_per_row": [
         "topk_per_row_bucket_T4_k3_fp16", "topk_per_row_renorm_T1_k4_fp32",
+    ],
+    "topk_soft_target_loss_from_hidden": [
+        "topk_hidden_bucket_T2_k3_fp16", "topk_hidden_bucket_T1_k4_fp32_no_bias",
     ],
     "hint_loss": ["hint_4d", "hint_2d"],
     "attention_map": ["attention_map_p2", "attention_map_p1", "attention_map_1d_p2"],
@@ -280,13 +284,30 @@ def test_hint_regressor_learns_exact_linear_map():
     assert losses.hint_loss(regressor(student), teacher).item() < 1e-6
 
 
+def plain_topk_kl(student_logits, topk_idx, topk_logit, lse, T, tail):
+    """The per-row top-k KL written out with torch ops, for autograd to differentiate."""
+    t_logp = topk_logit.to(student_logits.dtype) / T - lse[:, None]
+    s_logp_all = F.log_softmax(student_logits / T, dim=1)
+    s_logp = s_logp_all.gather(1, topk_idx)
+    if tail == "renorm":
+        log_p, log_q = F.log_softmax(t_logp, dim=1), F.log_softmax(s_logp, dim=1)
+    elif topk_idx.shape[1] == student_logits.shape[1]:
+        log_p, log_q = t_logp, s_logp
+    else:
+        t_tail = (1 - t_logp.exp().sum(1)).clamp(min=0)
+        outside = torch.ones_like(s_logp_all, dtype=torch.bool).scatter_(1, topk_idx, False)
+        s_log_tail = s_logp_all.masked_fill(~outside, float("-inf")).logsumexp(1)
+        log_p, log_q = torch.cat([t_logp, t_tail.log()[:, None]], 1), torch.cat([s_logp, s_log_tail[:, None]], 1)
+    return torch.where(log_p.exp() > 0, log_p.exp() * (log_p - log_q), 0.0).sum(1)
+
+
 @pytest.mark.parametrize("tail", ["bucket", "renorm"])
 @pytest.mark.parametrize("k", [1, 3, 10])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_topk_loss_closed_form_gradient_equals_autograd(tail, k, dtype):
-    """The fused backward of topk_soft_target_loss_per_row equals autograd through its forward."""
-    from pipeline.losses import _topk_kl_parts
-
+def test_topk_loss_closed_form_gradient_equals_autograd(tail, k, dtype, monkeypatch):
+    """The fused, chunked backward of topk_soft_target_loss_per_row equals autograd through a
+    plain implementation of the same KL (chunks of a few rows, so that several are used)."""
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 50)  # 5 rows of 10 classes per chunk: 7 chunks
     g = torch.Generator().manual_seed(k)
     teacher = torch.randn(32, 10, generator=g, dtype=torch.float64) * 4
     shifted = teacher - teacher.max(1, keepdim=True).values
@@ -297,7 +318,7 @@ def test_topk_loss_closed_form_gradient_equals_autograd(tail, k, dtype):
     student = (torch.randn(32, 10, generator=g, dtype=dtype) * 2).requires_grad_()
     fused = losses.topk_soft_target_loss_per_row(student, topk_idx, topk_logit, lse.to(dtype), 3, tail)
     (fused_grad,) = torch.autograd.grad((fused * weights).sum(), student)
-    reference, _ = _topk_kl_parts(student, topk_idx, topk_logit, lse.to(dtype), 3, tail)
+    reference = plain_topk_kl(student, topk_idx, topk_logit, lse.to(dtype), 3, tail)
     (reference_grad,) = torch.autograd.grad((reference * weights).sum(), student)
     torch.testing.assert_close(fused, reference.detach())
     tolerance = 1e-6 if dtype == torch.float32 else 1e-12
@@ -305,3 +326,42 @@ def test_topk_loss_closed_form_gradient_equals_autograd(tail, k, dtype):
     if dtype == torch.float64:
         assert torch.autograd.gradcheck(
             lambda s: losses.topk_soft_target_loss_per_row(s, topk_idx, topk_logit, lse, 3, tail), (student,))
+
+
+def test_topk_loss_is_exact_when_the_students_tail_underflows():
+    """A student sure of its top-k (its tail under exp's float32 range): the tail's logsumexp is
+    taken on its own, so the loss and gradient stay finite and equal the float64 figures."""
+    student = torch.full((4, 10), -150.0)
+    student[:, :3] = torch.tensor([0.0, -1.0, -2.0])
+    student = student.requires_grad_()
+    teacher = torch.tensor([0.0, -0.5, -1.0] + [-3.0] * 7).repeat(4, 1)
+    topk_logit, topk_idx = teacher.topk(3, dim=1)
+    lse = teacher.logsumexp(1)
+    fused = losses.topk_soft_target_loss_per_row(student, topk_idx, topk_logit, lse, 1.0)
+    (grad,) = torch.autograd.grad(fused.sum(), student)
+    wide = student.detach().double().requires_grad_()
+    reference = plain_topk_kl(wide, topk_idx, topk_logit.double(), lse.double(), 1.0, "bucket")
+    (reference_grad,) = torch.autograd.grad(reference.sum(), wide)
+    assert torch.isfinite(fused).all() and fused.min() > 10  # the teacher's 0.14 tail costs ~150 nats x 0.14
+    torch.testing.assert_close(fused.double(), reference.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad.double(), reference_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_the_hidden_state_variant_equals_the_loss_on_projected_logits(monkeypatch):
+    """Values and gradients (hidden state, weight, bias) of topk_soft_target_loss_from_hidden
+    equal topk_soft_target_loss_per_row on hidden @ weight.T + bias, with several chunks."""
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 3 * 11)  # 3 rows of 11 classes per chunk
+    hidden, weight, bias = _randn(10, 7, seed=1), _randn(11, 7, seed=2, scale=0.5), _randn(11, seed=3)
+    topk_idx, topk_logit, lse = _cache_row(_randn(10, 11, seed=4, scale=3.0), 4, 2.0, torch.float16)
+    weights = torch.rand(10, generator=torch.Generator().manual_seed(5))
+    grads = []
+    for fused in (True, False):
+        h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+        kl = (losses.topk_soft_target_loss_from_hidden(h, w, topk_idx, topk_logit, lse, 2.0, bias=b) if fused else
+              losses.topk_soft_target_loss_per_row(h @ w.T + b, topk_idx, topk_logit, lse, 2.0))
+        grads.append((kl.detach(), *torch.autograd.grad((kl * weights).sum(), (h, w, b))))
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    wide = [t.double().requires_grad_() for t in (hidden, weight, bias)]
+    assert torch.autograd.gradcheck(lambda h, w, b: losses.topk_soft_target_loss_from_hidden(
+        h, w, topk_idx, topk_logit.double(), lse.double(), 2.0, bias=b), wide)

@@ -69,6 +69,15 @@ CASES = {
     "topk_per_row_renorm_T1_k4_fp32": _case(
         "topk_soft_target_loss_per_row", 11, _logits(5, 10), scale=2.0,
         cache_row={"k": 4, "dtype": "float32"}, temperature=1.0, tail="renorm"),
+    "topk_hidden_bucket_T2_k3_fp16": _case(
+        "topk_soft_target_loss_from_hidden", 31,
+        [["hidden", [5, 6], "normal"], ["weight", [10, 6], "normal"], ["bias", [10], "normal"],
+         ["teacher_logits", [5, 10], "normal"]], scale=2.0, cache_row={"k": 3, "dtype": "float16"},
+        temperature=2.0),
+    "topk_hidden_bucket_T1_k4_fp32_no_bias": _case(
+        "topk_soft_target_loss_from_hidden", 32,
+        [["hidden", [6, 4], "normal"], ["weight", [9, 4], "normal"], ["teacher_logits", [6, 9], "normal"]],
+        scale=1.5, cache_row={"k": 4, "dtype": "float32"}, temperature=1.0),
     "hint_4d": _case("hint_loss", 12, _pair("feature", [4, 3, 5, 5], [4, 3, 5, 5])),
     "hint_2d": _case("hint_loss", 13, _pair("feature", [8, 16], [8, 16])),
     "attention_map_p2": _case("attention_map", 14, [["feature", [3, 4, 5, 6], "normal"]], p=2),
@@ -171,6 +180,11 @@ def ref_topk_soft_target_loss_per_row(student_logits, topk_idx, topk_logit, lse,
     return np.array(rows)
 
 
+def ref_topk_soft_target_loss_from_hidden(hidden, weight, topk_idx, topk_logit, lse, temperature, bias=None):
+    logits = hidden @ weight.T + (0.0 if bias is None else bias)
+    return ref_topk_soft_target_loss_per_row(logits, topk_idx, topk_logit, lse, temperature, "bucket")
+
+
 def ref_topk_soft_target_loss(student_logits, topk_idx, topk_logit, lse, temperature, tail):
     rows = ref_topk_soft_target_loss_per_row(student_logits, topk_idx, topk_logit, lse,
                                              temperature, tail)
@@ -264,6 +278,7 @@ REFERENCES = {
     "soft_target_loss": ref_soft_target_loss,
     "topk_soft_target_loss": ref_topk_soft_target_loss,
     "topk_soft_target_loss_per_row": ref_topk_soft_target_loss_per_row,
+    "topk_soft_target_loss_from_hidden": ref_topk_soft_target_loss_from_hidden,
     "hint_loss": ref_hint_loss,
     "attention_map": ref_attention_map,
     "attention_transfer_loss": ref_attention_transfer_loss,
