@@ -30,8 +30,8 @@ from pipeline.files import replacing
 from pipeline.report.compare import (METHODS, PROGRESSIVE, is_soft_only, leaderboard, method_label, methods_table,
                                      progressive_table, verdict)
 from pipeline.report.markdown import render, seeds_sentence, sentence
-from pipeline.report.plots import DRAW, Figures
-from pipeline.report.results import StudentResult, assistant_info, load_student, student_dirs
+from pipeline.report.plots import DRAW
+from pipeline.report.results import Report, StudentResult, assistant_info, load_student, student_dirs
 from pipeline import tasks
 from pipeline.report.scores import SCORES, Score
 
@@ -53,25 +53,23 @@ def write_report(students_dir: Path, out: Path, manifest: dict[str, Any], cache_
     results = [load_student(students_dir, name, score) for name in names]
     rows = leaderboard(results, score)
     by_name = {r.name: r for r in results}
-    ordered = [by_name[row["student"]] for row in rows]
-    figures = Figures(score, ordered)
+    report = Report(score, rows, [by_name[row["student"]] for row in rows])
     if score.compares_methods:
-        figures.assistants = {name: assistant_info(assistants, name)
-                              for name in sorted({r.spec["assistant"] for r in results if r.spec.get("assistant")})}
-        figures.methods = methods_table(results, score)
-        figures.progressive = progressive_table(results, figures.assistants, score)
+        report.assistants = {name: assistant_info(assistants, name)
+                             for name in sorted({r.spec["assistant"] for r in results if r.spec.get("assistant")})}
+        report.methods = methods_table(results, score)
+        report.progressive = progressive_table(results, report.assistants, score)
 
     with replacing(out) as tmp:
         write_csv(tmp / "leaderboard.csv", score.columns, rows)
         if score.compares_methods:
-            write_csv(tmp / "methods.csv", METHODS, figures.methods)
-            write_csv(tmp / "progressive.csv", PROGRESSIVE, figures.progressive)
-        tables = (figures.methods, figures.progressive) if score.compares_methods else (None, None)
-        (tmp / "report.md").write_text(render(rows, ordered, manifest, cache_root, score, *tables))
+            write_csv(tmp / "methods.csv", METHODS, report.methods)
+            write_csv(tmp / "progressive.csv", PROGRESSIVE, report.progressive)
+        (tmp / "report.md").write_text(render(report, manifest, cache_root))
         for png in score.plots:
-            DRAW[png](figures, tmp / png)
+            DRAW[png](report).savefig(tmp / png, dpi=110)
     return {"students": [row["student"] for row in rows], "best": rows[0]["student"], "out": out,
-            "methods": len(figures.methods), "progressive": len(figures.progressive),
+            "methods": len(report.methods), "progressive": len(report.progressive),
             "called": score.called, "compares_methods": score.compares_methods}
 
 
