@@ -1,22 +1,11 @@
 """The report over every evaluated student, one path for every task.
 
-`write_report` reads each student's `metrics.json` and `plots/` (written by `kd eval`), its
-config record, its twin's, and `train_log.csv` (`results`), computes the tables (`compare`),
-and writes, for the task the cache was labeled for (its `Score` in `scores.SCORES`):
-
-    <out>/leaderboard.csv      one row per student (the task's named columns), best mean score over seeds first
-    <out>/report.md            teacher and cache (with the kept mass), the table, one sentence per student (`markdown`)
-    <out>/<score>_vs_params.png  teacher, assistants, students and twins (mean +- std over seeds, log-x) (`plots`)
-    <out>/training_curves.png  every logged loss term per epoch, one panel per student (first seed)
-
-and, for image students, methods.csv (per architecture and budget: each method's gain over
-soft targets alone), progressive.csv (each student taught through an assistant vs the same
-student taught directly), gains.png, per_class.png and confusion.png (the best student, first
-seed); for language-model students per_position.png (loss at each position of a block).
-
-Everything is written into a temporary directory that replaces `out` only once complete. Every
-number comes from those files; a gain is a per-seed paired difference (same seed), as mean +-
-sample std.
+`write_report` reads what `kd distill` and `kd eval` wrote for each student (`results`),
+computes the tables (`compare`) and writes, for the task the cache was labeled for (its `Score`):
+leaderboard.csv (one row per student, the best mean score over seeds first), report.md
+(`markdown`) and the task's PNG plots (`plots`); for image students also methods.csv (each
+method's gain over soft targets alone) and progressive.csv (each student taught through an
+assistant vs directly). All of it is built aside and replaces `out` only once complete.
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
-"""The report's numbers, computed from loaded students alone (pure: no files).
-
-`leaderboard` gives one row per student with the task's named columns; `methods_table` groups
-students by architecture and budget and measures each against the soft-only reference;
-`progressive_table` measures a student taught through a teacher assistant against the same
-student taught directly. Every gain between two students is a per-seed paired difference (same
-seed, `Score.paired`), summarised as mean +- sample std.
+"""The report's numbers, computed from loaded students alone (pure: no files): the leaderboard,
+the methods table and the progressive-distillation table. Every gain between two students is a
+per-seed paired difference (same seed, `Score.paired`), summarised as mean +- sample std.
 """
 
 from __future__ import annotations
@@ -146,12 +142,13 @@ def progressive_table(results: list[StudentResult], assistants: dict[str, dict[s
     `assistants`, name -> `results.assistant_info`) against the student with the
     same architecture, budget and loss taught directly by the teacher."""
     rows = []
-    for r in sorted(results, key=lambda r: r.name):
+    by_name = sorted(results, key=lambda r: r.name)
+    for r in by_name:
         name = r.spec.get("assistant")
         if not name:
             continue
         wanted = (canonical(setup(r.spec, assistant=None)), canonical(r.spec.get("loss")))
-        direct = next((d for d in sorted(results, key=lambda d: d.name) if d is not r
+        direct = next((d for d in by_name if d is not r
                        and (canonical(setup(d.spec)), canonical(d.spec.get("loss"))) == wanted), None)
         info = (assistants or {}).get(name) or {"params": None, "accuracy": None}
         row = {"student": r.name, "assistant": name, "assistant_params": info["params"],

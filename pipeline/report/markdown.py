@@ -26,21 +26,17 @@ def sentence(name: str, metrics: dict[str, Any], score: Score) -> str:
     parts = []
     if metrics.get("teacher_params"):
         smaller = 100.0 * (1.0 - metrics["params"] / metrics["teacher_params"])
-        parts.append(f"{abs(smaller):.0f}% smaller" if smaller >= 0 else f"{abs(smaller):.0f}% larger")
+        parts.append(f"{abs(smaller):.0f}% {'smaller' if smaller >= 0 else 'larger'}")
     else:
         parts.append("size vs the teacher unknown")
     speedup = metrics.get("speedup_vs_teacher")
     if speedup is None:
         parts.append("speed vs the teacher unknown")
-    elif speedup >= 1:
-        parts.append(f"{speedup:.1f}x faster")
     else:
-        parts.append(f"{1.0 / speedup:.1f}x slower")
+        parts.append(f"{speedup:.1f}x faster" if speedup >= 1 else f"{1.0 / speedup:.1f}x slower")
     change = score.paired(metrics[score.key], metrics[score.baseline_key])
-    if not score.relative:
-        change_words = signed(change, ".1f")
-    else:
-        change_words = f"{100 * change:.1f}% lower" if change >= 0 else f"{-100 * change:.1f}% higher"
+    change_words = (f"{abs(100 * change):.1f}% {'lower' if change >= 0 else 'higher'}" if score.relative
+                    else signed(change, ".1f"))
     versus = score.versus.format(change=change_words, twin=format(metrics[score.baseline_key], score.fmt))
     agrees = (f" It agrees with the teacher's top-1 on {100 * metrics['agreement']:.1f}% of the cache's test rows."
               if metrics.get("agreement") is not None else "")
@@ -52,8 +48,7 @@ def seeds_sentence(metrics: dict[str, Any], score: Score) -> str:
     than the first seed."""
     if metrics["seeds"] < 2:
         return ""
-    return score.over_seeds.format(n=metrics["seeds"], mean=format(metrics[f"{score.key}_mean"], score.fmt),
-                                   std=format(metrics[f"{score.key}_std"], score.fmt),
+    return score.over_seeds.format(n=metrics["seeds"], score=_pm(metrics, score.key, score.fmt),
                                    change=_change(metrics, score.change_key, score.change_words))
 
 
@@ -159,13 +154,12 @@ def methods_markdown(methods: list[dict[str, Any]]) -> list[str]:
                   "| student | terms | seeds | accuracy | vs baseline twin (points) | vs soft alone (points) "
                   "| verdict |",
                   "|---|---|---:|---:|---:|---:|---|"]
+        sentences = []
         for row in members:
             vs_soft = {"reference": "reference", "no soft-only reference": "n/a"}.get(
                 row["role"], f"{_change(row, 'gain_over_soft')} ({row['paired_seeds']} paired)")
             lines.append(f"| {row['student']} | {row['method']} | {row['seeds']} | {_pm(row, 'accuracy')} "
                          f"| {_change(row, 'gain_over_baseline')} | {vs_soft} | {row['verdict']} |")
-        sentences = []
-        for row in members:
             if row["role"] == "compared":
                 sentences.append(f"- **{row['student']}** ({row['method']}) vs **{row['reference']}** (soft alone): "
                                  f"{_change(row, 'gain_over_soft')} points over {row['paired_seeds']} paired seeds: "

@@ -129,13 +129,9 @@ def plot_table(result: StudentResult, file: str, numbers: bool = False) -> list[
 def assistant_info(assistants: Path | None, name: str) -> dict[str, Any]:
     """An assistant's parameter count (its config.json) and test accuracy (its own cache's
     fidelity statistics); None for what is not there."""
-    info: dict[str, Any] = {"params": None, "accuracy": None}
     if assistants is None:
-        return info
-    config_path = Path(assistants) / name / "config.json"
-    manifest_path = Path(assistants) / name / "outputs" / "manifest.json"
-    if config_path.is_file():
-        info["params"] = read_json(config_path).get("params")
-    if manifest_path.is_file():
-        info["accuracy"] = read_json(manifest_path).get("fidelity", {}).get("test", {}).get("teacher_accuracy")
-    return info
+        return {"params": None, "accuracy": None}
+    config, manifest = Path(assistants) / name / "config.json", Path(assistants) / name / "outputs" / "manifest.json"
+    return {"params": read_json(config).get("params") if config.is_file() else None,
+            "accuracy": (read_json(manifest).get("fidelity", {}).get("test", {}).get("teacher_accuracy")
+                         if manifest.is_file() else None)}

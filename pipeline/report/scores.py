@@ -39,7 +39,7 @@ class Score:
     twin: str                       # how the baseline twin was trained
     keeps: Callable[[Metrics], str]  # metrics -> the student's score against the teacher's
     versus: str                     # the student against its twin: {change} (in words) and {twin} (the twin's score)
-    over_seeds: str                 # the sentence's seed summary: {n}, {mean}, {std}, {change}
+    over_seeds: str                 # the sentence's seed summary: {n}, {score} (mean ± std), {change}
 
     @property
     def baseline_key(self) -> str:  # the twin's score in metrics.json; also baseline_KEY_mean/_std
@@ -124,7 +124,7 @@ SCORES: dict[str, Score] = {
         classes=lambda manifest: manifest.get("num_classes"),
         twin="trained on the labeled split's hard labels only",
         keeps=_image_keeps, versus="{change} points over training on labels alone",
-        over_seeds=" Over {n} seeds: accuracy {mean} ± {std}, {change} points over the baseline twins."),
+        over_seeds=" Over {n} seeds: accuracy {score}, {change} points over the baseline twins."),
     "causal_lm": Score(
         key="perplexity", name="test perplexity", lower_is_better=True, fmt=".1f", change_key="perplexity_reduction",
         change_column="perplexity_reduction", relative=True, throughput_key="throughput_tokens_per_s",
@@ -138,7 +138,7 @@ SCORES: dict[str, Score] = {
         twin="trained on the text alone (the next-token loss)",
         keeps=_causal_keeps,
         versus="{change} than its twin's {twin}: the same student on the same text alone, same budget",
-        over_seeds=" Over {n} seeds: perplexity {mean} ± {std}, {change} lower than the twins'."),
+        over_seeds=" Over {n} seeds: perplexity {score}, {change} lower than the twins'."),
     "masked_lm": Score(
         key="masked_accuracy", name="masked-token accuracy", lower_is_better=False, fmt=".4f",
         change_key="accuracy_gain_points", change_column="accuracy_gain_points", relative=False,
@@ -155,5 +155,5 @@ SCORES: dict[str, Score] = {
         keeps=_masked_keeps,
         versus=("{change} points over its twin's {twin}: the same student, start, masks and budget with the masked-LM "
                 "loss alone"),
-        over_seeds=" Over {n} seeds: {mean} ± {std} masked-token accuracy, {change} points over the twins."),
+        over_seeds=" Over {n} seeds: {score} masked-token accuracy, {change} points over the twins."),
 }
