@@ -63,13 +63,9 @@ def write_report(students_dir: Path, out: Path, manifest: dict[str, Any], cache_
 
 
 def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+    """`rows` under the header `columns`; floats to 6 decimals, None as an empty cell (csv's own rule)."""
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(columns))
         writer.writeheader()
-        writer.writerows([{k: _csv_value(row[k]) for k in columns} for row in rows])
-
-
-def _csv_value(value: Any) -> Any:
-    if value is None:
-        return ""
-    return round(value, 6) if isinstance(value, float) else value
+        writer.writerows([{k: round(row[k], 6) if isinstance(row[k], float) else row[k] for k in columns}
+                          for row in rows])

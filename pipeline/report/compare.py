@@ -94,7 +94,7 @@ def verdict(mean: float | None, std: float | None, n: int) -> str:
     return words + (" (one seed: no spread to judge by)" if n == 1 else "")
 
 
-def versus(a: StudentResult, b: StudentResult | None, score: Score, prefix: str) -> dict[str, Any]:
+def _paired_gain(a: StudentResult, b: StudentResult | None, score: Score, prefix: str) -> dict[str, Any]:
     """`a` against `b` over the seeds both have, each seed's change by `Score.paired`: PREFIX_mean,
     PREFIX_std, paired_seeds and the verdict (all None when there is no `b`)."""
     if b is None:
@@ -106,7 +106,7 @@ def versus(a: StudentResult, b: StudentResult | None, score: Score, prefix: str)
             "verdict": verdict(mean, std, len(diffs))}
 
 
-def over_seeds(r: StudentResult, key: str, prefix: str) -> dict[str, Any]:
+def _summary(r: StudentResult, key: str, prefix: str) -> dict[str, Any]:
     """A student's KEY_mean and KEY_std from metrics.json, as PREFIX_mean and PREFIX_std."""
     return {f"{prefix}_mean": r.metrics[f"{key}_mean"], f"{prefix}_std": r.metrics[f"{key}_std"]}
 
@@ -123,9 +123,9 @@ def methods_table(results: list[StudentResult], score: Score) -> list[dict[str, 
         for r in ([reference] if reference else []) + [r for r in members if r is not reference]:
             row = {"group": number, "setup": describe_setup(setup(r.spec)), "student": r.name,
                    "method": method_label(r.spec.get("loss") or {}), "reference": reference.name if reference else None,
-                   "seeds": r.metrics["seeds"], **over_seeds(r, score.key, "accuracy"),
-                   **over_seeds(r, score.change_key, "gain_over_baseline"),
-                   **versus(r, reference if r is not reference else None, score, "gain_over_soft")}
+                   "seeds": r.metrics["seeds"], **_summary(r, score.key, "accuracy"),
+                   **_summary(r, score.change_key, "gain_over_baseline"),
+                   **_paired_gain(r, reference if r is not reference else None, score, "gain_over_soft")}
             if reference is None:
                 row.update(role="no soft-only reference", verdict="no soft-only reference")
             elif r is reference:
@@ -142,25 +142,25 @@ def progressive_table(results: list[StudentResult], assistants: dict[str, dict[s
     `assistants`, name -> `results.assistant_info`) against the student with the
     same architecture, budget and loss taught directly by the teacher."""
     rows = []
-    by_name = sorted(results, key=lambda r: r.name)
-    for r in by_name:
+    ordered = sorted(results, key=lambda r: r.name)
+    for r in ordered:
         name = r.spec.get("assistant")
         if not name:
             continue
         wanted = (canonical(setup(r.spec, assistant=None)), canonical(r.spec.get("loss")))
-        direct = next((d for d in by_name if d is not r
+        direct = next((d for d in ordered if d is not r
                        and (canonical(setup(d.spec)), canonical(d.spec.get("loss"))) == wanted), None)
         info = (assistants or {}).get(name) or {"params": None, "accuracy": None}
         row = {"student": r.name, "assistant": name, "assistant_params": info["params"],
                "assistant_accuracy": info["accuracy"], "teacher_params": r.metrics["teacher_params"],
                "teacher_accuracy": r.metrics[score.teacher_key], "student_params": r.metrics["params"],
-               "direct": direct.name if direct else None, **over_seeds(r, score.key, "via_accuracy"),
-               **versus(r, direct, score, "difference")}
+               "direct": direct.name if direct else None, **_summary(r, score.key, "via_accuracy"),
+               **_paired_gain(r, direct, score, "difference")}
         if direct is None:
             row.update(direct_accuracy_mean=None, direct_accuracy_std=None,
                        verdict="no direct counterpart (same architecture, budget and loss without an assistant)")
         else:
-            row.update(over_seeds(direct, score.key, "direct_accuracy"))
+            row.update(_summary(direct, score.key, "direct_accuracy"))
         rows.append(row)
     return rows
 

@@ -182,6 +182,7 @@ def progressive_markdown(progressive: list[dict[str, Any]]) -> list[str]:
               "| student | assistant (params, accuracy) | teacher (params, accuracy) | direct | direct accuracy "
               "| via-assistant accuracy | difference (points) | verdict |",
               "|---|---|---|---|---:|---:|---:|---|"]
+    sentences = []
     for row in progressive:
         difference = f"{_change(row, 'difference')} ({row['paired_seeds']} paired)" if row["direct"] else "n/a"
         lines.append(f"| {row['student']} | {row['assistant']} ({fmt(row['assistant_params'], ',')}, "
@@ -189,16 +190,14 @@ def progressive_markdown(progressive: list[dict[str, Any]]) -> list[str]:
                      f"{fmt(row['teacher_accuracy'], '.4f')} | {row['direct'] or 'none'} "
                      f"| {_pm(row, 'direct_accuracy')} | {_pm(row, 'via_accuracy')} | {difference} "
                      f"| {row['verdict']} |")
-    lines.append("")
-    for row in progressive:
         if row["direct"]:
-            lines.append(f"- **{row['student']}** ({fmt(row['student_params'], ',')} parameters) through "
-                         f"**{row['assistant']}** ({fmt(row['assistant_params'], ',')}) vs **{row['direct']}** "
-                         f"directly from the teacher ({fmt(row['teacher_params'], ',')}): "
-                         f"{_change(row, 'difference')} points over {row['paired_seeds']} paired seeds: "
-                         f"{row['verdict']}.")
+            sentences.append(f"- **{row['student']}** ({fmt(row['student_params'], ',')} parameters) through "
+                             f"**{row['assistant']}** ({fmt(row['assistant_params'], ',')}) vs **{row['direct']}** "
+                             f"directly from the teacher ({fmt(row['teacher_params'], ',')}): "
+                             f"{_change(row, 'difference')} points over {row['paired_seeds']} paired seeds: "
+                             f"{row['verdict']}.")
         else:
-            lines.append(f"- **{row['student']}** through **{row['assistant']}**: no student with the same "
-                         "architecture, budget and loss is taught directly by the teacher, so there is nothing "
-                         "to compare with.")
-    return lines
+            sentences.append(f"- **{row['student']}** through **{row['assistant']}**: no student with the same "
+                             "architecture, budget and loss is taught directly by the teacher, so there is nothing "
+                             "to compare with.")
+    return lines + ["", *sentences]

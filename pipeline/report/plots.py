@@ -33,13 +33,13 @@ def plot_score_vs_params(report: Report) -> Figure:
     fig = Figure(figsize=(8.4, 4.8), layout="constrained")
     ax = fig.subplots()
     first = results[0].metrics
-    if first.get("teacher_params") and first.get(score.teacher_key) is not None:
-        ax.scatter([first["teacher_params"]], [first[score.teacher_key]], marker="*", s=220, color="black",
-                   label="teacher", zorder=3)
-    for name, info in report.assistants.items():
-        if info.get("params") and info.get("accuracy") is not None:
-            ax.scatter([info["params"]], [info["accuracy"]], marker="^", s=90, color="dimgray", zorder=3,
-                       label=f"assistant {name}")
+    # the teacher and the assistants: (label, params, score, marker, size, color)
+    anchors = [("teacher", first.get("teacher_params"), first.get(score.teacher_key), "*", 220, "black")]
+    anchors += [(f"assistant {name}", info.get("params"), info.get("accuracy"), "^", 90, "dimgray")
+              for name, info in report.assistants.items()]
+    for label, params, value, marker, size, color in anchors:
+        if params and value is not None:
+            ax.scatter([params], [value], marker=marker, s=size, color=color, label=label, zorder=3)
     same_size: dict[Any, list[str]] = {}
     for r in results:
         same_size.setdefault(r.metrics["params"], []).append(r.name)
