@@ -1,22 +1,11 @@
 """The report over every evaluated student, one path for every task.
 
-`write_report` reads each student's `metrics.json` and `plots/` (written by `kd eval`), its
-config record, its twin's, and `train_log.csv` (`results`), computes the tables (`compare`),
-and writes, for the task the cache was labeled for (its `Score` in `scores.SCORES`):
-
-    <out>/leaderboard.csv      one row per student (the task's named columns), best mean score over seeds first
-    <out>/report.md            teacher and cache (with the kept mass), the table, one sentence per student (`markdown`)
-    <out>/<score>_vs_params.png  teacher, assistants, students and twins (mean +- std over seeds, log-x) (`plots`)
-    <out>/training_curves.png  every logged loss term per epoch, one panel per student (first seed)
-
-and, for image students, methods.csv (per architecture and budget: each method's gain over
-soft targets alone), progressive.csv (each student taught through an assistant vs the same
-student taught directly), gains.png, per_class.png and confusion.png (the best student, first
-seed); for language-model students per_position.png (loss at each position of a block).
-
-Everything is written into a temporary directory that replaces `out` only once complete. Every
-number comes from those files; a gain is a per-seed paired difference (same seed), as mean +-
-sample std.
+`write_report` reads what `kd distill` and `kd eval` wrote for each student (`results`),
+computes the tables (`compare`) and writes, for the task the cache was labeled for (its `Score`):
+leaderboard.csv (one row per student, the best mean score over seeds first), report.md
+(`markdown`) and the task's PNG plots (`plots`); for image students also methods.csv (each
+method's gain over soft targets alone) and progressive.csv (each student taught through an
+assistant vs directly). All of it is built aside and replaces `out` only once complete.
 """
 
 from __future__ import annotations
@@ -30,8 +19,8 @@ from pipeline.files import replacing
 from pipeline.report.compare import (METHODS, PROGRESSIVE, is_soft_only, leaderboard, method_label, methods_table,
                                      progressive_table, verdict)
 from pipeline.report.markdown import render, seeds_sentence, sentence
-from pipeline.report.plots import DRAW, Figures
-from pipeline.report.results import StudentResult, assistant_info, load_student, student_dirs
+from pipeline.report.plots import DRAW
+from pipeline.report.results import Report, StudentResult, assistant_info, load_student, student_dirs
 from pipeline import tasks
 from pipeline.report.scores import SCORES, Score
 
@@ -53,36 +42,30 @@ def write_report(students_dir: Path, out: Path, manifest: dict[str, Any], cache_
     results = [load_student(students_dir, name, score) for name in names]
     rows = leaderboard(results, score)
     by_name = {r.name: r for r in results}
-    ordered = [by_name[row["student"]] for row in rows]
-    figures = Figures(score, ordered)
+    report = Report(score, rows, [by_name[row["student"]] for row in rows])
     if score.compares_methods:
-        figures.assistants = {name: assistant_info(assistants, name)
-                              for name in sorted({r.spec["assistant"] for r in results if r.spec.get("assistant")})}
-        figures.methods = methods_table(results, score)
-        figures.progressive = progressive_table(results, figures.assistants, score)
+        report.assistants = {name: assistant_info(assistants, name)
+                             for name in sorted({r.spec["assistant"] for r in results if r.spec.get("assistant")})}
+        report.methods = methods_table(results, score)
+        report.progressive = progressive_table(results, report.assistants, score)
 
     with replacing(out) as tmp:
         write_csv(tmp / "leaderboard.csv", score.columns, rows)
         if score.compares_methods:
-            write_csv(tmp / "methods.csv", METHODS, figures.methods)
-            write_csv(tmp / "progressive.csv", PROGRESSIVE, figures.progressive)
-        tables = (figures.methods, figures.progressive) if score.compares_methods else (None, None)
-        (tmp / "report.md").write_text(render(rows, ordered, manifest, cache_root, score, *tables))
+            write_csv(tmp / "methods.csv", METHODS, report.methods)
+            write_csv(tmp / "progressive.csv", PROGRESSIVE, report.progressive)
+        (tmp / "report.md").write_text(render(report, manifest, cache_root))
         for png in score.plots:
-            DRAW[png](figures, tmp / png)
+            DRAW[png](report).savefig(tmp / png, dpi=110)
     return {"students": [row["student"] for row in rows], "best": rows[0]["student"], "out": out,
-            "methods": len(figures.methods), "progressive": len(figures.progressive),
+            "methods": len(report.methods), "progressive": len(report.progressive),
             "called": score.called, "compares_methods": score.compares_methods}
 
 
 def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+    """`rows` under the header `columns`; floats to 6 decimals, None as an empty cell (csv's own rule)."""
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(columns))
         writer.writeheader()
-        writer.writerows([{k: _csv_value(row[k]) for k in columns} for row in rows])
-
-
-def _csv_value(value: Any) -> Any:
-    if value is None:
-        return ""
-    return round(value, 6) if isinstance(value, float) else value
+        writer.writerows([{k: round(row[k], 6) if isinstance(row[k], float) else row[k] for k in columns}
+                          for row in rows])

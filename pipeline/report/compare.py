@@ -1,10 +1,6 @@
-"""The report's numbers, computed from loaded students alone (pure: no files).
-
-`leaderboard` gives one row per student with the task's named columns; `methods_table` groups
-students by architecture and budget and measures each against the soft-only reference;
-`progressive_table` measures a student taught through a teacher assistant against the same
-student taught directly. Every gain between two students is a per-seed paired difference (same
-seed, `Score.paired`), summarised as mean +- sample std.
+"""The report's numbers, computed from loaded students alone (pure: no files): the leaderboard,
+the methods table and the progressive-distillation table. Every gain between two students is a
+per-seed paired difference (same seed, `Score.paired`), summarised as mean +- sample std.
 """
 
 from __future__ import annotations
@@ -47,15 +43,8 @@ def leaderboard(results: list[StudentResult], score: Score) -> list[dict[str, An
 
 def method_label(loss: dict[str, Any]) -> str:
     """A student's method named by its loss terms, e.g. "soft + hard + rkd" or "hard (pseudo)"."""
-    names = []
-    for term in LOSS_TERMS:
-        cfg = loss.get(term)
-        if cfg is None:
-            continue
-        if term == "hard" and cfg.get("pseudo"):
-            names.append("hard (pseudo)")
-        else:
-            names.append(term)
+    names = ["hard (pseudo)" if term == "hard" and loss[term].get("pseudo") else term
+             for term in LOSS_TERMS if loss.get(term) is not None]
     return " + ".join(names) or "none"
 
 
@@ -72,15 +61,11 @@ def setup(spec: dict[str, Any], **changes: Any) -> dict[str, Any]:
 def canonical(value: Any) -> str:
     """A key that equal configs share whether a number was written 0 or 0.0 (YAML keeps either)."""
     def norm(v: Any) -> Any:
-        if isinstance(v, bool) or v is None or isinstance(v, str):
-            return v
-        if isinstance(v, (int, float)):
-            return float(v)
         if isinstance(v, dict):
             return {str(k): norm(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
             return [norm(x) for x in v]
-        return v
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
     return json.dumps(norm(value), sort_keys=True)
 
 
@@ -96,12 +81,6 @@ def describe_setup(s: dict[str, Any]) -> str:
     return text
 
 
-def paired_points(a: StudentResult, b: StudentResult, score: Score) -> list[float]:
-    """Per-seed change of `a`'s score over `b`'s (`Score.paired`), over the seeds both have."""
-    common = sorted(set(a.seeds) & set(b.seeds), key=_seed_order)
-    return [score.paired(a.seeds[s][score.key], b.seeds[s][score.key]) for s in common]
-
-
 def verdict(mean: float | None, std: float | None, n: int) -> str:
     """Plain words for a gain of mean +- std points over n paired seeds."""
     if n == 0 or mean is None:
@@ -115,12 +94,21 @@ def verdict(mean: float | None, std: float | None, n: int) -> str:
     return words + (" (one seed: no spread to judge by)" if n == 1 else "")
 
 
-def _gain(a: StudentResult, b: StudentResult, score: Score) -> tuple[float | None, float | None, int]:
-    diffs = paired_points(a, b, score)
-    if not diffs:
-        return None, None, 0
-    mean, std = mean_std(diffs)
-    return mean, std, len(diffs)
+def _paired_gain(a: StudentResult, b: StudentResult | None, score: Score, prefix: str) -> dict[str, Any]:
+    """`a` against `b` over the seeds both have, each seed's change by `Score.paired`: PREFIX_mean,
+    PREFIX_std, paired_seeds and the verdict (all None when there is no `b`)."""
+    if b is None:
+        return {f"{prefix}_mean": None, f"{prefix}_std": None, "paired_seeds": None, "verdict": None}
+    common = sorted(set(a.seeds) & set(b.seeds), key=_seed_order)
+    diffs = [score.paired(a.seeds[s][score.key], b.seeds[s][score.key]) for s in common]
+    mean, std = mean_std(diffs) if diffs else (None, None)
+    return {f"{prefix}_mean": mean, f"{prefix}_std": std, "paired_seeds": len(diffs),
+            "verdict": verdict(mean, std, len(diffs))}
+
+
+def _summary(r: StudentResult, key: str, prefix: str) -> dict[str, Any]:
+    """A student's KEY_mean and KEY_std from metrics.json, as PREFIX_mean and PREFIX_std."""
+    return {f"{prefix}_mean": r.metrics[f"{key}_mean"], f"{prefix}_std": r.metrics[f"{key}_std"]}
 
 
 def methods_table(results: list[StudentResult], score: Score) -> list[dict[str, Any]]:
@@ -131,25 +119,19 @@ def methods_table(results: list[StudentResult], score: Score) -> list[dict[str, 
         groups.setdefault(canonical(setup(r.spec)), []).append(r)
     rows = []  # the largest groups (the most comparisons) first
     for number, members in enumerate(sorted(groups.values(), key=lambda g: (-len(g), g[0].name)), start=1):
-        references = [r for r in members if is_soft_only(r.spec.get("loss") or {})]
-        reference = references[0] if references else None
-        ordered = ([reference] if reference else []) + [r for r in members if r is not reference]
-        for r in ordered:
-            m = r.metrics
+        reference = next((r for r in members if is_soft_only(r.spec.get("loss") or {})), None)
+        for r in ([reference] if reference else []) + [r for r in members if r is not reference]:
             row = {"group": number, "setup": describe_setup(setup(r.spec)), "student": r.name,
                    "method": method_label(r.spec.get("loss") or {}), "reference": reference.name if reference else None,
-                   "seeds": m["seeds"], "accuracy_mean": m[f"{score.key}_mean"], "accuracy_std": m[f"{score.key}_std"],
-                   "gain_over_baseline_mean": m[f"{score.change_key}_mean"],
-                   "gain_over_baseline_std": m[f"{score.change_key}_std"],
-                   "gain_over_soft_mean": None, "gain_over_soft_std": None, "paired_seeds": None}
+                   "seeds": r.metrics["seeds"], **_summary(r, score.key, "accuracy"),
+                   **_summary(r, score.change_key, "gain_over_baseline"),
+                   **_paired_gain(r, reference if r is not reference else None, score, "gain_over_soft")}
             if reference is None:
                 row.update(role="no soft-only reference", verdict="no soft-only reference")
             elif r is reference:
                 row.update(role="reference", verdict="reference (soft targets alone)")
             else:
-                mean, std, n = _gain(r, reference, score)
-                row.update(role="compared", gain_over_soft_mean=mean, gain_over_soft_std=std, paired_seeds=n,
-                           verdict=verdict(mean, std, n))
+                row["role"] = "compared"
             rows.append(row)
     return rows
 
@@ -160,26 +142,25 @@ def progressive_table(results: list[StudentResult], assistants: dict[str, dict[s
     `assistants`, name -> `results.assistant_info`) against the student with the
     same architecture, budget and loss taught directly by the teacher."""
     rows = []
-    for r in sorted(results, key=lambda r: r.name):
+    ordered = sorted(results, key=lambda r: r.name)
+    for r in ordered:
         name = r.spec.get("assistant")
         if not name:
             continue
         wanted = (canonical(setup(r.spec, assistant=None)), canonical(r.spec.get("loss")))
-        direct = next((d for d in sorted(results, key=lambda d: d.name) if d is not r
+        direct = next((d for d in ordered if d is not r
                        and (canonical(setup(d.spec)), canonical(d.spec.get("loss"))) == wanted), None)
         info = (assistants or {}).get(name) or {"params": None, "accuracy": None}
         row = {"student": r.name, "assistant": name, "assistant_params": info["params"],
                "assistant_accuracy": info["accuracy"], "teacher_params": r.metrics["teacher_params"],
                "teacher_accuracy": r.metrics[score.teacher_key], "student_params": r.metrics["params"],
-               "direct": None, "direct_accuracy_mean": None, "direct_accuracy_std": None,
-               "via_accuracy_mean": r.metrics[f"{score.key}_mean"], "via_accuracy_std": r.metrics[f"{score.key}_std"],
-               "difference_mean": None, "difference_std": None, "paired_seeds": None,
-               "verdict": "no direct counterpart (same architecture, budget and loss without an assistant)"}
-        if direct is not None:
-            mean, std, n = _gain(r, direct, score)
-            row.update(direct=direct.name, direct_accuracy_mean=direct.metrics[f"{score.key}_mean"],
-                       direct_accuracy_std=direct.metrics[f"{score.key}_std"], difference_mean=mean,
-                       difference_std=std, paired_seeds=n, verdict=verdict(mean, std, n))
+               "direct": direct.name if direct else None, **_summary(r, score.key, "via_accuracy"),
+               **_paired_gain(r, direct, score, "difference")}
+        if direct is None:
+            row.update(direct_accuracy_mean=None, direct_accuracy_std=None,
+                       verdict="no direct counterpart (same architecture, budget and loss without an assistant)")
+        else:
+            row.update(_summary(direct, score.key, "direct_accuracy"))
         rows.append(row)
     return rows
 

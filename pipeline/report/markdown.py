@@ -7,11 +7,11 @@ Every word that differs between tasks comes from the task's `Score`; everything 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 from pipeline.cache.layout import lse_column
-from pipeline.report.results import StudentResult
-from pipeline.report.scores import Score, fmt, points
+from pipeline.report.results import Report
+from pipeline.report.scores import Score, fmt, points, signed
 
 # Leaderboard columns the markdown table shows beside the task's score: header and format.
 HEADERS = {"params": ("params", ","), "size_bytes": ("size (bytes)", ","), "throughput": ("samples/s", ",.0f"),
@@ -21,40 +21,46 @@ HEADERS = {"params": ("params", ","), "size_bytes": ("size (bytes)", ","), "thro
 
 
 def sentence(name: str, metrics: dict[str, Any], score: Score) -> str:
-    """One student in words, computed from its metrics: size and speed against the teacher, its
-    score against the teacher's and its twin's, and (when measured) its agreement with the teacher."""
+    """One student in words: size and speed against the teacher, its score against the teacher's
+    and its twin's, and (when measured) its agreement with the teacher."""
     parts = []
     if metrics.get("teacher_params"):
         smaller = 100.0 * (1.0 - metrics["params"] / metrics["teacher_params"])
-        parts.append(f"{abs(smaller):.0f}% smaller" if smaller >= 0 else f"{abs(smaller):.0f}% larger")
+        parts.append(f"{abs(smaller):.0f}% {'smaller' if smaller >= 0 else 'larger'}")
     else:
         parts.append("size vs the teacher unknown")
     speedup = metrics.get("speedup_vs_teacher")
     if speedup is None:
         parts.append("speed vs the teacher unknown")
-    elif speedup >= 1:
-        parts.append(f"{speedup:.1f}x faster")
     else:
-        parts.append(f"{1.0 / speedup:.1f}x slower")
+        parts.append(f"{speedup:.1f}x faster" if speedup >= 1 else f"{1.0 / speedup:.1f}x slower")
+    change = score.paired(metrics[score.key], metrics[score.baseline_key])
+    change_words = (f"{abs(100 * change):.1f}% {'lower' if change >= 0 else 'higher'}" if score.relative
+                    else signed(change, ".1f"))
+    versus = score.versus.format(change=change_words, twin=format(metrics[score.baseline_key], score.fmt))
     agrees = (f" It agrees with the teacher's top-1 on {100 * metrics['agreement']:.1f}% of the cache's test rows."
               if metrics.get("agreement") is not None else "")
-    return f"**{name}**: {', '.join(parts)}, {score.keeps(metrics)} ({score.versus(metrics)}).{agrees}"
+    return f"**{name}**: {', '.join(parts)}, {score.keeps(metrics)} ({versus}).{agrees}"
 
 
 def seeds_sentence(metrics: dict[str, Any], score: Score) -> str:
     """Mean +- std over seeds of the score and of the change over the twins, when there is more
     than the first seed."""
-    n = metrics["seeds"]
-    if n < 2:
+    if metrics["seeds"] < 2:
         return ""
-    return score.over_seeds.format(n=n, mean=format(metrics[f"{score.key}_mean"], score.fmt),
-                                   std=format(metrics[f"{score.key}_std"], score.fmt),
-                                   change=score.change_words(metrics[f"{score.change_key}_mean"],
-                                                             metrics[f"{score.change_key}_std"]))
+    return score.over_seeds.format(n=metrics["seeds"], score=_pm(metrics, score.key, score.fmt),
+                                   change=_change(metrics, score.change_key, score.change_words))
 
 
-def _pm(mean: Any, std: Any, spec: str = ".4f") -> str:
+def _pm(row: dict[str, Any], prefix: str, spec: str = ".4f") -> str:
+    """PREFIX_mean ± PREFIX_std of a row."""
+    mean, std = row[f"{prefix}_mean"], row[f"{prefix}_std"]
     return "n/a" if mean is None else f"{format(mean, spec)} ± {format(std, spec)}"
+
+
+def _change(row: dict[str, Any], prefix: str, words: Callable[..., str] = points) -> str:
+    """PREFIX_mean ± PREFIX_std of a row as a change: in points, or as `words` (Score.change_words) puts it."""
+    return words(row[f"{prefix}_mean"], row[f"{prefix}_std"])
 
 
 def _kept_mass(manifest: dict[str, Any]) -> str:
@@ -77,13 +83,11 @@ def _kept_mass(manifest: dict[str, Any]) -> str:
 
 def _cell(column: str, row: dict[str, Any], score: Score) -> str:
     if column == score.change_column:
-        return score.change_words(row[column], None)
+        return score.change_words(row[column])
     if column in (score.key, score.baseline_key, score.teacher_key):
         return fmt(row[column], score.fmt)
-    header, spec = HEADERS[column]
-    if column == "speedup_vs_teacher" and row[column] is not None:
-        return f"{fmt(row[column], spec)}x"
-    return fmt(row[column], spec)
+    text = fmt(row[column], HEADERS[column][1])
+    return f"{text}x" if column == "speedup_vs_teacher" and row[column] is not None else text
 
 
 def _header(column: str, score: Score) -> str:
@@ -91,16 +95,15 @@ def _header(column: str, score: Score) -> str:
             score.change_column: "vs twin"}.get(column) or HEADERS[column][0]
 
 
-def render(rows: list[dict[str, Any]], results: list[StudentResult], manifest: dict[str, Any], cache_root: Any,
-             score: Score, methods: list[dict[str, Any]] | None = None,
-             progressive: list[dict[str, Any]] | None = None) -> str:
-    """report.md: `rows` is the leaderboard, `results` the students in its order."""
+def render(report: Report, manifest: dict[str, Any], cache_root: Any) -> str:
+    """report.md, from the leaderboard, the students in its order and (for tasks that compare
+    methods) the methods and progressive tables."""
+    score, rows, results = report.score, report.rows, report.results
     teacher = manifest.get("teacher", {})
     config = teacher.get("config") or {}
     first = results[0].metrics
     kwargs = f" `{json.dumps(config['arch_kwargs'])}`" if config.get("arch_kwargs") else ""
     top_k = manifest.get("top_k")
-    shown = score.columns[1:score.columns.index("seeds")]  # the first seed's columns; the seeds' go in the last
     lines = [
         f"# {score.title}",
         "",
@@ -116,25 +119,22 @@ def render(rows: list[dict[str, Any]], results: list[StudentResult], manifest: d
         "architecture. The columns up to speedup are the first seed's; the last gives the mean ± sample std over "
         "every trained seed of the score and of the paired change against each seed's own twin (seeds in brackets).",
         "",
-        "| student | " + " | ".join(_header(c, score) for c in shown) + " | over seeds |",
-        "|---|" + "---:|" * (len(shown) + 1),
+        "| student | " + " | ".join(_header(c, score) for c in score.shown) + " | over seeds |",
+        "|---|" + "---:|" * (len(score.shown) + 1),
     ]
     for row in rows:
         over_seeds = ("one seed (no spread)" if row["seeds"] < 2 else
-                      f"{_pm(row[f'{score.key}_mean'], row[f'{score.key}_std'], score.fmt)}, "
-                      f"{score.change_words(row[f'{score.change_key}_mean'], row[f'{score.change_key}_std'])} "
+                      f"{_pm(row, score.key, score.fmt)}, {_change(row, score.change_key, score.change_words)} "
                       f"({row['seeds']})")
-        lines.append(f"| {row['student']} | " + " | ".join(_cell(c, row, score) for c in shown)
+        lines.append(f"| {row['student']} | " + " | ".join(_cell(c, row, score) for c in score.shown)
                      + f" | {over_seeds} |")
     if any(not r.metrics.get("kl_exact", True) for r in results):
         lines += ["", f"KL is KL(teacher || student) at T=1 over the teacher's top-{top_k} plus one tail bucket: "
                       "a lower bound of the full KL, since the cache holds only the top-k logits."]
     lines += ["", "## Students", ""]
     lines += [f"- {sentence(r.name, r.metrics, score)}{seeds_sentence(r.metrics, score)}" for r in results]
-    if methods is not None:
-        lines += methods_markdown(methods)
-    if progressive is not None:
-        lines += progressive_markdown(progressive)
+    if score.compares_methods:
+        lines += methods_markdown(report.methods) + progressive_markdown(report.progressive)
     lines += ["", "## Plots", ""]
     lines += [f"![{name[:-4]}]({name})" for name in score.plots]
     return "\n".join(lines) + "\n"
@@ -152,29 +152,23 @@ def methods_markdown(methods: list[dict[str, Any]]) -> list[str]:
         groups.setdefault(row["group"], []).append(row)
     for number, members in groups.items():
         lines += [f"Group {number}: {members[0]['setup']}.", "",
-                  "| student | terms | seeds | accuracy | vs baseline twin (points) | vs soft alone (points) | verdict |",
+                  "| student | terms | seeds | accuracy | vs baseline twin (points) | vs soft alone (points) "
+                  "| verdict |",
                   "|---|---|---:|---:|---:|---:|---|"]
-        for row in members:
-            vs_soft = {"reference": "reference", "no soft-only reference": "n/a"}.get(
-                row["role"], points(row["gain_over_soft_mean"], row["gain_over_soft_std"])
-                + f" ({row['paired_seeds']} paired)")
-            lines.append(f"| {row['student']} | {row['method']} | {row['seeds']} "
-                         f"| {_pm(row['accuracy_mean'], row['accuracy_std'])} "
-                         f"| {points(row['gain_over_baseline_mean'], row['gain_over_baseline_std'])} "
-                         f"| {vs_soft} | {row['verdict']} |")
         sentences = []
         for row in members:
+            vs_soft = {"reference": "reference", "no soft-only reference": "n/a"}.get(
+                row["role"], f"{_change(row, 'gain_over_soft')} ({row['paired_seeds']} paired)")
+            lines.append(f"| {row['student']} | {row['method']} | {row['seeds']} | {_pm(row, 'accuracy')} "
+                         f"| {_change(row, 'gain_over_baseline')} | {vs_soft} | {row['verdict']} |")
             if row["role"] == "compared":
-                sentences.append(
-                    f"- **{row['student']}** ({row['method']}) vs **{row['reference']}** (soft alone): "
-                    f"{points(row['gain_over_soft_mean'], row['gain_over_soft_std'])} points "
-                    f"over {row['paired_seeds']} paired seeds: {row['verdict']}.")
+                sentences.append(f"- **{row['student']}** ({row['method']}) vs **{row['reference']}** (soft alone): "
+                                 f"{_change(row, 'gain_over_soft')} points over {row['paired_seeds']} paired seeds: "
+                                 f"{row['verdict']}.")
             elif row["role"] == "no soft-only reference":
-                sentences.append(
-                    f"- **{row['student']}** ({row['method']}): no soft-only reference with the same architecture "
-                    f"and budget; accuracy {_pm(row['accuracy_mean'], row['accuracy_std'])}, "
-                    f"{points(row['gain_over_baseline_mean'], row['gain_over_baseline_std'])} points "
-                    f"over its baseline twins.")
+                sentences.append(f"- **{row['student']}** ({row['method']}): no soft-only reference with the same "
+                                 f"architecture and budget; accuracy {_pm(row, 'accuracy')}, "
+                                 f"{_change(row, 'gain_over_baseline')} points over its baseline twins.")
         lines += ["", *sentences, ""] if sentences else [""]
     return lines[:-1]
 
@@ -189,24 +183,22 @@ def progressive_markdown(progressive: list[dict[str, Any]]) -> list[str]:
               "| student | assistant (params, accuracy) | teacher (params, accuracy) | direct | direct accuracy "
               "| via-assistant accuracy | difference (points) | verdict |",
               "|---|---|---|---|---:|---:|---:|---|"]
+    sentences = []
     for row in progressive:
-        difference = (f"{points(row['difference_mean'], row['difference_std'])} ({row['paired_seeds']} paired)"
-                      if row["direct"] else "n/a")
+        difference = f"{_change(row, 'difference')} ({row['paired_seeds']} paired)" if row["direct"] else "n/a"
         lines.append(f"| {row['student']} | {row['assistant']} ({fmt(row['assistant_params'], ',')}, "
                      f"{fmt(row['assistant_accuracy'], '.4f')}) | {fmt(row['teacher_params'], ',')}, "
                      f"{fmt(row['teacher_accuracy'], '.4f')} | {row['direct'] or 'none'} "
-                     f"| {_pm(row['direct_accuracy_mean'], row['direct_accuracy_std'])} "
-                     f"| {_pm(row['via_accuracy_mean'], row['via_accuracy_std'])} | {difference} | {row['verdict']} |")
-    lines.append("")
-    for row in progressive:
+                     f"| {_pm(row, 'direct_accuracy')} | {_pm(row, 'via_accuracy')} | {difference} "
+                     f"| {row['verdict']} |")
         if row["direct"]:
-            lines.append(f"- **{row['student']}** ({fmt(row['student_params'], ',')} parameters) through "
-                         f"**{row['assistant']}** ({fmt(row['assistant_params'], ',')}) vs **{row['direct']}** "
-                         f"directly from the teacher ({fmt(row['teacher_params'], ',')}): "
-                         f"{points(row['difference_mean'], row['difference_std'])} points over "
-                         f"{row['paired_seeds']} paired seeds: {row['verdict']}.")
+            sentences.append(f"- **{row['student']}** ({fmt(row['student_params'], ',')} parameters) through "
+                             f"**{row['assistant']}** ({fmt(row['assistant_params'], ',')}) vs **{row['direct']}** "
+                             f"directly from the teacher ({fmt(row['teacher_params'], ',')}): "
+                             f"{_change(row, 'difference')} points over {row['paired_seeds']} paired seeds: "
+                             f"{row['verdict']}.")
         else:
-            lines.append(f"- **{row['student']}** through **{row['assistant']}**: no student with the same "
-                         "architecture, budget and loss is taught directly by the teacher, so there is nothing "
-                         "to compare with.")
-    return lines
+            sentences.append(f"- **{row['student']}** through **{row['assistant']}**: no student with the same "
+                             "architecture, budget and loss is taught directly by the teacher, so there is nothing "
+                             "to compare with.")
+    return lines + ["", *sentences]

@@ -1,14 +1,12 @@
 """The report's PNG plots, drawn from the loaded students and the computed tables.
 
-Each plot is a function of one `Figures` (what every plot may draw from) and a path; `DRAW`
-maps a PNG name to its function, and the task's `Score.plots` says which PNGs its report has.
+Each plot is a function of the `results.Report` that returns its figure; `DRAW` maps a PNG name
+to its function, and the task's `Score.plots` says which PNGs its report has.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import matplotlib
@@ -19,39 +17,29 @@ from matplotlib.ticker import MaxNLocator
 
 from pipeline.errors import InputError
 from pipeline.metrics import PLOTS_DIR
-from pipeline.report.results import StudentResult, plot_numbers, plot_table
-from pipeline.report.scores import Score
+from pipeline.report.results import Report, plot_table
 
 NOT_TERMS = ("epoch", "lr", "seconds")  # train_log.csv columns that are not loss terms
-
-
-@dataclass
-class Figures:
-    score: Score
-    results: list[StudentResult]  # leaderboard order: the best first
-    methods: list[dict[str, Any]] = field(default_factory=list)
-    progressive: list[dict[str, Any]] = field(default_factory=list)
-    assistants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> params, accuracy
 
 
 def _color(i: int, n: int) -> Any:
     return matplotlib.colormaps["tab10" if n <= 10 else "tab20"](i % 20)
 
 
-def plot_score_vs_params(report: Figures, path: Path) -> None:
+def plot_score_vs_params(report: Report) -> Figure:
     """The teacher, the assistants, and each student and its twins: score (mean +- std over
     seeds) against parameters (log-x; log-y when lower is better)."""
     score, results = report.score, report.results
     fig = Figure(figsize=(8.4, 4.8), layout="constrained")
     ax = fig.subplots()
     first = results[0].metrics
-    if first.get("teacher_params") and first.get(score.teacher_key) is not None:
-        ax.scatter([first["teacher_params"]], [first[score.teacher_key]], marker="*", s=220, color="black",
-                   label="teacher", zorder=3)
-    for name, info in report.assistants.items():
-        if info.get("params") and info.get("accuracy") is not None:
-            ax.scatter([info["params"]], [info["accuracy"]], marker="^", s=90, color="dimgray", zorder=3,
-                       label=f"assistant {name}")
+    # the teacher and the assistants: (label, params, score, marker, size, color)
+    anchors = [("teacher", first.get("teacher_params"), first.get(score.teacher_key), "*", 220, "black")]
+    anchors += [(f"assistant {name}", info.get("params"), info.get("accuracy"), "^", 90, "dimgray")
+              for name, info in report.assistants.items()]
+    for label, params, value, marker, size, color in anchors:
+        if params and value is not None:
+            ax.scatter([params], [value], marker=marker, s=size, color=color, label=label, zorder=3)
     same_size: dict[Any, list[str]] = {}
     for r in results:
         same_size.setdefault(r.metrics["params"], []).append(r.name)
@@ -79,10 +67,10 @@ def plot_score_vs_params(report: Figures, path: Path) -> None:
     ax.set_title(f"{score.name.capitalize()} vs size")
     ax.grid(True, which="both", alpha=0.3)
     fig.legend(loc="outside right upper", fontsize=7)
-    fig.savefig(path, dpi=110)
+    return fig
 
 
-def plot_gains(report: Figures, path: Path) -> None:
+def plot_gains(report: Report) -> Figure:
     """Horizontal bars, mean +- std in points: each method over its soft-only reference, and
     each via-assistant student over its direct twin."""
     methods, progressive = report.methods, report.progressive
@@ -106,10 +94,10 @@ def plot_gains(report: Figures, path: Path) -> None:
     ax.set_xlabel("test accuracy gain, points (paired by seed, mean ± std)")
     ax.set_title("Gains")
     ax.grid(True, axis="x", alpha=0.3)
-    fig.savefig(path, dpi=110)
+    return fig
 
 
-def plot_training_curves(report: Figures, path: Path) -> None:
+def plot_training_curves(report: Report) -> Figure:
     """Small multiples: one panel per student (its first seed), one line per logged loss term
     (unweighted, log scale) and the weighted total in black; one legend for all panels."""
     results = report.results
@@ -138,10 +126,10 @@ def plot_training_curves(report: Figures, path: Path) -> None:
     fig.supylabel("training loss (log scale)", fontsize=9)
     fig.suptitle("Training curves (first seed)", fontsize=10)
     fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=7)
-    fig.savefig(path, dpi=110)
+    return fig
 
 
-def plot_per_class(report: Figures, path: Path) -> None:
+def plot_per_class(report: Report) -> Figure:
     """Per-class test accuracy of the best student and its twin (first seed)."""
     best = report.results[0]
     rows = plot_table(best, "per_class.csv")
@@ -161,10 +149,10 @@ def plot_per_class(report: Figures, path: Path) -> None:
     ax.set_title(f"Per-class accuracy: {best.name} vs its baseline (first seed)")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig
 
 
-def plot_confusion(report: Figures, path: Path) -> None:
+def plot_confusion(report: Report) -> Figure:
     """The best student's confusion matrix (first seed)."""
     best = report.results[0]
     rows = plot_table(best, "confusion.csv")
@@ -191,13 +179,13 @@ def plot_confusion(report: Figures, path: Path) -> None:
     ax.set_ylabel("true class")
     ax.set_title(f"Confusion matrix: {best.name} (first seed)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig
 
 
-def plot_per_position(report: Figures, path: Path) -> None:
+def plot_per_position(report: Report) -> Figure:
     """Each student's and its twin's mean test loss at each position of a block (first seed)."""
     results = report.results
-    rows = {r.name: plot_numbers(r, "per_position.csv") for r in results}
+    rows = {r.name: plot_table(r, "per_position.csv", numbers=True) for r in results}
     fig = Figure(figsize=(7.6, 4.4), layout="constrained")
     ax = fig.subplots()
     for i, r in enumerate(results):
@@ -211,11 +199,11 @@ def plot_per_position(report: Figures, path: Path) -> None:
     ax.set_title("Loss by position: how much each model gains from context")
     ax.grid(True, alpha=0.3)
     fig.legend(loc="outside right upper", fontsize=7)
-    fig.savefig(path, dpi=110)
+    return fig
 
 
-# PNG name -> what draws it. A task's Score.plots names the ones its report has.
-DRAW: dict[str, Callable[[Figures, Path], None]] = {
+# PNG name -> what draws it (saved at 110 dpi). A task's Score.plots names the ones its report has.
+DRAW: dict[str, Callable[[Report], Figure]] = {
     "accuracy_vs_params.png": plot_score_vs_params,
     "perplexity_vs_params.png": plot_score_vs_params,
     "gains.png": plot_gains,

@@ -37,6 +37,17 @@ class StudentResult:
         return self.config.get("student") or {}
 
 
+@dataclass
+class Report:
+    """What report.md and every plot are drawn from."""
+    score: Score
+    rows: list[dict[str, Any]]  # the leaderboard (`compare.leaderboard`)
+    results: list[StudentResult]  # in the leaderboard's order: the best first
+    methods: list[dict[str, Any]] = field(default_factory=list)  # `compare.methods_table`
+    progressive: list[dict[str, Any]] = field(default_factory=list)  # `compare.progressive_table`
+    assistants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> params, accuracy
+
+
 def needed(score: Score) -> tuple[str, ...]:
     """The metrics.json keys the report reads for a student of this task."""
     columns = [c for c in score.columns if c not in ("student", score.change_column)]
@@ -56,7 +67,8 @@ def student_dirs(students_dir: Path) -> list[str]:
 def load_student(students_dir: Path, name: str, score: Score) -> StudentResult:
     directory = Path(students_dir) / name
     if not directory.is_dir():
-        raise MissingInputError(f"{directory}: student {name!r} not found (run `kd distill {name}` and `kd eval {name}`)")
+        raise MissingInputError(f"{directory}: student {name!r} not found "
+                                f"(run `kd distill {name}` and `kd eval {name}`)")
     metrics_path = directory / METRICS_FILE
     if not metrics_path.is_file():
         raise MissingInputError(f"{metrics_path}: not found; student {name!r} is not evaluated (run `kd eval {name}`)")
@@ -70,29 +82,32 @@ def load_student(students_dir: Path, name: str, score: Score) -> StudentResult:
     if missing:
         raise InputError(f"{metrics_path}: missing key {missing[0]!r} (run `kd eval {name}` again)")
     record, baseline_record = directory / score.record, directory / "baseline" / score.record
-    for path in (record, baseline_record, directory / "train_log.csv"):
+    for path in (record, baseline_record):
         if not path.is_file():
             raise MissingInputError(f"{path}: not found (run `kd distill {name}`)")
-    return StudentResult(name, directory, metrics, read_json(record), read_json(baseline_record),
-                         read_log(directory / "train_log.csv"),
+    log = read_csv(directory / "train_log.csv", f"kd distill {name}", numbers=True)
+    if not log or "epoch" not in log[0] or "total" not in log[0]:
+        raise InputError(f"{directory / 'train_log.csv'}: expected a training log with columns epoch and total")
+    return StudentResult(name, directory, metrics, read_json(record), read_json(baseline_record), log,
                          read_seeds(directory / PLOTS_DIR / SEEDS_FILE, name, metrics["seeds"], score))
 
 
-def read_log(path: Path) -> list[dict[str, float]]:
+def read_csv(path: Path, rerun: str, numbers: bool = False) -> list[dict[str, Any]]:
+    """A CSV's rows (with `numbers`, every value a float); refused naming `rerun`, the command that writes it."""
+    if not path.is_file():
+        raise MissingInputError(f"{path}: not found (run `{rerun}`)")
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    if not rows or "epoch" not in rows[0] or "total" not in rows[0]:
-        raise InputError(f"{path}: expected a training log with columns epoch and total")
     try:
-        return [{k: float(v) for k, v in row.items()} for row in rows]
+        return [{k: float(v) for k, v in row.items()} for row in rows] if numbers else rows
     except (TypeError, ValueError) as exc:
-        raise InputError(f"{path}: a value is not a number ({exc})") from None
+        raise InputError(f"{path}: a value is not a number ({exc}); run `{rerun}` again") from None
 
 
 def read_seeds(path: Path, name: str, count: int, score: Score) -> dict[str, dict[str, float]]:
     """seeds.csv of `kd eval`: seed -> {KEY, baseline_KEY} (read from the task's seeds_columns);
     `count` rows, as metrics.json says."""
-    rows = read_plot_csv(path, name)
+    rows = read_csv(path, f"kd eval {name}")
     student, baseline = score.seeds_columns
     try:
         seeds = {row["seed"]: {score.key: float(row[student]), score.baseline_key: float(row[baseline])}
@@ -106,37 +121,17 @@ def read_seeds(path: Path, name: str, count: int, score: Score) -> dict[str, dic
     return seeds
 
 
-def read_plot_csv(path: Path, name: str) -> list[dict[str, str]]:
-    if not path.is_file():
-        raise MissingInputError(f"{path}: not found (run `kd eval {name}`)")
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def plot_table(result: StudentResult, file: str) -> list[dict[str, str]]:
+def plot_table(result: StudentResult, file: str, numbers: bool = False) -> list[dict[str, Any]]:
     """plots/<file> of a student, as written by `kd eval`."""
-    return read_plot_csv(result.directory / PLOTS_DIR / file, result.name)
+    return read_csv(result.directory / PLOTS_DIR / file, f"kd eval {result.name}", numbers)
 
 
 def assistant_info(assistants: Path | None, name: str) -> dict[str, Any]:
     """An assistant's parameter count (its config.json) and test accuracy (its own cache's
     fidelity statistics); None for what is not there."""
-    info: dict[str, Any] = {"params": None, "accuracy": None}
     if assistants is None:
-        return info
-    config_path = Path(assistants) / name / "config.json"
-    manifest_path = Path(assistants) / name / "outputs" / "manifest.json"
-    if config_path.is_file():
-        info["params"] = read_json(config_path).get("params")
-    if manifest_path.is_file():
-        info["accuracy"] = read_json(manifest_path).get("fidelity", {}).get("test", {}).get("teacher_accuracy")
-    return info
-
-
-def plot_numbers(result: StudentResult, file: str) -> list[dict[str, float]]:
-    """plots/<file> of a student, every value a number."""
-    path = result.directory / PLOTS_DIR / file
-    try:
-        return [{k: float(v) for k, v in row.items()} for row in plot_table(result, file)]
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{path}: a value is not a number ({exc}); run `kd eval {result.name}` again") from None
+        return {"params": None, "accuracy": None}
+    config, manifest = Path(assistants) / name / "config.json", Path(assistants) / name / "outputs" / "manifest.json"
+    return {"params": read_json(config).get("params") if config.is_file() else None,
+            "accuracy": (read_json(manifest).get("fidelity", {}).get("test", {}).get("teacher_accuracy")
+                         if manifest.is_file() else None)}

@@ -16,21 +16,18 @@ Metrics = dict[str, Any]
 
 @dataclass(frozen=True)
 class Score:
-    key: str                        # the student's score in metrics.json ("accuracy")
-    baseline_key: str               # its baseline twin's ("baseline_accuracy"); also baseline_KEY_mean/_std
-    teacher_key: str                # the teacher's (null in metrics.json when unknown)
+    key: str                        # the student's score in metrics.json ("accuracy"); also baseline_KEY, teacher_KEY
     name: str                       # the score in words ("test accuracy")
     lower_is_better: bool
     fmt: str                        # format spec of a score (".4f")
     change_key: str                 # metrics.json's per-seed change over the twin, as CHANGE_mean/_std
     change_column: str              # leaderboard.csv's first-seed change over the twin
-    paired: Callable[[float, float], float]  # (score, other score) -> change, as `kd eval` pairs seeds
-    change_words: Callable[[float, float | None], str]  # a change (mean, std or None) as the markdown shows it
+    relative: bool                  # the change is 1 - score / twin's, shown in %; else 100 * (score - twin's), points
     throughput_key: str             # metrics.json's items per second ("throughput")
-    columns: tuple[str, ...]        # leaderboard.csv, in order: "student", the change column, metrics keys
+    shown: tuple[str, ...]          # leaderboard.csv's first-seed columns, in order; the markdown table shows these
     seeds_columns: tuple[str, str]  # plots/seeds.csv: the student's and its twin's score
     record: str                     # the file in a student's directory holding its config ({"student": ...})
-    plots: tuple[str, ...]          # the PNGs, in the markdown's order (`plots.PLOTS` draws each)
+    plots: tuple[str, ...]          # the PNGs, in the markdown's order (`plots.DRAW` draws each)
     compares_methods: bool          # methods.csv and progressive.csv (students grouped by setup, assistants)
     objective: str | None           # metrics.json's "objective" for this task's students
     # words
@@ -41,8 +38,30 @@ class Score:
     classes: Callable[[Metrics], Any]  # manifest -> how many classes the logits range over
     twin: str                       # how the baseline twin was trained
     keeps: Callable[[Metrics], str]  # metrics -> the student's score against the teacher's
-    versus: Callable[[Metrics], str]  # metrics -> the student against its twin
-    over_seeds: str                 # the sentence's seed summary: {n}, {mean}, {std}, {change}
+    versus: str                     # the student against its twin: {change} (in words) and {twin} (the twin's score)
+    over_seeds: str                 # the sentence's seed summary: {n}, {score} (mean ± std), {change}
+
+    @property
+    def baseline_key(self) -> str:  # the twin's score in metrics.json; also baseline_KEY_mean/_std
+        return f"baseline_{self.key}"
+
+    @property
+    def teacher_key(self) -> str:  # the teacher's (null in metrics.json when unknown)
+        return f"teacher_{self.key}"
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """leaderboard.csv, in order: the first seed's columns, then the mean and std over seeds."""
+        return ("student", *self.shown, "seeds", f"{self.key}_mean", f"{self.key}_std", f"{self.change_key}_mean",
+                f"{self.change_key}_std")
+
+    def paired(self, score: float, other: float) -> float:
+        """The change of `score` over `other`, as `kd eval` pairs seeds."""
+        return 1 - score / other if self.relative else 100.0 * (score - other)
+
+    def change_words(self, mean: float | None, std: float | None = None) -> str:
+        """A change (mean, std or None) as the markdown shows it: "+1.23 ± 0.45" points or "+1.2 ± 0.4%"."""
+        return points(mean, std, 100, ".1f", "%") if self.relative else points(mean, std)
 
 
 def fmt(value: Any, spec: str) -> str:
@@ -56,14 +75,11 @@ def signed(value: float, spec: str = ".2f") -> str:
     return format(round(value, int(spec[1:-1])) + 0.0, "+" + spec)  # + 0.0: no "-0.0"
 
 
-def points(mean: float | None, std: float | None = None) -> str:
-    """A change in points, "+1.23" or "+1.23 ± 0.45"."""
-    return "n/a" if mean is None else signed(mean) + (f" ± {std:.2f}" if std is not None else "")
-
-
-def percent(mean: float | None, std: float | None = None) -> str:
-    """A relative change, "+1.2%" or "+1.2 ± 0.4%"."""
-    return "n/a" if mean is None else signed(100 * mean, ".1f") + (f" ± {100 * std:.1f}" if std is not None else "") + "%"
+def points(mean: float | None, std: float | None = None, scale: float = 1, spec: str = ".2f", unit: str = "") -> str:
+    """A change, "+1.23" or "+1.23 ± 0.45" (scaled, e.g. by 100 for "%")."""
+    if mean is None:
+        return "n/a"
+    return signed(scale * mean, spec) + (f" ± {format(scale * std, spec)}" if std is not None else "") + unit
 
 
 def _image_keeps(m: Metrics) -> str:
@@ -71,32 +87,15 @@ def _image_keeps(m: Metrics) -> str:
     return "teacher accuracy unknown" if retained is None else f"keeps {100 * retained:.1f}% of the teacher's accuracy"
 
 
-def _image_versus(m: Metrics) -> str:
-    return f"{signed(100.0 * (m['accuracy'] - m['baseline_accuracy']), '.1f')} points over training on labels alone"
-
-
 def _causal_keeps(m: Metrics) -> str:
     teacher = m.get("teacher_perplexity")
     return f"test perplexity {m['perplexity']:.1f}" + (f" against the teacher's {teacher:.1f}" if teacher else "")
-
-
-def _causal_versus(m: Metrics) -> str:
-    change = 1 - m["perplexity"] / m["baseline_perplexity"]
-    direction = f"{100 * change:.1f}% lower" if change >= 0 else f"{-100 * change:.1f}% higher"
-    return (f"{direction} than its twin's {m['baseline_perplexity']:.1f}: the same student on the same text alone, "
-            "same budget")
 
 
 def _masked_keeps(m: Metrics) -> str:
     mine, teacher = m["masked_accuracy"], m.get("teacher_masked_accuracy")
     return (f"masked-token accuracy {mine:.4f}"
             + (f", {100 * mine / teacher:.1f}% of the teacher's {teacher:.4f}" if teacher else ""))
-
-
-def _masked_versus(m: Metrics) -> str:
-    return (f"{signed(100 * (m['masked_accuracy'] - m['baseline_masked_accuracy']), '.1f')} points over its twin's "
-            f"{m['baseline_masked_accuracy']:.4f}: the same student, start, masks and budget with the masked-LM "
-            "loss alone")
 
 
 def _causal_rows(manifest: Metrics) -> str:
@@ -113,13 +112,10 @@ def _masked_rows(manifest: Metrics) -> str:
 # Task name -> what its report measures. The one place the report meets a task.
 SCORES: dict[str, Score] = {
     "image": Score(
-        key="accuracy", baseline_key="baseline_accuracy", teacher_key="teacher_accuracy", name="test accuracy",
-        lower_is_better=False, fmt=".4f", change_key="gain_points", change_column="gain_over_baseline_points",
-        paired=lambda s, b: 100.0 * (s - b), change_words=points, throughput_key="throughput",
-        columns=("student", "params", "size_bytes", "throughput", "accuracy", "baseline_accuracy",
-                 "accuracy_retained", "agreement", "kl_to_teacher", "ece", "gain_over_baseline_points",
-                 "speedup_vs_teacher", "seeds", "accuracy_mean", "accuracy_std", "gain_points_mean",
-                 "gain_points_std"),
+        key="accuracy", name="test accuracy", lower_is_better=False, fmt=".4f", change_key="gain_points",
+        change_column="gain_over_baseline_points", relative=False, throughput_key="throughput",
+        shown=("params", "size_bytes", "throughput", "accuracy", "baseline_accuracy", "accuracy_retained",
+               "agreement", "kl_to_teacher", "ece", "gain_over_baseline_points", "speedup_vs_teacher"),
         seeds_columns=("accuracy", "baseline_accuracy"), record="config.json",
         plots=("accuracy_vs_params.png", "gains.png", "training_curves.png", "per_class.png", "confusion.png"),
         compares_methods=True, objective=None, kind="image classifier", title="Distillation report", called="report",
@@ -127,34 +123,28 @@ SCORES: dict[str, Score] = {
                                "augmented views per sample)"),
         classes=lambda manifest: manifest.get("num_classes"),
         twin="trained on the labeled split's hard labels only",
-        keeps=_image_keeps, versus=_image_versus,
-        over_seeds=" Over {n} seeds: accuracy {mean} ± {std}, {change} points over the baseline twins."),
+        keeps=_image_keeps, versus="{change} points over training on labels alone",
+        over_seeds=" Over {n} seeds: accuracy {score}, {change} points over the baseline twins."),
     "causal_lm": Score(
-        key="perplexity", baseline_key="baseline_perplexity", teacher_key="teacher_perplexity",
-        name="test perplexity", lower_is_better=True, fmt=".1f", change_key="perplexity_reduction",
-        change_column="perplexity_reduction", paired=lambda s, b: 1 - s / b, change_words=percent,
-        throughput_key="throughput_tokens_per_s",
-        columns=("student", "params", "size_bytes", "throughput_tokens_per_s", "perplexity", "baseline_perplexity",
-                 "teacher_perplexity", "perplexity_reduction", "agreement", "kl_to_teacher", "speedup_vs_teacher",
-                 "seeds", "perplexity_mean", "perplexity_std", "perplexity_reduction_mean",
-                 "perplexity_reduction_std"),
+        key="perplexity", name="test perplexity", lower_is_better=True, fmt=".1f", change_key="perplexity_reduction",
+        change_column="perplexity_reduction", relative=True, throughput_key="throughput_tokens_per_s",
+        shown=("params", "size_bytes", "throughput_tokens_per_s", "perplexity", "baseline_perplexity",
+               "teacher_perplexity", "perplexity_reduction", "agreement", "kl_to_teacher", "speedup_vs_teacher"),
         seeds_columns=("student", "baseline"), record="student.json",
         plots=("perplexity_vs_params.png", "training_curves.png", "per_position.png"),
         compares_methods=False, objective="causal", kind="causal LM", title="Text distillation report",
         called="text report",
         rows=_causal_rows, classes=lambda manifest: manifest.get("text", {}).get("vocab_size"),
         twin="trained on the text alone (the next-token loss)",
-        keeps=_causal_keeps, versus=_causal_versus,
-        over_seeds=" Over {n} seeds: perplexity {mean} ± {std}, {change} lower than the twins'."),
+        keeps=_causal_keeps,
+        versus="{change} than its twin's {twin}: the same student on the same text alone, same budget",
+        over_seeds=" Over {n} seeds: perplexity {score}, {change} lower than the twins'."),
     "masked_lm": Score(
-        key="masked_accuracy", baseline_key="baseline_masked_accuracy", teacher_key="teacher_masked_accuracy",
-        name="masked-token accuracy", lower_is_better=False, fmt=".4f", change_key="accuracy_gain_points",
-        change_column="accuracy_gain_points", paired=lambda s, b: 100.0 * (s - b), change_words=points,
+        key="masked_accuracy", name="masked-token accuracy", lower_is_better=False, fmt=".4f",
+        change_key="accuracy_gain_points", change_column="accuracy_gain_points", relative=False,
         throughput_key="throughput_tokens_per_s",
-        columns=("student", "params", "size_bytes", "throughput_tokens_per_s", "masked_accuracy",
-                 "baseline_masked_accuracy", "teacher_masked_accuracy", "accuracy_gain_points", "agreement",
-                 "kl_to_teacher", "speedup_vs_teacher", "seeds", "masked_accuracy_mean", "masked_accuracy_std",
-                 "accuracy_gain_points_mean", "accuracy_gain_points_std"),
+        shown=("params", "size_bytes", "throughput_tokens_per_s", "masked_accuracy", "baseline_masked_accuracy",
+               "teacher_masked_accuracy", "accuracy_gain_points", "agreement", "kl_to_teacher", "speedup_vs_teacher"),
         seeds_columns=("student", "baseline"), record="student.json",
         plots=("accuracy_vs_params.png", "training_curves.png", "per_position.png"),
         compares_methods=False, objective="masked", kind="masked LM", title="Text distillation report",
@@ -162,6 +152,8 @@ SCORES: dict[str, Score] = {
         rows=_masked_rows, classes=lambda manifest: manifest.get("text", {}).get("vocab_size"),
         twin=("trained from the same start on the same masks with the masked-LM loss alone. Scores are on every "
               "cached masking of the test split; the teacher's is its cached top-1 on the same masked tokens"),
-        keeps=_masked_keeps, versus=_masked_versus,
-        over_seeds=" Over {n} seeds: {mean} ± {std} masked-token accuracy, {change} points over the twins."),
+        keeps=_masked_keeps,
+        versus=("{change} points over its twin's {twin}: the same student, start, masks and budget with the masked-LM "
+                "loss alone"),
+        over_seeds=" Over {n} seeds: {score} masked-token accuracy, {change} points over the twins."),
 }
