@@ -87,6 +87,10 @@ class TeacherConfig:
 
 @dataclass
 class LabelConfig:
+    # the teacher's architecture when its config.json cannot name it: package.module:factory
+    # (null: the one its config.json names; built-in or Hugging Face only)
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] | None = None  # null: the config.json's (for the same arch)
     top_k: int = 5
     temperatures: list[float] = field(default_factory=lambda: [1, 4])
     logit_dtype: str = "float16"

@@ -25,7 +25,8 @@ from pipeline.tasks import Batch
 from pipeline.config import EvalConfig, LabelConfig, StudentConfig, TeacherConfig
 from pipeline.errors import ConfigError, InputError
 from pipeline.files import write_json
-from pipeline.models import build as build_model, fingerprint, load_model, save_model
+from pipeline.models import build as build_model, count_params, fingerprint, is_hf_classifier, load_hf_classifier
+from pipeline.models import load_model, save_model
 
 NAME = "image"
 TWIN_LOSS = "hard-label"  # what the baseline twin learns from, for messages
@@ -189,6 +190,12 @@ def train_teacher(cfg: TeacherConfig, prepared: Path, out: Path, *, progress: bo
 
 
 def load_teacher(directory: Path, arch: str | None, arch_kwargs: dict | None) -> Teacher:
-    """Our image teacher (model.safetensors + our config.json), with its fingerprint."""
-    model, config = load_model(directory, arch=arch, arch_kwargs=arch_kwargs)
+    """Our image teacher (model.safetensors + our config.json; `arch` names a user's
+    package.module:factory) or a Hugging Face image classifier, with its fingerprint. The
+    parameter count is measured when the config lacks it, so every teacher's is recorded."""
+    if is_hf_classifier(directory):
+        model, config = load_hf_classifier(directory)
+    else:
+        model, config = load_model(directory, arch=arch, arch_kwargs=arch_kwargs)
+        config.setdefault("params", count_params(model))
     return Teacher(model, fingerprint(directory), config, directory)
