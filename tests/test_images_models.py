@@ -149,6 +149,9 @@ def test_torchvision_style_teacher_from_params_through_label_distill_eval(zoo, w
     metrics = read_json(workdir / "data" / "students" / "small" / "metrics.json")
     net = models.build(arch, {"style": "output"}, [1, 8, 8], 3)
     assert metrics["teacher_params"] == models.count_params(net) == manifest["teacher"]["config"]["params"]
+    # kd eval never imports the factory: the throughput kd label measured gives the speedup
+    assert metrics["teacher_throughput_source"] == "manifest" and metrics["speedup_vs_teacher"] == pytest.approx(
+        metrics["throughput"] / manifest["teacher"]["config"]["throughput"])
 
 
 def test_teacher_brought_without_params_gets_them_measured(zoo, workdir, write_params):
