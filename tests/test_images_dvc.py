@@ -85,3 +85,33 @@ def test_a_changed_dataset_or_model_module_makes_the_stages_that_read_it_stale(p
     dvc_yaml = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
     for stage in ("teacher", "label", "assistants", "distill", "eval"):
         assert "models" in dvc_yaml[stage].get("do", dvc_yaml[stage])["deps"], stage
+
+
+@pytest.mark.slow
+def test_a_user_folder_and_factory_run_to_the_report_with_no_edit_of_dvc_yaml(project):
+    """The issue's new user: preset train/test folders and a timm-style factory in models/, named
+    only in params.yaml; `dvc repro report` runs every image stage, the test split is exactly the
+    test folder, and the report compares size and speed with the teacher."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["label"] = {"arch": "models.tiny:net", "top_k": 2, "temperatures": [1, 4]}
+    params["assistants"] = {}
+    params["students"] = {"small": {"arch": "cnn", "arch_kwargs": {"widths": [2], "hidden": 4}, "epochs": 1,
+                                    "batch_size": 4, "loss": {"soft": {"weight": 0.9, "temperature": 4},
+                                                              "hard": {"weight": 0.1}}}}
+    params["eval"] = {"latency_runs": 2, "throughput_runs": 1, "throughput_batch": 8}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(["dvc", "repro", "report"], project)
+    for stage in ("prepare", "teacher", "label", "distill@small", "eval@small", "report"):
+        assert f"Running stage '{stage}'" in out, stage
+
+    import pyarrow.parquet as pq
+
+    test = pq.read_table(project / "data" / "prepared" / "test.parquet", columns=["x"]).column("x").to_pylist()
+    files = sorted((project / "datasets" / "imgs" / "test").rglob("*.png"))
+    folder = [list(np.asarray(Image.open(p)).reshape(-1)) for p in files]
+    assert sorted(map(tuple, test)) == sorted(map(tuple, folder))  # the test split is the test folder
+    metrics = json.loads((project / "data" / "students" / "small" / "metrics.json").read_text())
+    assert metrics["teacher_params"] == 4 * 9 + 4 + 4 * 2 + 2  # models/tiny.py's net, measured at label time
+    assert metrics["speedup_vs_teacher"] is not None and metrics["teacher_throughput_source"] == "manifest"
+    report = (project / "data" / "report" / "report.md").read_text()
+    assert "models.tiny:net" in report and "unknown" not in report
