@@ -46,9 +46,16 @@ class Shares:
 
 @dataclass
 class PrepareConfig:
-    dataset: str = "mnist5k"  # mnist5k | digits | mnist1d | pydoc | path to a .parquet or .txt file
+    dataset: str = "mnist5k"  # mnist5k | digits | mnist1d | pydoc | an image folder | a .parquet or .txt file
     input_shape: list[int] | None = None  # required for a Parquet file whose metadata lacks it
-    # samples per split; for text, blocks of block_size tokens (null: every block of the split)
+    # encoded images only (an image folder, a Parquet `image` column): resize to [size] or
+    # [height, width]; the normalisation recorded beside the uint8 pixels (null: the labeled
+    # split's per-channel statistics)
+    image_size: list[int] | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    # samples per split; for text, blocks of block_size tokens (null: every block of the split;
+    # for images, the whole of a split the source names)
     labeled: int | None = 1000
     unlabeled: int | None = 3000
     test: int | None = 1000
@@ -80,6 +87,10 @@ class TeacherConfig:
 
 @dataclass
 class LabelConfig:
+    # the teacher's architecture when its config.json cannot name it: package.module:factory
+    # (null: the one its config.json names; built-in or Hugging Face only)
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] | None = None  # null: the config.json's (for the same arch)
     top_k: int = 5
     temperatures: list[float] = field(default_factory=lambda: [1, 4])
     logit_dtype: str = "float16"

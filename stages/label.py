@@ -44,8 +44,10 @@ def main(
                                                 help="Copy the teacher's weights into the cache (for students "
                                                 "with `init: teacher`)."),
     teacher: Path = typer.Option(Path("data/teacher"), help="Teacher directory: model.safetensors + config.json."),
-    arch: Optional[str] = typer.Option(None, help="The teacher's architecture when it is package.module:factory."),
-    arch_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --arch."),
+    arch: Optional[str] = typer.Option(None, help="The teacher's architecture when it is package.module:factory "
+                                       "(default: label.arch)."),
+    arch_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --arch (default: label.arch_kwargs "
+                                              "when --arch is label.arch, else the teacher's config.json's)."),
     prepared: Path = typer.Option(Path("data/prepared"), help="Directory written by `kd prepare`."),
     out: str = typer.Option("data/teacher_outputs", help="Cache to write: a directory or s3://bucket/prefix."),
     shard: Optional[int] = typer.Option(None, help="Label only shard I of --num-shards (default: $RANK under torchrun, else 0)."),
@@ -63,10 +65,14 @@ def main(
     layers = None
     if feature:
         layers = dict(f.split("=", 1) if "=" in f else (f, "") for f in feature)
-    cfg = override(section(params, "label", LabelConfig), top_k=top_k, temperatures=temps, logit_dtype=logit_dtype,
+    cfg = section(params, "label", LabelConfig)
+    kwargs = json_option("--arch-kwargs", arch_kwargs)
+    if arch is not None and arch != cfg.arch and kwargs is None:  # not label.arch_kwargs of another arch
+        cfg.arch_kwargs = None
+    cfg = override(cfg, arch=arch, arch_kwargs=kwargs, top_k=top_k, temperatures=temps, logit_dtype=logit_dtype,
                    features=layers, views=views, view_shift=view_shift, view_seed=view_seed,
                    batch_size=batch_size, part_size=part_size, keep_teacher=keep_teacher)
-    loaded = load_teacher(teacher, arch, json_option("--arch-kwargs", arch_kwargs))
+    loaded = load_teacher(teacher, cfg.arch, cfg.arch_kwargs)
     shard = int(os.environ.get("RANK", 0)) if shard is None else shard
     num_shards = int(os.environ.get("WORLD_SIZE", 1)) if num_shards is None else num_shards
     manifest = label(loaded, prepared, location(out), cfg, progress=progress, shard=shard, num_shards=num_shards)

@@ -17,18 +17,24 @@ import typer
 
 from pipeline import config, sources
 from pipeline.config import PrepareConfig, Shares
+from pipeline.errors import ConfigError
 from stages.common import PARAMS_OPTION, clean_errors, json_option, override
 
 
 @clean_errors
 def main(
     dataset: Optional[str] = typer.Option(
-        None, "--dataset", help="mnist5k, digits, mnist1d, pydoc, a Parquet file with id, x and optional y "
-        "(or with a text column), or a .txt file."
+        None, "--dataset", help="mnist5k, digits, mnist1d, pydoc, an image folder (<class>/* or "
+        "train|test|unlabeled/<class>/*), a Parquet file with id, x and optional y (or an encoded image column "
+        "with label and optional split, or a text column), or a .txt file."
     ),
     input_shape: Optional[str] = typer.Option(
         None, "--input-shape", help="Shape of one input, e.g. 1,28,28 (needed for a Parquet file without it)."
     ),
+    image_size: Optional[str] = typer.Option(None, "--image-size", help="Encoded images: resize to SIZE or H,W."),
+    mean: Optional[str] = typer.Option(None, "--mean", help="Encoded images: per-channel mean of pixel/255, e.g. 0.5,0.5,0.5 "
+                                       "(default: the labeled split's)."),
+    std: Optional[str] = typer.Option(None, "--std", help="Encoded images: per-channel std of pixel/255 (with --mean)."),
     labeled: Optional[int] = typer.Option(None, "--labeled", help="Rows (text: blocks) in the labeled split."),
     unlabeled: Optional[int] = typer.Option(None, "--unlabeled", help="Rows (text: blocks) in the unlabeled (transfer) split."),
     test: Optional[int] = typer.Option(None, "--test", help="Rows (text: blocks) in the test split."),
@@ -47,7 +53,9 @@ def main(
     cfg = config.section(params, "prepare", PrepareConfig)
     shape = sources.images.parse_shape(input_shape) if input_shape is not None else None
     parsed = json_option("--shares", shares)
-    cfg = override(cfg, dataset=dataset, input_shape=shape, labeled=labeled, unlabeled=unlabeled,
+    size = sources.images.parse_shape(image_size, "--image-size") if image_size is not None else None
+    cfg = override(cfg, dataset=dataset, input_shape=shape, image_size=size, mean=_numbers("--mean", mean),
+                   std=_numbers("--std", std), labeled=labeled, unlabeled=unlabeled,
                    test=test, samples=samples, seed=seed, text_column=text_column, vocab_size=vocab_size,
                    block_size=block_size, shares=None if parsed is None else config.from_mapping(Shares, parsed, "--shares"))
     prepared = sources.prepare(cfg, out)
@@ -57,6 +65,8 @@ def main(
                        f"{prepared.documents[name]:>5} documents  -> {prepared.paths[name]}")
         typer.echo(f"tokenizer {prepared.vocab_size:>7} entries (byte-level BPE)  -> {prepared.tokenizer}")
         return
+    if prepared.classes is not None:
+        typer.echo(f"classes   {', '.join(prepared.classes)}")
     for name, split in prepared.splits.items():
         known = prepared.truth if name == "unlabeled" and prepared.truth is not None else split.y[split.y >= 0]
         note = " (truth in unlabeled_truth.parquet)" if name == "unlabeled" and prepared.truth is not None else ""
@@ -64,3 +74,12 @@ def main(
             f"{name:<9} {len(split.ids):>7} rows  {int((split.y >= 0).sum()):>7} labeled  "
             f"{len(np.unique(known)):>3} classes  -> {prepared.paths[name]}{note}"
         )
+
+
+def _numbers(option: str, text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.replace(" ", "").strip("[]").split(",")]
+    except ValueError:
+        raise ConfigError(f"{option}: {text!r} must be numbers separated by commas, e.g. 0.5,0.5,0.5") from None

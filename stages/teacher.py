@@ -40,8 +40,11 @@ def main(
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Train the teacher on the labeled split (defaults: params.yaml `teacher`)."""
-    cfg = override(section(params, "teacher", TeacherConfig), arch=arch,
-                   arch_kwargs=json_option("--arch-kwargs", arch_kwargs), epochs=epochs,
+    cfg = section(params, "teacher", TeacherConfig)
+    kwargs = json_option("--arch-kwargs", arch_kwargs)
+    if arch is not None and arch != cfg.arch and kwargs is None:  # not teacher.arch_kwargs of another arch
+        kwargs = {}
+    cfg = override(cfg, arch=arch, arch_kwargs=kwargs, epochs=epochs,
                    batch_size=batch_size, lr=lr, weight_decay=weight_decay, shift=shift, seed=seed)
     with replacing(out) as staging:  # nothing half-written where `kd label` looks
         score = tasks.for_prepared(prepared).train_teacher(cfg, prepared, staging, progress=progress)

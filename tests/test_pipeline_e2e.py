@@ -111,7 +111,7 @@ def project(tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("e2e")
     shutil.copy(ROOT / "dvc.yaml", repo)
     shutil.copy(ROOT / ".dvcignore", repo)
-    for folder in ("pipeline", "stages"):
+    for folder in ("pipeline", "stages", "datasets", "models"):
         shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
     (repo / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
     (repo / "params_text.yaml").write_text(yaml.safe_dump(TINY_TEXT, sort_keys=False))

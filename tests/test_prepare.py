@@ -155,7 +155,7 @@ def test_allocation_is_proportional_and_fits():
 
 def test_test_split_does_not_depend_on_other_sizes():
     cfg = PrepareConfig(dataset="digits", labeled=100, unlabeled=200, test=150, seed=3)
-    data_ = image_sources.load(cfg)
+    data_ = image_sources.load(cfg).data
     first, _ = image_sources.split(data_, cfg, "digits")
     cfg.unlabeled, cfg.labeled = 900, 300
     second, _ = image_sources.split(data_, cfg, "digits")

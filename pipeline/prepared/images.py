@@ -2,7 +2,14 @@
 
 Each split file holds one row per sample: `id` int64 (unique across splits), `x`
 fixed_size_list<float32>[D] (the flattened input), `y` int64 (null in unlabeled.parquet), and
-the key-value metadata `input_shape` (JSON, e.g. "[1,28,28]"), `num_classes` and `dataset`.
+the key-value metadata `input_shape` (JSON, e.g. "[1,28,28]"), `num_classes`, `dataset` and,
+where the source named them, `classes` (JSON list: class id -> name).
+
+Pixels may be stored compactly instead: `x` fixed_size_list<uint8>[D] (channel-first, like
+the float form) with the metadata `mean` and `std` (JSON lists, one value per channel). The
+readers return float32 either way: x = (pixel / 255 - mean[c]) / std[c], so no consumer knows
+which form is on disk. The built-in datasets write float32; image folders and encoded-image
+Parquet files write uint8 (4x smaller, about the size of the PNG files).
 `unlabeled_truth.parquet` (`id`, `y`) holds the unlabeled rows' labels when they are known;
 only `kd eval` reads it. Files are written atomically (`prepared.write_atomic`).
 """
@@ -24,6 +31,23 @@ from pipeline.prepared import ROW_GROUP_ROWS, metadata, open_parquet, read_row_r
 
 TRUTH_FILE = "unlabeled_truth.parquet"
 COLUMN_TYPES = {"id": pa.int64(), "y": pa.int64()}  # `x` is checked on its own (its D varies)
+X_TYPES = (pa.float32(), pa.uint8())  # what `x` may hold; uint8 needs `mean` and `std`
+
+
+@dataclass
+class Norm:
+    """How uint8 pixels become the float32 inputs: (pixel / 255 - mean[c]) / std[c]."""
+
+    mean: list[float]  # one per channel
+    std: list[float]
+
+    def apply(self, pixels: np.ndarray) -> np.ndarray:
+        # pixels: (N, D) uint8, channel-first -> (N, D) float32
+        n, channels = len(pixels), len(self.mean)
+        mean = np.asarray(self.mean, np.float32)[:, None]
+        std = np.asarray(self.std, np.float32)[:, None]
+        x = (pixels.reshape(n, channels, -1).astype(np.float32) / np.float32(255.0) - mean) / std
+        return x.reshape(n, -1)
 
 
 @dataclass
@@ -31,35 +55,46 @@ class Split:
     """One prepared split in memory (or one streamed batch of it)."""
 
     ids: np.ndarray  # (N,) int64
-    x: np.ndarray  # (N, D) float32, C-contiguous, read-only when read from a file
-    y: np.ndarray  # (N,) int64, -1 where the label is null
+    x: np.ndarray  # (N, D) float32, C-contiguous, read-only when read from a file; uint8 pixels
+    y: np.ndarray  # (N,) int64, -1 where the label is null           # before writing, with `norm`
     input_shape: list[int]
     num_classes: int
+    norm: Norm | None = None  # for uint8 x: how the readers make float32 of it
 
     def __len__(self) -> int:
         return max(len(self.ids), len(self.x), len(self.y))
 
     def take(self, rows: np.ndarray) -> Split:
-        return Split(self.ids[rows], self.x[rows], self.y[rows], self.input_shape, self.num_classes)
+        return Split(self.ids[rows], self.x[rows], self.y[rows], self.input_shape, self.num_classes, self.norm)
 
 
 # --- writing ---------------------------------------------------------------------------------
 
 
-def write_split(path: Path, data: Split, dataset: str, row_group_rows: int = ROW_GROUP_ROWS) -> None:
-    """One split file in the contract's schema (y = -1 written as null), atomically."""
+def write_split(path: Path, data: Split, dataset: str, classes: list[str] | None = None,
+                row_group_rows: int = ROW_GROUP_ROWS) -> None:
+    """One split file in the contract's schema (y = -1 written as null), atomically.
+
+    uint8 `x` (with `data.norm`) is written as uint8 with `mean`/`std`; anything else as float32.
+    """
     d = math.prod(data.input_shape)
     if data.x.shape != (len(data.ids), d):
         raise ValueError(f"x has shape {data.x.shape}, expected ({len(data.ids)}, {d})")
-    x = np.ascontiguousarray(data.x, dtype=np.float32).reshape(-1)
-    schema = split_schema(d).with_metadata({
-        "input_shape": json.dumps(list(data.input_shape), separators=(",", ":")),
-        "num_classes": str(data.num_classes),
-        "dataset": dataset,
-    })
+    meta = {"input_shape": _json(list(data.input_shape)), "num_classes": str(data.num_classes), "dataset": dataset}
+    if classes is not None:
+        meta["classes"] = json.dumps(list(classes))
+    if data.x.dtype == np.uint8:
+        if data.norm is None or len(data.norm.mean) != data.input_shape[0] or len(data.norm.std) != data.input_shape[0]:
+            raise ValueError(f"uint8 x needs a mean and std per channel ({data.input_shape[0]}), got {data.norm}")
+        meta.update(mean=_json(data.norm.mean), std=_json(data.norm.std))
+        kind = pa.uint8()
+    else:
+        kind = pa.float32()
+    x = np.ascontiguousarray(data.x, dtype=kind.to_pandas_dtype()).reshape(-1)
+    schema = split_schema(d, kind).with_metadata(meta)
     table = pa.table({
         "id": pa.array(data.ids, pa.int64()),
-        "x": pa.FixedSizeListArray.from_arrays(pa.array(x, pa.float32()), d),
+        "x": pa.FixedSizeListArray.from_arrays(pa.array(x, kind), d),
         "y": pa.array(data.y, pa.int64(), mask=data.y < 0),
     }, schema=schema)
     write_atomic(table, path, row_group_rows)
@@ -72,10 +107,10 @@ def write_truth(path: Path, ids: np.ndarray, y: np.ndarray, num_classes: int, da
     write_atomic(table, path, ROW_GROUP_ROWS)
 
 
-def split_schema(d: int) -> pa.Schema:
+def split_schema(d: int, kind: pa.DataType = pa.float32()) -> pa.Schema:
     return pa.schema([
         pa.field("id", pa.int64(), nullable=False),
-        pa.field("x", pa.list_(pa.float32(), d), nullable=False),
+        pa.field("x", pa.list_(kind, d), nullable=False),
         pa.field("y", pa.int64()),
     ])
 
@@ -129,11 +164,34 @@ def parse_meta_shape(text: str, path: Path) -> list[int]:
     return shape
 
 
+def _json(values: list) -> str:
+    return json.dumps(values, separators=(",", ":"))
+
+
+def _parse_norm(meta: dict[str, str], channels: int, path: Path) -> Norm:
+    """The `mean`/`std` metadata of a uint8 file: one number per channel, std > 0."""
+    values = {}
+    for key in ("mean", "std"):
+        try:
+            value = json.loads(meta[key]) if key in meta else None
+        except json.JSONDecodeError:
+            value = None
+        if not (isinstance(value, list) and len(value) == channels
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)
+                and (key == "mean" or all(v > 0 for v in value))):
+            found = repr(meta[key]) if key in meta else "missing"
+            raise InputError(f"{path}: uint8 x needs metadata {key} as a JSON list of {channels} numbers"
+                             f"{' > 0' if key == 'std' else ''} (one per channel); found {found}")
+        values[key] = [float(v) for v in value]
+    return Norm(values["mean"], values["std"])
+
+
 @dataclass
 class _Meta:
     input_shape: list[int]
     num_classes: int
     d: int
+    norm: Norm | None = None  # uint8 x
 
 
 def _check_columns(schema: pa.Schema, columns: Sequence[str], path: Path) -> _Meta:
@@ -147,8 +205,8 @@ def _check_columns(schema: pa.Schema, columns: Sequence[str], path: Path) -> _Me
                              "expected a prepared split with id, x, y")
         kind = schema.field(name).type
         if name == "x":
-            ok = pa.types.is_fixed_size_list(kind) and kind.value_type == pa.float32()
-            expected = "fixed_size_list<float32>[D]"
+            ok = pa.types.is_fixed_size_list(kind) and kind.value_type in X_TYPES
+            expected = "fixed_size_list<float32>[D] or fixed_size_list<uint8>[D] with mean/std"
         else:
             ok, expected = kind == COLUMN_TYPES[name], str(COLUMN_TYPES[name])
         if not ok:
@@ -167,7 +225,8 @@ def _check_columns(schema: pa.Schema, columns: Sequence[str], path: Path) -> _Me
         return _Meta([d], num_classes, d)
     shape = parse_meta_shape(meta["input_shape"], path)
     check_shape(shape, d, f"metadata input_shape {shape}", path, InputError)
-    return _Meta(shape, num_classes, d)
+    pixels = schema.field("x").type.value_type == pa.uint8()
+    return _Meta(shape, num_classes, d, _parse_norm(meta, shape[0], path) if pixels and "x" in columns else None)
 
 
 def _to_split(cols: dict[str, pa.Array | pa.ChunkedArray], meta: _Meta, path: Path) -> Split:
@@ -176,16 +235,19 @@ def _to_split(cols: dict[str, pa.Array | pa.ChunkedArray], meta: _Meta, path: Pa
             raise InputError(f"{path}: column {name!r} has {column.null_count} null values")
     ids = cols["id"].to_numpy() if "id" in cols else np.empty(0, np.int64)
     y = pc.fill_null(cols["y"], -1).to_numpy() if "y" in cols else np.empty(0, np.int64)
-    x = _x_view(cols["x"], meta.d) if "x" in cols else np.empty((0, meta.d), np.float32)
+    x = _x_view(cols["x"], meta.d, meta.norm) if "x" in cols else np.empty((0, meta.d), np.float32)
     return Split(ids, x, y, list(meta.input_shape), meta.num_classes)
 
 
-def _x_view(column: pa.Array | pa.ChunkedArray, d: int) -> np.ndarray:
-    """(N, D) float32 over Arrow's buffer (no copy for a single chunk); read-only."""
+def _x_view(column: pa.Array | pa.ChunkedArray, d: int, norm: Norm | None) -> np.ndarray:
+    """(N, D) float32, read-only: over Arrow's buffer (no copy for a single float32 chunk), or
+    uint8 pixels normalised by `norm`."""
     if isinstance(column, pa.ChunkedArray):
         if column.num_chunks == 0:
             return np.empty((0, d), np.float32)
         column = column.chunk(0) if column.num_chunks == 1 else pa.concat_arrays(column.chunks)
     x = column.flatten().to_numpy().reshape(len(column), d)
+    if norm is not None:
+        x = norm.apply(x)
     x.flags.writeable = False
     return x

@@ -1,14 +1,17 @@
-"""Image datasets: a built-in one or a user Parquet file, checked, split and written.
+"""Image datasets: a built-in one, a user Parquet file or encoded images, checked, split, written.
 
-`prepare(cfg, out)` loads `cfg.dataset` (a name in DATASETS or a user Parquet file), checks it,
-splits it into labeled / unlabeled / test (stratified by class, seeded) and writes
+`prepare(cfg, out)` loads `cfg.dataset` (a name in DATASETS, a Parquet file with `x`, or
+encoded images: an image folder or a Parquet file with an `image` column, `sources.encoded`),
+checks it, splits it into labeled / unlabeled / test (stratified by class, seeded; a split
+the source names is kept: its test rows are the test split) and writes
 
     out/labeled.parquet, out/unlabeled.parquet, out/test.parquet
     out/unlabeled_truth.parquet          (only when the unlabeled rows' labels are known)
 
-in the format of `pipeline.prepared.images`. Rows are in a seeded shuffled order. Everything
-is written into a directory beside `out` that replaces `out` only once complete
-(`files.replacing`).
+in the format of `pipeline.prepared.images` (encoded images as uint8 pixels with the labeled
+split's per-channel mean and std, or `prepare.mean`/`prepare.std`). Rows are in a seeded
+shuffled order. Everything is written into a directory beside `out` that replaces `out` only
+once complete (`files.replacing`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from pipeline.errors import ConfigError, InputError, MissingInputError
 from pipeline.files import replacing
 from pipeline.prepared import images as image_files
 from pipeline.prepared import metadata, open_parquet
-from pipeline.prepared.images import Split, check_shape, parse_meta_shape
+from pipeline.prepared.images import Norm, Split, check_shape, parse_meta_shape
+from pipeline.sources import encoded
 
 # The order in which splits are drawn from each class: the test set does not change when the
 # labeled or unlabeled sizes do, and the labeled set does not change with the unlabeled size.
@@ -48,6 +52,14 @@ class Loaded(NamedTuple):
     num_classes: int
 
 
+class Source(NamedTuple):
+    """A loaded dataset: its rows, the split each row's source names (or None), class names."""
+
+    data: Split
+    preset: np.ndarray | None  # (N,) str in encoded.PRESETS
+    classes: list[str] | None
+
+
 @dataclass
 class Prepared:
     """What `prepare` wrote: the splits as on disk (unlabeled y = -1) and the unlabeled truth."""
@@ -55,6 +67,7 @@ class Prepared:
     splits: dict[str, Split]
     truth: np.ndarray | None  # (len(unlabeled),) int64, aligned with unlabeled's rows
     paths: dict[str, Path]
+    classes: list[str] | None = None  # class id -> name, where the source names them
 
 
 # --- built-in datasets ------------------------------------------------------------------------
@@ -119,7 +132,7 @@ DATASETS: dict[str, Callable[[PrepareConfig], Loaded]] = {
 # --- config checks ----------------------------------------------------------------------------
 
 
-def parse_shape(text: str) -> list[int]:
+def parse_shape(text: str, option: str = "--input-shape") -> list[int]:
     """'1,28,28' (or '[1, 28, 28]', '1x28x28') -> [1, 28, 28]."""
     parts = [p for p in re.split(r"[,x\s]+", text.strip().strip("[]()").strip()) if p]
     try:
@@ -127,20 +140,27 @@ def parse_shape(text: str) -> list[int]:
     except ValueError:
         shape = []
     if not shape or any(d < 1 for d in shape):
-        raise ConfigError(f"--input-shape: {text!r} must be positive integers separated by commas, e.g. 1,28,28")
+        raise ConfigError(f"{option}: {text!r} must be positive integers separated by commas, e.g. 1,28,28")
     return shape
 
 
 def check_config(cfg: PrepareConfig) -> None:
+    if cfg.seed is None:
+        raise ConfigError("prepare.seed: null; give a number")
     for key in ("labeled", "unlabeled", "test", "seed"):
-        if getattr(cfg, key) is None:
-            raise ConfigError(f"prepare.{key}: null (every block) is for text datasets; give a number of samples")
-        if getattr(cfg, key) < 0:
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 0:
             raise ConfigError(f"prepare.{key}: {getattr(cfg, key)} must be >= 0")
     if cfg.samples < 1:
         raise ConfigError(f"prepare.samples: {cfg.samples} must be >= 1")
     if cfg.input_shape is not None and (not cfg.input_shape or any(d < 1 for d in cfg.input_shape)):
         raise ConfigError(f"prepare.input_shape: {cfg.input_shape} must be a non-empty list of integers >= 1")
+    if cfg.image_size is not None and (len(cfg.image_size) not in (1, 2) or any(d < 1 for d in cfg.image_size)):
+        raise ConfigError(f"prepare.image_size: {cfg.image_size} must be [size] or [height, width], integers >= 1")
+    for key in ("mean", "std"):
+        if (getattr(cfg, key) is None) != (getattr(cfg, "std" if key == "mean" else "mean") is None):
+            raise ConfigError(f"prepare.{key}: give prepare.mean and prepare.std together (or neither)")
+    if cfg.std is not None and any(v <= 0 for v in cfg.std):
+        raise ConfigError(f"prepare.std: {cfg.std} must all be > 0")
 
 
 def is_user_file(dataset: str) -> bool:
@@ -150,10 +170,21 @@ def is_user_file(dataset: str) -> bool:
 # --- loading ----------------------------------------------------------------------------------
 
 
-def load(cfg: PrepareConfig) -> Split:
+def load(cfg: PrepareConfig) -> Source:
     """All rows of `cfg.dataset`, checked; y = -1 where a user file's label is null."""
     check_config(cfg)
-    if cfg.dataset in DATASETS:
+    preset = classes = None
+    size = None if cfg.image_size is None else list(cfg.image_size) * (3 - len(cfg.image_size))
+    if cfg.dataset not in DATASETS and (encoded.is_image_folder(cfg.dataset) or (
+            is_user_file(cfg.dataset) and encoded.has_image_column(Path(cfg.dataset)))):
+        path = Path(cfg.dataset)
+        images = (encoded.load_folder if path.is_dir() else encoded.load_parquet)(path, size)
+        data = Split(images.ids, images.x, images.y, images.input_shape, len(images.classes))
+        preset, classes = images.preset, images.classes
+    elif cfg.image_size is not None:
+        raise ConfigError(f"prepare.image_size: {cfg.image_size} resizes encoded images (an image folder or a "
+                          f"Parquet file with an `image` column); {cfg.dataset!r} is neither")
+    elif cfg.dataset in DATASETS:
         loaded = DATASETS[cfg.dataset](cfg)
         data = Split(np.arange(len(loaded.y), dtype=np.int64), loaded.x, loaded.y, loaded.input_shape,
                      loaded.num_classes)
@@ -165,11 +196,11 @@ def load(cfg: PrepareConfig) -> Split:
         data = load_parquet(Path(cfg.dataset), cfg.input_shape)
     else:
         raise ConfigError(
-            f"prepare.dataset: {cfg.dataset!r} is not a known dataset or an existing file "
-            f"(expected one of {', '.join(DATASETS)}, pydoc, or a path to a .parquet or .txt file)"
+            f"prepare.dataset: {cfg.dataset!r} is not a known dataset or an existing file or folder "
+            f"(expected one of {', '.join(DATASETS)}, pydoc, an image folder, or a path to a .parquet or .txt file)"
         )
     validate(data, cfg.dataset)
-    return data
+    return Source(data, preset, classes)
 
 
 def load_parquet(path: Path, input_shape: list[int] | None = None) -> Split:
@@ -307,13 +338,22 @@ def _name_ids(ids: np.ndarray) -> str:
 # --- splitting --------------------------------------------------------------------------------
 
 
-def split(data: Split, cfg: PrepareConfig, source: str | Path) -> tuple[dict[str, Split], np.ndarray | None]:
+def split(data: Split, cfg: PrepareConfig, source: str | Path,
+          preset: np.ndarray | None = None) -> tuple[dict[str, Split], np.ndarray | None]:
     """labeled / unlabeled / test of the sizes in cfg, stratified by class, seeded by cfg.seed.
 
     Returns the splits (unlabeled with y = -1) and the unlabeled rows' true labels, or None
-    when they are unknown (a user file whose unlabeled rows have null y).
+    when they are unknown (a user file whose unlabeled rows have null y). With `preset` (the
+    split the source names for each row) see `split_preset`.
     """
+    if preset is not None:
+        return split_preset(data, cfg, source, preset)
     sizes = {"labeled": cfg.labeled, "unlabeled": cfg.unlabeled, "test": cfg.test}
+    for name, size in sizes.items():
+        if size is None:
+            raise ConfigError(f"prepare.{name}: null (all rows) needs a source that names its {name} split "
+                              "(an image folder's test/ or unlabeled/, a `split` column), as text datasets do; "
+                              "give a number of samples")
     rng = np.random.default_rng(cfg.seed)
     has_label = data.y >= 0
     if has_label.all():  # every row labeled: all three splits are drawn by class
@@ -330,6 +370,53 @@ def split(data: Split, cfg: PrepareConfig, source: str | Path) -> tuple[dict[str
         rows = {name: labeled_rows[drawn[name]] for name in ("labeled", "test")}
         rows["unlabeled"] = rng.permutation(unlabeled_rows)[: cfg.unlabeled]
         truth = None
+    splits = {name: data.take(rows[name]) for name in SPLITS}
+    splits["unlabeled"].y = np.full(len(rows["unlabeled"]), -1, np.int64)
+    return splits, truth
+
+
+def split_preset(data: Split, cfg: PrepareConfig, source: str | Path,
+                 preset: np.ndarray) -> tuple[dict[str, Split], np.ndarray | None]:
+    """The splits when the source names some: a named split is kept.
+
+    The source's `test` rows are the test split and its `unlabeled` rows the unlabeled split;
+    its `train` rows give the labeled split and any split the source does not name (drawn by
+    class in DRAW_ORDER, as `split` does). A size counts within its pool; null takes the whole
+    pool, which only a pool serving one split allows. The unlabeled truth is known when the
+    unlabeled rows all have labels.
+    """
+    pools = {name: np.flatnonzero(preset == name) for name in encoded.PRESETS}
+    if not len(pools["train"]):
+        raise InputError(f"{source}: no train rows (the source names splits {sorted(set(preset.tolist()))})")
+    serves = {"test": "test" if len(pools["test"]) else "train", "labeled": "train",
+              "unlabeled": "unlabeled" if len(pools["unlabeled"]) else "train"}
+    rng = np.random.default_rng(cfg.seed)
+    rows: dict[str, np.ndarray] = {}
+    for pool in ("test", "unlabeled", "train"):
+        names = [name for name in DRAW_ORDER if serves[name] == pool]
+        if not names:
+            continue
+        where = pools[pool]
+        sizes = {name: getattr(cfg, name) for name in names}
+        if len(names) == 1 and sizes[names[0]] is None:
+            sizes[names[0]] = len(where)
+        for name, size in sizes.items():
+            if size is None:
+                raise ConfigError(f"prepare.{name}: null (all rows) needs its own split in {source}; its "
+                                  f"{name} rows are drawn from the {pool} rows with {', '.join(names)}, "
+                                  "so give a number")
+        _check_enough(len(where), sizes, names, f"{source}: its {pool} split has {len(where)} samples")
+        if pool == "unlabeled":
+            rows["unlabeled"] = rng.permutation(where)[: sizes["unlabeled"]]
+            continue
+        unlabeled = where[data.y[where] < 0]
+        if len(unlabeled):
+            raise InputError(f"{source}: {_name_ids(data.ids[unlabeled])} of the {pool} split have no label "
+                             "(unlabeled rows belong in the unlabeled split)")
+        drawn = _stratified(data.y[where], {**dict.fromkeys(SPLITS, 0), **sizes}, rng)
+        rows.update({name: where[drawn[name]] for name in names})
+    known = data.y[rows["unlabeled"]]
+    truth = known if (known >= 0).all() else None
     splits = {name: data.take(rows[name]) for name in SPLITS}
     splits["unlabeled"].y = np.full(len(rows["unlabeled"]), -1, np.int64)
     return splits, truth
@@ -375,16 +462,38 @@ def _allocate(n: int, weights: np.ndarray, capacity: np.ndarray) -> np.ndarray:
 def prepare(cfg: PrepareConfig, out: Path) -> Prepared:
     """Load, check, split and write `cfg.dataset` to `out` (replaced as a whole when done)."""
     out = Path(out)
-    data = load(cfg)
-    splits, truth = split(data, cfg, cfg.dataset)
-    meta = {"dataset": cfg.dataset}
+    data, preset, classes = load(cfg)
+    splits, truth = split(data, cfg, cfg.dataset, preset)
+    if data.x.dtype == np.uint8:  # pixels: stored as they are, with the normalisation to apply
+        norm = normalisation(splits["labeled"], cfg)
+        for part in splits.values():
+            part.norm = norm
+    meta = {"dataset": cfg.dataset, "classes": classes}
     with replacing(out) as tmp:
         for name, part in splits.items():
             image_files.write_split(tmp / f"{name}.parquet", part, **meta)
         if truth is not None:
             image_files.write_truth(tmp / image_files.TRUTH_FILE, splits["unlabeled"].ids, truth, data.num_classes,
-                                    **meta)
+                                    cfg.dataset)
     paths = {name: out / f"{name}.parquet" for name in splits}
     if truth is not None:
         paths["unlabeled_truth"] = out / image_files.TRUTH_FILE
-    return Prepared(splits, truth, paths)
+    return Prepared(splits, truth, paths, classes)
+
+
+def normalisation(labeled: Split, cfg: PrepareConfig) -> Norm:
+    """`prepare.mean`/`std` if given, else the labeled split's per-channel mean and std of
+    pixel / 255 (a constant channel gets std 1)."""
+    channels = labeled.input_shape[0]
+    if cfg.mean is not None:
+        for key in ("mean", "std"):
+            if len(getattr(cfg, key)) != channels:
+                raise ConfigError(f"prepare.{key}: {getattr(cfg, key)} has {len(getattr(cfg, key))} values; the "
+                                  f"images have {channels} channel(s)")
+        return Norm([float(v) for v in cfg.mean], [float(v) for v in cfg.std])
+    if not len(labeled.x):
+        raise ConfigError("prepare.labeled: 0 rows leave no pixels to normalise by; set prepare.mean and prepare.std")
+    pixels = labeled.x.reshape(len(labeled.x), channels, -1).transpose(1, 0, 2).reshape(channels, -1)
+    mean = pixels.mean(axis=1, dtype=np.float64) / 255.0
+    std = pixels.std(axis=1, dtype=np.float64) / 255.0
+    return Norm([round(float(m), 6) for m in mean], [round(float(s), 6) if s > 0 else 1.0 for s in std])

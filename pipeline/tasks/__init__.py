@@ -56,10 +56,14 @@ def for_prepared(prepared: Path, objective: str | None = None) -> ModuleType:
 
 def for_teacher(directory: Path) -> ModuleType:
     """The task that loads the teacher in `directory`: a Hugging Face language model (its
-    config.json names a `model_type`; either objective loads through `causal_lm`), or ours."""
+    config.json names a `model_type`; either objective loads through `causal_lm`), or ours or a
+    Hugging Face image classifier (`image`)."""
     from pipeline.files import read_json
+    from pipeline.models import is_hf_classifier
 
     config = Path(directory) / "config.json"
+    if is_hf_classifier(directory):
+        return get("image")
     return get("causal_lm" if config.is_file() and "model_type" in read_json(config) else "image")
 
 

@@ -27,7 +27,8 @@ from pipeline.tasks import Batch
 from pipeline.config import EvalConfig, LabelConfig, StudentConfig, TeacherConfig
 from pipeline.errors import ConfigError, InputError
 from pipeline.files import write_json
-from pipeline.models import build as build_model, fingerprint, load_model, save_model
+from pipeline.models import build as build_model, count_params, fingerprint, is_hf_classifier, load_hf_classifier
+from pipeline.models import load_model, save_model
 
 NAME = "image"
 TWIN_LOSS = "hard-label"  # what the baseline twin learns from, for messages
@@ -192,6 +193,23 @@ def train_teacher(cfg: TeacherConfig, prepared: Path, out: Path, *, progress: bo
 
 
 def load_teacher(directory: Path, arch: str | None, arch_kwargs: dict | None) -> Teacher:
-    """Our image teacher (model.safetensors + our config.json), with its fingerprint."""
-    model, config = load_model(directory, arch=arch, arch_kwargs=arch_kwargs)
+    """Our image teacher (model.safetensors + our config.json; `arch` names a user's
+    package.module:factory) or a Hugging Face image classifier, with its fingerprint.
+
+    What `kd eval` needs to compare every student with it goes into the config the manifest
+    records: the parameter count, measured when the config lacks it, and for a
+    package.module:factory teacher (which `kd eval` never imports, so it cannot time a twin)
+    its throughput, measured here as `kd eval` measures by default."""
+    if is_hf_classifier(directory):
+        model, config = load_hf_classifier(directory)
+    else:
+        model, config = load_model(directory, arch=arch, arch_kwargs=arch_kwargs)
+        config.setdefault("params", count_params(model))
+        if ":" in (arch or config["arch"]) and not config.get("throughput"):
+            timing = EvalConfig()
+            batch = torch.zeros(timing.throughput_batch, *config["input_shape"])
+            with metrics.torch_threads(timing.threads):
+                (config["throughput"],) = metrics.throughputs([model], batch, timing.throughput_runs)
+            config["throughput_measured_by"] = (f"kd label: batch {timing.throughput_batch}, {timing.threads} "
+                                                f"thread(s), median of {timing.throughput_runs} runs")
     return Teacher(model, fingerprint(directory), config, directory)
