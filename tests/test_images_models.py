@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import invoke, ok
 from pipeline import models
-from pipeline.errors import ConfigError, InputError
+from pipeline.errors import ConfigError
 from pipeline.files import read_json
 from stages import distill, eval as eval_stage, label, prepare, teacher
 

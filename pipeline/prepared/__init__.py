@@ -43,11 +43,13 @@ def metadata(schema: pa.Schema) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
 
 
-def write_atomic(table: pa.Table, path: Path, row_group_rows: int = ROW_GROUP_ROWS) -> None:
+def write_atomic(table: pa.Table, path: Path, row_group_rows: int = ROW_GROUP_ROWS,
+                 compression: str = "snappy", level: int | None = None) -> None:
     """Write `table` under a temporary name, then rename it to `path`."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        pq.write_table(table, tmp, row_group_size=row_group_rows)
+        pq.write_table(table, tmp, row_group_size=row_group_rows, compression=compression,
+                       compression_level=level)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

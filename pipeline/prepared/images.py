@@ -9,7 +9,8 @@ Pixels may be stored compactly instead: `x` fixed_size_list<uint8>[D] (channel-f
 the float form) with the metadata `mean` and `std` (JSON lists, one value per channel). The
 readers return float32 either way: x = (pixel / 255 - mean[c]) / std[c], so no consumer knows
 which form is on disk. The built-in datasets write float32; image folders and encoded-image
-Parquet files write uint8 (4x smaller, about the size of the PNG files).
+Parquet files write uint8, zstd-compressed (4x smaller than float32; 64x64 photo crops take
+1.4x their PNG files).
 `unlabeled_truth.parquet` (`id`, `y`) holds the unlabeled rows' labels when they are known;
 only `kd eval` reads it. Files are written atomically (`prepared.write_atomic`).
 """
@@ -87,9 +88,9 @@ def write_split(path: Path, data: Split, dataset: str, classes: list[str] | None
         if data.norm is None or len(data.norm.mean) != data.input_shape[0] or len(data.norm.std) != data.input_shape[0]:
             raise ValueError(f"uint8 x needs a mean and std per channel ({data.input_shape[0]}), got {data.norm}")
         meta.update(mean=_json(data.norm.mean), std=_json(data.norm.std))
-        kind = pa.uint8()
+        kind, compression = pa.uint8(), ("zstd", 3)  # photos: 1.4x their PNG files (snappy: 1.6x), as fast
     else:
-        kind = pa.float32()
+        kind, compression = pa.float32(), ("snappy", None)
     x = np.ascontiguousarray(data.x, dtype=kind.to_pandas_dtype()).reshape(-1)
     schema = split_schema(d, kind).with_metadata(meta)
     table = pa.table({
@@ -97,7 +98,7 @@ def write_split(path: Path, data: Split, dataset: str, classes: list[str] | None
         "x": pa.FixedSizeListArray.from_arrays(pa.array(x, kind), d),
         "y": pa.array(data.y, pa.int64(), mask=data.y < 0),
     }, schema=schema)
-    write_atomic(table, path, row_group_rows)
+    write_atomic(table, path, row_group_rows, *compression)
 
 
 def write_truth(path: Path, ids: np.ndarray, y: np.ndarray, num_classes: int, dataset: str) -> None:
