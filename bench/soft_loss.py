@@ -87,7 +87,7 @@ def _status_kib(key: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--vocab", type=int, nargs="+", default=[4096, 32000])
+    parser.add_argument("--vocab", type=int, nargs="*", default=[4096, 32000])
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--processes", type=int, default=3)
