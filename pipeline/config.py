@@ -32,6 +32,8 @@ SECTIONS = ("prepare", "teacher", "label", "assistants", "students", "text_stude
 STUDENT_SECTIONS = ("students", "text_students", "mlm_students")
 FEATURE_MODES = ("full", "pooled", "attention")
 LOGIT_DTYPES = ("float16", "float32")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")  # the keys of lm.DTYPES
+TEACHER_DEVICES = ("auto", "cpu", "cuda")
 SPLITS = ("labeled", "unlabeled", "test")
 
 
@@ -57,7 +59,8 @@ class PrepareConfig:
     # text only (pydoc, a .txt file, a Parquet file with a text column); image datasets ignore them
     text_column: str = "text"  # the Parquet column holding one document per row
     shares: Shares = field(default_factory=Shares)
-    vocab_size: int = 4096  # byte-level BPE entries, special tokens included
+    tokenizer: str | None = None  # a local Hugging Face model or tokenizer directory; null: train a BPE
+    vocab_size: int = 4096  # byte-level BPE entries, special tokens included (ignored with `tokenizer`)
     block_size: int = 128  # tokens per row
 
 
@@ -90,8 +93,15 @@ class LabelConfig:
     batch_size: int = 256
     part_size: int = 16384  # samples per Parquet part (and per resume step)
     keep_teacher: bool = False  # copy the teacher's weights into the cache (students with init: teacher)
+    # a language-model teacher's dtype (auto: its config's) and device (auto: cuda when there is one)
+    dtype: str = "auto"
+    device: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.dtype not in TEACHER_DTYPES:
+            raise ConfigError(f"label.dtype: {self.dtype!r} must be one of {', '.join(TEACHER_DTYPES)}")
+        if self.device not in TEACHER_DEVICES:
+            raise ConfigError(f"label.device: {self.device!r} must be one of {', '.join(TEACHER_DEVICES)}")
         if self.top_k < 1:
             raise ConfigError(f"label.top_k: {self.top_k} must be >= 1")
         for t in self.temperatures:

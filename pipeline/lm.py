@@ -8,15 +8,16 @@ intermediate_size for bert) and the prepared tokenizer's size. `fit` trains it o
 What depends on the objective (the inputs and labels of a batch, the head, the score, the
 Auto class) is asked of the model's task (`pipeline.tasks.causal_lm` / `masked_lm`). A model
 is kept as a
-Hugging Face directory: `model.safetensors`, `config.json` (+ `generation_config.json`) and the
-`tokenizer.json` it reads, loaded with `from_pretrained(local_files_only=True,
-use_safetensors=True)`, so any local HF causal/masked LM directory loads the same way and no
-file can run code.
+Hugging Face directory: `model.safetensors` (or shards listed in `model.safetensors.index.json`),
+`config.json` (+ `generation_config.json`) and the tokenizer files it reads, loaded with
+`from_pretrained(local_files_only=True, use_safetensors=True)` and never `trust_remote_code`,
+so any local HF causal/masked LM directory loads the same way and no file can run code.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import shutil
 import time
@@ -33,13 +34,18 @@ from transformers import (AutoConfig, BertConfig, BertForMaskedLM, GPT2Config, G
                           PreTrainedModel)
 
 from pipeline.prepared import tokens as text
-from pipeline.config import TeacherConfig, as_dict
+from pipeline.config import TEACHER_DEVICES, TeacherConfig, as_dict
 from pipeline.errors import ConfigError, InputError, MissingInputError
 from pipeline.files import file_sha256
 from pipeline.models import count_params
-from pipeline.prepared.tokens import TOKENIZER_FILE, SpecialIds
+from pipeline.prepared.tokens import TOKENIZER_FILE, SpecialIds, tokenizer_files
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # a sharded checkpoint: shard names in its weight_map
+# label.dtype -> what from_pretrained is given ("auto": the dtype the config names)
+DTYPES: dict[str, Any] = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
+                          "float16": torch.float16}
+DEVICES = TEACHER_DEVICES
 # name -> (config class, model class); the model class decides the objective (`objective`)
 ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
     "gpt2": (GPT2Config, GPT2LMHeadModel),  # causal
@@ -121,10 +127,23 @@ def objective(model: PreTrainedModel | PretrainedConfig) -> str:
 # --- losses -----------------------------------------------------------------------------------
 
 
+def special_tokens(tokens: torch.Tensor, special: SpecialIds) -> torch.Tensor:
+    """(B, L) bool: the tokens BERT's masking spares (pad, eos, mask and bos, those the tokenizer has)."""
+    ids = [i for i in (special.pad, special.eos, special.mask, special.bos) if i is not None]
+    return torch.isin(tokens, torch.tensor(ids, dtype=tokens.dtype))
+
+
+def mask_id(special: SpecialIds, where: str) -> int:
+    """The mask token a masked LM needs; a tokenizer without one is refused."""
+    if special.mask is None:
+        raise InputError(f"{where}: the tokenizer has no mask token; a masked LM needs one")
+    return special.mask
+
+
 def mask_tokens(tokens: torch.Tensor, special: SpecialIds, vocab_size: int,
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's masking of tokens (B, L) -> (inputs (B, L), labels (B, L), -100 where not predicted)."""
-    protected = (tokens == special.pad) | (tokens == special.eos) | (tokens == special.mask)
+    protected = special_tokens(tokens, special)
     chosen = (torch.rand(tokens.shape, generator=generator) < MASK_PROB) & ~protected
     labels = torch.where(chosen, tokens, -100)
     how = torch.rand(tokens.shape, generator=generator)
@@ -149,7 +168,7 @@ def fixed_masks(tokens: torch.Tensor, ids: np.ndarray, views: np.ndarray, count:
     block has fewer than `count` others. Of the chosen, 80% become [MASK], 10% a random token
     and 10% stay as they are.
     """
-    protected = ((tokens == special.pad) | (tokens == special.eos) | (tokens == special.mask)).float()
+    protected = special_tokens(tokens, special).float()
     positions, seen = [], []
     for row, (block_id, view) in enumerate(zip(ids.tolist(), views.tolist())):
         g = torch.Generator().manual_seed((seed * 1_000_003 + block_id) * 1_009 + view)
@@ -275,35 +294,75 @@ def train_teacher(cfg: TeacherConfig, prepared: Path, *,
 
 
 def save(directory: Path, model: PreTrainedModel, tokenizer: Path) -> None:
-    """The Hugging Face directory: safetensors weights, config.json and a copy of the tokenizer."""
+    """The Hugging Face directory: safetensors weights, config.json and a copy of the tokenizer
+    files of the directory `tokenizer` (or of the one file `tokenizer`, kd's own BPE)."""
     transformers.utils.logging.disable_progress_bar()  # (a "writing shards" bar on every save otherwise)
     model.save_pretrained(directory)
-    shutil.copyfile(tokenizer, Path(directory) / TOKENIZER_FILE)
+    for source in ([tokenizer] if Path(tokenizer).is_file() else tokenizer_files(tokenizer)):
+        shutil.copyfile(source, Path(directory) / Path(source).name)
 
 
-def load(directory: Path) -> PreTrainedModel:
-    """A local HF causal or masked LM (ours or a user's), in eval mode; never downloads."""
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors weights of a model directory: model.safetensors, or the index of a
+    sharded checkpoint followed by every shard it names (sorted)."""
+    directory = Path(directory)
+    if (directory / WEIGHTS).is_file():
+        return [directory / WEIGHTS]
+    index = directory / WEIGHTS_INDEX
+    if not index.is_file():
+        raise MissingInputError(f"{directory / WEIGHTS}: not found, nor a sharded {WEIGHTS_INDEX} (expected a "
+                                "Hugging Face model directory saved with safetensors)")
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise InputError(f"{index}: not a safetensors index (expected a weight_map of tensor -> shard file)") from None
+    for shard in shards:
+        if Path(shard).name != shard or not (directory / shard).is_file():
+            raise MissingInputError(f"{directory / shard}: a shard that {WEIGHTS_INDEX} names is missing")
+    return [index, *(directory / shard for shard in shards)]
+
+
+def resolve_device(device: str, where: str = "label.device") -> str:
+    """"auto" -> cuda when torch sees a GPU, else cpu; "cuda" without one is refused."""
+    if device not in DEVICES:
+        raise ConfigError(f"{where}: {device!r} must be one of {', '.join(DEVICES)}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{where}: cuda, but torch sees no GPU here (use auto or cpu)")
+    return device
+
+
+def load(directory: Path, dtype: str = "float32", device: str = "cpu") -> PreTrainedModel:
+    """A local HF causal or masked LM (ours or a user's, single or sharded safetensors), in eval
+    mode, in `dtype` (a DTYPES name) on `device`; never downloads, never runs the directory's code."""
     directory = Path(directory)
     transformers.utils.logging.set_verbosity_error()  # no per-load progress bars or advice on stderr
     transformers.utils.logging.disable_progress_bar()
-    for name in (CONFIG, WEIGHTS):
-        if not (directory / name).is_file():
-            raise MissingInputError(f"{directory / name}: not found (expected a Hugging Face model directory)")
+    if not (directory / CONFIG).is_file():
+        raise MissingInputError(f"{directory / CONFIG}: not found (expected a Hugging Face model directory)")
+    weight_files(directory)
     try:
-        config = AutoConfig.from_pretrained(directory, local_files_only=True)
-        model = _task(config).AUTO_MODEL.from_pretrained(directory, local_files_only=True, use_safetensors=True)
+        config = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+        model = _task(config).AUTO_MODEL.from_pretrained(directory, local_files_only=True, use_safetensors=True,
+                                                         trust_remote_code=False, dtype=DTYPES[dtype])
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise InputError(f"{directory}: cannot load the model ({str(exc).splitlines()[0]})") from None
     model.eval()
-    return model
+    return model.to(device)
 
 
 def fingerprint(directory: Path) -> str:
-    """sha256 over the weights, the config and the tokenizer: what identifies a text teacher."""
+    """sha256 over the weights (every shard, and the index), the config and the tokenizer files:
+    what identifies a text teacher (the file digests in that order, the tokenizer's in
+    TOKENIZER_FILES order)."""
     digest = hashlib.sha256()
-    for name in (WEIGHTS, CONFIG, TOKENIZER_FILE):
-        path = Path(directory) / name
+    tokenizers = tokenizer_files(directory)
+    if not tokenizers:
+        raise MissingInputError(f"{Path(directory) / TOKENIZER_FILE}: not found (a text teacher keeps its tokenizer "
+                                "beside its weights)")
+    for path in [*weight_files(directory), Path(directory) / CONFIG, *tokenizers]:
         if not path.is_file():
-            raise MissingInputError(f"{path}: not found (a text teacher keeps its tokenizer beside its weights)")
+            raise MissingInputError(f"{path}: not found (expected a Hugging Face model directory)")
         digest.update(file_sha256(path).encode())
     return digest.hexdigest()

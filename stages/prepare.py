@@ -38,7 +38,9 @@ def main(
     shares: Optional[str] = typer.Option(
         None, "--shares", help='Text: each split\'s share of the characters, e.g. \'{"labeled": 0.8, "unlabeled": 0.1, "test": 0.1}\'.'
     ),
-    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Text: tokenizer entries."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Text: a local Hugging Face model or "
+                                            "tokenizer directory to tokenize with (default: train a BPE)."),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Text: tokenizer entries (of the trained BPE)."),
     block_size: Optional[int] = typer.Option(None, "--block-size", help="Text: tokens per block."),
     params: Path = PARAMS_OPTION,
     out: Path = typer.Option(Path("data/prepared"), "--out", help="Directory to write the splits to."),
@@ -48,14 +50,16 @@ def main(
     shape = sources.images.parse_shape(input_shape) if input_shape is not None else None
     parsed = json_option("--shares", shares)
     cfg = override(cfg, dataset=dataset, input_shape=shape, labeled=labeled, unlabeled=unlabeled,
-                   test=test, samples=samples, seed=seed, text_column=text_column, vocab_size=vocab_size,
+                   test=test, samples=samples, seed=seed, text_column=text_column, tokenizer=tokenizer,
+                   vocab_size=vocab_size,
                    block_size=block_size, shares=None if parsed is None else config.from_mapping(Shares, parsed, "--shares"))
     prepared = sources.prepare(cfg, out)
     if isinstance(prepared, sources.text.TextPrepared):
         for name, blocks in prepared.blocks.items():
             typer.echo(f"{name:<9} {len(blocks):>7} blocks of {blocks.shape[1]} tokens  "
                        f"{prepared.documents[name]:>5} documents  -> {prepared.paths[name]}")
-        typer.echo(f"tokenizer {prepared.vocab_size:>7} entries (byte-level BPE)  -> {prepared.tokenizer}")
+        kind = "byte-level BPE" if cfg.tokenizer is None else f"from {cfg.tokenizer}"
+        typer.echo(f"tokenizer {prepared.vocab_size:>7} entries ({kind})  -> {prepared.tokenizer}")
         return
     for name, split in prepared.splits.items():
         known = prepared.truth if name == "unlabeled" and prepared.truth is not None else split.y[split.y >= 0]

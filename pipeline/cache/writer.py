@@ -135,6 +135,7 @@ def label(teacher: Teacher, prepared: Path, out: str | Path, cfg: LabelConfig, *
         if required not in splits:
             raise MissingInputError(f"{prepared / f'{required}.parquet'}: not found (run `kd prepare`)")
     inputs = tasks.for_prepared(prepared, teacher.config.get("objective")).Inputs(prepared, splits, cfg)
+    inputs.check_teacher(teacher, prepared)
     fingerprints = {s: data_fingerprint(prepared / f"{s}.parquet") for s in splits}
     key = cache_key(teacher, fingerprints, cfg)
     model = teacher.model.eval()

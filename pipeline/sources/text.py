@@ -16,10 +16,16 @@ rest unlabeled, each document going whole to the split that holds its middle cha
 document is never in two splits, and the test split does not change when only the other
 shares do.
 
-The tokenizer is trained on the labeled documents only (the teacher's training text; all of
-them, however many blocks `cfg.labeled` keeps) and written as `out/tokenizer.json`. Each split
-is one token stream, every document preceded by <|endoftext|> (GPT-2's bos = eos), cut into
-blocks of `cfg.block_size` tokens (the tail that does not fill a block is dropped);
+Without `cfg.tokenizer`, a byte-level BPE of `cfg.vocab_size` entries is trained on the
+labeled documents only (the teacher's training text; all of them, however many blocks
+`cfg.labeled` keeps) and written as `out/tokenizer.json`; each document is preceded by
+<|endoftext|> (GPT-2's bos = eos). With `cfg.tokenizer` (a local Hugging Face model or
+tokenizer directory, read by `pipeline.prepared.tokens.read_tokenizer`), the documents are
+tokenized with it as it is (no token added to it or to a document) and each is preceded by
+its eos token (its sep token if it has none); it is saved into `out` with `save_pretrained`.
+Each split is one token stream, cut into
+blocks of `cfg.block_size` tokens (the tail that does not fill a block is dropped: full blocks
+need no pad);
 `cfg.labeled` / `unlabeled` / `test` blocks are kept from the start of each stream (null: all
 of them). The files
 
@@ -29,7 +35,7 @@ hold one row per block in the format of `pipeline.prepared.tokens`; ids are uniq
 splits: labeled first, then unlabeled, then test. Same params, same Python: byte-identical
 files (pydoc's text is that of the running CPython).
 
-The text-only keys of `prepare` (text_column, shares, vocab_size, block_size) are ignored by the
+The text-only keys of `prepare` (text_column, shares, tokenizer, vocab_size, block_size) are ignored by the
 image datasets, as `samples` is by all but mnist1d; `input_shape` is refused for text, and a
 null split size for images.
 """
@@ -47,9 +53,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pipeline.config import SPLITS, PrepareConfig
 from pipeline.errors import ConfigError, InputError, MissingInputError
-from pipeline.files import file_sha256, replacing
+from pipeline.files import replacing
 from pipeline.prepared import tokens as token_files
-from pipeline.prepared.tokens import EOS, SPECIAL_TOKENS, TOKENIZER_FILE
+from pipeline.prepared.tokens import SPECIAL_TOKENS, TOKENIZER_FILE, TokenizerDir, fingerprint_of, read_tokenizer, special_ids
 from pipeline.sources.images import DATASETS, DRAW_ORDER
 
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # byte-level BPE starts from all 256 bytes
@@ -130,7 +136,7 @@ def check_config(cfg: PrepareConfig) -> None:
         raise ConfigError(f"prepare.input_shape: {cfg.input_shape} is for image data, not text ({cfg.dataset})")
     if cfg.block_size < 2:
         raise ConfigError(f"prepare.block_size: {cfg.block_size} must be >= 2 (a token and its successor)")
-    if cfg.vocab_size < MIN_VOCAB:
+    if cfg.tokenizer is None and cfg.vocab_size < MIN_VOCAB:
         raise ConfigError(f"prepare.vocab_size: {cfg.vocab_size} must be >= {MIN_VOCAB} "
                           f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
     shares = [getattr(cfg.shares, name) for name in SPLITS]
@@ -165,10 +171,17 @@ def train_tokenizer(docs: list[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def stream_blocks(tokenizer: Tokenizer, docs: list[str], block_size: int) -> np.ndarray:
-    """(N, block_size) int32: <|endoftext|> + doc, for every doc, cut into whole blocks."""
-    eos = tokenizer.token_to_id(EOS)
-    pieces = [np.array([eos, *encoding.ids], np.int32) for encoding in tokenizer.encode_batch(docs)]
+def trained_tokenizer(docs: list[str], vocab_size: int, out: Path) -> TokenizerDir:
+    """`train_tokenizer`'s BPE as the tokenizer `prepare` writes into `out`."""
+    backend = train_tokenizer(docs, vocab_size)
+    return TokenizerDir(Path(out), backend, special_ids(backend, "the trained BPE"), fingerprint_of(backend),
+                        backend.get_vocab_size())
+
+
+def stream_blocks(tokenizer: TokenizerDir, docs: list[str], block_size: int) -> np.ndarray:
+    """(N, block_size) int32: eos + doc, for every doc, cut into whole blocks."""
+    eos = tokenizer.special.eos
+    pieces = [np.array([eos, *ids], np.int32) for ids in tokenizer.encode(docs)]
     stream = np.concatenate(pieces) if pieces else np.empty(0, np.int32)
     n = len(stream) // block_size
     return stream[: n * block_size].reshape(n, block_size)
@@ -185,7 +198,10 @@ def prepare(cfg: PrepareConfig, out: Path) -> TextPrepared:
     if not dealt["labeled"]:
         raise ConfigError(f"prepare.shares.labeled: the labeled split of {cfg.dataset} got no document "
                           f"({len(docs)} documents); the tokenizer and the teacher train on it")
-    tokenizer = train_tokenizer([docs[i] for i in dealt["labeled"]], cfg.vocab_size)
+    if cfg.tokenizer is None:
+        tokenizer = trained_tokenizer([docs[i] for i in dealt["labeled"]], cfg.vocab_size, Path(out))
+    else:
+        tokenizer = read_tokenizer(Path(cfg.tokenizer), "prepare.tokenizer")
     blocks = {}
     for name in SPLITS:
         made = stream_blocks(tokenizer, [docs[i] for i in dealt[name]], cfg.block_size)
@@ -199,9 +215,14 @@ def prepare(cfg: PrepareConfig, out: Path) -> TextPrepared:
         blocks[name] = made[:asked]
     out = Path(out)
     with replacing(out) as tmp:
-        tokenizer.save(str(tmp / TOKENIZER_FILE))
+        tokenizer.save(tmp)
+        if read_tokenizer(tmp).fingerprint != tokenizer.fingerprint:
+            raise InputError(f"{cfg.tokenizer}: the tokenizer reads back from {out} as another tokenizer "
+                             "(save_pretrained changed it); save it with this transformers first")
         meta = {"modality": "text", "dataset": cfg.dataset, "block_size": str(cfg.block_size),
-                "vocab_size": str(tokenizer.get_vocab_size()), "tokenizer_sha256": file_sha256(tmp / TOKENIZER_FILE)}
+                "vocab_size": str(tokenizer.vocab_size), "tokenizer_sha256": tokenizer.fingerprint}
+        if cfg.tokenizer is not None:
+            meta["tokenizer_source"] = str(cfg.tokenizer)
         first = 0
         for name in SPLITS:
             ids = np.arange(first, first + len(blocks[name]), dtype=np.int64)
@@ -210,4 +231,4 @@ def prepare(cfg: PrepareConfig, out: Path) -> TextPrepared:
             first += len(blocks[name])
     return TextPrepared(blocks, {name: len(dealt[name]) for name in SPLITS},
                         {name: out / f"{name}.parquet" for name in SPLITS}, out / TOKENIZER_FILE,
-                        tokenizer.get_vocab_size())
+                        tokenizer.vocab_size)

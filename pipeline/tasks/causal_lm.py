@@ -34,7 +34,7 @@ from pipeline.prepared import tokens as text
 from pipeline.cache import Cache, Teacher
 from pipeline.cache.reader import SoftTargets
 from pipeline.config import EvalConfig, LabelConfig, StudentConfig, TeacherConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, InputError
 from pipeline.files import read_json, write_json
 from pipeline.methods import chosen
 from pipeline.models import count_params
@@ -68,6 +68,27 @@ class Inputs:
     def samples(self, split: str) -> int:
         return self.infos[split]["rows"]
 
+    def check_teacher(self, teacher: Teacher, prepared: Path) -> None:
+        """Refuse a teacher that would read these ids as other tokens: data prepared with another
+        tokenizer (whatever the two vocabulary sizes), or an id past its vocabulary."""
+        tokenizer = teacher.config.get("tokenizer")
+        if tokenizer is None:
+            raise InputError(f"{teacher.directory}: not a language model (no tokenizer beside it); the text in "
+                             f"{prepared} needs one")
+        for split, info in self.infos.items():
+            if info["tokenizer_sha256"] != tokenizer["sha256"]:
+                raise InputError(f"{prepared / f'{split}.parquet'}: prepared with another tokenizer than the "
+                                 f"teacher's: {prepared_tokenizer_name(info)} vs the teacher's "
+                                 f"{teacher.directory} (sha256 {tokenizer['sha256'][:12]}, vocabulary "
+                                 f"{tokenizer['vocab_size']}); run `kd prepare` with prepare.tokenizer: "
+                                 f"{teacher.directory}")
+        vocab = teacher.config["vocab_size"]
+        for split in self.infos:
+            largest = text.max_token(prepared / f"{split}.parquet")
+            if largest >= vocab:
+                raise InputError(f"{prepared / f'{split}.parquet'}: token id {largest} is outside the teacher's "
+                                 f"vocabulary of {vocab} ids ({teacher.directory})")
+
     def header(self) -> dict[str, Any]:
         info = self.infos["labeled"]
         return {"input_shape": self.input_shape,
@@ -78,7 +99,7 @@ class Inputs:
         return torch.zeros(1, self.block_size, dtype=torch.long)
 
     def logits(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        return next_token_logits(model, tokens)
+        return next_token_logits(model, tokens.to(device_of(model)))
 
     def feature_spec(self, layer: str, mode: str, captured: Any) -> dict[str, Any]:
         """One hidden state per token row, cached in full."""
@@ -97,12 +118,23 @@ class Inputs:
         ids, tokens = rows[0][start:stop], torch.from_numpy(rows[1][start:stop])
         n, positions = len(ids), self.per_sample
         with torch.no_grad(), features.tap(model, list(specs)) as captured:
-            logits = self.logits(model, tokens).float()
-            feats = {name: _token_rows(captured[name]).to(torch.float16).numpy() for name in specs}
+            logits = self.logits(model, tokens).float().cpu()
+            feats = {name: _token_rows(captured[name]).to(torch.float16).cpu().numpy() for name in specs}
         truth = tokens[:, 1:].reshape(-1).numpy()
         return Batch(np.repeat(ids, positions), np.zeros(n * positions, dtype=np.int32),
                      np.tile(np.arange(positions, dtype=np.int32), n), logits, feats, truth,
                      np.ones(n * positions, dtype=bool))
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where a model's weights are (the teacher's `label.device`)."""
+    return next(model.parameters()).device
+
+
+def prepared_tokenizer_name(info: dict[str, Any]) -> str:
+    """For messages: the tokenizer a prepared split was cut with (`text.split_info`)."""
+    source = info["tokenizer_source"] or "the BPE `kd prepare` trained"
+    return f"{source} (sha256 {info['tokenizer_sha256'][:12]}, vocabulary {info['vocab_size']})"
 
 
 def next_token_logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -265,7 +297,7 @@ def student_shapes(model: nn.Module, cfg: StudentConfig, layers: list[str], cach
 def save(directory: Path, model: nn.Module, cfg: StudentConfig, cache: Cache, record: dict[str, Any],
          prepared: Path) -> None:
     """A Hugging Face directory (weights, config, tokenizer) plus `student.json`, the record."""
-    lm.save(directory, model.model, prepared / text.TOKENIZER_FILE)
+    lm.save(directory, model.model, prepared)
     write_json(directory / STUDENT_RECORD, {**record, "objective": cache.manifest["text"]["objective"]})
 
 
@@ -410,19 +442,25 @@ def train_teacher(cfg: TeacherConfig, prepared: Path, out: Path, *, progress: bo
     """`kd teacher` on text: a Hugging Face language model (`lm.train_teacher`) written into
     `out` with its tokenizer, `training.json` (where it came from) and `metrics.json`; its score."""
     model, provenance, scores = lm.train_teacher(cfg, prepared, progress=progress)
-    lm.save(out, model, prepared / text.TOKENIZER_FILE)
+    lm.save(out, model, prepared)
     write_json(out / "training.json", provenance)
     write_json(out / "metrics.json", scores)
     return (f"test perplexity {scores['perplexity']:.2f} (unigram {scores['unigram_perplexity']:.1f})"
             if "perplexity" in scores else f"test masked-token accuracy {scores['masked_accuracy']:.4f}")
 
 
-def load_teacher(directory: Path, arch: str | None = None, arch_kwargs: dict | None = None) -> Teacher:
-    """A Hugging Face language model directory (causal or masked), with the fingerprint that
-    identifies it and its provenance and test scores when `kd teacher` made it."""
-    model = lm.load(directory)
+def load_teacher(directory: Path, arch: str | None = None, arch_kwargs: dict | None = None, *,
+                 dtype: str = "auto", device: str = "auto") -> Teacher:
+    """A Hugging Face language model directory (causal or masked; `dtype` a `lm.DTYPES` name,
+    `device` auto|cpu|cuda), with the fingerprint that identifies it, its tokenizer's (which
+    the prepared data must have been cut with) and its provenance and test scores when
+    `kd teacher` made it."""
+    tokenizer = text.read_tokenizer(directory, "teacher's tokenizer")
+    model = lm.load(directory, dtype=dtype, device=lm.resolve_device(device))
     config = {"arch": model.config.model_type, "objective": lm.objective(model), "params": count_params(model),
-              "vocab_size": model.config.vocab_size, "hf_config": model.config.to_dict()}
+              "vocab_size": model.config.vocab_size, "hf_config": model.config.to_dict(),
+              "tokenizer": {"sha256": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size},
+              "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     for name in ("training", "metrics"):
         if (directory / f"{name}.json").is_file():
             config[name] = read_json(directory / f"{name}.json")

@@ -49,6 +49,12 @@ class Inputs:
     def samples(self, split: str) -> int:
         return self.infos[split]["rows"]
 
+    def check_teacher(self, teacher: Teacher, prepared: Path) -> None:
+        """A language model cannot label images."""
+        if "tokenizer" in teacher.config:
+            raise InputError(f"{teacher.directory}: a language model ({teacher.config['arch']}); the images in "
+                             f"{prepared} need an image classifier")
+
     def header(self) -> dict[str, Any]:
         return {"input_shape": self.input_shape}
 
@@ -188,7 +194,13 @@ def train_teacher(cfg: TeacherConfig, prepared: Path, out: Path, *, progress: bo
     return f"test accuracy {scores['test_accuracy']:.4f}"
 
 
-def load_teacher(directory: Path, arch: str | None, arch_kwargs: dict | None) -> Teacher:
-    """Our image teacher (model.safetensors + our config.json), with its fingerprint."""
+def load_teacher(directory: Path, arch: str | None, arch_kwargs: dict | None, *, dtype: str = "auto",
+                 device: str = "auto") -> Teacher:
+    """Our image teacher (model.safetensors + our config.json), with its fingerprint. It runs in
+    float32 on the CPU (`label.dtype`/`label.device` auto); other placements are refused."""
+    if dtype not in ("auto", "float32"):
+        raise ConfigError(f"label.dtype: {dtype}; an image teacher runs in float32 so far (auto or float32)")
+    if device == "cuda":
+        raise ConfigError("label.device: cuda; an image teacher runs on the CPU so far (auto or cpu)")
     model, config = load_model(directory, arch=arch, arch_kwargs=arch_kwargs)
     return Teacher(model, fingerprint(directory), config, directory)

@@ -61,6 +61,7 @@ class Inputs(causal_lm.Inputs):
         self.masked_count = lm.mask_count(self.block_size)
         self.per_sample = (cfg.views + 1) * self.masked_count
         self.special = text.load_tokenizer(prepared)[1]
+        lm.mask_id(self.special, str(prepared))
 
     def header(self) -> dict[str, Any]:
         header = super().header()
@@ -70,6 +71,7 @@ class Inputs(causal_lm.Inputs):
         return header
 
     def logits(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(causal_lm.device_of(model))
         return model(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits[:, 0]
 
     def batch(self, model: nn.Module, rows: tuple[np.ndarray, np.ndarray], start: int, stop: int,
@@ -80,11 +82,12 @@ class Inputs(causal_lm.Inputs):
         blocks = torch.from_numpy(rows[1][start:stop]).repeat_interleave(views, dim=0)
         positions, seen = lm.fixed_masks(blocks, ids, view, m, self.special, self.infos["labeled"]["vocab_size"],
                                          self.cfg.view_seed)
-        inputs = lm.apply_masks(blocks, positions, seen)
-        at = (torch.arange(len(blocks))[:, None], positions)  # (B, M) index: the masked rows
+        device = causal_lm.device_of(model)
+        inputs = lm.apply_masks(blocks, positions, seen).to(device)
+        at = (torch.arange(len(blocks), device=device)[:, None], positions.to(device))  # (B, M): the masked rows
         with torch.no_grad(), features.tap(model, list(specs)) as captured:
-            logits = model(input_ids=inputs, attention_mask=torch.ones_like(inputs)).logits[at].float()
-            feats = {name: hidden(captured[name])[at].reshape(len(blocks) * m, -1).to(torch.float16).numpy()
+            logits = model(input_ids=inputs, attention_mask=torch.ones_like(inputs)).logits[at].float().cpu()
+            feats = {name: hidden(captured[name])[at].reshape(len(blocks) * m, -1).to(torch.float16).cpu().numpy()
                      for name in specs}
         return Batch(np.repeat(ids, m), np.repeat(view, m), positions.reshape(-1).numpy().astype(np.int32),
                      logits.reshape(len(blocks) * m, -1), feats, blocks.gather(1, positions).reshape(-1).numpy(),

@@ -1,0 +1,213 @@
+"""Your own language models as teachers: `kd prepare --tokenizer DIR` and `kd label --teacher DIR`
+for Hugging Face directories that `transformers` saved, built here from configs and never
+downloaded.
+
+The world: a byte-level BPE of 384 entries trained with `tokenizers` on CPython's pydoc text,
+wrapped as a PreTrainedTokenizerFast with bos/eos and NO pad token; tiny random Llama, Qwen2
+and GPT-NeoX models (2 layers, 32 wide, about 45k parameters) saved with
+`save_pretrained(max_shard_size=...)` small enough to give several safetensors shards and the
+index. Each teacher labels pydoc prepared with its own directory as `prepare.tokenizer`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from pipeline import lm
+from pipeline.cache import Cache
+from pipeline.cache.verify import verify
+from pipeline.errors import ConfigError, InputError, MissingInputError
+from pipeline.prepared import tokens as text
+from stages import label, prepare
+from tests.test_prepare import assert_clean_error
+from conftest import invoke, ok
+
+VOCAB, BLOCK = 384, 32
+SIZES = ("--block-size", BLOCK, "--labeled", 24, "--unlabeled", 8, "--test", 8)
+# model_type -> config fields: 2 layers, 32 wide
+TINY = {
+    "llama": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 1},
+    "qwen2": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 1},
+    "gpt_neox": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
+}
+
+
+def pydoc_documents(first: int = 0, count: int = 40) -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[name] for name in sorted(topics)][first:first + count]
+
+
+def hf_tokenizer(vocab_size: int = VOCAB, docs: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained with `tokenizers`, as transformers wraps it: bos <s>, eos </s>, no pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(docs or pydoc_documents(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+
+
+def save_hf_model(directory: Path, model_type: str, tokenizer: PreTrainedTokenizerFast, *, seed: int = 0,
+                  dtype: torch.dtype = torch.float32, shard: str | None = "20KB", **fields) -> Path:
+    """A random tiny `model_type` causal LM with `tokenizer` beside it, as save_pretrained writes them."""
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, max_position_embeddings=64,
+                                  **{**TINY[model_type], **fields})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    model.save_pretrained(directory, **({"max_shard_size": shard} if shard else {}))
+    tokenizer.save_pretrained(directory)
+    return Path(directory)
+
+
+@pytest.fixture(scope="module")
+def hf_world(tmp_path_factory) -> Path:
+    """root/{llama,qwen2,gpt_neox}: sharded teachers; root/prepared-<type>: pydoc cut with each
+    teacher's tokenizer; root/params.yaml: empty."""
+    root = tmp_path_factory.mktemp("hf")
+    (root / "params.yaml").write_text("{}\n")
+    tokenizer = hf_tokenizer()
+    for model_type in TINY:
+        save_hf_model(root / model_type, model_type, tokenizer)
+        ok(invoke(prepare.main, "--dataset", "pydoc", "--tokenizer", root / model_type, *SIZES,
+                  "--params", root / "params.yaml", "--out", root / f"prepared-{model_type}"))
+    return root
+
+
+def label_args(root: Path, teacher: Path, prepared: Path, out: Path, *extra) -> list:
+    return ["--no-progress", "--teacher", teacher, "--prepared", prepared, "--out", out,
+            "--params", root / "params.yaml", "--top-k", 8, "--part-size", 16, *extra]
+
+
+# --- prepare.tokenizer --------------------------------------------------------------------------
+
+
+def test_prepare_tokenizes_with_the_directory_as_it_is(hf_world):
+    source, prepared = hf_world / "llama", hf_world / "prepared-llama"
+    hf = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    assert hf.pad_token is None and len(hf) == VOCAB  # nothing was added to it
+    info = text.split_info(prepared / "labeled.parquet")
+    assert info["vocab_size"] == VOCAB and info["tokenizer_source"] == str(source)
+    assert info["tokenizer_sha256"] == text.read_tokenizer(source).fingerprint
+    # the fingerprint of a tokenizer saved by transformers is its tokenizer.json's sha256
+    import hashlib
+
+    assert info["tokenizer_sha256"] == hashlib.sha256((source / "tokenizer.json").read_bytes()).hexdigest()
+    assert (prepared / "tokenizer_config.json").is_file()
+    _, blocks = text.read_blocks(prepared / "test.parquet")
+    assert blocks[0, 0] == hf.eos_token_id  # every document starts after the eos id
+    documents = pydoc_documents(0, 10_000)
+    first = hf.decode(blocks[0, 1:].tolist())
+    assert any(first in d for d in documents)  # ids decode back to the source text
+    assert blocks.max() < VOCAB
+    assert text.load_tokenizer(prepared)[1] == text.SpecialIds(pad=None, eos=hf.eos_token_id, mask=None,
+                                                               bos=hf.bos_token_id)
+
+
+def test_prepare_refuses_a_directory_without_a_tokenizer(hf_world, tmp_path):
+    result = invoke(prepare.main, "--dataset", "pydoc", "--tokenizer", tmp_path, *SIZES,
+                    "--params", hf_world / "params.yaml", "--out", tmp_path / "never")
+    assert_clean_error(result, str(tmp_path), "tokenizer.json")
+    assert not (tmp_path / "never").exists()
+
+
+# --- kd label --teacher DIR ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", list(TINY))
+def test_a_sharded_teacher_labels_data_cut_with_its_tokenizer(hf_world, tmp_path, model_type):
+    teacher, prepared = hf_world / model_type, hf_world / f"prepared-{model_type}"
+    assert len(list(teacher.glob("model-*-of-*.safetensors"))) > 2 and (teacher / lm.WEIGHTS_INDEX).is_file()
+    out = tmp_path / "cache"
+    ok(invoke(label.main, *label_args(hf_world, teacher, prepared, out)))
+    assert verify(out) == []
+    cache = Cache.open(out)
+    config = cache.manifest["teacher"]["config"]
+    assert cache.manifest["teacher"]["fingerprint"] == lm.fingerprint(teacher)
+    assert config["arch"] == model_type and config["objective"] == "causal" and config["dtype"] == "float32"
+    # (transformers' Qwen2Tokenizer adds its own pad token to what tokenizer.json holds: 385 ids)
+    assert config["tokenizer"] == {"sha256": cache.manifest["text"]["tokenizer_sha256"],
+                                   "vocab_size": text.split_info(prepared / "test.parquet")["vocab_size"]}
+    assert cache.manifest["num_classes"] == VOCAB
+
+    model = AutoModelForCausalLM.from_pretrained(teacher, local_files_only=True)
+    _, blocks = text.read_blocks(prepared / "test.parquet")
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(blocks[:4])).logits[:, :-1].reshape(-1, VOCAB)
+    rows = pq.read_table(out / "soft_targets" / "split=test" / "part-00000.parquet")
+    top = np.stack(rows["topk_idx"].to_numpy(zero_copy_only=False))[:len(logits)]
+    kept = np.stack(rows["topk_logit"].to_numpy(zero_copy_only=False))[:len(logits)].astype(np.float32)
+    expected = logits.topk(8).values - logits.max(1, keepdim=True).values
+    assert (top[:, 0] == logits.argmax(1).numpy()).mean() > 0.99  # ties in float16 aside
+    np.testing.assert_allclose(kept, expected.numpy(), atol=2e-3)
+
+
+def test_the_fingerprint_covers_every_shard_the_config_and_the_tokenizer(hf_world, tmp_path):
+    copy = Path(shutil.copytree(hf_world / "llama", tmp_path / "llama"))
+    before = lm.fingerprint(copy)
+    names = [lm.WEIGHTS_INDEX, sorted(copy.glob("model-*.safetensors"))[-1].name, "config.json",
+             "tokenizer.json", "tokenizer_config.json"]
+    for name in names:
+        original = (copy / name).read_bytes()
+        (copy / name).write_bytes(original + b" ")
+        assert lm.fingerprint(copy) != before, name
+        (copy / name).write_bytes(original)
+    assert lm.fingerprint(copy) == before
+
+
+def test_a_missing_shard_is_one_line_naming_it(hf_world, tmp_path):
+    copy = Path(shutil.copytree(hf_world / "llama", tmp_path / "llama"))
+    shard = sorted(copy.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    result = invoke(label.main, *label_args(hf_world, copy, hf_world / "prepared-llama", tmp_path / "never"))
+    assert_clean_error(result, shard.name, "missing")
+    assert not (tmp_path / "never").exists()
+
+
+def test_label_dtype_and_device(hf_world, tmp_path):
+    half = save_hf_model(tmp_path / "bf16", "llama", hf_tokenizer(), dtype=torch.bfloat16, shard=None)
+    assert json.loads((half / "config.json").read_text())["dtype"] == "bfloat16"
+    prepared = hf_world / "prepared-llama"  # the same tokenizer file: the same fingerprint
+    ok(invoke(label.main, *label_args(hf_world, half, prepared, tmp_path / "auto")))
+    assert Cache.open(tmp_path / "auto").manifest["teacher"]["config"]["dtype"] == "bfloat16"  # auto: the config's
+    ok(invoke(label.main, *label_args(hf_world, half, prepared, tmp_path / "f32", "--dtype", "float32")))
+    cache = Cache.open(tmp_path / "f32")
+    assert cache.manifest["teacher"]["config"]["dtype"] == "float32"
+    assert cache.manifest["label"]["dtype"] == "float32" and cache.manifest["label"]["device"] == "auto"
+    assert_clean_error(invoke(label.main, *label_args(hf_world, half, prepared, tmp_path / "x", "--dtype", "int8")),
+                       "label.dtype", "'int8'")
+    assert_clean_error(invoke(label.main, *label_args(hf_world, half, prepared, tmp_path / "x", "--device", "tpu")),
+                       "label.device", "'tpu'")
+    if not torch.cuda.is_available():
+        assert_clean_error(invoke(label.main, *label_args(hf_world, half, prepared, tmp_path / "x",
+                                                          "--device", "cuda")), "label.device", "no GPU")
+    assert lm.resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert not (tmp_path / "x").exists()
+
+
+def test_no_code_from_the_directory_runs(hf_world, tmp_path):
+    copy = Path(shutil.copytree(hf_world / "llama", tmp_path / "remote"))
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "evil.py").write_text("raise SystemExit('remote code ran')\n")
+    config |= {"model_type": "evil", "auto_map": {"AutoConfig": "evil.Config", "AutoModelForCausalLM": "evil.Model"}}
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="remote: cannot load the model"):
+        lm.load(copy)
+    with pytest.raises(MissingInputError, match="config.json"):
+        lm.load(tmp_path)
+    with pytest.raises(ConfigError, match="label.device"):
+        lm.resolve_device("gpu")
