@@ -26,7 +26,7 @@ from pipeline.cache import Cache
 from pipeline.cache.verify import verify
 from pipeline.errors import ConfigError, InputError, MissingInputError
 from pipeline.prepared import tokens as text
-from stages import label, prepare
+from stages import distill, label, prepare
 from tests.test_prepare import assert_clean_error
 from conftest import invoke, ok
 
@@ -64,9 +64,9 @@ def hf_tokenizer(vocab_size: int = VOCAB, docs: list[str] | None = None) -> PreT
 def save_hf_model(directory: Path, model_type: str, tokenizer: PreTrainedTokenizerFast, *, seed: int = 0,
                   dtype: torch.dtype = torch.float32, shard: str | None = "20KB", **fields) -> Path:
     """A random tiny `model_type` causal LM with `tokenizer` beside it, as save_pretrained writes them."""
-    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, max_position_embeddings=64,
-                                  **{**TINY[model_type], **fields})
+    config = AutoConfig.for_model(model_type, **{"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                                                 "eos_token_id": tokenizer.eos_token_id,
+                                                 "max_position_embeddings": 64, **TINY[model_type], **fields})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
     model.save_pretrained(directory, **({"max_shard_size": shard} if shard else {}))
@@ -211,3 +211,61 @@ def test_no_code_from_the_directory_runs(hf_world, tmp_path):
         lm.load(tmp_path)
     with pytest.raises(ConfigError, match="label.device"):
         lm.resolve_device("gpu")
+
+
+# --- another tokenizer --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other_data(hf_world) -> dict[str, Path]:
+    """pydoc cut with tokenizers that are not the llama teacher's: one of the same size (trained
+    on other documents) and one of another size (kd's own BPE of 300 entries)."""
+    same = hf_world / "other-384"
+    tokenizer = hf_tokenizer(VOCAB, pydoc_documents(40, 40))
+    tokenizer.save_pretrained(same)
+    assert len(tokenizer) == VOCAB
+    out = {}
+    for name, args in (("same size", ("--tokenizer", same)), ("other size", ("--vocab-size", 300))):
+        out[name] = hf_world / f"prepared-{name.replace(' ', '-')}"
+        ok(invoke(prepare.main, "--dataset", "pydoc", *args, *SIZES, "--params", hf_world / "params.yaml",
+                  "--out", out[name]))
+    return out
+
+
+@pytest.mark.parametrize("which", ["same size", "other size"])
+def test_label_refuses_data_cut_with_another_tokenizer(hf_world, other_data, tmp_path, which):
+    prepared = other_data[which]
+    result = invoke(label.main, *label_args(hf_world, hf_world / "llama", prepared, tmp_path / "never"))
+    mine = text.split_info(prepared / "labeled.parquet")
+    theirs = text.read_tokenizer(hf_world / "llama").fingerprint
+    source = "other-384" if which == "same size" else "the BPE `kd prepare` trained"
+    assert_clean_error(result, "another tokenizer", source, mine["tokenizer_sha256"][:12], theirs[:12],
+                       f"vocabulary {mine['vocab_size']}", f"vocabulary {VOCAB}", str(hf_world / "llama"))
+    assert not (tmp_path / "never").exists()
+
+
+def test_label_refuses_ids_past_the_teachers_vocabulary(hf_world, tmp_path):
+    # the llama's own tokenizer, but an embedding of 300 rows: ids 300..383 would index past it
+    small = save_hf_model(tmp_path / "small", "llama", hf_tokenizer(), vocab_size=300, shard=None)
+    result = invoke(label.main, *label_args(hf_world, small, hf_world / "prepared-llama", tmp_path / "never"))
+    assert_clean_error(result, "labeled.parquet", "outside the teacher's vocabulary of 300 ids")
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("which", ["same size", "other size"])
+def test_distill_refuses_data_cut_with_another_tokenizer(hf_world, other_data, tmp_path, which):
+    cache = tmp_path / "cache"
+    ok(invoke(label.main, *label_args(hf_world, hf_world / "llama", hf_world / "prepared-llama", cache)))
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"text_students": {"s": {
+        "arch": "gpt2", "arch_kwargs": {"n_layer": 1, "n_head": 2, "n_embd": 16}, "epochs": 1, "batch_size": 8,
+        "transfer": ["unlabeled"], "loss": {"soft": {"weight": 1.0, "temperature": 1}}}}}))
+    prepared = other_data[which]
+    result = invoke(distill.main, "s", "--cache", cache, "--prepared", prepared, "--students-dir", tmp_path / "st",
+                    "--baselines", tmp_path / "bl", "--checkpoints", tmp_path / "ck", "--params", params,
+                    "--no-progress")
+    mine = text.split_info(prepared / "unlabeled.parquet")
+    assert_clean_error(result, "unlabeled.parquet", "another tokenizer", mine["tokenizer_sha256"][:12],
+                       Cache.open(cache).manifest["text"]["tokenizer_sha256"][:12],
+                       f"vocabulary {mine['vocab_size']}", f"vocabulary {VOCAB}", str(cache))
+    assert not any((tmp_path / d).exists() for d in ("st", "bl", "ck"))

@@ -224,10 +224,24 @@ def unigram_perplexity(train: np.ndarray, test: np.ndarray, vocab_size: int) -> 
 # --- training ---------------------------------------------------------------------------------
 
 
-def check(cfg: StudentConfig, cache: Cache) -> None:
+def check(cfg: StudentConfig, cache: Cache, prepared: Path) -> None:
     """What a causal student cannot do yet, said up front."""
+    check_tokenizer(cache, prepared, cfg.transfer)
     check_token_student(cfg, ARCH, OBJECTIVE, METHODS, [("assistant", cfg.assistant), ("views", cfg.views),
                                                     ("init", cfg.init)])
+
+
+def check_tokenizer(cache: Cache, prepared: Path, splits: list[str]) -> None:
+    """Refuse prepared splits cut with another tokenizer than the cache's (the teacher's), whatever
+    the two vocabulary sizes: one line naming both."""
+    ours = cache.manifest["text"]
+    for split in splits:
+        info = text.split_info(prepared / f"{split}.parquet")
+        if info["tokenizer_sha256"] != ours["tokenizer_sha256"]:
+            raise InputError(f"{prepared / f'{split}.parquet'}: prepared with another tokenizer than the cache's "
+                             f"teacher: {prepared_tokenizer_name(info)} vs the cache {cache.root}'s (sha256 "
+                             f"{ours['tokenizer_sha256'][:12]}, vocabulary {ours['vocab_size']}); prepare the data "
+                             "with the teacher's tokenizer (prepare.tokenizer)")
 
 
 def check_token_student(cfg: StudentConfig, arch: str, objective: str, allowed: tuple[str, ...],

@@ -96,7 +96,7 @@ class Inputs:
 # --- training ---------------------------------------------------------------------------------
 
 
-def check(cfg: StudentConfig, cache: Cache) -> None:
+def check(cfg: StudentConfig, cache: Cache, prepared: Path) -> None:
     """What an image student cannot do, said up front."""
     if cfg.init is not None:
         raise ConfigError(f"{cfg.where}.init: starting from the teacher's layers is for masked-LM students "

@@ -180,8 +180,9 @@ def teacher_scores(scores: dict[str, float], train: np.ndarray, test: np.ndarray
 # --- training ---------------------------------------------------------------------------------
 
 
-def check(cfg: StudentConfig, cache: Cache) -> None:
+def check(cfg: StudentConfig, cache: Cache, prepared: Path) -> None:
     """What a masked student cannot do yet, said up front."""
+    causal_lm.check_tokenizer(cache, prepared, cfg.transfer)
     check_token_student(cfg, ARCH, OBJECTIVE, METHODS, [("assistant", cfg.assistant)])
     if cfg.views and cache.manifest["views"]["count"] == 0:
         raise ConfigError(f"{cfg.where}.views: the cache holds one masking per block; set label.views (e.g. 4) "
