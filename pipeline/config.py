@@ -161,7 +161,9 @@ class StudentConfig:
     assistant: str | None = None  # learn from this assistant's cache instead of the teacher's
     transfer: list[str] = field(default_factory=lambda: ["labeled", "unlabeled"])
     views: bool = False  # draw each epoch among the cached views of a sample
-    init: str | None = None  # "teacher": start from the teacher's layers (masked LMs; label.keep_teacher)
+    # language models: "teacher" (its layers, one in every N; label.keep_teacher), a local pretrained
+    # directory (with the teacher's tokenizer), or null (random)
+    init: str | None = None
     loss: LossConfig = field(default_factory=LossConfig)
 
     @property
@@ -174,9 +176,10 @@ class StudentConfig:
         if self.section == "assistants" and self.assistant is not None:
             raise ConfigError(f"{where}.assistant: an assistant learns from the teacher (chains of assistants "
                               "are not supported yet)")
-        if self.init not in (None, "teacher"):
+        if self.init is not None and not self.init.strip():
             raise ConfigError(f"{where}.init: {self.init!r} must be 'teacher' (start from the teacher's layers, "
-                              "one in every N_teacher / N_student) or null (random)")
+                              "one in every N_teacher / N_student), the path of a local pretrained model directory "
+                              "or null (random)")
         for split in self.transfer:
             if split not in ("labeled", "unlabeled"):
                 raise ConfigError(f"{where}.transfer: {split!r} must be 'labeled' or 'unlabeled'")

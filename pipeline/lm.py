@@ -1,17 +1,19 @@
-"""Language models for text data: GPT-2 (causal) and BERT (masked) from `transformers`.
+"""Language models for text data: any transformers model_type with a causal or masked LM head.
 
-`build` makes a model from an architecture name, its config keywords (the Hugging Face config's
-own names: n_layer/n_head/n_embd for gpt2; num_hidden_layers/hidden_size/num_attention_heads/
-intermediate_size for bert) and the prepared tokenizer's size. `fit` trains it on token blocks
-(AdamW, one-cycle schedule, batches a pure function of (seed, epoch), as `training.fit`);
-`evaluate` gives its loss and its task's score; `train_teacher` is `kd teacher` on text data.
-What depends on the objective (the inputs and labels of a batch, the head, the score, the
-Auto class) is asked of the model's task (`pipeline.tasks.causal_lm` / `masked_lm`). A model
-is kept as a
-Hugging Face directory: `model.safetensors` (or shards listed in `model.safetensors.index.json`),
-`config.json` (+ `generation_config.json`) and the tokenizer files it reads, loaded with
-`from_pretrained(local_files_only=True, use_safetensors=True)` and never `trust_remote_code`,
-so any local HF causal/masked LM directory loads the same way and no file can run code.
+`build` makes a model from a model_type (`AutoConfig.for_model`), its config keywords (the
+Hugging Face config's own names: n_layer/n_head/n_embd for gpt2; num_hidden_layers/
+hidden_size/num_attention_heads/intermediate_size for bert, llama, qwen2, gpt_neox ...) and the
+prepared tokenizer's size and special ids, through the Auto class of its objective (`HEADS`).
+`init_from_teacher` starts a shallower student from a teacher's layers. `fit` trains a model on
+token blocks (AdamW, one-cycle schedule, batches a pure function of (seed, epoch), as
+`training.fit`); `evaluate` gives its loss and its task's score; `train_teacher` is
+`kd teacher` on text data. What depends on the objective (the inputs and labels of a batch,
+the head, the score, the Auto class) is asked of the model's task (`pipeline.tasks.causal_lm`
+/ `masked_lm`). A model is kept as a Hugging Face directory: `model.safetensors` (or shards
+listed in `model.safetensors.index.json`), `config.json` (+ `generation_config.json`) and the
+tokenizer files it reads, loaded with `from_pretrained(local_files_only=True,
+use_safetensors=True)` and never `trust_remote_code`, so any local HF causal/masked LM
+directory loads the same way and no file can run code.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ import torch.nn.functional as F
 import transformers
 from safetensors import SafetensorError
 from tqdm import tqdm
-from transformers import (AutoConfig, BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, PretrainedConfig,
-                          PreTrainedModel)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from pipeline.prepared import tokens as text
 from pipeline.config import TEACHER_DEVICES, TeacherConfig, as_dict
@@ -46,11 +48,12 @@ WEIGHTS_INDEX = "model.safetensors.index.json"  # a sharded checkpoint: shard na
 DTYPES: dict[str, Any] = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
                           "float16": torch.float16}
 DEVICES = TEACHER_DEVICES
-# name -> (config class, model class); the model class decides the objective (`objective`)
-ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
-    "gpt2": (GPT2Config, GPT2LMHeadModel),  # causal
-    "bert": (BertConfig, BertForMaskedLM),  # masked
+# objective -> (the Auto class that builds a model with that head, transformers' model_type -> class name)
+HEADS: dict[str, tuple[Any, dict[str, str]]] = {
+    "causal": (AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+    "masked": (AutoModelForMaskedLM, MODEL_FOR_MASKED_LM_MAPPING_NAMES),
 }
+EXAMPLES = {"causal": "gpt2, llama, qwen2, gpt_neox", "masked": "bert, roberta"}  # for messages
 # BERT's masking: 15% of the (non-special) tokens are predicted; of those 80% become [MASK],
 # 10% a random token and 10% stay as they are.
 MASK_PROB, MASK_AS_MASK, MASK_AS_RANDOM = 0.15, 0.8, 0.1
@@ -58,58 +61,101 @@ CLIP_NORM = 1.0  # gradient-norm clipping, as Hugging Face's Trainer does by def
 SET_BY_DATA = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
 
 
+def arch_objective(arch: str) -> str:
+    """The objective `kd teacher` trains a model_type for: masked when transformers has a
+    masked-LM head for it (bert, roberta, ...), causal otherwise (gpt2, llama, ...)."""
+    return "masked" if arch in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "causal"
+
+
+def check_arch(arch: str, objective: str, where: str) -> None:
+    """`arch` must be a transformers model_type with the objective's LM head; one line otherwise."""
+    auto, heads = HEADS[objective]
+    if arch not in heads:
+        try:
+            AutoConfig.for_model(arch)
+            what = f"a transformers model_type without a {objective} LM head ({auto.__name__})"
+        except ValueError:
+            what = "not a transformers model_type"
+        raise ConfigError(f"{where}.arch: {arch!r} is {what}; a student of a {objective} LM cache must be "
+                          f"{EXAMPLES[objective]} or another model_type with a {objective} LM head")
+
+
 def build(arch: str, arch_kwargs: dict[str, Any], vocab_size: int, block_size: int, special: SpecialIds,
-          where: str = "teacher") -> PreTrainedModel:
-    """A freshly initialised model (seed torch first); the context length defaults to block_size."""
-    if arch not in ARCHITECTURES:
-        raise ConfigError(f"{where}.arch: {arch!r} is not a language model; text data needs one of "
-                          f"{', '.join(ARCHITECTURES)}")
-    config_class, model_class = ARCHITECTURES[arch]
-    defaults = config_class()
+          where: str = "teacher", objective: str | None = None) -> PreTrainedModel:
+    """A freshly initialised `objective` LM (seed torch first): `AutoConfig.for_model(arch,
+    **arch_kwargs)` with the vocabulary and special ids of the tokenizer, through the Auto class
+    of the objective (`HEADS`; None: `arch_objective`). The context length defaults to block_size."""
+    if objective is None:
+        if not any(arch in heads for _, heads in HEADS.values()):
+            raise ConfigError(f"{where}.arch: {arch!r} is not a transformers model_type with a language-model "
+                              "head; text data needs one (e.g. gpt2, bert, llama, qwen2, gpt_neox)")
+        objective = arch_objective(arch)
+    check_arch(arch, objective, where)
+    defaults = AutoConfig.for_model(arch)
     for key in arch_kwargs:
         if key in SET_BY_DATA:
             raise ConfigError(f"{where}.arch_kwargs.{key}: set from the prepared tokenizer, not by hand")
         if not hasattr(defaults, key):
-            raise ConfigError(f"{where}.arch_kwargs.{key}: not a {config_class.__name__} field")
-    positions = "n_positions" if arch == "gpt2" else "max_position_embeddings"
+            raise ConfigError(f"{where}.arch_kwargs.{key}: not a {type(defaults).__name__} field")
+    positions = type(defaults).attribute_map.get("max_position_embeddings", "max_position_embeddings")
+    given = {positions, "max_position_embeddings"} & set(arch_kwargs)
+    sized = {} if given or not hasattr(defaults, positions) else {positions: block_size}
     try:
-        config = config_class(**{positions: block_size, **arch_kwargs}, vocab_size=vocab_size,
-                              bos_token_id=special.eos, eos_token_id=special.eos, pad_token_id=special.pad)
-        model = model_class(config)
+        config = AutoConfig.for_model(arch, **{**sized, **arch_kwargs}, vocab_size=vocab_size,
+                                      bos_token_id=special.eos if special.bos is None else special.bos,
+                                      eos_token_id=special.eos, pad_token_id=special.pad)
+        model = HEADS[objective][0].from_config(config)
     except (ValueError, TypeError, AssertionError) as exc:
         raise ConfigError(f"{where}.arch_kwargs: {arch_kwargs} do not make a {arch} ({exc})") from None
-    if getattr(config, positions) < block_size:
+    if hasattr(config, positions) and getattr(config, positions) < block_size:
         raise ConfigError(f"{where}.arch_kwargs.{positions}: {getattr(config, positions)} is shorter than "
                           f"the blocks ({block_size} tokens)")
     return model
 
 
 def init_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, where: str = "init") -> list[int]:
-    """DistilBERT's start: the student takes the teacher's embeddings, head and one layer in
-    every N_teacher / N_student (every other layer for half the depth). Returns the teacher
-    layers taken. The two must share everything but the number of layers."""
+    """DistilBERT's start, for any transformers LM: the student takes the teacher's embeddings,
+    head and one layer in every N_teacher / N_student (every other layer for half the depth).
+    Returns the teacher layers taken. The two must share everything but the number of layers;
+    the layers are the one ModuleList of num_hidden_layers blocks (`layer_stack`)."""
     s, t = student.config, teacher.config
     if type(student) is not type(teacher):
         raise ConfigError(f"{where}: a {type(student).__name__} cannot start from a {type(teacher).__name__}")
     for key in ("hidden_size", "num_attention_heads", "intermediate_size", "vocab_size", "max_position_embeddings"):
-        if getattr(s, key) != getattr(t, key):
+        if getattr(s, key, None) != getattr(t, key, None):
             raise ConfigError(f"{where}: the student's {key} is {getattr(s, key)}, the teacher's {getattr(t, key)}; "
                               "a student that starts from the teacher's layers must match it but for depth")
     if s.num_hidden_layers > t.num_hidden_layers:
         raise ConfigError(f"{where}: the student has {s.num_hidden_layers} layers, the teacher only "
                           f"{t.num_hidden_layers}")
     taken = [i * t.num_hidden_layers // s.num_hidden_layers for i in range(s.num_hidden_layers)]
+    stack = layer_stack(teacher) + "."
     state = {}
     for key, value in teacher.state_dict().items():
-        parts = key.split(".")
-        if "layer" in parts and parts[parts.index("layer") - 1] == "encoder":
-            at = parts.index("layer") + 1
-            if int(parts[at]) not in taken:
+        if key.startswith(stack):
+            index, rest = key[len(stack):].split(".", 1)
+            if int(index) not in taken:
                 continue
-            parts[at] = str(taken.index(int(parts[at])))
-        state[".".join(parts)] = value
-    student.load_state_dict(state, strict=True)
+            key = f"{stack}{taken.index(int(index))}.{rest}"
+        state[key] = value
+    try:
+        student.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
+        raise ConfigError(f"{where}: the student's weights do not match the teacher's but for depth ({first})") from None
     return taken
+
+
+def layer_stack(model: PreTrainedModel) -> str:
+    """The name of a model's stack of layers: its one ModuleList of num_hidden_layers modules
+    (`bert.encoder.layer`, `model.layers`, `transformer.h`, `gpt_neox.layers`, ...)."""
+    depth = model.config.num_hidden_layers
+    found = [name for name, module in model.named_modules() if isinstance(module, torch.nn.ModuleList)
+             and len(module) == depth and name]
+    if len(found) != 1:
+        raise ConfigError(f"{type(model).__name__}: cannot tell its stack of {depth} layers "
+                          f"({', '.join(found) or 'no ModuleList of that length'})")
+    return found[0]
 
 
 def objective(model: PreTrainedModel | PretrainedConfig) -> str:

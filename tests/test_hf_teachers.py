@@ -269,3 +269,17 @@ def test_distill_refuses_data_cut_with_another_tokenizer(hf_world, other_data, t
                        Cache.open(cache).manifest["text"]["tokenizer_sha256"][:12],
                        f"vocabulary {mine['vocab_size']}", f"vocabulary {VOCAB}", str(cache))
     assert not any((tmp_path / d).exists() for d in ("st", "bl", "ck"))
+
+
+def test_kd_teacher_trains_any_model_type_on_a_hugging_face_tokenizer(hf_world, tmp_path):
+    from stages import teacher
+
+    prepared, out = hf_world / "prepared-llama", tmp_path / "teacher"
+    ok(invoke(teacher.main, "--arch", "llama", "--arch-kwargs", json.dumps(TINY["llama"]), "--epochs", 1,
+              "--batch-size", 8, "--no-progress", "--prepared", prepared, "--out", out,
+              "--params", hf_world / "params.yaml"))
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert model.config.model_type == "llama" and model.config.pad_token_id is None
+    assert model.config.eos_token_id == AutoTokenizer.from_pretrained(out, local_files_only=True).eos_token_id
+    assert json.loads((out / "metrics.json").read_text())["objective"] == "causal"
+    ok(invoke(label.main, *label_args(hf_world, out, prepared, tmp_path / "cache")))  # its own tokenizer: accepted

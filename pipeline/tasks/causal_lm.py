@@ -6,18 +6,25 @@ sees what it sees for images: a batch of blocks in, one row of logits per predic
 lined up with the cache rows that `TokenSet` serves. The true label of a row is the next token
 (text is its own label, on every split); the baseline twin is the same student trained on the
 same blocks with the next-token loss alone and the same budget ("the text alone"). A student
-is a Hugging Face directory (`lm.save`) plus `student.json`; it is scored by test perplexity.
+is any transformers model_type with a causal LM head (`arch`, `arch_kwargs`), started at
+random, from the teacher's layers (`init: teacher`) or from a local pretrained directory
+(`init: DIR`, with the teacher's tokenizer); it is a Hugging Face directory (`lm.save`) plus
+`student.json`, scored by test perplexity.
 
-The helpers every token task shares (saving, the seed table, what is measured against the
-cached teacher) live here too, and so does the text teacher of either objective (`kd teacher`
-trains a GPT-2 or a BERT; `kd label` loads any local Hugging Face causal or masked LM);
-`masked_lm` uses them.
+The helpers every token task shares (the checks of a student and of its tokenizer, building
+and saving, the seed table, what is measured against the cached teacher) live here too, and
+so does the text teacher of either objective (`kd teacher` trains a transformers model_type;
+`kd label` loads any local Hugging Face causal or masked LM and refuses data cut with another
+tokenizer); `masked_lm` uses them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -34,13 +41,13 @@ from pipeline.prepared import tokens as text
 from pipeline.cache import Cache, Teacher
 from pipeline.cache.reader import SoftTargets
 from pipeline.config import EvalConfig, LabelConfig, StudentConfig, TeacherConfig
-from pipeline.errors import ConfigError, InputError
+from pipeline.errors import CacheError, ConfigError, InputError, MissingInputError
 from pipeline.files import read_json, write_json
 from pipeline.methods import chosen
 from pipeline.models import count_params
 from pipeline.tasks import Batch
 
-NAME, OBJECTIVE, ARCH = "causal_lm", "causal", "gpt2"  # ARCH: the student architecture it supports
+NAME, OBJECTIVE = "causal_lm", "causal"
 TWIN_LOSS = "next-token"  # what the baseline twin learns from, for messages
 METHODS = ("soft", "hard")  # the loss methods a causal student supports so far
 STUDENT_RECORD = "student.json"
@@ -227,8 +234,8 @@ def unigram_perplexity(train: np.ndarray, test: np.ndarray, vocab_size: int) -> 
 def check(cfg: StudentConfig, cache: Cache, prepared: Path) -> None:
     """What a causal student cannot do yet, said up front."""
     check_tokenizer(cache, prepared, cfg.transfer)
-    check_token_student(cfg, ARCH, OBJECTIVE, METHODS, [("assistant", cfg.assistant), ("views", cfg.views),
-                                                    ("init", cfg.init)])
+    check_token_student(cfg, cache, prepared, OBJECTIVE, METHODS, [("assistant", cfg.assistant),
+                                                                 ("views", cfg.views)])
 
 
 def check_tokenizer(cache: Cache, prepared: Path, splits: list[str]) -> None:
@@ -244,13 +251,16 @@ def check_tokenizer(cache: Cache, prepared: Path, splits: list[str]) -> None:
                              "with the teacher's tokenizer (prepare.tokenizer)")
 
 
-def check_token_student(cfg: StudentConfig, arch: str, objective: str, allowed: tuple[str, ...],
+def check_token_student(cfg: StudentConfig, cache: Cache, prepared: Path, objective: str, allowed: tuple[str, ...],
                         unsupported: list[tuple[str, Any]]) -> None:
-    """A token task's refusals: its architecture, its loss methods, the keys it cannot use."""
+    """A token task's refusals: its architecture (a transformers model_type with the objective's
+    head), its start (`check_init`), its loss methods, the keys it cannot use."""
     if cfg.section == "assistants":
         raise ConfigError(f"{cfg.where}: teacher assistants are for image students so far")
-    if lm.ARCHITECTURES.get(cfg.arch, (None, None))[1] is not lm.ARCHITECTURES[arch][1]:
-        raise ConfigError(f"{cfg.where}.arch: {cfg.arch!r}; a student of a {objective} LM cache must be {arch}")
+    if cfg.init in (None, "teacher"):
+        lm.check_arch(cfg.arch, objective, cfg.where)
+    check_init(cfg, cache, objective)
+    check_student_tokenizer(cfg, cache, prepared)
     extra = [name for name in chosen(cfg.loss) if name not in allowed]
     if extra:
         raise ConfigError(f"{cfg.where}.loss: {', '.join(extra)} not supported for {objective} LM students yet "
@@ -258,6 +268,78 @@ def check_token_student(cfg: StudentConfig, arch: str, objective: str, allowed: 
     for key, value in unsupported:
         if value:
             raise ConfigError(f"{cfg.where}.{key}: not supported for {objective} LM students yet")
+
+
+def check_init(cfg: StudentConfig, cache: Cache, objective: str) -> None:
+    """`init: teacher` needs the teacher's copy in the cache (`label.keep_teacher`); `init: DIR`
+    a local pretrained LM of this objective, cut with the cache's tokenizer, whose model_type
+    `arch` names (its config.json sets the rest: no `arch_kwargs`)."""
+    if cfg.init is None:
+        return
+    if cfg.init == "teacher":
+        if "teacher_files" not in cache.manifest:
+            raise ConfigError(f"{cfg.where}.init: 'teacher' needs the teacher's weights in the cache; set "
+                              "label.keep_teacher: true and run `kd label` again")
+        return
+    directory = Path(cfg.init)
+    if not (directory / lm.CONFIG).is_file():
+        raise MissingInputError(f"{cfg.where}.init: {directory / lm.CONFIG} not found (init is 'teacher', null or "
+                                "a local pretrained model directory)")
+    tokenizer = text.read_tokenizer(directory, "init directory's tokenizer")
+    ours = cache.manifest["text"]
+    if tokenizer.fingerprint != ours["tokenizer_sha256"]:
+        raise InputError(f"{cfg.where}.init: {tokenizer.describe()} has another tokenizer than the cache "
+                         f"{cache.root}'s (sha256 {ours['tokenizer_sha256'][:12]}, vocabulary {ours['vocab_size']}); "
+                         "a student starts from a model of the teacher's tokenizer")
+    try:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{directory}: cannot read its config ({str(exc).splitlines()[0]})") from None
+    if config.model_type != cfg.arch:
+        raise ConfigError(f"{cfg.where}.arch: {cfg.arch!r}, but init {directory} holds a {config.model_type!r}; "
+                          "name its model_type")
+    if cfg.arch_kwargs:
+        raise ConfigError(f"{cfg.where}.arch_kwargs: set by {directory / lm.CONFIG} (a student started from a "
+                          "pretrained directory keeps its architecture); leave it empty")
+    if lm.objective(config) != objective:
+        raise ConfigError(f"{cfg.where}.init: {directory} is a {lm.objective(config)} LM; a student of a "
+                          f"{objective} LM cache must be one too")
+
+
+def check_student_tokenizer(cfg: StudentConfig, cache: Cache, prepared: Path) -> None:
+    """The student's directory must read back as the tokenizer its data was cut with. AutoTokenizer
+    picks its class from the directory's model_type too: in transformers 5 a qwen2 directory
+    always gets Qwen2Tokenizer, which rebuilds the pre-tokenizer from the vocabulary and adds a
+    pad token. So the prepared tokenizer files are put beside the student's config and read
+    back. (kd's own BPE has no tokenizer_config.json; transformers reads it as its model_type's
+    class, as it always did.)"""
+    if not (prepared / text.HF_TOKENIZER_CONFIG).is_file():
+        return
+    if cfg.init in (None, "teacher"):
+        config = AutoConfig.for_model(cfg.arch)
+    else:
+        config = AutoConfig.from_pretrained(cfg.init, local_files_only=True, trust_remote_code=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        config.save_pretrained(tmp)
+        for source in text.tokenizer_files(prepared):
+            shutil.copyfile(source, Path(tmp) / source.name)
+        found = text.read_tokenizer(Path(tmp), "student's tokenizer")
+    ours = cache.manifest["text"]
+    if found.fingerprint != ours["tokenizer_sha256"]:
+        raise ConfigError(f"{cfg.where}.arch: in a {config.model_type} directory transformers reads the teacher's "
+                          f"tokenizer as {type(found.hf).__name__} (sha256 {found.fingerprint[:12]}, vocabulary "
+                          f"{found.vocab_size}), another tokenizer than the cache {cache.root}'s (sha256 "
+                          f"{ours['tokenizer_sha256'][:12]}, vocabulary {ours['vocab_size']}): the student would "
+                          "not read its own text as it learned it; choose another model_type (the teacher's "
+                          f"{cache.manifest['teacher']['config'].get('arch')} keeps it)")
+
+
+def init_identity(cfg: StudentConfig, cache: Cache) -> Any:
+    """What a student's start is, for its twin's key: the teacher copy's digests, the pretrained
+    directory's fingerprint, or None (random)."""
+    if cfg.init is None:
+        return None
+    return cache.manifest.get("teacher_files") if cfg.init == "teacher" else lm.fingerprint(Path(cfg.init))
 
 
 def memory_check(cfg: StudentConfig, cache: Cache, memory_mb: float, input_bytes: int) -> None:
@@ -292,16 +374,51 @@ def twin_rows(cache: Cache, prepared: Path, cfg: StudentConfig, transfer: TokenS
 
 
 def twin_decided_by(cfg: StudentConfig, cache: Cache, prepared: Path) -> dict[str, Any]:
-    """What decides a causal twin besides its budget and seed: the task and the transfer blocks."""
-    return {"task": NAME, "data": {s: data_fingerprint(prepared / f"{s}.parquet") for s in cfg.transfer}}
+    """What decides a causal twin besides its budget and seed: the task, the transfer blocks and
+    its start when it has one (`init`)."""
+    return {"task": NAME, "data": {s: data_fingerprint(prepared / f"{s}.parquet") for s in cfg.transfer},
+            **({"init": init_identity(cfg, cache)} if cfg.init is not None else {})}
 
 
 def build(cfg: StudentConfig, cache: Cache, prepared: Path) -> TokenRows:
     """A fresh student (seed torch first), sized by the prepared tokenizer and blocks."""
-    _, special = text.load_tokenizer(prepared)
+    return TokenRows(build_model(cfg, cache, prepared, OBJECTIVE))
+
+
+def build_model(cfg: StudentConfig, cache: Cache, prepared: Path, objective: str) -> nn.Module:
+    """A token task's student (seed torch first): `init: DIR` loaded from the directory (float32,
+    on the CPU); otherwise `arch`/`arch_kwargs` built at random with the tokenizer's special ids
+    and a vocabulary covering the tokenizer's and the teacher's ids, then with `init: teacher`
+    started from the teacher's layers (the copy `label.keep_teacher` put in the cache)."""
     info = cache.manifest["text"]
-    return TokenRows(lm.build(cfg.arch, cfg.arch_kwargs, info["vocab_size"], info["block_size"], special,
-                              where=cfg.where))
+    classes = max(info["vocab_size"], cache.manifest["num_classes"])
+    if cfg.init not in (None, "teacher"):
+        model = lm.load(Path(cfg.init))
+        for key, least in (("vocab_size", classes), ("max_position_embeddings", info["block_size"])):
+            if getattr(model.config, key, least) < least:
+                raise ConfigError(f"{cfg.where}.init: {cfg.init} has {key} {getattr(model.config, key)}, fewer "
+                                  f"than the cache needs ({least})")
+        return model
+    _, special = text.load_tokenizer(prepared)
+    model = lm.build(cfg.arch, cfg.arch_kwargs, classes, info["block_size"], special, where=cfg.where,
+                     objective=objective)
+    if cfg.init == "teacher":
+        with torch.random.fork_rng():  # loading the teacher's copy leaves the student's random stream alone
+            start = teacher_start(cache)
+        lm.init_from_teacher(model, start, where=f"{cfg.where}.init")
+    return model
+
+
+def teacher_start(cache: Cache) -> nn.Module:
+    """The teacher's copy in the cache (`label.keep_teacher`), checked against the manifest."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for rel, digest in cache.manifest["teacher_files"].items():
+            blob = cache.store.read_bytes(cache.store.safe(rel))
+            if hashlib.sha256(blob).hexdigest() != digest:
+                raise CacheError(f"{cache.store.show(rel)}: sha256 differs from the manifest; run "
+                                 f"`kd cache verify {cache.root}`")
+            (Path(tmp) / Path(rel).name).write_bytes(blob)
+        return lm.load(Path(tmp))
 
 
 def student_shapes(model: nn.Module, cfg: StudentConfig, layers: list[str], cache: Cache) -> dict[str, list[int]]:
@@ -478,4 +595,5 @@ def load_teacher(directory: Path, arch: str | None = None, arch_kwargs: dict | N
     for name in ("training", "metrics"):
         if (directory / f"{name}.json").is_file():
             config[name] = read_json(directory / f"{name}.json")
-    return Teacher(model, lm.fingerprint(directory), config, directory)
+    files = tuple(path.name for path in lm.weight_files(directory)) + (lm.CONFIG,)
+    return Teacher(model, lm.fingerprint(directory), config, directory, files)

@@ -99,8 +99,8 @@ class Inputs:
 def check(cfg: StudentConfig, cache: Cache, prepared: Path) -> None:
     """What an image student cannot do, said up front."""
     if cfg.init is not None:
-        raise ConfigError(f"{cfg.where}.init: starting from the teacher's layers is for masked-LM students "
-                          "(the cache of a BERT teacher); an image student starts at random")
+        raise ConfigError(f"{cfg.where}.init: starting from the teacher's layers or a pretrained directory is for "
+                          "language-model students; an image student starts at random")
 
 
 def rows(cache: Cache, prepared: Path, cfg: StudentConfig, memory_mb: float) -> Any:

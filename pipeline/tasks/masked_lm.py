@@ -6,8 +6,9 @@ teacher saw there), so a student sees the same masks. `MaskedRows` wraps a BERT 
 batch of masked blocks gives one row of logits per masked token, lined up with the cache rows
 that `MaskedSet` serves (`views: true` draws among the cached maskings every epoch). Its
 `hidden.N` layers are hidden state N at the masked positions, for the `cosine` method against a
-cached teacher layer. With `init: teacher` the student starts from the teacher's embeddings,
-head and one layer in every N_t / N_s (the copy `label.keep_teacher` put in the cache). The
+cached teacher layer. The student is any transformers model_type with a masked LM head; with
+`init: teacher` it starts from the teacher's embeddings, head and one layer in every N_t / N_s
+(the copy `label.keep_teacher` put in the cache), with `init: DIR` from a pretrained one. The
 true label of a row is the original token; the twin is the same student, same start and same
 masks, with the masked-LM loss alone. Scored by masked-token accuracy on the test maskings.
 """
@@ -15,8 +16,6 @@ masks, with the masked-LM loss alone. Scored by masked-token accuracy on the tes
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import tempfile
 from dataclasses import dataclass
 from dataclasses import replace as dataclass_replace
 from pathlib import Path
@@ -32,12 +31,12 @@ from pipeline.prepared import data_fingerprint
 from pipeline.prepared import tokens as text
 from pipeline.cache import Cache
 from pipeline.config import EvalConfig, LabelConfig, StudentConfig
-from pipeline.errors import CacheError, ConfigError
+from pipeline.errors import ConfigError
 from pipeline.methods import student_layers
 from pipeline.tasks import Batch, causal_lm
 from pipeline.tasks.causal_lm import check_token_student, evaluate_rows, hidden, memory_check, save, token_summary
 
-NAME, OBJECTIVE, ARCH = "masked_lm", "masked", "bert"  # ARCH: the student architecture it supports
+NAME, OBJECTIVE = "masked_lm", "masked"
 TWIN_LOSS = "masked-LM"  # what the baseline twin learns from, for messages
 METHODS = ("soft", "hard", "cosine")  # the loss methods a masked student supports so far
 __all__ = ["save"]  # a Hugging Face directory plus student.json, as for causal students
@@ -183,13 +182,10 @@ def teacher_scores(scores: dict[str, float], train: np.ndarray, test: np.ndarray
 def check(cfg: StudentConfig, cache: Cache, prepared: Path) -> None:
     """What a masked student cannot do yet, said up front."""
     causal_lm.check_tokenizer(cache, prepared, cfg.transfer)
-    check_token_student(cfg, ARCH, OBJECTIVE, METHODS, [("assistant", cfg.assistant)])
     if cfg.views and cache.manifest["views"]["count"] == 0:
         raise ConfigError(f"{cfg.where}.views: the cache holds one masking per block; set label.views (e.g. 4) "
                           "and run `kd label` again")
-    if cfg.init == "teacher" and "teacher_files" not in cache.manifest:
-        raise ConfigError(f"{cfg.where}.init: 'teacher' needs the teacher's weights in the cache; set "
-                          "label.keep_teacher: true and run `kd label` again")
+    check_token_student(cfg, cache, prepared, OBJECTIVE, METHODS, [("assistant", cfg.assistant)])
     for layer in student_layers(cfg):
         if not (layer.startswith("hidden.") and layer.removeprefix("hidden.").isdigit()):
             raise ConfigError(f"{cfg.where}.loss: student_layer {layer!r}; a masked LM student's layers are "
@@ -233,18 +229,13 @@ def twin_decided_by(cfg: StudentConfig, cache: Cache, prepared: Path) -> dict[st
     return {"task": NAME, "data": {s: data_fingerprint(prepared / f"{s}.parquet") for s in cfg.transfer},
             "masks": {"count": cache.manifest["views"]["count"], "recipe": cache.manifest["text"]["mask_recipe"],
                       "positions": cache.manifest["text"]["positions"]},
-            "views": cfg.views, "init": cache.manifest.get("teacher_files") if cfg.init == "teacher" else None}
+            "views": cfg.views, "init": causal_lm.init_identity(cfg, cache)}
 
 
 def build(cfg: StudentConfig, cache: Cache, prepared: Path) -> MaskedRows:
     """A fresh student (seed torch first), from the teacher's layers with `init: teacher`."""
-    _, special = text.load_tokenizer(prepared)
     info = cache.manifest["text"]
-    model = lm.build(cfg.arch, cfg.arch_kwargs, info["vocab_size"], info["block_size"], special, where=cfg.where)
-    if cfg.init == "teacher":
-        with torch.random.fork_rng():  # loading the teacher's copy leaves the student's random stream alone
-            start = _teacher_start(cache)
-        lm.init_from_teacher(model, start, where=f"{cfg.where}.init")
+    model = causal_lm.build_model(cfg, cache, prepared, OBJECTIVE)
     layers = [int(layer.removeprefix("hidden.")) for layer in student_layers(cfg)]
     for n in layers:
         if n > model.config.num_hidden_layers:
@@ -256,18 +247,6 @@ def build(cfg: StudentConfig, cache: Cache, prepared: Path) -> MaskedRows:
 def student_shapes(model: MaskedRows, cfg: StudentConfig, layers: list[str], cache: Cache) -> dict[str, list[int]]:
     """Every `hidden.N` is one vector of the student's width per masked token."""
     return {layer: [model.model.config.hidden_size] for layer in layers}
-
-
-def _teacher_start(cache: Cache) -> nn.Module:
-    """The teacher's copy in the cache (`label.keep_teacher`), checked against the manifest."""
-    with tempfile.TemporaryDirectory() as tmp:
-        for rel, digest in cache.manifest["teacher_files"].items():
-            blob = cache.store.read_bytes(cache.store.safe(rel))
-            if hashlib.sha256(blob).hexdigest() != digest:
-                raise CacheError(f"{cache.store.show(rel)}: sha256 differs from the manifest; run "
-                                 f"`kd cache verify {cache.root}`")
-            (Path(tmp) / Path(rel).name).write_bytes(blob)
-        return lm.load(Path(tmp))
 
 
 # --- evaluation -------------------------------------------------------------------------------
