@@ -48,7 +48,7 @@ class Shares:
 
 @dataclass
 class PrepareConfig:
-    dataset: str = "mnist5k"  # mnist5k | digits | mnist1d | pydoc | path to a .parquet or .txt file
+    dataset: str = "mnist5k"  # mnist5k | digits | mnist1d | pydoc | path to a .parquet, .txt or .jsonl file
     input_shape: list[int] | None = None  # required for a Parquet file whose metadata lacks it
     # samples per split; for text, blocks of block_size tokens (null: every block of the split)
     labeled: int | None = 1000
@@ -57,7 +57,7 @@ class PrepareConfig:
     samples: int = 5000  # mnist1d only: how many digits to generate
     seed: int = 0
     # text only (pydoc, a .txt file, a Parquet file with a text column); image datasets ignore them
-    text_column: str = "text"  # the Parquet column holding one document per row
+    text_column: str = "text"  # the Parquet column (or JSON Lines field) holding one document per row
     shares: Shares = field(default_factory=Shares)
     tokenizer: str | None = None  # a local Hugging Face model or tokenizer directory; null: train a BPE
     vocab_size: int = 4096  # byte-level BPE entries, special tokens included (ignored with `tokenizer`)

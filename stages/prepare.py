@@ -24,7 +24,7 @@ from stages.common import PARAMS_OPTION, clean_errors, json_option, override
 def main(
     dataset: Optional[str] = typer.Option(
         None, "--dataset", help="mnist5k, digits, mnist1d, pydoc, a Parquet file with id, x and optional y "
-        "(or with a text column), or a .txt file."
+        "(or with a text column), a .txt file or a .jsonl file (prepare.text_column)."
     ),
     input_shape: Optional[str] = typer.Option(
         None, "--input-shape", help="Shape of one input, e.g. 1,28,28 (needed for a Parquet file without it)."
@@ -34,7 +34,7 @@ def main(
     test: Optional[int] = typer.Option(None, "--test", help="Rows (text: blocks) in the test split."),
     samples: Optional[int] = typer.Option(None, "--samples", help="mnist1d only: how many digits to generate."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the split."),
-    text_column: Optional[str] = typer.Option(None, "--text-column", help="Text: the Parquet column of documents."),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="Text: the Parquet column (or JSON Lines field) of documents."),
     shares: Optional[str] = typer.Option(
         None, "--shares", help='Text: each split\'s share of the characters, e.g. \'{"labeled": 0.8, "unlabeled": 0.1, "test": 0.1}\'.'
     ),

@@ -125,6 +125,31 @@ def test_prepare_refuses_a_directory_without_a_tokenizer(hf_world, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+def test_a_jsonl_source_with_the_teachers_tokenizer(hf_world, tmp_path):
+    docs = pydoc_documents(0, 30)
+    lines = [json.dumps({"id": i, "body": d}) for i, d in enumerate(docs)]
+    source = tmp_path / "docs.jsonl"
+    source.write_text("\n".join(lines[:10] + ["", json.dumps({"id": -1, "body": None})] + lines[10:]) + "\n")
+    params = tmp_path / "params.yaml"
+    params.write_text("prepare:\n  labeled: null\n  unlabeled: null\n  test: null\n")
+    args = ["--dataset", source, "--text-column", "body", "--tokenizer", hf_world / "llama", "--block-size", BLOCK,
+            "--params", params]
+    ok(invoke(prepare.main, *args, "--out", tmp_path / "out"))
+    infos = [text.split_info(tmp_path / "out" / f"{s}.parquet") for s in ("labeled", "unlabeled", "test")]
+    assert sum(info["documents"] for info in infos) == 30 and {info["vocab_size"] for info in infos} == {VOCAB}
+    ok(invoke(label.main, *label_args(hf_world, hf_world / "llama", tmp_path / "out", tmp_path / "cache")))
+
+    bad = tmp_path / "bad.jsonl"
+    for content, needles in ((lines[0] + "\n" + json.dumps({"id": 1, "text": "x"}) + "\n",
+                              ["bad.jsonl", "line 2", "no field 'body'", "'id', 'text'"]),
+                             ("{not json\n", ["line 1 is not JSON"]),
+                             (json.dumps({"body": 3}) + "\n", ["line 1", "'body'", "is a int, expected a string"])):
+        bad.write_text(content)
+        result = invoke(prepare.main, *[bad if a == source else a for a in args], "--out", tmp_path / "never")
+        assert_clean_error(result, *needles)
+    assert not (tmp_path / "never").exists()
+
+
 # --- kd label --teacher DIR ---------------------------------------------------------------------
 
 

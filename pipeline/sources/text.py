@@ -6,6 +6,8 @@
                      one document per topic)
     FILE.txt         UTF-8 text; documents are separated by one or more blank lines
                      (a line holding only whitespace counts as blank)
+    FILE.jsonl       one JSON object per line, the document in its string field
+                     `cfg.text_column` (blank lines skipped; a null field is an empty document)
     FILE.parquet     one document per row of the string column `cfg.text_column`
                      (a Parquet file with a column `x` is image data; see sources.images)
 
@@ -42,6 +44,7 @@ null split size for images.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,8 +80,8 @@ class TextPrepared:
 
 
 def is_text(cfg: PrepareConfig) -> bool:
-    """pydoc, a .txt path, or a Parquet file with `cfg.text_column` and no `x` column."""
-    if cfg.dataset in TEXT_DATASETS or cfg.dataset.endswith(".txt"):
+    """pydoc, a .txt or .jsonl path, or a Parquet file with `cfg.text_column` and no `x` column."""
+    if cfg.dataset in TEXT_DATASETS or cfg.dataset.endswith((".txt", ".jsonl")):
         return True
     path = Path(cfg.dataset)
     if cfg.dataset in DATASETS or not path.is_file() or path.suffix != ".parquet":
@@ -98,6 +101,8 @@ def documents(cfg: PrepareConfig) -> list[str]:
         docs = [topics[name] for name in sorted(topics)]
     elif cfg.dataset.endswith(".txt"):
         docs = _txt_documents(Path(cfg.dataset))
+    elif cfg.dataset.endswith(".jsonl"):
+        docs = _jsonl_documents(Path(cfg.dataset), cfg.text_column)
     else:
         docs = _parquet_documents(Path(cfg.dataset), cfg.text_column)
     docs = [re.sub(r"\A(?:[ \t]*\n)+", "", d).rstrip() for d in docs if d is not None and d.strip()]
@@ -114,6 +119,35 @@ def _txt_documents(path: Path) -> list[str]:
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     return re.split(r"\n\s*\n", text)  # `\s*` may span lines: several blank lines are one break
+
+
+def _jsonl_documents(path: Path, column: str) -> list[str | None]:
+    """The `column` field of every line's object; a line without it names the fields it has."""
+    if not path.is_file():
+        raise MissingInputError(f"{path}: JSON Lines file not found")
+    docs = []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    raise InputError(f"{path}: line {number} is not JSON") from None
+                if not isinstance(row, dict):
+                    raise InputError(f"{path}: line {number} is a JSON {type(row).__name__}, expected an object "
+                                     f"with a {column!r} field")
+                if column not in row:
+                    raise InputError(f"{path}: line {number} has no field {column!r} (prepare.text_column); its "
+                                     f"fields: {', '.join(map(repr, row)) or 'none'}")
+                if row[column] is not None and not isinstance(row[column], str):
+                    raise InputError(f"{path}: line {number}: field {column!r} (prepare.text_column) is a "
+                                     f"{type(row[column]).__name__}, expected a string")
+                docs.append(row[column])
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    return docs
 
 
 def _parquet_documents(path: Path, column: str) -> list[str]:
