@@ -308,3 +308,37 @@ def test_kd_teacher_trains_any_model_type_on_a_hugging_face_tokenizer(hf_world, 
     assert model.config.eos_token_id == AutoTokenizer.from_pretrained(out, local_files_only=True).eos_token_id
     assert json.loads((out / "metrics.json").read_text())["objective"] == "causal"
     ok(invoke(label.main, *label_args(hf_world, out, prepared, tmp_path / "cache")))  # its own tokenizer: accepted
+
+
+def test_a_masked_teacher_with_a_wordpiece_tokenizer(hf_world, tmp_path):
+    """A BERT with its own WordPiece tokenizer (pad, unk, cls, sep, mask; no eos: sep separates
+    the documents), sharded: prepared with it, labeled with recorded masks, kept whole."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertConfig, BertForMaskedLM
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.train_from_iterator(pydoc_documents(), trainers.WordPieceTrainer(vocab_size=500, special_tokens=specials,
+                                                                             show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    torch.manual_seed(0)
+    bert = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=64))
+    bert.save_pretrained(tmp_path / "bert", max_shard_size="30KB")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    prepared, cache = tmp_path / "prepared", tmp_path / "cache"
+    ok(invoke(prepare.main, "--dataset", "pydoc", "--tokenizer", tmp_path / "bert", *SIZES,
+              "--params", hf_world / "params.yaml", "--out", prepared))
+    sep, mask = tokenizer.sep_token_id, tokenizer.mask_token_id
+    assert text.load_tokenizer(prepared)[1] == text.SpecialIds(pad=0, eos=sep, mask=mask, bos=None)
+    assert text.read_blocks(prepared / "test.parquet")[1][0, 0] == sep
+    ok(invoke(label.main, *label_args(hf_world, tmp_path / "bert", prepared, cache, "--views", 1, "--keep-teacher")))
+    assert verify(cache) == []
+    manifest = Cache.open(cache).manifest
+    assert manifest["text"]["objective"] == "masked" and manifest["views"]["count"] == 1
+    assert sum(rel.endswith(".safetensors") for rel in manifest["teacher_files"]) > 2
+    seen = pq.read_table(cache / "soft_targets" / "split=test" / "part-00000.parquet")["input_token"].to_numpy()
+    assert (seen == mask).mean() > 0.5  # BERT's 80% [MASK], with the tokenizer's own mask id
