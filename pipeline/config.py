@@ -32,6 +32,8 @@ SECTIONS = ("prepare", "teacher", "label", "assistants", "students", "text_stude
 STUDENT_SECTIONS = ("students", "text_students", "mlm_students")
 FEATURE_MODES = ("full", "pooled", "attention")
 LOGIT_DTYPES = ("float16", "float32")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")  # the keys of lm.DTYPES
+TEACHER_DEVICES = ("auto", "cpu", "cuda")
 SPLITS = ("labeled", "unlabeled", "test")
 
 
@@ -46,7 +48,7 @@ class Shares:
 
 @dataclass
 class PrepareConfig:
-    dataset: str = "mnist5k"  # mnist5k | digits | mnist1d | pydoc | an image folder | a .parquet or .txt file
+    dataset: str = "mnist5k"  # mnist5k | digits | mnist1d | pydoc | an image folder | a .parquet, .txt or .jsonl file
     input_shape: list[int] | None = None  # required for a Parquet file whose metadata lacks it
     # encoded images only (an image folder, a Parquet `image` column): resize to [size] or
     # [height, width]; the normalisation recorded beside the uint8 pixels (null: the labeled
@@ -62,9 +64,10 @@ class PrepareConfig:
     samples: int = 5000  # mnist1d only: how many digits to generate
     seed: int = 0
     # text only (pydoc, a .txt file, a Parquet file with a text column); image datasets ignore them
-    text_column: str = "text"  # the Parquet column holding one document per row
+    text_column: str = "text"  # the Parquet column (or JSON Lines field) holding one document per row
     shares: Shares = field(default_factory=Shares)
-    vocab_size: int = 4096  # byte-level BPE entries, special tokens included
+    tokenizer: str | None = None  # a local Hugging Face model or tokenizer directory; null: train a BPE
+    vocab_size: int = 4096  # byte-level BPE entries, special tokens included (ignored with `tokenizer`)
     block_size: int = 128  # tokens per row
 
 
@@ -101,8 +104,15 @@ class LabelConfig:
     batch_size: int = 256
     part_size: int = 16384  # samples per Parquet part (and per resume step)
     keep_teacher: bool = False  # copy the teacher's weights into the cache (students with init: teacher)
+    # a language-model teacher's dtype (auto: its config's) and device (auto: cuda when there is one)
+    dtype: str = "auto"
+    device: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.dtype not in TEACHER_DTYPES:
+            raise ConfigError(f"label.dtype: {self.dtype!r} must be one of {', '.join(TEACHER_DTYPES)}")
+        if self.device not in TEACHER_DEVICES:
+            raise ConfigError(f"label.device: {self.device!r} must be one of {', '.join(TEACHER_DEVICES)}")
         if self.top_k < 1:
             raise ConfigError(f"label.top_k: {self.top_k} must be >= 1")
         for t in self.temperatures:
@@ -162,7 +172,9 @@ class StudentConfig:
     assistant: str | None = None  # learn from this assistant's cache instead of the teacher's
     transfer: list[str] = field(default_factory=lambda: ["labeled", "unlabeled"])
     views: bool = False  # draw each epoch among the cached views of a sample
-    init: str | None = None  # "teacher": start from the teacher's layers (masked LMs; label.keep_teacher)
+    # language models: "teacher" (its layers, one in every N; label.keep_teacher), a local pretrained
+    # directory (with the teacher's tokenizer), or null (random)
+    init: str | None = None
     loss: LossConfig = field(default_factory=LossConfig)
 
     @property
@@ -175,9 +187,10 @@ class StudentConfig:
         if self.section == "assistants" and self.assistant is not None:
             raise ConfigError(f"{where}.assistant: an assistant learns from the teacher (chains of assistants "
                               "are not supported yet)")
-        if self.init not in (None, "teacher"):
+        if self.init is not None and not self.init.strip():
             raise ConfigError(f"{where}.init: {self.init!r} must be 'teacher' (start from the teacher's layers, "
-                              "one in every N_teacher / N_student) or null (random)")
+                              "one in every N_teacher / N_student), the path of a local pretrained model directory "
+                              "or null (random)")
         for split in self.transfer:
             if split not in ("labeled", "unlabeled"):
                 raise ConfigError(f"{where}.transfer: {split!r} must be 'labeled' or 'unlabeled'")

@@ -80,7 +80,7 @@ def train_student(cfg: StudentConfig, cache: Cache, prepared: Path, out: Path, b
     everything that decides the model), so an interrupted run resumes. Returns a summary.
     """
     task = tasks.for_cache(cache)
-    task.check(cfg, cache)
+    task.check(cfg, cache, prepared)
     layers = cfg.loss.teacher_layers(cfg.where)
     rebuild = "`kd label`" if cfg.assistant is None else "`kd label`, then `kd assistants`"
     cache.require(temperatures=needed_temperatures(cfg), features=layers, views=cfg.views,

@@ -1,22 +1,25 @@
-"""Language models for text data: GPT-2 (causal) and BERT (masked) from `transformers`.
+"""Language models for text data: any transformers model_type with a causal or masked LM head.
 
-`build` makes a model from an architecture name, its config keywords (the Hugging Face config's
-own names: n_layer/n_head/n_embd for gpt2; num_hidden_layers/hidden_size/num_attention_heads/
-intermediate_size for bert) and the prepared tokenizer's size. `fit` trains it on token blocks
-(AdamW, one-cycle schedule, batches a pure function of (seed, epoch), as `training.fit`);
-`evaluate` gives its loss and its task's score; `train_teacher` is `kd teacher` on text data.
-What depends on the objective (the inputs and labels of a batch, the head, the score, the
-Auto class) is asked of the model's task (`pipeline.tasks.causal_lm` / `masked_lm`). A model
-is kept as a
-Hugging Face directory: `model.safetensors`, `config.json` (+ `generation_config.json`) and the
-`tokenizer.json` it reads, loaded with `from_pretrained(local_files_only=True,
-use_safetensors=True)`, so any local HF causal/masked LM directory loads the same way and no
-file can run code.
+`build` makes a model from a model_type (`AutoConfig.for_model`), its config keywords (the
+Hugging Face config's own names: n_layer/n_head/n_embd for gpt2; num_hidden_layers/
+hidden_size/num_attention_heads/intermediate_size for bert, llama, qwen2, gpt_neox ...) and the
+prepared tokenizer's size and special ids, through the Auto class of its objective (`HEADS`).
+`init_from_teacher` starts a shallower student from a teacher's layers. `fit` trains a model on
+token blocks (AdamW, one-cycle schedule, batches a pure function of (seed, epoch), as
+`training.fit`); `evaluate` gives its loss and its task's score; `train_teacher` is
+`kd teacher` on text data. What depends on the objective (the inputs and labels of a batch,
+the head, the score, the Auto class) is asked of the model's task (`pipeline.tasks.causal_lm`
+/ `masked_lm`). A model is kept as a Hugging Face directory: `model.safetensors` (or shards
+listed in `model.safetensors.index.json`), `config.json` (+ `generation_config.json`) and the
+tokenizer files it reads, loaded with `from_pretrained(local_files_only=True,
+use_safetensors=True)` and never `trust_remote_code`, so any local HF causal/masked LM
+directory loads the same way and no file can run code.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import shutil
 import time
@@ -29,22 +32,28 @@ import torch.nn.functional as F
 import transformers
 from safetensors import SafetensorError
 from tqdm import tqdm
-from transformers import (AutoConfig, BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, PretrainedConfig,
-                          PreTrainedModel)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from pipeline.prepared import tokens as text
-from pipeline.config import TeacherConfig, as_dict
+from pipeline.config import TEACHER_DEVICES, TeacherConfig, as_dict
 from pipeline.errors import ConfigError, InputError, MissingInputError
 from pipeline.files import file_sha256
 from pipeline.models import count_params
-from pipeline.prepared.tokens import TOKENIZER_FILE, SpecialIds
+from pipeline.prepared.tokens import TOKENIZER_FILE, SpecialIds, tokenizer_files
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
-# name -> (config class, model class); the model class decides the objective (`objective`)
-ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
-    "gpt2": (GPT2Config, GPT2LMHeadModel),  # causal
-    "bert": (BertConfig, BertForMaskedLM),  # masked
+WEIGHTS_INDEX = "model.safetensors.index.json"  # a sharded checkpoint: shard names in its weight_map
+# label.dtype -> what from_pretrained is given ("auto": the dtype the config names)
+DTYPES: dict[str, Any] = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
+                          "float16": torch.float16}
+DEVICES = TEACHER_DEVICES
+# objective -> (the Auto class that builds a model with that head, transformers' model_type -> class name)
+HEADS: dict[str, tuple[Any, dict[str, str]]] = {
+    "causal": (AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+    "masked": (AutoModelForMaskedLM, MODEL_FOR_MASKED_LM_MAPPING_NAMES),
 }
+EXAMPLES = {"causal": "gpt2, llama, qwen2, gpt_neox", "masked": "bert, roberta"}  # for messages
 # BERT's masking: 15% of the (non-special) tokens are predicted; of those 80% become [MASK],
 # 10% a random token and 10% stay as they are.
 MASK_PROB, MASK_AS_MASK, MASK_AS_RANDOM = 0.15, 0.8, 0.1
@@ -52,58 +61,101 @@ CLIP_NORM = 1.0  # gradient-norm clipping, as Hugging Face's Trainer does by def
 SET_BY_DATA = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
 
 
+def arch_objective(arch: str) -> str:
+    """The objective `kd teacher` trains a model_type for: masked when transformers has a
+    masked-LM head for it (bert, roberta, ...), causal otherwise (gpt2, llama, ...)."""
+    return "masked" if arch in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "causal"
+
+
+def check_arch(arch: str, objective: str, where: str) -> None:
+    """`arch` must be a transformers model_type with the objective's LM head; one line otherwise."""
+    auto, heads = HEADS[objective]
+    if arch not in heads:
+        try:
+            AutoConfig.for_model(arch)
+            what = f"a transformers model_type without a {objective} LM head ({auto.__name__})"
+        except ValueError:
+            what = "not a transformers model_type"
+        raise ConfigError(f"{where}.arch: {arch!r} is {what}; a student of a {objective} LM cache must be "
+                          f"{EXAMPLES[objective]} or another model_type with a {objective} LM head")
+
+
 def build(arch: str, arch_kwargs: dict[str, Any], vocab_size: int, block_size: int, special: SpecialIds,
-          where: str = "teacher") -> PreTrainedModel:
-    """A freshly initialised model (seed torch first); the context length defaults to block_size."""
-    if arch not in ARCHITECTURES:
-        raise ConfigError(f"{where}.arch: {arch!r} is not a language model; text data needs one of "
-                          f"{', '.join(ARCHITECTURES)}")
-    config_class, model_class = ARCHITECTURES[arch]
-    defaults = config_class()
+          where: str = "teacher", objective: str | None = None) -> PreTrainedModel:
+    """A freshly initialised `objective` LM (seed torch first): `AutoConfig.for_model(arch,
+    **arch_kwargs)` with the vocabulary and special ids of the tokenizer, through the Auto class
+    of the objective (`HEADS`; None: `arch_objective`). The context length defaults to block_size."""
+    if objective is None:
+        if not any(arch in heads for _, heads in HEADS.values()):
+            raise ConfigError(f"{where}.arch: {arch!r} is not a transformers model_type with a language-model "
+                              "head; text data needs one (e.g. gpt2, bert, llama, qwen2, gpt_neox)")
+        objective = arch_objective(arch)
+    check_arch(arch, objective, where)
+    defaults = AutoConfig.for_model(arch)
     for key in arch_kwargs:
         if key in SET_BY_DATA:
             raise ConfigError(f"{where}.arch_kwargs.{key}: set from the prepared tokenizer, not by hand")
         if not hasattr(defaults, key):
-            raise ConfigError(f"{where}.arch_kwargs.{key}: not a {config_class.__name__} field")
-    positions = "n_positions" if arch == "gpt2" else "max_position_embeddings"
+            raise ConfigError(f"{where}.arch_kwargs.{key}: not a {type(defaults).__name__} field")
+    positions = type(defaults).attribute_map.get("max_position_embeddings", "max_position_embeddings")
+    given = {positions, "max_position_embeddings"} & set(arch_kwargs)
+    sized = {} if given or not hasattr(defaults, positions) else {positions: block_size}
     try:
-        config = config_class(**{positions: block_size, **arch_kwargs}, vocab_size=vocab_size,
-                              bos_token_id=special.eos, eos_token_id=special.eos, pad_token_id=special.pad)
-        model = model_class(config)
+        config = AutoConfig.for_model(arch, **{**sized, **arch_kwargs}, vocab_size=vocab_size,
+                                      bos_token_id=special.eos if special.bos is None else special.bos,
+                                      eos_token_id=special.eos, pad_token_id=special.pad)
+        model = HEADS[objective][0].from_config(config)
     except (ValueError, TypeError, AssertionError) as exc:
         raise ConfigError(f"{where}.arch_kwargs: {arch_kwargs} do not make a {arch} ({exc})") from None
-    if getattr(config, positions) < block_size:
+    if hasattr(config, positions) and getattr(config, positions) < block_size:
         raise ConfigError(f"{where}.arch_kwargs.{positions}: {getattr(config, positions)} is shorter than "
                           f"the blocks ({block_size} tokens)")
     return model
 
 
 def init_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, where: str = "init") -> list[int]:
-    """DistilBERT's start: the student takes the teacher's embeddings, head and one layer in
-    every N_teacher / N_student (every other layer for half the depth). Returns the teacher
-    layers taken. The two must share everything but the number of layers."""
+    """DistilBERT's start, for any transformers LM: the student takes the teacher's embeddings,
+    head and one layer in every N_teacher / N_student (every other layer for half the depth).
+    Returns the teacher layers taken. The two must share everything but the number of layers;
+    the layers are the one ModuleList of num_hidden_layers blocks (`layer_stack`)."""
     s, t = student.config, teacher.config
     if type(student) is not type(teacher):
         raise ConfigError(f"{where}: a {type(student).__name__} cannot start from a {type(teacher).__name__}")
     for key in ("hidden_size", "num_attention_heads", "intermediate_size", "vocab_size", "max_position_embeddings"):
-        if getattr(s, key) != getattr(t, key):
+        if getattr(s, key, None) != getattr(t, key, None):
             raise ConfigError(f"{where}: the student's {key} is {getattr(s, key)}, the teacher's {getattr(t, key)}; "
                               "a student that starts from the teacher's layers must match it but for depth")
     if s.num_hidden_layers > t.num_hidden_layers:
         raise ConfigError(f"{where}: the student has {s.num_hidden_layers} layers, the teacher only "
                           f"{t.num_hidden_layers}")
     taken = [i * t.num_hidden_layers // s.num_hidden_layers for i in range(s.num_hidden_layers)]
+    stack = layer_stack(teacher) + "."
     state = {}
     for key, value in teacher.state_dict().items():
-        parts = key.split(".")
-        if "layer" in parts and parts[parts.index("layer") - 1] == "encoder":
-            at = parts.index("layer") + 1
-            if int(parts[at]) not in taken:
+        if key.startswith(stack):
+            index, rest = key[len(stack):].split(".", 1)
+            if int(index) not in taken:
                 continue
-            parts[at] = str(taken.index(int(parts[at])))
-        state[".".join(parts)] = value
-    student.load_state_dict(state, strict=True)
+            key = f"{stack}{taken.index(int(index))}.{rest}"
+        state[key] = value
+    try:
+        student.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
+        raise ConfigError(f"{where}: the student's weights do not match the teacher's but for depth ({first})") from None
     return taken
+
+
+def layer_stack(model: PreTrainedModel) -> str:
+    """The name of a model's stack of layers: its one ModuleList of num_hidden_layers modules
+    (`bert.encoder.layer`, `model.layers`, `transformer.h`, `gpt_neox.layers`, ...)."""
+    depth = model.config.num_hidden_layers
+    found = [name for name, module in model.named_modules() if isinstance(module, torch.nn.ModuleList)
+             and len(module) == depth and name]
+    if len(found) != 1:
+        raise ConfigError(f"{type(model).__name__}: cannot tell its stack of {depth} layers "
+                          f"({', '.join(found) or 'no ModuleList of that length'})")
+    return found[0]
 
 
 def objective(model: PreTrainedModel | PretrainedConfig) -> str:
@@ -121,10 +173,23 @@ def objective(model: PreTrainedModel | PretrainedConfig) -> str:
 # --- losses -----------------------------------------------------------------------------------
 
 
+def special_tokens(tokens: torch.Tensor, special: SpecialIds) -> torch.Tensor:
+    """(B, L) bool: the tokens BERT's masking spares (pad, eos, mask and bos, those the tokenizer has)."""
+    ids = [i for i in (special.pad, special.eos, special.mask, special.bos) if i is not None]
+    return torch.isin(tokens, torch.tensor(ids, dtype=tokens.dtype))
+
+
+def mask_id(special: SpecialIds, where: str) -> int:
+    """The mask token a masked LM needs; a tokenizer without one is refused."""
+    if special.mask is None:
+        raise InputError(f"{where}: the tokenizer has no mask token; a masked LM needs one")
+    return special.mask
+
+
 def mask_tokens(tokens: torch.Tensor, special: SpecialIds, vocab_size: int,
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's masking of tokens (B, L) -> (inputs (B, L), labels (B, L), -100 where not predicted)."""
-    protected = (tokens == special.pad) | (tokens == special.eos) | (tokens == special.mask)
+    protected = special_tokens(tokens, special)
     chosen = (torch.rand(tokens.shape, generator=generator) < MASK_PROB) & ~protected
     labels = torch.where(chosen, tokens, -100)
     how = torch.rand(tokens.shape, generator=generator)
@@ -149,7 +214,7 @@ def fixed_masks(tokens: torch.Tensor, ids: np.ndarray, views: np.ndarray, count:
     block has fewer than `count` others. Of the chosen, 80% become [MASK], 10% a random token
     and 10% stay as they are.
     """
-    protected = ((tokens == special.pad) | (tokens == special.eos) | (tokens == special.mask)).float()
+    protected = special_tokens(tokens, special).float()
     positions, seen = [], []
     for row, (block_id, view) in enumerate(zip(ids.tolist(), views.tolist())):
         g = torch.Generator().manual_seed((seed * 1_000_003 + block_id) * 1_009 + view)
@@ -275,35 +340,75 @@ def train_teacher(cfg: TeacherConfig, prepared: Path, *,
 
 
 def save(directory: Path, model: PreTrainedModel, tokenizer: Path) -> None:
-    """The Hugging Face directory: safetensors weights, config.json and a copy of the tokenizer."""
+    """The Hugging Face directory: safetensors weights, config.json and a copy of the tokenizer
+    files of the directory `tokenizer` (or of the one file `tokenizer`, kd's own BPE)."""
     transformers.utils.logging.disable_progress_bar()  # (a "writing shards" bar on every save otherwise)
     model.save_pretrained(directory)
-    shutil.copyfile(tokenizer, Path(directory) / TOKENIZER_FILE)
+    for source in ([tokenizer] if Path(tokenizer).is_file() else tokenizer_files(tokenizer)):
+        shutil.copyfile(source, Path(directory) / Path(source).name)
 
 
-def load(directory: Path) -> PreTrainedModel:
-    """A local HF causal or masked LM (ours or a user's), in eval mode; never downloads."""
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors weights of a model directory: model.safetensors, or the index of a
+    sharded checkpoint followed by every shard it names (sorted)."""
+    directory = Path(directory)
+    if (directory / WEIGHTS).is_file():
+        return [directory / WEIGHTS]
+    index = directory / WEIGHTS_INDEX
+    if not index.is_file():
+        raise MissingInputError(f"{directory / WEIGHTS}: not found, nor a sharded {WEIGHTS_INDEX} (expected a "
+                                "Hugging Face model directory saved with safetensors)")
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise InputError(f"{index}: not a safetensors index (expected a weight_map of tensor -> shard file)") from None
+    for shard in shards:
+        if Path(shard).name != shard or not (directory / shard).is_file():
+            raise MissingInputError(f"{directory / shard}: a shard that {WEIGHTS_INDEX} names is missing")
+    return [index, *(directory / shard for shard in shards)]
+
+
+def resolve_device(device: str, where: str = "label.device") -> str:
+    """"auto" -> cuda when torch sees a GPU, else cpu; "cuda" without one is refused."""
+    if device not in DEVICES:
+        raise ConfigError(f"{where}: {device!r} must be one of {', '.join(DEVICES)}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{where}: cuda, but torch sees no GPU here (use auto or cpu)")
+    return device
+
+
+def load(directory: Path, dtype: str = "float32", device: str = "cpu") -> PreTrainedModel:
+    """A local HF causal or masked LM (ours or a user's, single or sharded safetensors), in eval
+    mode, in `dtype` (a DTYPES name) on `device`; never downloads, never runs the directory's code."""
     directory = Path(directory)
     transformers.utils.logging.set_verbosity_error()  # no per-load progress bars or advice on stderr
     transformers.utils.logging.disable_progress_bar()
-    for name in (CONFIG, WEIGHTS):
-        if not (directory / name).is_file():
-            raise MissingInputError(f"{directory / name}: not found (expected a Hugging Face model directory)")
+    if not (directory / CONFIG).is_file():
+        raise MissingInputError(f"{directory / CONFIG}: not found (expected a Hugging Face model directory)")
+    weight_files(directory)
     try:
-        config = AutoConfig.from_pretrained(directory, local_files_only=True)
-        model = _task(config).AUTO_MODEL.from_pretrained(directory, local_files_only=True, use_safetensors=True)
+        config = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+        model = _task(config).AUTO_MODEL.from_pretrained(directory, local_files_only=True, use_safetensors=True,
+                                                         trust_remote_code=False, dtype=DTYPES[dtype])
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise InputError(f"{directory}: cannot load the model ({str(exc).splitlines()[0]})") from None
     model.eval()
-    return model
+    return model.to(device)
 
 
 def fingerprint(directory: Path) -> str:
-    """sha256 over the weights, the config and the tokenizer: what identifies a text teacher."""
+    """sha256 over the weights (every shard, and the index), the config and the tokenizer files:
+    what identifies a text teacher (the file digests in that order, the tokenizer's in
+    TOKENIZER_FILES order)."""
     digest = hashlib.sha256()
-    for name in (WEIGHTS, CONFIG, TOKENIZER_FILE):
-        path = Path(directory) / name
+    tokenizers = tokenizer_files(directory)
+    if not tokenizers:
+        raise MissingInputError(f"{Path(directory) / TOKENIZER_FILE}: not found (a text teacher keeps its tokenizer "
+                                "beside its weights)")
+    for path in [*weight_files(directory), Path(directory) / CONFIG, *tokenizers]:
         if not path.is_file():
-            raise MissingInputError(f"{path}: not found (a text teacher keeps its tokenizer beside its weights)")
+            raise MissingInputError(f"{path}: not found (expected a Hugging Face model directory)")
         digest.update(file_sha256(path).encode())
     return digest.hexdigest()

@@ -39,6 +39,10 @@ def main(
     view_shift: Optional[int] = typer.Option(None),
     view_seed: Optional[int] = typer.Option(None),
     batch_size: Optional[int] = typer.Option(None),
+    dtype: Optional[str] = typer.Option(None, help="A language-model teacher's dtype: auto (its config's), "
+                                        "float32, bfloat16 or float16."),
+    device: Optional[str] = typer.Option(None, help="Where a language-model teacher runs: auto (cuda when "
+                                         "there is one), cpu or cuda."),
     part_size: Optional[int] = typer.Option(None, help="Samples per Parquet part (the resume step)."),
     keep_teacher: Optional[bool] = typer.Option(None, "--keep-teacher/--no-keep-teacher",
                                                 help="Copy the teacher's weights into the cache (for students "
@@ -71,8 +75,8 @@ def main(
         cfg.arch_kwargs = None
     cfg = override(cfg, arch=arch, arch_kwargs=kwargs, top_k=top_k, temperatures=temps, logit_dtype=logit_dtype,
                    features=layers, views=views, view_shift=view_shift, view_seed=view_seed,
-                   batch_size=batch_size, part_size=part_size, keep_teacher=keep_teacher)
-    loaded = load_teacher(teacher, cfg.arch, cfg.arch_kwargs)
+                   batch_size=batch_size, part_size=part_size, keep_teacher=keep_teacher, dtype=dtype, device=device)
+    loaded = load_teacher(teacher, cfg.arch, cfg.arch_kwargs, cfg)
     shard = int(os.environ.get("RANK", 0)) if shard is None else shard
     num_shards = int(os.environ.get("WORLD_SIZE", 1)) if num_shards is None else num_shards
     manifest = label(loaded, prepared, location(out), cfg, progress=progress, shard=shard, num_shards=num_shards)
@@ -83,7 +87,8 @@ def main(
         typer.echo(format_info(info(location(out))))
 
 
-def load_teacher(directory: Path, arch: str | None, arch_kwargs: dict | None) -> Teacher:
-    """Our image teacher (model.safetensors + our config.json), or a Hugging Face language model
-    directory (its config.json names a `model_type`), with the fingerprint that identifies it."""
-    return tasks.for_teacher(directory).load_teacher(directory, arch, arch_kwargs)
+def load_teacher(directory: Path, arch: str | None, arch_kwargs: dict | None, cfg: LabelConfig) -> Teacher:
+    """Our image teacher (model.safetensors + our config.json), a Hugging Face image classifier or
+    language model directory (its config.json names a `model_type`), with the fingerprint that
+    identifies it, in `label.dtype` on `label.device`."""
+    return tasks.for_teacher(directory).load_teacher(directory, arch, arch_kwargs, dtype=cfg.dtype, device=cfg.device)

@@ -26,7 +26,7 @@ def main(
     dataset: Optional[str] = typer.Option(
         None, "--dataset", help="mnist5k, digits, mnist1d, pydoc, an image folder (<class>/* or "
         "train|test|unlabeled/<class>/*), a Parquet file with id, x and optional y (or an encoded image column "
-        "with label and optional split, or a text column), or a .txt file."
+        "with label and optional split, or a text column), a .txt file or a .jsonl file (prepare.text_column)."
     ),
     input_shape: Optional[str] = typer.Option(
         None, "--input-shape", help="Shape of one input, e.g. 1,28,28 (needed for a Parquet file without it)."
@@ -40,11 +40,13 @@ def main(
     test: Optional[int] = typer.Option(None, "--test", help="Rows (text: blocks) in the test split."),
     samples: Optional[int] = typer.Option(None, "--samples", help="mnist1d only: how many digits to generate."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the split."),
-    text_column: Optional[str] = typer.Option(None, "--text-column", help="Text: the Parquet column of documents."),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="Text: the Parquet column (or JSON Lines field) of documents."),
     shares: Optional[str] = typer.Option(
         None, "--shares", help='Text: each split\'s share of the characters, e.g. \'{"labeled": 0.8, "unlabeled": 0.1, "test": 0.1}\'.'
     ),
-    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Text: tokenizer entries."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Text: a local Hugging Face model or "
+                                            "tokenizer directory to tokenize with (default: train a BPE)."),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Text: tokenizer entries (of the trained BPE)."),
     block_size: Optional[int] = typer.Option(None, "--block-size", help="Text: tokens per block."),
     params: Path = PARAMS_OPTION,
     out: Path = typer.Option(Path("data/prepared"), "--out", help="Directory to write the splits to."),
@@ -56,14 +58,16 @@ def main(
     size = sources.images.parse_shape(image_size, "--image-size") if image_size is not None else None
     cfg = override(cfg, dataset=dataset, input_shape=shape, image_size=size, mean=_numbers("--mean", mean),
                    std=_numbers("--std", std), labeled=labeled, unlabeled=unlabeled,
-                   test=test, samples=samples, seed=seed, text_column=text_column, vocab_size=vocab_size,
+                   test=test, samples=samples, seed=seed, text_column=text_column, tokenizer=tokenizer,
+                   vocab_size=vocab_size,
                    block_size=block_size, shares=None if parsed is None else config.from_mapping(Shares, parsed, "--shares"))
     prepared = sources.prepare(cfg, out)
     if isinstance(prepared, sources.text.TextPrepared):
         for name, blocks in prepared.blocks.items():
             typer.echo(f"{name:<9} {len(blocks):>7} blocks of {blocks.shape[1]} tokens  "
                        f"{prepared.documents[name]:>5} documents  -> {prepared.paths[name]}")
-        typer.echo(f"tokenizer {prepared.vocab_size:>7} entries (byte-level BPE)  -> {prepared.tokenizer}")
+        kind = "byte-level BPE" if cfg.tokenizer is None else f"from {cfg.tokenizer}"
+        typer.echo(f"tokenizer {prepared.vocab_size:>7} entries ({kind})  -> {prepared.tokenizer}")
         return
     if prepared.classes is not None:
         typer.echo(f"classes   {', '.join(prepared.classes)}")

@@ -157,3 +157,73 @@ def child_env() -> dict[str, str]:
     """The environment for a subprocess whose result is compared with one computed in this process:
     the same torch thread count on both sides (1 and 2 threads give different float bits)."""
     return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+
+# --- your own language models: a Hugging Face tokenizer and tiny models saved as transformers saves them
+
+VOCAB, BLOCK = 384, 32  # the HF world's tokenizer entries and block size
+SIZES = ("--block-size", BLOCK, "--labeled", 24, "--unlabeled", 8, "--test", 8)
+# model_type -> config fields: 2 layers, 32 wide
+TINY = {
+    "llama": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 1},
+    "qwen2": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 1},
+    "gpt_neox": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
+}
+
+
+def pydoc_documents(first: int = 0, count: int = 40) -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[name] for name in sorted(topics)][first:first + count]
+
+
+def hf_tokenizer(vocab_size: int = VOCAB, docs: list[str] | None = None) -> Any:
+    """A byte-level BPE trained with `tokenizers`, as transformers wraps it: bos <s>, eos </s>, no pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(docs or pydoc_documents(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+
+
+def save_hf_model(directory: Path, model_type: str, tokenizer: Any, *, seed: int = 0,
+                  dtype: Any = None, shard: str | None = "20KB", **fields) -> Path:
+    """A random tiny `model_type` causal LM with `tokenizer` beside it, as save_pretrained writes them."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.for_model(model_type, **{"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                                                 "eos_token_id": tokenizer.eos_token_id,
+                                                 "max_position_embeddings": 64, **TINY[model_type], **fields})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype or torch.float32)
+    model.save_pretrained(directory, **({"max_shard_size": shard} if shard else {}))
+    tokenizer.save_pretrained(directory)
+    return Path(directory)
+
+
+@pytest.fixture(scope="module")
+def hf_world(tmp_path_factory) -> Path:
+    """root/{llama,qwen2,gpt_neox}: sharded teachers; root/prepared-<type>: pydoc cut with each
+    teacher's tokenizer; root/params.yaml: empty."""
+    from stages import prepare
+
+    root = tmp_path_factory.mktemp("hf")
+    (root / "params.yaml").write_text("{}\n")
+    tokenizer = hf_tokenizer()
+    for model_type in TINY:
+        save_hf_model(root / model_type, model_type, tokenizer)
+        ok(invoke(prepare.main, "--dataset", "pydoc", "--tokenizer", root / model_type, *SIZES,
+                  "--params", root / "params.yaml", "--out", root / f"prepared-{model_type}"))
+    return root
+
+
+def hf_label_args(root: Path, teacher: Path, prepared: Path, out: Path, *extra) -> list:
+    return ["--no-progress", "--teacher", teacher, "--prepared", prepared, "--out", out,
+            "--params", root / "params.yaml", "--top-k", 8, "--part-size", 16, *extra]

@@ -52,6 +52,7 @@ class Teacher:
     fingerprint: str
     config: dict[str, Any]
     directory: Path | None = None  # where its files are (for `label.keep_teacher`)
+    files: tuple[str, ...] = ("model.safetensors", "config.json")  # what `label.keep_teacher` copies
 
 
 def soft_targets(logits: torch.Tensor, top_k: int, temperatures: list[float], dtype: str) -> dict[str, np.ndarray]:
@@ -135,6 +136,7 @@ def label(teacher: Teacher, prepared: Path, out: str | Path, cfg: LabelConfig, *
         if required not in splits:
             raise MissingInputError(f"{prepared / f'{required}.parquet'}: not found (run `kd prepare`)")
     inputs = tasks.for_prepared(prepared, teacher.config.get("objective")).Inputs(prepared, splits, cfg)
+    inputs.check_teacher(teacher, prepared)
     fingerprints = {s: data_fingerprint(prepared / f"{s}.parquet") for s in splits}
     key = cache_key(teacher, fingerprints, cfg)
     model = teacher.model.eval()
@@ -280,7 +282,7 @@ def _keep_teacher(store: Store, teacher: Teacher) -> dict[str, str]:
     if teacher.directory is None:
         raise ConfigError("label.keep_teacher: the teacher was not loaded from a directory")
     kept = {}
-    for name in ("model.safetensors", "config.json"):
+    for name in teacher.files:
         source = Path(teacher.directory) / name
         rel = f"{TEACHER_COPY}/{name}"
         with store.writing(rel) as tmp, store.fs.open_output_stream(tmp) as handle, open(source, "rb") as src:

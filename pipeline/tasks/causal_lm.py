@@ -6,18 +6,25 @@ sees what it sees for images: a batch of blocks in, one row of logits per predic
 lined up with the cache rows of its `block_set`. The true label of a row is the next token
 (text is its own label, on every split); the baseline twin is the same student trained on the
 same blocks with the next-token loss alone and the same budget ("the text alone"). A student
-is a Hugging Face directory (`lm.save`) plus `student.json`; it is scored by test perplexity.
+is any transformers model_type with a causal LM head (`arch`, `arch_kwargs`), started at
+random, from the teacher's layers (`init: teacher`) or from a local pretrained directory
+(`init: DIR`, with the teacher's tokenizer); it is a Hugging Face directory (`lm.save`) plus
+`student.json`, scored by test perplexity.
 
-The helpers every token task shares (saving, the seed table, what is measured against the
-cached teacher) live here too, and so does the text teacher of either objective (`kd teacher`
-trains a GPT-2 or a BERT; `kd label` loads any local Hugging Face causal or masked LM);
-`masked_lm` uses them.
+The helpers every token task shares (the checks of a student and of its tokenizer, building
+and saving, the seed table, what is measured against the cached teacher) live here too, and
+so does the text teacher of either objective (`kd teacher` trains a transformers model_type;
+`kd label` loads any local Hugging Face causal or masked LM and refuses data cut with another
+tokenizer); `masked_lm` uses them.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,13 +40,13 @@ from pipeline.prepared import tokens as text
 from pipeline.cache import Cache, Teacher
 from pipeline.cache.reader import SoftTargets
 from pipeline.config import EvalConfig, LabelConfig, StudentConfig, TeacherConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import CacheError, ConfigError, InputError, MissingInputError
 from pipeline.files import read_json, write_json
 from pipeline.methods import chosen
 from pipeline.models import count_params
 from pipeline.tasks import Batch
 
-NAME, OBJECTIVE, ARCH = "causal_lm", "causal", "gpt2"  # ARCH: the student architecture it supports
+NAME, OBJECTIVE = "causal_lm", "causal"
 TWIN_LOSS = "next-token"  # what the baseline twin learns from, for messages
 METHODS = ("soft", "hard")  # the loss methods a causal student supports so far
 STUDENT_RECORD = "student.json"
@@ -67,6 +74,27 @@ class Inputs:
     def samples(self, split: str) -> int:
         return self.infos[split]["rows"]
 
+    def check_teacher(self, teacher: Teacher, prepared: Path) -> None:
+        """Refuse a teacher that would read these ids as other tokens: data prepared with another
+        tokenizer (whatever the two vocabulary sizes), or an id past its vocabulary."""
+        tokenizer = teacher.config.get("tokenizer")
+        if tokenizer is None:
+            raise InputError(f"{teacher.directory}: not a language model (no tokenizer beside it); the text in "
+                             f"{prepared} needs one")
+        for split, info in self.infos.items():
+            if info["tokenizer_sha256"] != tokenizer["sha256"]:
+                raise InputError(f"{prepared / f'{split}.parquet'}: prepared with another tokenizer than the "
+                                 f"teacher's: {prepared_tokenizer_name(info)} vs the teacher's "
+                                 f"{teacher.directory} (sha256 {tokenizer['sha256'][:12]}, vocabulary "
+                                 f"{tokenizer['vocab_size']}); run `kd prepare` with prepare.tokenizer: "
+                                 f"{teacher.directory}")
+        vocab = teacher.config["vocab_size"]
+        for split in self.infos:
+            largest = text.max_token(prepared / f"{split}.parquet")
+            if largest >= vocab:
+                raise InputError(f"{prepared / f'{split}.parquet'}: token id {largest} is outside the teacher's "
+                                 f"vocabulary of {vocab} ids ({teacher.directory})")
+
     def header(self) -> dict[str, Any]:
         info = self.infos["labeled"]
         return {"input_shape": self.input_shape,
@@ -77,7 +105,7 @@ class Inputs:
         return torch.zeros(1, self.block_size, dtype=torch.long)
 
     def logits(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        return next_token_logits(model, tokens)
+        return next_token_logits(model, tokens.to(device_of(model)))
 
     def feature_spec(self, layer: str, mode: str, captured: Any) -> dict[str, Any]:
         """One hidden state per token row, cached in full."""
@@ -96,12 +124,23 @@ class Inputs:
         ids, tokens = rows[0][start:stop], torch.from_numpy(rows[1][start:stop])
         n, positions = len(ids), self.per_sample
         with torch.no_grad(), features.tap(model, list(specs)) as captured:
-            logits = self.logits(model, tokens).float()
-            feats = {name: _token_rows(captured[name]).to(torch.float16).numpy() for name in specs}
+            logits = self.logits(model, tokens).float().cpu()
+            feats = {name: _token_rows(captured[name]).to(torch.float16).cpu().numpy() for name in specs}
         truth = tokens[:, 1:].reshape(-1).numpy()
         return Batch(np.repeat(ids, positions), np.zeros(n * positions, dtype=np.int32),
                      np.tile(np.arange(positions, dtype=np.int32), n), logits, feats, truth,
                      np.ones(n * positions, dtype=bool))
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where a model's weights are (the teacher's `label.device`)."""
+    return next(model.parameters()).device
+
+
+def prepared_tokenizer_name(info: dict[str, Any]) -> str:
+    """For messages: the tokenizer a prepared split was cut with (`text.split_info`)."""
+    source = info["tokenizer_source"] or "the BPE `kd prepare` trained"
+    return f"{source} (sha256 {info['tokenizer_sha256'][:12]}, vocabulary {info['vocab_size']})"
 
 
 def next_token_logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -174,19 +213,36 @@ def unigram_perplexity(train: np.ndarray, test: np.ndarray, vocab_size: int) -> 
 # --- training ---------------------------------------------------------------------------------
 
 
-def check(cfg: StudentConfig, cache: Cache) -> None:
+def check(cfg: StudentConfig, cache: Cache, prepared: Path) -> None:
     """What a causal student cannot do yet, said up front."""
-    check_token_student(cfg, ARCH, OBJECTIVE, METHODS, [("assistant", cfg.assistant), ("views", cfg.views),
-                                                    ("init", cfg.init)])
+    check_tokenizer(cache, prepared, cfg.transfer)
+    check_token_student(cfg, cache, prepared, OBJECTIVE, METHODS, [("assistant", cfg.assistant),
+                                                                 ("views", cfg.views)])
 
 
-def check_token_student(cfg: StudentConfig, arch: str, objective: str, allowed: tuple[str, ...],
+def check_tokenizer(cache: Cache, prepared: Path, splits: list[str]) -> None:
+    """Refuse prepared splits cut with another tokenizer than the cache's (the teacher's), whatever
+    the two vocabulary sizes: one line naming both."""
+    ours = cache.manifest["text"]
+    for split in splits:
+        info = text.split_info(prepared / f"{split}.parquet")
+        if info["tokenizer_sha256"] != ours["tokenizer_sha256"]:
+            raise InputError(f"{prepared / f'{split}.parquet'}: prepared with another tokenizer than the cache's "
+                             f"teacher: {prepared_tokenizer_name(info)} vs the cache {cache.root}'s (sha256 "
+                             f"{ours['tokenizer_sha256'][:12]}, vocabulary {ours['vocab_size']}); prepare the data "
+                             "with the teacher's tokenizer (prepare.tokenizer)")
+
+
+def check_token_student(cfg: StudentConfig, cache: Cache, prepared: Path, objective: str, allowed: tuple[str, ...],
                         unsupported: list[tuple[str, Any]]) -> None:
-    """A token task's refusals: its architecture, its loss methods, the keys it cannot use."""
+    """A token task's refusals: its architecture (a transformers model_type with the objective's
+    head), its start (`check_init`), its loss methods, the keys it cannot use."""
     if cfg.section == "assistants":
         raise ConfigError(f"{cfg.where}: teacher assistants are for image students so far")
-    if lm.ARCHITECTURES.get(cfg.arch, (None, None))[1] is not lm.ARCHITECTURES[arch][1]:
-        raise ConfigError(f"{cfg.where}.arch: {cfg.arch!r}; a student of a {objective} LM cache must be {arch}")
+    if cfg.init in (None, "teacher"):
+        lm.check_arch(cfg.arch, objective, cfg.where)
+    check_init(cfg, cache, objective)
+    check_student_tokenizer(cfg, cache, prepared)
     extra = [name for name in chosen(cfg.loss) if name not in allowed]
     if extra:
         raise ConfigError(f"{cfg.where}.loss: {', '.join(extra)} not supported for {objective} LM students yet "
@@ -194,6 +250,78 @@ def check_token_student(cfg: StudentConfig, arch: str, objective: str, allowed: 
     for key, value in unsupported:
         if value:
             raise ConfigError(f"{cfg.where}.{key}: not supported for {objective} LM students yet")
+
+
+def check_init(cfg: StudentConfig, cache: Cache, objective: str) -> None:
+    """`init: teacher` needs the teacher's copy in the cache (`label.keep_teacher`); `init: DIR`
+    a local pretrained LM of this objective, cut with the cache's tokenizer, whose model_type
+    `arch` names (its config.json sets the rest: no `arch_kwargs`)."""
+    if cfg.init is None:
+        return
+    if cfg.init == "teacher":
+        if "teacher_files" not in cache.manifest:
+            raise ConfigError(f"{cfg.where}.init: 'teacher' needs the teacher's weights in the cache; set "
+                              "label.keep_teacher: true and run `kd label` again")
+        return
+    directory = Path(cfg.init)
+    if not (directory / lm.CONFIG).is_file():
+        raise MissingInputError(f"{cfg.where}.init: {directory / lm.CONFIG} not found (init is 'teacher', null or "
+                                "a local pretrained model directory)")
+    tokenizer = text.read_tokenizer(directory, "init directory's tokenizer")
+    ours = cache.manifest["text"]
+    if tokenizer.fingerprint != ours["tokenizer_sha256"]:
+        raise InputError(f"{cfg.where}.init: {tokenizer.describe()} has another tokenizer than the cache "
+                         f"{cache.root}'s (sha256 {ours['tokenizer_sha256'][:12]}, vocabulary {ours['vocab_size']}); "
+                         "a student starts from a model of the teacher's tokenizer")
+    try:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{directory}: cannot read its config ({str(exc).splitlines()[0]})") from None
+    if config.model_type != cfg.arch:
+        raise ConfigError(f"{cfg.where}.arch: {cfg.arch!r}, but init {directory} holds a {config.model_type!r}; "
+                          "name its model_type")
+    if cfg.arch_kwargs:
+        raise ConfigError(f"{cfg.where}.arch_kwargs: set by {directory / lm.CONFIG} (a student started from a "
+                          "pretrained directory keeps its architecture); leave it empty")
+    if lm.objective(config) != objective:
+        raise ConfigError(f"{cfg.where}.init: {directory} is a {lm.objective(config)} LM; a student of a "
+                          f"{objective} LM cache must be one too")
+
+
+def check_student_tokenizer(cfg: StudentConfig, cache: Cache, prepared: Path) -> None:
+    """The student's directory must read back as the tokenizer its data was cut with. AutoTokenizer
+    picks its class from the directory's model_type too: in transformers 5 a qwen2 directory
+    always gets Qwen2Tokenizer, which rebuilds the pre-tokenizer from the vocabulary and adds a
+    pad token. So the prepared tokenizer files are put beside the student's config and read
+    back. (kd's own BPE has no tokenizer_config.json; transformers reads it as its model_type's
+    class, as it always did.)"""
+    if not (prepared / text.HF_TOKENIZER_CONFIG).is_file():
+        return
+    if cfg.init in (None, "teacher"):
+        config = AutoConfig.for_model(cfg.arch)
+    else:
+        config = AutoConfig.from_pretrained(cfg.init, local_files_only=True, trust_remote_code=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        config.save_pretrained(tmp)
+        for source in text.tokenizer_files(prepared):
+            shutil.copyfile(source, Path(tmp) / source.name)
+        found = text.read_tokenizer(Path(tmp), "student's tokenizer")
+    ours = cache.manifest["text"]
+    if found.fingerprint != ours["tokenizer_sha256"]:
+        raise ConfigError(f"{cfg.where}.arch: in a {config.model_type} directory transformers reads the teacher's "
+                          f"tokenizer as {type(found.hf).__name__} (sha256 {found.fingerprint[:12]}, vocabulary "
+                          f"{found.vocab_size}), another tokenizer than the cache {cache.root}'s (sha256 "
+                          f"{ours['tokenizer_sha256'][:12]}, vocabulary {ours['vocab_size']}): the student would "
+                          "not read its own text as it learned it; choose another model_type (the teacher's "
+                          f"{cache.manifest['teacher']['config'].get('arch')} keeps it)")
+
+
+def init_identity(cfg: StudentConfig, cache: Cache) -> Any:
+    """What a student's start is, for its twin's key: the teacher copy's digests, the pretrained
+    directory's fingerprint, or None (random)."""
+    if cfg.init is None:
+        return None
+    return cache.manifest.get("teacher_files") if cfg.init == "teacher" else lm.fingerprint(Path(cfg.init))
 
 
 def rows(cache: Cache, prepared: Path, cfg: StudentConfig, memory_mb: float) -> loader.SampleSet | loader.StreamingSet:
@@ -224,16 +352,51 @@ def twin_rows(cache: Cache, prepared: Path, cfg: StudentConfig, transfer: Any) -
 
 
 def twin_decided_by(cfg: StudentConfig, cache: Cache, prepared: Path) -> dict[str, Any]:
-    """What decides a causal twin besides its budget and seed: the task and the transfer blocks."""
-    return {"task": NAME, "data": {s: data_fingerprint(prepared / f"{s}.parquet") for s in cfg.transfer}}
+    """What decides a causal twin besides its budget and seed: the task, the transfer blocks and
+    its start when it has one (`init`)."""
+    return {"task": NAME, "data": {s: data_fingerprint(prepared / f"{s}.parquet") for s in cfg.transfer},
+            **({"init": init_identity(cfg, cache)} if cfg.init is not None else {})}
 
 
 def build(cfg: StudentConfig, cache: Cache, prepared: Path) -> TokenRows:
     """A fresh student (seed torch first), sized by the prepared tokenizer and blocks."""
-    _, special = text.load_tokenizer(prepared)
+    return TokenRows(build_model(cfg, cache, prepared, OBJECTIVE))
+
+
+def build_model(cfg: StudentConfig, cache: Cache, prepared: Path, objective: str) -> nn.Module:
+    """A token task's student (seed torch first): `init: DIR` loaded from the directory (float32,
+    on the CPU); otherwise `arch`/`arch_kwargs` built at random with the tokenizer's special ids
+    and a vocabulary covering the tokenizer's and the teacher's ids, then with `init: teacher`
+    started from the teacher's layers (the copy `label.keep_teacher` put in the cache)."""
     info = cache.manifest["text"]
-    return TokenRows(lm.build(cfg.arch, cfg.arch_kwargs, info["vocab_size"], info["block_size"], special,
-                              where=cfg.where))
+    classes = max(info["vocab_size"], cache.manifest["num_classes"])
+    if cfg.init not in (None, "teacher"):
+        model = lm.load(Path(cfg.init))
+        for key, least in (("vocab_size", classes), ("max_position_embeddings", info["block_size"])):
+            if getattr(model.config, key, least) < least:
+                raise ConfigError(f"{cfg.where}.init: {cfg.init} has {key} {getattr(model.config, key)}, fewer "
+                                  f"than the cache needs ({least})")
+        return model
+    _, special = text.load_tokenizer(prepared)
+    model = lm.build(cfg.arch, cfg.arch_kwargs, classes, info["block_size"], special, where=cfg.where,
+                     objective=objective)
+    if cfg.init == "teacher":
+        with torch.random.fork_rng():  # loading the teacher's copy leaves the student's random stream alone
+            start = teacher_start(cache)
+        lm.init_from_teacher(model, start, where=f"{cfg.where}.init")
+    return model
+
+
+def teacher_start(cache: Cache) -> nn.Module:
+    """The teacher's copy in the cache (`label.keep_teacher`), checked against the manifest."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for rel, digest in cache.manifest["teacher_files"].items():
+            blob = cache.store.read_bytes(cache.store.safe(rel))
+            if hashlib.sha256(blob).hexdigest() != digest:
+                raise CacheError(f"{cache.store.show(rel)}: sha256 differs from the manifest; run "
+                                 f"`kd cache verify {cache.root}`")
+            (Path(tmp) / Path(rel).name).write_bytes(blob)
+        return lm.load(Path(tmp))
 
 
 def student_shapes(model: nn.Module, cfg: StudentConfig, layers: list[str], cache: Cache) -> dict[str, list[int]]:
@@ -243,7 +406,7 @@ def student_shapes(model: nn.Module, cfg: StudentConfig, layers: list[str], cach
 def save(directory: Path, model: nn.Module, cfg: StudentConfig, cache: Cache, record: dict[str, Any],
          prepared: Path) -> None:
     """A Hugging Face directory (weights, config, tokenizer) plus `student.json`, the record."""
-    lm.save(directory, model.model, prepared / text.TOKENIZER_FILE)
+    lm.save(directory, model.model, prepared)
     write_json(directory / STUDENT_RECORD, {**record, "objective": cache.manifest["text"]["objective"]})
 
 
@@ -388,20 +551,27 @@ def train_teacher(cfg: TeacherConfig, prepared: Path, out: Path, *, progress: bo
     """`kd teacher` on text: a Hugging Face language model (`lm.train_teacher`) written into
     `out` with its tokenizer, `training.json` (where it came from) and `metrics.json`; its score."""
     model, provenance, scores = lm.train_teacher(cfg, prepared, progress=progress)
-    lm.save(out, model, prepared / text.TOKENIZER_FILE)
+    lm.save(out, model, prepared)
     write_json(out / "training.json", provenance)
     write_json(out / "metrics.json", scores)
     return (f"test perplexity {scores['perplexity']:.2f} (unigram {scores['unigram_perplexity']:.1f})"
             if "perplexity" in scores else f"test masked-token accuracy {scores['masked_accuracy']:.4f}")
 
 
-def load_teacher(directory: Path, arch: str | None = None, arch_kwargs: dict | None = None) -> Teacher:
-    """A Hugging Face language model directory (causal or masked), with the fingerprint that
-    identifies it and its provenance and test scores when `kd teacher` made it."""
-    model = lm.load(directory)
+def load_teacher(directory: Path, arch: str | None = None, arch_kwargs: dict | None = None, *,
+                 dtype: str = "auto", device: str = "auto") -> Teacher:
+    """A Hugging Face language model directory (causal or masked; `dtype` a `lm.DTYPES` name,
+    `device` auto|cpu|cuda), with the fingerprint that identifies it, its tokenizer's (which
+    the prepared data must have been cut with) and its provenance and test scores when
+    `kd teacher` made it."""
+    tokenizer = text.read_tokenizer(directory, "teacher's tokenizer")
+    model = lm.load(directory, dtype=dtype, device=lm.resolve_device(device))
     config = {"arch": model.config.model_type, "objective": lm.objective(model), "params": count_params(model),
-              "vocab_size": model.config.vocab_size, "hf_config": model.config.to_dict()}
+              "vocab_size": model.config.vocab_size, "hf_config": model.config.to_dict(),
+              "tokenizer": {"sha256": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size},
+              "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     for name in ("training", "metrics"):
         if (directory / f"{name}.json").is_file():
             config[name] = read_json(directory / f"{name}.json")
-    return Teacher(model, lm.fingerprint(directory), config, directory)
+    files = tuple(path.name for path in lm.weight_files(directory)) + (lm.CONFIG,)
+    return Teacher(model, lm.fingerprint(directory), config, directory, files)

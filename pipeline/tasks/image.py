@@ -52,6 +52,12 @@ class Inputs:
     def samples(self, split: str) -> int:
         return self.infos[split]["rows"]
 
+    def check_teacher(self, teacher: Teacher, prepared: Path) -> None:
+        """A language model cannot label images."""
+        if "tokenizer" in teacher.config:
+            raise InputError(f"{teacher.directory}: a language model ({teacher.config['arch']}); the images in "
+                             f"{prepared} need an image classifier")
+
     def header(self) -> dict[str, Any]:
         return {"input_shape": self.input_shape}
 
@@ -93,11 +99,11 @@ class Inputs:
 # --- training ---------------------------------------------------------------------------------
 
 
-def check(cfg: StudentConfig, cache: Cache) -> None:
+def check(cfg: StudentConfig, cache: Cache, prepared: Path) -> None:
     """What an image student cannot do, said up front."""
     if cfg.init is not None:
-        raise ConfigError(f"{cfg.where}.init: starting from the teacher's layers is for masked-LM students "
-                          "(the cache of a BERT teacher); an image student starts at random")
+        raise ConfigError(f"{cfg.where}.init: starting from the teacher's layers or a pretrained directory is for "
+                          "language-model students; an image student starts at random")
 
 
 def rows(cache: Cache, prepared: Path, cfg: StudentConfig, memory_mb: float) -> Any:
@@ -192,14 +198,20 @@ def train_teacher(cfg: TeacherConfig, prepared: Path, out: Path, *, progress: bo
     return f"test accuracy {scores['test_accuracy']:.4f}"
 
 
-def load_teacher(directory: Path, arch: str | None, arch_kwargs: dict | None) -> Teacher:
+def load_teacher(directory: Path, arch: str | None, arch_kwargs: dict | None, *, dtype: str = "auto",
+                 device: str = "auto") -> Teacher:
     """Our image teacher (model.safetensors + our config.json; `arch` names a user's
     package.module:factory) or a Hugging Face image classifier, with its fingerprint.
 
     What `kd eval` needs to compare every student with it goes into the config the manifest
     records: the parameter count, measured when the config lacks it, and for a
     package.module:factory teacher (which `kd eval` never imports, so it cannot time a twin)
-    its throughput, measured here as `kd eval` measures by default."""
+    its throughput, measured here as `kd eval` measures by default. It runs in float32 on the
+    CPU (`label.dtype`/`label.device` auto); other placements are refused."""
+    if dtype not in ("auto", "float32"):
+        raise ConfigError(f"label.dtype: {dtype}; an image teacher runs in float32 so far (auto or float32)")
+    if device == "cuda":
+        raise ConfigError("label.device: cuda; an image teacher runs on the CPU so far (auto or cpu)")
     if is_hf_classifier(directory):
         model, config = load_hf_classifier(directory)
     else:

@@ -6,8 +6,9 @@ teacher saw there), so a student sees the same masks. `MaskedRows` wraps a BERT 
 batch of masked blocks gives one row of logits per masked token, lined up with the cache rows
 of its `masked_set` (`views: true` draws among the cached maskings every epoch). Its
 `hidden.N` layers are hidden state N at the masked positions, for the `cosine` method against a
-cached teacher layer. With `init: teacher` the student starts from the teacher's embeddings,
-head and one layer in every N_t / N_s (the copy `label.keep_teacher` put in the cache). The
+cached teacher layer. The student is any transformers model_type with a masked LM head; with
+`init: teacher` it starts from the teacher's embeddings, head and one layer in every N_t / N_s
+(the copy `label.keep_teacher` put in the cache), with `init: DIR` from a pretrained one. The
 true label of a row is the original token; the twin is the same student, same start and same
 masks, with the masked-LM loss alone. Scored by masked-token accuracy on the test maskings.
 """
@@ -15,8 +16,6 @@ masks, with the masked-LM loss alone. Scored by masked-token accuracy on the tes
 from __future__ import annotations
 
 import functools
-import hashlib
-import tempfile
 from dataclasses import replace as dataclass_replace
 from pathlib import Path
 from typing import Any
@@ -31,12 +30,12 @@ from pipeline.prepared import data_fingerprint
 from pipeline.prepared import tokens as text
 from pipeline.cache import Cache
 from pipeline.config import EvalConfig, LabelConfig, StudentConfig
-from pipeline.errors import CacheError, ConfigError
+from pipeline.errors import ConfigError
 from pipeline.methods import student_layers
 from pipeline.tasks import Batch, causal_lm
 from pipeline.tasks.causal_lm import check_token_student, evaluate_rows, hidden, save, token_summary
 
-NAME, OBJECTIVE, ARCH = "masked_lm", "masked", "bert"  # ARCH: the student architecture it supports
+NAME, OBJECTIVE = "masked_lm", "masked"
 TWIN_LOSS = "masked-LM"  # what the baseline twin learns from, for messages
 METHODS = ("soft", "hard", "cosine")  # the loss methods a masked student supports so far
 __all__ = ["save"]  # a Hugging Face directory plus student.json, as for causal students
@@ -60,6 +59,7 @@ class Inputs(causal_lm.Inputs):
         self.masked_count = lm.mask_count(self.block_size)
         self.per_sample = (cfg.views + 1) * self.masked_count
         self.special = text.load_tokenizer(prepared)[1]
+        lm.mask_id(self.special, str(prepared))
 
     def header(self) -> dict[str, Any]:
         header = super().header()
@@ -69,6 +69,7 @@ class Inputs(causal_lm.Inputs):
         return header
 
     def logits(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(causal_lm.device_of(model))
         return model(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits[:, 0]
 
     def batch(self, model: nn.Module, rows: tuple[np.ndarray, np.ndarray], start: int, stop: int,
@@ -79,11 +80,12 @@ class Inputs(causal_lm.Inputs):
         blocks = torch.from_numpy(rows[1][start:stop]).repeat_interleave(views, dim=0)
         positions, seen = lm.fixed_masks(blocks, ids, view, m, self.special, self.infos["labeled"]["vocab_size"],
                                          self.cfg.view_seed)
-        inputs = lm.apply_masks(blocks, positions, seen)
-        at = (torch.arange(len(blocks))[:, None], positions)  # (B, M) index: the masked rows
+        device = causal_lm.device_of(model)
+        inputs = lm.apply_masks(blocks, positions, seen).to(device)
+        at = (torch.arange(len(blocks), device=device)[:, None], positions.to(device))  # (B, M): the masked rows
         with torch.no_grad(), features.tap(model, list(specs)) as captured:
-            logits = model(input_ids=inputs, attention_mask=torch.ones_like(inputs)).logits[at].float()
-            feats = {name: hidden(captured[name])[at].reshape(len(blocks) * m, -1).to(torch.float16).numpy()
+            logits = model(input_ids=inputs, attention_mask=torch.ones_like(inputs)).logits[at].float().cpu()
+            feats = {name: hidden(captured[name])[at].reshape(len(blocks) * m, -1).to(torch.float16).cpu().numpy()
                      for name in specs}
         return Batch(np.repeat(ids, m), np.repeat(view, m), positions.reshape(-1).numpy().astype(np.int32),
                      logits.reshape(len(blocks) * m, -1), feats, blocks.gather(1, positions).reshape(-1).numpy(),
@@ -155,15 +157,13 @@ def teacher_scores(scores: dict[str, float], train: np.ndarray, test: np.ndarray
 # --- training ---------------------------------------------------------------------------------
 
 
-def check(cfg: StudentConfig, cache: Cache) -> None:
+def check(cfg: StudentConfig, cache: Cache, prepared: Path) -> None:
     """What a masked student cannot do yet, said up front."""
-    check_token_student(cfg, ARCH, OBJECTIVE, METHODS, [("assistant", cfg.assistant)])
+    causal_lm.check_tokenizer(cache, prepared, cfg.transfer)
     if cfg.views and cache.manifest["views"]["count"] == 0:
         raise ConfigError(f"{cfg.where}.views: the cache holds one masking per block; set label.views (e.g. 4) "
                           "and run `kd label` again")
-    if cfg.init == "teacher" and "teacher_files" not in cache.manifest:
-        raise ConfigError(f"{cfg.where}.init: 'teacher' needs the teacher's weights in the cache; set "
-                          "label.keep_teacher: true and run `kd label` again")
+    check_token_student(cfg, cache, prepared, OBJECTIVE, METHODS, [("assistant", cfg.assistant)])
     for layer in student_layers(cfg):
         if not (layer.startswith("hidden.") and layer.removeprefix("hidden.").isdigit()):
             raise ConfigError(f"{cfg.where}.loss: student_layer {layer!r}; a masked LM student's layers are "
@@ -206,18 +206,13 @@ def twin_decided_by(cfg: StudentConfig, cache: Cache, prepared: Path) -> dict[st
     return {"task": NAME, "data": {s: data_fingerprint(prepared / f"{s}.parquet") for s in cfg.transfer},
             "masks": {"count": cache.manifest["views"]["count"], "recipe": cache.manifest["text"]["mask_recipe"],
                       "positions": cache.manifest["text"]["positions"]},
-            "views": cfg.views, "init": cache.manifest.get("teacher_files") if cfg.init == "teacher" else None}
+            "views": cfg.views, "init": causal_lm.init_identity(cfg, cache)}
 
 
 def build(cfg: StudentConfig, cache: Cache, prepared: Path) -> MaskedRows:
     """A fresh student (seed torch first), from the teacher's layers with `init: teacher`."""
-    _, special = text.load_tokenizer(prepared)
     info = cache.manifest["text"]
-    model = lm.build(cfg.arch, cfg.arch_kwargs, info["vocab_size"], info["block_size"], special, where=cfg.where)
-    if cfg.init == "teacher":
-        with torch.random.fork_rng():  # loading the teacher's copy leaves the student's random stream alone
-            start = _teacher_start(cache)
-        lm.init_from_teacher(model, start, where=f"{cfg.where}.init")
+    model = causal_lm.build_model(cfg, cache, prepared, OBJECTIVE)
     layers = [int(layer.removeprefix("hidden.")) for layer in student_layers(cfg)]
     for n in layers:
         if n > model.config.num_hidden_layers:
@@ -229,18 +224,6 @@ def build(cfg: StudentConfig, cache: Cache, prepared: Path) -> MaskedRows:
 def student_shapes(model: MaskedRows, cfg: StudentConfig, layers: list[str], cache: Cache) -> dict[str, list[int]]:
     """Every `hidden.N` is one vector of the student's width per masked token."""
     return {layer: [model.model.config.hidden_size] for layer in layers}
-
-
-def _teacher_start(cache: Cache) -> nn.Module:
-    """The teacher's copy in the cache (`label.keep_teacher`), checked against the manifest."""
-    with tempfile.TemporaryDirectory() as tmp:
-        for rel, digest in cache.manifest["teacher_files"].items():
-            blob = cache.store.read_bytes(cache.store.safe(rel))
-            if hashlib.sha256(blob).hexdigest() != digest:
-                raise CacheError(f"{cache.store.show(rel)}: sha256 differs from the manifest; run "
-                                 f"`kd cache verify {cache.root}`")
-            (Path(tmp) / Path(rel).name).write_bytes(blob)
-        return lm.load(Path(tmp))
 
 
 # --- evaluation -------------------------------------------------------------------------------
