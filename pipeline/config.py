@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from pipeline import methods
+from pipeline import augment, methods
 from pipeline.errors import ConfigError, MissingInputError
 from pipeline.methods.attention import AttentionTerm
 from pipeline.methods.cosine import CosineTerm
@@ -25,11 +25,12 @@ from pipeline.methods.hint import HintTerm
 from pipeline.methods.rkd import RKDTerm
 from pipeline.methods.soft import SoftTerm
 
-SECTIONS = ("prepare", "teacher", "label", "assistants", "students", "text_students", "mlm_students", "eval")
-# `text_students` and `mlm_students` are `students` under other names, for params_text.yaml and
-# params_mlm.yaml: dvc.yaml imports them next to params.yaml (for their foreach), and DVC would
-# merge sections of one name.
-STUDENT_SECTIONS = ("students", "text_students", "mlm_students")
+SECTIONS = ("prepare", "teacher", "label", "assistants", "students", "text_students", "mlm_students", "img_students",
+            "eval")
+# `text_students`, `mlm_students` and `img_students` are `students` under other names, for
+# params_text.yaml, params_mlm.yaml and params_images.yaml: dvc.yaml imports them next to
+# params.yaml (for their foreach), and DVC would merge sections of one name.
+STUDENT_SECTIONS = ("students", "text_students", "mlm_students", "img_students")
 FEATURE_MODES = ("full", "pooled", "attention")
 LOGIT_DTYPES = ("float16", "float32")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")  # the keys of lm.DTYPES
@@ -48,7 +49,7 @@ class Shares:
 
 @dataclass
 class PrepareConfig:
-    dataset: str = "mnist5k"  # mnist5k | digits | mnist1d | pydoc | an image folder | a .parquet, .txt or .jsonl file
+    dataset: str = "mnist5k"  # mnist5k | digits | mnist1d | shapes | pydoc | an image folder | a .parquet, .txt or .jsonl file
     input_shape: list[int] | None = None  # required for a Parquet file whose metadata lacks it
     # encoded images only (an image folder, a Parquet `image` column): resize to [size] or
     # [height, width]; the normalisation recorded beside the uint8 pixels (null: the labeled
@@ -80,12 +81,18 @@ class TeacherConfig:
     lr: float = 2e-3
     weight_decay: float = 5e-4
     shift: int = 2  # random-shift augmentation, in pixels (0 = off)
+    # or label's crop_flip recipe, a fresh view per image and epoch (the view_* keys as in label)
+    view_recipe: str = "shift"
+    view_scale: list[float] | None = None
+    view_ratio: list[float] | None = None
+    view_flip: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_budget("teacher", self)
         if self.shift < 0:
             raise ConfigError(f"teacher.shift: {self.shift} must be >= 0")
+        check_view_recipe(self, "teacher")
 
 
 @dataclass
@@ -99,7 +106,14 @@ class LabelConfig:
     logit_dtype: str = "float16"
     features: dict[str, str] = field(default_factory=dict)  # teacher layer -> mode
     views: int = 0  # augmented views per sample besides view 0 (the input as is)
-    view_shift: int = 2  # the views' recipe: random shift of up to this many pixels
+    view_recipe: str = "shift"  # how a view is drawn (pipeline.augment): shift | crop_flip
+    view_shift: int = 2  # shift: random shift of up to this many pixels
+    # crop_flip (images): random resized crop of an area fraction in view_scale and an aspect
+    # ratio (width / height) in view_ratio, then a horizontal flip with probability view_flip
+    # (null: [0.35, 1.0], [3/4, 4/3], 0.5; set only with crop_flip)
+    view_scale: list[float] | None = None
+    view_ratio: list[float] | None = None
+    view_flip: float | None = None
     view_seed: int = 0
     batch_size: int = 256
     part_size: int = 16384  # samples per Parquet part (and per resume step)
@@ -128,9 +142,42 @@ class LabelConfig:
         for key in ("views", "view_shift"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"label.{key}: {getattr(self, key)} must be >= 0")
+        check_view_recipe(self, "label")
         for key in ("batch_size", "part_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"label.{key}: {getattr(self, key)} must be >= 1")
+
+
+VIEW_RECIPES = ("shift", "crop_flip")
+CROP_FLIP_DEFAULTS = {"view_scale": [0.35, 1.0], "view_ratio": [3 / 4, 4 / 3], "view_flip": 0.5}
+
+
+def check_view_recipe(cfg: Any, where: str) -> None:
+    """`view_recipe` and the keys of its recipe (cfg: a LabelConfig or TeacherConfig)."""
+    if cfg.view_recipe not in VIEW_RECIPES:
+        raise ConfigError(f"{where}.view_recipe: {cfg.view_recipe!r} must be one of {VIEW_RECIPES}")
+    for key in CROP_FLIP_DEFAULTS:
+        value = getattr(cfg, key)
+        if value is not None and cfg.view_recipe != "crop_flip":
+            raise ConfigError(f"{where}.{key}: {value} is for view_recipe crop_flip, not {cfg.view_recipe!r}")
+    for key in ("view_scale", "view_ratio"):
+        pair = getattr(cfg, key)
+        if pair is not None and (len(pair) != 2 or not 0 < pair[0] <= pair[1]):
+            raise ConfigError(f"{where}.{key}: {pair} must be [low, high] with 0 < low <= high")
+    if cfg.view_scale is not None and cfg.view_scale[1] > 1:
+        raise ConfigError(f"{where}.view_scale: {cfg.view_scale} must be at most 1 (a fraction of the image's area)")
+    if cfg.view_flip is not None and not 0 <= cfg.view_flip <= 1:
+        raise ConfigError(f"{where}.view_flip: {cfg.view_flip} must be a probability in [0, 1]")
+
+
+def view_recipe(cfg: Any, max_shift: int) -> dict[str, Any]:
+    """The recipe of `cfg`'s views as the cache manifest records it (`augment.shift` / `crop_flip`);
+    `max_shift`: the shift recipe's (`label.view_shift`, `teacher.shift`)."""
+    if cfg.view_recipe == "shift":
+        return augment.shift(max_shift)
+    values = {key: CROP_FLIP_DEFAULTS[key] if getattr(cfg, key) is None else getattr(cfg, key)
+              for key in CROP_FLIP_DEFAULTS}
+    return augment.crop_flip(values["view_scale"], values["view_ratio"], values["view_flip"])
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Training the teacher on the labeled split (hard labels, random-shift augmentation).
+"""Training the teacher on the labeled split (hard labels, random-shift or crop-and-flip augmentation).
 
 The same loop as every student (`training.fit`); augmentation is the view recipe of
 `augment`, drawn fresh each epoch. Writes nothing itself: the stage saves the model.
@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from pipeline.prepared import images as data
-from pipeline.config import TeacherConfig, as_dict
+from pipeline.config import TeacherConfig, as_dict, view_recipe
+from pipeline.augment import check_shape
 from pipeline.models import build
 from pipeline.loader import baseline_set
 from pipeline.training import fit, hard_label_loss, predict
@@ -20,13 +21,16 @@ from pipeline.training import fit, hard_label_loss, predict
 
 def train_teacher(cfg: TeacherConfig, prepared: Path, *, progress: bool = True) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
     """Return (model, config to save beside the weights, metrics)."""
-    # the labeled split with its labels, as a baseline twin sees it, plus the shift augmentation
-    dataset = baseline_set(prepared, view_seed=cfg.seed, view_shift=cfg.shift)
+    # the labeled split with its labels, as a baseline twin sees it, plus the augmentation
+    recipe = view_recipe(cfg, cfg.shift)
+    dataset = baseline_set(prepared, view_seed=cfg.seed, recipe=recipe)
+    augmented = cfg.shift > 0 or cfg.view_recipe != "shift"
     test = data.read_split(prepared / "test.parquet")
+    check_shape(recipe, test.input_shape, "teacher")
     torch.manual_seed(cfg.seed)
     model = build(cfg.arch, cfg.arch_kwargs, test.input_shape, test.num_classes)
     log = fit(model, dataset, {"hard": (1.0, hard_label_loss)}, epochs=cfg.epochs, batch_size=cfg.batch_size,
-              lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed, views="fresh" if cfg.shift else "none",
+              lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed, views="fresh" if augmented else "none",
               desc="teacher", progress=progress)
     logits = predict(model, torch.tensor(test.x), test.input_shape)
     accuracy = float((logits.argmax(1).numpy() == test.y).mean())

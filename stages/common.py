@@ -45,6 +45,16 @@ def json_option(option: str, value: str | None) -> Any:
         raise ConfigError(f"{option}: {value!r} is not valid JSON ({exc.msg})") from None
 
 
+def numbers_option(option: str, text: str | None) -> list[float] | None:
+    """Parse an option of comma-separated numbers ('0.5,0.5' or '[0.5, 0.5]'; None stays None)."""
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.replace(" ", "").strip("[]").split(",")]
+    except ValueError:
+        raise ConfigError(f"{option}: {text!r} must be numbers separated by commas, e.g. 0.5,0.5,0.5") from None
+
+
 def override(config: Any, **options: Any) -> Any:
     """Set every option that was given (not None) on the config dataclass, re-validating it."""
     import dataclasses

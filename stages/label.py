@@ -26,7 +26,7 @@ from pipeline.cache.store import location
 from pipeline.cache.verify import format_info, info
 from pipeline.config import LabelConfig, section
 from pipeline.errors import ConfigError
-from stages.common import PARAMS_OPTION, clean_errors, json_option, override
+from stages.common import PARAMS_OPTION, clean_errors, json_option, numbers_option, override
 
 
 @clean_errors
@@ -36,7 +36,11 @@ def main(
     logit_dtype: Optional[str] = typer.Option(None, help="float16 or float32."),
     feature: Optional[List[str]] = typer.Option(None, help="Teacher layer to cache as LAYER=MODE (full, pooled, attention); repeatable."),
     views: Optional[int] = typer.Option(None, help="Augmented views per sample besides the input as is."),
-    view_shift: Optional[int] = typer.Option(None),
+    view_recipe: Optional[str] = typer.Option(None, help="How a view is drawn: shift or crop_flip (images)."),
+    view_shift: Optional[int] = typer.Option(None, help="shift: up to this many pixels."),
+    view_scale: Optional[str] = typer.Option(None, help="crop_flip: the crop's area fraction range, e.g. 0.35,1.0."),
+    view_ratio: Optional[str] = typer.Option(None, help="crop_flip: the crop's aspect ratio range, e.g. 0.75,1.333."),
+    view_flip: Optional[float] = typer.Option(None, help="crop_flip: the probability of a horizontal flip."),
     view_seed: Optional[int] = typer.Option(None),
     batch_size: Optional[int] = typer.Option(None),
     dtype: Optional[str] = typer.Option(None, help="A language-model teacher's dtype: auto (its config's), "
@@ -74,7 +78,9 @@ def main(
     if arch is not None and arch != cfg.arch and kwargs is None:  # not label.arch_kwargs of another arch
         cfg.arch_kwargs = None
     cfg = override(cfg, arch=arch, arch_kwargs=kwargs, top_k=top_k, temperatures=temps, logit_dtype=logit_dtype,
-                   features=layers, views=views, view_shift=view_shift, view_seed=view_seed,
+                   features=layers, views=views, view_recipe=view_recipe, view_shift=view_shift,
+                   view_scale=numbers_option("--view-scale", view_scale),
+                   view_ratio=numbers_option("--view-ratio", view_ratio), view_flip=view_flip, view_seed=view_seed,
                    batch_size=batch_size, part_size=part_size, keep_teacher=keep_teacher, dtype=dtype, device=device)
     loaded = load_teacher(teacher, cfg.arch, cfg.arch_kwargs, cfg)
     shard = int(os.environ.get("RANK", 0)) if shard is None else shard

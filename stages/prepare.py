@@ -17,14 +17,13 @@ import typer
 
 from pipeline import config, sources
 from pipeline.config import PrepareConfig, Shares
-from pipeline.errors import ConfigError
-from stages.common import PARAMS_OPTION, clean_errors, json_option, override
+from stages.common import PARAMS_OPTION, clean_errors, json_option, numbers_option, override
 
 
 @clean_errors
 def main(
     dataset: Optional[str] = typer.Option(
-        None, "--dataset", help="mnist5k, digits, mnist1d, pydoc, an image folder (<class>/* or "
+        None, "--dataset", help="mnist5k, digits, mnist1d, shapes, pydoc, an image folder (<class>/* or "
         "train|test|unlabeled/<class>/*), a Parquet file with id, x and optional y (or an encoded image column "
         "with label and optional split, or a text column), a .txt file or a .jsonl file (prepare.text_column)."
     ),
@@ -56,8 +55,8 @@ def main(
     shape = sources.images.parse_shape(input_shape) if input_shape is not None else None
     parsed = json_option("--shares", shares)
     size = sources.images.parse_shape(image_size, "--image-size") if image_size is not None else None
-    cfg = override(cfg, dataset=dataset, input_shape=shape, image_size=size, mean=_numbers("--mean", mean),
-                   std=_numbers("--std", std), labeled=labeled, unlabeled=unlabeled,
+    cfg = override(cfg, dataset=dataset, input_shape=shape, image_size=size, mean=numbers_option("--mean", mean),
+                   std=numbers_option("--std", std), labeled=labeled, unlabeled=unlabeled,
                    test=test, samples=samples, seed=seed, text_column=text_column, tokenizer=tokenizer,
                    vocab_size=vocab_size,
                    block_size=block_size, shares=None if parsed is None else config.from_mapping(Shares, parsed, "--shares"))
@@ -78,12 +77,3 @@ def main(
             f"{name:<9} {len(split.ids):>7} rows  {int((split.y >= 0).sum()):>7} labeled  "
             f"{len(np.unique(known)):>3} classes  -> {prepared.paths[name]}{note}"
         )
-
-
-def _numbers(option: str, text: str | None) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.replace(" ", "").strip("[]").split(",")]
-    except ValueError:
-        raise ConfigError(f"{option}: {text!r} must be numbers separated by commas, e.g. 0.5,0.5,0.5") from None

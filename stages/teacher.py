@@ -21,7 +21,7 @@ import typer
 from pipeline import tasks
 from pipeline.config import TeacherConfig, section
 from pipeline.files import replacing
-from stages.common import PARAMS_OPTION, clean_errors, json_option, override
+from stages.common import PARAMS_OPTION, clean_errors, json_option, numbers_option, override
 
 
 @clean_errors
@@ -33,6 +33,10 @@ def main(
     lr: Optional[float] = typer.Option(None),
     weight_decay: Optional[float] = typer.Option(None),
     shift: Optional[int] = typer.Option(None, help="Random-shift augmentation in pixels (0 = off; images only)."),
+    view_recipe: Optional[str] = typer.Option(None, help="Augmentation: shift or crop_flip (images only)."),
+    view_scale: Optional[str] = typer.Option(None, help="crop_flip: the crop's area fraction range, e.g. 0.35,1.0."),
+    view_ratio: Optional[str] = typer.Option(None, help="crop_flip: the crop's aspect ratio range, e.g. 0.75,1.333."),
+    view_flip: Optional[float] = typer.Option(None, help="crop_flip: the probability of a horizontal flip."),
     seed: Optional[int] = typer.Option(None),
     prepared: Path = typer.Option(Path("data/prepared"), help="Directory written by `kd prepare`."),
     out: Path = typer.Option(Path("data/teacher"), help="Where to write the teacher."),
@@ -45,7 +49,9 @@ def main(
     if arch is not None and arch != cfg.arch and kwargs is None:  # not teacher.arch_kwargs of another arch
         kwargs = {}
     cfg = override(cfg, arch=arch, arch_kwargs=kwargs, epochs=epochs,
-                   batch_size=batch_size, lr=lr, weight_decay=weight_decay, shift=shift, seed=seed)
+                   batch_size=batch_size, lr=lr, weight_decay=weight_decay, shift=shift, view_recipe=view_recipe,
+                   view_scale=numbers_option("--view-scale", view_scale),
+                   view_ratio=numbers_option("--view-ratio", view_ratio), view_flip=view_flip, seed=seed)
     with replacing(out) as staging:  # nothing half-written where `kd label` looks
         score = tasks.for_prepared(prepared).train_teacher(cfg, prepared, staging, progress=progress)
     typer.echo(f"teacher {cfg.arch}: {score} -> {out}")

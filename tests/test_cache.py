@@ -82,7 +82,7 @@ def test_round_trip_soft_targets_and_features(teacher, prepared, tmp_path, dtype
         rows = data.read_split(prepared / f"{split}.parquet")
         ids = np.repeat(rows.ids, 3)
         view = np.tile(np.arange(3), len(rows.ids))
-        x = augment.apply_views(torch.tensor(rows.x).repeat_interleave(3, 0), ids, view, [1, 8, 8], 0, 2)
+        x = augment.apply_views(torch.tensor(rows.x).repeat_interleave(3, 0), ids, view, [1, 8, 8], 0, augment.shift(2))
         with torch.no_grad(), features.tap(t.model, list(FEATURES)) as captured:
             logits = t.model(x.view(-1, 1, 8, 8))
             expected_features = {n: features.reduce(captured[n], m).to(torch.float16).numpy()
@@ -215,8 +215,8 @@ def test_views_regenerate_the_teachers_input_bit_for_bit(teacher, prepared, tmp_
 def test_view_shift_is_a_pure_function_and_matches_a_plain_shift():
     x = torch.arange(2 * 64, dtype=torch.float32).view(2, 64)
     ids, views = np.array([7, 7]), np.array([0, 5])
-    once = augment.apply_views(x, ids, views, [1, 8, 8], seed=3, max_shift=2)
-    again = augment.apply_views(x.clone(), ids, views, [1, 8, 8], seed=3, max_shift=2)
+    once = augment.apply_views(x, ids, views, [1, 8, 8], seed=3, recipe=augment.shift(2))
+    again = augment.apply_views(x.clone(), ids, views, [1, 8, 8], seed=3, recipe=augment.shift(2))
     assert torch.equal(once, again) and torch.equal(once[0], x[0])
     dy, dx = augment.view_shifts(ids, views, 3, 2, 2)[1]
     image = x[1].view(8, 8).numpy()
@@ -366,7 +366,7 @@ def test_streaming_set_serves_every_row_once_with_the_same_targets(teacher, prep
         sample = batch["row"] // 2
         assert torch.equal(batch["x"], torch.stack([
             augment.apply_views(in_memory.inputs["x"][i:i + 1], in_memory.ids[i:i + 1], np.array([int(r) % 2]),
-                                [1, 8, 8], 0, 2)[0].view(1, 8, 8) for i, r in zip(sample.tolist(), batch["row"])]))
+                                [1, 8, 8], 0, augment.shift(2))[0].view(1, 8, 8) for i, r in zip(sample.tolist(), batch["row"])]))
         rows += batch["row"].tolist()
     assert sorted(r // 2 for r in rows) == list(range(320))  # every sample exactly once
     first_order = rows[:16]

@@ -25,7 +25,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline import loader, parallel
+from pipeline import augment, loader, parallel
 from pipeline.cache import Cache
 from pipeline.config import student
 from pipeline.tasks import image
@@ -127,7 +127,7 @@ def test_ranks_split_every_batch_into_contiguous_disjoint_slices(world_size, vie
     n, per_sample = 23, 3
     g = torch.Generator().manual_seed(0)
     data = loader.image_set(torch.rand(n, 16, generator=g), np.arange(100, 100 + n), [1, 4, 4],
-                            {"row": torch.arange(n * per_sample)}, views=per_sample, view_shift=1)
+                            {"row": torch.arange(n * per_sample)}, views=per_sample, recipe=augment.shift(1))
     for batch_size in (1, 4, 7, 64):  # 1 and 4: batches smaller than the world; 64: one batch
         split_batches(data, batch_size, views, world_size)
 

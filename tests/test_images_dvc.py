@@ -42,7 +42,7 @@ def stale(project: Path) -> dict[str, list]:
 def project(tmp_path: Path) -> Path:
     if shutil.which("dvc") is None or shutil.which("kd") is None:
         pytest.fail("dvc and kd must be on PATH (pip install -e .)")
-    for name in ("dvc.yaml", ".dvcignore", "params_text.yaml", "params_mlm.yaml"):
+    for name in ("dvc.yaml", ".dvcignore", "params_text.yaml", "params_mlm.yaml", "params_images.yaml"):
         shutil.copy(ROOT / name, tmp_path)
     for folder in ("pipeline", "stages", "datasets", "models"):
         shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))

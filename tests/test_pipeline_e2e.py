@@ -3,8 +3,9 @@
 Copies the repository's dvc.yaml with the stage and library sources into a fresh git + DVC
 repository, writes a tiny params.yaml (the 8x8 digits, small models, one or two epochs) and a
 tiny params_text.yaml (pydoc in 32-token blocks, a one-layer GPT-2 teacher and student) and a
-tiny params_mlm.yaml (a two-layer BERT teacher, a one-layer student started from it) and runs
-`dvc repro`: every stage of the three pipelines, then nothing, then only a newly added student
+tiny params_mlm.yaml (a two-layer BERT teacher, a one-layer student started from it) and a tiny
+params_images.yaml (the digits again, with crop-and-flip views) and runs
+`dvc repro`: every stage of the four pipelines, then nothing, then only a newly added student
 of the image and text pipelines.
 """
 
@@ -63,6 +64,18 @@ TINY_MLM = {
     },
     "eval": {"batch_size": 8, "throughput_runs": 2},
 }
+TINY_IMAGES = {
+    "prepare": {"dataset": "digits", "labeled": 100, "unlabeled": 100, "test": 100, "seed": 0},
+    "teacher": {"arch": "cnn", "arch_kwargs": {"widths": [4], "hidden": 16}, "epochs": 1, "batch_size": 32,
+                "lr": 0.005, "view_recipe": "crop_flip", "seed": 0},
+    "label": {"top_k": 5, "temperatures": [1, 4], "views": 2, "view_recipe": "crop_flip"},
+    "img_students": {
+        "views": {"arch": "mlp", "arch_kwargs": {"hidden": [16]}, "epochs": 1, "batch_size": 32, "lr": 0.003,
+                  "views": True, "loss": {"soft": {"weight": 1.0, "temperature": 4}}},
+    },
+    "eval": {"latency_runs": 5, "throughput_runs": 2, "throughput_batch": 64},
+}
+IMG_STAGES = ["img_prepare", "img_teacher", "img_label", "img_distill@views", "img_eval@views", "img_report"]
 MLM_STAGES = ["mlm_teacher", "mlm_label", "mlm_distill@distil", "mlm_eval@distil", "mlm_report"]
 TEXT_STAGES = ["text_prepare", "text_teacher", "text_label", "text_distill@gpt_tiny", "text_eval@gpt_tiny",
                "text_report"]
@@ -116,6 +129,7 @@ def project(tmp_path_factory) -> Path:
     (repo / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
     (repo / "params_text.yaml").write_text(yaml.safe_dump(TINY_TEXT, sort_keys=False))
     (repo / "params_mlm.yaml").write_text(yaml.safe_dump(TINY_MLM, sort_keys=False))
+    (repo / "params_images.yaml").write_text(yaml.safe_dump(TINY_IMAGES, sort_keys=False))
     run(["git", "init", "-q"], repo)
     run(["dvc", "init", "-q"], repo)
     run(["dvc", "config", "core.analytics", "false"], repo)
@@ -124,11 +138,14 @@ def project(tmp_path_factory) -> Path:
 
 def test_dvc_repro_runs_every_stage_then_nothing_then_only_a_new_student(project):
     first = ran_stages(run(["dvc", "repro"], project))
-    images = [s for s in first if not s.startswith(("text_", "mlm_"))]
+    images = [s for s in first if not s.startswith(("text_", "mlm_", "img_"))]
     assert images[:4] == ["prepare", "teacher", "label", "assistants"]
     assert set(images[4:]) == {"distill@mlp", "distill@pseudo", "eval@mlp", "eval@pseudo", "report"}
     assert [s for s in first if s.startswith("text_")] == TEXT_STAGES
     assert [s for s in first if s.startswith("mlm_")] == MLM_STAGES
+    assert [s for s in first if s.startswith("img_")] == IMG_STAGES
+    img_cache = json.loads((project / "data/images/teacher_outputs/manifest.json").read_text())
+    assert img_cache["views"]["recipe"]["name"] == "crop_flip" and img_cache["views"]["count"] == 2
     mlm_metrics = json.loads((project / "data/mlm/students/distil/metrics.json").read_text())
     assert 0 <= mlm_metrics["masked_accuracy"] <= 1 and mlm_metrics["params"] < mlm_metrics["teacher_params"]
     assert "masked-token accuracy" in (project / "data/mlm/report/report.md").read_text()

@@ -194,7 +194,8 @@ def format_info(summary: dict[str, Any]) -> str:
         f"soft     top-{summary['top_k']} of {summary['num_classes']} classes, {summary['logit_dtype']}, "
         f"temperatures {summary['temperatures']}",
         f"views    {summary['views']['count']} augmented per sample ({summary['views']['recipe']['name']}, "
-        f"max_shift {summary['views']['recipe']['max_shift']}, seed {summary['views']['seed']})",
+        + "".join(f"{k} {v}, " for k, v in summary["views"]["recipe"].items() if k != "name")
+        + f"seed {summary['views']['seed']})",
     ]
     if summary.get("text"):  # a token cache: what one row is replaces the views line
         lines[3] = "rows     " + tasks.get(tasks.name_of(summary)).rows_description(summary)

@@ -37,7 +37,7 @@ from pipeline.cache.layout import (FEATURES, MANIFEST, ROW_GROUP_ROWS, SHARDS, S
                                    chunks_sha256, feature_arrays, feature_path, lse_column, part_path, shard_record)
 from pipeline.cache.manifest import SCHEMA_VERSION, part_problem, read_manifest
 from pipeline.cache.store import Store
-from pipeline.config import SPLITS, LabelConfig, as_dict
+from pipeline.config import SPLITS, LabelConfig, as_dict, view_recipe
 from pipeline.errors import CacheError, ConfigError, InputError, MissingInputError, StaleCacheError
 from pipeline.prepared import data_fingerprint
 
@@ -375,8 +375,7 @@ def _header(teacher: Teacher, num_classes: int, specs: list[dict[str, Any]], inp
         "temperatures": list(cfg.temperatures),
         "logit_dtype": cfg.logit_dtype,
         "features": specs,
-        "views": {"count": cfg.views, "seed": cfg.view_seed,
-                  "recipe": {"name": "shift", "max_shift": cfg.view_shift}},
+        "views": {"count": cfg.views, "seed": cfg.view_seed, "recipe": view_recipe(cfg, cfg.view_shift)},
         "label": as_dict(cfg),
         "splits": splits,
     }

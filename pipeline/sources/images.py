@@ -1,4 +1,4 @@
-"""Image datasets: a built-in one, a user Parquet file or encoded images, checked, split, written.
+"""Image datasets: a built-in one (`shapes`: rendered as an image folder), a user Parquet file or encoded images, checked, split, written.
 
 `prepare(cfg, out)` loads `cfg.dataset` (a name in DATASETS, a Parquet file with `x`, or
 encoded images: an image folder or a Parquet file with an `image` column, `sources.encoded`),
@@ -20,6 +20,7 @@ import importlib.util
 import math
 import random
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
@@ -34,7 +35,7 @@ from pipeline.files import replacing
 from pipeline.prepared import images as image_files
 from pipeline.prepared import metadata, open_parquet
 from pipeline.prepared.images import Norm, Split, check_shape, parse_meta_shape
-from pipeline.sources import encoded
+from pipeline.sources import encoded, shapes
 
 # The order in which splits are drawn from each class: the test set does not change when the
 # labeled or unlabeled sizes do, and the labeled set does not change with the unlabeled size.
@@ -127,6 +128,9 @@ DATASETS: dict[str, Callable[[PrepareConfig], Loaded]] = {
     "digits": load_digits,
     "mnist1d": load_mnist1d,
 }
+# Built-in datasets written as an image folder (root -> root), then read as any image folder:
+# the rendered natural images of `sources.shapes`, with preset train/test/unlabeled splits.
+FOLDERS: dict[str, Callable[[Path], Path]] = {"shapes": shapes.write_folder}
 
 
 # --- config checks ----------------------------------------------------------------------------
@@ -175,10 +179,9 @@ def load(cfg: PrepareConfig) -> Source:
     check_config(cfg)
     preset = classes = None
     size = None if cfg.image_size is None else list(cfg.image_size) * (3 - len(cfg.image_size))
-    if cfg.dataset not in DATASETS and (encoded.is_image_folder(cfg.dataset) or (
+    if cfg.dataset in FOLDERS or cfg.dataset not in DATASETS and (encoded.is_image_folder(cfg.dataset) or (
             is_user_file(cfg.dataset) and encoded.has_image_column(Path(cfg.dataset)))):
-        path = Path(cfg.dataset)
-        images = (encoded.load_folder if path.is_dir() else encoded.load_parquet)(path, size)
+        images = load_encoded(cfg.dataset, size)
         data = Split(images.ids, images.x, images.y, images.input_shape, len(images.classes))
         preset, classes = images.preset, images.classes
     elif cfg.image_size is not None:
@@ -197,10 +200,20 @@ def load(cfg: PrepareConfig) -> Source:
     else:
         raise ConfigError(
             f"prepare.dataset: {cfg.dataset!r} is not a known dataset or an existing file or folder "
-            f"(expected one of {', '.join(DATASETS)}, pydoc, an image folder, or a path to a .parquet or .txt file)"
+            f"(expected one of {', '.join([*DATASETS, *FOLDERS])}, pydoc, an image folder, or a path to a .parquet or .txt file)"
         )
     validate(data, cfg.dataset)
     return Source(data, preset, classes)
+
+
+def load_encoded(dataset: str, size: list[int] | None) -> encoded.Images:
+    """An image folder or a Parquet file of encoded images; a FOLDERS name is written into a
+    scratch folder first and read like any other."""
+    if dataset in FOLDERS:
+        with tempfile.TemporaryDirectory() as scratch:
+            return encoded.load_folder(FOLDERS[dataset](Path(scratch)), size)
+    path = Path(dataset)
+    return (encoded.load_folder if path.is_dir() else encoded.load_parquet)(path, size)
 
 
 def load_parquet(path: Path, input_shape: list[int] | None = None) -> Split:

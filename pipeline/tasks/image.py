@@ -24,7 +24,7 @@ from pipeline.prepared import data_fingerprint
 from pipeline.prepared import images as data
 from pipeline.cache import Cache, Teacher
 from pipeline.tasks import Batch
-from pipeline.config import EvalConfig, LabelConfig, StudentConfig, TeacherConfig
+from pipeline.config import EvalConfig, LabelConfig, StudentConfig, TeacherConfig, view_recipe
 from pipeline.errors import ConfigError, InputError
 from pipeline.files import write_json
 from pipeline.models import build as build_model, count_params, fingerprint, is_hf_classifier, load_hf_classifier
@@ -48,6 +48,8 @@ class Inputs:
         self.input_shape = self.infos["labeled"]["input_shape"]
         self.per_sample = cfg.views + 1
         self.cfg = cfg
+        self.recipe = view_recipe(cfg, cfg.view_shift)
+        augment.check_shape(self.recipe, self.input_shape, "label")
 
     def samples(self, split: str) -> int:
         return self.infos[split]["rows"]
@@ -88,7 +90,7 @@ class Inputs:
         ids = np.repeat(rows.ids[start:stop], views)
         view = np.tile(np.arange(views, dtype=np.int32), stop - start)
         x = torch.tensor(rows.x[start:stop]).repeat_interleave(views, dim=0)
-        x = augment.apply_views(x, ids, view, self.input_shape, cfg.view_seed, cfg.view_shift)
+        x = augment.apply_views(x, ids, view, self.input_shape, cfg.view_seed, self.recipe)
         with torch.no_grad(), features.tap(model, list(specs)) as captured:
             logits = model(x.reshape(len(x), *self.input_shape)).float()
             feats = {name: features.reduce(captured[name], s["mode"]).to(torch.float16).numpy()
