@@ -132,6 +132,23 @@ def assert_streams_like_in_memory(in_memory: Any, streamed: Any, views: str = "c
     assert sorted(served) == list(range(len(in_memory)))
 
 
+def run_in(cmd: list[str], cwd: Path) -> str:
+    """Run a command (dvc, git, kd) in `cwd`; its stdout and stderr, or a failed assertion with both."""
+    import subprocess
+
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    assert result.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def dvc_repo(path: Path) -> Path:
+    """Make `path` a git repository with DVC initialised, analytics off: where `dvc repro` runs."""
+    run_in(["git", "init", "-q"], path)
+    run_in(["dvc", "init", "-q"], path)
+    run_in(["dvc", "config", "core.analytics", "false"], path)
+    return path
+
+
 LM_BLOCK = 32  # the tokens in a block of `lm_world`
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import textwrap
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from conftest import dvc_repo, run_in as run
 
 ROOT = Path(__file__).parents[1]
 
@@ -24,12 +24,6 @@ def net(num_classes, in_chans):  # timm-style
     return nn.Sequential(nn.Conv2d(in_chans, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(4, num_classes))
 '''
-
-
-def run(cmd: list[str], cwd: Path) -> str:
-    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
 
 
 def stale(project: Path) -> dict[str, list]:
@@ -58,10 +52,7 @@ def project(tmp_path: Path) -> Path:
               "teacher": {"arch": "models.tiny:net", "epochs": 1, "batch_size": 4, "shift": 0},
               "students": {}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "init", "-q"], tmp_path)
-    run(["dvc", "init", "-q"], tmp_path)
-    run(["dvc", "config", "core.analytics", "false"], tmp_path)
-    return tmp_path
+    return dvc_repo(tmp_path)
 
 
 def test_a_changed_dataset_or_model_module_makes_the_stages_that_read_it_stale(project):

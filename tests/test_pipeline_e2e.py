@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import dvc_repo, run_in as run
 
 ROOT = Path(__file__).parents[1]
 
@@ -85,13 +85,6 @@ METRIC_KEYS = {"accuracy", "baseline_accuracy", "teacher_accuracy", "accuracy_re
                "speedup_vs_teacher", "pseudo_label_accuracy"}
 
 
-def run(cmd: list[str], cwd: Path) -> str:
-    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**__import__("os").environ,
-                                                                                "DVC_NO_ANALYTICS": "1"})
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
-
-
 def ran_stages(output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", output)
 
@@ -130,10 +123,7 @@ def project(tmp_path_factory) -> Path:
     (repo / "params_text.yaml").write_text(yaml.safe_dump(TINY_TEXT, sort_keys=False))
     (repo / "params_mlm.yaml").write_text(yaml.safe_dump(TINY_MLM, sort_keys=False))
     (repo / "params_images.yaml").write_text(yaml.safe_dump(TINY_IMAGES, sort_keys=False))
-    run(["git", "init", "-q"], repo)
-    run(["dvc", "init", "-q"], repo)
-    run(["dvc", "config", "core.analytics", "false"], repo)
-    return repo
+    return dvc_repo(repo)
 
 
 def test_dvc_repro_runs_every_stage_then_nothing_then_only_a_new_student(project):
