@@ -5,7 +5,9 @@ computes the tables (`compare`) and writes, for the task the cache was labeled f
 leaderboard.csv (one row per student, the best mean score over seeds first), report.md
 (`markdown`) and the task's PNG plots (`plots`); for image students also methods.csv (each
 method's gain over soft targets alone) and progressive.csv (each student taught through an
-assistant vs directly). All of it is built aside and replaces `out` only once complete.
+assistant vs directly, with the teacher/student size ratio and both students' gains over their
+twins: the capacity gap, also capacity_gap.png). All of it is built aside and replaces `out`
+only once complete.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ METHODS = ("group", "setup", "student", "method", "role", "reference", "seeds", 
            "paired_seeds", "verdict")
 PROGRESSIVE = ("student", "assistant", "assistant_params", "assistant_accuracy", "teacher_params", "teacher_accuracy",
                "student_params", "direct", "direct_accuracy_mean", "direct_accuracy_std", "via_accuracy_mean",
-               "via_accuracy_std", "difference_mean", "difference_std", "paired_seeds", "verdict")
+               "via_accuracy_std", "difference_mean", "difference_std", "paired_seeds", "verdict",
+               "size_ratio", "direct_gain_mean", "direct_gain_std", "via_gain_mean", "via_gain_std")
 
 # What must match for two students to be compared: the architecture and the whole budget.
 # (Defaults stand in for checkpoints written before a key existed.)
@@ -140,7 +141,9 @@ def progressive_table(results: list[StudentResult], assistants: dict[str, dict[s
                       score: Score) -> list[dict[str, Any]]:
     """PROGRESSIVE rows: each student taught through an assistant (its params and accuracy from
     `assistants`, name -> `results.assistant_info`) against the student with the
-    same architecture, budget and loss taught directly by the teacher."""
+    same architecture, budget and loss taught directly by the teacher. For the capacity gap,
+    each row also has the teacher/student size ratio and both students' gains over their
+    twins (the same twins: same architecture, seed and budget)."""
     rows = []
     ordered = sorted(results, key=lambda r: r.name)
     for r in ordered:
@@ -155,14 +158,22 @@ def progressive_table(results: list[StudentResult], assistants: dict[str, dict[s
                "assistant_accuracy": info["accuracy"], "teacher_params": r.metrics["teacher_params"],
                "teacher_accuracy": r.metrics[score.teacher_key], "student_params": r.metrics["params"],
                "direct": direct.name if direct else None, **_summary(r, score.key, "via_accuracy"),
-               **_paired_gain(r, direct, score, "difference")}
+               **_paired_gain(r, direct, score, "difference"), "size_ratio": _ratio(r.metrics),
+               **_summary(r, score.change_key, "via_gain")}
         if direct is None:
-            row.update(direct_accuracy_mean=None, direct_accuracy_std=None,
+            row.update(direct_accuracy_mean=None, direct_accuracy_std=None, direct_gain_mean=None, direct_gain_std=None,
                        verdict="no direct counterpart (same architecture, budget and loss without an assistant)")
         else:
-            row.update(_summary(direct, score.key, "direct_accuracy"))
+            row.update(**_summary(direct, score.key, "direct_accuracy"),
+                       **_summary(direct, score.change_key, "direct_gain"))
         rows.append(row)
     return rows
+
+
+def _ratio(metrics: dict[str, Any]) -> float | None:
+    """The teacher's parameters over the student's (None when either is unknown)."""
+    teacher, student = metrics.get("teacher_params"), metrics.get("params")
+    return teacher / student if teacher and student else None
 
 
 def _seed_order(seed: str) -> tuple[int, Any]:

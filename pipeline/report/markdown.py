@@ -201,4 +201,25 @@ def progressive_markdown(progressive: list[dict[str, Any]]) -> list[str]:
             sentences.append(f"- **{row['student']}** through **{row['assistant']}**: no student with the same "
                              "architecture, budget and loss is taught directly by the teacher, so there is nothing "
                              "to compare with.")
-    return lines + ["", *sentences]
+    return lines + ["", *sentences] + capacity_markdown(progressive)
+
+
+def capacity_markdown(progressive: list[dict[str, Any]]) -> list[str]:
+    """The capacity gap: each student with a direct counterpart, by teacher/student size ratio,
+    its gain over the twins directly and through its assistant (capacity_gap.png draws it)."""
+    rows = sorted((row for row in progressive if row["direct"] and row["size_ratio"]),
+                  key=lambda row: (row["size_ratio"], row["student"]))
+    if not rows:
+        return []
+    lines = ["", "### The capacity gap", "",
+             "The same rows by teacher/student size ratio (teacher parameters over student parameters): each "
+             "student's gain over its baseline twins, taught directly by the teacher and through its assistant "
+             "(mean ± sample std over seeds, points; both share the twins).", "",
+             "| student (params) | teacher / student | assistant (params) | direct: gain over twin "
+             "| via assistant: gain over twin | via minus direct | verdict |",
+             "|---|---:|---|---:|---:|---:|---|"]
+    for row in rows:
+        lines.append(f"| {row['direct']} ({fmt(row['student_params'], ',')}) | {row['size_ratio']:.1f} "
+                     f"| {row['assistant']} ({fmt(row['assistant_params'], ',')}) | {_change(row, 'direct_gain')} "
+                     f"| {_change(row, 'via_gain')} | {_change(row, 'difference')} | {row['verdict']} |")
+    return lines

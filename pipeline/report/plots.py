@@ -97,6 +97,36 @@ def plot_gains(report: Report) -> Figure:
     return fig
 
 
+def plot_capacity_gap(report: Report) -> Figure:
+    """Gain over the twins (mean +- std over seeds, points) against the teacher/student size ratio
+    (log-x): each student with a direct counterpart, taught directly and through its assistant."""
+    rows = sorted((row for row in report.progressive if row["direct"] and row["size_ratio"]),
+                  key=lambda row: row["size_ratio"])
+    fig = Figure(figsize=(7.6, 4.6), layout="constrained")
+    ax = fig.subplots()
+    if rows:
+        ratio = np.array([row["size_ratio"] for row in rows])
+        for prefix, label, color, marker, dodge in (("direct_gain", "directly from the teacher", "C0", "o", 0.97),
+                                                    ("via_gain", "through an assistant", "C1", "s", 1.03)):
+            ax.errorbar(ratio * dodge, [row[f"{prefix}_mean"] for row in rows],
+                        yerr=[row[f"{prefix}_std"] for row in rows], color=color, marker=marker, capsize=3, lw=1.2,
+                        label=label)
+        for row in rows:
+            ax.annotate(row["direct"], (row["size_ratio"], max(row["direct_gain_mean"], row["via_gain_mean"])),
+                        textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xscale("log")
+        ax.legend(fontsize=8, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no student learns through an assistant beside a direct counterpart", ha="center",
+                va="center", transform=ax.transAxes)
+    ax.set_xlabel("teacher / student parameters (log scale)")
+    ax.set_ylabel("test accuracy gain over the twins, points\n(mean ± std over seeds)")
+    ax.set_title("Capacity gap: direct vs through an assistant")
+    ax.grid(True, which="both", alpha=0.3)
+    return fig
+
+
 def plot_training_curves(report: Report) -> Figure:
     """Small multiples: one panel per student (its first seed), one line per logged loss term
     (unweighted, log scale) and the weighted total in black; one legend for all panels."""
@@ -207,6 +237,7 @@ DRAW: dict[str, Callable[[Report], Figure]] = {
     "accuracy_vs_params.png": plot_score_vs_params,
     "perplexity_vs_params.png": plot_score_vs_params,
     "gains.png": plot_gains,
+    "capacity_gap.png": plot_capacity_gap,
     "training_curves.png": plot_training_curves,
     "per_class.png": plot_per_class,
     "confusion.png": plot_confusion,

@@ -117,7 +117,8 @@ SCORES: dict[str, Score] = {
         shown=("params", "size_bytes", "throughput", "accuracy", "baseline_accuracy", "accuracy_retained",
                "agreement", "kl_to_teacher", "ece", "gain_over_baseline_points", "speedup_vs_teacher"),
         seeds_columns=("accuracy", "baseline_accuracy"), record="config.json",
-        plots=("accuracy_vs_params.png", "gains.png", "training_curves.png", "per_class.png", "confusion.png"),
+        plots=("accuracy_vs_params.png", "gains.png", "capacity_gap.png", "training_curves.png", "per_class.png",
+               "confusion.png"),
         compares_methods=True, objective=None, kind="image classifier", title="Distillation report", called="report",
         rows=lambda manifest: (f"one row per sample and view ({manifest.get('views', {}).get('count', 0)} "
                                "augmented views per sample)"),
