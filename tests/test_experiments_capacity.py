@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from pipeline.report import SCORES
 from pipeline.report.markdown import capacity_markdown
 from pipeline.report.plots import DRAW
 from pipeline.report.results import Report
+from conftest import dvc_repo, run_in as run
 
 ROOT = Path(__file__).parents[1]
 EXPERIMENT = ROOT / "experiments" / "capacity"
@@ -86,12 +86,6 @@ def test_every_via_student_of_the_experiment_has_its_direct_twin_and_a_larger_as
             assert spec["assistant"] in assistants
 
 
-def run(cmd: list[str], cwd: Path) -> str:
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout + done.stderr
-
-
 def ran(output: str) -> set[str]:
     """The stages `dvc repro` ran, from its output."""
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
@@ -103,7 +97,7 @@ def project(tmp_path: Path) -> Path:
     tiny data, and the experiment shrunk to its smallest size (1 epoch, 1 seed, its assistant)."""
     if shutil.which("dvc") is None or shutil.which("kd") is None:
         pytest.fail("dvc and kd must be on PATH (pip install -e .)")
-    for name in ("dvc.yaml", ".dvcignore", "params_text.yaml", "params_mlm.yaml"):
+    for name in ("dvc.yaml", ".dvcignore", "params_text.yaml", "params_mlm.yaml", "params_images.yaml"):
         shutil.copy(ROOT / name, tmp_path)
     for folder in ("pipeline", "stages", "datasets", "models"):
         shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
@@ -120,9 +114,7 @@ def project(tmp_path: Path) -> Path:
             entry["repeats"] = 1
     params["eval"].update(latency_runs=2, throughput_batch=8, throughput_runs=2)
     (tmp_path / "sweep.json").write_text(json.dumps(params))  # every size, for the test to add one
-    run(["git", "init", "-q"], tmp_path)
-    run(["dvc", "init", "-q"], tmp_path)
-    run(["dvc", "config", "core.analytics", "false"], tmp_path)
+    dvc_repo(tmp_path)
     # DVC reads the experiment's own params.yaml (its `<<: *size` merge keys included): a stage per entry
     stages = set(json.loads(run(["dvc", "status", "--json", TARGET], tmp_path)))
     expected = {f"{stage}@{name}" for name in params["students"] for stage in ("distill", "eval")}
