@@ -141,6 +141,26 @@ def run_in(cmd: list[str], cwd: Path) -> str:
     return result.stdout + result.stderr
 
 
+# What a copy of the repository's pipelines needs: the map, its params files and the code it runs.
+PIPELINE_FILES = ("dvc.yaml", ".dvcignore", "params_text.yaml", "params_mlm.yaml", "params_images.yaml")
+PIPELINE_FOLDERS = ("pipeline", "stages", "datasets", "models")
+
+
+def copy_pipelines(dest: Path) -> Path:
+    """The repository's pipelines (dvc.yaml, params files, the code and the user folders) copied
+    into `dest`, for a `dvc repro` there; tests then write their own tiny params.yaml."""
+    import shutil
+
+    if shutil.which("dvc") is None or shutil.which("kd") is None:
+        pytest.fail("dvc and kd must be on PATH (pip install -e .)")
+    root = Path(__file__).parents[1]
+    for name in PIPELINE_FILES:
+        shutil.copy(root / name, dest)
+    for folder in PIPELINE_FOLDERS:
+        shutil.copytree(root / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
 def dvc_repo(path: Path) -> Path:
     """Make `path` a git repository with DVC initialised, analytics off: where `dvc repro` runs."""
     run_in(["git", "init", "-q"], path)

@@ -17,7 +17,7 @@ from pipeline.report import SCORES
 from pipeline.report.markdown import capacity_markdown
 from pipeline.report.plots import DRAW
 from pipeline.report.results import Report
-from conftest import dvc_repo, run_in as run
+from conftest import copy_pipelines, dvc_repo, run_in as run
 
 ROOT = Path(__file__).parents[1]
 EXPERIMENT = ROOT / "experiments" / "capacity"
@@ -95,12 +95,7 @@ def ran(output: str) -> set[str]:
 def project(tmp_path: Path) -> Path:
     """A copy of the repository's pipelines with the default pipeline shrunk to a tiny teacher on
     tiny data, and the experiment shrunk to its smallest size (1 epoch, 1 seed, its assistant)."""
-    if shutil.which("dvc") is None or shutil.which("kd") is None:
-        pytest.fail("dvc and kd must be on PATH (pip install -e .)")
-    for name in ("dvc.yaml", ".dvcignore", "params_text.yaml", "params_mlm.yaml", "params_images.yaml"):
-        shutil.copy(ROOT / name, tmp_path)
-    for folder in ("pipeline", "stages", "datasets", "models"):
-        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    copy_pipelines(tmp_path)
     shutil.copytree(EXPERIMENT, tmp_path / "experiments" / "capacity", ignore=shutil.ignore_patterns("data"))
     defaults = {"prepare": {"dataset": "mnist5k", "labeled": 48, "unlabeled": 32, "test": 32},
                 "teacher": {"arch": "cnn", "arch_kwargs": {"widths": [4, 8], "convs_per_stage": 1, "hidden": 16},

@@ -4,7 +4,6 @@ models on models/ (dvc.yaml's documented convention), with a real `dvc` in a fre
 from __future__ import annotations
 
 import json
-import shutil
 import textwrap
 from pathlib import Path
 
@@ -12,9 +11,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from conftest import dvc_repo, run_in as run
-
-ROOT = Path(__file__).parents[1]
+from conftest import copy_pipelines, dvc_repo, run_in as run
 
 NET = '''
 from torch import nn
@@ -34,12 +31,7 @@ def stale(project: Path) -> dict[str, list]:
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    if shutil.which("dvc") is None or shutil.which("kd") is None:
-        pytest.fail("dvc and kd must be on PATH (pip install -e .)")
-    for name in ("dvc.yaml", ".dvcignore", "params_text.yaml", "params_mlm.yaml", "params_images.yaml"):
-        shutil.copy(ROOT / name, tmp_path)
-    for folder in ("pipeline", "stages", "datasets", "models"):
-        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    copy_pipelines(tmp_path)
     rng = np.random.default_rng(0)
     for split, count in (("train", 10), ("test", 3)):
         for c in range(2):

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import dvc_repo, run_in as run
-
-ROOT = Path(__file__).parents[1]
+from conftest import copy_pipelines, dvc_repo, run_in as run
 
 TINY = {
     "prepare": {"dataset": "digits", "labeled": 200, "unlabeled": 300, "test": 200, "seed": 0},
@@ -112,13 +109,7 @@ def check_code_edits_make_the_stages_that_run_them_stale(project: Path, stages: 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    if shutil.which("dvc") is None or shutil.which("kd") is None:
-        pytest.fail("dvc and kd must be on PATH (pip install -e .)")
-    repo = tmp_path_factory.mktemp("e2e")
-    shutil.copy(ROOT / "dvc.yaml", repo)
-    shutil.copy(ROOT / ".dvcignore", repo)
-    for folder in ("pipeline", "stages", "datasets", "models"):
-        shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    repo = copy_pipelines(tmp_path_factory.mktemp("e2e"))  # its tiny params files replace the copies
     (repo / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
     (repo / "params_text.yaml").write_text(yaml.safe_dump(TINY_TEXT, sort_keys=False))
     (repo / "params_mlm.yaml").write_text(yaml.safe_dump(TINY_MLM, sort_keys=False))
