@@ -66,6 +66,12 @@ class PrepareConfig:
     seed: int = 0
     # text only (pydoc, a .txt file, a Parquet file with a text column); image datasets ignore them
     text_column: str = "text"  # the Parquet column (or JSON Lines field) holding one document per row
+    # instruction data instead: a prompt and its response per row, or a chat (a list of
+    # {role, content}, rendered with the tokenizer's chat template; the assistant turns are the
+    # responses). Only response tokens are predicted: cache rows and losses cover them alone.
+    prompt_column: str | None = None
+    response_column: str | None = None
+    messages_column: str | None = None
     shares: Shares = field(default_factory=Shares)
     tokenizer: str | None = None  # a local Hugging Face model or tokenizer directory; null: train a BPE
     vocab_size: int = 4096  # byte-level BPE entries, special tokens included (ignored with `tokenizer`)

@@ -257,8 +257,10 @@ def token_losses(model: PreTrainedModel, inputs: torch.Tensor,
 
 
 def fit(model: PreTrainedModel, tokens: torch.Tensor, special: SpecialIds, *, epochs: int, batch_size: int,
-        lr: float, weight_decay: float, seed: int, desc: str = "lm", progress: bool = True) -> list[dict[str, float]]:
-    """Train on blocks (N, L) in place; the per-epoch log (mean loss per predicted token)."""
+        lr: float, weight_decay: float, seed: int, desc: str = "lm", progress: bool = True,
+        predicted: torch.Tensor | None = None) -> list[dict[str, float]]:
+    """Train on blocks (N, L) in place; the per-epoch log (mean loss per predicted token).
+    `predicted` (N, L - 1) bool: the only positions taught (instruction data's responses)."""
     task = _task(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
     steps = epochs * math.ceil(len(tokens) / batch_size)
@@ -271,7 +273,8 @@ def fit(model: PreTrainedModel, tokens: torch.Tensor, special: SpecialIds, *, ep
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # the order and the masks
         total, count = 0.0, 0
         for rows in torch.randperm(len(tokens), generator=g).split(batch_size):
-            losses, _, _ = token_losses(model, *task.lm_inputs(tokens[rows], special, model.config.vocab_size, g))
+            inputs, labels = task.lm_inputs(tokens[rows], special, model.config.vocab_size, g)
+            losses, _, _ = token_losses(model, inputs, only(labels, None if predicted is None else predicted[rows]))
             if not len(losses):  # a masked batch with nothing chosen
                 continue
             loss = losses.mean()
@@ -291,13 +294,24 @@ def fit(model: PreTrainedModel, tokens: torch.Tensor, special: SpecialIds, *, ep
     return log
 
 
+def only(labels: torch.Tensor, predicted: torch.Tensor | None) -> torch.Tensor:
+    """Causal labels (B, L) kept where `predicted` (B, L - 1) says (all: None), -100 elsewhere."""
+    if predicted is None:
+        return labels
+    labels = labels.clone()
+    labels[:, :-1][~predicted] = -100
+    return labels
+
+
 def evaluate(model: PreTrainedModel, tokens: torch.Tensor, special: SpecialIds, batch_size: int,
-             seed: int) -> dict[str, float]:
+             seed: int, predicted: torch.Tensor | None = None) -> dict[str, float]:
     """The loss per predicted token and the task's score of it (causal: perplexity; masked:
-    accuracy on the masked tokens, the masks drawn from `seed`: the same masks every run)."""
+    accuracy on the masked tokens, the masks drawn from `seed`: the same masks every run);
+    `predicted` as in `fit`."""
     task = _task(model)
     # every mask drawn at once: the same masks whatever the batch size
     inputs, labels = task.lm_inputs(tokens, special, model.config.vocab_size, torch.Generator().manual_seed(seed))
+    labels = only(labels, predicted)
     model.eval()
     total, correct, count = 0.0, 0, 0
     with torch.no_grad():
@@ -324,13 +338,19 @@ def train_teacher(cfg: TeacherConfig, prepared: Path, *,
     _, special = text.load_tokenizer(prepared)
     torch.manual_seed(cfg.seed)
     model = build(cfg.arch, cfg.arch_kwargs, info["vocab_size"], info["block_size"], special)
+    if info["response_only"] and objective(model) != "causal":
+        raise ConfigError(f"teacher.arch: {cfg.arch} is a masked LM; instruction data ({prepared}: responses only) "
+                          "is for causal LMs")
+    masks = {split: text.predicted(prepared / f"{split}.parquet") for split in ("labeled", "test")}
+    masks = {split: None if m is None else torch.from_numpy(m) for split, m in masks.items()}
     log = fit(model, torch.from_numpy(train), special, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-              weight_decay=cfg.weight_decay, seed=cfg.seed, desc="teacher", progress=progress)
-    scores = evaluate(model, torch.from_numpy(test), special, cfg.batch_size, seed=cfg.seed)
+              weight_decay=cfg.weight_decay, seed=cfg.seed, desc="teacher", progress=progress,
+              predicted=masks["labeled"])
+    scores = evaluate(model, torch.from_numpy(test), special, cfg.batch_size, seed=cfg.seed, predicted=masks["test"])
     kind = objective(model)
     metrics = {"objective": kind, "test_loss": scores["loss"], "train_loss": log[-1]["loss"], "epochs": len(log),
                "params": count_params(model), "train_tokens": int(train.size), "test_tokens": int(test.size)}
-    metrics |= _task(model).teacher_scores(scores, train, test, info["vocab_size"])
+    metrics |= _task(model).teacher_scores(scores, train, test, info["vocab_size"], masks["labeled"], masks["test"])
     provenance = {"arch": cfg.arch, "arch_kwargs": cfg.arch_kwargs, "objective": kind, "training": as_dict(cfg),
                   "data": {k: info[k] for k in ("dataset", "block_size", "vocab_size", "tokenizer_sha256")}}
     return model, provenance, metrics

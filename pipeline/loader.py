@@ -82,10 +82,10 @@ def hard_labels(hard: HardTerm | None, truth: np.ndarray, soft: SoftTargets) -> 
 def read_rows(cache: Cache, cfg: StudentConfig, split: str, source: Path, sample_ids: np.ndarray,
               truth: np.ndarray, *, parts: list[int] | None = None, row_offset: int = 0) -> CacheRows:
     """The cache rows of `split` (all, or those of the given consecutive parts) for the prepared
-    samples `sample_ids` read from `source`, each with `cache.views` rows; `truth` (R,) is each
+    samples `sample_ids` read from `source`, each sample's rows together; `truth` (R,) is each
     row's true label, -1 where unknown. Refuses rows of other samples."""
     soft = cache.soft_targets(split, needed_temperatures(cfg), parts=parts)
-    if not np.array_equal(soft.ids[::cache.views], sample_ids):
+    if not np.array_equal(soft.ids[run_starts(soft.ids)], sample_ids):
         raise StaleCacheError(f"{cache.root}: ids of split {split} differ from {source}; run `kd label` again")
     first_row = cache.split(split)["parts"][parts[0]]["first_row"] if parts else 0
     features = {}
@@ -100,6 +100,11 @@ def read_rows(cache: Cache, cfg: StudentConfig, split: str, source: Path, sample
                      label=torch.from_numpy(hard_labels(cfg.loss.hard, truth, soft)), features=features)
 
 
+def run_starts(ids: np.ndarray) -> np.ndarray:
+    """(R,) bool: the first row of each sample (rows of one sample are together)."""
+    return np.concatenate([[True], ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, bool)
+
+
 @dataclass
 class SampleSet:
     """Samples in memory with their cache rows, for every task.
@@ -107,7 +112,9 @@ class SampleSet:
     `inputs` hold one entry per sample (first axis N: an image's values, a block's tokens, a
     block's recorded maskings); `targets` one entry per cache row, in cache order: sample i,
     view v holds rows (i * views + v) * per_view ... + per_view - 1 (an image row per view, a
-    causal block's predicted tokens as its one view, a masked block's M positions per masking).
+    causal block's predicted tokens as its one view, a masked block's M positions per masking),
+    or, where samples have different numbers of rows (`counts`: instruction data's response
+    tokens), sample i holds the counts[i] rows after those of samples 0 ... i - 1.
     `model_input(inputs, ids, view)` makes the model's input for some samples (their inputs,
     ids and the view each is seen in): the task's knowledge of how a view is drawn.
     """
@@ -118,12 +125,18 @@ class SampleSet:
     model_input: Callable[[dict[str, torch.Tensor], np.ndarray, torch.Tensor], torch.Tensor]
     views: int = 1
     per_view: int = 1
+    counts: torch.Tensor | None = None  # (N,) rows of each sample where they vary (one view each)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def _rows(self, samples: torch.Tensor, view: torch.Tensor | None = None) -> torch.Tensor:
         # cache rows of the given samples: every view's (view None) or the given view's
+        if self.counts is not None:  # sample i holds rows offsets[i] ... offsets[i] + counts[i] - 1
+            offsets = torch.cumsum(self.counts, 0) - self.counts
+            counts = self.counts[samples]
+            starts = torch.repeat_interleave(offsets[samples] - (torch.cumsum(counts, 0) - counts), counts)
+            return starts + torch.arange(int(counts.sum()))
         if view is None:
             first, count = samples * self.views * self.per_view, self.views * self.per_view
         else:
@@ -134,7 +147,8 @@ class SampleSet:
         """The given samples (indices into this set) with all their cache rows."""
         rows = self._rows(samples)
         return dataclasses.replace(self, inputs={k: v[samples] for k, v in self.inputs.items()},
-                                   ids=self.ids[samples.numpy()], targets={k: t[rows] for k, t in self.targets.items()})
+                                   ids=self.ids[samples.numpy()], targets={k: t[rows] for k, t in self.targets.items()},
+                                   counts=None if self.counts is None else self.counts[samples])
 
     def batches(self, epoch: int, batch_size: int, seed: int, views: str = "none",
                 shard: tuple[int, int] | None = None) -> Iterator[Batch]:
@@ -168,7 +182,8 @@ def concat(sets: list[SampleSet]) -> SampleSet:
     first = sets[0]
     return dataclasses.replace(first, inputs={k: torch.cat([s.inputs[k] for s in sets]) for k in first.inputs},
                                ids=np.concatenate([s.ids for s in sets]),
-                               targets={k: torch.cat([s.targets[k] for s in sets]) for k in first.targets})
+                               targets={k: torch.cat([s.targets[k] for s in sets]) for k in first.targets},
+                               counts=None if first.counts is None else torch.cat([s.counts for s in sets]))
 
 
 # A task's reader of one transfer split's samples with their rows: (split, row offset over the
@@ -181,9 +196,8 @@ def sample_range(cache: Cache, split: str, parts: list[int] | None) -> tuple[int
     info = cache.split(split)
     if parts is None:
         return 0, info["samples"]
-    chosen = [info["parts"][i] for i in parts]
-    first = chosen[0]["first_row"] // cache.views
-    return first, first + sum(p["rows"] for p in chosen) // cache.views
+    size = cache.manifest["label"]["part_size"]  # part i holds the rows of samples [i * size, (i + 1) * size)
+    return parts[0] * size, min((parts[-1] + 1) * size, info["samples"])
 
 
 @dataclass
@@ -255,7 +269,8 @@ def bytes_per_sample(cache: Cache, cfg: StudentConfig, input_bytes: float) -> fl
     per_row = k * (8 + 4) + 8 + 8 + 4  # top-k idx (int64) + logits (float32) + label + row + lse
     for layer in cfg.loss.teacher_layers(cfg.where):
         per_row += 2 * math.prod(cache.feature_spec(layer)["shape"])
-    return input_bytes + 8 + cache.views * per_row
+    rows = sum(cache.split(s)["rows"] for s in cfg.transfer) / max(1, sum(cache.split(s)["samples"] for s in cfg.transfer))
+    return input_bytes + 8 + rows * per_row
 
 
 def estimated_bytes(cache: Cache, cfg: StudentConfig, input_bytes: float) -> float:

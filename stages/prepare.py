@@ -4,7 +4,8 @@ Reads the `prepare` section of params.yaml (each key can be overridden by the op
 name) and writes `data/prepared/{labeled,unlabeled,test}.parquet`, plus
 `unlabeled_truth.parquet` when the unlabeled rows' labels are known. The work is in
 `pipeline.sources` (the file format is `pipeline.prepared`). Text datasets (pydoc, a .txt
-file, a Parquet file with a text column) are written as token blocks plus `tokenizer.json`.
+file, a .jsonl or Parquet file with a text column, or with prompt and response columns or a
+chat column) are written as token blocks plus the tokenizer.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ def main(
     samples: Optional[int] = typer.Option(None, "--samples", help="mnist1d only: how many digits to generate."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the split."),
     text_column: Optional[str] = typer.Option(None, "--text-column", help="Text: the Parquet column (or JSON Lines field) of documents."),
+    prompt_column: Optional[str] = typer.Option(None, "--prompt-column", help="Instruction data: the prompts' column "
+                                                "(with --response-column; only responses are predicted)."),
+    response_column: Optional[str] = typer.Option(None, "--response-column", help="Instruction data: the responses' column."),
+    messages_column: Optional[str] = typer.Option(None, "--messages-column", help="Chat data: a column of [{role, "
+                                                  "content}] lists, rendered with the tokenizer's chat template; "
+                                                  "the assistant turns are predicted."),
     shares: Optional[str] = typer.Option(
         None, "--shares", help='Text: each split\'s share of the characters, e.g. \'{"labeled": 0.8, "unlabeled": 0.1, "test": 0.1}\'.'
     ),
@@ -58,13 +65,19 @@ def main(
     cfg = override(cfg, dataset=dataset, input_shape=shape, image_size=size, mean=numbers_option("--mean", mean),
                    std=numbers_option("--std", std), labeled=labeled, unlabeled=unlabeled,
                    test=test, samples=samples, seed=seed, text_column=text_column, tokenizer=tokenizer,
+                   prompt_column=prompt_column, response_column=response_column, messages_column=messages_column,
                    vocab_size=vocab_size,
                    block_size=block_size, shares=None if parsed is None else config.from_mapping(Shares, parsed, "--shares"))
     prepared = sources.prepare(cfg, out)
     if isinstance(prepared, sources.text.TextPrepared):
         for name, blocks in prepared.blocks.items():
-            typer.echo(f"{name:<9} {len(blocks):>7} blocks of {blocks.shape[1]} tokens  "
-                       f"{prepared.documents[name]:>5} documents  -> {prepared.paths[name]}")
+            if prepared.masks is None:
+                what = f"{prepared.documents[name]:>5} documents"
+            else:
+                what = (f"{prepared.documents[name]:>5} examples, {int(prepared.masks[name][:, 1:].sum()):>7} response "
+                        "tokens")
+            typer.echo(f"{name:<9} {len(blocks):>7} blocks of {blocks.shape[1]} tokens  {what}  -> "
+                       f"{prepared.paths[name]}")
         kind = "byte-level BPE" if cfg.tokenizer is None else f"from {cfg.tokenizer}"
         typer.echo(f"tokenizer {prepared.vocab_size:>7} entries ({kind})  -> {prepared.tokenizer}")
         return

@@ -123,8 +123,14 @@ def assert_streams_like_in_memory(in_memory: Any, streamed: Any, views: str = "c
         for name, value in batch.items():
             if name != "x":
                 assert torch.equal(value, in_memory.targets[name][batch["row"]]), name
-        first = batch["row"].reshape(-1, in_memory.per_view)[:, 0]  # one row per (sample, view)
-        samples, view = first // per_sample, first % per_sample // in_memory.per_view
+        if in_memory.counts is None:
+            first = batch["row"].reshape(-1, in_memory.per_view)[:, 0]  # one row per (sample, view)
+            samples, view = first // per_sample, first % per_sample // in_memory.per_view
+        else:  # samples with their own numbers of rows, one view
+            of_row = torch.searchsorted(torch.cumsum(in_memory.counts, 0), batch["row"], right=True)
+            samples = torch.unique_consecutive(of_row)
+            assert torch.equal(in_memory.counts[samples].sum(), torch.tensor(len(of_row)))
+            view = torch.zeros_like(samples)
         expected = in_memory.model_input({k: t[samples] for k, t in in_memory.inputs.items()},
                                          in_memory.ids[samples.numpy()], view)
         assert torch.equal(batch["x"], expected)

@@ -50,10 +50,13 @@ def shard_record(shard: int, num_shards: int) -> str:
     return f"{SHARDS}/shard-{shard:05d}-of-{num_shards:05d}.json"
 
 
-def rows_per_sample(manifest: dict[str, Any]) -> int:
+def rows_per_sample(manifest: dict[str, Any]) -> int | None:
     """Cache rows per prepared sample: 1 + its augmented views, a block's predicted tokens, or
-    its masked positions in every masking (view) of it."""
+    its masked positions in every masking (view) of it; None where it varies (instruction
+    data: a row per response token)."""
     text = manifest.get("text")
+    if text and text.get("response_only"):
+        return None
     return (text["positions"] if text else 1) * (manifest["views"]["count"] + 1)
 
 

@@ -54,9 +54,9 @@ class Cache:
         return cls(store, manifest)
 
     @property
-    def views(self) -> int:
+    def views(self) -> int | None:
         """Rows per sample: 1 + the number of augmented views (images), or a block's predicted
-        tokens (text: `position` 0..L-2)."""
+        tokens (text: `position` 0..L-2); None where it varies (instruction data)."""
         return rows_per_sample(self.manifest)
 
     @property

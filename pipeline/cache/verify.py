@@ -58,9 +58,10 @@ def _verify_split(store: Store, manifest: dict[str, Any], split: str, info: dict
     problems: list[str] = []
     views = rows_per_sample(manifest)
     task = tasks.get(tasks.name_of(manifest))  # what a row holds besides (id, view) and how a sample's rows are ordered
-    part_rows = manifest["label"]["part_size"] * views
+    part_rows = None if views is None else manifest["label"]["part_size"] * views
     expected_parts = math.ceil(info["samples"] / manifest["label"]["part_size"])
-    if len(info["parts"]) != expected_parts or info["rows"] != info["samples"] * views:
+    rows = info["samples"] * views if views is not None else sum(p["rows"] for p in info["parts"])
+    if len(info["parts"]) != expected_parts or info["rows"] != rows:
         problems.append(f"{store.show(MANIFEST)}: split {split} lists {len(info['parts'])} parts "
                         f"for {info['samples']} samples, expected {expected_parts}")
     ids_by_part = []
@@ -71,7 +72,7 @@ def _verify_split(store: Store, manifest: dict[str, Any], split: str, info: dict
         except KDError as exc:
             problems.append(str(exc))
             continue
-        if part["first_row"] != next_row or (index < expected_parts - 1 and part["rows"] != part_rows):
+        if part["first_row"] != next_row or (part_rows and index < expected_parts - 1 and part["rows"] != part_rows):
             problems.append(f"{store.show(MANIFEST)}: part {part['path']} covers rows "
                             f"{part['first_row']}..{part['first_row'] + part['rows']}, expected to start at {next_row}")
         next_row = part["first_row"] + part["rows"]
@@ -98,7 +99,7 @@ def _verify_split(store: Store, manifest: dict[str, Any], split: str, info: dict
     return problems
 
 
-def _check_table(path: str, table: pa.Table, manifest: dict[str, Any], part: dict[str, Any], views: int,
+def _check_table(path: str, table: pa.Table, manifest: dict[str, Any], part: dict[str, Any], views: int | None,
                  task: ModuleType) -> list[str]:
     k = manifest["top_k"]
     expected = ["id", "view", *task.ROW_COLUMNS, "topk_idx", "topk_logit", "logit_max",
@@ -109,7 +110,8 @@ def _check_table(path: str, table: pa.Table, manifest: dict[str, Any], part: dic
         return [f"{path}: {table.num_rows} rows, the manifest says {part['rows']}"]
     problems = task.check_rows(path, table, manifest, views)
     ids = table["id"].to_numpy()
-    if not (ids.reshape(-1, views) == ids[::views, None]).all():
+    starts = np.concatenate([[True], ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, bool)
+    if len(np.unique(ids)) != starts.sum() or (views and not (ids.reshape(-1, views) == ids[::views, None]).all()):
         problems.append(f"{path}: rows of one sample are not together")
     idx = fixed_list(table["topk_idx"], k)
     if idx.size and (idx.min() < 0 or idx.max() >= manifest["num_classes"]):
@@ -209,6 +211,7 @@ def format_info(summary: dict[str, Any]) -> str:
             per_t = [f"{t}: kept {v['kept_mass']:.4f}, KL {v['kl_full_to_cached']:.2e}"
                      for t, v in fid.items() if isinstance(v, dict)]
             line += f"; teacher acc {acc:.4f}" if acc is not None else ""
+            line += f", loss {fid['teacher_loss']:.4f}" if fid.get("teacher_loss") is not None else ""
             line += "; " + "; ".join(per_t)
         lines.append(line)
     return "\n".join(lines)

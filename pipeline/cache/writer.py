@@ -141,6 +141,12 @@ def label(teacher: Teacher, prepared: Path, out: str | Path, cfg: LabelConfig, *
     key = cache_key(teacher, fingerprints, cfg)
     model = teacher.model.eval()
     num_classes, specs = plan(model, inputs, cfg)  # every check before anything is touched
+    # the first cache row of each sample of each split (and the split's row count last)
+    offsets = {s: np.concatenate([[0], np.cumsum(inputs.row_counts(s))]) for s in splits}
+    if specs and any(len(set(inputs.row_counts(s).tolist())) > 1 for s in splits):
+        raise ConfigError(f"label.features: {', '.join(cfg.features)}: caching hidden states needs the same number "
+                          "of rows in every sample, and instruction data has one row per response token; set "
+                          "label.features to {}")
     sharded = num_shards > 1
     record = shard_record(shard, num_shards) if sharded else MANIFEST
     with store.lock(f".lock-{shard}-of-{num_shards}" if sharded else ".lock"):
@@ -154,7 +160,7 @@ def label(teacher: Teacher, prepared: Path, out: str | Path, cfg: LabelConfig, *
             if manifest.get("complete"):
                 return manifest
         if manifest.get("num_classes") is None:
-            header = _header(teacher, num_classes, specs, inputs, fingerprints, cfg)
+            header = _header(teacher, num_classes, specs, inputs, offsets, fingerprints, cfg)
             if cfg.keep_teacher:
                 header["teacher_files"] = _keep_teacher(store, teacher)
             manifest.update(header)
@@ -163,14 +169,16 @@ def label(teacher: Teacher, prepared: Path, out: str | Path, cfg: LabelConfig, *
         units = [(split, index) for split in splits
                  for index in range(math.ceil(inputs.samples(split) / cfg.part_size))][shard::num_shards]
         have = {(p["split"], p["index"]) for info in manifest["splits"].values() for p in info["parts"]}
-        total = sum(min(cfg.part_size, inputs.samples(s) - i * cfg.part_size) * inputs.per_sample for s, i in units)
+        total = sum(int(offsets[s][min((i + 1) * cfg.part_size, inputs.samples(s))] - offsets[s][i * cfg.part_size])
+                    for s, i in units)
         done_rows = sum(p["rows"] for info in manifest["splits"].values() for p in info["parts"])
         desc = f"kd label (shard {shard} of {num_shards})" if sharded else "kd label"
         bar = tqdm(total=total, initial=done_rows, unit="rows", desc=desc, disable=not progress)
         for split, index in units:
             if (split, index) in have:
                 continue
-            part = _write_part(store, manifest, model, inputs, prepared / f"{split}.parquet", split, index, cfg, bar)
+            part = _write_part(store, manifest, model, inputs, prepared / f"{split}.parquet", split, index, cfg, bar,
+                               offsets[split])
             manifest["splits"][split]["parts"].append(part)
             store.write_json(record, manifest)
         bar.close()
@@ -353,9 +361,9 @@ def plan(model: nn.Module, inputs: Any, cfg: LabelConfig) -> tuple[int, list[dic
 
 
 def _header(teacher: Teacher, num_classes: int, specs: list[dict[str, Any]], inputs: Any,
-            fingerprints: dict[str, str], cfg: LabelConfig) -> dict[str, Any]:
+            offsets: dict[str, np.ndarray], fingerprints: dict[str, str], cfg: LabelConfig) -> dict[str, Any]:
     """Everything the manifest says besides its parts: what produced the cache, and the layout."""
-    part_rows = cfg.part_size * inputs.per_sample
+    part_rows = cfg.part_size * inputs.per_sample  # (with features every sample has per_sample rows)
     splits = {}
     for split in fingerprints:
         rows_per_chunk = {}
@@ -364,7 +372,7 @@ def _header(teacher: Teacher, num_classes: int, specs: list[dict[str, Any]], inp
                 rows_per_chunk[name] = chunk_rows(part_rows, max(1, math.prod(shape)) * np.dtype(dtype).itemsize)
         samples = inputs.samples(split)
         splits[split] = {
-            "rows": samples * inputs.per_sample, "samples": samples, "data_fingerprint": fingerprints[split],
+            "rows": int(offsets[split][-1]), "samples": samples, "data_fingerprint": fingerprints[split],
             "source": f"{split}.parquet", "chunk_rows": rows_per_chunk, "parts": [],
         }
     return {
@@ -426,14 +434,15 @@ class _Rows:
         return items
 
 
-def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs: Any,
-                source: Path, split: str, index: int, cfg: LabelConfig, bar: tqdm) -> dict[str, Any]:
+def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs: Any, source: Path,
+                split: str, index: int, cfg: LabelConfig, bar: tqdm, offsets: np.ndarray) -> dict[str, Any]:
     info = manifest["splits"][split]
     per_sample = inputs.per_sample
     first_sample = index * cfg.part_size
     last_sample = min(first_sample + cfg.part_size, info["samples"])
     rows = inputs.read(source, first_sample, last_sample)
-    first_row, n_rows = first_sample * per_sample, (last_sample - first_sample) * per_sample
+    first_row = int(offsets[first_sample])
+    n_rows = int(offsets[last_sample]) - first_row
     rel = part_path(split, index)
     schema = _schema(cfg, inputs.row_columns)
     specs = {s["name"]: s for s in manifest["features"]}
@@ -442,7 +451,8 @@ def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs
     written = {name: first_row for name in buffers}
     soft = _Rows(ROW_GROUP_ROWS)
     sums: dict[str, float] = {}
-    correct = labeled = 0
+    correct = labeled = scored_rows = 0
+    nll = 0.0  # the teacher's cross-entropy on the rows whose truth is known
     step = max(1, cfg.batch_size // per_sample)
     try:
         with store.writing(rel) as tmp, pq.ParquetWriter(tmp, schema, filesystem=store.fs, compression="zstd",
@@ -456,13 +466,17 @@ def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs
                     raise CacheError(f"teacher produced NaN or Inf logits on {split} ids {bad}")
                 cols = soft_targets(logits, cfg.top_k, cfg.temperatures, cfg.logit_dtype)
                 scored = batch.scored
+                scored_rows += int(scored.sum())
                 for name, value in fidelity_sums(logits[torch.from_numpy(scored)],
                                                  {k: v[scored] for k, v in cols.items()}, cfg.temperatures).items():
                     sums[name] = sums.get(name, 0.0) + value
                 truth = batch.truth[scored]
                 if (truth >= 0).any():
-                    labeled += int((truth >= 0).sum())
+                    known = torch.from_numpy(truth >= 0)
+                    labeled += int(known.sum())
                     correct += int((cols["topk_idx"][scored][:, 0] == truth)[truth >= 0].sum())
+                    nll += float(torch.nn.functional.cross_entropy(
+                        logits[torch.from_numpy(scored)][known], torch.from_numpy(truth)[known].long(), reduction="sum"))
                 soft.add(_table(schema, batch, cols), len(batch.ids))
                 last = stop == last_sample - first_sample
                 if soft.ready(final=last):
@@ -481,7 +495,7 @@ def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs
         raise
     part = {"split": split, "index": index, "path": rel, "first_row": first_row, "rows": n_rows,
             "bytes": store.size(rel), "sha256": store.sha256(rel), "labeled": labeled, "correct": correct,
-            "fidelity_sums": sums}
+            "scored": scored_rows, "nll": nll, "fidelity_sums": sums}
     if specs:
         part["features"] = {name: chunks_sha256(store, manifest, split, name, first_row, n_rows)
                             for name in buffers}
@@ -527,7 +541,7 @@ def _finish(manifest: dict[str, Any]) -> None:
         for part in info["parts"]:
             for name, value in part["fidelity_sums"].items():
                 totals[name] = totals.get(name, 0.0) + value
-        samples = info["samples"] * manifest.get("text", {}).get("positions", 1)  # rows scored: view 0 / every token
+        samples = sum(p["scored"] for p in info["parts"])  # rows scored: view 0 / every predicted token
         stats: dict[str, Any] = {}
         for t in manifest["temperatures"]:
             name = lse_column(t).removeprefix("lse_")
@@ -535,6 +549,7 @@ def _finish(manifest: dict[str, Any]) -> None:
                            "kl_full_to_cached": totals[f"kl_{name}"] / samples}
         labeled = sum(p["labeled"] for p in info["parts"])
         stats["teacher_accuracy"] = sum(p["correct"] for p in info["parts"]) / labeled if labeled else None
+        stats["teacher_loss"] = sum(p["nll"] for p in info["parts"]) / labeled if labeled else None
         fidelity[split] = stats
     manifest["fidelity"] = fidelity
     manifest["complete"] = True

@@ -1,7 +1,10 @@
 """Token blocks in the prepared format, and the tokenizer of a prepared directory.
 
 Each split file holds one row per block: `id` int64 (unique across splits) and `tokens`
-fixed_size_list<int32>[block_size], with the key-value metadata `modality` ("text"),
+fixed_size_list<int32>[block_size], and for instruction and chat data `loss_mask`
+fixed_size_list<bool>[block_size], True at the response tokens, the only ones a model is
+taught to predict (an example's prompt and the padding after it are False); with the
+key-value metadata `modality` ("text"),
 `dataset`, `block_size`, `vocab_size`, `tokenizer_sha256` and `documents` (how many documents
 were dealt to the split); `tokenizer_source` names the directory of a Hugging Face tokenizer
 (`prepare.tokenizer`). The directory's tokenizer files are the ones the blocks were cut
@@ -148,15 +151,20 @@ def tokenizer_files(directory: Path) -> list[Path]:
 # --- writing ----------------------------------------------------------------------------------
 
 
-def write_blocks(path: Path, ids: np.ndarray, tokens: np.ndarray, meta: dict[str, str]) -> None:
-    """One split file: `id` int64, `tokens` fixed_size_list<int32>[L], written atomically."""
+def write_blocks(path: Path, ids: np.ndarray, tokens: np.ndarray, meta: dict[str, str],
+                 loss_mask: np.ndarray | None = None) -> None:
+    """One split file: `id` int64, `tokens` fixed_size_list<int32>[L] (and `loss_mask`
+    fixed_size_list<bool>[L] when given), written atomically."""
     length = tokens.shape[1]
-    schema = pa.schema([pa.field("id", pa.int64(), nullable=False),
-                        pa.field("tokens", pa.list_(pa.int32(), length), nullable=False)]).with_metadata(meta)
-    flat = pa.array(np.ascontiguousarray(tokens, np.int32).reshape(-1), pa.int32())
-    table = pa.table({"id": pa.array(ids, pa.int64()), "tokens": pa.FixedSizeListArray.from_arrays(flat, length)},
-                     schema=schema)
-    write_atomic(table, path, ROW_GROUP_ROWS)
+    fields = [pa.field("id", pa.int64(), nullable=False), pa.field("tokens", pa.list_(pa.int32(), length), nullable=False)]
+    columns = {"id": pa.array(ids, pa.int64()),
+               "tokens": pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(tokens, np.int32).reshape(-1)),
+                                                           length)}
+    if loss_mask is not None:
+        fields.append(pa.field("loss_mask", pa.list_(pa.bool_(), length), nullable=False))
+        columns["loss_mask"] = pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(loss_mask, bool).reshape(-1)),
+                                                                 length)
+    write_atomic(pa.table(columns, schema=pa.schema(fields).with_metadata(meta)), path, ROW_GROUP_ROWS)
 
 
 # --- reading (used by the other stages) -------------------------------------------------------
@@ -169,11 +177,13 @@ def modality(path: Path) -> str:
 
 def split_info(path: Path) -> dict:
     """rows, block_size, vocab_size, tokenizer_sha256, tokenizer_source (None for kd's own BPE),
-    documents, dataset, from the footer only."""
+    documents, dataset, response_only (a `loss_mask`: instruction or chat data), from the
+    footer only."""
     file = _open_blocks(path)
     meta = metadata(file.schema_arrow)
     try:
         return {"rows": file.metadata.num_rows, "block_size": int(meta["block_size"]),
+                "response_only": "loss_mask" in file.schema_arrow.names,
                 "vocab_size": int(meta["vocab_size"]), "tokenizer_sha256": meta["tokenizer_sha256"],
                 "tokenizer_source": meta.get("tokenizer_source"),
                 "documents": int(meta["documents"]), "dataset": meta["dataset"]}
@@ -184,13 +194,29 @@ def split_info(path: Path) -> dict:
 def read_blocks(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """ids (N,) int64 and tokens (N, block_size) int64 of a whole split file."""
     file = _open_blocks(path)
-    return _arrays(file.read(), file.schema_arrow.field("tokens").type.list_size)
+    return _arrays(file.read(columns=["id", "tokens"]), file.schema_arrow.field("tokens").type.list_size)
 
 
 def read_rows(path: Path, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
     """ids and tokens of blocks [start, stop), reading only the row groups that hold them."""
     file = _open_blocks(path)
-    return _arrays(read_row_range(file, start, stop), file.schema_arrow.field("tokens").type.list_size)
+    return _arrays(read_row_range(file, start, stop, columns=["id", "tokens"]), file.schema_arrow.field("tokens").type.list_size)
+
+
+def predicted(path: Path, start: int = 0, stop: int | None = None) -> np.ndarray | None:
+    """(N, block_size - 1) bool for blocks [start, stop) (all by default): whether position t
+    is taught to predict token t + 1 (`loss_mask[:, 1:]`); None for plain text, where every
+    position is."""
+    file = _open_blocks(path)
+    if "loss_mask" not in file.schema_arrow.names:
+        return None
+    length = file.schema_arrow.field("loss_mask").type.list_size
+    stop = file.metadata.num_rows if stop is None else stop
+    column = read_row_range(file, start, stop, columns=["loss_mask"]).column("loss_mask")
+    if isinstance(column, pa.ChunkedArray):
+        column = pa.concat_arrays(column.chunks) if column.num_chunks else pa.array([], pa.list_(pa.bool_(), length))
+    mask = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), length)
+    return mask[:, 1:]
 
 
 def max_token(path: Path) -> int:
@@ -227,9 +253,13 @@ def _open_blocks(path: Path) -> pq.ParquetFile:
     if metadata(schema).get("modality") != "text":
         raise InputError(f"{path}: not a text split (no modality 'text' in its metadata)")
     kind = schema.field("tokens").type if "tokens" in schema.names else None
-    if schema.names != ["id", "tokens"] or schema.field("id").type != pa.int64() or not (
-            pa.types.is_fixed_size_list(kind) and kind.value_type == pa.int32()):
-        raise InputError(f"{path}: expected columns id int64, tokens fixed_size_list<int32>[L]; "
+    mask = schema.field("loss_mask").type if "loss_mask" in schema.names else None
+    if schema.names[:2] != ["id", "tokens"] or schema.names[2:] not in ([], ["loss_mask"]) \
+            or schema.field("id").type != pa.int64() \
+            or not (pa.types.is_fixed_size_list(kind) and kind.value_type == pa.int32()) \
+            or (mask is not None and mask != pa.list_(pa.bool_(), kind.list_size)):
+        raise InputError(f"{path}: expected columns id int64, tokens fixed_size_list<int32>[L] (and loss_mask "
+                         "fixed_size_list<bool>[L]); "
                          f"got {', '.join(f'{f.name} {f.type}' for f in schema)}")
     return file
 

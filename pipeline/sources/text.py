@@ -11,6 +11,11 @@
     FILE.parquet     one document per row of the string column `cfg.text_column`
                      (a Parquet file with a column `x` is image data; see sources.images)
 
+Instruction data instead (`cfg.prompt_column` + `cfg.response_column`, or `cfg.messages_column`,
+from a .jsonl or Parquet file): one example per block, padded, with a `loss_mask` that is True
+at the response tokens only (`examples`, `encode_example`, `example_blocks`); examples are
+dealt to the splits as documents are.
+
 Empty documents (and null rows) are dropped. The documents are shuffled with `cfg.seed` and dealt
 to the splits by characters (the shares sum to 1): laid end to end in that order, the first
 `shares.test` of the text is the test split, the next `shares.labeled` the labeled split, the
@@ -44,10 +49,12 @@ null split size for images.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -74,6 +81,7 @@ class TextPrepared:
     paths: dict[str, Path]
     tokenizer: Path
     vocab_size: int
+    masks: dict[str, np.ndarray] | None = None  # split -> (N, block_size) bool loss masks (instruction data)
 
 
 # --- sources ----------------------------------------------------------------------------------
@@ -90,7 +98,29 @@ def is_text(cfg: PrepareConfig) -> bool:
         names = pq.read_schema(path).names
     except (pa.ArrowException, OSError):
         return False  # sources.images reports the unreadable file
-    return "x" not in names and cfg.text_column in names
+    return "x" not in names and any(column in names for column in text_columns(cfg))
+
+
+def text_columns(cfg: PrepareConfig) -> list[str]:
+    """The columns (JSON fields) a text source is read from: the chat's, the prompt's and the
+    response's, or the documents'."""
+    if cfg.messages_column is not None:
+        if cfg.prompt_column is not None or cfg.response_column is not None:
+            raise ConfigError("prepare.messages_column: give either messages_column or prompt_column + "
+                              "response_column, not both")
+        return [cfg.messages_column]
+    if (cfg.prompt_column is None) != (cfg.response_column is None):
+        given, missing = (("prompt_column", "response_column") if cfg.response_column is None
+                          else ("response_column", "prompt_column"))
+        raise ConfigError(f"prepare.{given}: instruction data needs prepare.{missing} too")
+    if cfg.prompt_column is not None:
+        return [cfg.prompt_column, cfg.response_column]
+    return [cfg.text_column]
+
+
+def is_instruction(cfg: PrepareConfig) -> bool:
+    """Prompt/response pairs or chats: only response tokens are predicted."""
+    return cfg.messages_column is not None or cfg.prompt_column is not None
 
 
 def documents(cfg: PrepareConfig) -> list[str]:
@@ -101,10 +131,8 @@ def documents(cfg: PrepareConfig) -> list[str]:
         docs = [topics[name] for name in sorted(topics)]
     elif cfg.dataset.endswith(".txt"):
         docs = _txt_documents(Path(cfg.dataset))
-    elif cfg.dataset.endswith(".jsonl"):
-        docs = _jsonl_documents(Path(cfg.dataset), cfg.text_column)
     else:
-        docs = _parquet_documents(Path(cfg.dataset), cfg.text_column)
+        docs = [row[0] for row in records(cfg, [cfg.text_column])]
     docs = [re.sub(r"\A(?:[ \t]*\n)+", "", d).rstrip() for d in docs if d is not None and d.strip()]
     if not docs:
         raise InputError(f"{cfg.dataset}: no text (every document is empty)")
@@ -121,11 +149,29 @@ def _txt_documents(path: Path) -> list[str]:
     return re.split(r"\n\s*\n", text)  # `\s*` may span lines: several blank lines are one break
 
 
-def _jsonl_documents(path: Path, column: str) -> list[str | None]:
-    """The `column` field of every line's object; a line without it names the fields it has."""
+def records(cfg: PrepareConfig, columns: list[str]) -> list[tuple]:
+    """The values of `columns` in every row of a .jsonl or Parquet `cfg.dataset`, in order; a
+    missing column names the ones there are."""
+    path = Path(cfg.dataset)
     if not path.is_file():
-        raise MissingInputError(f"{path}: JSON Lines file not found")
-    docs = []
+        raise MissingInputError(f"{path}: {'JSON Lines' if cfg.dataset.endswith('.jsonl') else 'Parquet'} file "
+                                "not found")
+    keys = {column: _key_of(cfg, column) for column in columns}
+    strings = [column for column in columns if column != cfg.messages_column]
+    read = _jsonl_records if cfg.dataset.endswith(".jsonl") else _parquet_records
+    return read(path, keys, strings)
+
+
+def _key_of(cfg: PrepareConfig, column: str) -> str:
+    """The params key that named a column, for messages."""
+    for key in ("messages_column", "prompt_column", "response_column", "text_column"):
+        if getattr(cfg, key) == column:
+            return f"prepare.{key}"
+    return "prepare"
+
+
+def _jsonl_records(path: Path, columns: dict[str, str], strings: list[str]) -> list[tuple]:
+    rows = []
     try:
         with open(path, encoding="utf-8") as handle:
             for number, line in enumerate(handle, 1):
@@ -137,28 +183,34 @@ def _jsonl_documents(path: Path, column: str) -> list[str | None]:
                     raise InputError(f"{path}: line {number} is not JSON") from None
                 if not isinstance(row, dict):
                     raise InputError(f"{path}: line {number} is a JSON {type(row).__name__}, expected an object "
-                                     f"with a {column!r} field")
-                if column not in row:
-                    raise InputError(f"{path}: line {number} has no field {column!r} (prepare.text_column); its "
-                                     f"fields: {', '.join(map(repr, row)) or 'none'}")
-                if row[column] is not None and not isinstance(row[column], str):
-                    raise InputError(f"{path}: line {number}: field {column!r} (prepare.text_column) is a "
-                                     f"{type(row[column]).__name__}, expected a string")
-                docs.append(row[column])
+                                     f"with the fields {', '.join(map(repr, columns))}")
+                for column in columns:
+                    if column not in row:
+                        raise InputError(f"{path}: line {number} has no field {column!r} ({columns[column]}); its "
+                                         f"fields: {', '.join(map(repr, row)) or 'none'}")
+                    if column in strings and row[column] is not None and not isinstance(row[column], str):
+                        raise InputError(f"{path}: line {number}: field {column!r} ({columns[column]}) is a "
+                                         f"{type(row[column]).__name__}, expected a string")
+                rows.append(tuple(row[column] for column in columns))
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    return docs
+    return rows
 
 
-def _parquet_documents(path: Path, column: str) -> list[str]:
+def _parquet_records(path: Path, columns: dict[str, str], strings: list[str]) -> list[tuple]:
     try:
-        table = pq.read_table(path, columns=[column])
+        schema = pq.read_schema(path)
+        for column, key in columns.items():
+            if column not in schema.names:
+                raise InputError(f"{path}: no column {column!r} ({key}); its columns: "
+                                 f"{', '.join(map(repr, schema.names))}")
+            kind = schema.field(column).type
+            if column in strings and not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+                raise InputError(f"{path}: column {column!r} ({key}) has type {kind}, expected strings")
+        table = pq.read_table(path, columns=list(columns))
     except (pa.ArrowException, OSError) as exc:
-        raise InputError(f"{path}: cannot read column {column!r} ({exc})") from None
-    kind = table.schema.field(column).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise InputError(f"{path}: column {column!r} (prepare.text_column) has type {kind}, expected strings")
-    return table.column(column).to_pylist()
+        raise InputError(f"{path}: cannot read columns {list(columns)} ({exc})") from None
+    return list(zip(*(table.column(column).to_pylist() for column in columns)))
 
 
 def check_config(cfg: PrepareConfig) -> None:
@@ -221,32 +273,120 @@ def stream_blocks(tokenizer: TokenizerDir, docs: list[str], block_size: int) -> 
     return stream[: n * block_size].reshape(n, block_size)
 
 
+# --- instruction and chat data ----------------------------------------------------------------
+
+
+def examples(cfg: PrepareConfig) -> list[tuple]:
+    """The instruction examples of `cfg.dataset`: (prompt, response) pairs, or chats (a list of
+    {role, content} with at least one assistant turn); a row with an empty response (or a chat
+    without an assistant turn) is dropped, as empty documents are."""
+    if cfg.dataset in TEXT_DATASETS or cfg.dataset.endswith(".txt"):
+        raise ConfigError(f"prepare.{'messages_column' if cfg.messages_column else 'prompt_column'}: instruction "
+                          f"data is read from a .jsonl or Parquet file, not {cfg.dataset}")
+    rows = records(cfg, text_columns(cfg))
+    if cfg.messages_column is None:
+        kept = [(p or "", r) for p, r in rows if r is not None and r.strip()]
+    else:
+        kept = [(chat,) for number, (chat,) in enumerate(rows, 1) if _chat(cfg, chat, number)]
+    if not kept:
+        raise InputError(f"{cfg.dataset}: no example with a response (every {text_columns(cfg)[-1]!r} is empty)")
+    return kept
+
+
+def _chat(cfg: PrepareConfig, chat: Any, number: int) -> bool:
+    """Whether row `number`'s chat has an assistant turn; refuse one that is not a chat."""
+    if chat is None:
+        return False
+    if not isinstance(chat, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                             and isinstance(m.get("content"), str) for m in chat):
+        raise InputError(f"{cfg.dataset}: row {number}: {cfg.messages_column!r} (prepare.messages_column) is not a "
+                         "list of {role, content} messages with string values")
+    return any(m["role"] == "assistant" for m in chat)
+
+
+def encode_example(tokenizer: TokenizerDir, example: tuple) -> tuple[list[int], list[bool]]:
+    """An example's ids and which of them are response tokens. A pair: the start token (bos,
+    else eos), the prompt, the response and eos, the last two the response. A chat: the
+    tokenizer's chat template; each assistant turn is the tokens between the conversation
+    before it rendered with the generation prompt and the conversation through it."""
+    if len(example) == 2:
+        prompt, response = tokenizer.encode(list(example))
+        special = tokenizer.special
+        start = special.bos if special.bos is not None else special.eos
+        return [start, *prompt, *response, special.eos], [False] * (1 + len(prompt)) + [True] * (len(response) + 1)
+    chat = example[0]
+    render = functools.partial(tokenizer.hf.apply_chat_template, tokenize=True, return_dict=False)
+    ids = list(render(chat))
+    mask = [False] * len(ids)
+    for turn, message in enumerate(chat):
+        if message["role"] != "assistant":
+            continue
+        before, through = list(render(chat[:turn], add_generation_prompt=True)), list(render(chat[:turn + 1]))
+        if ids[:len(through)] != through or through[:len(before)] != before:
+            raise InputError(f"{tokenizer.directory}: the chat template renders a conversation's start differently "
+                             "from the whole conversation; kd finds the assistant turns by rendering prefixes")
+        mask[len(before):len(through)] = [True] * (len(through) - len(before))
+    return ids, mask
+
+
+def example_blocks(encoded: list[tuple[list[int], list[bool]]], block_size: int, pad: int
+                   ) -> tuple[np.ndarray, np.ndarray, int]:
+    """One block per example: (tokens (N, L) int32, loss_mask (N, L) bool, examples dropped).
+    An example longer than the block is cut at its end; the rest of a block is `pad`, never
+    predicted. An example left with no response token after its first is dropped (nothing to
+    predict: position 0 has no context)."""
+    tokens = np.full((len(encoded), block_size), pad, np.int32)
+    mask = np.zeros((len(encoded), block_size), bool)
+    for row, (ids, is_response) in enumerate(encoded):
+        n = min(len(ids), block_size)
+        tokens[row, :n], mask[row, :n] = ids[:n], is_response[:n]
+    mask[:, 0] = False
+    kept = mask.any(1)
+    return tokens[kept], mask[kept], int((~kept).sum())
+
+
 # --- writing ----------------------------------------------------------------------------------
 
 
 def prepare(cfg: PrepareConfig, out: Path) -> TextPrepared:
     """Read, deal, tokenize and write `cfg.dataset` to `out` (replaced as a whole when done)."""
     check_config(cfg)
-    docs = documents(cfg)
-    dealt = deal([len(d) for d in docs], cfg)
+    instruction = is_instruction(cfg)
+    items = examples(cfg) if instruction else documents(cfg)
+    texts = [_plain(item) for item in items] if instruction else items
+    dealt = deal([len(t) for t in texts], cfg)
+    unit = "example" if instruction else "document"
     if not dealt["labeled"]:
-        raise ConfigError(f"prepare.shares.labeled: the labeled split of {cfg.dataset} got no document "
-                          f"({len(docs)} documents); the tokenizer and the teacher train on it")
+        raise ConfigError(f"prepare.shares.labeled: the labeled split of {cfg.dataset} got no {unit} "
+                          f"({len(items)} {unit}s); the tokenizer and the teacher train on it")
     if cfg.tokenizer is None:
-        tokenizer = trained_tokenizer([docs[i] for i in dealt["labeled"]], cfg.vocab_size, Path(out))
+        tokenizer = trained_tokenizer([texts[i] for i in dealt["labeled"]], cfg.vocab_size, Path(out))
     else:
         tokenizer = read_tokenizer(Path(cfg.tokenizer), "prepare.tokenizer")
-    blocks = {}
+    if cfg.messages_column is not None and getattr(tokenizer.hf, "chat_template", None) is None:
+        raise ConfigError(f"prepare.messages_column: chats are rendered with the tokenizer's chat template, and "
+                          f"{cfg.tokenizer or 'the BPE kd trains'} has none; set prepare.tokenizer to a directory "
+                          "whose tokenizer has one, or give prompt_column + response_column")
+    blocks, masks, dropped = {}, {}, {}
     for name in SPLITS:
-        made = stream_blocks(tokenizer, [docs[i] for i in dealt[name]], cfg.block_size)
+        if instruction:
+            pad = tokenizer.special.pad if tokenizer.special.pad is not None else tokenizer.special.eos
+            encoded = [encode_example(tokenizer, items[i]) for i in dealt[name]]
+            made, mask, dropped[name] = example_blocks(encoded, cfg.block_size, pad)
+        else:
+            made, mask = stream_blocks(tokenizer, [items[i] for i in dealt[name]], cfg.block_size), None
         asked = getattr(cfg, name)
         if asked is None and not len(made):
-            raise ConfigError(f"prepare.{name}: the {name} documents of {cfg.dataset} hold no whole block of "
-                              f"{cfg.block_size} tokens; raise prepare.shares.{name} or lower prepare.block_size")
+            raise ConfigError(f"prepare.{name}: the {name} {unit}s of {cfg.dataset} hold no "
+                              + (f"response within {cfg.block_size} tokens; raise prepare.shares.{name} or "
+                                 "prepare.block_size" if instruction else
+                                 f"whole block of {cfg.block_size} tokens; raise prepare.shares.{name} or lower "
+                                 "prepare.block_size"))
         if asked is not None and asked > len(made):
             raise ConfigError(f"prepare.{name}: asked for {asked} blocks of {cfg.block_size} tokens but the "
-                              f"{name} documents of {cfg.dataset} hold {len(made)}; lower it (null = all)")
+                              f"{name} {unit}s of {cfg.dataset} hold {len(made)}; lower it (null = all)")
         blocks[name] = made[:asked]
+        masks[name] = None if mask is None else mask[:asked]
     out = Path(out)
     with replacing(out) as tmp:
         tokenizer.save(tmp)
@@ -260,9 +400,17 @@ def prepare(cfg: PrepareConfig, out: Path) -> TextPrepared:
         first = 0
         for name in SPLITS:
             ids = np.arange(first, first + len(blocks[name]), dtype=np.int64)
+            extra = {"examples_dropped": str(dropped[name])} if instruction else {}
             token_files.write_blocks(tmp / f"{name}.parquet", ids, blocks[name],
-                                     {**meta, "documents": str(len(dealt[name]))})
+                                     {**meta, "documents": str(len(dealt[name])), **extra}, masks[name])
             first += len(blocks[name])
     return TextPrepared(blocks, {name: len(dealt[name]) for name in SPLITS},
                         {name: out / f"{name}.parquet" for name in SPLITS}, out / TOKENIZER_FILE,
-                        tokenizer.vocab_size)
+                        tokenizer.vocab_size, masks if instruction else None)
+
+
+def _plain(example: tuple) -> str:
+    """An example's text, to deal it by characters and to train a BPE on."""
+    if len(example) == 2:
+        return f"{example[0]}\n{example[1]}"
+    return "\n".join(message["content"] for message in example[0])

@@ -1,7 +1,9 @@
 """Causal language modelling: a student predicts each next token of a block.
 
 Inputs: a block of L tokens gives L - 1 cache rows, one per predicted token (`position`
-0..L-2), sample-major. `TokenRows` wraps a Hugging Face causal LM so that the training loop
+0..L-2), sample-major. Instruction and chat data (a prepared `loss_mask`) give rows for the
+response positions only: position t has a row when token t + 1 is a response token, so the
+number of rows varies from block to block, and every loss and score covers those rows alone. `TokenRows` wraps a Hugging Face causal LM so that the training loop
 sees what it sees for images: a batch of blocks in, one row of logits per predicted token out,
 lined up with the cache rows of its `block_set`. The true label of a row is the next token
 (text is its own label, on every split); the baseline twin is the same student trained on the
@@ -68,11 +70,19 @@ class Inputs:
         self.infos = {s: text.split_info(prepared / f"{s}.parquet") for s in splits}
         self.block_size = self.infos["labeled"]["block_size"]
         self.input_shape = [self.block_size]
-        self.per_sample = self.block_size - 1
+        self.per_sample = self.block_size - 1  # the most rows a block has
+        self.response_only = self.infos["labeled"]["response_only"]
+        self.predicted = {s: text.predicted(prepared / f"{s}.parquet") for s in splits}
         self.cfg = cfg
 
     def samples(self, split: str) -> int:
         return self.infos[split]["rows"]
+
+    def row_counts(self, split: str) -> np.ndarray:
+        """Cache rows of each block: its predicted positions."""
+        if self.predicted[split] is None:
+            return np.full(self.samples(split), self.per_sample, np.int64)
+        return self.predicted[split].sum(1).astype(np.int64)
 
     def check_teacher(self, teacher: Teacher, prepared: Path) -> None:
         """Refuse a teacher that would read these ids as other tokens: data prepared with another
@@ -99,7 +109,8 @@ class Inputs:
         info = self.infos["labeled"]
         return {"input_shape": self.input_shape,
                 "text": {"objective": OBJECTIVE, "block_size": self.block_size, "positions": self.per_sample,
-                         "vocab_size": info["vocab_size"], "tokenizer_sha256": info["tokenizer_sha256"]}}
+                         "vocab_size": info["vocab_size"], "tokenizer_sha256": info["tokenizer_sha256"],
+                         **({"response_only": True} if self.response_only else {})}}
 
     def probe(self) -> torch.Tensor:
         return torch.zeros(1, self.block_size, dtype=torch.long)
@@ -115,21 +126,25 @@ class Inputs:
         shape = [hidden(captured).shape[-1]]
         return {"name": layer, "mode": mode, "shape": shape, "dtype": "float16", "source_shape": shape}
 
-    def read(self, source: Path, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
-        """ids and tokens of blocks [first, last), reading only the row groups that hold them."""
-        return text.read_rows(source, first, last)
+    def read(self, source: Path, first: int, last: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ids, tokens and predicted positions of blocks [first, last), reading only the row
+        groups that hold them."""
+        ids, tokens = text.read_rows(source, first, last)
+        predicted = text.predicted(source, first, last)
+        return ids, tokens, np.ones((len(ids), self.per_sample), bool) if predicted is None else predicted
 
-    def batch(self, model: nn.Module, rows: tuple[np.ndarray, np.ndarray], start: int, stop: int,
+    def batch(self, model: nn.Module, rows: tuple[np.ndarray, np.ndarray, np.ndarray], start: int, stop: int,
               specs: dict[str, dict]) -> Batch:
-        ids, tokens = rows[0][start:stop], torch.from_numpy(rows[1][start:stop])
-        n, positions = len(ids), self.per_sample
+        ids, tokens, keep = rows[0][start:stop], torch.from_numpy(rows[1][start:stop]), rows[2][start:stop]
+        flat = torch.from_numpy(keep.reshape(-1))
         with torch.no_grad(), features.tap(model, list(specs)) as captured:
-            logits = self.logits(model, tokens).float().cpu()
-            feats = {name: _token_rows(captured[name]).to(torch.float16).cpu().numpy() for name in specs}
-        truth = tokens[:, 1:].reshape(-1).numpy()
-        return Batch(np.repeat(ids, positions), np.zeros(n * positions, dtype=np.int32),
-                     np.tile(np.arange(positions, dtype=np.int32), n), logits, feats, truth,
-                     np.ones(n * positions, dtype=bool))
+            logits = self.logits(model, tokens).float().cpu()[flat]
+            feats = {name: _token_rows(captured[name])[flat.to(device_of(model))].to(torch.float16).cpu().numpy()
+                     for name in specs}
+        counts = keep.sum(1)
+        return Batch(np.repeat(ids, counts), np.zeros(int(counts.sum()), dtype=np.int32),
+                     np.nonzero(keep)[1].astype(np.int32), logits, feats, tokens[:, 1:].numpy()[keep],
+                     np.ones(int(counts.sum()), dtype=bool))
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -162,21 +177,57 @@ def _token_rows(output: torch.Tensor | tuple) -> torch.Tensor:
 
 class TokenRows(nn.Module):
     """A causal LM seen row by row: blocks (B, L) -> logits (B * (L - 1), V), the last position
-    dropped (it predicts nothing inside the block)."""
+    dropped (it predicts nothing inside the block); or blocks with their loss masks (B, 2, L)
+    -> the rows of the response positions only (position t where token t + 1 is masked in),
+    in cache order. Right padding needs no attention mask: a causal LM's position t never sees
+    the tokens after it."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return next_token_logits(self.model, tokens)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return next_token_logits(self.model, x)
+        logits = self.model(input_ids=x[:, 0], attention_mask=torch.ones_like(x[:, 0])).logits
+        return logits[:, :-1][x[:, 1, 1:].bool()]
 
 
-def block_set(tokens: torch.Tensor, ids: np.ndarray, targets: dict[str, torch.Tensor]) -> loader.SampleSet:
-    """Blocks (N, L) with their rows, one per predicted token (N * (L - 1)); a block is its
-    own input (no views)."""
-    return loader.SampleSet({"tokens": tokens}, ids, targets, lambda inputs, ids, view: inputs["tokens"],
-                            per_view=tokens.shape[1] - 1)
+def model_input(tokens: torch.Tensor, predicted: torch.Tensor | None) -> torch.Tensor:
+    """What `TokenRows` takes: the blocks (N, L), or with `predicted` (N, L - 1) the blocks and
+    their loss masks (N, 2, L)."""
+    if predicted is None:
+        return tokens
+    mask = torch.zeros_like(tokens)
+    mask[:, 1:] = predicted.to(tokens.dtype)
+    return torch.stack([tokens, mask], 1)
+
+
+def block_set(tokens: torch.Tensor, ids: np.ndarray, targets: dict[str, torch.Tensor],
+              predicted: torch.Tensor | None = None) -> loader.SampleSet:
+    """Blocks (N, L) with their rows, one per predicted token (N * (L - 1), or with `predicted`
+    (N, L - 1) one per predicted response token); a block is its own input (no views)."""
+    if predicted is None:
+        return loader.SampleSet({"tokens": tokens}, ids, targets, lambda inputs, ids, view: inputs["tokens"],
+                                per_view=tokens.shape[1] - 1)
+    return loader.SampleSet({"tokens": model_input(tokens, predicted)}, ids, targets,
+                            lambda inputs, ids, view: inputs["tokens"], counts=predicted.sum(1))
+
+
+def read_blocks(source: Path, first: int | None = None, last: int | None = None
+                ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """ids, blocks, predicted positions (None: all) and each row's true next token, of blocks
+    [first, last) of a prepared split (all by default)."""
+    if first is None:
+        ids, blocks = text.read_blocks(source)
+        predicted = text.predicted(source)
+    else:
+        ids, blocks = text.read_rows(source, first, last)
+        predicted = text.predicted(source, first, last)
+    tokens = torch.from_numpy(blocks)
+    keep = None if predicted is None else torch.from_numpy(predicted)
+    truth = tokens[:, 1:].reshape(-1) if keep is None else tokens[:, 1:][keep]
+    return ids, tokens, keep, truth.long()
 
 
 def lm_inputs(tokens: torch.Tensor, special: text.SpecialIds, vocab_size: int,
@@ -197,17 +248,24 @@ def lm_score(loss: float, accuracy: float) -> dict[str, float]:
     return {"perplexity": math.exp(loss)}
 
 
-def teacher_scores(scores: dict[str, float], train: np.ndarray, test: np.ndarray, vocab_size: int) -> dict[str, float]:
+def teacher_scores(scores: dict[str, float], train: np.ndarray, test: np.ndarray, vocab_size: int,
+                   train_predicted: torch.Tensor | None = None, test_predicted: torch.Tensor | None = None
+                   ) -> dict[str, float]:
     """What a causal teacher's metrics.json adds: its test perplexity and a unigram model's."""
-    return {"perplexity": scores["perplexity"], "unigram_perplexity": unigram_perplexity(train, test, vocab_size)}
+    return {"perplexity": scores["perplexity"],
+            "unigram_perplexity": unigram_perplexity(train, test, vocab_size, train_predicted, test_predicted)}
 
 
-def unigram_perplexity(train: np.ndarray, test: np.ndarray, vocab_size: int) -> float:
-    """Perplexity on test[:, 1:] (the tokens a causal LM predicts) of the labeled split's token
-    frequencies, add-one smoothed: the bar a model that ignores context would reach."""
-    counts = np.bincount(train.reshape(-1), minlength=vocab_size) + 1.0
+def unigram_perplexity(train: np.ndarray, test: np.ndarray, vocab_size: int,
+                       train_predicted: torch.Tensor | None = None, test_predicted: torch.Tensor | None = None) -> float:
+    """Perplexity on the tokens a causal LM predicts in test (test[:, 1:], or its predicted
+    response tokens) of the frequencies of those of the labeled split, add-one smoothed: the
+    bar a model that ignores context would reach."""
+    seen = train.reshape(-1) if train_predicted is None else train[:, 1:][train_predicted.numpy()]
+    counts = np.bincount(seen, minlength=vocab_size) + 1.0
     log_p = np.log(counts / counts.sum())
-    return float(np.exp(-log_p[test[:, 1:].reshape(-1)].mean()))
+    scored = test[:, 1:].reshape(-1) if test_predicted is None else test[:, 1:][test_predicted.numpy()]
+    return float(np.exp(-log_p[scored].mean()))
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -334,10 +392,9 @@ def rows(cache: Cache, prepared: Path, cfg: StudentConfig, memory_mb: float) -> 
 def _split_rows(cache: Cache, prepared: Path, cfg: StudentConfig, split: str, row_offset: int,
                 parts: list[int] | None = None) -> loader.SampleSet:
     source = prepared / f"{split}.parquet"
-    ids, blocks = text.read_rows(source, *loader.sample_range(cache, split, parts))
-    cache_rows = loader.read_rows(cache, cfg, split, source, ids, blocks[:, 1:].reshape(-1).astype(np.int64),
-                                  parts=parts, row_offset=row_offset)
-    return block_set(torch.from_numpy(blocks), ids, cache_rows.targets(cfg))
+    ids, tokens, predicted, truth = read_blocks(source, *loader.sample_range(cache, split, parts))
+    cache_rows = loader.read_rows(cache, cfg, split, source, ids, truth.numpy(), parts=parts, row_offset=row_offset)
+    return block_set(tokens, ids, cache_rows.targets(cfg), predicted)
 
 
 def twin_rows(cache: Cache, prepared: Path, cfg: StudentConfig, transfer: Any) -> loader.SampleSet:
@@ -345,9 +402,8 @@ def twin_rows(cache: Cache, prepared: Path, cfg: StudentConfig, transfer: Any) -
     tokens only, a small fraction of the student's rows)."""
     sets = []
     for split in cfg.transfer:
-        ids, blocks = text.read_blocks(prepared / f"{split}.parquet")
-        tokens = torch.from_numpy(blocks)
-        sets.append(block_set(tokens, ids, {"label": tokens[:, 1:].reshape(-1).long()}))
+        ids, tokens, predicted, truth = read_blocks(prepared / f"{split}.parquet")
+        sets.append(block_set(tokens, ids, {"label": truth}, predicted))
     return loader.concat(sets)
 
 
@@ -417,9 +473,8 @@ def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, s
              ) -> tuple[dict[str, Any], dict[str, tuple[list[str], list[dict[str, Any]]]]]:
     """Test perplexity of the student, its twin and the teacher (its own `kd teacher` figure),
     and against the cached teacher (`evaluate_rows`)."""
-    _, blocks = text.read_blocks(prepared / "test.parquet")
-    tokens = torch.from_numpy(blocks)
-    teacher = cache.manifest["teacher"]["config"].get("metrics", {}).get("perplexity")
+    _, tokens, predicted, truth = read_blocks(prepared / "test.parquet")
+    teacher = teacher_perplexity(cache)
 
     def perplexity(logits: torch.Tensor, truth: torch.Tensor) -> float:
         return math.exp(float(F.cross_entropy(logits, truth, reduction="none").mean()))
@@ -428,9 +483,20 @@ def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, s
         return {"perplexity": student, "baseline_perplexity": twin, "teacher_perplexity": teacher,
                 "perplexity_gain": twin - student, "perplexity_reduction": 1 - student / twin}
 
-    return evaluate_rows(student_dir, cache, cfg, TokenRows, tokens, tokens[:, 1:].reshape(-1),
-                         torch.arange(1, tokens.shape[1]).repeat(len(tokens)), perplexity, keys,
+    positions = torch.arange(1, tokens.shape[1]).repeat(len(tokens), 1)
+    return evaluate_rows(student_dir, cache, cfg, TokenRows, model_input(tokens, predicted), truth,
+                         positions.reshape(-1) if predicted is None else positions[predicted], perplexity, keys,
                          ("perplexity", "perplexity_reduction", lambda s, b: 1 - s / b))
+
+
+def teacher_perplexity(cache: Cache) -> float | None:
+    """The teacher's test perplexity, measured by `kd label` on every predicted test token
+    (from its full logits, before the top-k), or from `kd teacher`'s metrics for a cache
+    written before kd measured it."""
+    loss = cache.manifest["fidelity"].get("test", {}).get("teacher_loss")
+    if loss is not None:
+        return math.exp(loss)
+    return cache.manifest["teacher"]["config"].get("metrics", {}).get("perplexity")
 
 
 def evaluate_rows(student_dir: Path, cache: Cache, cfg: EvalConfig, wrap: Callable[[nn.Module], nn.Module],
@@ -471,10 +537,18 @@ def evaluate_rows(student_dir: Path, cache: Cache, cfg: EvalConfig, wrap: Callab
 
 
 def check_rows(path: str, table: Any, manifest: dict[str, Any], views: int) -> list[str]:
-    """`kd cache verify`: each block's rows are positions 0..L-2, in order, all of view 0."""
+    """`kd cache verify`: each block's rows are positions 0..L-2, in order (instruction data:
+    some of them, ascending), all of view 0."""
     from pipeline.cache.verify import in_order
 
-    problems = in_order(path, table, "position", views)
+    if views is not None:
+        problems = in_order(path, table, "position", views)
+    else:
+        ids, position = table["id"].to_numpy(), table["position"].to_numpy()
+        same = ids[1:] == ids[:-1]
+        problems = [] if not len(position) or ((np.diff(position)[same] > 0).all() and position.min() >= 0
+                                               and position.max() < manifest["text"]["positions"]) else [
+            f"{path}: position column out of order (expected ascending response positions per block)"]
     if table["view"].to_numpy().any():
         problems.append(f"{path}: view column not 0 (token rows have no views)")
     return problems
@@ -483,8 +557,9 @@ def check_rows(path: str, table: Any, manifest: dict[str, Any], views: int) -> l
 def rows_description(summary: dict[str, Any]) -> str:
     """`kd cache info`: what one cache row is."""
     t = summary["text"]
-    return (f"one per predicted token: {t['objective']} LM, blocks of {t['block_size']} tokens, "
-            f"positions 0..{t['positions'] - 1}, vocabulary {t['vocab_size']}")
+    which = "response tokens only" if t.get("response_only") else f"positions 0..{t['positions'] - 1}"
+    return (f"one per predicted token: {t['objective']} LM, blocks of {t['block_size']} tokens, {which}, "
+            f"vocabulary {t['vocab_size']}")
 
 
 def summary(name: str, m: dict[str, Any]) -> str:

@@ -54,6 +54,10 @@ class Inputs:
     def samples(self, split: str) -> int:
         return self.infos[split]["rows"]
 
+    def row_counts(self, split: str) -> np.ndarray:
+        """Cache rows of each sample: the same for all."""
+        return np.full(self.samples(split), self.per_sample, np.int64)
+
     def check_teacher(self, teacher: Teacher, prepared: Path) -> None:
         """A language model cannot label images."""
         if "tokenizer" in teacher.config:

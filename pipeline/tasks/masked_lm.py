@@ -55,11 +55,17 @@ class Inputs(causal_lm.Inputs):
 
     def __init__(self, prepared: Path, splits: list[str], cfg: LabelConfig):
         super().__init__(prepared, splits, dataclass_replace(cfg, views=0))
+        if self.response_only:
+            raise ConfigError(f"{prepared}: instruction data (responses only) is for causal LMs; the teacher is a "
+                              "masked LM")
         self.cfg = cfg
         self.masked_count = lm.mask_count(self.block_size)
         self.per_sample = (cfg.views + 1) * self.masked_count
         self.special = text.load_tokenizer(prepared)[1]
         lm.mask_id(self.special, str(prepared))
+
+    def row_counts(self, split: str) -> np.ndarray:
+        return np.full(self.samples(split), self.per_sample, np.int64)
 
     def header(self) -> dict[str, Any]:
         header = super().header()
@@ -149,7 +155,8 @@ def lm_score(loss: float, accuracy: float) -> dict[str, float]:
     return {"masked_accuracy": accuracy}
 
 
-def teacher_scores(scores: dict[str, float], train: np.ndarray, test: np.ndarray, vocab_size: int) -> dict[str, float]:
+def teacher_scores(scores: dict[str, float], train: np.ndarray, test: np.ndarray, vocab_size: int,
+                   *predicted: Any) -> dict[str, float]:
     """What a masked teacher's metrics.json adds: its masked-token accuracy on the test split."""
     return {"masked_accuracy": scores["masked_accuracy"]}
 
