@@ -74,6 +74,9 @@ class PrepareConfig:
     messages_column: str | None = None
     shares: Shares = field(default_factory=Shares)
     tokenizer: str | None = None  # a local Hugging Face model or tokenizer directory; null: train a BPE
+    # a regex: keep only the documents (examples) whose first line it matches, AFTER they are
+    # dealt to the splits, so a subset's test documents are test documents of the whole
+    keep: str | None = None
     vocab_size: int = 4096  # byte-level BPE entries, special tokens included (ignored with `tokenizer`)
     block_size: int = 128  # tokens per row
 
