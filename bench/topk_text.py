@@ -91,7 +91,7 @@ def synthetic_rows(ks: list[int], vocab: int, shuffled: bool, temperatures: list
             stored = encodings.encode(computed, encoding)
             decoded = dict(computed, **dict(zip(("topk_idx", "topk_logit"), encodings.decode(stored, encoding))))
             sums = fidelity_sums(logits, decoded, temperatures)
-            schema = _schema(cfg, ("position",), encoding, vocab)
+            schema = _schema(cfg, ("position",), vocab)
             columns = {"id": np.repeat(np.arange(blocks), block), "view": np.zeros(len(logits), np.int32),
                        "position": np.tile(np.arange(block), blocks), **computed, **stored}
             arrays = [pa.FixedSizeListArray.from_arrays(pa.array(columns[f.name].reshape(-1), f.type.value_type), k)
@@ -154,8 +154,8 @@ def main(ks: str = "8,32,128", teacher_dir: Path = REPO / "data/text/teacher",
             print(f"\nsynthetic, vocabulary {synthetic_vocab}, ids {'shuffled' if shuffled else 'by frequency'}\n"
                   + table(rows))
             for r in rows:
-                print(f"  k={r['k']} {r['encoding']}: top-k columns alone {r['topk_column_bytes'] / r['rows'] / r['k']:.2f} "
-                      "bytes per kept entry")
+                alone = r["topk_column_bytes"] / r["rows"] / r["k"]
+                print(f"  k={r['k']} {r['encoding']}: top-k columns alone {alone:.2f} bytes per kept entry")
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -246,3 +246,30 @@ def test_encode_decode_on_lm_like_logits_keeps_ids_top1_and_the_bound():
 def test_an_unknown_encoding_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match="label.encoding: 'zip' must be one of"):
         LabelConfig(encoding="zip")
+
+
+def test_shards_write_the_compact_cache_a_single_process_writes(caches, lm_world, tmp_path):
+    from pipeline.cache.store import Store
+
+    sharded = tmp_path / "sharded"
+    for shard in (0, 1):
+        ok(invoke(label.main, *label_args(lm_world, sharded, "--encoding", "compact", "--shard", shard,
+                                          "--num-shards", 2)))
+    digest = lambda root: {rel: Store(root).sha256(rel) for rel in Store(root).files("")  # noqa: E731
+                           if not rel.split("/")[-1].startswith(".lock")}
+    assert digest(sharded) == digest(caches["compact"])
+
+
+def test_a_cache_written_before_label_encoding_reads_as_topk(caches, tmp_path):
+    import shutil
+
+    out = Path(shutil.copytree(caches["float16"], tmp_path / "cache"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["encoding"], manifest["label"]["encoding"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert verify(out) == []
+    want = Cache.open(caches["float16"]).soft_targets("test", [1.0])
+    got = Cache.open(out).soft_targets("test", [1.0])
+    np.testing.assert_array_equal(got.topk_idx, want.topk_idx)
+    np.testing.assert_array_equal(got.topk_logit, want.topk_logit)
+    assert json.loads(ok(invoke_cache("info", out, "--json")).stdout)["encoding"] == {"name": "topk"}

@@ -50,7 +50,8 @@ def levels(encoding: dict[str, Any]) -> np.ndarray:
 
 def id_type(num_classes: int) -> pa.DataType:
     """The narrowest unsigned integer that holds every class id."""
-    return next(t for t in (pa.uint8(), pa.uint16(), pa.uint32()) if num_classes - 1 <= np.iinfo(t.to_pandas_dtype()).max)
+    return next(t for t in (pa.uint8(), pa.uint16(), pa.uint32())
+                if num_classes - 1 <= np.iinfo(t.to_pandas_dtype()).max)
 
 
 def columns(encoding: dict[str, Any]) -> list[str]:
@@ -58,7 +59,8 @@ def columns(encoding: dict[str, Any]) -> list[str]:
     return ["topk_gap", "topk_code"] if encoding["name"] == "compact" else ["topk_idx", "topk_logit"]
 
 
-def fields(encoding: dict[str, Any], k: int, logit_dtype: str, num_classes: int) -> list[pa.Field]:
+def fields(encoding: dict[str, Any], k: int, logit_dtype: str, num_classes: int | None) -> list[pa.Field]:
+    """The top-k's Parquet fields (`num_classes`: compact's id type; unused by topk)."""
     if encoding["name"] == "compact":
         return [pa.field("topk_gap", pa.list_(id_type(num_classes), k), nullable=False),
                 pa.field("topk_code", pa.list_(pa.uint8(), k), nullable=False)]

@@ -440,7 +440,7 @@ def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs
     first_row, n_rows = first_sample * per_sample, (last_sample - first_sample) * per_sample
     rel = part_path(split, index)
     encoding = encodings.of(manifest)
-    schema = _schema(cfg, inputs.row_columns, encoding, manifest["num_classes"])
+    schema = _schema(cfg, inputs.row_columns, manifest["num_classes"])
     specs = {s["name"]: s for s in manifest["features"]}
     group = zarr.open_group(store.zarr(FEATURES), mode="r+") if specs else None
     buffers = {name: _Rows(rows) for name, rows in info["chunk_rows"].items()}
@@ -466,7 +466,8 @@ def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs
                 stored = encodings.encode(computed, encoding)
                 # What a student will read: every statistic below is of the decoded values.
                 cols = dict(computed, **dict(zip(("topk_idx", "topk_logit"), encodings.decode(stored, encoding))))
-                error = max(error, _largest_error(computed, cols))
+                if encoding["name"] != "topk":
+                    error = max(error, _largest_error(computed, cols))
                 scored = batch.scored
                 for name, value in fidelity_sums(logits[torch.from_numpy(scored)],
                                                  {k: v[scored] for k, v in cols.items()}, cfg.temperatures).items():
@@ -504,7 +505,7 @@ def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs
 
 def _largest_error(computed: dict[str, np.ndarray], decoded: dict[str, np.ndarray]) -> float:
     """The largest |decoded - computed| shifted logit of a batch (rows matched by class id)."""
-    if decoded["topk_logit"] is computed["topk_logit"] or not len(computed["topk_idx"]):
+    if not computed["topk_idx"].size:
         return 0.0
     order = np.argsort(decoded["topk_idx"], axis=1, kind="stable")
     wanted = np.argsort(computed["topk_idx"], axis=1, kind="stable")
@@ -512,15 +513,15 @@ def _largest_error(computed: dict[str, np.ndarray], decoded: dict[str, np.ndarra
                         - np.take_along_axis(computed["topk_logit"].astype(np.float32), wanted, 1)).max())
 
 
-def _schema(cfg: LabelConfig, row_columns: tuple[str, ...] = (), encoding: dict[str, Any] | None = None,
-            num_classes: int = 0) -> pa.Schema:
+def _schema(cfg: LabelConfig, row_columns: tuple[str, ...] = (), num_classes: int | None = None) -> pa.Schema:
     """The soft-target columns, after the task's own int32 row columns (`ROW_COLUMNS`: a token
-    row's `position`, a masked row's `input_token`); the top-k as `encoding` stores it."""
+    row's `position`, a masked row's `input_token`); the top-k as `label.encoding` stores it
+    (compact: its id type needs `num_classes`)."""
     fields = [
         pa.field("id", pa.int64(), nullable=False),
         pa.field("view", pa.int32(), nullable=False),
         *[pa.field(name, pa.int32(), nullable=False) for name in row_columns],
-        *encodings.fields(encoding or encodings.header("topk"), cfg.top_k, cfg.logit_dtype, num_classes),
+        *encodings.fields(encodings.header(cfg.encoding), cfg.top_k, cfg.logit_dtype, num_classes),
         pa.field("logit_max", pa.float32(), nullable=False),
     ]
     fields += [pa.field(lse_column(t), pa.float32(), nullable=False) for t in cfg.temperatures]
