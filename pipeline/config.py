@@ -33,6 +33,7 @@ SECTIONS = ("prepare", "teacher", "label", "assistants", "students", "text_stude
 STUDENT_SECTIONS = ("students", "text_students", "mlm_students", "img_students")
 FEATURE_MODES = ("full", "pooled", "attention")
 LOGIT_DTYPES = ("float16", "float32")
+ENCODINGS = ("topk", "compact")  # label.encoding: pipeline/cache/encoding.py
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")  # the keys of lm.DTYPES
 TEACHER_DEVICES = ("auto", "cpu", "cuda")
 SPLITS = ("labeled", "unlabeled", "test")
@@ -112,7 +113,10 @@ class LabelConfig:
     arch_kwargs: dict[str, Any] | None = None  # null: the config.json's (for the same arch)
     top_k: int = 5
     temperatures: list[float] = field(default_factory=lambda: [1, 4])
-    logit_dtype: str = "float16"
+    logit_dtype: str = "float16"  # topk_logit's dtype (encoding topk)
+    # how the top-k is stored: topk (ids and logits as they are) | compact (ids as gaps, logits in
+    # one byte each, decoded by the reader; pipeline/cache/encoding.py)
+    encoding: str = "topk"
     features: dict[str, str] = field(default_factory=dict)  # teacher layer -> mode
     views: int = 0  # augmented views per sample besides view 0 (the input as is)
     view_recipe: str = "shift"  # how a view is drawn (pipeline.augment): shift | crop_flip
@@ -145,6 +149,8 @@ class LabelConfig:
             raise ConfigError(f"label.temperatures: {self.temperatures} has a duplicate")
         if self.logit_dtype not in LOGIT_DTYPES:
             raise ConfigError(f"label.logit_dtype: {self.logit_dtype!r} must be one of {LOGIT_DTYPES}")
+        if self.encoding not in ENCODINGS:
+            raise ConfigError(f"label.encoding: {self.encoding!r} must be one of {ENCODINGS}")
         for layer, mode in self.features.items():
             if mode not in FEATURE_MODES:
                 raise ConfigError(f"label.features.{layer}: mode {mode!r} must be one of {FEATURE_MODES}")

@@ -33,7 +33,9 @@ from stages.common import PARAMS_OPTION, clean_errors, json_option, numbers_opti
 def main(
     top_k: Optional[int] = typer.Option(None, help="Teacher logits kept per row."),
     temperatures: Optional[str] = typer.Option(None, help="Comma-separated temperatures to store lse for, e.g. 1,4."),
-    logit_dtype: Optional[str] = typer.Option(None, help="float16 or float32."),
+    logit_dtype: Optional[str] = typer.Option(None, help="float16 or float32 (encoding topk)."),
+    encoding: Optional[str] = typer.Option(None, help="How the top-k is stored: topk (as is) or compact "
+                                           "(ids as gaps, logits in one byte each)."),
     feature: Optional[List[str]] = typer.Option(None, help="Teacher layer to cache as LAYER=MODE (full, pooled, attention); repeatable."),
     views: Optional[int] = typer.Option(None, help="Augmented views per sample besides the input as is."),
     view_recipe: Optional[str] = typer.Option(None, help="How a view is drawn: shift or crop_flip (images)."),
@@ -78,7 +80,7 @@ def main(
     if arch is not None and arch != cfg.arch and kwargs is None:  # not label.arch_kwargs of another arch
         cfg.arch_kwargs = None
     cfg = override(cfg, arch=arch, arch_kwargs=kwargs, top_k=top_k, temperatures=temps, logit_dtype=logit_dtype,
-                   features=layers, views=views, view_recipe=view_recipe, view_shift=view_shift,
+                   encoding=encoding, features=layers, views=views, view_recipe=view_recipe, view_shift=view_shift,
                    view_scale=numbers_option("--view-scale", view_scale),
                    view_ratio=numbers_option("--view-ratio", view_ratio), view_flip=view_flip, view_seed=view_seed,
                    batch_size=batch_size, part_size=part_size, keep_teacher=keep_teacher, dtype=dtype, device=device)

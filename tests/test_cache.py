@@ -102,6 +102,34 @@ def test_round_trip_soft_targets_and_features(teacher, prepared, tmp_path, dtype
             np.testing.assert_array_equal(cache.feature(split, name)[:], expected_features[name])
 
 
+def test_a_compact_image_cache_holds_the_same_rows_views_and_features(teacher, prepared, tmp_path):
+    """`label.encoding: compact` changes only how the top-k is stored: ids, views, lse and
+    features equal the float32 cache's, the top-k ids as a set and the top-1 exactly, and the
+    streamed rows equal the in-memory ones (tests/test_cache_compact.py checks the values)."""
+    t, _ = teacher
+    kwargs = {"features": {"stages.1": "attention"}, "views": 2}
+    truth = Cache.open(make_cache(t, prepared, tmp_path / "truth", logit_dtype="float32", **kwargs))
+    compact = Cache.open(make_cache(t, prepared, tmp_path / "compact", encoding="compact", **kwargs))
+    assert verify(compact.root) == []
+    assert str(pq.read_schema(compact.root / "soft_targets/split=test/part-00000.parquet").field("topk_gap").type) \
+        == "fixed_size_list<element: uint8>[4]"  # 10 classes: one byte per id
+    for split in ("labeled", "unlabeled", "test"):
+        want, got = truth.soft_targets(split, [1, 2.5, 4]), compact.soft_targets(split, [1, 2.5, 4])
+        np.testing.assert_array_equal(got.ids, want.ids)
+        np.testing.assert_array_equal(got.view, want.view)
+        np.testing.assert_array_equal(np.sort(got.topk_idx, 1), np.sort(want.topk_idx, 1))
+        np.testing.assert_array_equal(got.topk_idx[:, 0], want.topk_idx[:, 0])
+        for t_value in (1, 2.5, 4):
+            np.testing.assert_array_equal(got.lse[float(t_value)], want.lse[float(t_value)])
+        np.testing.assert_array_equal(compact.feature(split, "stages.1")[:], truth.feature(split, "stages.1")[:])
+    cfg = from_mapping(StudentConfig, {"name": "s", "views": True, "loss": {"soft": {"temperature": 4}}}, "students.s")
+    in_memory = image.rows(compact, prepared, cfg, memory_mb=2048)
+    streamed = image.rows(compact, prepared, cfg, memory_mb=0)
+    for batch in streamed.batches(epoch=0, batch_size=64, seed=0, views="cached"):
+        for name in ("topk_idx", "topk_logit"):
+            assert torch.equal(batch[name], in_memory.targets[name][batch["row"]]), name
+
+
 def test_columns_and_manifest_follow_the_contract(teacher, prepared, tmp_path):
     t, _ = teacher
     out = make_cache(t, prepared, tmp_path / "cache", features={"stages.1": "attention"})

@@ -15,7 +15,7 @@ from pipeline.cache.layout import MANIFEST
 from pipeline.cache.store import Store
 from pipeline.errors import CacheError, MissingInputError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest this kd reads: 1 = topk encoding, 2 = compact (`encoding.SCHEMA_VERSIONS`)
 
 
 def read_manifest(store: Store, name: str = MANIFEST) -> dict[str, Any]:

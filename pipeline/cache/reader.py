@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from pipeline.cache import encoding as encodings
 from pipeline.cache.layout import MANIFEST, SHARDS, chunk_files, feature_path, lse_column, rows_per_sample
 from pipeline.cache.manifest import part_problem, read_manifest
 from pipeline.cache.store import Store
@@ -32,7 +33,7 @@ class SoftTargets:
     ids: np.ndarray  # (R,) int64
     view: np.ndarray  # (R,) int32
     topk_idx: np.ndarray  # (R, k) int32
-    topk_logit: np.ndarray  # (R, k) float16 or float32, max-shifted
+    topk_logit: np.ndarray  # (R, k) float16 or float32 (compact: float32, decoded), max-shifted
     lse: dict[float, np.ndarray]  # temperature -> (R,) float32
 
 
@@ -119,10 +120,12 @@ class Cache:
 
     def soft_targets(self, split: str, temperatures: list[float], parts: list[int] | None = None) -> SoftTargets:
         """Rows of `split` (all, or those of the given consecutive parts), reading only id,
-        view, top-k and the asked lse columns."""
+        view, top-k and the asked lse columns; a compact top-k decoded (`encoding.decode`)."""
         info = self.split(split)
         chosen = info["parts"] if parts is None else [info["parts"][i] for i in parts]
-        columns = ["id", "view", "topk_idx", "topk_logit", *[lse_column(t) for t in temperatures]]
+        encoding = encodings.of(self.manifest)
+        stored = encodings.columns(encoding)
+        columns = ["id", "view", *stored, *[lse_column(t) for t in temperatures]]
         tables = [_read_part(self.store, self.store.safe(p["path"]), columns) for p in chosen]
         table = pa.concat_tables(tables).combine_chunks() if tables else None
         expected = sum(p["rows"] for p in chosen)
@@ -130,11 +133,12 @@ class Cache:
             got = 0 if table is None else table.num_rows
             raise CacheError(f"{self.root}: split {split} has {got} rows in its parts, the manifest says {expected}")
         k = self.manifest["top_k"]
+        topk_idx, topk_logit = encodings.decode({name: fixed_list(table[name], k) for name in stored}, encoding)
         return SoftTargets(
             ids=table["id"].to_numpy(),
             view=table["view"].to_numpy(),
-            topk_idx=fixed_list(table["topk_idx"], k),
-            topk_logit=fixed_list(table["topk_logit"], k),
+            topk_idx=topk_idx,
+            topk_logit=topk_logit,
             lse={float(t): table[lse_column(t)].to_numpy() for t in temperatures},
         )
 

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.cache import encoding as encodings
 from pipeline.cache.layout import (FEATURES, MANIFEST, SOFT_TARGETS, chunks_sha256, feature_path, lse_column,
                                    rows_per_sample)
 from pipeline.cache.manifest import part_problem, read_manifest
@@ -102,8 +103,9 @@ def _verify_split(store: Store, manifest: dict[str, Any], split: str, info: dict
 def _check_table(path: str, table: pa.Table, manifest: dict[str, Any], part: dict[str, Any], views: int | None,
                  task: ModuleType) -> list[str]:
     k = manifest["top_k"]
-    expected = ["id", "view", *task.ROW_COLUMNS, "topk_idx", "topk_logit", "logit_max",
-                *map(lse_column, manifest["temperatures"])]
+    encoding = encodings.of(manifest)
+    stored = encodings.columns(encoding)
+    expected = ["id", "view", *task.ROW_COLUMNS, *stored, "logit_max", *map(lse_column, manifest["temperatures"])]
     if table.column_names != expected:
         return [f"{path}: columns {table.column_names}, expected {expected}"]
     if table.num_rows != part["rows"]:
@@ -113,10 +115,16 @@ def _check_table(path: str, table: pa.Table, manifest: dict[str, Any], part: dic
     starts = np.concatenate([[True], ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, bool)
     if len(np.unique(ids)) != starts.sum() or (views and not (ids.reshape(-1, views) == ids[::views, None]).all()):
         problems.append(f"{path}: rows of one sample are not together")
-    idx = fixed_list(table["topk_idx"], k)
+    columns = {name: fixed_list(table[name], k) for name in stored}
+    if encoding["name"] == "compact":
+        if (columns["topk_gap"][:, 1:] == 0).any():
+            problems.append(f"{path}: topk_gap holds a 0 after the first entry (ids repeat)")
+        if ((columns["topk_code"] == 0).sum(1) != 1).any():
+            problems.append(f"{path}: topk_code has not exactly one 0 (the top entry) per row")
+    idx, logits = encodings.decode(columns, encoding)
     if idx.size and (idx.min() < 0 or idx.max() >= manifest["num_classes"]):
         problems.append(f"{path}: topk_idx outside [0, {manifest['num_classes']})")
-    logits = fixed_list(table["topk_logit"], k).astype(np.float32)
+    logits = logits.astype(np.float32)
     floats = {"topk_logit": logits, "logit_max": table["logit_max"].to_numpy()}
     floats |= {name: table[name].to_numpy() for name in expected if name.startswith("lse_")}
     for name, values in floats.items():
@@ -180,11 +188,19 @@ def info(root: str | Path) -> dict[str, Any]:
         "views": manifest.get("views"),
         "text": manifest.get("text"),
         "features": manifest.get("features"),
-        "splits": {s: {"samples": i["samples"], "rows": i["rows"], "parts": len(i["parts"])}
+        "encoding": encodings.of(manifest),
+        "splits": {s: {"samples": i["samples"], "rows": i["rows"], "parts": len(i["parts"]),
+                       "bytes_per_row": _bytes_per_row(i["parts"])}
                    for s, i in manifest.get("splits", {}).items()},
         "fidelity": manifest.get("fidelity"),
         "bytes": size,
     }
+
+
+def _bytes_per_row(parts: list[dict[str, Any]]) -> float:
+    """The soft targets' Parquet bytes per written row (the features' Zarr arrays not counted)."""
+    rows = sum(p["rows"] for p in parts)
+    return sum(p["bytes"] for p in parts) / rows if rows else 0.0
 
 
 def format_info(summary: dict[str, Any]) -> str:
@@ -193,8 +209,9 @@ def format_info(summary: dict[str, Any]) -> str:
         f"{'' if summary['complete'] else ', INCOMPLETE'}, {summary['bytes'] / 1e6:.1f} MB)",
         f"teacher  {summary['teacher']['arch']} ({summary['teacher']['params']} params) "
         f"sha256 {str(summary['teacher']['fingerprint'])[:16]}",
-        f"soft     top-{summary['top_k']} of {summary['num_classes']} classes, {summary['logit_dtype']}, "
-        f"temperatures {summary['temperatures']}",
+        f"soft     top-{summary['top_k']} of {summary['num_classes']} classes, "
+        + (summary["logit_dtype"] if summary["encoding"]["name"] == "topk" else encodings.describe(summary["encoding"]))
+        + f", temperatures {summary['temperatures']}",
         f"views    {summary['views']['count']} augmented per sample ({summary['views']['recipe']['name']}, "
         + "".join(f"{k} {v}, " for k, v in summary["views"]["recipe"].items() if k != "name")
         + f"seed {summary['views']['seed']})",
@@ -204,7 +221,8 @@ def format_info(summary: dict[str, Any]) -> str:
     for spec in summary["features"] or []:
         lines.append(f"feature  {spec['name']}: {spec['mode']} {spec['shape']} {spec['dtype']}")
     for split, s in summary["splits"].items():
-        line = f"split    {split}: {s['samples']} samples, {s['rows']} rows, {s['parts']} parts"
+        line = (f"split    {split}: {s['samples']} samples, {s['rows']} rows, {s['parts']} parts, "
+                f"{s['bytes_per_row']:.1f} B/row")
         fid = (summary.get("fidelity") or {}).get(split)
         if fid:
             acc = fid.get("teacher_accuracy")

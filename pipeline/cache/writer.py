@@ -33,6 +33,7 @@ from zarr.codecs import ZstdCodec
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from pipeline import features, tasks
+from pipeline.cache import encoding as encodings
 from pipeline.cache.layout import (FEATURES, MANIFEST, ROW_GROUP_ROWS, SHARDS, SOFT_TARGETS, TEACHER_COPY, chunk_rows,
                                    chunks_sha256, feature_arrays, feature_path, lse_column, part_path, shard_record)
 from pipeline.cache.manifest import SCHEMA_VERSION, part_problem, read_manifest
@@ -56,7 +57,8 @@ class Teacher:
 
 
 def soft_targets(logits: torch.Tensor, top_k: int, temperatures: list[float], dtype: str) -> dict[str, np.ndarray]:
-    """The cache columns for a batch of logits (N, C): top-k of the max-shifted logits and lse per T."""
+    """The cache columns for a batch of logits (N, C): top-k of the max-shifted logits and lse per T
+    (as the `topk` encoding stores them; `encoding.encode` turns them into another's)."""
     logits = logits.float()
     logit_max = logits.max(dim=1).values
     shifted = logits - logit_max[:, None]
@@ -382,6 +384,8 @@ def _header(teacher: Teacher, num_classes: int, specs: list[dict[str, Any]], inp
         "top_k": cfg.top_k,
         "temperatures": list(cfg.temperatures),
         "logit_dtype": cfg.logit_dtype,
+        "encoding": encodings.header(cfg.encoding),
+        "schema_version": encodings.SCHEMA_VERSIONS[cfg.encoding],
         "features": specs,
         "views": {"count": cfg.views, "seed": cfg.view_seed, "recipe": view_recipe(cfg, cfg.view_shift)},
         "label": as_dict(cfg),
@@ -444,7 +448,8 @@ def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs
     first_row = int(offsets[first_sample])
     n_rows = int(offsets[last_sample]) - first_row
     rel = part_path(split, index)
-    schema = _schema(cfg, inputs.row_columns)
+    encoding = encodings.of(manifest)
+    schema = _schema(cfg, inputs.row_columns, manifest["num_classes"])
     specs = {s["name"]: s for s in manifest["features"]}
     group = zarr.open_group(store.zarr(FEATURES), mode="r+") if specs else None
     buffers = {name: _Rows(rows) for name, rows in info["chunk_rows"].items()}
@@ -453,10 +458,12 @@ def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs
     sums: dict[str, float] = {}
     correct = labeled = scored_rows = 0
     nll = 0.0  # the teacher's cross-entropy on the rows whose truth is known
+    error = 0.0  # the largest |decoded - computed| shifted logit written (compact)
     step = max(1, cfg.batch_size // per_sample)
     try:
         with store.writing(rel) as tmp, pq.ParquetWriter(tmp, schema, filesystem=store.fs, compression="zstd",
-                                                          write_statistics=False) as writer:
+                                                          write_statistics=False,
+                                                          **encodings.writer_options(encoding, schema)) as writer:
             for start in range(0, last_sample - first_sample, step):
                 stop = min(start + step, last_sample - first_sample)
                 batch = inputs.batch(model, rows, start, stop, specs)
@@ -464,7 +471,13 @@ def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs
                 if not torch.isfinite(logits).all():
                     bad = list(dict.fromkeys(batch.ids[~torch.isfinite(logits).all(1).numpy()].tolist()))[:5]
                     raise CacheError(f"teacher produced NaN or Inf logits on {split} ids {bad}")
-                cols = soft_targets(logits, cfg.top_k, cfg.temperatures, cfg.logit_dtype)
+                computed = soft_targets(logits, cfg.top_k, cfg.temperatures,
+                                        cfg.logit_dtype if encoding["name"] == "topk" else "float32")
+                stored = encodings.encode(computed, encoding)
+                # What a student will read: every statistic below is of the decoded values.
+                cols = dict(computed, **dict(zip(("topk_idx", "topk_logit"), encodings.decode(stored, encoding))))
+                if encoding["name"] != "topk":
+                    error = max(error, _largest_error(computed, cols))
                 scored = batch.scored
                 scored_rows += int(scored.sum())
                 for name, value in fidelity_sums(logits[torch.from_numpy(scored)],
@@ -477,7 +490,7 @@ def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs
                     correct += int((cols["topk_idx"][scored][:, 0] == truth)[truth >= 0].sum())
                     nll += float(torch.nn.functional.cross_entropy(
                         logits[torch.from_numpy(scored)][known], torch.from_numpy(truth)[known].long(), reduction="sum"))
-                soft.add(_table(schema, batch, cols), len(batch.ids))
+                soft.add(_table(schema, batch, {**cols, **stored}), len(batch.ids))
                 last = stop == last_sample - first_sample
                 if soft.ready(final=last):
                     writer.write_table(pa.concat_tables(soft.take()), row_group_size=ROW_GROUP_ROWS)
@@ -496,21 +509,33 @@ def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs
     part = {"split": split, "index": index, "path": rel, "first_row": first_row, "rows": n_rows,
             "bytes": store.size(rel), "sha256": store.sha256(rel), "labeled": labeled, "correct": correct,
             "scored": scored_rows, "nll": nll, "fidelity_sums": sums}
+    if encoding["name"] != "topk":
+        part["max_abs_error"] = error
     if specs:
         part["features"] = {name: chunks_sha256(store, manifest, split, name, first_row, n_rows)
                             for name in buffers}
     return part
 
 
-def _schema(cfg: LabelConfig, row_columns: tuple[str, ...] = ()) -> pa.Schema:
+def _largest_error(computed: dict[str, np.ndarray], decoded: dict[str, np.ndarray]) -> float:
+    """The largest |decoded - computed| shifted logit of a batch (rows matched by class id)."""
+    if not computed["topk_idx"].size:
+        return 0.0
+    order = np.argsort(decoded["topk_idx"], axis=1, kind="stable")
+    wanted = np.argsort(computed["topk_idx"], axis=1, kind="stable")
+    return float(np.abs(np.take_along_axis(decoded["topk_logit"], order, 1)
+                        - np.take_along_axis(computed["topk_logit"].astype(np.float32), wanted, 1)).max())
+
+
+def _schema(cfg: LabelConfig, row_columns: tuple[str, ...] = (), num_classes: int | None = None) -> pa.Schema:
     """The soft-target columns, after the task's own int32 row columns (`ROW_COLUMNS`: a token
-    row's `position`, a masked row's `input_token`)."""
+    row's `position`, a masked row's `input_token`); the top-k as `label.encoding` stores it
+    (compact: its id type needs `num_classes`)."""
     fields = [
         pa.field("id", pa.int64(), nullable=False),
         pa.field("view", pa.int32(), nullable=False),
         *[pa.field(name, pa.int32(), nullable=False) for name in row_columns],
-        pa.field("topk_idx", pa.list_(pa.int32(), cfg.top_k), nullable=False),
-        pa.field("topk_logit", pa.list_(pa.from_numpy_dtype(np.dtype(cfg.logit_dtype)), cfg.top_k), nullable=False),
+        *encodings.fields(encodings.header(cfg.encoding), cfg.top_k, cfg.logit_dtype, num_classes),
         pa.field("logit_max", pa.float32(), nullable=False),
     ]
     fields += [pa.field(lse_column(t), pa.float32(), nullable=False) for t in cfg.temperatures]
@@ -524,11 +549,9 @@ def _table(schema: pa.Schema, batch: tasks.Batch, cols: dict[str, np.ndarray]) -
         arrays.append(pa.array(batch.position, pa.int32()))
     if batch.input_token is not None:
         arrays.append(pa.array(batch.input_token, pa.int32()))
-    arrays += [
-        pa.FixedSizeListArray.from_arrays(pa.array(cols["topk_idx"].reshape(-1)), k),
-        pa.FixedSizeListArray.from_arrays(pa.array(cols["topk_logit"].reshape(-1)), k),
-        pa.array(cols["logit_max"], pa.float32()),
-    ]
+    arrays += [pa.FixedSizeListArray.from_arrays(pa.array(cols[f.name].reshape(-1), f.type.value_type), k)
+               for f in schema if f.name.startswith("topk_")]
+    arrays.append(pa.array(cols["logit_max"], pa.float32()))
     arrays += [pa.array(cols[f.name], pa.float32()) for f in schema if f.name.startswith("lse_")]
     return pa.Table.from_arrays(arrays, schema=schema)
 
@@ -552,4 +575,7 @@ def _finish(manifest: dict[str, Any]) -> None:
         stats["teacher_loss"] = sum(p["nll"] for p in info["parts"]) / labeled if labeled else None
         fidelity[split] = stats
     manifest["fidelity"] = fidelity
+    if encodings.of(manifest)["name"] != "topk":
+        manifest["encoding"]["max_abs_error"] = max(p["max_abs_error"] for i in manifest["splits"].values()
+                                                    for p in i["parts"])
     manifest["complete"] = True

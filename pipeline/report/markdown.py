@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
+from pipeline.cache import encoding as encodings
 from pipeline.cache.layout import lse_column
 from pipeline.report.results import Report
 from pipeline.report.scores import Score, fmt, points, signed
@@ -63,6 +64,12 @@ def _change(row: dict[str, Any], prefix: str, words: Callable[..., str] = points
     return words(row[f"{prefix}_mean"], row[f"{prefix}_std"])
 
 
+def _stored_as(manifest: dict[str, Any]) -> str:
+    """How the cache stores its top-k logits: the float dtype, or the compact encoding."""
+    encoding = encodings.of(manifest)
+    return manifest.get("logit_dtype") if encoding["name"] == "topk" else encodings.describe(encoding)
+
+
 def _kept_mass(manifest: dict[str, Any]) -> str:
     """Per cached temperature, the mean probability mass the top-k keeps on each split (test
     first) and, where recorded, the KL from the full distribution to the cached one on test."""
@@ -111,7 +118,7 @@ def render(report: Report, manifest: dict[str, Any], cache_root: Any) -> str:
         f"parameters, {score.name} {fmt(first.get(score.teacher_key), score.fmt)} "
         f"(fingerprint `{str(teacher.get('fingerprint', '?'))[:12]}`).",
         f"Cache `{cache_root}`: {score.rows(manifest)}, the teacher's top-{top_k} of {score.classes(manifest)} "
-        f"logits per row ({manifest.get('logit_dtype')}), temperatures {manifest.get('temperatures')}.",
+        f"logits per row ({_stored_as(manifest)}), temperatures {manifest.get('temperatures')}.",
         f"Mean probability mass the top-{top_k} keeps: {_kept_mass(manifest)}.",
         "",
         f"Each student is compared with its twin: the same architecture, seed and budget, {score.twin}. Speed is "
