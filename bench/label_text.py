@@ -7,7 +7,7 @@ The teacher stands in for a downloaded checkpoint: a Llama built from a config (
 wide, random weights: weights do not change the cost of a forward pass) with a byte-level BPE
 of 4,096 entries trained by `tokenizers` on pydoc, saved with `save_pretrained` in shards and
 loaded from that directory by `kd label`'s own loader. pydoc is prepared with that tokenizer
-(`prepare.tokenizer`) in blocks of 128 tokens. Two forms over the same blocks (every split) and batches,
+(`prepare.tokenizer`) in blocks of 128 tokens, 300 of them (`BLOCKS`). Two forms over the same blocks (every split) and batches,
 timed side by side in interleaved rounds, one torch thread:
 - `bare_forward`: the teacher's forward over every batch of blocks (`model(input_ids).logits`),
   nothing kept;
@@ -40,6 +40,7 @@ from pipeline.sources import text as text_source  # noqa: E402
 from pipeline.tasks import causal_lm  # noqa: E402
 
 ROUNDS = 5
+BLOCKS = (150, 100, 50)  # labeled, unlabeled, test: 300 blocks, 38,100 predicted tokens
 LLAMA = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
          "num_key_value_heads": 4, "max_position_embeddings": 128, "tie_word_embeddings": True}
 
@@ -69,7 +70,8 @@ def main() -> None:
         root = Path(tmp)
         make_teacher(root / "llama")
         text_source.prepare(PrepareConfig(dataset="pydoc", tokenizer=str(root / "llama"), block_size=128,
-                                          labeled=None, unlabeled=None, test=None, shares=Shares()), root / "prepared")
+                                          labeled=BLOCKS[0], unlabeled=BLOCKS[1], test=BLOCKS[2], shares=Shares()),
+                            root / "prepared")
         teacher = causal_lm.load_teacher(root / "llama", dtype="float32", device="cpu")
         cfg = LabelConfig(top_k=32, temperatures=[1.0], batch_size=4096)
         splits = [torch.from_numpy(text.read_blocks(root / "prepared" / f"{s}.parquet")[1])

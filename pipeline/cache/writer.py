@@ -79,8 +79,10 @@ def fidelity_sums(logits: torch.Tensor, cols: dict[str, np.ndarray], temperature
     """Per-row sums for the fidelity statistics of one batch (view-0 rows only).
 
     kept mass = sum of the cached top-k probabilities; KL(full || cached) compares the
-    teacher's full softmax with the cached top-k probabilities plus the tail mass spread
-    evenly over the other classes (the least-informative completion of what is kept).
+    teacher's full softmax p with the cached top-k probabilities q plus the tail mass spread
+    evenly over the other classes (the least-informative completion of what is kept). In
+    closed form, without building q over the vocabulary: KL = sum p log p - sum_kept p log q -
+    (1 - sum_kept p) log(tail / (C - k)), where sum p log p = sum p z / T - logsumexp(z / T).
     """
     z = logits.float()
     num_classes = z.shape[1]
@@ -90,15 +92,17 @@ def fidelity_sums(logits: torch.Tensor, cols: dict[str, np.ndarray], temperature
     sums: dict[str, float] = {}
     for t in temperatures:
         lse = torch.tensor(cols[lse_column(t)])
-        p_full = torch.softmax(z / float(t), dim=1)
-        p_kept = torch.exp(kept_logit / float(t) - lse[:, None])
-        kept = p_kept.sum(1)
-        tail = (1 - kept).clamp(min=0)
-        approx = torch.full_like(p_full, 0.0)
+        scaled = z / float(t)
+        full_lse = torch.logsumexp(scaled, dim=1)
+        p_full = scaled.sub_(full_lse[:, None]).exp_()  # the one (N, C) buffer: z / T, then p
+        neg_entropy = torch.einsum("nc,nc->n", p_full, z) / float(t) - full_lse
+        log_q = kept_logit / float(t) - lse[:, None]  # the cached top-k log-probabilities
+        kept = torch.exp(log_q).sum(1)
+        p_at_kept = p_full.gather(1, idx)
+        kl = neg_entropy - (p_at_kept * log_q).sum(1)
         if k < num_classes:
-            approx += (tail / (num_classes - k))[:, None]
-        approx.scatter_(1, idx, p_kept)
-        kl = torch.xlogy(p_full, p_full).sum(1) - torch.xlogy(p_full, approx.clamp(min=1e-30)).sum(1)
+            tail = ((1 - kept).clamp(min=0) / (num_classes - k)).clamp(min=1e-30)
+            kl -= (1 - p_at_kept.sum(1)).clamp(min=0) * torch.log(tail)
         name = lse_column(t).removeprefix("lse_")
         sums[f"kept_mass_{name}"] = float(kept.sum())
         sums[f"kl_{name}"] = float(kl.clamp(min=0).sum())
