@@ -85,25 +85,7 @@ class Inputs:
         return self.predicted[split].sum(1).astype(np.int64)
 
     def check_teacher(self, teacher: Teacher, prepared: Path) -> None:
-        """Refuse a teacher that would read these ids as other tokens: data prepared with another
-        tokenizer (whatever the two vocabulary sizes), or an id past its vocabulary."""
-        tokenizer = teacher.config.get("tokenizer")
-        if tokenizer is None:
-            raise InputError(f"{teacher.directory}: not a language model (no tokenizer beside it); the text in "
-                             f"{prepared} needs one")
-        for split, info in self.infos.items():
-            if info["tokenizer_sha256"] != tokenizer["sha256"]:
-                raise InputError(f"{prepared / f'{split}.parquet'}: prepared with another tokenizer than the "
-                                 f"teacher's: {prepared_tokenizer_name(info)} vs the teacher's "
-                                 f"{teacher.directory} (sha256 {tokenizer['sha256'][:12]}, vocabulary "
-                                 f"{tokenizer['vocab_size']}); run `kd prepare` with prepare.tokenizer: "
-                                 f"{teacher.directory}")
-        vocab = teacher.config["vocab_size"]
-        for split in self.infos:
-            largest = text.max_token(prepared / f"{split}.parquet")
-            if largest >= vocab:
-                raise InputError(f"{prepared / f'{split}.parquet'}: token id {largest} is outside the teacher's "
-                                 f"vocabulary of {vocab} ids ({teacher.directory})")
+        check_teacher(teacher, prepared, self.infos)
 
     def header(self) -> dict[str, Any]:
         info = self.infos["labeled"]
@@ -145,6 +127,29 @@ class Inputs:
         return Batch(np.repeat(ids, counts), np.zeros(int(counts.sum()), dtype=np.int32),
                      np.nonzero(keep)[1].astype(np.int32), logits, feats, tokens[:, 1:].numpy()[keep],
                      np.ones(int(counts.sum()), dtype=bool))
+
+
+def check_teacher(teacher: Teacher, prepared: Path, infos: dict[str, dict[str, Any]]) -> None:
+    """Refuse a teacher that would read the ids of these prepared splits (`text.split_info` by
+    name) as other tokens: data prepared with another tokenizer (whatever the two vocabulary
+    sizes), or an id past its vocabulary."""
+    tokenizer = teacher.config.get("tokenizer")
+    if tokenizer is None:
+        raise InputError(f"{teacher.directory}: not a language model (no tokenizer beside it); the text in "
+                         f"{prepared} needs one")
+    for split, info in infos.items():
+        if info["tokenizer_sha256"] != tokenizer["sha256"]:
+            raise InputError(f"{prepared / f'{split}.parquet'}: prepared with another tokenizer than the "
+                             f"teacher's: {prepared_tokenizer_name(info)} vs the teacher's "
+                             f"{teacher.directory} (sha256 {tokenizer['sha256'][:12]}, vocabulary "
+                             f"{tokenizer['vocab_size']}); run `kd prepare` with prepare.tokenizer: "
+                             f"{teacher.directory}")
+    vocab = teacher.config["vocab_size"]
+    for split in infos:
+        largest = text.max_token(prepared / f"{split}.parquet")
+        if largest >= vocab:
+            raise InputError(f"{prepared / f'{split}.parquet'}: token id {largest} is outside the teacher's "
+                             f"vocabulary of {vocab} ids ({teacher.directory})")
 
 
 def device_of(model: nn.Module) -> torch.device:

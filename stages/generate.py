@@ -1,0 +1,59 @@
+"""`kd generate`: the teacher answers the prompts of a prepared split (teacher-written responses).
+
+Reads a causal LM teacher directory and a prepared instruction directory (`--prepared IN`);
+writes `--out OUT`, a prepared directory of the same format whose `generate.split` (the
+unlabeled one by default) holds the teacher's responses, plus `generation.json` (the teacher's
+fingerprint, the settings, what was kept) and `parts/` (the resume step). `kd label --prepared
+OUT` then caches the teacher's per-token soft targets over those responses. Resumes an
+interrupted run at the first missing part; an intact OUT of the same teacher, data and
+settings is left as is. Reads only the `generate` section of params.yaml; the work is in
+`pipeline.generate`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipeline import generate
+from pipeline.config import GenerateConfig, section
+from pipeline.tasks import causal_lm
+from stages.common import PARAMS_OPTION, clean_errors, override
+
+
+@clean_errors
+def main(
+    split: Optional[str] = typer.Option(None, help="The split whose prompts the teacher answers (default: unlabeled)."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Most tokens per response, its eos included."),
+    do_sample: Optional[bool] = typer.Option(None, "--do-sample/--greedy", help="Sample (temperature, top_p) or "
+                                             "take the most likely token."),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature."),
+    top_p: Optional[float] = typer.Option(None, help="Sampling: keep the smallest set of tokens holding this mass."),
+    samples: Optional[int] = typer.Option(None, help="Responses per prompt (more than 1 needs --do-sample)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the draws (with each example's id and sample index)."),
+    batch_size: Optional[int] = typer.Option(None, help="Prompts per batched forward."),
+    part_size: Optional[int] = typer.Option(None, help="Prompts per part file (the resume step)."),
+    min_logprob: Optional[float] = typer.Option(None, help="Keep a response only if its mean token "
+                                                "log-probability under the teacher is at least this."),
+    dtype: Optional[str] = typer.Option(None, help="The teacher's dtype: auto, float32, bfloat16 or float16."),
+    device: Optional[str] = typer.Option(None, help="Where the teacher runs: auto, cpu or cuda."),
+    teacher: Path = typer.Option(Path("data/teacher"), help="A causal LM directory (transformers) with its tokenizer."),
+    prepared: Path = typer.Option(Path("data/prepared"), help="Prepared instruction data whose prompts are answered."),
+    out: Path = typer.Option(Path("data/generated"), help="Directory to write: the same splits, one answered."),
+    params: Path = PARAMS_OPTION,
+    progress: bool = typer.Option(True, help="Show a progress bar (responses, tokens/s)."),
+) -> None:
+    """Answer the prompts of a prepared split with the teacher (defaults: params.yaml `generate`)."""
+    cfg = section(params, "generate", GenerateConfig)
+    cfg = override(cfg, split=split, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                   top_p=top_p, samples=samples, seed=seed, batch_size=batch_size, part_size=part_size,
+                   min_logprob=min_logprob, dtype=dtype, device=device)
+    loaded = causal_lm.load_teacher(teacher, dtype=cfg.dtype, device=cfg.device)
+    manifest = generate.run(loaded, prepared, out, cfg, progress=progress)
+    r = manifest["responses"]
+    typer.echo(f"{cfg.split:<9} {r['kept']:>7} of {r['responses']} responses kept ({r['prompts']} prompts, "
+               f"{r['finished']} ended with eos, {r['filtered']} under min_logprob, mean log-probability "
+               f"{r['mean_logprob']:.3f})  -> {out / f'{cfg.split}.parquet'}")
+    typer.echo(f"teacher   greedy exact match on test {manifest['teacher_exact_match']:.4f}  -> {out / generate.MANIFEST}")
