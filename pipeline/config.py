@@ -62,7 +62,7 @@ class PrepareConfig:
     labeled: int | None = 1000
     unlabeled: int | None = 3000
     test: int | None = 1000
-    samples: int = 5000  # mnist1d only: how many digits to generate
+    samples: int = 5000  # mnist1d and addition only: how many digits (sums) to generate
     seed: int = 0
     # text only (pydoc, a .txt file, a Parquet file with a text column); image datasets ignore them
     text_column: str = "text"  # the Parquet column (or JSON Lines field) holding one document per row

@@ -19,12 +19,14 @@ on the batch it was drawn in, nor on how the run was cut into parts or interrupt
     tokenizer files                       IN's, copied
     generation.json                       the manifest: the teacher, the source, the settings,
                                           the parts with their sha256, what was kept and why,
-                                          and the teacher's greedy exact match on test
+                                          how many answers equal the responses the source
+                                          split held (`same_as_source`: the truth, where it is
+                                          known), and the teacher's greedy exact match on test
     parts/part-<n>.parquet                every response of prompts [n * part_size, ...): `id`
                                           (the prompt's block), `sample`, `response` (tokens),
                                           `logprob` (the mean log-probability of its tokens
                                           under the teacher, at temperature 1), `finished`
-                                          (ended with eos); parts/key.json: what decides them
+                                          (ended with eos); parts/_key.json: what decides them
 
 Resuming: the parts are written one by one (atomically) with the key that decides them; a run
 killed at any point starts again at the first missing part, and the final files are built
@@ -244,7 +246,7 @@ def run(teacher: Teacher, prepared: Path, out: Path, cfg: GenerateConfig, *, pro
                           "LM teacher (one that writes text left to right)")
     causal_lm.check_teacher(teacher, prepared, infos)
     source = prepared / f"{cfg.split}.parquet"
-    ids, prompts, _ = prompts_and_responses(source)
+    ids, prompts, given = prompts_and_responses(source)
     key = generation_key(teacher, source, cfg)
     done = _up_to_date(out, key, cfg)
     if done is not None:
@@ -269,7 +271,7 @@ def run(teacher: Teacher, prepared: Path, out: Path, cfg: GenerateConfig, *, pro
     _, test_prompts, test_truths = prompts_and_responses(prepared / "test.parquet")
     found = answers(model, test_prompts, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                     block_size=infos["test"]["block_size"], pad=pad, eos=eos)
-    return _assemble(teacher, prepared, out, cfg, key, splits, ids, prompts, counts, pad,
+    return _assemble(teacher, prepared, out, cfg, key, splits, ids, prompts, given, counts, pad,
                      exact_match(found, test_truths))
 
 
@@ -337,9 +339,11 @@ def _claim(out: Path, key: dict[str, Any]) -> None:
 
 
 def _assemble(teacher: Teacher, prepared: Path, out: Path, cfg: GenerateConfig, key: dict[str, Any],
-              splits: list[str], ids: np.ndarray, prompts: list[list[int]], counts: list[int], pad: int,
-              teacher_exact_match: float) -> dict[str, Any]:
-    """Build the finished directory aside from the parts and swap it in."""
+              splits: list[str], ids: np.ndarray, prompts: list[list[int]], given: list[list[int]],
+              counts: list[int], pad: int, teacher_exact_match: float) -> dict[str, Any]:
+    """Build the finished directory aside from the parts and swap it in. `given`: the responses
+    the source split held (the truth, for a split whose answers are known), to count how many
+    answers equal them."""
     tables = [pq.read_table(out / _part(i)) for i in range(len(counts))]
     parts = [{"index": i, "prompts": counts[i], "responses": t.num_rows, "sha256": file_sha256(out / _part(i))}
              for i, t in enumerate(tables)]
@@ -371,6 +375,9 @@ def _assemble(teacher: Teacher, prepared: Path, out: Path, cfg: GenerateConfig, 
                "mean_logprob": float(np.mean(logprob[np.isfinite(logprob)])) if np.isfinite(logprob).any() else None,
                "kept_mean_logprob": float(np.mean(logprob[kept])) if kept.any() else None,
                "samples": int(samples.max(initial=-1) + 1)}
+    same = np.array([r == given[row // cfg.samples] for row, r in enumerate(responses)], bool)
+    summary |= {"same_as_source": float(same.mean()) if len(same) else None,  # the source split's responses
+                "kept_same_as_source": float(same[kept].mean()) if kept.any() else None}
     with replacing(out) as tmp:
         for path in text.tokenizer_files(prepared):
             shutil.copyfile(path, tmp / path.name)

@@ -53,7 +53,8 @@ def main(
     loaded = causal_lm.load_teacher(teacher, dtype=cfg.dtype, device=cfg.device)
     manifest = generate.run(loaded, prepared, out, cfg, progress=progress)
     r = manifest["responses"]
+    same = "" if r["same_as_source"] is None else f", {100 * r['same_as_source']:.1f}% the same as the source's"
     typer.echo(f"{cfg.split:<9} {r['kept']:>7} of {r['responses']} responses kept ({r['prompts']} prompts, "
                f"{r['finished']} ended with eos, {r['filtered']} under min_logprob, mean log-probability "
-               f"{r['mean_logprob']:.3f})  -> {out / f'{cfg.split}.parquet'}")
+               f"{r['mean_logprob']:.3f}{same})  -> {out / f'{cfg.split}.parquet'}")
     typer.echo(f"teacher   greedy exact match on test {manifest['teacher_exact_match']:.4f}  -> {out / generate.MANIFEST}")

@@ -10,12 +10,14 @@ progressive.csv: through an assistant vs directly), replaced as a whole; see `pi
 The students are those of params.yaml's student sections (every trained student under
 --students-dir when there is no params file); each must have been through `kd eval`.
 On a language model's cache (`--cache data/text/teacher_outputs`) the score is test
-perplexity or masked-token accuracy instead of test accuracy, with loss by position.
+perplexity or masked-token accuracy instead of test accuracy, with loss by position; with
+`--score exact_match` (instruction data) the exact match of the students' greedy answers.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -32,10 +34,12 @@ def main(
     params: Path = PARAMS_OPTION,
     cache: str = typer.Option("data/teacher_outputs", help="Cache written by `kd label` (for the intro; a directory or s3://bucket/prefix)."),
     assistants: Path = typer.Option(Path("data/assistants"), help="Teacher assistants written by `kd assistants`."),
+    score: Optional[str] = typer.Option(None, help="Rank by this metrics key instead of the task's own score "
+                                        "(causal LMs on instruction data: exact_match)."),
 ) -> None:
     """Write report.md, leaderboard.csv, the tables and plots over every evaluated student."""
     names = student_names(params) if params.is_file() else None
-    summary = write_report(students_dir, out, Cache.open(cache).manifest, cache, names, assistants)
+    summary = write_report(students_dir, out, Cache.open(cache).manifest, cache, names, assistants, score)
     skipped = sorted(set(student_dirs(students_dir)) - set(summary["students"]))
     if skipped:
         typer.echo(f"not in {params}, left out: {', '.join(skipped)}")

@@ -198,7 +198,10 @@ KILL_GENERATE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("after", [3, 4])  # 3: mid part 2 (batches of 4 in parts of 5); 4: right after it
+@pytest.mark.parametrize("after", [  # parts of 5 prompts x 2 samples: 3 batches each
+    3,  # right after part 0 is written
+    pytest.param(4, marks=pytest.mark.slow),  # mid part 1
+])
 def test_generate_killed_with_sigkill_resumes_to_a_byte_identical_output(world, tmp_path, after, child_env):
     out = tmp_path / "gen"
     args = [str(a) for a in gen_args(world, out, "--do-sample", "--samples", 2)]
@@ -250,3 +253,70 @@ def test_refusals_are_one_line(world, tmp_path):
 def test_generate_config_is_checked(fields, message):
     with pytest.raises(ConfigError, match=message):
         GenerateConfig(**fields)
+
+
+def test_addition_is_built_in_instruction_data_made_from_the_seed(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("{}\n")
+    args = ["--dataset", "addition", "--samples", 300, "--vocab-size", 259, "--block-size", 12, "--labeled", 20,
+            "--unlabeled", 100, "--test", 50, "--shares", '{"labeled": 0.1, "unlabeled": 0.6, "test": 0.3}',
+            "--params", params]
+    ok(invoke(prepare.main, *args, "--out", tmp_path / "a"))
+    ok(invoke(prepare.main, *args, "--out", tmp_path / "b"))
+    for split in ("labeled", "unlabeled", "test"):
+        assert (tmp_path / "a" / f"{split}.parquet").read_bytes() == (tmp_path / "b" / f"{split}.parquet").read_bytes()
+    tokenizer = text.prepared_tokenizer(tmp_path / "a")
+    seen = set()
+    for split, count in (("labeled", 20), ("unlabeled", 100), ("test", 50)):
+        _, prompts, responses = generate.prompts_and_responses(tmp_path / "a" / f"{split}.parquet")
+        assert len(prompts) == count
+        for prompt, response in zip(prompts, responses):
+            assert prompt[0] == tokenizer.special.eos and response[-1] == tokenizer.special.eos
+            question, answer = tokenizer.backend.decode(prompt[1:]), tokenizer.backend.decode(response[:-1])
+            a, b = question.removesuffix("=").split("+")
+            assert question.endswith("=") and int(answer) == int(a) + int(b) < 200 and len(response) <= 4
+            assert question not in seen  # distinct sums, a sum in one split only
+            seen.add(question)
+    ok(invoke(prepare.main, *args[:-2], "--seed", 1, "--params", params, "--out", tmp_path / "c"))
+    assert (tmp_path / "c" / "test.parquet").read_bytes() != (tmp_path / "a" / "test.parquet").read_bytes()
+    result = invoke(prepare.main, *args, "--prompt-column", "q", "--response-column", "a", "--out", tmp_path / "d",
+                    expect=1)
+    assert "the built-in addition dataset has its own prompts" in result.output
+
+
+def test_students_of_teacher_answers_report_exact_match_over_seeds(world, tmp_path):
+    """A student on the teacher's answers: eval scores the greedy answers of the student, its twin
+    (every seed) and the teacher (kd generate's figure); the report ranks by exact match."""
+    from stages import distill, report
+    from stages import eval as evaluate
+
+    ok(invoke(label.main, *hf_label_args(world, world / "llama", world / "gen", tmp_path / "cache")))
+    (tmp_path / "params.yaml").write_text(json.dumps({"gen_students": {"s": {
+        "arch": "llama", "arch_kwargs": {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
+                                         "num_key_value_heads": 1, "intermediate_size": 64},
+        "epochs": 1, "batch_size": 8, "repeats": 2, "transfer": ["labeled", "unlabeled"],
+        "loss": {"soft": {"weight": 0.5, "temperature": 1}, "hard": {"weight": 0.5, "labels": True}}}}}))
+    common = ["--params", tmp_path / "params.yaml", "--cache", tmp_path / "cache", "--prepared", world / "gen",
+              "--students-dir", tmp_path / "students"]
+    ok(invoke(distill.main, "s", *common, "--baselines", tmp_path / "baselines", "--checkpoints", tmp_path / "ck",
+              "--no-progress"))
+    ok(invoke(evaluate.main, "s", *common))
+    metrics = json.loads((tmp_path / "students" / "s" / "metrics.json").read_text())
+    _, prompts, truths = generate.prompts_and_responses(world / "gen" / "test.parquet")
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "students" / "s").eval()
+    answered = [naive_answer(student, p, BLOCK - len(p), 1) for p in prompts]
+    assert metrics["exact_match"] == pytest.approx(np.mean([a == t for a, t in zip(answered, truths)]))
+    manifest = json.loads((world / "gen" / generate.MANIFEST).read_text())
+    assert metrics["teacher_exact_match"] == manifest["teacher_exact_match"]
+    assert metrics["seeds"] == 2 and {"exact_match_mean", "exact_match_std", "baseline_exact_match_mean",
+                                      "exact_match_gain_points_mean"} <= set(metrics)
+    seeds = (tmp_path / "students" / "s" / "plots" / "seeds.csv").read_text().splitlines()
+    assert seeds[0] == "seed,student,baseline,student_exact_match,baseline_exact_match" and len(seeds) == 3
+    ok(invoke(report.main, "--params", tmp_path / "params.yaml", "--cache", tmp_path / "cache", "--students-dir",
+              tmp_path / "students", "--out", tmp_path / "report", "--score", "exact_match"))
+    header = (tmp_path / "report" / "leaderboard.csv").read_text().splitlines()[0].split(",")
+    assert header[4:8] == ["exact_match", "baseline_exact_match", "teacher_exact_match", "exact_match_gain_points"]
+    assert "test exact match" in (tmp_path / "report" / "report.md").read_text()
+    result = invoke(report.main, "--params", tmp_path / "params.yaml", "--cache", tmp_path / "cache",
+                    "--students-dir", tmp_path / "students", "--out", tmp_path / "report2", "--score", "bleu", expect=1)
+    assert "--score: 'bleu' is not a score of causal_lm students (perplexity, exact_match)" in result.output
