@@ -79,7 +79,8 @@ def case(name: str, params: Path, prompt_tokens: tuple[int, int], new_tokens: in
     return {"case": name, "arch": cfg.arch, "arch_kwargs": cfg.arch_kwargs, "vocab_size": vocab, "batch": batch,
             "prompt_tokens": list(prompt_tokens), "new_tokens": new_tokens,
             "tokens_per_s": {side: written / statistics.median(s) for side, s in seconds.items()},
-            "seconds": seconds, "speedup": statistics.median(ratios), "same_tokens": tokens["kv_cache"] == tokens["naive"]}
+            "seconds": seconds, "speedup": statistics.median(ratios),
+            "same_tokens": tokens["kv_cache"] == tokens["naive"]}
 
 
 def main(repeats: int = 3, threads: int = 1, out: Path = REPO / "bench/results_generate.json") -> None:

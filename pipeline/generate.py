@@ -324,7 +324,8 @@ def _claim(out: Path, key: dict[str, Any]) -> None:
     """Make `out` ready to resume with this key: parts of another key are removed. A directory
     kd generate did not write is refused, not emptied."""
     if out.exists() and any(out.iterdir()) and not (out / KEY).is_file() and not (out / MANIFEST).is_file():
-        raise ConfigError(f"--out: {out} holds files kd generate did not write ({', '.join(sorted(p.name for p in out.iterdir())[:4])}); "
+        found = ", ".join(sorted(p.name for p in out.iterdir())[:4])
+        raise ConfigError(f"--out: {out} holds files kd generate did not write ({found}); "
                           "choose another directory or remove it")
     if (out / KEY).is_file():
         try:

@@ -169,7 +169,8 @@ def test_min_logprob_keeps_the_confident_responses_from_the_same_parts(world, tm
     source_ids = text.read_blocks(world / "prepared" / "unlabeled.parquet")[0]
     assert np.array_equal(ids, source_ids[logprob >= threshold]) and 0 < len(ids) < len(source_ids)
     manifest = json.loads((out / generate.MANIFEST).read_text())
-    assert manifest["responses"]["filtered"] == int((logprob < threshold).sum()) and "under min_logprob" in result.output
+    assert manifest["responses"]["filtered"] == int((logprob < threshold).sum())
+    assert "under min_logprob" in result.output
     assert manifest["responses"]["kept_mean_logprob"] >= manifest["responses"]["mean_logprob"]
 
 

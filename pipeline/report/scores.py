@@ -175,8 +175,9 @@ ALTERNATIVES: dict[tuple[str, str], Score] = {
         called="text report",
         rows=_causal_rows, classes=lambda manifest: manifest.get("text", {}).get("vocab_size"),
         twin="trained on the same responses alone (the next-token loss)",
-        keeps=lambda m: (f"exact match {m['exact_match']:.4f}" + (f" against the teacher's {m['teacher_exact_match']:.4f}"
-                                                                  if m.get("teacher_exact_match") is not None else "")),
+        keeps=lambda m: (f"exact match {m['exact_match']:.4f}"
+                         + (f" against the teacher's {m['teacher_exact_match']:.4f}"
+                            if m.get("teacher_exact_match") is not None else "")),
         versus="{change} points over its twin's {twin}: the same student on the same responses alone, same budget",
         over_seeds=" Over {n} seeds: exact match {score}, {change} points over the twins."),
 }
@@ -190,5 +191,6 @@ def score_for(task: str, key: str | None = None) -> Score:
         from pipeline.errors import ConfigError
 
         others = [k for t, k in ALTERNATIVES if t == task]
-        raise ConfigError(f"--score: {key!r} is not a score of {task} students ({', '.join([SCORES[task].key, *others])})")
+        raise ConfigError(f"--score: {key!r} is not a score of {task} students "
+                          f"({', '.join([SCORES[task].key, *others])})")
     return ALTERNATIVES[(task, key)]
