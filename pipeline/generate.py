@@ -35,6 +35,10 @@ result or the new one. A complete OUT with the same key is left as is. `min_logp
 response only if its mean token log-probability is at least this) is applied when the split is
 assembled: changing it rewrites the split from the same parts, without generating again.
 
+Sharded (`kd generate --shard I --num-shards N`, or RANK / WORLD_SIZE under torchrun): shard I
+answers parts I, I + N, ...; the shard that finds every part written assembles OUT, which is
+then byte for byte what one process writes.
+
 With `samples` > 1 a prompt gets several blocks; their ids are then new: one past the largest
 id of IN's splits, plus prompt index * samples + sample index (with 1 sample, a block keeps its
 prompt's id).
@@ -42,14 +46,16 @@ prompt's id).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -229,9 +235,16 @@ def generation_key(teacher: Teacher, source: Path, cfg: GenerateConfig) -> dict[
             "torch": torch.__version__.split("+")[0]}
 
 
-def run(teacher: Teacher, prepared: Path, out: Path, cfg: GenerateConfig, *, progress: bool = True) -> dict[str, Any]:
+def run(teacher: Teacher, prepared: Path, out: Path, cfg: GenerateConfig, *, progress: bool = True,
+        shard: int = 0, num_shards: int = 1) -> dict[str, Any] | None:
     """`kd generate`: answer the prompts of `cfg.split` of `prepared` into `out` (see the module's
-    docstring); resumes part by part. Returns the manifest."""
+    docstring); resumes part by part. Returns the manifest.
+
+    With `num_shards` > 1, only parts shard, shard + N, ... are answered; the shard that finds
+    every part written assembles `out` (exactly what one process writes), the others return None.
+    Shards take turns (a lock file beside `out`) to claim `out` and to assemble it."""
+    if not 0 <= shard < num_shards:
+        raise ConfigError(f"--shard {shard} must be in [0, {num_shards}) for --num-shards {num_shards}")
     prepared, out = Path(prepared), Path(out)
     if prepared.resolve() == out.resolve():
         raise ConfigError(f"--out: {out} is the prepared directory itself; write the teacher's responses to "
@@ -251,14 +264,18 @@ def run(teacher: Teacher, prepared: Path, out: Path, cfg: GenerateConfig, *, pro
     done = _up_to_date(out, key, cfg)
     if done is not None:
         return done
-    _claim(out, key)
+    with _locked(out):
+        _claim(out, key)
     pad, eos = special_of(prepared)
     block_size = infos[cfg.split]["block_size"]
     model = teacher.model.eval()
     counts = [min(cfg.part_size, len(ids) - start) for start in range(0, len(ids), cfg.part_size)]
-    missing = [i for i in range(len(counts)) if not (out / _part(i)).is_file()]
-    bar = tqdm(total=len(ids) * cfg.samples, initial=(len(ids) - sum(counts[i] for i in missing)) * cfg.samples,
-               unit="resp", desc="kd generate", disable=not progress)
+    mine = list(range(len(counts)))[shard::num_shards]
+    missing = [i for i in mine if not (out / _part(i)).is_file()]
+    total = sum(counts[i] for i in mine)
+    bar = tqdm(total=total * cfg.samples, initial=(total - sum(counts[i] for i in missing)) * cfg.samples,
+               unit="resp", desc=f"kd generate (shard {shard} of {num_shards})" if num_shards > 1 else "kd generate",
+               disable=not progress)
     started, generated = time.perf_counter(), 0
     for index in missing:
         first = index * cfg.part_size
@@ -268,11 +285,29 @@ def run(teacher: Teacher, prepared: Path, out: Path, cfg: GenerateConfig, *, pro
         generated += tokens
         bar.set_postfix_str(f"{generated / max(time.perf_counter() - started, 1e-9):.0f} tok/s")
     bar.close()
-    _, test_prompts, test_truths = prompts_and_responses(prepared / "test.parquet")
-    found = answers(model, test_prompts, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                    block_size=infos["test"]["block_size"], pad=pad, eos=eos)
-    return _assemble(teacher, prepared, out, cfg, key, splits, ids, prompts, given, counts, pad,
-                     exact_match(found, test_truths))
+    if not all((out / _part(i)).is_file() for i in range(len(counts))):
+        return None  # other shards are still answering: the last one to finish assembles
+    with _locked(out):
+        done = _up_to_date(out, key, cfg)  # another shard assembled while this one waited
+        if done is not None:
+            return done
+        _, test_prompts, test_truths = prompts_and_responses(prepared / "test.parquet")
+        found = answers(model, test_prompts, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                        block_size=infos["test"]["block_size"], pad=pad, eos=eos)
+        return _assemble(teacher, prepared, out, cfg, key, splits, ids, prompts, given, counts, pad,
+                         exact_match(found, test_truths))
+
+
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Take turns with the other shards (a blocking lock on `.<out>.lock` beside `out`)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _answer_part(model: nn.Module, ids: np.ndarray, prompts: list[list[int]], cfg: GenerateConfig, block_size: int,

@@ -6,12 +6,14 @@ unlabeled one by default) holds the teacher's responses, plus `generation.json` 
 fingerprint, the settings, what was kept) and `parts/` (the resume step). `kd label --prepared
 OUT` then caches the teacher's per-token soft targets over those responses. Resumes an
 interrupted run at the first missing part; an intact OUT of the same teacher, data and
-settings is left as is. Reads only the `generate` section of params.yaml; the work is in
+settings is left as is. Sharded like `kd label`: `--shard I --num-shards N` (or RANK /
+WORLD_SIZE under torchrun) answers every N-th part; the last shard to finish writes OUT. Reads only the `generate` section of params.yaml; the work is in
 `pipeline.generate`.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -42,6 +44,10 @@ def main(
     teacher: Path = typer.Option(Path("data/teacher"), help="A causal LM directory (transformers) with its tokenizer."),
     prepared: Path = typer.Option(Path("data/prepared"), help="Prepared instruction data whose prompts are answered."),
     out: Path = typer.Option(Path("data/generated"), help="Directory to write: the same splits, one answered."),
+    shard: Optional[int] = typer.Option(None, help="Answer only shard I of --num-shards (default: $RANK under "
+                                        "torchrun, else 0)."),
+    num_shards: Optional[int] = typer.Option(None, help="Number of shards (default: $WORLD_SIZE under torchrun, "
+                                             "else 1)."),
     params: Path = PARAMS_OPTION,
     progress: bool = typer.Option(True, help="Show a progress bar (responses, tokens/s)."),
 ) -> None:
@@ -51,7 +57,12 @@ def main(
                    top_p=top_p, samples=samples, seed=seed, batch_size=batch_size, part_size=part_size,
                    min_logprob=min_logprob, dtype=dtype, device=device)
     loaded = causal_lm.load_teacher(teacher, dtype=cfg.dtype, device=cfg.device)
-    manifest = generate.run(loaded, prepared, out, cfg, progress=progress)
+    shard = int(os.environ.get("RANK", 0)) if shard is None else shard
+    num_shards = int(os.environ.get("WORLD_SIZE", 1)) if num_shards is None else num_shards
+    manifest = generate.run(loaded, prepared, out, cfg, progress=progress, shard=shard, num_shards=num_shards)
+    if manifest is None:
+        typer.echo(f"shard {shard} of {num_shards} done; the last shard to finish writes {out}")
+        return
     r = manifest["responses"]
     same = "" if r["same_as_source"] is None else f", {100 * r['same_as_source']:.1f}% the same as the source's"
     typer.echo(f"{cfg.split:<9} {r['kept']:>7} of {r['responses']} responses kept ({r['prompts']} prompts, "

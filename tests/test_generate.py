@@ -216,6 +216,19 @@ def test_generate_killed_with_sigkill_resumes_to_a_byte_identical_output(world, 
     assert digest(out) == digest(tmp_path / "reference")
 
 
+def test_shards_one_after_the_other_write_what_one_process_writes(world, tmp_path):
+    sampled = ("--do-sample", "--samples", 2)
+    ok(invoke(generate_stage.main, *gen_args(world, tmp_path / "one", *sampled)))
+    out = tmp_path / "sharded"
+    first = ok(invoke(generate_stage.main, *gen_args(world, out, *sampled, "--shard", 1, "--num-shards", 2)))
+    assert "shard 1 of 2 done" in first.output and not (out / generate.MANIFEST).exists()
+    assert sorted(p.name for p in (out / "parts").glob("part-*")) == ["part-00001.parquet", "part-00003.parquet"]
+    ok(invoke(generate_stage.main, *gen_args(world, out, *sampled, "--shard", 0, "--num-shards", 2)))
+    assert digest(out) == digest(tmp_path / "one")
+    result = invoke(generate_stage.main, *gen_args(world, out, "--shard", 2, "--num-shards", 2), expect=1)
+    assert "--shard 2 must be in [0, 2)" in result.output
+
+
 def test_refusals_are_one_line(world, tmp_path):
     other = tmp_path / "other"
     tokenizer = hf_tokenizer(docs=pydoc_documents(40, 40))
