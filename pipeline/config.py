@@ -74,6 +74,9 @@ class PrepareConfig:
     messages_column: str | None = None
     shares: Shares = field(default_factory=Shares)
     tokenizer: str | None = None  # a local Hugging Face model or tokenizer directory; null: train a BPE
+    # a regex: keep only the documents (examples) whose first line it matches, AFTER they are
+    # dealt to the splits, so a subset's test documents are test documents of the whole
+    keep: str | None = None
     vocab_size: int = 4096  # byte-level BPE entries, special tokens included (ignored with `tokenizer`)
     block_size: int = 128  # tokens per row
 
@@ -266,7 +269,9 @@ class StudentConfig:
     weight_decay: float = 0.0
     seed: int = 0
     repeats: int = 1  # train seeds seed, seed+1, ... seed+repeats-1 (for mean +- std)
-    assistant: str | None = None  # learn from this assistant's cache instead of the teacher's
+    # learn from this assistant's cache instead of the teacher's (an assistant may name another:
+    # a chain teacher -> assistant -> assistant -> student)
+    assistant: str | None = None
     transfer: list[str] = field(default_factory=lambda: ["labeled", "unlabeled"])
     views: bool = False  # draw each epoch among the cached views of a sample
     # language models: "teacher" (its layers, one in every N; label.keep_teacher), a local pretrained
@@ -281,9 +286,8 @@ class StudentConfig:
 
     def __post_init__(self) -> None:
         where = self.where
-        if self.section == "assistants" and self.assistant is not None:
-            raise ConfigError(f"{where}.assistant: an assistant learns from the teacher (chains of assistants "
-                              "are not supported yet)")
+        if self.section == "assistants" and self.assistant == self.name:
+            raise ConfigError(f"{where}.assistant: an assistant cannot learn from itself")
         if self.init is not None and not self.init.strip():
             raise ConfigError(f"{where}.init: {self.init!r} must be 'teacher' (start from the teacher's layers, "
                               "one in every N_teacher / N_student), the path of a local pretrained model directory "

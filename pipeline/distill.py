@@ -32,7 +32,7 @@ from torch import nn
 from pipeline import parallel, tasks
 from pipeline.cache import Cache, Teacher, label
 from pipeline.config import LabelConfig, StudentConfig, as_dict
-from pipeline.errors import MissingInputError
+from pipeline.errors import ConfigError, MissingInputError
 from pipeline.files import read_json, replacing, write_json
 from pipeline.methods import Built, Shapes, needed_temperatures, student_layers, student_terms
 from pipeline.metrics import SEEDS_DIR
@@ -185,11 +185,32 @@ def assistant_cache(assistants: Path, name: str) -> Path:
     return path
 
 
+def chain_order(configs: list[StudentConfig]) -> list[StudentConfig]:
+    """The assistants in an order that puts each after the assistant it learns from; an unknown
+    assistant or a cycle is refused naming it."""
+    by_name = {cfg.name: cfg for cfg in configs}
+    ordered: list[StudentConfig] = []
+    for cfg in configs:
+        path: list[StudentConfig] = []
+        current: StudentConfig | None = cfg
+        while current is not None and current not in ordered:
+            if current in path:
+                raise ConfigError(f"{cfg.where}.assistant: a cycle of assistants ("
+                                  + " -> ".join(c.name for c in [*path, current]) + ")")
+            path.append(current)
+            if current.assistant is not None and current.assistant not in by_name:
+                raise ConfigError(f"{current.where}.assistant: {current.assistant!r} is not an entry of assistants "
+                                  f"({', '.join(by_name)})")
+            current = None if current.assistant is None else by_name[current.assistant]
+        ordered += reversed(path)
+    return ordered
+
+
 def train_assistant(cfg: StudentConfig, cache: Cache, prepared: Path, assistants: Path, baselines: Path,
                     label_cfg: LabelConfig, *, memory_mb: float = 2048, checkpoints: Path | None = None,
                     progress: bool = True) -> dict[str, Any]:
     """Progressive distillation's middle step: distil assistant `cfg.name` from the teacher's
-    cache, then label the prepared splits with it into `assistants/NAME/outputs`, a cache like
+    cache (or, in a chain, from its own assistant's), then label the prepared splits with it into `assistants/NAME/outputs`, a cache like
     the teacher's (same top-k, temperatures and views; no features).
 
     An assistant whose config, teacher cache and label parameters are unchanged is kept.

@@ -3,7 +3,9 @@
 Each teacher assistant is distilled from the teacher's cache like a student, then labels the
 prepared splits into a cache of its own, `data/assistants/NAME/outputs/` (the `label`
 section's top-k, temperatures and views; no features). A student with `assistant: NAME`
-learns from that cache instead of the teacher's. Unchanged assistants are kept as they are;
+learns from that cache instead of the teacher's, and so may an assistant (a chain: teacher ->
+large assistant -> small assistant -> student; assistants are distilled in the chain's order).
+Unchanged assistants are kept as they are (one whose own assistant changed is not unchanged);
 assistants no longer in params.yaml are removed.
 Writes `data/assistants/` (created even when `assistants` is empty, so DVC can depend on it).
 """
@@ -17,7 +19,7 @@ import typer
 
 from pipeline.cache import Cache
 from pipeline.config import LabelConfig, section, student, student_names
-from pipeline.distill import train_assistant
+from pipeline.distill import assistant_cache, chain_order, train_assistant
 from stages.common import PARAMS_OPTION, clean_errors
 
 
@@ -32,7 +34,7 @@ def main(
     params: Path = PARAMS_OPTION,
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
-    """Distil every assistant of params.yaml from the teacher's cache, then label with it."""
+    """Distil every assistant of params.yaml from the teacher's cache (or its assistant's), then label with it."""
     configs = [student(params, name, "assistants") for name in student_names(params, "assistants")]
     label_cfg = section(params, "label", LabelConfig)
     out.mkdir(parents=True, exist_ok=True)
@@ -40,8 +42,9 @@ def main(
         shutil.rmtree(stale)  # an assistant no longer in params.yaml
         typer.echo(f"assistant {stale.name}: no longer in params.yaml, removed")
     teacher_cache = Cache.open(cache) if configs else None
-    for cfg in configs:
-        summary = train_assistant(cfg, teacher_cache, prepared, out, baselines, label_cfg,
+    for cfg in chain_order(configs):
+        source = teacher_cache if cfg.assistant is None else Cache.open(assistant_cache(out, cfg.assistant))
+        summary = train_assistant(cfg, source, prepared, out, baselines, label_cfg,
                                   memory_mb=memory_mb, checkpoints=checkpoints, progress=progress)
         state = "unchanged, kept" if summary["reused"] else "distilled and labeled"
         typer.echo(f"assistant {cfg.name}: {state} -> {out / cfg.name} (cache {out / cfg.name / 'outputs'})")

@@ -6,7 +6,8 @@ agreement and KL; the teacher itself is never loaded) and `data/prepared/test.pa
 Every seed under `data/students/NAME/seeds/` is measured too (test accuracy of it and its
 twin), summarised as mean +- std. Writes `data/students/NAME/metrics.json` (flat, for
 `dvc metrics show`) and `data/students/NAME/plots/` (per_class.csv, confusion.csv,
-reliability.csv, seeds.csv).
+reliability.csv, seeds.csv); `--out DIR` writes them into DIR instead (the same student scored
+on another test set: another `--prepared` and `--cache`).
 Reads the `eval` section of params.yaml, and `students.NAME` for a custom architecture.
 The cache's task (`pipeline.tasks`) scores the student: the above for an image student; for a
 text student (a per-token cache) perplexity (causal) or masked-token accuracy on the cache's
@@ -41,6 +42,8 @@ def main(
     students_dir: Path = typer.Option(Path("data/students"), help="Students live in STUDENTS_DIR/NAME."),
     cache: str = typer.Option("data/teacher_outputs", help="Cache written by `kd label` (a directory or s3://bucket/prefix)."),
     prepared: Path = typer.Option(Path("data/prepared"), help="Directory written by `kd prepare`."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write metrics.json and plots/ into OUT instead of the "
+                                       "student's directory: its scores on another test set (--prepared, --cache)."),
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Evaluate student NAME and write its metrics.json and plot data (defaults: params.yaml `eval`)."""
@@ -55,5 +58,7 @@ def main(
     opened = Cache.open(cache)
     task = tasks.for_cache(opened)
     record, tables = task.evaluate(directory, opened, prepared, cfg, spec)
-    path = write_results(directory, tables, record)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    path = write_results(directory if out is None else out, tables, record)
     typer.echo(task.summary(name, record) + f" -> {path}")

@@ -52,6 +52,8 @@ def main(
     ),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Text: a local Hugging Face model or "
                                             "tokenizer directory to tokenize with (default: train a BPE)."),
+    keep: Optional[str] = typer.Option(None, "--keep", help="Text: a regex; keep only the documents whose first line "
+                                       "it matches, after they are dealt to the splits (a task's subset)."),
     vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Text: tokenizer entries (of the trained BPE)."),
     block_size: Optional[int] = typer.Option(None, "--block-size", help="Text: tokens per block."),
     params: Path = PARAMS_OPTION,
@@ -65,7 +67,7 @@ def main(
     cfg = override(cfg, dataset=dataset, input_shape=shape, image_size=size, mean=numbers_option("--mean", mean),
                    std=numbers_option("--std", std), labeled=labeled, unlabeled=unlabeled,
                    test=test, samples=samples, seed=seed, text_column=text_column, tokenizer=tokenizer,
-                   prompt_column=prompt_column, response_column=response_column, messages_column=messages_column,
+                   prompt_column=prompt_column, keep=keep, response_column=response_column, messages_column=messages_column,
                    vocab_size=vocab_size,
                    block_size=block_size, shares=None if parsed is None else config.from_mapping(Shares, parsed, "--shares"))
     prepared = sources.prepare(cfg, out)

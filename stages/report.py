@@ -6,7 +6,8 @@ top-k, temperatures, kept mass: it also says which task the students are measure
 for students taught through a teacher assistant, that assistant's config and cache manifest
 under `data/assistants/`. Writes `data/report/` (report.md, leaderboard.csv and PNG plots;
 for image students also methods.csv: each method's gain over soft targets alone, and
-progressive.csv: through an assistant vs directly), replaced as a whole; see `pipeline.report`.
+progressive.csv: through an assistant vs directly; with `--test-set LABEL=DIR`, each student's
+scores on other test sets, test_sets.csv), replaced as a whole; see `pipeline.report`.
 The students are those of params.yaml's student sections (every trained student under
 --students-dir when there is no params file); each must have been through `kd eval`.
 On a language model's cache (`--cache data/text/teacher_outputs`) the score is test
@@ -23,6 +24,7 @@ import typer
 
 from pipeline.cache import Cache
 from pipeline.config import student_names
+from pipeline.errors import ConfigError
 from pipeline.report import student_dirs, write_report
 from stages.common import PARAMS_OPTION, clean_errors
 
@@ -34,12 +36,22 @@ def main(
     params: Path = PARAMS_OPTION,
     cache: str = typer.Option("data/teacher_outputs", help="Cache written by `kd label` (for the intro; a directory or s3://bucket/prefix)."),
     assistants: Path = typer.Option(Path("data/assistants"), help="Teacher assistants written by `kd assistants`."),
+    test_set: Optional[list[str]] = typer.Option(None, "--test-set", help="LABEL=DIR: the students' scores on "
+                                                 "another test set, written by `kd eval NAME --out DIR/NAME` "
+                                                 "(repeatable); adds a table and test_sets.csv."),
     score: Optional[str] = typer.Option(None, help="Rank by this metrics key instead of the task's own score "
                                         "(causal LMs on instruction data: exact_match)."),
 ) -> None:
     """Write report.md, leaderboard.csv, the tables and plots over every evaluated student."""
     names = student_names(params) if params.is_file() else None
-    summary = write_report(students_dir, out, Cache.open(cache).manifest, cache, names, assistants, score)
+    test_sets = {}
+    for item in test_set or []:
+        label, sep, directory = item.partition("=")
+        if not sep or not label or not directory:
+            raise ConfigError(f"--test-set: {item!r} must be LABEL=DIR")
+        test_sets[label] = Path(directory)
+    summary = write_report(students_dir, out, Cache.open(cache).manifest, cache, names, assistants, test_sets,
+                           score)
     skipped = sorted(set(student_dirs(students_dir)) - set(summary["students"]))
     if skipped:
         typer.echo(f"not in {params}, left out: {', '.join(skipped)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,47 @@ def test_progressive_chain_assistant_labels_then_student_learns_from_it(workspac
     assert record["teacher_fingerprint"] == ta_cache.manifest["teacher"]["fingerprint"]
     assert record["lineage"] == [ta_cache.manifest["teacher"]["fingerprint"],
                                  teacher_cache.manifest["teacher"]["fingerprint"]]
+
+
+def test_a_chain_of_assistants_is_distilled_in_its_order_and_a_student_learns_from_its_end(workspace):
+    """teacher -> ta_large -> ta_small -> student: kd assistants trains them in the chain's order
+    (listed the other way round), each from the cache of the one before, and the lineage names all."""
+    d = workspace / "data"
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    large = student({}, arch_kwargs={"widths": [4, 8], "convs_per_stage": 1, "hidden": 8})
+    params["assistants"] = {"ta_small": {"arch": "mlp", "arch_kwargs": {"hidden": [8]}, "epochs": 1,
+                                         "assistant": "ta_large", "loss": large["loss"]},
+                            "ta_large": large}
+    params["students"] = {"tiny": {**STUDENTS["small_via_ta"], "assistant": "ta_small"}}
+    (workspace / "chain.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    common = ["--prepared", d / "prepared", "--baselines", d / "baselines", "--params", workspace / "chain.yaml",
+              "--no-progress"]
+    result = invoke(assistants.main, "--cache", d / "teacher_outputs", "--out", d / "chain", *common)
+    assert result.stdout.index("assistant ta_large: distilled") < result.stdout.index("assistant ta_small: distilled")
+    fingerprints = {name: Cache.open(d / "chain" / name / "outputs").manifest["teacher"]
+                    for name in ("ta_large", "ta_small")}
+    teacher_fp = Cache.open(d / "teacher_outputs").manifest["teacher"]["fingerprint"]
+    assert fingerprints["ta_small"]["config"]["lineage"] == [fingerprints["ta_large"]["fingerprint"], teacher_fp]
+    invoke(distill.main, "tiny", "--cache", d / "teacher_outputs", "--students-dir", d / "chain_students",
+           "--assistants", d / "chain", *common)
+    record = json.loads((d / "chain_students" / "tiny" / "config.json").read_text())
+    assert record["lineage"] == [fingerprints["ta_small"]["fingerprint"], fingerprints["ta_large"]["fingerprint"],
+                                 teacher_fp]
+
+
+@pytest.mark.parametrize("chain,message", [
+    ({"a": "b", "b": "a"}, "a cycle of assistants (a -> b -> a)"),
+    ({"a": "nowhere"}, "'nowhere' is not an entry of assistants"),
+])
+def test_a_cycle_or_an_unknown_assistant_in_a_chain_is_refused(chain, message):
+    from pipeline.distill import chain_order
+    configs = [from_mapping(StudentConfig, {"name": name, "section": "assistants", "assistant": to,
+                                            **student({})}, f"assistants.{name}") for name, to in chain.items()]
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        chain_order(configs)
+    with pytest.raises(ConfigError, match="cannot learn from itself"):
+        from_mapping(StudentConfig, {"name": "a", "section": "assistants", "assistant": "a", **student({})},
+                     "assistants.a")
 
 
 def test_cached_attention_map_and_full_feature_give_the_same_loss(workspace):

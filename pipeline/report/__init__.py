@@ -6,8 +6,8 @@ leaderboard.csv (one row per student, the best mean score over seeds first), rep
 (`markdown`) and the task's PNG plots (`plots`); for image students also methods.csv (each
 method's gain over soft targets alone) and progressive.csv (each student taught through an
 assistant vs directly, with the teacher/student size ratio and both students' gains over their
-twins: the capacity gap, also capacity_gap.png). All of it is built aside and replaces `out`
-only once complete.
+twins: the capacity gap, also capacity_gap.png); with other test sets, test_sets.csv (each
+student on each). All of it is built aside and replaces `out` only once complete.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 
 from pipeline.errors import MissingInputError
 from pipeline.files import replacing
-from pipeline.report.compare import (METHODS, PROGRESSIVE, is_soft_only, leaderboard, method_label, methods_table,
-                                     progressive_table, verdict)
+from pipeline.report.compare import (METHODS, PROGRESSIVE, TEST_SETS, is_soft_only, leaderboard, method_label,
+                                     methods_table, progressive_table, test_sets_table, verdict)
 from pipeline.report.markdown import render, seeds_sentence, sentence
 from pipeline.report.plots import DRAW
 from pipeline.report.results import Report, StudentResult, assistant_info, load_student, student_dirs
@@ -33,11 +33,12 @@ __all__ = ["METHODS", "PROGRESSIVE", "SCORES", "Score", "StudentResult", "is_sof
 
 def write_report(students_dir: Path, out: Path, manifest: dict[str, Any], cache_root: Any,
                  names: list[str] | None = None, assistants: Path | None = None,
-                 score_key: str | None = None) -> dict[str, Any]:
+                 test_sets: dict[str, Path] | None = None, score_key: str | None = None) -> dict[str, Any]:
     """Write the report for `names` (default: every trained student under students_dir) of the
     cache whose manifest is given; assistants named by students are looked up under `assistants`;
-    ranked by the task's score or `score_key` (`scores.score_for`). Returns a summary for the
-    command line."""
+    `test_sets` (label -> DIR) adds each student's scores on other test sets (`kd eval NAME --out
+    DIR/NAME`): test_sets.csv and a table; ranked by the task's score or `score_key`
+    (`scores.score_for`). Returns a summary for the command line."""
     students_dir, out = Path(students_dir), Path(out)
     score = score_for(tasks.name_of(manifest), score_key)
     names = student_dirs(students_dir) if names is None else list(names)
@@ -52,12 +53,16 @@ def write_report(students_dir: Path, out: Path, manifest: dict[str, Any], cache_
                              for name in sorted({r.spec["assistant"] for r in results if r.spec.get("assistant")})}
         report.methods = methods_table(results, score)
         report.progressive = progressive_table(results, report.assistants, score)
+    if test_sets:
+        report.test_sets = test_sets_table(report.results, score, test_sets)
 
     with replacing(out) as tmp:
         write_csv(tmp / "leaderboard.csv", score.columns, rows)
         if score.compares_methods:
             write_csv(tmp / "methods.csv", METHODS, report.methods)
             write_csv(tmp / "progressive.csv", PROGRESSIVE, report.progressive)
+        if test_sets:
+            write_csv(tmp / "test_sets.csv", TEST_SETS, report.test_sets)
         (tmp / "report.md").write_text(render(report, manifest, cache_root))
         for png in score.plots:
             DRAW[png](report).savefig(tmp / png, dpi=110)

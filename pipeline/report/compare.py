@@ -6,10 +6,11 @@ per-seed paired difference (same seed, `Score.paired`), summarised as mean +- sa
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from pipeline.metrics import mean_std
-from pipeline.report.results import StudentResult
+from pipeline.report.results import StudentResult, load_metrics
 from pipeline.report.scores import Score, fmt
 
 METHODS = ("group", "setup", "student", "method", "role", "reference", "seeds", "accuracy_mean", "accuracy_std",
@@ -181,3 +182,24 @@ def _seed_order(seed: str) -> tuple[int, Any]:
         return 0, int(seed)
     except ValueError:
         return 1, seed
+
+
+TEST_SETS = ("student", "test_set", "seeds", "score_mean", "score_std", "baseline_mean", "baseline_std",
+             "change_mean", "change_std")
+
+
+def test_sets_table(results: list[StudentResult], score: Score, test_sets: dict[str, Path]) -> list[dict[str, Any]]:
+    """Each student's score, its twins' and the paired change, over seeds, on the cache's own test
+    split ("cache") and on every other test set: `kd eval NAME --out DIR/NAME` with another
+    `--prepared` and `--cache` (label -> DIR)."""
+    rows = []
+    for result in results:
+        scored = {"cache": result.metrics}
+        for label, directory in test_sets.items():
+            scored[label] = load_metrics(Path(directory) / result.name, result.name, score)
+        for label, metrics in scored.items():
+            rows.append({"student": result.name, "test_set": label, "seeds": metrics["seeds"],
+                         **{f"{column}_{stat}": metrics.get(f"{key}_{stat}")
+                            for column, key in (("score", score.key), ("baseline", score.baseline_key),
+                                                ("change", score.change_key)) for stat in ("mean", "std")}})
+    return rows

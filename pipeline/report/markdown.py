@@ -136,9 +136,27 @@ def render(report: Report, manifest: dict[str, Any], cache_root: Any) -> str:
     lines += [f"- {sentence(r.name, r.metrics, score)}{seeds_sentence(r.metrics, score)}" for r in results]
     if score.compares_methods:
         lines += methods_markdown(report.methods) + progressive_markdown(report.progressive)
+    lines += test_sets_markdown(report.test_sets, score)
     lines += ["", "## Plots", ""]
     lines += [f"![{name[:-4]}]({name})" for name in score.plots]
     return "\n".join(lines) + "\n"
+
+
+def test_sets_markdown(rows: list[dict[str, Any]], score: Score) -> list[str]:
+    """Each student on every test set: its score, its twins' and the paired change, over seeds."""
+    if not rows:
+        return []
+    labels = list(dict.fromkeys(row["test_set"] for row in rows))
+    cells = {(row["student"], row["test_set"]): row for row in rows}
+    lines = ["", "## Test sets", "",
+             f"Each student's {score.name} on each test set (`cache`: the cache's own test split), as mean ± sample "
+             "std over its seeds, its twins' beside it, and the paired change against each seed's own twin.", "",
+             "| student | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for student in dict.fromkeys(row["student"] for row in rows):
+        lines.append(f"| {student} | " + " | ".join(
+            f"{_pm(cells[student, label], 'score', score.fmt)} (twin {_pm(cells[student, label], 'baseline', score.fmt)}"
+            f"; {_change(cells[student, label], 'change', score.change_words)})" for label in labels) + " |")
+    return lines
 
 
 def methods_markdown(methods: list[dict[str, Any]]) -> list[str]:

@@ -46,6 +46,7 @@ class Report:
     methods: list[dict[str, Any]] = field(default_factory=list)  # `compare.methods_table`
     progressive: list[dict[str, Any]] = field(default_factory=list)  # `compare.progressive_table`
     assistants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> params, accuracy
+    test_sets: list[dict[str, Any]] = field(default_factory=list)  # `compare.test_sets_table`
 
 
 def needed(score: Score) -> tuple[str, ...]:
@@ -69,7 +70,22 @@ def load_student(students_dir: Path, name: str, score: Score) -> StudentResult:
     if not directory.is_dir():
         raise MissingInputError(f"{directory}: student {name!r} not found "
                                 f"(run `kd distill {name}` and `kd eval {name}`)")
-    metrics_path = directory / METRICS_FILE
+    metrics = load_metrics(directory, name, score)
+    record, baseline_record = directory / score.record, directory / "baseline" / score.record
+    for path in (record, baseline_record):
+        if not path.is_file():
+            raise MissingInputError(f"{path}: not found (run `kd distill {name}`)")
+    log = read_csv(directory / "train_log.csv", f"kd distill {name}", numbers=True)
+    if not log or "epoch" not in log[0] or "total" not in log[0]:
+        raise InputError(f"{directory / 'train_log.csv'}: expected a training log with columns epoch and total")
+    return StudentResult(name, directory, metrics, read_json(record), read_json(baseline_record), log,
+                         read_seeds(directory / PLOTS_DIR / SEEDS_FILE, name, metrics["seeds"], score))
+
+
+def load_metrics(directory: Path, name: str, score: Score) -> dict[str, Any]:
+    """The metrics.json `kd eval NAME` wrote into `directory` (the student's, or its --out),
+    with every key the report reads."""
+    metrics_path = Path(directory) / METRICS_FILE
     if not metrics_path.is_file():
         raise MissingInputError(f"{metrics_path}: not found; student {name!r} is not evaluated (run `kd eval {name}`)")
     metrics = read_json(metrics_path)
@@ -81,15 +97,7 @@ def load_student(students_dir: Path, name: str, score: Score) -> StudentResult:
     missing = [key for key in needed(score) if key not in metrics]
     if missing:
         raise InputError(f"{metrics_path}: missing key {missing[0]!r} (run `kd eval {name}` again)")
-    record, baseline_record = directory / score.record, directory / "baseline" / score.record
-    for path in (record, baseline_record):
-        if not path.is_file():
-            raise MissingInputError(f"{path}: not found (run `kd distill {name}`)")
-    log = read_csv(directory / "train_log.csv", f"kd distill {name}", numbers=True)
-    if not log or "epoch" not in log[0] or "total" not in log[0]:
-        raise InputError(f"{directory / 'train_log.csv'}: expected a training log with columns epoch and total")
-    return StudentResult(name, directory, metrics, read_json(record), read_json(baseline_record), log,
-                         read_seeds(directory / PLOTS_DIR / SEEDS_FILE, name, metrics["seeds"], score))
+    return metrics
 
 
 def read_csv(path: Path, rerun: str, numbers: bool = False) -> list[dict[str, Any]]:

@@ -18,7 +18,9 @@ from a .jsonl or Parquet file; or the built-in `addition`): one example per bloc
 at the response tokens only (`examples`, `encode_example`, `example_blocks`); examples are
 dealt to the splits as documents are.
 
-Empty documents (and null rows) are dropped. The documents are shuffled with `cfg.seed` and dealt
+Empty documents (and null rows) are dropped. With `cfg.keep` (a regex), only the documents whose
+first line it matches are kept, after the deal: a subset (a "task") keeps the splits its
+documents have in the whole, so the task's test documents are never another run's training text. The documents are shuffled with `cfg.seed` and dealt
 to the splits by characters (the shares sum to 1): laid end to end in that order, the first
 `shares.test` of the text is the test split, the next `shares.labeled` the labeled split, the
 rest unlabeled, each document going whole to the split that holds its middle character. A
@@ -382,6 +384,8 @@ def prepare(cfg: PrepareConfig, out: Path) -> TextPrepared:
     items = examples(cfg) if instruction else documents(cfg)
     texts = [_plain(item) for item in items] if instruction else items
     dealt = deal([len(t) for t in texts], cfg)
+    if cfg.keep is not None:
+        dealt = {name: [i for i in chosen if kept(cfg, texts[i])] for name, chosen in dealt.items()}
     unit = "example" if instruction else "document"
     if not dealt["labeled"]:
         raise ConfigError(f"prepare.shares.labeled: the labeled split of {cfg.dataset} got no {unit} "
@@ -434,6 +438,14 @@ def prepare(cfg: PrepareConfig, out: Path) -> TextPrepared:
     return TextPrepared(blocks, {name: len(dealt[name]) for name in SPLITS},
                         {name: out / f"{name}.parquet" for name in SPLITS}, out / TOKENIZER_FILE,
                         tokenizer.vocab_size, masks if instruction else None)
+
+
+def kept(cfg: PrepareConfig, document: str) -> bool:
+    """Whether `cfg.keep` matches the document's first line (its title)."""
+    try:
+        return re.search(cfg.keep, document.split("\n", 1)[0]) is not None
+    except re.error as exc:
+        raise ConfigError(f"prepare.keep: {cfg.keep!r} is not a regular expression ({exc})") from None
 
 
 def _plain(example: tuple) -> str:

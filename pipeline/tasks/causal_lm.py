@@ -219,7 +219,7 @@ def block_set(tokens: torch.Tensor, ids: np.ndarray, targets: dict[str, torch.Te
                             lambda inputs, ids, view: inputs["tokens"], counts=predicted.sum(1))
 
 
-def read_blocks(source: Path, first: int | None = None, last: int | None = None
+def blocks_and_targets(source: Path, first: int | None = None, last: int | None = None
                 ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """ids, blocks, predicted positions (None: all) and each row's true next token, of blocks
     [first, last) of a prepared split (all by default)."""
@@ -397,7 +397,7 @@ def rows(cache: Cache, prepared: Path, cfg: StudentConfig, memory_mb: float) -> 
 def _split_rows(cache: Cache, prepared: Path, cfg: StudentConfig, split: str, row_offset: int,
                 parts: list[int] | None = None) -> loader.SampleSet:
     source = prepared / f"{split}.parquet"
-    ids, tokens, predicted, truth = read_blocks(source, *loader.sample_range(cache, split, parts))
+    ids, tokens, predicted, truth = blocks_and_targets(source, *loader.sample_range(cache, split, parts))
     cache_rows = loader.read_rows(cache, cfg, split, source, ids, truth.numpy(), parts=parts, row_offset=row_offset)
     return block_set(tokens, ids, cache_rows.targets(cfg), predicted)
 
@@ -407,7 +407,7 @@ def twin_rows(cache: Cache, prepared: Path, cfg: StudentConfig, transfer: Any) -
     tokens only, a small fraction of the student's rows)."""
     sets = []
     for split in cfg.transfer:
-        ids, tokens, predicted, truth = read_blocks(prepared / f"{split}.parquet")
+        ids, tokens, predicted, truth = blocks_and_targets(prepared / f"{split}.parquet")
         sets.append(block_set(tokens, ids, {"label": truth}, predicted))
     return loader.concat(sets)
 
@@ -478,7 +478,7 @@ def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, s
              ) -> tuple[dict[str, Any], dict[str, tuple[list[str], list[dict[str, Any]]]]]:
     """Test perplexity of the student, its twin and the teacher (its own `kd teacher` figure),
     and against the cached teacher (`evaluate_rows`)."""
-    _, tokens, predicted, truth = read_blocks(prepared / "test.parquet")
+    _, tokens, predicted, truth = blocks_and_targets(prepared / "test.parquet")
     teacher = teacher_perplexity(cache)
 
     def perplexity(logits: torch.Tensor, truth: torch.Tensor) -> float:
