@@ -25,12 +25,12 @@ from pipeline.methods.hint import HintTerm
 from pipeline.methods.rkd import RKDTerm
 from pipeline.methods.soft import SoftTerm
 
-SECTIONS = ("prepare", "teacher", "label", "assistants", "students", "text_students", "mlm_students", "img_students",
-            "eval")
-# `text_students`, `mlm_students` and `img_students` are `students` under other names, for
-# params_text.yaml, params_mlm.yaml and params_images.yaml: dvc.yaml imports them next to
-# params.yaml (for their foreach), and DVC would merge sections of one name.
-STUDENT_SECTIONS = ("students", "text_students", "mlm_students", "img_students")
+SECTIONS = ("prepare", "teacher", "generate", "label", "assistants", "students", "text_students", "mlm_students",
+            "img_students", "gen_students", "eval")
+# `text_students`, `mlm_students`, `img_students` and `gen_students` are `students` under other
+# names, for params_text.yaml, params_mlm.yaml, params_images.yaml and params_gen.yaml: dvc.yaml
+# imports them next to params.yaml (for their foreach), and DVC would merge sections of one name.
+STUDENT_SECTIONS = ("students", "text_students", "mlm_students", "img_students", "gen_students")
 FEATURE_MODES = ("full", "pooled", "attention")
 LOGIT_DTYPES = ("float16", "float32")
 ENCODINGS = ("topk", "compact")  # label.encoding: pipeline/cache/encoding.py
@@ -63,7 +63,7 @@ class PrepareConfig:
     labeled: int | None = 1000
     unlabeled: int | None = 3000
     test: int | None = 1000
-    samples: int = 5000  # mnist1d only: how many digits to generate
+    samples: int = 5000  # mnist1d and addition only: how many digits (sums) to generate
     seed: int = 0
     # text only (pydoc, a .txt file, a Parquet file with a text column); image datasets ignore them
     text_column: str = "text"  # the Parquet column (or JSON Lines field) holding one document per row
@@ -161,6 +161,50 @@ class LabelConfig:
         for key in ("batch_size", "part_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"label.{key}: {getattr(self, key)} must be >= 1")
+
+
+@dataclass
+class GenerateConfig:
+    """`kd generate`: the teacher answers the prompts of one prepared split (instruction data)."""
+
+    split: str = "unlabeled"  # the split whose responses the teacher rewrites
+    max_new_tokens: int = 64  # per response, its eos included (and never past the block)
+    do_sample: bool = False  # greedy by default
+    temperature: float = 1.0  # sampling only
+    top_p: float = 1.0  # sampling only: the smallest set of tokens holding this much probability
+    samples: int = 1  # responses per prompt (more than 1 needs do_sample)
+    seed: int = 0  # a response's draws come from (seed, example id, sample index) alone
+    batch_size: int = 32  # prompts per batched forward
+    part_size: int = 256  # prompts per part file (the resume step)
+    # keep a response only if its mean token log-probability under the teacher is at least this
+    # (null: keep every response)
+    min_logprob: float | None = None
+    dtype: str = "auto"  # the teacher's dtype and device, as in label
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ConfigError(f"generate.split: {self.split!r} must be one of {', '.join(SPLITS)}")
+        for key in ("max_new_tokens", "samples", "batch_size", "part_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"generate.{key}: {getattr(self, key)} must be >= 1")
+        if self.temperature <= 0:
+            raise ConfigError(f"generate.temperature: {self.temperature} must be > 0")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"generate.top_p: {self.top_p} must be in (0, 1]")
+        if not self.do_sample and (self.temperature != 1.0 or self.top_p != 1.0):
+            raise ConfigError(f"generate.do_sample: false (greedy), but temperature {self.temperature} and top_p "
+                              f"{self.top_p} are for sampling; set do_sample: true or leave them at 1")
+        if self.samples > 1 and not self.do_sample:
+            raise ConfigError(f"generate.samples: {self.samples} responses per prompt need do_sample: true "
+                              "(greedy decoding gives one)")
+        if self.min_logprob is not None and self.min_logprob > 0:
+            raise ConfigError(f"generate.min_logprob: {self.min_logprob} must be <= 0 (a mean log-probability), "
+                              "or null to keep every response")
+        if self.dtype not in TEACHER_DTYPES:
+            raise ConfigError(f"generate.dtype: {self.dtype!r} must be one of {', '.join(TEACHER_DTYPES)}")
+        if self.device not in TEACHER_DEVICES:
+            raise ConfigError(f"generate.device: {self.device!r} must be one of {', '.join(TEACHER_DEVICES)}")
 
 
 VIEW_RECIPES = ("shift", "crop_flip")

@@ -1,11 +1,11 @@
 """The root `kd` command: joins the stage commands.
 
-    kd prepare | teacher | label | assistants | distill NAME | eval NAME | report | cache info/verify
+    kd prepare | teacher | generate | label | assistants | distill NAME | eval NAME | report | cache info/verify
 """
 
 import typer
 
-from stages import assistants, cache, distill, eval as eval_stage, label, prepare, report, teacher
+from stages import assistants, cache, distill, eval as eval_stage, generate, label, prepare, report, teacher
 
 app = typer.Typer(
     name="kd",
@@ -16,6 +16,7 @@ app = typer.Typer(
 )
 app.command("prepare")(prepare.main)
 app.command("teacher")(teacher.main)
+app.command("generate")(generate.main)
 app.command("label")(label.main)
 app.command("assistants")(assistants.main)
 app.command("distill")(distill.main)

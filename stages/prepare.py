@@ -38,7 +38,7 @@ def main(
     labeled: Optional[int] = typer.Option(None, "--labeled", help="Rows (text: blocks) in the labeled split."),
     unlabeled: Optional[int] = typer.Option(None, "--unlabeled", help="Rows (text: blocks) in the unlabeled (transfer) split."),
     test: Optional[int] = typer.Option(None, "--test", help="Rows (text: blocks) in the test split."),
-    samples: Optional[int] = typer.Option(None, "--samples", help="mnist1d only: how many digits to generate."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="mnist1d and addition only: how many digits (sums) to generate."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the split."),
     text_column: Optional[str] = typer.Option(None, "--text-column", help="Text: the Parquet column (or JSON Lines field) of documents."),
     prompt_column: Optional[str] = typer.Option(None, "--prompt-column", help="Instruction data: the prompts' column "

@@ -11,7 +11,8 @@ scores on other test sets, test_sets.csv), replaced as a whole; see `pipeline.re
 The students are those of params.yaml's student sections (every trained student under
 --students-dir when there is no params file); each must have been through `kd eval`.
 On a language model's cache (`--cache data/text/teacher_outputs`) the score is test
-perplexity or masked-token accuracy instead of test accuracy, with loss by position.
+perplexity or masked-token accuracy instead of test accuracy, with loss by position; with
+`--score exact_match` (instruction data) the exact match of the students' greedy answers.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def main(
     test_set: Optional[list[str]] = typer.Option(None, "--test-set", help="LABEL=DIR: the students' scores on "
                                                  "another test set, written by `kd eval NAME --out DIR/NAME` "
                                                  "(repeatable); adds a table and test_sets.csv."),
+    score: Optional[str] = typer.Option(None, help="Rank by this metrics key instead of the task's own score "
+                                        "(causal LMs on instruction data: exact_match)."),
 ) -> None:
     """Write report.md, leaderboard.csv, the tables and plots over every evaluated student."""
     names = student_names(params) if params.is_file() else None
@@ -47,7 +50,8 @@ def main(
         if not sep or not label or not directory:
             raise ConfigError(f"--test-set: {item!r} must be LABEL=DIR")
         test_sets[label] = Path(directory)
-    summary = write_report(students_dir, out, Cache.open(cache).manifest, cache, names, assistants, test_sets)
+    summary = write_report(students_dir, out, Cache.open(cache).manifest, cache, names, assistants, test_sets,
+                           score)
     skipped = sorted(set(student_dirs(students_dir)) - set(summary["students"]))
     if skipped:
         typer.echo(f"not in {params}, left out: {', '.join(skipped)}")

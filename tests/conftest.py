@@ -148,7 +148,8 @@ def run_in(cmd: list[str], cwd: Path) -> str:
 
 
 # What a copy of the repository's pipelines needs: the map, its params files and the code it runs.
-PIPELINE_FILES = ("dvc.yaml", ".dvcignore", "params_text.yaml", "params_mlm.yaml", "params_images.yaml")
+PIPELINE_FILES = ("dvc.yaml", ".dvcignore", "params_text.yaml", "params_mlm.yaml", "params_images.yaml",
+                  "params_gen.yaml")
 PIPELINE_FOLDERS = ("pipeline", "stages", "datasets", "models")
 
 

@@ -3,10 +3,11 @@
 Copies the repository's dvc.yaml with the stage and library sources into a fresh git + DVC
 repository, writes a tiny params.yaml (the 8x8 digits, small models, one or two epochs) and a
 tiny params_text.yaml (pydoc in 32-token blocks, a one-layer GPT-2 teacher and student) and a
-tiny params_mlm.yaml (a two-layer BERT teacher, a one-layer student started from it) and a tiny
-params_images.yaml (the digits again, with crop-and-flip views) and runs
-`dvc repro`: every stage of the four pipelines, then nothing, then only a newly added student
-of the image and text pipelines.
+tiny params_mlm.yaml (a two-layer BERT teacher, a one-layer student started from it), a tiny
+params_images.yaml (the digits again, with crop-and-flip views) and a tiny params_gen.yaml (300
+sums, a teacher's answers to 150 of them) and runs `dvc repro`: every stage of the five
+pipelines, then nothing, then only a newly added student of the image, text and generative
+pipelines.
 """
 
 from __future__ import annotations
@@ -72,6 +73,22 @@ TINY_IMAGES = {
     },
     "eval": {"latency_runs": 5, "throughput_runs": 2, "throughput_batch": 64},
 }
+TINY_GEN = {
+    "prepare": {"dataset": "addition", "samples": 300, "shares": {"labeled": 0.2, "unlabeled": 0.5, "test": 0.3},
+                "labeled": None, "unlabeled": None, "test": 40, "vocab_size": 259, "block_size": 12, "seed": 0},
+    "teacher": {"arch": "gpt2", "arch_kwargs": {"n_layer": 1, "n_head": 2, "n_embd": 16}, "epochs": 1,
+                "batch_size": 32, "lr": 0.003, "seed": 0},
+    "generate": {"max_new_tokens": 4, "batch_size": 64, "part_size": 64},
+    "label": {"top_k": 4, "temperatures": [1], "batch_size": 1024},
+    "gen_students": {
+        "answers": {"arch": "gpt2", "arch_kwargs": {"n_layer": 1, "n_head": 2, "n_embd": 16}, "epochs": 1,
+                    "batch_size": 32, "lr": 0.003, "transfer": ["labeled", "unlabeled"],
+                    "loss": {"soft": {"weight": 0.5, "temperature": 1}, "hard": {"weight": 0.5, "labels": True}}},
+    },
+    "eval": {"batch_size": 64, "throughput_runs": 2},
+}
+GEN_STAGES = ["gen_prepare", "gen_teacher", "gen_generate", "gen_label", "gen_distill@answers", "gen_eval@answers",
+              "gen_report"]
 IMG_STAGES = ["img_prepare", "img_teacher", "img_label", "img_distill@views", "img_eval@views", "img_report"]
 MLM_STAGES = ["mlm_teacher", "mlm_label", "mlm_distill@distil", "mlm_eval@distil", "mlm_report"]
 TEXT_STAGES = ["text_prepare", "text_teacher", "text_label", "text_distill@gpt_tiny", "text_eval@gpt_tiny",
@@ -114,17 +131,25 @@ def project(tmp_path_factory) -> Path:
     (repo / "params_text.yaml").write_text(yaml.safe_dump(TINY_TEXT, sort_keys=False))
     (repo / "params_mlm.yaml").write_text(yaml.safe_dump(TINY_MLM, sort_keys=False))
     (repo / "params_images.yaml").write_text(yaml.safe_dump(TINY_IMAGES, sort_keys=False))
+    (repo / "params_gen.yaml").write_text(yaml.safe_dump(TINY_GEN, sort_keys=False))
     return dvc_repo(repo)
 
 
 def test_dvc_repro_runs_every_stage_then_nothing_then_only_a_new_student(project):
     first = ran_stages(run(["dvc", "repro"], project))
-    images = [s for s in first if not s.startswith(("text_", "mlm_", "img_"))]
+    images = [s for s in first if not s.startswith(("text_", "mlm_", "img_", "gen_"))]
     assert images[:4] == ["prepare", "teacher", "label", "assistants"]
     assert set(images[4:]) == {"distill@mlp", "distill@pseudo", "eval@mlp", "eval@pseudo", "report"}
     assert [s for s in first if s.startswith("text_")] == TEXT_STAGES
     assert [s for s in first if s.startswith("mlm_")] == MLM_STAGES
     assert [s for s in first if s.startswith("img_")] == IMG_STAGES
+    assert [s for s in first if s.startswith("gen_")] == GEN_STAGES
+    generated = json.loads((project / "data/gen/generated/generation.json").read_text())
+    assert generated["complete"] and generated["responses"]["prompts"] == 150
+    gen_metrics = json.loads((project / "data/gen/students/answers/metrics.json").read_text())
+    assert 0 <= gen_metrics["exact_match"] <= 1
+    assert gen_metrics["teacher_exact_match"] == generated["teacher_exact_match"]
+    assert "test exact match" in (project / "data/gen/report/report.md").read_text()
     img_cache = json.loads((project / "data/images/teacher_outputs/manifest.json").read_text())
     assert img_cache["views"]["recipe"]["name"] == "crop_flip" and img_cache["views"]["count"] == 2
     mlm_metrics = json.loads((project / "data/mlm/students/distil/metrics.json").read_text())
@@ -158,4 +183,27 @@ def test_dvc_repro_runs_every_stage_then_nothing_then_only_a_new_student(project
     (project / "params_text.yaml").write_text(yaml.safe_dump(text_params, sort_keys=False))
     assert ran_stages(run(["dvc", "repro"], project)) == ["text_distill@gpt_added", "text_eval@gpt_added",
                                                          "text_report"]
+
+    gen_params = yaml.safe_load((project / "params_gen.yaml").read_text())
+    gen_params["gen_students"]["added"] = {**TINY_GEN["gen_students"]["answers"], "transfer": ["labeled"]}
+    (project / "params_gen.yaml").write_text(yaml.safe_dump(gen_params, sort_keys=False))
+    assert ran_stages(run(["dvc", "repro"], project)) == ["gen_distill@added", "gen_eval@added", "gen_report"]
     assert "gpt_added" in (project / "data/text/report/leaderboard.csv").read_text()
+
+
+@pytest.mark.slow
+def test_the_default_generative_pipeline_beats_the_labeled_pairs_alone(tmp_path):
+    """`dvc repro gen_report` with the repository's own params_gen.yaml (about 25 minutes on 2 busy
+    cores): the students on the teacher's answers beat the one on the labeled pairs alone, over
+    3 seeds, and the report ranks them by exact match."""
+    project = dvc_repo(copy_pipelines(tmp_path))
+    (project / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))  # dvc.yaml reads its students
+    out = run(["dvc", "repro", "gen_report"], project)
+    assert ran_stages(out)[:4] == GEN_STAGES[:4]
+    scores = {name: json.loads((project / f"data/gen/students/{name}/metrics.json").read_text())
+              for name in ("labeled_only", "teacher_answers", "teacher_answers_soft")}
+    assert all(m["seeds"] == 3 for m in scores.values())
+    for name in ("teacher_answers", "teacher_answers_soft"):
+        assert scores[name]["exact_match_mean"] > scores["labeled_only"]["exact_match_mean"], name
+    assert scores["labeled_only"]["teacher_exact_match"] > scores["teacher_answers"]["exact_match_mean"]
+    assert (project / "data/gen/report/leaderboard.csv").read_text().startswith("student,params,size_bytes,")

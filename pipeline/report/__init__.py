@@ -24,7 +24,7 @@ from pipeline.report.markdown import render, seeds_sentence, sentence
 from pipeline.report.plots import DRAW
 from pipeline.report.results import Report, StudentResult, assistant_info, load_student, student_dirs
 from pipeline import tasks
-from pipeline.report.scores import SCORES, Score
+from pipeline.report.scores import SCORES, Score, score_for
 
 __all__ = ["METHODS", "PROGRESSIVE", "SCORES", "Score", "StudentResult", "is_soft_only", "leaderboard",
            "method_label", "methods_table", "progressive_table", "seeds_sentence", "sentence", "student_dirs",
@@ -33,13 +33,14 @@ __all__ = ["METHODS", "PROGRESSIVE", "SCORES", "Score", "StudentResult", "is_sof
 
 def write_report(students_dir: Path, out: Path, manifest: dict[str, Any], cache_root: Any,
                  names: list[str] | None = None, assistants: Path | None = None,
-                 test_sets: dict[str, Path] | None = None) -> dict[str, Any]:
+                 test_sets: dict[str, Path] | None = None, score_key: str | None = None) -> dict[str, Any]:
     """Write the report for `names` (default: every trained student under students_dir) of the
     cache whose manifest is given; assistants named by students are looked up under `assistants`;
     `test_sets` (label -> DIR) adds each student's scores on other test sets (`kd eval NAME --out
-    DIR/NAME`): test_sets.csv and a table. Returns a summary for the command line."""
+    DIR/NAME`): test_sets.csv and a table; ranked by the task's score or `score_key`
+    (`scores.score_for`). Returns a summary for the command line."""
     students_dir, out = Path(students_dir), Path(out)
-    score = SCORES[tasks.name_of(manifest)]
+    score = score_for(tasks.name_of(manifest), score_key)
     names = student_dirs(students_dir) if names is None else list(names)
     if not names:
         raise MissingInputError(f"{students_dir}: no students to report on (run `kd distill NAME` and `kd eval NAME`)")

@@ -18,7 +18,8 @@ from pipeline.report.scores import Score, fmt, points, signed
 HEADERS = {"params": ("params", ","), "size_bytes": ("size (bytes)", ","), "throughput": ("samples/s", ",.0f"),
            "throughput_tokens_per_s": ("tokens/s", ",.0f"), "accuracy_retained": ("retained", ".3f"),
            "agreement": ("agreement", ".4f"), "kl_to_teacher": ("KL", ".4f"), "ece": ("ECE", ".4f"),
-           "speedup_vs_teacher": ("speedup", ".1f")}
+           "speedup_vs_teacher": ("speedup", ".1f"), "perplexity": ("perplexity", ".2f"),
+           "baseline_perplexity": ("twin perplexity", ".2f"), "teacher_perplexity": ("teacher perplexity", ".2f")}
 
 
 def sentence(name: str, metrics: dict[str, Any], score: Score) -> str:

@@ -158,3 +158,39 @@ SCORES: dict[str, Score] = {
                 "loss alone"),
         over_seeds=" Over {n} seeds: {score} masked-token accuracy, {change} points over the twins."),
 }
+
+# The other scores a task's report can rank by (`kd report --score KEY`), by (task, metrics key).
+# Causal LMs answering prompts (instruction data): the exact match of their greedy answers.
+ALTERNATIVES: dict[tuple[str, str], Score] = {
+    ("causal_lm", "exact_match"): Score(
+        key="exact_match", name="test exact match", lower_is_better=False, fmt=".4f",
+        change_key="exact_match_gain_points", change_column="exact_match_gain_points", relative=False,
+        throughput_key="throughput_tokens_per_s",
+        shown=("params", "size_bytes", "throughput_tokens_per_s", "exact_match", "baseline_exact_match",
+               "teacher_exact_match", "exact_match_gain_points", "perplexity", "baseline_perplexity",
+               "teacher_perplexity", "agreement", "kl_to_teacher", "speedup_vs_teacher"),
+        seeds_columns=("student_exact_match", "baseline_exact_match"), record="student.json",
+        plots=("exact_match_vs_params.png", "training_curves.png", "per_position.png"),
+        compares_methods=False, objective="causal", kind="causal LM", title="Teacher-written responses: report",
+        called="text report",
+        rows=_causal_rows, classes=lambda manifest: manifest.get("text", {}).get("vocab_size"),
+        twin="trained on the same responses alone (the next-token loss)",
+        keeps=lambda m: (f"exact match {m['exact_match']:.4f}"
+                         + (f" against the teacher's {m['teacher_exact_match']:.4f}"
+                            if m.get("teacher_exact_match") is not None else "")),
+        versus="{change} points over its twin's {twin}: the same student on the same responses alone, same budget",
+        over_seeds=" Over {n} seeds: exact match {score}, {change} points over the twins."),
+}
+
+
+def score_for(task: str, key: str | None = None) -> Score:
+    """The task's own score, or another one it can rank by (`ALTERNATIVES`)."""
+    if key is None or key == SCORES[task].key:
+        return SCORES[task]
+    if (task, key) not in ALTERNATIVES:
+        from pipeline.errors import ConfigError
+
+        others = [k for t, k in ALTERNATIVES if t == task]
+        raise ConfigError(f"--score: {key!r} is not a score of {task} students "
+                          f"({', '.join([SCORES[task].key, *others])})")
+    return ALTERNATIVES[(task, key)]

@@ -4,6 +4,8 @@
 
     pydoc            the English documentation that ships with CPython (`pydoc_data.topics`,
                      one document per topic)
+    addition         instruction pairs made here: `cfg.samples` distinct sums of two numbers
+                     below 100, "12+85=" -> "97", drawn from `cfg.seed` (`addition`)
     FILE.txt         UTF-8 text; documents are separated by one or more blank lines
                      (a line holding only whitespace counts as blank)
     FILE.jsonl       one JSON object per line, the document in its string field
@@ -12,7 +14,7 @@
                      (a Parquet file with a column `x` is image data; see sources.images)
 
 Instruction data instead (`cfg.prompt_column` + `cfg.response_column`, or `cfg.messages_column`,
-from a .jsonl or Parquet file): one example per block, padded, with a `loss_mask` that is True
+from a .jsonl or Parquet file; or the built-in `addition`): one example per block, padded, with a `loss_mask` that is True
 at the response tokens only (`examples`, `encode_example`, `example_blocks`); examples are
 dealt to the splits as documents are.
 
@@ -71,7 +73,9 @@ from pipeline.prepared.tokens import SPECIAL_TOKENS, TOKENIZER_FILE, TokenizerDi
 from pipeline.sources.images import DATASETS, DRAW_ORDER
 
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # byte-level BPE starts from all 256 bytes
-TEXT_DATASETS = ("pydoc",)
+TEXT_DATASETS = ("pydoc", "addition")
+INSTRUCTION_DATASETS = ("addition",)  # built-in prompt/response pairs
+ADDITION_DIGITS = 2  # the addition dataset's numbers: 0 to 99
 
 
 @dataclass
@@ -122,7 +126,7 @@ def text_columns(cfg: PrepareConfig) -> list[str]:
 
 def is_instruction(cfg: PrepareConfig) -> bool:
     """Prompt/response pairs or chats: only response tokens are predicted."""
-    return cfg.messages_column is not None or cfg.prompt_column is not None
+    return cfg.messages_column is not None or cfg.prompt_column is not None or cfg.dataset in INSTRUCTION_DATASETS
 
 
 def documents(cfg: PrepareConfig) -> list[str]:
@@ -282,6 +286,11 @@ def examples(cfg: PrepareConfig) -> list[tuple]:
     """The instruction examples of `cfg.dataset`: (prompt, response) pairs, or chats (a list of
     {role, content} with at least one assistant turn); a row with an empty response (or a chat
     without an assistant turn) is dropped, as empty documents are."""
+    if cfg.dataset == "addition":
+        if cfg.messages_column is not None or cfg.prompt_column is not None:
+            raise ConfigError(f"prepare.{'messages_column' if cfg.messages_column else 'prompt_column'}: the built-in "
+                              "addition dataset has its own prompts and responses; set it to null")
+        return addition(cfg.samples, cfg.seed)
     if cfg.dataset in TEXT_DATASETS or cfg.dataset.endswith(".txt"):
         raise ConfigError(f"prepare.{'messages_column' if cfg.messages_column else 'prompt_column'}: instruction "
                           f"data is read from a .jsonl or Parquet file, not {cfg.dataset}")
@@ -293,6 +302,24 @@ def examples(cfg: PrepareConfig) -> list[tuple]:
     if not kept:
         raise InputError(f"{cfg.dataset}: no example with a response (every {text_columns(cfg)[-1]!r} is empty)")
     return kept
+
+
+def addition(count: int, seed: int) -> list[tuple[str, str]]:
+    """`count` distinct sums "a+b=" -> "a + b" of two numbers below 10 ** ADDITION_DIGITS, in the
+    order drawn from `seed`. A task whose answers can be checked exactly: kd generate's default."""
+    most = 10 ** (2 * ADDITION_DIGITS)
+    if not 1 <= count <= most // 2:
+        raise ConfigError(f"prepare.samples: {count} sums asked; the addition dataset makes 1 to {most // 2} "
+                          "distinct ones")
+    rng = np.random.default_rng(seed)
+    seen: set[tuple[int, int]] = set()
+    pairs: list[tuple[str, str]] = []
+    while len(pairs) < count:
+        a, b = (int(n) for n in rng.integers(0, 10 ** ADDITION_DIGITS, size=2))
+        if (a, b) not in seen:
+            seen.add((a, b))
+            pairs.append((f"{a:0{ADDITION_DIGITS}d}+{b:0{ADDITION_DIGITS}d}=", f"{a + b:0{ADDITION_DIGITS + 1}d}"))
+    return pairs
 
 
 def _chat(cfg: PrepareConfig, chat: Any, number: int) -> bool:

@@ -85,25 +85,7 @@ class Inputs:
         return self.predicted[split].sum(1).astype(np.int64)
 
     def check_teacher(self, teacher: Teacher, prepared: Path) -> None:
-        """Refuse a teacher that would read these ids as other tokens: data prepared with another
-        tokenizer (whatever the two vocabulary sizes), or an id past its vocabulary."""
-        tokenizer = teacher.config.get("tokenizer")
-        if tokenizer is None:
-            raise InputError(f"{teacher.directory}: not a language model (no tokenizer beside it); the text in "
-                             f"{prepared} needs one")
-        for split, info in self.infos.items():
-            if info["tokenizer_sha256"] != tokenizer["sha256"]:
-                raise InputError(f"{prepared / f'{split}.parquet'}: prepared with another tokenizer than the "
-                                 f"teacher's: {prepared_tokenizer_name(info)} vs the teacher's "
-                                 f"{teacher.directory} (sha256 {tokenizer['sha256'][:12]}, vocabulary "
-                                 f"{tokenizer['vocab_size']}); run `kd prepare` with prepare.tokenizer: "
-                                 f"{teacher.directory}")
-        vocab = teacher.config["vocab_size"]
-        for split in self.infos:
-            largest = text.max_token(prepared / f"{split}.parquet")
-            if largest >= vocab:
-                raise InputError(f"{prepared / f'{split}.parquet'}: token id {largest} is outside the teacher's "
-                                 f"vocabulary of {vocab} ids ({teacher.directory})")
+        check_teacher(teacher, prepared, self.infos)
 
     def header(self) -> dict[str, Any]:
         info = self.infos["labeled"]
@@ -145,6 +127,29 @@ class Inputs:
         return Batch(np.repeat(ids, counts), np.zeros(int(counts.sum()), dtype=np.int32),
                      np.nonzero(keep)[1].astype(np.int32), logits, feats, tokens[:, 1:].numpy()[keep],
                      np.ones(int(counts.sum()), dtype=bool))
+
+
+def check_teacher(teacher: Teacher, prepared: Path, infos: dict[str, dict[str, Any]]) -> None:
+    """Refuse a teacher that would read the ids of these prepared splits (`text.split_info` by
+    name) as other tokens: data prepared with another tokenizer (whatever the two vocabulary
+    sizes), or an id past its vocabulary."""
+    tokenizer = teacher.config.get("tokenizer")
+    if tokenizer is None:
+        raise InputError(f"{teacher.directory}: not a language model (no tokenizer beside it); the text in "
+                         f"{prepared} needs one")
+    for split, info in infos.items():
+        if info["tokenizer_sha256"] != tokenizer["sha256"]:
+            raise InputError(f"{prepared / f'{split}.parquet'}: prepared with another tokenizer than the "
+                             f"teacher's: {prepared_tokenizer_name(info)} vs the teacher's "
+                             f"{teacher.directory} (sha256 {tokenizer['sha256'][:12]}, vocabulary "
+                             f"{tokenizer['vocab_size']}); run `kd prepare` with prepare.tokenizer: "
+                             f"{teacher.directory}")
+    vocab = teacher.config["vocab_size"]
+    for split in infos:
+        largest = text.max_token(prepared / f"{split}.parquet")
+        if largest >= vocab:
+            raise InputError(f"{prepared / f'{split}.parquet'}: token id {largest} is outside the teacher's "
+                             f"vocabulary of {vocab} ids ({teacher.directory})")
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -484,9 +489,50 @@ def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, s
                 "perplexity_gain": twin - student, "perplexity_reduction": 1 - student / twin}
 
     positions = torch.arange(1, tokens.shape[1]).repeat(len(tokens), 1)
-    return evaluate_rows(student_dir, cache, cfg, TokenRows, model_input(tokens, predicted), truth,
-                         positions.reshape(-1) if predicted is None else positions[predicted], perplexity, keys,
-                         ("perplexity", "perplexity_reduction", lambda s, b: 1 - s / b))
+    record, plots = evaluate_rows(student_dir, cache, cfg, TokenRows, model_input(tokens, predicted), truth,
+                                  positions.reshape(-1) if predicted is None else positions[predicted], perplexity,
+                                  keys, ("perplexity", "perplexity_reduction", lambda s, b: 1 - s / b))
+    if predicted is not None:
+        columns, seeds = plots["seeds.csv"]
+        matches = exact_matches(student_dir, prepared, cfg)
+        record |= {"exact_match": matches[0]["student"], "baseline_exact_match": matches[0]["baseline"],
+                   "teacher_exact_match": teacher_exact_match(prepared),
+                   "exact_match_gain_points": 100.0 * (matches[0]["student"] - matches[0]["baseline"]),
+                   **metrics.seed_summary([{"exact_match": m["student"], "baseline_exact_match": m["baseline"]}
+                                           for m in matches], "exact_match", "exact_match_gain_points")}
+        plots["seeds.csv"] = ([*columns, "student_exact_match", "baseline_exact_match"],
+                              [{**row, "student_exact_match": m["student"], "baseline_exact_match": m["baseline"]}
+                               for row, m in zip(seeds, matches)])
+    return record, plots
+
+
+def exact_matches(student_dir: Path, prepared: Path, cfg: EvalConfig) -> list[dict[str, float]]:
+    """Instruction data: the share of test prompts that the student and its twin answer exactly
+    (greedy, until eos or the end of the block; `generate.exact_match`), for every seed in the
+    order `evaluate_rows` lists them."""
+    from pipeline import generate
+
+    _, prompts, truths = generate.prompts_and_responses(prepared / "test.parquet")
+    pad, eos = generate.special_of(prepared)
+    block = text.split_info(prepared / "test.parquet")["block_size"]
+
+    def score(directory: Path) -> float:
+        found = generate.answers(lm.load(directory), prompts, batch_size=cfg.batch_size, max_new_tokens=block,
+                                 block_size=block, pad=pad, eos=eos)
+        return generate.exact_match(found, truths)
+
+    record = read_json(student_dir / STUDENT_RECORD)
+    directories = [student_dir] + [directory for _, directory in metrics.seed_dirs(student_dir, record)]
+    return [{"student": score(d), "baseline": score(d / "baseline")} for d in directories]
+
+
+def teacher_exact_match(prepared: Path) -> float | None:
+    """The teacher's exact match on the test prompts, as `kd generate` measured it when it wrote
+    `prepared` (None for data it did not write)."""
+    from pipeline import generate
+
+    manifest = prepared / generate.MANIFEST
+    return read_json(manifest).get("teacher_exact_match") if manifest.is_file() else None
 
 
 def teacher_perplexity(cache: Cache) -> float | None:
