@@ -32,6 +32,7 @@ import torch
 from pipeline import augment, parallel
 from pipeline.prepared import images as data
 from pipeline.cache import Cache, SoftTargets
+from pipeline.cache.layout import sample_starts
 from pipeline.config import StudentConfig
 from pipeline.errors import StaleCacheError
 from pipeline.methods import needed_temperatures
@@ -85,7 +86,7 @@ def read_rows(cache: Cache, cfg: StudentConfig, split: str, source: Path, sample
     samples `sample_ids` read from `source`, each sample's rows together; `truth` (R,) is each
     row's true label, -1 where unknown. Refuses rows of other samples."""
     soft = cache.soft_targets(split, needed_temperatures(cfg), parts=parts)
-    if not np.array_equal(soft.ids[run_starts(soft.ids)], sample_ids):
+    if not np.array_equal(soft.ids[sample_starts(soft.ids)], sample_ids):
         raise StaleCacheError(f"{cache.root}: ids of split {split} differ from {source}; run `kd label` again")
     first_row = cache.split(split)["parts"][parts[0]]["first_row"] if parts else 0
     features = {}
@@ -98,11 +99,6 @@ def read_rows(cache: Cache, cfg: StudentConfig, split: str, source: Path, sample
                      topk_logit=torch.tensor(soft.topk_logit, dtype=torch.float32),
                      lse=soft.lse,
                      label=torch.from_numpy(hard_labels(cfg.loss.hard, truth, soft)), features=features)
-
-
-def run_starts(ids: np.ndarray) -> np.ndarray:
-    """(R,) bool: the first row of each sample (rows of one sample are together)."""
-    return np.concatenate([[True], ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, bool)
 
 
 @dataclass

@@ -18,6 +18,8 @@ import hashlib
 import math
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:
     from pipeline.cache.store import Store
 
@@ -58,6 +60,12 @@ def rows_per_sample(manifest: dict[str, Any]) -> int | None:
     if text and text.get("response_only"):
         return None
     return (text["positions"] if text else 1) * (manifest["views"]["count"] + 1)
+
+
+def sample_starts(ids: np.ndarray) -> np.ndarray:
+    """(R,) bool: whether each cache row is the first of its sample (a sample's rows are together,
+    in cache order)."""
+    return np.concatenate([[True], ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, bool)
 
 
 def feature_arrays(specs: list[dict[str, Any]]) -> list[tuple[str, list[int], str]]:

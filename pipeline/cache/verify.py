@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline.cache import encoding as encodings
 from pipeline.cache.layout import (FEATURES, MANIFEST, SOFT_TARGETS, chunks_sha256, feature_path, lse_column,
-                                   rows_per_sample)
+                                   rows_per_sample, sample_starts)
 from pipeline.cache.manifest import part_problem, read_manifest
 from pipeline.cache.reader import fixed_list
 from pipeline.cache.store import Store
@@ -112,8 +112,7 @@ def _check_table(path: str, table: pa.Table, manifest: dict[str, Any], part: dic
         return [f"{path}: {table.num_rows} rows, the manifest says {part['rows']}"]
     problems = task.check_rows(path, table, manifest, views)
     ids = table["id"].to_numpy()
-    starts = np.concatenate([[True], ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, bool)
-    if len(np.unique(ids)) != starts.sum() or (views and not (ids.reshape(-1, views) == ids[::views, None]).all()):
+    if len(np.unique(ids)) != sample_starts(ids).sum() or (views and not (ids.reshape(-1, views) == ids[::views, None]).all()):
         problems.append(f"{path}: rows of one sample are not together")
     columns = {name: fixed_list(table[name], k) for name in stored}
     if encoding["name"] == "compact":

@@ -72,17 +72,19 @@ class Inputs:
         self.input_shape = [self.block_size]
         self.per_sample = self.block_size - 1  # the most rows a block has
         self.response_only = self.infos["labeled"]["response_only"]
-        self.predicted = {s: text.predicted(prepared / f"{s}.parquet") for s in splits}
+        masks = {s: text.predicted(prepared / f"{s}.parquet") for s in splits}
+        self.counts = {s: None if m is None else m.sum(1).astype(np.int64) for s, m in masks.items()}
         self.cfg = cfg
 
     def samples(self, split: str) -> int:
         return self.infos[split]["rows"]
 
     def row_counts(self, split: str) -> np.ndarray:
-        """Cache rows of each block: its predicted positions."""
-        if self.predicted[split] is None:
+        """Cache rows of each block: its predicted positions (`per_sample` for every block of
+        plain text, and of a masked LM's maskings)."""
+        if self.counts[split] is None:
             return np.full(self.samples(split), self.per_sample, np.int64)
-        return self.predicted[split].sum(1).astype(np.int64)
+        return self.counts[split]
 
     def check_teacher(self, teacher: Teacher, prepared: Path) -> None:
         check_teacher(teacher, prepared, self.infos)
@@ -585,13 +587,14 @@ def evaluate_rows(student_dir: Path, cache: Cache, cfg: EvalConfig, wrap: Callab
 def check_rows(path: str, table: Any, manifest: dict[str, Any], views: int) -> list[str]:
     """`kd cache verify`: each block's rows are positions 0..L-2, in order (instruction data:
     some of them, ascending), all of view 0."""
+    from pipeline.cache.layout import sample_starts
     from pipeline.cache.verify import in_order
 
     if views is not None:
         problems = in_order(path, table, "position", views)
     else:
-        ids, position = table["id"].to_numpy(), table["position"].to_numpy()
-        same = ids[1:] == ids[:-1]
+        position = table["position"].to_numpy()
+        same = ~sample_starts(table["id"].to_numpy())[1:]  # row i + 1 continues row i's block
         problems = [] if not len(position) or ((np.diff(position)[same] > 0).all() and position.min() >= 0
                                                and position.max() < manifest["text"]["positions"]) else [
             f"{path}: position column out of order (expected ascending response positions per block)"]

@@ -64,9 +64,6 @@ class Inputs(causal_lm.Inputs):
         self.special = text.load_tokenizer(prepared)[1]
         lm.mask_id(self.special, str(prepared))
 
-    def row_counts(self, split: str) -> np.ndarray:
-        return np.full(self.samples(split), self.per_sample, np.int64)
-
     def header(self) -> dict[str, Any]:
         header = super().header()
         header["text"] |= {"objective": OBJECTIVE, "positions": self.masked_count,
