@@ -46,6 +46,9 @@ def topk_soft_target_loss_per_row(student_logits, topk_idx, topk_logit, lse, tem
     # gradient; the student's has a closed form, computed chunk by chunk (see _TopkKL).
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+    rows, classes = student_logits.shape
+    if tail == "bucket" and rows * classes <= CHUNK_ELEMENTS:  # one chunk: fewer ops (a classifier's step)
+        return _SmallTopkKL.apply(student_logits, topk_idx.long(), topk_logit, lse, float(temperature))
     return _TopkKL.apply(student_logits, topk_idx, topk_logit, lse, float(temperature), tail)
 
 
@@ -143,6 +146,47 @@ def _topk_kl_grad(student_logits, idx, saved, grad_rows, T, tail):
         u = (student_logits[chunk].to(dtype) / T).sub_(shift[chunk, None]).exp_()
         grad[chunk] = u.mul_(coefficient[chunk, None]).scatter_(1, idx[chunk], top[chunk])
     return grad
+
+
+class _SmallTopkKL(torch.autograd.Function):
+    """`_TopkKL` with the bucket tail for logits that fit one chunk (an image classifier's
+    batch, a few rows of a small vocabulary), in as few tensor operations as the closed form
+    allows: at 10 classes a step's cost is per-operation overhead, not arithmetic. It keeps
+    the student's log-probabilities (B, C) for the backward instead of recomputing them, and
+    takes the tail's logsumexp over the log-probabilities, so a tail below exp's range is
+    exact here too."""
+
+    @staticmethod
+    def forward(ctx, student_logits, idx, topk_logit, lse, T):
+        dtype = torch.promote_types(student_logits.dtype, torch.float32)
+        log_q = torch.log_softmax(student_logits.to(dtype) / T, dim=1)  # (B, C)
+        t_logp = topk_logit.to(dtype) / T - lse.to(dtype).unsqueeze(1)  # (B, k); the inputs stay untouched
+        p = t_logp.exp()
+        kl = (p * (t_logp - log_q.gather(1, idx))).sum(1)
+        mass = p.sum(1)
+        # the gradient outside the top-k is u_j * coefficient, u_j = q_j / q_tail <= 1 (see _TopkKL)
+        log_tail, coefficient = torch.zeros_like(mass), mass
+        if idx.shape[1] < log_q.shape[1]:
+            # float16 rounding can push the teacher's kept mass a hair past 1, hence the clamp
+            t_tail = (1 - mass).clamp_(min=0)
+            log_tail = log_q.scatter(1, idx, float("-inf")).logsumexp(1)
+            kl += torch.xlogy(t_tail, t_tail) - t_tail * log_tail
+            mass = mass + t_tail
+            coefficient = log_tail.exp() * mass - t_tail
+            log_tail = log_tail.nan_to_num(neginf=float("inf"))  # no student tail (-inf logits): u = 0
+        ctx.save_for_backward(log_q, idx, p, mass, log_tail, coefficient)
+        ctx.T, ctx.dtype = T, student_logits.dtype
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        log_q, idx, p, mass, log_tail, coefficient = ctx.saved_tensors
+        scale = grad_rows.to(log_q.dtype).unsqueeze(1) / ctx.T  # (B, 1)
+        # outside the top-k: u_j * (q_tail * mass - t_tail); on it: q_j * mass - p_j
+        grad = (log_q - log_tail.unsqueeze(1)).exp_().mul_(coefficient.unsqueeze(1) * scale)
+        top = (log_q.gather(1, idx).exp_().mul_(mass.unsqueeze(1)).sub_(p)).mul_(scale)
+        grad = grad.scatter_(1, idx, top).to(ctx.dtype)
+        return grad, None, None, None, None
 
 
 def topk_soft_target_loss_from_hidden(hidden, weight, topk_idx, topk_logit, lse, temperature, bias=None):

@@ -301,13 +301,16 @@ def plain_topk_kl(student_logits, topk_idx, topk_logit, lse, T, tail):
     return torch.where(log_p.exp() > 0, log_p.exp() * (log_p - log_q), 0.0).sum(1)
 
 
+@pytest.mark.parametrize("chunks", ["several", "one"])
 @pytest.mark.parametrize("tail", ["bucket", "renorm"])
 @pytest.mark.parametrize("k", [1, 3, 10])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_topk_loss_closed_form_gradient_equals_autograd(tail, k, dtype, monkeypatch):
-    """The fused, chunked backward of topk_soft_target_loss_per_row equals autograd through a
-    plain implementation of the same KL (chunks of a few rows, so that several are used)."""
-    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 50)  # 5 rows of 10 classes per chunk: 7 chunks
+def test_topk_loss_closed_form_gradient_equals_autograd(tail, k, dtype, chunks, monkeypatch):
+    """The fused backward of topk_soft_target_loss_per_row equals autograd through a plain
+    implementation of the same KL: chunked (chunks of a few rows, so that several are used)
+    and, for logits that fit one chunk, the bucket tail's shorter path (_SmallTopkKL)."""
+    if chunks == "several":
+        monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 50)  # 5 rows of 10 classes per chunk: 7 chunks
     g = torch.Generator().manual_seed(k)
     teacher = torch.randn(32, 10, generator=g, dtype=torch.float64) * 4
     shifted = teacher - teacher.max(1, keepdim=True).values
@@ -328,9 +331,12 @@ def test_topk_loss_closed_form_gradient_equals_autograd(tail, k, dtype, monkeypa
             lambda s: losses.topk_soft_target_loss_per_row(s, topk_idx, topk_logit, lse, 3, tail), (student,))
 
 
-def test_topk_loss_is_exact_when_the_students_tail_underflows():
+@pytest.mark.parametrize("chunks", ["several", "one"])
+def test_topk_loss_is_exact_when_the_students_tail_underflows(chunks, monkeypatch):
     """A student sure of its top-k (its tail under exp's float32 range): the tail's logsumexp is
     taken on its own, so the loss and gradient stay finite and equal the float64 figures."""
+    if chunks == "several":
+        monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 10)  # a chunk per row
     student = torch.full((4, 10), -150.0)
     student[:, :3] = torch.tensor([0.0, -1.0, -2.0])
     student = student.requires_grad_()
@@ -345,6 +351,28 @@ def test_topk_loss_is_exact_when_the_students_tail_underflows():
     assert torch.isfinite(fused).all() and fused.min() > 10  # the teacher's 0.14 tail costs ~150 nats x 0.14
     torch.testing.assert_close(fused.double(), reference.detach(), rtol=1e-5, atol=0)
     torch.testing.assert_close(grad.double(), reference_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunks", ["several", "one"])
+def test_topk_loss_with_a_student_that_has_no_tail(chunks, monkeypatch):
+    """A student whose logits outside the teacher's top-k are -inf (masked) while the teacher
+    keeps mass there: the KL is +inf, as it should be, and the gradient stays finite (no NaN
+    to poison the step), 0 outside the top-k and q * mass - p on it."""
+    if chunks == "several":
+        monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 10)
+    student = torch.full((3, 6), float("-inf"))
+    student[:, :3] = torch.tensor([[0.0, -1.0, 0.5]])
+    student = student.requires_grad_()
+    teacher = torch.tensor([[0.0, -0.3, -0.9, -2.0, -2.0, -2.0]]).repeat(3, 1)
+    topk_logit, topk_idx = teacher.topk(3, dim=1)
+    lse = teacher.logsumexp(1)
+    kl = losses.topk_soft_target_loss_per_row(student, topk_idx, topk_logit, lse, 1.0)
+    (grad,) = torch.autograd.grad(kl.sum(), student)
+    assert torch.isinf(kl).all()
+    p = (topk_logit - lse[:, None]).exp()
+    q = student.detach()[:, :3].softmax(1)
+    torch.testing.assert_close(grad[:, :3], q - p)  # the teacher's whole mass is 1
+    assert (grad[:, 3:] == 0).all()
 
 
 def test_the_hidden_state_variant_equals_the_loss_on_projected_logits(monkeypatch):
