@@ -58,6 +58,9 @@ class PrepareConfig:
     image_size: list[int] | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
+    # how their pixels are stored: `pixels` (uint8 `x`, zstd) or `png` (an `image` column of
+    # lossless PNG bytes, decoded by the readers: about the size of PNG files, 0.7x of `pixels`)
+    store: str = "pixels"
     # samples per split; for text, blocks of block_size tokens (null: every block of the split;
     # for images, the whole of a split the source names)
     labeled: int | None = 1000

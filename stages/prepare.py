@@ -35,6 +35,8 @@ def main(
     mean: Optional[str] = typer.Option(None, "--mean", help="Encoded images: per-channel mean of pixel/255, e.g. 0.5,0.5,0.5 "
                                        "(default: the labeled split's)."),
     std: Optional[str] = typer.Option(None, "--std", help="Encoded images: per-channel std of pixel/255 (with --mean)."),
+    store: Optional[str] = typer.Option(None, "--store", help="Encoded images: how pixels are written, `pixels` "
+                                        "(uint8 x) or `png` (one lossless PNG file per row, the smaller)."),
     labeled: Optional[int] = typer.Option(None, "--labeled", help="Rows (text: blocks) in the labeled split."),
     unlabeled: Optional[int] = typer.Option(None, "--unlabeled", help="Rows (text: blocks) in the unlabeled (transfer) split."),
     test: Optional[int] = typer.Option(None, "--test", help="Rows (text: blocks) in the test split."),
@@ -65,7 +67,7 @@ def main(
     parsed = json_option("--shares", shares)
     size = sources.images.parse_shape(image_size, "--image-size") if image_size is not None else None
     cfg = override(cfg, dataset=dataset, input_shape=shape, image_size=size, mean=numbers_option("--mean", mean),
-                   std=numbers_option("--std", std), labeled=labeled, unlabeled=unlabeled,
+                   std=numbers_option("--std", std), store=store, labeled=labeled, unlabeled=unlabeled,
                    test=test, samples=samples, seed=seed, text_column=text_column, tokenizer=tokenizer,
                    prompt_column=prompt_column, keep=keep, response_column=response_column, messages_column=messages_column,
                    vocab_size=vocab_size,

@@ -126,11 +126,14 @@ def test_wrong_factories_and_outputs_get_one_line(zoo):
 # --- a custom teacher through the stages --------------------------------------------------------
 
 
-def test_torchvision_style_teacher_from_params_through_label_distill_eval(zoo, workdir, write_params):
+@pytest.mark.parametrize("store", ["pixels", "png"])
+def test_torchvision_style_teacher_from_params_through_label_distill_eval(zoo, workdir, write_params, store):
+    """A timm-style teacher and a torchvision-style student through every stage, from images
+    stored as uint8 pixels or as PNG files (prepare.store)."""
     folder(workdir / "imgs")
     arch = f"{zoo}:timm_style"
     params = write_params(
-        prepare={"dataset": "imgs", "labeled": 24, "unlabeled": 12, "test": None},
+        prepare={"dataset": "imgs", "labeled": 24, "unlabeled": 12, "test": None, "store": store},
         teacher={"arch": arch, "arch_kwargs": {"style": "output"}, "epochs": 2, "batch_size": 8, "shift": 1},
         label={"arch": arch, "arch_kwargs": {"style": "output"}, "top_k": 2, "temperatures": [1, 4]},
         students={"small": {"arch": f"{zoo}:torchvision_style", "arch_kwargs": {"style": "tuple"}, "epochs": 1,
@@ -139,6 +142,7 @@ def test_torchvision_style_teacher_from_params_through_label_distill_eval(zoo, w
         eval={"latency_runs": 2, "throughput_runs": 1, "throughput_batch": 8},
     )
     ok(invoke(prepare.main, "--params", params))
+    assert ("image" in pq.read_schema(workdir / "data" / "prepared" / "test.parquet").names) == (store == "png")
     ok(invoke(teacher.main, "--params", params, "--no-progress"))
     ok(invoke(label.main, "--params", params, "--no-progress"))
     manifest = read_json(workdir / "data" / "teacher_outputs" / "manifest.json")

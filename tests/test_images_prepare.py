@@ -107,6 +107,59 @@ def test_uint8_split_without_its_normalisation_is_refused(tmp_path):
     assert len(data.read_split(path, columns=("id", "y")).ids) == 2  # x not asked for: no need for it
 
 
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_png_split_round_trip_reads_the_same_floats_as_uint8(tmp_path, channels):
+    """store png: one lossless PNG file per row in an `image` column; every reader returns the
+    float32 inputs the uint8 form gives, bit for bit, whole or by rows across row groups."""
+    rng = np.random.default_rng(channels)
+    pixels = rng.integers(0, 256, (11, channels * 4 * 5), dtype=np.uint8)
+    norm = data.Norm([0.5] * channels, [0.25] * channels)
+    split = data.Split(np.arange(11, dtype=np.int64) * 7, pixels, rng.integers(0, 3, 11), [channels, 4, 5], 3, norm)
+    data.write_split(tmp_path / "u8.parquet", split, dataset="toy", row_group_rows=4)
+    data.write_split(tmp_path / "png.parquet", split, dataset="toy", row_group_rows=4, store="png")
+
+    schema = pq.read_schema(tmp_path / "png.parquet")
+    assert schema.names == ["id", "image", "y"] and schema.field("image").type == pa.binary()
+    blob = pq.read_table(tmp_path / "png.parquet").column("image")[0].as_py()
+    assert blob.startswith(b"\x89PNG")  # a PNG file any image library opens
+    png, u8 = data.read_split(tmp_path / "png.parquet"), data.read_split(tmp_path / "u8.parquet")
+    assert_array_equal(png.x, u8.x)
+    assert png.x.dtype == np.float32 and not png.x.flags.writeable
+    assert_array_equal(png.ids, u8.ids) and assert_array_equal(png.y, u8.y)
+    assert_array_equal(data.read_rows(tmp_path / "png.parquet", 3, 9).x, u8.x[3:9])
+    assert data.split_info(tmp_path / "png.parquet")["input_shape"] == [channels, 4, 5]
+    assert len(data.read_split(tmp_path / "png.parquet", columns=("id", "y")).ids) == 11
+
+
+def test_png_split_with_a_wrong_image_is_refused_naming_the_row(tmp_path):
+    split = data.Split(np.arange(3), np.zeros((3, 3 * 4 * 5), np.uint8), np.zeros(3, np.int64), [3, 4, 5], 1,
+                       data.Norm([0.5] * 3, [0.5] * 3))
+    path = tmp_path / "s.parquet"
+    data.write_split(path, split, dataset="toy", store="png")
+    table = pq.read_table(path)
+    buffer = io.BytesIO()
+    Image.new("RGB", (6, 4)).save(buffer, format="PNG")  # 6 wide, not 5
+    images = table.column("image").to_pylist()
+    images[2] = buffer.getvalue()
+    pq.write_table(table.set_column(1, "image", pa.array(images, pa.binary())), path)
+    with pytest.raises(InputError, match=r"row 2 of column 'image' is a PNG RGB 6x4 image; .* needs a PNG RGB 5x4"):
+        data.read_split(path)
+    images[2] = b"not an image"
+    pq.write_table(table.set_column(1, "image", pa.array(images, pa.binary())), path)
+    with pytest.raises(InputError, match="row 2 of column 'image' is not a readable image"):
+        data.read_rows(path, 1, 3)
+
+
+@pytest.mark.parametrize("dataset, store, message", [
+    ("digits", "png", "prepare.store: 'png' stores 8-bit pixels; 'digits' has float inputs (store: pixels)"),
+    ("digits", "jpeg", "prepare.store: 'jpeg' must be one of pixels, png"),
+])
+def test_store_errors_are_one_line(workdir, write_params, dataset, store, message):
+    params = write_params(prepare={"dataset": dataset, "labeled": 10, "unlabeled": 10, "test": 10, "store": store})
+    result = invoke(prepare.main, "--params", params, expect=1)
+    assert result.stderr.strip() == f"error: {message}" and not (workdir / "data").exists()
+
+
 # --- image folders -----------------------------------------------------------------------------
 
 
@@ -283,3 +336,10 @@ def test_prepared_bytes_per_image_against_png(workdir, write_params):
           f"({ratio:.2f}x), float32 x would be {4 * 64 * 64 * 3:,} B/image")
     assert prepared / 108 < 64 * 64 * 3  # at most the raw uint8 pixels (float32 x: 4x that)
     assert ratio < 1.5  # 1.43x here (zstd; snappy: 1.69x): PNG's per-row prediction is what Parquet lacks
+    inputs = {name: data.read_split(out / f"{name}.parquet").x for name in ("labeled", "unlabeled", "test")}
+    as_png = run_prepare(workdir, write_params, dataset="photos", labeled=60, unlabeled=30, test=18, store="png")
+    png_ratio = sum((as_png / f"{name}.parquet").stat().st_size for name in ("labeled", "unlabeled", "test")) / png
+    print(f"prepared with store png: {png_ratio:.2f}x the PNG files")
+    assert png_ratio <= 1.2  # the issue's bound; 1.00x here
+    for name in ("labeled", "unlabeled", "test"):  # the same inputs, whichever form is on disk
+        assert_array_equal(data.read_split(as_png / f"{name}.parquet").x, inputs[name])

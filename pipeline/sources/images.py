@@ -165,6 +165,8 @@ def check_config(cfg: PrepareConfig) -> None:
             raise ConfigError(f"prepare.{key}: give prepare.mean and prepare.std together (or neither)")
     if cfg.std is not None and any(v <= 0 for v in cfg.std):
         raise ConfigError(f"prepare.std: {cfg.std} must all be > 0")
+    if cfg.store not in image_files.STORES:
+        raise ConfigError(f"prepare.store: {cfg.store!r} must be one of {', '.join(image_files.STORES)}")
 
 
 def is_user_file(dataset: str) -> bool:
@@ -481,7 +483,10 @@ def prepare(cfg: PrepareConfig, out: Path) -> Prepared:
         norm = normalisation(splits["labeled"], cfg)
         for part in splits.values():
             part.norm = norm
-    meta = {"dataset": cfg.dataset, "classes": classes}
+    elif cfg.store != "pixels":
+        raise ConfigError(f"prepare.store: {cfg.store!r} stores 8-bit pixels; {cfg.dataset!r} has float inputs "
+                          "(store: pixels)")
+    meta = {"dataset": cfg.dataset, "classes": classes, "store": cfg.store}
     with replacing(out) as tmp:
         for name, part in splits.items():
             image_files.write_split(tmp / f"{name}.parquet", part, **meta)
