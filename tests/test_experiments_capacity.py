@@ -75,10 +75,11 @@ def test_progressive_rows_carry_the_size_ratio_and_both_gains_over_the_twins(tmp
     assert "no student learns through an assistant" in empty.axes[0].texts[0].get_text()
 
 
-def test_every_via_student_of_the_experiment_has_its_direct_twin_and_a_larger_assistant():
-    params = yaml.safe_load((EXPERIMENT / "params.yaml").read_text())
+@pytest.mark.parametrize("experiment, sizes", [("capacity", 5), ("capacity_large", 1)])
+def test_every_via_student_of_the_experiment_has_its_direct_twin_and_a_larger_assistant(experiment, sizes):
+    params = yaml.safe_load((ROOT / "experiments" / experiment / "params.yaml").read_text())
     students, assistants = params["students"], params["assistants"]
-    assert len([n for n in students if not students[n].get("assistant")]) >= 5
+    assert len([n for n in students if not students[n].get("assistant")]) >= sizes
     for name, spec in students.items():
         if spec.get("assistant"):
             direct = name.split("_via_")[0]
