@@ -108,6 +108,9 @@ class TeacherConfig:
         check_view_recipe(self, "teacher")
 
 
+PART_ROWS = 16384  # cache rows a part holds when label.part_size is null
+
+
 @dataclass
 class LabelConfig:
     # the teacher's architecture when its config.json cannot name it: package.module:factory
@@ -132,7 +135,9 @@ class LabelConfig:
     view_flip: float | None = None
     view_seed: int = 0
     batch_size: int = 256
-    part_size: int = 16384  # samples per Parquet part (and per resume step)
+    # samples per Parquet part (and per resume step); null: about PART_ROWS cache rows' worth
+    # (16,384 images, or 129 blocks of 128 tokens), so a streamed student holds little
+    part_size: int | None = None
     keep_teacher: bool = False  # copy the teacher's weights into the cache (students with init: teacher)
     # a language-model teacher's dtype (auto: its config's) and device (auto: cuda when there is one)
     dtype: str = "auto"
@@ -162,7 +167,7 @@ class LabelConfig:
                 raise ConfigError(f"label.{key}: {getattr(self, key)} must be >= 0")
         check_view_recipe(self, "label")
         for key in ("batch_size", "part_size"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"label.{key}: {getattr(self, key)} must be >= 1")
 
 

@@ -102,6 +102,23 @@ def test_kept_mass_grows_with_k_and_shards_equal_one_process(lm_world, tmp_path)
     assert digest(sharded) == digest(tmp_path / "k8")
 
 
+def test_a_null_part_size_holds_a_fixed_number_of_rows_per_part(lm_world, tmp_path, monkeypatch):
+    """label.part_size null (the default) cuts parts of PART_ROWS cache rows' worth of blocks,
+    not 16,384 blocks (2M rows for 128-token blocks: a streamed student held a whole split),
+    and writes exactly the cache that part size given by hand writes."""
+    from pipeline.cache import writer
+
+    args = [a for a in label_args(lm_world, tmp_path / "auto", "--top-k", 8) if a not in ("--part-size", 16)]
+    monkeypatch.setattr(writer, "PART_ROWS", 16 * (BLOCK - 1) + 5)  # 16 blocks of BLOCK - 1 rows, and a few over
+    ok(invoke(label.main, *args))
+    ok(invoke(label.main, *label_args(lm_world, tmp_path / "explicit", "--top-k", 8)))
+    auto = Cache.open(tmp_path / "auto")
+    assert auto.manifest["label"]["part_size"] == 16 and len(auto.split("labeled")["parts"]) == 120 // 16 + 1
+    digest = lambda root: {rel: Store(root).sha256(rel) for rel in Store(root).files("")  # noqa: E731
+                           if not rel.split("/")[-1].startswith(".lock")}
+    assert digest(tmp_path / "auto") == digest(tmp_path / "explicit")
+
+
 def test_a_pooled_token_feature_and_views_on_text_are_refused(lm_world, tmp_path):
     result = invoke(label.main, *label_args(lm_world, tmp_path / "c", "--feature", "transformer.h.0=pooled"))
     assert result.exit_code == 1 and "token rows cache hidden states in full" in result.output

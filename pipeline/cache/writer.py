@@ -16,6 +16,7 @@ directory or an object-store URL (see `store`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from pipeline.cache.layout import (FEATURES, MANIFEST, ROW_GROUP_ROWS, SHARDS, S
                                    chunks_sha256, feature_arrays, feature_path, lse_column, part_path, shard_record)
 from pipeline.cache.manifest import SCHEMA_VERSION, part_problem, read_manifest
 from pipeline.cache.store import Store
-from pipeline.config import SPLITS, LabelConfig, as_dict, view_recipe
+from pipeline.config import PART_ROWS, SPLITS, LabelConfig, as_dict, view_recipe
 from pipeline.errors import CacheError, ConfigError, InputError, MissingInputError, StaleCacheError
 from pipeline.prepared import data_fingerprint
 
@@ -143,6 +144,8 @@ def label(teacher: Teacher, prepared: Path, out: str | Path, cfg: LabelConfig, *
             raise MissingInputError(f"{prepared / f'{required}.parquet'}: not found (run `kd prepare`)")
     inputs = tasks.for_prepared(prepared, teacher.config.get("objective")).Inputs(prepared, splits, cfg)
     inputs.check_teacher(teacher, prepared)
+    if cfg.part_size is None:  # the cache's key and manifest record the size it resolves to
+        cfg = dataclasses.replace(cfg, part_size=max(1, PART_ROWS // inputs.per_sample))
     fingerprints = {s: data_fingerprint(prepared / f"{s}.parquet") for s in splits}
     key = cache_key(teacher, fingerprints, cfg)
     model = teacher.model.eval()
