@@ -555,7 +555,8 @@ def evaluate_rows(student_dir: Path, cache: Cache, cfg: EvalConfig, wrap: Callab
     """What every token task measures on the test rows: the student (wrapped by `wrap`) and its
     twin on the inputs `x`, one logits row per cache row with its `truth` and block `position`;
     `score(logits, truth)` for them and every further seed; the task's `keys(student score, twin
-    score, per-row losses, the cache's test rows)`; `against_teacher`; the seed summary
+    score, per-row losses, the cache's test rows)`; the student's `ece` (its top-1 token's
+    probability against whether it is the truth); `against_teacher`; the seed summary
     (`seeds_as`: the key, the change's key, the change). Plots: the mean loss of the student and
     its twin at each block position (how each uses its context), and one row per seed."""
     student = wrap(lm.load(student_dir))
@@ -571,7 +572,9 @@ def evaluate_rows(student_dir: Path, cache: Cache, cfg: EvalConfig, wrap: Callab
                                       for who, path in (("student", directory), ("baseline", directory / "baseline"))}})
     soft = cache.soft_targets("test", [1.0])
     key, change, paired = seeds_as
+    confidence, predicted = logits.softmax(1).max(1)  # calibration of the predicted token (15 bins)
     record = {"objective": cache.manifest["text"]["objective"], **keys(first, twin, losses, soft),
+              "ece": metrics.ece(confidence.numpy(), (predicted == truth).numpy(), cfg.ece_bins),
               **against_teacher(student, logits, x, soft, student_dir, cache, cfg, teacher_copy(cache, wrap)),
               **metrics.seed_summary([{key: r["student"], f"baseline_{key}": r["baseline"]} for r in seeds],
                                      key, change, paired)}
