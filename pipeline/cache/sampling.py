@@ -61,6 +61,14 @@ def draw(logits: torch.Tensor, draws: int, temperature: float, keys: np.ndarray
          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A batch's draws at one temperature: (sample_idx (R, draws) int64 and sample_count (R, draws)
     int64, the distinct classes ascending, padded with count 0; entropy (R,) float32)."""
+    drawn, entropy = draws_in_order(logits, draws, temperature, keys)
+    return (*distinct(drawn), entropy)
+
+
+def draws_in_order(logits: torch.Tensor, draws: int, temperature: float, keys: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """((R, draws) int64, the classes in the order drawn; (R,) float32 entropy). Draw j of a row
+    does not depend on the number of draws: the first n of N draws are the draws of n."""
     rows, classes = logits.shape
     idx = np.zeros((rows, draws), np.int64)
     entropy = np.zeros(rows, np.float32)
@@ -73,7 +81,7 @@ def draw(logits: torch.Tensor, draws: int, temperature: float, keys: np.ndarray
         target = torch.from_numpy(uniforms(keys[chunk], draws)) * cdf[:, -1:]
         # the first class whose cdf passes the target: a class of probability 0 is never drawn
         idx[chunk] = torch.searchsorted(cdf, target, right=True).clamp_(max=classes - 1).numpy()
-    return (*distinct(idx), entropy)
+    return idx, entropy
 
 
 def distinct(drawn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
