@@ -100,7 +100,7 @@ class Sampled:
             names = sample_columns(T)
             cols = {**self.top1, names[0]: idx, names[1]: count, names[2]: self.entropy}
             cfg = config.LabelConfig(top_k=1, temperatures=[T], sampling=draws)
-            sums = sampling.fidelity_sums(self.logits, idx, count, T, "t1")
+            sums = sampling.fidelity_sums(self.logits, idx, count, self.entropy, T, "t1")
             n = len(self.logits)
             self.cache[draws] = {"targets": "sampled", "draws": draws,
                                  "bytes_per_token": part_bytes(cfg, self.meta, cols, self.logits.shape[1]) / n,

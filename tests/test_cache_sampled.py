@@ -204,3 +204,27 @@ def test_readme_decodes_a_sampled_row_with_numpy_alone(caches, tmp_path, monkeyp
     np.testing.assert_array_equal(scope["ids"], idx[0][kept])
     np.testing.assert_array_equal(scope["target"], count[0][kept] / DRAWS)
     assert scope["entropy"] == pytest.approx(float(soft.entropy[1.0][0]))
+
+
+def test_the_draws_fidelity_is_the_kl_to_the_documented_decoding():
+    """KL(full || decoded draws) against the decoding written out class by class: count / N of
+    the drawn share, Good-Turing's unseen mass (at least 1 / (N + 1)) spread over the rest."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 9, generator=g) * 2
+    logits[5] = torch.tensor([30.0] + [0.0] * 8)  # every draw the top class: no singleton
+    keys = sampling.row_keys(0, np.arange(6), np.zeros(6, np.int32), None, 2.0)
+    classes, counts, entropy = sampling.draw(logits, 5, 2.0, keys)
+    sums = sampling.fidelity_sums(logits, classes, counts, entropy, 2.0, "t2")
+    kl, mass = 0.0, 0.0
+    for z, idx, count in zip(logits.double().numpy(), classes, counts):
+        p = np.exp(z / 2 - np.log(np.exp(z / 2).sum()))
+        drawn = {int(i): int(c) for i, c in zip(idx, count) if c > 0}
+        unseen_mass = max(sum(c == 1 for c in drawn.values()), 1) / 6
+        q = np.array([drawn[j] / 5 * (1 - unseen_mass) if j in drawn else unseen_mass / (9 - len(drawn))
+                      for j in range(9)])
+        kl += float((p * np.log(p / q)).sum())
+        mass += sum(p[j] for j in drawn)
+    assert sums["kl_sampled_t2"] == pytest.approx(kl, rel=1e-5)
+    assert sums["sampled_mass_t2"] == pytest.approx(mass, rel=1e-6)

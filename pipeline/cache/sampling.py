@@ -140,24 +140,25 @@ def from_arrow(idx: pa.Array | pa.ChunkedArray, count: pa.Array | pa.ChunkedArra
     return classes, counts
 
 
-def fidelity_sums(logits: torch.Tensor, classes: np.ndarray, counts: np.ndarray, temperature: float,
-                  name: str) -> dict[str, float]:
+def fidelity_sums(logits: torch.Tensor, classes: np.ndarray, counts: np.ndarray, entropy: np.ndarray,
+                  temperature: float, name: str) -> dict[str, float]:
     """Per-row sums of one temperature's draws' fidelity (see the module docstring): the
-    teacher's mass on the drawn classes, and KL(full || decoded draws)."""
+    teacher's mass on the drawn classes, and KL(full || decoded draws) = -H - sum_drawn p log q
+    - (mass not drawn) log(unseen mass / classes not drawn)."""
     if not len(counts):
         return {f"sampled_mass_{name}": 0.0, f"kl_sampled_{name}": 0.0}
-    log_p = torch.log_softmax(logits.double() / float(temperature), dim=1)
-    num_classes = log_p.shape[1]
+    idx = torch.from_numpy(classes)
+    scaled = logits.float() / float(temperature)
+    log_p = (scaled.gather(1, idx) - torch.logsumexp(scaled, dim=1, keepdim=True)).double()  # (R, N)
     kept = torch.from_numpy(counts > 0)
     c = torch.from_numpy(counts).double()
     n = c.sum(1)
-    distinct_drawn = kept.sum(1)
-    p_drawn = log_p.gather(1, torch.from_numpy(classes)).exp() * kept
-    unseen = num_classes - distinct_drawn
-    singletons = (counts == 1).sum(1)
-    tail = torch.where(unseen > 0, torch.from_numpy(np.maximum(singletons, 1)) / (n + 1), 0.0)
+    p_drawn = log_p.exp() * kept
+    unseen = logits.shape[1] - kept.sum(1)  # classes never drawn
+    singletons = torch.from_numpy((counts == 1).sum(1))
+    tail = torch.where(unseen > 0, singletons.clamp(min=1) / (n + 1), 0.0)
     log_q = torch.log(c / n[:, None] * (1 - tail)[:, None]).where(kept, 0.0)
     p_outside = (1 - p_drawn.sum(1)).clamp(min=0)
-    kl = (log_p.exp() * log_p).nan_to_num().sum(1) - (p_drawn * log_q).sum(1)
+    kl = -torch.from_numpy(entropy).double() - (p_drawn * log_q).sum(1)
     kl -= torch.where(unseen > 0, p_outside * torch.log(tail / unseen.clamp(min=1)), 0.0)
     return {f"sampled_mass_{name}": float(p_drawn.sum()), f"kl_sampled_{name}": float(kl.clamp(min=0).sum())}

@@ -497,9 +497,9 @@ def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs
                     drawn = _draw(logits, batch, cfg)
                     cols |= drawn
                     for t in cfg.temperatures:
-                        idx, count, _ = sample_columns(t)
+                        idx, count, entropy = sample_columns(t)
                         batch_sums |= sampling.fidelity_sums(logits[torch.from_numpy(scored)], drawn[idx][scored],
-                                                             drawn[count][scored], t,
+                                                             drawn[count][scored], drawn[entropy][scored], t,
                                                              lse_column(t).removeprefix("lse_"))
                 for name, value in batch_sums.items():
                     sums[name] = sums.get(name, 0.0) + value
