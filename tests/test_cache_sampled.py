@@ -228,3 +228,22 @@ def test_the_draws_fidelity_is_the_kl_to_the_documented_decoding():
         mass += sum(p[j] for j in drawn)
     assert sums["kl_sampled_t2"] == pytest.approx(kl, rel=1e-5)
     assert sums["sampled_mass_t2"] == pytest.approx(mass, rel=1e-6)
+
+
+def test_the_experiments_params_are_valid_and_its_students_match_its_caches():
+    """experiments/sampled: both label sections and every student parse; one distill stage per
+    student, each reading the cache its targets need (sampled targets from the sampled cache)."""
+    from pipeline.config import section, student, student_names
+
+    root = Path(__file__).parents[1] / "experiments" / "sampled"
+    sampled = section(root / "params.yaml", "label", LabelConfig)
+    compact = section(root / "params_compact.yaml", "label", LabelConfig)
+    assert sampled.sampling and sampled.top_k == 1 and compact.encoding == "compact" and compact.sampling is None
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())
+    caches = stages["vars"][0]["caches"]
+    assert set(caches) == set(student_names(root / "params.yaml"))
+    for name in caches:
+        cfg = student(root / "params.yaml", name)
+        assert cfg.loss.soft.targets == ("sampled" if name == "sampled" else "topk")
+        assert cfg.repeats == 3
+    assert caches["sampled"] == stages["stages"]["label_sampled"]["outs"][0].popitem()[0]
