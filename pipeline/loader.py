@@ -273,7 +273,7 @@ def bytes_per_sample(cache: Cache, cfg: StudentConfig, input_bytes: float) -> fl
     """A sample's bytes in memory: its input and its cache rows."""
     k = cache.manifest["top_k"]
     per_row = k * (8 + 4) + 8 + 8 + 4  # top-k idx (int64) + logits (float32) + label + row + lse
-    per_row += len(needed_samples(cfg)) * ((cache.draws or 0) * (8 + 8) + 4)  # sampled idx, count (int64), entropy
+    per_row += len(needed_samples(cfg)) * ((cache.draws or 0) * (4 + 4) + 4)  # sampled idx, count (int32), entropy
     for layer in cfg.loss.teacher_layers(cfg.where):
         per_row += 2 * math.prod(cache.feature_spec(layer)["shape"])
     rows = sum(cache.split(s)["rows"] for s in cfg.transfer) / max(1, sum(cache.split(s)["samples"] for s in cfg.transfer))

@@ -36,7 +36,7 @@ class SoftTargets:
     topk_idx: np.ndarray  # (R, k) int32
     topk_logit: np.ndarray  # (R, k) float16 or float32 (compact: float32, decoded), max-shifted
     lse: dict[float, np.ndarray]  # temperature -> (R,) float32
-    # label.sampling, at the temperatures asked: T -> (sample_idx, sample_count), (R, N) int64 each,
+    # label.sampling, at the temperatures asked: T -> (sample_idx, sample_count), (R, N) int32 each,
     # each row's distinct drawn classes ascending, padded with count 0; and T -> (R,) entropy
     samples: dict[float, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     entropy: dict[float, np.ndarray] = field(default_factory=dict)

@@ -126,15 +126,15 @@ def to_arrow(classes: np.ndarray, counts: np.ndarray, id_type: pa.DataType, coun
 
 def from_arrow(idx: pa.Array | pa.ChunkedArray, count: pa.Array | pa.ChunkedArray, draws: int
                ) -> tuple[np.ndarray, np.ndarray]:
-    """Two list columns -> padded (R, draws) int64 classes and counts (padding: class 0, count 0)."""
+    """Two list columns -> padded (R, draws) int32 classes and counts (padding: class 0, count 0)."""
     idx = idx.combine_chunks() if isinstance(idx, pa.ChunkedArray) else idx
     count = count.combine_chunks() if isinstance(count, pa.ChunkedArray) else count
     lengths = idx.value_lengths().to_numpy(zero_copy_only=False)
     rows = len(lengths)
     row = np.repeat(np.arange(rows), lengths)
     slot = np.arange(len(row)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    classes = np.zeros((rows, draws), np.int64)
-    counts = np.zeros((rows, draws), np.int64)
+    classes = np.zeros((rows, draws), np.int32)
+    counts = np.zeros((rows, draws), np.int32)
     classes[row, slot] = idx.flatten().to_numpy(zero_copy_only=False)
     counts[row, slot] = count.flatten().to_numpy(zero_copy_only=False)
     return classes, counts
