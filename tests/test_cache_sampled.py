@@ -247,3 +247,14 @@ def test_the_experiments_params_are_valid_and_its_students_match_its_caches():
         assert cfg.loss.soft.targets == ("sampled" if name.startswith("sampled") else "topk")
         assert cfg.repeats == 3
     assert caches["sampled"] == stages["stages"]["label_sampled"]["outs"][0].popitem()[0]
+
+
+def test_a_sharded_sampled_cache_is_the_single_process_one(lm_world, tmp_path):
+    """Two shards write the same parts and manifest as one process: the draws depend on the row alone."""
+    args = ("--top-k", 1, "--sampling", 8, "--part-size", 8, "--temperatures", "1")
+    ok(invoke(label.main, *label_args(lm_world, tmp_path / "one", *args)))
+    for shard in (0, 1):
+        ok(invoke(label.main, *label_args(lm_world, tmp_path / "two", *args, "--shard", shard, "--num-shards", 2)))
+    one, two = (json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("one", "two"))
+    assert two["complete"] and two["splits"] == one["splits"] and two["fidelity"] == one["fidelity"]
+    assert verify(tmp_path / "two") == []
