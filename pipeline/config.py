@@ -159,6 +159,8 @@ class LabelConfig:
         if self.sampling is not None and (isinstance(self.sampling, bool) or not isinstance(self.sampling, int)
                                           or not 1 <= self.sampling <= 65535):
             raise ConfigError(f"label.sampling: {self.sampling!r} must be null or a number of draws in [1, 65535]")
+        if self.sampling_seed < 0:
+            raise ConfigError(f"label.sampling_seed: {self.sampling_seed} must be >= 0")
         for layer, mode in self.features.items():
             if mode not in FEATURE_MODES:
                 raise ConfigError(f"label.features.{layer}: mode {mode!r} must be one of {FEATURE_MODES}")

@@ -183,6 +183,11 @@ def test_label_sampling_must_be_a_number_of_draws(value):
         LabelConfig(sampling=value)
 
 
+def test_label_sampling_seed_must_not_be_negative():
+    with pytest.raises(ConfigError, match="label.sampling_seed"):
+        LabelConfig(sampling=4, sampling_seed=-1)
+
+
 def test_sampling_keys_stay_out_of_the_cache_key_when_off(lm_world):
     from pipeline.cache.writer import Teacher, cache_key
 

@@ -14,9 +14,9 @@ depend only on (label.sampling_seed, id, view, position, T): a resumed or sharde
 writes the same ones, whatever the batch.
 
 The fidelity statistics of the draws (`kd cache info`) decode a row as the distribution it
-estimates: each drawn class gets count / N of the kept mass, and the mass of the classes never
-drawn is Good-Turing's estimate (classes drawn once) / (N + 1), at least 1 / (N + 1), spread
-evenly over them (finite where the empirical distribution alone would give an infinite KL).
+estimates: the classes never drawn share Good-Turing's estimate of their mass, (classes
+drawn once) / (N + 1) and at least 1 / (N + 1), evenly, and each drawn class gets count / N of
+the rest (finite where the empirical distribution alone would give an infinite KL).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def row_keys(seed: int, ids: np.ndarray, view: np.ndarray, position: np.ndarray 
     key = _mix(np.full(len(ids), np.uint64(seed) ^ np.array(temperature, np.float64).view(np.uint64)))
     with np.errstate(over="ignore"):
         for part in (ids, view, np.zeros(len(ids), np.int64) if position is None else position):
-            key = _mix(key + _GOLDEN ^ np.asarray(part).astype(np.int64).view(np.uint64))
+            key = _mix((key + _GOLDEN) ^ np.asarray(part).astype(np.int64).view(np.uint64))
     return key
 
 
