@@ -123,6 +123,11 @@ class LabelConfig:
     # how the top-k is stored: topk (ids and logits as they are) | compact (ids as gaps, logits in
     # one byte each, decoded by the reader; pipeline/cache/encoding.py)
     encoding: str = "topk"
+    # sampled targets: per row and cached temperature, this many tokens drawn from the teacher's
+    # full distribution, stored with counts and the teacher's entropy (null: none;
+    # pipeline/cache/sampling.py), the draws seeded by sampling_seed and the row alone
+    sampling: int | None = None
+    sampling_seed: int = 0
     features: dict[str, str] = field(default_factory=dict)  # teacher layer -> mode
     views: int = 0  # augmented views per sample besides view 0 (the input as is)
     view_recipe: str = "shift"  # how a view is drawn (pipeline.augment): shift | crop_flip
@@ -159,6 +164,11 @@ class LabelConfig:
             raise ConfigError(f"label.logit_dtype: {self.logit_dtype!r} must be one of {LOGIT_DTYPES}")
         if self.encoding not in ENCODINGS:
             raise ConfigError(f"label.encoding: {self.encoding!r} must be one of {ENCODINGS}")
+        if self.sampling is not None and (isinstance(self.sampling, bool) or not isinstance(self.sampling, int)
+                                          or not 1 <= self.sampling <= 65535):
+            raise ConfigError(f"label.sampling: {self.sampling!r} must be null or a number of draws in [1, 65535]")
+        if self.sampling_seed < 0:
+            raise ConfigError(f"label.sampling_seed: {self.sampling_seed} must be >= 0")
         for layer, mode in self.features.items():
             if mode not in FEATURE_MODES:
                 raise ConfigError(f"label.features.{layer}: mode {mode!r} must be one of {FEATURE_MODES}")

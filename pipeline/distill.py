@@ -34,7 +34,7 @@ from pipeline.cache import Cache, Teacher, label
 from pipeline.config import LabelConfig, StudentConfig, as_dict
 from pipeline.errors import ConfigError, MissingInputError
 from pipeline.files import read_json, replacing, write_json
-from pipeline.methods import Built, Shapes, needed_temperatures, student_layers, student_terms
+from pipeline.methods import Built, Shapes, needed_samples, needed_temperatures, student_layers, student_terms
 from pipeline.metrics import SEEDS_DIR
 from pipeline.models import fingerprint
 from pipeline.training import Dataset, fit, hard_label_loss, write_log
@@ -83,8 +83,8 @@ def train_student(cfg: StudentConfig, cache: Cache, prepared: Path, out: Path, b
     task.check(cfg, cache, prepared)
     layers = cfg.loss.teacher_layers(cfg.where)
     rebuild = "`kd label`" if cfg.assistant is None else "`kd label`, then `kd assistants`"
-    cache.require(temperatures=needed_temperatures(cfg), features=layers, views=cfg.views,
-                  who=f"student {cfg.name!r}", rebuild=rebuild)
+    cache.require(temperatures=needed_temperatures(cfg) + needed_samples(cfg), features=layers, views=cfg.views,
+                  samples=needed_samples(cfg), who=f"student {cfg.name!r}", rebuild=rebuild)
     cache.check(prepared, cfg.transfer, list(layers))
     dataset = task.rows(cache, prepared, cfg, memory_mb)
     teacher_specs = {layer: cache.feature_spec(layer) for layer in layers}

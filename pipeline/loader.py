@@ -35,7 +35,7 @@ from pipeline.cache import Cache, SoftTargets
 from pipeline.cache.layout import sample_starts
 from pipeline.config import StudentConfig
 from pipeline.errors import StaleCacheError
-from pipeline.methods import needed_temperatures
+from pipeline.methods import needed_samples, needed_temperatures
 from pipeline.methods.hard import HardTerm
 from pipeline.training import Batch
 
@@ -51,13 +51,22 @@ class CacheRows:
     lse: dict[float, np.ndarray]  # temperature -> (R,) float32
     label: torch.Tensor  # (R,) int64: `hard_labels`, -1 for none
     features: dict[str, torch.Tensor]  # teacher layer -> (R, *shape), float16 as cached
+    samples: dict[float, tuple[np.ndarray, np.ndarray]]  # T -> sample_idx, sample_count (R, N) (label.sampling)
+    entropy: dict[float, np.ndarray]  # T -> (R,) the teacher's entropy (label.sampling)
 
     def targets(self, cfg: StudentConfig) -> dict[str, torch.Tensor]:
         """The per-row batch keys: row, topk_idx, topk_logit, label, lse (at the soft term's
-        temperature) and teacher.<layer> for each cached layer."""
+        temperature; with `targets: sampled`, sample_idx, sample_count and entropy instead) and
+        teacher.<layer> for each cached layer."""
         targets = {"row": self.row, "topk_idx": self.topk_idx, "topk_logit": self.topk_logit, "label": self.label}
         if cfg.loss.soft is not None:
-            targets["lse"] = torch.tensor(self.lse[float(cfg.loss.soft.temperature)])  # (a copy: Arrow arrays are read-only)
+            t = float(cfg.loss.soft.temperature)
+            if t in self.samples:
+                targets |= {"sample_idx": torch.from_numpy(self.samples[t][0]),
+                            "sample_count": torch.from_numpy(self.samples[t][1]),
+                            "entropy": torch.tensor(self.entropy[t])}
+            else:
+                targets["lse"] = torch.tensor(self.lse[t])  # (a copy: Arrow arrays are read-only)
         return targets | {f"teacher.{layer}": value for layer, value in self.features.items()}
 
 
@@ -85,7 +94,7 @@ def read_rows(cache: Cache, cfg: StudentConfig, split: str, source: Path, sample
     """The cache rows of `split` (all, or those of the given consecutive parts) for the prepared
     samples `sample_ids` read from `source`, each sample's rows together; `truth` (R,) is each
     row's true label, -1 where unknown. Refuses rows of other samples."""
-    soft = cache.soft_targets(split, needed_temperatures(cfg), parts=parts)
+    soft = cache.soft_targets(split, needed_temperatures(cfg), parts=parts, samples=needed_samples(cfg))
     if not np.array_equal(soft.ids[sample_starts(soft.ids)], sample_ids):
         raise StaleCacheError(f"{cache.root}: ids of split {split} differ from {source}; run `kd label` again")
     first_row = cache.split(split)["parts"][parts[0]]["first_row"] if parts else 0
@@ -98,7 +107,8 @@ def read_rows(cache: Cache, cfg: StudentConfig, split: str, source: Path, sample
                      topk_idx=torch.tensor(soft.topk_idx, dtype=torch.long),
                      topk_logit=torch.tensor(soft.topk_logit, dtype=torch.float32),
                      lse=soft.lse,
-                     label=torch.from_numpy(hard_labels(cfg.loss.hard, truth, soft)), features=features)
+                     label=torch.from_numpy(hard_labels(cfg.loss.hard, truth, soft)), features=features,
+                     samples=soft.samples, entropy=soft.entropy)
 
 
 @dataclass
@@ -263,6 +273,7 @@ def bytes_per_sample(cache: Cache, cfg: StudentConfig, input_bytes: float) -> fl
     """A sample's bytes in memory: its input and its cache rows."""
     k = cache.manifest["top_k"]
     per_row = k * (8 + 4) + 8 + 8 + 4  # top-k idx (int64) + logits (float32) + label + row + lse
+    per_row += len(needed_samples(cfg)) * ((cache.draws or 0) * (4 + 4) + 4)  # sampled idx, count (int32), entropy
     for layer in cfg.loss.teacher_layers(cfg.where):
         per_row += 2 * math.prod(cache.feature_spec(layer)["shape"])
     rows = sum(cache.split(s)["rows"] for s in cfg.transfer) / max(1, sum(cache.split(s)["samples"] for s in cfg.transfer))

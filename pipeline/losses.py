@@ -339,3 +339,31 @@ def cosine_embedding_loss(student_hidden, teacher_hidden, mask=None):
         return loss.mean()
     mask = mask.to(torch.bool)
     return loss.masked_fill(~mask, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+# --------------------------------------------------------------------------------------------
+# sampled soft targets (RS-KD: Sparse Logit Sampling, Anshumann et al., ACL 2025)
+
+
+def sampled_soft_target_loss_per_row(student_logits, sample_idx, sample_count, entropy, temperature):
+    # student_logits: (B, C); sample_idx, sample_count: (B, m), the distinct classes drawn (with
+    # replacement) from the teacher's softmax(z / T) and how often each was drawn (padding: count
+    # 0); entropy: (B,) the teacher's exact entropy at T -> (B,) KL estimate per row:
+    #     sum_j c_j (-log q_T(x_j)) / sum_j c_j  -  H(p_T)
+    # The first term is an unbiased estimate of the cross-entropy CE(p_T, q_T) (the draws come
+    # from p_T), so the row is an unbiased estimate of KL(p_T || q_T) and its gradient,
+    # (softmax(s / T) - c / N) / T, of the full KL's gradient. A single row may be negative.
+    T = float(temperature)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    z = student_logits.to(dtype) / T
+    nll = torch.logsumexp(z, dim=1, keepdim=True) - z.gather(1, sample_idx.long())  # (B, m)
+    weight = sample_count.to(dtype)
+    return (weight * nll).sum(dim=1) / weight.sum(dim=1) - entropy.to(dtype)
+
+
+def sampled_soft_target_loss(student_logits, sample_idx, sample_count, entropy, temperature):
+    # student_logits: (B, C); sample_idx, sample_count: (B, m); entropy: (B,)
+    # T^2 * the mean over rows of the unbiased KL estimate: in expectation over the draws,
+    # soft_target_loss against the teacher's full logits (value and gradient).
+    kl = sampled_soft_target_loss_per_row(student_logits, sample_idx, sample_count, entropy, temperature)
+    return kl.mean() * temperature**2

@@ -36,6 +36,9 @@ def main(
     logit_dtype: Optional[str] = typer.Option(None, help="float16 or float32 (encoding topk)."),
     encoding: Optional[str] = typer.Option(None, help="How the top-k is stored: topk (as is) or compact "
                                            "(ids as gaps, logits in one byte each)."),
+    sampling: Optional[int] = typer.Option(None, help="Sampled targets: tokens drawn from the teacher per row and "
+                                           "temperature, stored with counts (default: label.sampling, null = none)."),
+    sampling_seed: Optional[int] = typer.Option(None, help="Seed of the draws (with each row's id and position)."),
     feature: Optional[List[str]] = typer.Option(None, help="Teacher layer to cache as LAYER=MODE (full, pooled, attention); repeatable."),
     views: Optional[int] = typer.Option(None, help="Augmented views per sample besides the input as is."),
     view_recipe: Optional[str] = typer.Option(None, help="How a view is drawn: shift or crop_flip (images)."),
@@ -80,7 +83,7 @@ def main(
     if arch is not None and arch != cfg.arch and kwargs is None:  # not label.arch_kwargs of another arch
         cfg.arch_kwargs = None
     cfg = override(cfg, arch=arch, arch_kwargs=kwargs, top_k=top_k, temperatures=temps, logit_dtype=logit_dtype,
-                   encoding=encoding, features=layers, views=views, view_recipe=view_recipe, view_shift=view_shift,
+                   encoding=encoding, sampling=sampling, sampling_seed=sampling_seed, features=layers, views=views, view_recipe=view_recipe, view_shift=view_shift,
                    view_scale=numbers_option("--view-scale", view_scale),
                    view_ratio=numbers_option("--view-ratio", view_ratio), view_flip=view_flip, view_seed=view_seed,
                    batch_size=batch_size, part_size=part_size, keep_teacher=keep_teacher, dtype=dtype, device=device)

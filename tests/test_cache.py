@@ -130,6 +130,29 @@ def test_a_compact_image_cache_holds_the_same_rows_views_and_features(teacher, p
             assert torch.equal(batch[name], in_memory.targets[name][batch["row"]]), name
 
 
+def test_a_sampled_image_cache_draws_per_view_and_streams_the_same_targets(teacher, prepared, tmp_path):
+    """`label.sampling` on images: every (sample, view) row draws its own tokens at each cached
+    temperature, the cache verifies, and a student with `targets: sampled` gets the same draws
+    in memory and streamed."""
+    t, _ = teacher
+    cache = Cache.open(make_cache(t, prepared, tmp_path / "sampled", views=2, sampling=16,
+                                  features={"stages.1": "attention"}))
+    assert verify(cache.root) == []
+    soft = cache.soft_targets("test", [], samples=[1, 4])
+    idx, count = soft.samples[1.0]
+    assert (count.sum(1) == 16).all() and idx.max() < 10
+    assert not np.array_equal(idx[soft.view == 0], idx[soft.view == 1])  # each view draws its own
+    assert not np.array_equal(soft.samples[4.0][0], idx)
+    cfg = from_mapping(StudentConfig, {"name": "s", "views": True,
+                                       "loss": {"soft": {"temperature": 4, "targets": "sampled"}}}, "students.s")
+    in_memory = image.rows(cache, prepared, cfg, memory_mb=2048)
+    assert "lse" not in in_memory.targets
+    streamed = image.rows(cache, prepared, cfg, memory_mb=0)
+    for batch in streamed.batches(epoch=0, batch_size=64, seed=0, views="cached"):
+        for name in ("sample_idx", "sample_count", "entropy"):
+            assert torch.equal(batch[name], in_memory.targets[name][batch["row"]]), name
+
+
 def test_columns_and_manifest_follow_the_contract(teacher, prepared, tmp_path):
     t, _ = teacher
     out = make_cache(t, prepared, tmp_path / "cache", features={"stages.1": "attention"})

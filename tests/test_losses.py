@@ -58,6 +58,8 @@ GOLDEN_CASES = {
     "cosine_embedding_loss": [
         "cosine_3d_mask", "cosine_3d_no_mask", "cosine_2d_mask", "cosine_empty_mask",
     ],
+    "sampled_soft_target_loss": ["sampled_T1_n8", "sampled_T4_n3_scale30"],
+    "sampled_soft_target_loss_per_row": ["sampled_per_row_T2_n16"],
 }
 KNOWN = {key: fn for fn, keys in GOLDEN_CASES.items() for key in keys}
 
@@ -393,3 +395,61 @@ def test_the_hidden_state_variant_equals_the_loss_on_projected_logits(monkeypatc
     wide = [t.double().requires_grad_() for t in (hidden, weight, bias)]
     assert torch.autograd.gradcheck(lambda h, w, b: losses.topk_soft_target_loss_from_hidden(
         h, w, topk_idx, topk_logit.double(), lse.double(), 2.0, bias=b), wide)
+
+
+# --------------------------------------------------------------------------------------------
+# sampled soft targets: an unbiased estimate of the full soft-target loss
+
+
+def _draws(teacher_logits, temperature, draws, repeats, seed=0):
+    # `repeats` independent sets of `draws` draws per teacher row, as the label stage stores them
+    g = torch.Generator().manual_seed(seed)
+    z = teacher_logits.repeat(repeats, 1)
+    return make_golden.sampled_row(z, draws, temperature, g)
+
+
+@pytest.mark.parametrize("temperature, draws", [(1.0, 4), (4.0, 1), (2.0, 12)])
+def test_sampled_loss_mean_over_draws_is_the_full_kl(temperature, draws):
+    # The mean of the per-row estimate over many independent draws converges to the full KL
+    # (within 5 standard errors), and the mean of its gradient to the full gradient.
+    B, C, repeats = 4, 20, 4000
+    teacher, student = _randn(B, C, seed=11, scale=2.0), _randn(B, C, seed=12, scale=2.0)
+    rows = _draws(teacher, temperature, draws, repeats)
+    logits = student.repeat(repeats, 1).requires_grad_(True)
+    kl = losses.sampled_soft_target_loss_per_row(logits, rows["sample_idx"], rows["sample_count"],
+                                                 rows["entropy"], temperature)
+    kl.sum().backward()  # row r's gradient is d kl_r / d logits_r: rows are independent
+    exact = student.clone().requires_grad_(True)
+    full_kl = F.kl_div(F.log_softmax(exact / temperature, 1), F.softmax(teacher / temperature, 1),
+                       reduction="none").sum(1)
+    full_kl.sum().backward()
+    values, grads = kl.detach().view(repeats, B), logits.grad.view(repeats, B, C)
+    se = values.std(0) / repeats**0.5
+    assert ((values.mean(0) - full_kl.detach()).abs() <= 5 * se + 1e-6).all()
+    g_se = grads.std(0) / repeats**0.5
+    assert ((grads.mean(0) - exact.grad).abs() <= 5 * g_se + 1e-6).all()
+    # and the estimate is not the full KL row by row (the test above could not fail otherwise)
+    assert (values - full_kl.detach()).abs().max() > 1e-3
+
+
+def test_sampled_loss_is_the_top_k_loss_scaled_when_every_draw_is_the_top_class():
+    # A teacher so peaked that every draw is its top-1: the estimate is the cross-entropy at that
+    # class minus the (near-zero) entropy, which is the full KL.
+    teacher = torch.zeros(3, 6)
+    teacher[:, 2] = 60.0
+    student = _randn(3, 6, seed=3)
+    rows = _draws(teacher, 1.0, 5, 1)
+    assert (rows["sample_idx"][:, 0] == 2).all() and (rows["sample_count"][:, 0] == 5).all()
+    torch.testing.assert_close(losses.sampled_soft_target_loss(student, **rows, temperature=1.0),
+                               losses.soft_target_loss(student, teacher, 1.0), rtol=1e-5, atol=1e-5)
+
+
+def test_sampled_loss_ignores_padding_and_keeps_float64():
+    student = _randn(2, 7, seed=4).double()
+    idx = torch.tensor([[1, 3, 0], [5, 0, 0]])
+    padded = losses.sampled_soft_target_loss_per_row(student, idx, torch.tensor([[2, 1, 0], [3, 0, 0]]),
+                                                     torch.zeros(2), 1.0)
+    moved = losses.sampled_soft_target_loss_per_row(student, idx.flip(1), torch.tensor([[0, 1, 2], [0, 0, 3]]),
+                                                     torch.zeros(2), 1.0)
+    assert padded.dtype == torch.float64
+    torch.testing.assert_close(padded, moved)

@@ -146,6 +146,9 @@ def test_a_masked_student_with_the_triple_loss_trains_from_the_cache_alone(world
     gains = [100 * (float(r["student"]) - float(r["baseline"])) for r in seeds]
     assert metrics["accuracy_gain_points_mean"] == pytest.approx(np.mean(gains))
     assert metrics["accuracy_gain_points_std"] == pytest.approx(np.std(gains, ddof=1))
+    # calibration of every seed's predicted token, the first seed's beside its twin's
+    assert 0 < metrics["ece"] < 1 and 0 < metrics["baseline_ece"] < 1 and metrics["ece_std"] > 0
+    assert metrics["ece_change_mean"] == pytest.approx(metrics["ece_mean"] - metrics["baseline_ece_mean"])
     assert "over 2 seeds" in evaluated.output
     reported = ok(invoke(report.main, "--cache", world / "cache", "--students-dir", tmp_path / "students",
                          "--params", params, "--out", tmp_path / "report"))

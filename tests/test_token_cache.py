@@ -164,8 +164,8 @@ def test_a_causal_student_trains_from_the_cache_alone_and_is_evaluated(lm_world,
     assert "test perplexity" in evaluated.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"perplexity", "baseline_perplexity", "teacher_perplexity", "agreement", "kl_to_teacher", "params",
-            "teacher_params", "size_bytes", "throughput_tokens_per_s", "speedup_vs_teacher"} <= set(metrics)
-    assert 1 < metrics["perplexity"] < 512 * 2 and 0 <= metrics["agreement"] <= 1
+            "teacher_params", "size_bytes", "throughput_tokens_per_s", "speedup_vs_teacher", "ece"} <= set(metrics)
+    assert 1 < metrics["perplexity"] < 512 * 2 and 0 <= metrics["agreement"] <= 1 and 0 < metrics["ece"] < 1
     # the per-position losses average to the perplexities (every position has as many tokens)
     positions = list(csv.DictReader((out / "plots" / "per_position.csv").open()))
     assert [int(r["position"]) for r in positions] == list(range(1, BLOCK))

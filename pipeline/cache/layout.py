@@ -3,6 +3,8 @@
     manifest.json
     soft_targets/split=<split>/part-<n>.parquet      row groups of ROW_GROUP_ROWS rows;
                                                       one `lse_t<T>` column per temperature
+                                                      (label.sampling: sample_idx_t<T>,
+                                                      sample_count_t<T>, entropy_t<T> too)
     features.zarr/<split>/<layer>, features.zarr/<split>/id
                                                       chunks of `chunk_rows` rows (under
                                                       CHUNK_BYTES each), never spanning two parts
@@ -37,6 +39,13 @@ def lse_column(temperature: float) -> str:
     t = float(temperature)
     text = str(int(t)) if t.is_integer() else repr(t)
     return "lse_t" + text.replace(".", "_")
+
+
+def sample_columns(temperature: float) -> tuple[str, str, str]:
+    """The sampled targets' columns at one temperature (`label.sampling`; pipeline/cache/sampling.py):
+    `sample_idx_t4`, `sample_count_t4`, `entropy_t4`."""
+    suffix = lse_column(temperature).removeprefix("lse_")
+    return f"sample_idx_{suffix}", f"sample_count_{suffix}", f"entropy_{suffix}"
 
 
 def part_path(split: str, index: int) -> str:

@@ -15,7 +15,8 @@ from pipeline.cache.layout import MANIFEST
 from pipeline.cache.store import Store
 from pipeline.errors import CacheError, MissingInputError
 
-SCHEMA_VERSION = 2  # the newest this kd reads: 1 = topk encoding, 2 = compact (`encoding.SCHEMA_VERSIONS`)
+SCHEMA_VERSION = 3  # the newest this kd reads: 1 = topk encoding, 2 = compact (`encoding.SCHEMA_VERSIONS`),
+# 3 = with sampled targets (`sampling.SCHEMA_VERSION`)
 
 
 def read_manifest(store: Store, name: str = MANIFEST) -> dict[str, Any]:

@@ -9,7 +9,7 @@ temperature, feature or view the cache lacks, saying what to add to `label`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import zarr
 
 from pipeline.cache import encoding as encodings
-from pipeline.cache.layout import MANIFEST, SHARDS, chunk_files, feature_path, lse_column, rows_per_sample
+from pipeline.cache import sampling
+from pipeline.cache.layout import MANIFEST, SHARDS, chunk_files, feature_path, lse_column, rows_per_sample, sample_columns
 from pipeline.cache.manifest import part_problem, read_manifest
 from pipeline.cache.store import Store
 from pipeline.errors import CacheError, CacheMissingError, StaleCacheError
@@ -35,6 +36,10 @@ class SoftTargets:
     topk_idx: np.ndarray  # (R, k) int32
     topk_logit: np.ndarray  # (R, k) float16 or float32 (compact: float32, decoded), max-shifted
     lse: dict[float, np.ndarray]  # temperature -> (R,) float32
+    # label.sampling, at the temperatures asked: T -> (sample_idx, sample_count), (R, N) int32 each,
+    # each row's distinct drawn classes ascending, padded with count 0; and T -> (R,) entropy
+    samples: dict[float, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    entropy: dict[float, np.ndarray] = field(default_factory=dict)
 
 
 class Cache:
@@ -70,12 +75,24 @@ class Cache:
                                     f"(has: {', '.join(self.manifest['splits'])})")
         return self.manifest["splits"][split]
 
+    @property
+    def draws(self) -> int | None:
+        """Tokens drawn per row and temperature (`label.sampling`), None without sampled targets."""
+        return (self.manifest.get("sampling") or {}).get("draws")
+
     def require(self, *, temperatures: list[float] = (), features: dict[str, tuple[str, ...]] | None = None,
-                views: bool = False, who: str = "this student", rebuild: str = "`kd label`") -> None:
+                views: bool = False, samples: list[float] = (), who: str = "this student",
+                rebuild: str = "`kd label`") -> None:
         """Refuse what the cache cannot give, naming what to add to params.yaml's `label`.
 
-        features: teacher layer -> the modes that would serve (the first is the one to suggest).
+        features: teacher layer -> the modes that would serve (the first is the one to suggest);
+        samples: the temperatures whose sampled targets are read.
         """
+        if samples and not self.draws:
+            raise CacheMissingError(
+                f"{who} reads sampled targets (loss.soft.targets: sampled), but the cache at {self.root} holds "
+                f"the top-{self.manifest['top_k']} only (label.sampling: null); set label.sampling (e.g. 32) in the "
+                f"params file and run {rebuild}")
         cached_t = [float(t) for t in self.manifest["temperatures"]]
         for t in temperatures:
             if float(t) not in cached_t:
@@ -118,14 +135,17 @@ class Cache:
                         if not self.store.is_file(chunk):
                             raise CacheError(f"{self.store.show(chunk)} is missing; run `kd cache verify {self.root}`")
 
-    def soft_targets(self, split: str, temperatures: list[float], parts: list[int] | None = None) -> SoftTargets:
+    def soft_targets(self, split: str, temperatures: list[float], parts: list[int] | None = None,
+                     samples: list[float] = ()) -> SoftTargets:
         """Rows of `split` (all, or those of the given consecutive parts), reading only id,
-        view, top-k and the asked lse columns; a compact top-k decoded (`encoding.decode`)."""
+        view, top-k and the asked lse columns, and the sampled columns of the temperatures in
+        `samples`; a compact top-k decoded (`encoding.decode`)."""
         info = self.split(split)
         chosen = info["parts"] if parts is None else [info["parts"][i] for i in parts]
         encoding = encodings.of(self.manifest)
         stored = encodings.columns(encoding)
         columns = ["id", "view", *stored, *[lse_column(t) for t in temperatures]]
+        columns += [name for t in samples for name in sample_columns(t)]
         tables = [_read_part(self.store, self.store.safe(p["path"]), columns) for p in chosen]
         table = pa.concat_tables(tables).combine_chunks() if tables else None
         expected = sum(p["rows"] for p in chosen)
@@ -140,6 +160,9 @@ class Cache:
             topk_idx=topk_idx,
             topk_logit=topk_logit,
             lse={float(t): table[lse_column(t)].to_numpy() for t in temperatures},
+            samples={float(t): sampling.from_arrow(table[sample_columns(t)[0]], table[sample_columns(t)[1]],
+                                                   self.draws) for t in samples},
+            entropy={float(t): table[sample_columns(t)[2]].to_numpy() for t in samples},
         )
 
     def masks(self, split: str, parts: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:

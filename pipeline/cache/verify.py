@@ -18,8 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache import encoding as encodings
+from pipeline.cache import sampling
 from pipeline.cache.layout import (FEATURES, MANIFEST, SOFT_TARGETS, chunks_sha256, feature_path, lse_column,
-                                   rows_per_sample, sample_starts)
+                                   rows_per_sample, sample_columns, sample_starts)
 from pipeline.cache.manifest import part_problem, read_manifest
 from pipeline.cache.reader import fixed_list
 from pipeline.cache.store import Store
@@ -106,6 +107,9 @@ def _check_table(path: str, table: pa.Table, manifest: dict[str, Any], part: dic
     encoding = encodings.of(manifest)
     stored = encodings.columns(encoding)
     expected = ["id", "view", *task.ROW_COLUMNS, *stored, "logit_max", *map(lse_column, manifest["temperatures"])]
+    draws = (manifest.get("sampling") or {}).get("draws")
+    if draws:
+        expected += [name for t in manifest["temperatures"] for name in sample_columns(t)]
     if table.column_names != expected:
         return [f"{path}: columns {table.column_names}, expected {expected}"]
     if table.num_rows != part["rows"]:
@@ -132,6 +136,36 @@ def _check_table(path: str, table: pa.Table, manifest: dict[str, Any], part: dic
             problems.append(f"{path}: NaN or Inf in {name} (ids {ids[bad][:5].tolist()})")
     if logits.size and (logits[:, 0] != 0).any():
         problems.append(f"{path}: topk_logit does not start at 0 (not max-shifted)")
+    if draws:
+        for t in manifest["temperatures"]:
+            problems += _check_samples(path, table, t, draws, manifest["num_classes"], ids)
+    return problems
+
+
+def _check_samples(path: str, table: pa.Table, t: float, draws: int, num_classes: int, ids: np.ndarray) -> list[str]:
+    """A temperature's sampled columns: counts >= 1 summing to the draws, classes in range and
+    ascending (distinct), one count per class, a finite entropy >= 0."""
+    idx_name, count_name, entropy_name = sample_columns(t)
+    lengths = table[idx_name].combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
+    if not np.array_equal(lengths, table[count_name].combine_chunks().value_lengths().to_numpy(zero_copy_only=False)):
+        return [f"{path}: {idx_name} and {count_name} differ in length on some row"]
+    if len(lengths) and (lengths.min() < 1 or lengths.max() > draws):
+        return [f"{path}: {idx_name} holds rows of {lengths.min()}..{lengths.max()} classes, expected 1..{draws}"]
+    classes, counts = sampling.from_arrow(table[idx_name], table[count_name], draws)
+    kept = np.arange(draws) < lengths[:, None]
+    problems = []
+    if (counts.sum(1) != draws).any():
+        bad = ids[counts.sum(1) != draws][:5].tolist()
+        problems.append(f"{path}: {count_name} does not sum to label.sampling = {draws} (ids {bad})")
+    if (counts[kept] < 1).any():
+        problems.append(f"{path}: {count_name} holds a 0")
+    if classes.size and (classes.max() >= num_classes):
+        problems.append(f"{path}: {idx_name} outside [0, {num_classes})")
+    if (np.diff(classes, axis=1)[kept[:, 1:]] <= 0).any():
+        problems.append(f"{path}: {idx_name} not strictly ascending within a row (a class repeats)")
+    entropy = table[entropy_name].to_numpy()
+    if not (np.isfinite(entropy) & (entropy >= 0)).all():
+        problems.append(f"{path}: {entropy_name} not a finite entropy >= 0 (ids {ids[~(entropy >= 0)][:5].tolist()})")
     return problems
 
 
@@ -188,6 +222,7 @@ def info(root: str | Path) -> dict[str, Any]:
         "text": manifest.get("text"),
         "features": manifest.get("features"),
         "encoding": encodings.of(manifest),
+        "sampling": manifest.get("sampling"),
         "splits": {s: {"samples": i["samples"], "rows": i["rows"], "parts": len(i["parts"]),
                        "bytes_per_row": _bytes_per_row(i["parts"])}
                    for s, i in manifest.get("splits", {}).items()},
@@ -217,6 +252,9 @@ def format_info(summary: dict[str, Any]) -> str:
     ]
     if summary.get("text"):  # a token cache: what one row is replaces the views line
         lines[3] = "rows     " + tasks.get(tasks.name_of(summary)).rows_description(summary)
+    if summary.get("sampling"):
+        lines[2] += (f"; {summary['sampling']['draws']} tokens drawn from the teacher per row and temperature "
+                     f"(seed {summary['sampling']['seed']})")
     for spec in summary["features"] or []:
         lines.append(f"feature  {spec['name']}: {spec['mode']} {spec['shape']} {spec['dtype']}")
     for split, s in summary["splits"].items():
@@ -226,6 +264,7 @@ def format_info(summary: dict[str, Any]) -> str:
         if fid:
             acc = fid.get("teacher_accuracy")
             per_t = [f"{t}: kept {v['kept_mass']:.4f}, KL {v['kl_full_to_cached']:.2e}"
+                     + (f", drawn {v['sampled_mass']:.4f}, KL {v['kl_full_to_sampled']:.2e}" if "sampled_mass" in v else "")
                      for t, v in fid.items() if isinstance(v, dict)]
             line += f"; teacher acc {acc:.4f}" if acc is not None else ""
             line += f", loss {fid['teacher_loss']:.4f}" if fid.get("teacher_loss") is not None else ""

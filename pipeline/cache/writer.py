@@ -35,8 +35,10 @@ from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from pipeline import features, tasks
 from pipeline.cache import encoding as encodings
+from pipeline.cache import sampling
 from pipeline.cache.layout import (FEATURES, MANIFEST, ROW_GROUP_ROWS, SHARDS, SOFT_TARGETS, TEACHER_COPY, chunk_rows,
-                                   chunks_sha256, feature_arrays, feature_path, lse_column, part_path, shard_record)
+                                   chunks_sha256, feature_arrays, feature_path, lse_column, part_path, sample_columns,
+                                   shard_record)
 from pipeline.cache.manifest import SCHEMA_VERSION, part_problem, read_manifest
 from pipeline.cache.store import Store
 from pipeline.config import PART_ROWS, SPLITS, LabelConfig, as_dict, view_recipe
@@ -111,11 +113,15 @@ def fidelity_sums(logits: torch.Tensor, cols: dict[str, np.ndarray], temperature
 
 
 def cache_key(teacher: Teacher, fingerprints: dict[str, str], cfg: LabelConfig) -> dict[str, Any]:
-    """Everything that decides the cache's content. Same key -> same bytes."""
+    """Everything that decides the cache's content. Same key -> same bytes. (Without sampling,
+    its keys are left out: the key of a cache written before `label.sampling` existed.)"""
+    label = as_dict(cfg)
+    if cfg.sampling is None:
+        del label["sampling"], label["sampling_seed"]
     return {
         "teacher": teacher.fingerprint,
         "data": fingerprints,
-        "label": as_dict(cfg),
+        "label": label,
         "torch": torch.__version__.split("+")[0],
     }
 
@@ -392,7 +398,8 @@ def _header(teacher: Teacher, num_classes: int, specs: list[dict[str, Any]], inp
         "temperatures": list(cfg.temperatures),
         "logit_dtype": cfg.logit_dtype,
         "encoding": encodings.header(cfg.encoding),
-        "schema_version": encodings.SCHEMA_VERSIONS[cfg.encoding],
+        "schema_version": sampling.SCHEMA_VERSION if cfg.sampling else encodings.SCHEMA_VERSIONS[cfg.encoding],
+        "sampling": None if cfg.sampling is None else {"draws": cfg.sampling, "seed": cfg.sampling_seed},
         "features": specs,
         "views": {"count": cfg.views, "seed": cfg.view_seed, "recipe": view_recipe(cfg, cfg.view_shift)},
         "label": as_dict(cfg),
@@ -487,8 +494,17 @@ def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs
                     error = max(error, _largest_error(computed, cols))
                 scored = batch.scored
                 scored_rows += int(scored.sum())
-                for name, value in fidelity_sums(logits[torch.from_numpy(scored)],
-                                                 {k: v[scored] for k, v in cols.items()}, cfg.temperatures).items():
+                batch_sums = fidelity_sums(logits[torch.from_numpy(scored)], {k: v[scored] for k, v in cols.items()},
+                                           cfg.temperatures)
+                if cfg.sampling:
+                    drawn = _draw(logits, batch, cfg)
+                    cols |= drawn
+                    for t in cfg.temperatures:
+                        idx, count, entropy = sample_columns(t)
+                        batch_sums |= sampling.fidelity_sums(logits[torch.from_numpy(scored)], drawn[idx][scored],
+                                                             drawn[count][scored], drawn[entropy][scored], t,
+                                                             lse_column(t).removeprefix("lse_"))
+                for name, value in batch_sums.items():
                     sums[name] = sums.get(name, 0.0) + value
                 truth = batch.truth[scored]
                 if (truth >= 0).any():
@@ -524,6 +540,16 @@ def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs
     return part
 
 
+def _draw(logits: torch.Tensor, batch: tasks.Batch, cfg: LabelConfig) -> dict[str, np.ndarray]:
+    """The sampled columns of a batch (`label.sampling`), padded (R, N), per temperature."""
+    cols = {}
+    for t in cfg.temperatures:
+        keys = sampling.row_keys(cfg.sampling_seed, batch.ids, batch.view, batch.position, t)
+        idx, count, entropy = sample_columns(t)
+        cols[idx], cols[count], cols[entropy] = sampling.draw(logits, cfg.sampling, t, keys)
+    return cols
+
+
 def _largest_error(computed: dict[str, np.ndarray], decoded: dict[str, np.ndarray]) -> float:
     """The largest |decoded - computed| shifted logit of a batch (rows matched by class id)."""
     if not computed["topk_idx"].size:
@@ -546,6 +572,8 @@ def _schema(cfg: LabelConfig, row_columns: tuple[str, ...] = (), num_classes: in
         pa.field("logit_max", pa.float32(), nullable=False),
     ]
     fields += [pa.field(lse_column(t), pa.float32(), nullable=False) for t in cfg.temperatures]
+    if cfg.sampling:
+        fields += sampling.fields(cfg.temperatures, cfg.sampling, encodings.id_type(num_classes))
     return pa.schema(fields)
 
 
@@ -560,6 +588,12 @@ def _table(schema: pa.Schema, batch: tasks.Batch, cols: dict[str, np.ndarray]) -
                for f in schema if f.name.startswith("topk_")]
     arrays.append(pa.array(cols["logit_max"], pa.float32()))
     arrays += [pa.array(cols[f.name], pa.float32()) for f in schema if f.name.startswith("lse_")]
+    for f in schema:
+        if f.name.startswith("sample_idx_"):
+            count = schema.field(f.name.replace("sample_idx_", "sample_count_"))
+            arrays += sampling.to_arrow(cols[f.name], cols[count.name], f.type.value_type, count.type.value_type)
+        elif f.name.startswith("entropy_"):
+            arrays.append(pa.array(cols[f.name], pa.float32()))
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
@@ -577,6 +611,9 @@ def _finish(manifest: dict[str, Any]) -> None:
             name = lse_column(t).removeprefix("lse_")
             stats[name] = {"kept_mass": totals[f"kept_mass_{name}"] / samples,
                            "kl_full_to_cached": totals[f"kl_{name}"] / samples}
+            if f"kl_sampled_{name}" in totals:  # label.sampling: the draws' own statistics
+                stats[name] |= {"sampled_mass": totals[f"sampled_mass_{name}"] / samples,
+                                "kl_full_to_sampled": totals[f"kl_sampled_{name}"] / samples}
         labeled = sum(p["labeled"] for p in info["parts"])
         stats["teacher_accuracy"] = sum(p["correct"] for p in info["parts"]) / labeled if labeled else None
         stats["teacher_loss"] = sum(p["nll"] for p in info["parts"]) / labeled if labeled else None

@@ -50,4 +50,10 @@ def needed_temperatures(cfg: Any) -> list[float]:
     return list(dict.fromkeys(t for term in chosen(cfg.loss).values() for t in term.temperatures()))
 
 
-__all__ = ["METHODS", "Built", "Shapes", "chosen", "needed_temperatures", "student_layers", "student_terms"]
+def needed_samples(cfg: Any) -> list[float]:
+    """The temperatures whose sampled targets the methods read."""
+    return list(dict.fromkeys(t for term in chosen(cfg.loss).values() for t in term.sampled_temperatures()))
+
+
+__all__ = ["METHODS", "Built", "Shapes", "chosen", "needed_samples", "needed_temperatures", "student_layers",
+           "student_terms"]

@@ -1,5 +1,5 @@
 """What every loss method shares: the base of its config (`Method`: by default it needs no
-temperature and no layer; `LayerPair` names a teacher and a student layer), what it adds to
+temperature, no sampled targets and no layer; `LayerPair` names a teacher and a student layer), what it adds to
 training (`Built`), the shapes its builder sees (`Shapes`), and the pooling helpers that line
 a student layer up with a cached one."""
 
@@ -26,6 +26,10 @@ class Method:
                 raise ConfigError(f"{where}.{key}: {getattr(self, key)} must be >= 0")
 
     def temperatures(self) -> list[float]:
+        return []
+
+    def sampled_temperatures(self) -> list[float]:
+        """The temperatures whose sampled targets (`label.sampling`) it reads."""
         return []
 
     def teacher_layers(self) -> list[tuple[str, tuple[str, ...]]]:

@@ -555,7 +555,9 @@ def evaluate_rows(student_dir: Path, cache: Cache, cfg: EvalConfig, wrap: Callab
     """What every token task measures on the test rows: the student (wrapped by `wrap`) and its
     twin on the inputs `x`, one logits row per cache row with its `truth` and block `position`;
     `score(logits, truth)` for them and every further seed; the task's `keys(student score, twin
-    score, per-row losses, the cache's test rows)`; `against_teacher`; the seed summary
+    score, per-row losses, the cache's test rows)`; `ece` and `baseline_ece` (the top-1 token's
+    probability against whether it is the truth), with their mean and std over seeds
+    (`ece_mean`, `ece_change_mean`: student minus twin, ...); `against_teacher`; the seed summary
     (`seeds_as`: the key, the change's key, the change). Plots: the mean loss of the student and
     its twin at each block position (how each uses its context), and one row per seed."""
     student = wrap(lm.load(student_dir))
@@ -564,14 +566,25 @@ def evaluate_rows(student_dir: Path, cache: Cache, cfg: EvalConfig, wrap: Callab
     losses = {"student": F.cross_entropy(logits, truth, reduction="none"),
               "baseline": F.cross_entropy(twin_logits, truth, reduction="none")}
     first, twin = score(logits, truth), score(twin_logits, truth)
+
+    def ece(logits: torch.Tensor) -> float:  # calibration of the predicted token
+        confidence, predicted = logits.softmax(1).max(1)
+        return metrics.ece(confidence.numpy(), (predicted == truth).numpy(), cfg.ece_bins)
+
     seeds = [{"seed": read_json(student_dir / STUDENT_RECORD)["student"]["seed"], "student": first,
               "baseline": twin}]
+    eces = [{"ece": ece(logits), "baseline_ece": ece(twin_logits)}]
     for seed, directory in metrics.seed_dirs(student_dir, read_json(student_dir / STUDENT_RECORD)):
-        seeds.append({"seed": seed, **{who: score(predict(wrap(lm.load(path)), x, cfg.batch_size), truth)
-                                      for who, path in (("student", directory), ("baseline", directory / "baseline"))}})
+        seeds.append({"seed": seed})
+        eces.append({})
+        for who, path in (("student", directory), ("baseline", directory / "baseline")):
+            seed_logits = predict(wrap(lm.load(path)), x, cfg.batch_size)
+            seeds[-1][who] = score(seed_logits, truth)
+            eces[-1]["ece" if who == "student" else "baseline_ece"] = ece(seed_logits)
     soft = cache.soft_targets("test", [1.0])
     key, change, paired = seeds_as
-    record = {"objective": cache.manifest["text"]["objective"], **keys(first, twin, losses, soft),
+    record = {"objective": cache.manifest["text"]["objective"], **keys(first, twin, losses, soft), **eces[0],
+              **metrics.seed_summary(eces, "ece", "ece_change", lambda s, b: s - b),
               **against_teacher(student, logits, x, soft, student_dir, cache, cfg, teacher_copy(cache, wrap)),
               **metrics.seed_summary([{key: r["student"], f"baseline_{key}": r["baseline"]} for r in seeds],
                                      key, change, paired)}

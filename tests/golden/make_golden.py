@@ -24,10 +24,12 @@ FIXTURE = Path(__file__).parent / "losses.json"
 # cases: key -> loss, seed, inputs [name, shape, kind], keyword arguments
 
 
-def _case(fn, seed, inputs, scale=1.0, cache_row=None, **kwargs):
+def _case(fn, seed, inputs, scale=1.0, cache_row=None, sampled_row=None, **kwargs):
     case = {"fn": fn, "seed": seed, "scale": scale, "inputs": inputs, "kwargs": kwargs}
     if cache_row is not None:
         case["cache_row"] = cache_row  # derive topk_idx/topk_logit/lse from teacher_logits
+    if sampled_row is not None:
+        case["sampled_row"] = sampled_row  # derive sample_idx/sample_count/entropy from teacher_logits
     return case
 
 
@@ -110,6 +112,12 @@ CASES = {
     "cosine_empty_mask": _case(
         "cosine_embedding_loss", 30,
         _pair("hidden", [3, 5, 8], [3, 5, 8]) + [["mask", [3, 5], "mask_empty"]]),
+    "sampled_T1_n8": _case("sampled_soft_target_loss", 31, _logits(6, 10), scale=2.0,
+                           sampled_row={"draws": 8}, temperature=1.0),
+    "sampled_T4_n3_scale30": _case("sampled_soft_target_loss", 32, _logits(5, 12), scale=30.0,
+                                   sampled_row={"draws": 3}, temperature=4.0),
+    "sampled_per_row_T2_n16": _case("sampled_soft_target_loss_per_row", 33, _logits(6, 10), scale=3.0,
+                                    sampled_row={"draws": 16}, temperature=2.0),
 }
 
 
@@ -137,7 +145,23 @@ def build_inputs(case):
         out["topk_idx"] = idx.int()
         out["topk_logit"] = (vals - z_max).to(getattr(torch, case["cache_row"]["dtype"]))
         out["lse"] = ((z - z_max) / T).logsumexp(dim=1)
+    if "sampled_row" in case:  # what the label stage stores with label.sampling: N
+        out.update(sampled_row(out.pop("teacher_logits"), case["sampled_row"]["draws"],
+                               case["kwargs"]["temperature"], g))
     return out
+
+
+def sampled_row(z, draws, T, g):
+    """(B, C) teacher logits -> sample_idx, sample_count (B, draws): the distinct classes of
+    `draws` draws from softmax(z / T) in ascending order, padded with count 0; entropy (B,)."""
+    log_p = torch.log_softmax(z / T, dim=1)
+    drawn = torch.multinomial(log_p.exp(), draws, replacement=True, generator=g)
+    idx = torch.zeros(len(z), draws, dtype=torch.int32)
+    count = torch.zeros(len(z), draws, dtype=torch.int32)
+    for b, row in enumerate(drawn):
+        classes, counts = row.unique(return_counts=True)
+        idx[b, :len(classes)], count[b, :len(classes)] = classes.int(), counts.int()
+    return {"sample_idx": idx, "sample_count": count, "entropy": -(log_p.exp() * log_p).sum(1)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,6 +212,22 @@ def ref_topk_soft_target_loss_from_hidden(hidden, weight, topk_idx, topk_logit, 
 def ref_topk_soft_target_loss(student_logits, topk_idx, topk_logit, lse, temperature, tail):
     rows = ref_topk_soft_target_loss_per_row(student_logits, topk_idx, topk_logit, lse,
                                              temperature, tail)
+    return temperature**2 * rows.mean()
+
+
+def ref_sampled_soft_target_loss_per_row(student_logits, sample_idx, sample_count, entropy, temperature):
+    # the cross-entropy against the empirical distribution of the draws, minus the teacher's entropy
+    T = temperature
+    rows = []
+    for s, idx, count, h in zip(student_logits, sample_idx, sample_count, entropy):
+        q = _softmax(s / T)
+        n = sum(count)
+        rows.append(sum(c * -math.log(q[int(i)]) for i, c in zip(idx, count) if c > 0) / n - h)
+    return np.array(rows)
+
+
+def ref_sampled_soft_target_loss(student_logits, sample_idx, sample_count, entropy, temperature):
+    rows = ref_sampled_soft_target_loss_per_row(student_logits, sample_idx, sample_count, entropy, temperature)
     return temperature**2 * rows.mean()
 
 
@@ -286,6 +326,8 @@ REFERENCES = {
     "rkd_distance_loss": ref_rkd_distance_loss,
     "rkd_angle_loss": ref_rkd_angle_loss,
     "cosine_embedding_loss": ref_cosine_embedding_loss,
+    "sampled_soft_target_loss": ref_sampled_soft_target_loss,
+    "sampled_soft_target_loss_per_row": ref_sampled_soft_target_loss_per_row,
 }
 
 
