@@ -37,6 +37,7 @@ from pipeline.config import StudentConfig
 from pipeline.errors import StaleCacheError
 from pipeline.methods import needed_temperatures
 from pipeline.methods.hard import HardTerm
+from pipeline.methods.mapped import lse_key
 from pipeline.training import Batch
 
 
@@ -58,6 +59,11 @@ class CacheRows:
         targets = {"row": self.row, "topk_idx": self.topk_idx, "topk_logit": self.topk_logit, "label": self.label}
         if cfg.loss.soft is not None:
             targets["lse"] = torch.tensor(self.lse[float(cfg.loss.soft.temperature)])  # (a copy: Arrow arrays are read-only)
+        for term in (cfg.loss.mapped, cfg.loss.uld):  # the teacher's own tokenizer: every row lines up
+            if term is not None:
+                targets[lse_key(term.temperature)] = torch.tensor(self.lse[float(term.temperature)])
+        if cfg.loss.mapped is not None:
+            targets["mapped_idx"] = self.topk_idx  # each teacher id is its own student id
         return targets | {f"teacher.{layer}": value for layer, value in self.features.items()}
 
 

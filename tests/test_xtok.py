@@ -1,0 +1,214 @@
+"""Students with another tokenizer than the teacher's: the alignment of two tokenizations of
+the same text (hand-made strings), the mapping table and the two losses (`mapped`, `uld`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from pipeline import align, losses
+from pipeline.errors import InputError
+from pipeline.prepared.tokens import special_ids
+from pipeline.sources.text import train_tokenizer
+
+TEXT = "héllo wörld, 漢字 and 😀 emoji\n\n   spaced   out\tend"
+CORPUS = [TEXT, "hello world, and more words", "the spaced out text", "漢字漢字 😀😀", "wörld wörld héllo"] * 3
+
+
+def side(vocab_size: int) -> dict:
+    backend = train_tokenizer(CORPUS, vocab_size)
+    special = special_ids(backend, "test")
+    roles = align.roles(special)
+    return {"backend": backend, "bytes": align.token_bytes(backend), "roles": roles,
+            "special": {i: r for r, i in roles.items()},
+            "encode": lambda s, b=backend: b.encode(s, add_special_tokens=False).ids}
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[dict, dict]:
+    return side(259), side(330)  # bytes only; bytes plus merges
+
+
+def block_of(teacher: dict, *docs: str) -> np.ndarray:
+    eos = teacher["roles"]["eos"]
+    return np.array([t for d in docs for t in [eos, *teacher["encode"](d)]], np.int64)
+
+
+def to_student(teacher: dict, student: dict, block: np.ndarray) -> align.StudentBlock:
+    return align.student_block(block, teacher["bytes"], teacher["special"], student["encode"], student["bytes"],
+                               student["roles"])
+
+
+def text_of(side_: dict, tokens: np.ndarray) -> bytes:
+    return b"".join(side_["bytes"][t] or b"|" for t in tokens)
+
+
+def test_token_bytes_spell_every_piece_of_text_back(pair):
+    for s in pair:
+        ids = s["encode"](TEXT)
+        assert b"".join(s["bytes"][i] for i in ids) == TEXT.encode()
+        assert all(s["bytes"][i] is None for i in s["roles"].values())
+
+
+def test_identical_tokenizers_align_one_to_one(pair):
+    _, merged = pair
+    block = block_of(merged, TEXT, "hello world")
+    found = to_student(merged, merged, block)
+    np.testing.assert_array_equal(found.tokens, block)
+    position, one = align.aligned_positions(found)
+    np.testing.assert_array_equal(position, np.arange(len(block) - 1))
+    assert one.all()
+    np.testing.assert_array_equal(found.characters, found.teacher_characters)
+
+
+def test_a_token_spanning_several_of_the_others_and_the_reverse(pair):
+    byte, merged = pair
+    # the teacher has bytes only, the student merges: every student token starts where a teacher byte does
+    found = to_student(byte, merged, block_of(byte, TEXT))
+    assert len(found.tokens) < len(found.teacher_start)
+    assert text_of(merged, found.tokens[1:]) == TEXT.encode()
+    position, one = align.aligned_positions(found)
+    assert (position >= 0).all()
+    multi = np.array([len(merged["bytes"][t]) > 1 for t in found.tokens[1:]])
+    assert multi.any() and (one == ~multi).all()  # one-to-one exactly where the student token is one byte
+    # the reverse: a student byte inside a teacher token has no teacher row predicting from there
+    found = to_student(merged, byte, block_of(merged, TEXT))
+    position, one = align.aligned_positions(found)
+    starts = set(found.teacher_start[1:].tolist())
+    np.testing.assert_array_equal(position >= 0, [s in starts for s in found.start[1:]])
+    np.testing.assert_array_equal(found.start[1:][position >= 0], found.teacher_start[1:][position[position >= 0]])
+    assert one.sum() == sum(len(merged["bytes"][t] or b"x") == 1 for t in block_of(merged, TEXT)[1:])
+
+
+def test_multi_byte_characters_cut_by_the_block_are_trimmed(pair):
+    byte, merged = pair
+    whole = block_of(byte, "漢字 😀")
+    cut = whole[2:-2]  # starts inside 漢 (3 bytes), ends inside 😀 (4 bytes)
+    found = to_student(byte, merged, cut)
+    assert text_of(merged, found.tokens) == "字 ".encode()
+    assert found.start[0] == 2 and found.end[-1] == 2 + len("字 ".encode())
+    assert found.characters.sum() == 2 and found.teacher_characters.sum() == 2
+    position, _ = align.aligned_positions(found)
+    np.testing.assert_array_equal(found.start[1:], found.teacher_start[1:][position])
+
+
+def test_eos_between_documents_maps_by_role_and_whitespace_runs_keep_their_bytes(pair):
+    byte, merged = pair
+    block = block_of(merged, "a   b", "\t\t c")
+    found = to_student(merged, byte, block)
+    eos = byte["roles"]["eos"]
+    assert list(found.tokens).count(eos) == 2
+    assert text_of(byte, found.tokens) == b"|a   b|\t\t c"
+    position, one = align.aligned_positions(found)
+    second = list(found.tokens).index(eos, 1)
+    assert position[second - 1] >= 0 and one[second - 1]  # the eos is predicted at the same place by both
+    assert block[position[second - 1] + 1] == merged["roles"]["eos"]
+
+
+def test_a_tokenizer_that_does_not_spell_the_text_back_is_refused(pair):
+    byte, merged = pair
+    with pytest.raises(InputError, match="byte for byte"):
+        align.student_block(block_of(byte, "abc"), byte["bytes"], byte["special"], lambda s: merged["encode"](s.upper()),
+                            merged["bytes"], merged["roles"])
+
+
+def test_the_mapping_table_matches_bytes_and_roles(pair):
+    byte, merged = pair
+    table = align.mapping_table(merged["bytes"], merged["roles"], byte["bytes"], byte["roles"])
+    for t, s in enumerate(table):
+        if t in merged["special"]:
+            assert s == (-1 if merged["special"][t] == "pad" else byte["roles"][merged["special"][t]])
+        elif len(merged["bytes"][t]) == 1:
+            assert byte["bytes"][s] == merged["bytes"][t]
+        else:
+            assert s == -1
+    same = align.mapping_table(merged["bytes"], merged["roles"], merged["bytes"], merged["roles"])
+    expected = np.arange(len(same))
+    expected[merged["roles"]["pad"]] = -1
+    np.testing.assert_array_equal(same, expected)
+
+
+# --- the losses ---------------------------------------------------------------------------------
+
+
+def cached(teacher_logits: torch.Tensor, k: int, T: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    top = teacher_logits.topk(k, dim=1)
+    shifted = teacher_logits - top.values[:, :1]
+    return top.indices, top.values - top.values[:, :1], (shifted / T).logsumexp(1)
+
+
+@pytest.mark.parametrize("k,tail", [(12, "bucket"), (5, "bucket"), (5, "renorm")])
+def test_mapped_with_identical_tokenizers_is_soft_exactly(k, tail):
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, 12, requires_grad=True), 3 * torch.randn(6, 12)
+    idx, logit, lse = cached(teacher, k, 2.0)
+    a = losses.mapped_soft_target_loss(student, idx, logit, lse, 2.0, tail)
+    (ga,) = torch.autograd.grad(a, student)
+    b = losses.topk_soft_target_loss(student, idx, logit, lse, 2.0, tail)
+    (gb,) = torch.autograd.grad(b, student)
+    assert torch.equal(a, b) and torch.equal(ga, gb)
+
+
+def test_mapped_merges_and_buckets_like_the_coarse_grained_kl():
+    # teacher ids 3 and 4 are one student token (4); id 5 has none: its mass goes to the tail
+    torch.manual_seed(1)
+    C, T = 9, 2.0
+    student, teacher = torch.randn(4, C, requires_grad=True), 2 * torch.randn(4, C)
+    table = torch.arange(C)
+    table[3], table[5] = 4, -1
+    idx, logit, lse = cached(teacher, C, T)
+    found = losses.mapped_soft_target_loss(student, table[idx], logit, lse, T)
+    (grad,) = torch.autograd.grad(found, student)
+    p, kept = torch.softmax(teacher / T, 1), [j for j in range(C) if j in table.tolist()]
+    merged = torch.stack([p[:, table == j].sum(1) for j in kept], 1)
+    student2 = student.detach().clone().requires_grad_()
+    q = torch.softmax(student2 / T, 1)[:, kept]
+    P = torch.cat([merged, 1 - merged.sum(1, keepdim=True)], 1)
+    Q = torch.cat([q, 1 - q.sum(1, keepdim=True)], 1)
+    expected = (P * (P.log() - Q.log())).sum(1).mean() * T**2
+    expected.backward()
+    assert found.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.allclose(grad, student2.grad, atol=1e-6)
+
+
+def test_mapped_with_nothing_mapped_is_the_kl_of_two_tails_and_finite():
+    student, teacher = torch.randn(3, 6), torch.randn(3, 6)
+    idx, logit, lse = cached(teacher, 3, 1.0)
+    kl = losses.mapped_soft_target_loss_per_row(student, torch.full_like(idx, -1), logit, lse, 1.0)
+    assert torch.allclose(kl, torch.zeros(3), atol=1e-6)
+
+
+def uld_reference(student_logits, teacher_logits, T):
+    # Boizard et al.: sorted probabilities, zero-padded to the longer vocabulary, L1
+    p = torch.softmax(teacher_logits / T, 1).sort(1, descending=True).values
+    q = torch.softmax(student_logits / T, 1).sort(1, descending=True).values
+    width = max(p.shape[1], q.shape[1])
+    p, q = torch.nn.functional.pad(p, (0, width - p.shape[1])), torch.nn.functional.pad(q, (0, width - q.shape[1]))
+    return (p - q).abs().sum(1).mean()
+
+
+@pytest.mark.parametrize("student_classes", [10, 6, 14])
+def test_uld_with_the_whole_teacher_distribution_is_ulds_distance(student_classes):
+    torch.manual_seed(2)
+    student, teacher = torch.randn(5, student_classes), 2 * torch.randn(5, 10)
+    idx, logit, lse = cached(teacher, 10, 1.5)
+    found = losses.uld_loss(student, logit, lse, 1.5)
+    if student_classes <= 10:
+        assert found.item() == pytest.approx(uld_reference(student, teacher, 1.5).item(), rel=1e-5)
+    else:  # the student's entries past the teacher's k: compared by mass, a lower bound
+        assert found.item() <= uld_reference(student, teacher, 1.5).item() + 1e-6
+
+
+def test_uld_properties():
+    torch.manual_seed(3)
+    teacher = 2 * torch.randn(4, 20)
+    idx, logit, lse = cached(teacher, 5, 1.0)
+    permuted = teacher[:, torch.randperm(20)]  # a student with the same probabilities on other ids
+    assert losses.uld_loss(permuted, logit, lse, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+    other = torch.randn(4, 7, requires_grad=True)
+    value = losses.uld_loss(other, logit, lse, 1.0)
+    assert 0 < value.item() <= 2 + 1e-6
+    value.backward()
+    assert torch.isfinite(other.grad).all() and other.grad.abs().sum() > 0
