@@ -212,3 +212,111 @@ def test_uld_properties():
     assert 0 < value.item() <= 2 + 1e-6
     value.backward()
     assert torch.isfinite(other.grad).all() and other.grad.abs().sum() > 0
+
+
+# --- through the CLI: a tiny Llama teacher with one tokenizer, students with another ------------
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A random tiny Llama teacher with a 384-entry Hugging Face BPE, pydoc cut with it and
+    labeled (top-8), and kd's own 300-entry BPE for the students (other size, other merges)."""
+    from conftest import hf_label_args, hf_tokenizer, invoke, ok, save_hf_model
+    from stages import label, prepare
+
+    root = tmp_path_factory.mktemp("xtok")
+    (root / "params.yaml").write_text("{}\n")
+    save_hf_model(root / "teacher", "llama", hf_tokenizer())
+    sizes = ("--block-size", 32, "--labeled", 8, "--unlabeled", 12, "--test", 6)
+    ok(invoke(prepare.main, "--dataset", "pydoc", "--tokenizer", root / "teacher", *sizes,
+              "--params", root / "params.yaml", "--out", root / "prepared"))
+    ok(invoke(prepare.main, "--dataset", "pydoc", "--vocab-size", 300, *sizes, "--params", root / "params.yaml",
+              "--out", root / "student_tokenizer"))
+    ok(invoke(label.main, *hf_label_args(root, root / "teacher", root / "prepared", root / "cache")))
+    return root
+
+
+TINY_LLAMA = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1,
+              "intermediate_size": 64}
+
+
+def distil(world, tmp_path, name: str, **student):
+    import yaml
+    from conftest import invoke
+    from stages import distill
+
+    entry = {"arch": "llama", "arch_kwargs": TINY_LLAMA, "epochs": 2, "batch_size": 4, "lr": 0.003,
+             "transfer": ["unlabeled"], **student}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"text_students": {name: entry}}))
+    result = invoke(distill.main, name, "--no-progress", "--cache", world / "cache", "--prepared", world / "prepared",
+                    "--students-dir", tmp_path / "students", "--baselines", tmp_path / "baselines",
+                    "--checkpoints", tmp_path / "ck", "--params", params)
+    return result, params
+
+
+def test_a_student_with_another_tokenizer_distils_and_evaluates_from_the_unchanged_cache(world, tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import invoke, ok
+    from stages import eval as evaluate
+
+    manifest = (world / "cache" / "manifest.json").read_bytes()
+    loss = {"mapped": {"weight": 0.5, "temperature": 4}, "uld": {"weight": 0.5, "temperature": 1},
+            "hard": {"weight": 0.5}}
+    result, params = distil(world, tmp_path, "x", tokenizer=str(world / "student_tokenizer"), loss=loss, repeats=2)
+    ok(result)
+    directory = tmp_path / "students" / "x"
+    header, *rows = (directory / "train_log.csv").read_text().splitlines()
+    assert header.split(",")[:4] == ["epoch", "hard", "mapped", "uld"] and len(rows) == 2
+    assert all(float(v) > 0 for v in rows[-1].split(",")[1:4])
+    # the student's directory loads with the Auto classes alone, its own tokenizer beside it
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    assert model.config.vocab_size == 300 == len(tokenizer)
+    ok(invoke(evaluate.main, "x", "--cache", world / "cache", "--prepared", world / "prepared",
+              "--students-dir", tmp_path / "students", "--params", params))
+    m = json.loads((directory / "metrics.json").read_text())
+    assert m["seeds"] == 2 and m["student_tokenizer"]["vocab_size"] == 300
+    for key in ("bits_per_char", "baseline_bits_per_char", "teacher_bits_per_char", "bits_per_char_mean"):
+        assert 0 < m[key] < 20, key
+    assert 0 < m["aligned_one_to_one"] <= m["aligned_positions"] <= 1
+    assert 0 <= m["mapped_mass"] <= m["mapped_kept_mass"] <= 1
+    # bits per character from perplexity: the same loss over the characters the tokens cover
+    assert m["bits_per_char"] == pytest.approx(np.log(m["perplexity"]) * m["test_tokens"]
+                                               / (np.log(2) * m["test_characters"]))
+    assert (world / "cache" / "manifest.json").read_bytes() == manifest  # the cache unchanged
+
+
+def test_the_twin_of_a_student_with_its_own_tokenizer_is_keyed_by_it(world, tmp_path):
+    from conftest import ok
+
+    loss = {"uld": {"weight": 0.5}, "hard": {"weight": 0.5}}
+    ok(distil(world, tmp_path, "a", loss=loss, epochs=1)[0])
+    ok(distil(world, tmp_path, "b", tokenizer=str(world / "student_tokenizer"), loss=loss, epochs=1)[0])
+    assert len(list((tmp_path / "baselines").iterdir())) == 2
+
+
+def test_mapped_with_the_teachers_own_tokenizer_trains_as_soft_exactly(world, tmp_path):
+    from safetensors.torch import load_file
+
+    from conftest import ok
+
+    weights = {}
+    for name, extra in (("soft", {}), ("mapped", {"tokenizer": str(world / "teacher")})):
+        ok(distil(world, tmp_path, name, epochs=1, loss={name: {"weight": 0.5, "temperature": 4},
+                                                         "hard": {"weight": 0.5}}, **extra)[0])
+        weights[name] = load_file(tmp_path / "students" / name / "model.safetensors")
+    assert weights["soft"].keys() == weights["mapped"].keys()
+    assert all(torch.equal(weights["soft"][k], weights["mapped"][k]) for k in weights["soft"])
+
+
+def test_soft_with_another_tokenizer_is_refused_in_one_line(world, tmp_path):
+    result, _ = distil(world, tmp_path, "x", tokenizer=str(world / "student_tokenizer"),
+                       loss={"soft": {"weight": 0.5}, "hard": {"weight": 0.5}})
+    assert result.exit_code != 0
+    line = result.output.strip()
+    assert "\n" not in line and "loss.soft" in line and "student_tokenizer" in line and "teacher" in line
+    assert "loss.mapped" in line and "loss.uld" in line
