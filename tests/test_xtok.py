@@ -288,6 +288,15 @@ def test_a_student_with_another_tokenizer_distils_and_evaluates_from_the_unchang
     assert m["bits_per_char"] == pytest.approx(np.log(m["perplexity"]) * m["test_tokens"]
                                                / (np.log(2) * m["test_characters"]))
     assert (world / "cache" / "manifest.json").read_bytes() == manifest  # the cache unchanged
+    # the text report puts the student beside its twins and the teacher in bits per character
+    from stages import report
+
+    ok(invoke(report.main, "--cache", world / "cache", "--students-dir", tmp_path / "students",
+              "--out", tmp_path / "report", "--params", params))
+    table = (tmp_path / "report" / "report.md").read_text().split("## Bits per character")[1]
+    assert f"{m['teacher_bits_per_char']:.3f}" in table
+    assert "| x | own (300) | hard + mapped + uld |" in table
+    assert f"{m['bits_per_char_mean']:.3f} ± {m['bits_per_char_std']:.3f}" in table
 
 
 def test_the_twin_of_a_student_with_its_own_tokenizer_is_keyed_by_it(world, tmp_path):

@@ -288,16 +288,19 @@ def check(cfg: StudentConfig, cache: Cache, prepared: Path) -> None:
     own = student_tokenizer(cfg, cache, prepared)
     if own is None:
         return
+    source = "tokenizer" if cfg.tokenizer is not None else "init"
+    differs = (f"the student's tokenizer ({source}: {own.student.describe()}) is another tokenizer than the "
+               f"cache {cache.root}'s teacher's ({own.teacher.describe()})")
     other = [name for name in chosen(cfg.loss) if name not in CROSS_METHODS]
     if other:
-        raise ConfigError(f"{cfg.where}.loss.{other[0]}: needs the teacher's vocabulary, but {own.describe()}; use "
+        raise ConfigError(f"{cfg.where}.loss.{other[0]}: needs the teacher's vocabulary, but {differs}; use "
                           "loss.mapped (the teacher's top-k mapped by token text) or loss.uld (sorted probabilities)")
     if cfg.init == "teacher":
-        raise ConfigError(f"{cfg.where}.init: 'teacher' copies the teacher's embeddings, but {own.describe()}; "
-                          "start at random (null) or from a directory of the student's tokenizer")
+        raise ConfigError(f"{cfg.where}.init: 'teacher' copies the teacher's embeddings, but {differs}; start at "
+                          "random (null) or from a directory of the student's tokenizer")
     if cfg.loss.hard is not None and cfg.loss.hard.pseudo:
-        raise ConfigError(f"{cfg.where}.loss.hard.pseudo: the teacher's argmax is a teacher token, but "
-                          f"{own.describe()}; use labels: true")
+        raise ConfigError(f"{cfg.where}.loss.hard.pseudo: the teacher's argmax is a teacher token, but {differs}; "
+                          "use labels: true")
 
 
 def student_tokenizer(cfg: StudentConfig, cache: Cache, prepared: Path) -> retokenized.Pair | None:
