@@ -329,3 +329,23 @@ def test_soft_with_another_tokenizer_is_refused_in_one_line(world, tmp_path):
     line = result.output.strip()
     assert "\n" not in line and "loss.soft" in line and "student_tokenizer" in line and "teacher" in line
     assert "loss.mapped" in line and "loss.uld" in line
+
+
+def test_a_student_with_its_own_tokenizer_streams_the_rows_it_holds_in_memory(world):
+    from conftest import assert_streams_like_in_memory
+
+    from pipeline import config
+    from pipeline.cache import Cache
+    from pipeline.tasks import causal_lm
+
+    cfg = config.from_mapping(config.StudentConfig, {
+        "name": "x", "section": "text_students", "arch": "llama", "arch_kwargs": TINY_LLAMA,
+        "transfer": ["labeled", "unlabeled"], "tokenizer": str(world / "student_tokenizer"),
+        "loss": {"mapped": {"weight": 0.5}, "uld": {"weight": 0.5}, "hard": {"weight": 0.5}}}, "text_students.x")
+    cache = Cache.open(world / "cache")
+    in_memory = causal_lm.rows(cache, world / "prepared", cfg, 2048)
+    streamed = causal_lm.rows(cache, world / "prepared", cfg, 0.001)
+    assert type(streamed).__name__ == "StreamingSet"
+    assert torch.equal(in_memory.targets["row"], torch.arange(len(in_memory.targets["row"])))
+    assert in_memory.targets["aligned"].any() and not in_memory.targets["aligned"].all()
+    assert_streams_like_in_memory(in_memory, streamed, views="none", batch_size=4)

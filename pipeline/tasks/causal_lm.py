@@ -463,8 +463,12 @@ def _cross_split_rows(cache: Cache, prepared: Path, cfg: StudentConfig, own: ret
     aligned = teacher_row >= 0
     at = teacher_row.clamp(min=0)
     teacher = cache_rows.targets(cfg)
+    # `row`: the student row's index over the transfer splits (student rows, not the cache's)
+    before = sum(int(retokenized.blocks(own.teacher.directory, own.student.directory, s).predicted.sum())
+                 for s in cfg.transfer[:cfg.transfer.index(split)])
+    before += int(retokenized.blocks(own.teacher.directory, own.student.directory, split, 0, first).predicted.sum())
     targets = {"label": torch.from_numpy(found.tokens[:, 1:][keep]), "aligned": aligned,
-               "row": torch.arange(len(teacher_row)) + row_offset,
+               "row": torch.arange(len(teacher_row)) + before,
                **{key: value[at] for key, value in teacher.items() if key not in ("label", "row", "topk_idx")}}
     if "mapped_idx" in targets:
         targets["mapped_idx"] = torch.from_numpy(own.table)[targets["mapped_idx"]]
