@@ -35,7 +35,7 @@ def _byte_decoder() -> dict[str, int]:
     # GPT-2's byte-level alphabet: the printable stand-in of each byte -> the byte
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     # tokenizers gives the set unordered; rebuild GPT-2's bytes_to_unicode to know which is which
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):

@@ -580,13 +580,16 @@ def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, s
     tokenizer, in its tokens, and how its positions line up with the teacher's
     (`alignment_scores`)."""
     own = student_tokenizer(spec, cache, prepared)
-    teacher_chars = retokenized.teacher_characters(prepared.resolve(), "test")
     teacher_predicted = text.predicted(prepared / "test.parquet")
-    teacher_chars = int(teacher_chars.sum() if teacher_predicted is None else teacher_chars[teacher_predicted].sum())
+    try:
+        teacher_chars = retokenized.teacher_characters(prepared.resolve(), "test")
+        teacher_chars = int((teacher_chars if teacher_predicted is None else teacher_chars[teacher_predicted]).sum())
+    except InputError:  # a tokenizer whose ids do not spell the text back byte for byte: no bits per character
+        teacher_chars = None
     compare = teacher_x = None
     if own is None:
         _, tokens, predicted, truth = blocks_and_targets(prepared / "test.parquet")
-        characters = teacher_chars
+        characters = teacher_chars  # (None where the text cannot be recovered)
     else:
         test = retokenized.blocks(own.teacher.directory, own.student.directory, "test")
         tokens, predicted = torch.from_numpy(test.tokens), torch.from_numpy(test.predicted)
@@ -606,8 +609,8 @@ def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, s
                 "perplexity_gain": twin - student, "perplexity_reduction": 1 - student / twin,
                 "bits_per_char": bits_per_char(student, tokens_scored, characters),
                 "baseline_bits_per_char": bits_per_char(twin, tokens_scored, characters),
-                "teacher_bits_per_char": None if teacher is None else bits_per_char(teacher, len(soft.ids),
-                                                                                     teacher_chars),
+                "teacher_bits_per_char": None if teacher is None or teacher_chars is None else bits_per_char(
+                    teacher, len(soft.ids), teacher_chars),
                 "test_characters": characters}
 
     positions = torch.arange(1, tokens.shape[1]).repeat(len(tokens), 1)
@@ -617,12 +620,12 @@ def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, s
                                   teacher_x)
     seeds = [bits_per_char(row[who], tokens_scored, characters) for row in plots["seeds.csv"][1]
              for who in ("student", "baseline")]
-    record |= {"bits_per_char_mean": float(np.mean(seeds[0::2])), "bits_per_char_std": float(np.std(seeds[0::2])),
-               "baseline_bits_per_char_mean": float(np.mean(seeds[1::2])),
-               "baseline_bits_per_char_std": float(np.std(seeds[1::2]))}
+    if characters is not None:  # over seeds: mean and sample std, as `metrics.seed_summary`
+        for key, values in (("bits_per_char", seeds[0::2]), ("baseline_bits_per_char", seeds[1::2])):
+            record[f"{key}_mean"], record[f"{key}_std"] = metrics.mean_std(values)
     if own is not None:  # (against_teacher counted the aligned rows)
-        record |= {"test_tokens": tokens_scored} | alignment_scores(test, own.table, cache.soft_targets("test", [1.0])) | {
-            "student_tokenizer": {"sha256": own.student.fingerprint, "vocab_size": own.student.vocab_size}}
+        record |= {"test_tokens": tokens_scored, **alignment_scores(test, own.table, cache.soft_targets("test", [1.0])),
+                   "student_tokenizer": {"sha256": own.student.fingerprint, "vocab_size": own.student.vocab_size}}
     if teacher_predicted is not None and own is None:  # (greedy answers in the teacher's tokens)
         columns, seeds = plots["seeds.csv"]
         matches = exact_matches(student_dir, prepared, cfg)
@@ -637,9 +640,11 @@ def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, s
     return record, plots
 
 
-def bits_per_char(perplexity: float, tokens: int, characters: int) -> float:
+def bits_per_char(perplexity: float, tokens: int, characters: int | None) -> float | None:
     """The total next-token loss of `tokens` predicted tokens at this perplexity (nats), over
     ln 2 x the characters those tokens cover: a figure that does not depend on the tokenizer."""
+    if characters is None:
+        return None
     return math.log(perplexity) * tokens / (math.log(2) * characters)
 
 
@@ -816,9 +821,9 @@ def against_teacher(student: nn.Module, logits: torch.Tensor, x: torch.Tensor, s
     kl, exact = metrics.kl_to_teacher(logits, torch.tensor(soft.topk_idx, dtype=torch.long),
                                       torch.tensor(soft.topk_logit, dtype=torch.float32), torch.tensor(soft.lse[1.0]))
     with metrics.torch_threads(cfg.threads):
+        inputs = [x[:cfg.batch_size], (x if teacher_x is None else teacher_x)[:cfg.batch_size]]
         blocks_per_s = metrics.throughputs([student] + ([teacher] if teacher is not None else []),
-                                           [x[:cfg.batch_size], (x if teacher_x is None else teacher_x)[:cfg.batch_size]]
-                                           [:1 + (teacher is not None)], cfg.throughput_runs)
+                                           inputs[:1 + (teacher is not None)], cfg.throughput_runs)
     return {
         "agreement": metrics.agreement(logits.argmax(1).numpy(), soft.topk_idx[:, 0]),
         "kl_to_teacher": kl, "kl_exact": exact,
