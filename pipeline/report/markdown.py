@@ -160,11 +160,11 @@ def bits_markdown(results: list[Any]) -> list[str]:
     teacher = rows[0].metrics.get("teacher_bits_per_char")
     lines = ["", "## Bits per character", "",
              "Each student's test loss over the characters its predicted tokens cover (total nats / (ln 2 x "
-             "characters)), so students of other tokenizers compare: mean ± sample std over its seeds, its twins' "
-             f"beside it. The teacher: {fmt(teacher, '.3f')}. For a student with its own tokenizer: the share of its "
-             "predicted test positions a cached teacher row lines up with (the same next-character boundary), "
-             "of those whose predicted tokens are the same text (one-to-one), and the share of the teacher's "
-             "top-k mass on tokens the student's vocabulary has (mapped).", "",
+             "characters)), so students of other tokenizers compare: mean ± sample std over its seeds (the value "
+             f"alone for one seed), its twins' beside it. The teacher: {fmt(teacher, '.3f')}. For a student with its "
+             "own tokenizer: the share of its predicted test positions a cached teacher row lines up with (the same "
+             "next-character boundary), of those whose predicted tokens are the same text (one-to-one), and the "
+             "share of the teacher's top-k mass on tokens the student's vocabulary has (mapped).", "",
              "| student | tokenizer | loss | bits/char | twin bits/char | aligned | one-to-one | mapped mass |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -173,8 +173,9 @@ def bits_markdown(results: list[Any]) -> list[str]:
         tokenizer = "the teacher's" if own is None else f"own ({own['vocab_size']:,})"
         loss = " + ".join(k for k, v in (r.spec.get("loss") or {}).items() if v is not None)
         share = (lambda key: "" if m.get(key) is None else f"{100 * m[key]:.1f}%")
-        lines.append(f"| {r.name} | {tokenizer} | {loss} | {_pm(m, 'bits_per_char', '.3f')} | "
-                     f"{_pm(m, 'baseline_bits_per_char', '.3f')} | {share('aligned_positions')} | "
+        spread = (lambda key: f"{m[key]:.3f}" if m["seeds"] < 2 else _pm(m, key, ".3f"))  # one seed: no spread
+        lines.append(f"| {r.name} | {tokenizer} | {loss} | {spread('bits_per_char')} | "
+                     f"{spread('baseline_bits_per_char')} | {share('aligned_positions')} | "
                      f"{share('aligned_one_to_one')} | {share('mapped_kept_mass')} |")
     return lines
 
