@@ -349,3 +349,17 @@ def test_a_student_with_its_own_tokenizer_streams_the_rows_it_holds_in_memory(wo
     assert torch.equal(in_memory.targets["row"], torch.arange(len(in_memory.targets["row"])))
     assert in_memory.targets["aligned"].any() and not in_memory.targets["aligned"].all()
     assert_streams_like_in_memory(in_memory, streamed, views="none", batch_size=4)
+
+
+def test_a_student_with_its_own_hugging_face_tokenizer_reads_it_back(world, tmp_path):
+    from transformers import AutoTokenizer
+
+    from conftest import hf_tokenizer, ok, pydoc_documents
+
+    own = hf_tokenizer(350, pydoc_documents(40, 40))
+    own.save_pretrained(tmp_path / "own")
+    ok(distil(world, tmp_path, "h", tokenizer=str(tmp_path / "own"), epochs=1,
+              loss={"mapped": {"weight": 0.5, "temperature": 1}, "hard": {"weight": 0.5}})[0])
+    found = AutoTokenizer.from_pretrained(tmp_path / "students" / "h")
+    assert found.backend_tokenizer.to_str() == own.backend_tokenizer.to_str()
+    assert found.eos_token == "</s>"

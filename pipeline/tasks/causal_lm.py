@@ -301,6 +301,7 @@ def check(cfg: StudentConfig, cache: Cache, prepared: Path) -> None:
     if cfg.loss.hard is not None and cfg.loss.hard.pseudo:
         raise ConfigError(f"{cfg.where}.loss.hard.pseudo: the teacher's argmax is a teacher token, but {differs}; "
                           "use labels: true")
+    check_own_tokenizer(cfg, own)
 
 
 def student_tokenizer(cfg: StudentConfig, cache: Cache, prepared: Path) -> retokenized.Pair | None:
@@ -400,15 +401,7 @@ def check_student_tokenizer(cfg: StudentConfig, cache: Cache, prepared: Path) ->
     class, as it always did.)"""
     if not (prepared / text.HF_TOKENIZER_CONFIG).is_file():
         return
-    if cfg.init in (None, "teacher"):
-        config = AutoConfig.for_model(cfg.arch)
-    else:
-        config = AutoConfig.from_pretrained(cfg.init, local_files_only=True, trust_remote_code=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        config.save_pretrained(tmp)
-        for source in text.tokenizer_files(prepared):
-            shutil.copyfile(source, Path(tmp) / source.name)
-        found = text.read_tokenizer(Path(tmp), "student's tokenizer")
+    config, found = read_back(cfg, prepared)
     ours = cache.manifest["text"]
     if found.fingerprint != ours["tokenizer_sha256"]:
         raise ConfigError(f"{cfg.where}.arch: in a {config.model_type} directory transformers reads the teacher's "
@@ -417,6 +410,33 @@ def check_student_tokenizer(cfg: StudentConfig, cache: Cache, prepared: Path) ->
                           f"{ours['tokenizer_sha256'][:12]}, vocabulary {ours['vocab_size']}): the student would "
                           "not read its own text as it learned it; choose another model_type (the teacher's "
                           f"{cache.manifest['teacher']['config'].get('arch')} keeps it)")
+
+
+def read_back(cfg: StudentConfig, tokenizer_dir: Path) -> tuple[Any, text.TokenizerDir]:
+    """The student's config and the tokenizer of `tokenizer_dir` as AutoTokenizer reads it
+    beside that config (`check_student_tokenizer`)."""
+    if cfg.init in (None, "teacher"):
+        config = AutoConfig.for_model(cfg.arch)
+    else:
+        config = AutoConfig.from_pretrained(cfg.init, local_files_only=True, trust_remote_code=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        config.save_pretrained(tmp)
+        for source in text.tokenizer_files(tokenizer_dir):
+            shutil.copyfile(source, Path(tmp) / source.name)
+        return config, text.read_tokenizer(Path(tmp), "student's tokenizer")
+
+
+def check_own_tokenizer(cfg: StudentConfig, own: retokenized.Pair) -> None:
+    """A student with its own Hugging Face tokenizer: its directory must read it back as itself
+    (the same rule as `check_student_tokenizer`)."""
+    if not (own.student.directory / text.HF_TOKENIZER_CONFIG).is_file():
+        return
+    config, found = read_back(cfg, own.student.directory)
+    if found.fingerprint != own.student.fingerprint:
+        raise ConfigError(f"{cfg.where}.arch: in a {config.model_type} directory transformers reads the student's "
+                          f"tokenizer {own.student.describe()} as {type(found.hf).__name__} (sha256 "
+                          f"{found.fingerprint[:12]}, vocabulary {found.vocab_size}): the student would not read its "
+                          "own text as it learned it; choose the model_type its tokenizer comes from")
 
 
 def init_identity(cfg: StudentConfig, cache: Cache) -> Any:
