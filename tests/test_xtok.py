@@ -363,3 +363,20 @@ def test_a_student_with_its_own_hugging_face_tokenizer_reads_it_back(world, tmp_
     found = AutoTokenizer.from_pretrained(tmp_path / "students" / "h")
     assert found.backend_tokenizer.to_str() == own.backend_tokenizer.to_str()
     assert found.eos_token == "</s>"
+
+
+def test_two_process_torchrun_trains_a_student_with_its_own_tokenizer_as_one_process(world, tmp_path):
+    import yaml
+
+    from tests.test_distributed import TOLERANCE, both_ways, log_difference, max_difference
+
+    entry = {"arch": "llama", "arch_kwargs": TINY_LLAMA, "epochs": 2, "batch_size": 4, "lr": 0.003,
+             "transfer": ["unlabeled"], "tokenizer": str(world / "student_tokenizer"),
+             "loss": {"mapped": {"weight": 0.5, "temperature": 4}, "uld": {"weight": 0.5}, "hard": {"weight": 0.5}}}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"text_students": {"x": entry}}))
+    single, data_parallel, _ = both_ways({"cache": world / "cache", "prepared": world / "prepared", "params": params},
+                                         tmp_path, "x")
+    for rel in ("model.safetensors", "baseline/model.safetensors"):
+        assert max_difference(single / rel, data_parallel / rel) < TOLERANCE, rel
+    assert log_difference(single / "train_log.csv", data_parallel / "train_log.csv") < TOLERANCE
