@@ -297,6 +297,15 @@ def test_a_student_with_another_tokenizer_distils_and_evaluates_from_the_unchang
     assert f"{m['teacher_bits_per_char']:.3f}" in table
     assert "| x | own (300) | hard + mapped + uld |" in table
     assert f"{m['bits_per_char_mean']:.3f} ± {m['bits_per_char_std']:.3f}" in table
+    # ranked by bits per character: the students of every tokenizer on one scale, over seeds
+    assert m["bits_per_char_reduction"] == pytest.approx(1 - m["bits_per_char"] / m["baseline_bits_per_char"])
+    ok(invoke(report.main, "--cache", world / "cache", "--students-dir", tmp_path / "students", "--score",
+              "bits_per_char", "--out", tmp_path / "by_bits", "--params", params))
+    board = (tmp_path / "by_bits" / "leaderboard.csv").read_text().splitlines()
+    header, first = board[0].split(","), dict(zip(board[0].split(","), board[1].split(",")))
+    assert header[4:6] == ["bits_per_char", "baseline_bits_per_char"]
+    assert float(first["bits_per_char_mean"]) == pytest.approx(m["bits_per_char_mean"], abs=1e-6)
+    assert (tmp_path / "by_bits" / "bits_per_char_vs_params.png").is_file()
 
 
 def test_the_twin_of_a_student_with_its_own_tokenizer_is_keyed_by_it(world, tmp_path):

@@ -19,7 +19,9 @@ HEADERS = {"params": ("params", ","), "size_bytes": ("size (bytes)", ","), "thro
            "throughput_tokens_per_s": ("tokens/s", ",.0f"), "accuracy_retained": ("retained", ".3f"),
            "agreement": ("agreement", ".4f"), "kl_to_teacher": ("KL", ".4f"), "ece": ("ECE", ".4f"),
            "speedup_vs_teacher": ("speedup", ".1f"), "perplexity": ("perplexity", ".2f"),
-           "baseline_perplexity": ("twin perplexity", ".2f"), "teacher_perplexity": ("teacher perplexity", ".2f")}
+           "baseline_perplexity": ("twin perplexity", ".2f"), "teacher_perplexity": ("teacher perplexity", ".2f"),
+           "bits_per_char": ("bits/char", ".3f"), "baseline_bits_per_char": ("twin bits/char", ".3f"),
+           "teacher_bits_per_char": ("teacher bits/char", ".3f")}
 
 
 def sentence(name: str, metrics: dict[str, Any], score: Score) -> str:

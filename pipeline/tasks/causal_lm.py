@@ -638,11 +638,15 @@ def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, s
                                   positions.reshape(-1) if predicted is None else positions[predicted], perplexity,
                                   keys, ("perplexity", "perplexity_reduction", lambda s, b: 1 - s / b), compare,
                                   teacher_x)
-    seeds = [bits_per_char(row[who], tokens_scored, characters) for row in plots["seeds.csv"][1]
-             for who in ("student", "baseline")]
-    if characters is not None:  # over seeds: mean and sample std, as `metrics.seed_summary`
-        for key, values in (("bits_per_char", seeds[0::2]), ("baseline_bits_per_char", seeds[1::2])):
-            record[f"{key}_mean"], record[f"{key}_std"] = metrics.mean_std(values)
+    if characters is not None:  # every seed in bits per character too (`kd report --score bits_per_char`)
+        columns, seeds = plots["seeds.csv"]
+        bits = [{"bits_per_char": bits_per_char(row["student"], tokens_scored, characters),
+                 "baseline_bits_per_char": bits_per_char(row["baseline"], tokens_scored, characters)} for row in seeds]
+        record |= {"bits_per_char_reduction": 1 - record["bits_per_char"] / record["baseline_bits_per_char"],
+                   **metrics.seed_summary(bits, "bits_per_char", "bits_per_char_reduction", lambda s, b: 1 - s / b)}
+        plots["seeds.csv"] = ([*columns, "student_bits_per_char", "baseline_bits_per_char"],
+                              [{**row, "student_bits_per_char": b["bits_per_char"],
+                                "baseline_bits_per_char": b["baseline_bits_per_char"]} for row, b in zip(seeds, bits)])
     if own is not None:  # (against_teacher counted the aligned rows)
         record |= {"test_tokens": tokens_scored, **alignment_scores(test, own.table, cache.soft_targets("test", [1.0])),
                    "student_tokenizer": {"sha256": own.student.fingerprint, "vocab_size": own.student.vocab_size}}
