@@ -10,8 +10,11 @@ lined up with the cache rows of its `block_set`. The true label of a row is the 
 same blocks with the next-token loss alone and the same budget ("the text alone"). A student
 is any transformers model_type with a causal LM head (`arch`, `arch_kwargs`), started at
 random, from the teacher's layers (`init: teacher`) or from a local pretrained directory
-(`init: DIR`, with the teacher's tokenizer); it is a Hugging Face directory (`lm.save`) plus
-`student.json`, scored by test perplexity.
+(`init: DIR`); it is a Hugging Face directory (`lm.save`) plus `student.json`, scored by test
+perplexity and bits per character. A student with its own tokenizer (`tokenizer: DIR`, or its
+`init` directory's) reads the same blocks in its own tokens (`prepared.retokenized`), each row
+carrying the cache row it lines up with through the text (`align`), for the loss terms
+`mapped` and `uld`; its twin learns from the same text in the same tokens.
 
 The helpers every token task shares (the checks of a student and of its tokenizer, building
 and saving, the seed table, what is measured against the cached teacher) live here too, and
