@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer
 
 from pipeline import align, losses
 from pipeline.errors import InputError

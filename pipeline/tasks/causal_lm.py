@@ -374,7 +374,6 @@ def check_init(cfg: StudentConfig, cache: Cache, objective: str) -> None:
         raise MissingInputError(f"{cfg.where}.init: {directory / lm.CONFIG} not found (init is 'teacher', null or "
                                 "a local pretrained model directory)")
     tokenizer = text.read_tokenizer(directory, "init directory's tokenizer")
-    ours = cache.manifest["text"]
     own = text.read_tokenizer(Path(cfg.tokenizer), f"{cfg.where}.tokenizer") if cfg.tokenizer else tokenizer
     if tokenizer.fingerprint != own.fingerprint:
         raise InputError(f"{cfg.where}.init: {tokenizer.describe()} has another tokenizer than the student's "
