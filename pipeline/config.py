@@ -22,8 +22,10 @@ from pipeline.methods.attention import AttentionTerm
 from pipeline.methods.cosine import CosineTerm
 from pipeline.methods.hard import HardTerm
 from pipeline.methods.hint import HintTerm
+from pipeline.methods.mapped import MappedTerm
 from pipeline.methods.rkd import RKDTerm
 from pipeline.methods.soft import SoftTerm
+from pipeline.methods.uld import ULDTerm
 
 SECTIONS = ("prepare", "teacher", "generate", "label", "assistants", "students", "text_students", "mlm_students",
             "img_students", "gen_students", "eval")
@@ -265,6 +267,8 @@ class LossConfig:
     attention: AttentionTerm | None = None
     rkd: RKDTerm | None = None
     cosine: CosineTerm | None = None
+    mapped: MappedTerm | None = None  # a student with its own tokenizer: soft through the vocabulary mapping
+    uld: ULDTerm | None = None  # a student with its own tokenizer: sorted probabilities (ULD)
 
     def teacher_layers(self, where: str) -> dict[str, tuple[str, ...]]:
         """Teacher layer -> the cache modes that serve every method using it (preferred first)."""
@@ -299,8 +303,12 @@ class StudentConfig:
     transfer: list[str] = field(default_factory=lambda: ["labeled", "unlabeled"])
     views: bool = False  # draw each epoch among the cached views of a sample
     # language models: "teacher" (its layers, one in every N; label.keep_teacher), a local pretrained
-    # directory (with the teacher's tokenizer), or null (random)
+    # directory (its tokenizer is the student's), or null (random)
     init: str | None = None
+    # causal LMs: the student's own tokenizer (a directory: kd's tokenizer.json or a Hugging Face
+    # one); null: the init directory's, else the teacher's. Another than the teacher's learns from
+    # the cache through the text (loss terms mapped, uld)
+    tokenizer: str | None = None
     loss: LossConfig = field(default_factory=LossConfig)
 
     @property

@@ -37,6 +37,7 @@ from pipeline.config import StudentConfig
 from pipeline.errors import StaleCacheError
 from pipeline.methods import needed_samples, needed_temperatures
 from pipeline.methods.hard import HardTerm
+from pipeline.methods.mapped import lse_key
 from pipeline.training import Batch
 
 
@@ -67,6 +68,11 @@ class CacheRows:
                             "entropy": torch.tensor(self.entropy[t])}
             else:
                 targets["lse"] = torch.tensor(self.lse[t])  # (a copy: Arrow arrays are read-only)
+        for term in (cfg.loss.mapped, cfg.loss.uld):  # the teacher's own tokenizer: every row lines up
+            if term is not None:
+                targets[lse_key(term.temperature)] = torch.tensor(self.lse[float(term.temperature)])
+        if cfg.loss.mapped is not None:
+            targets["mapped_idx"] = self.topk_idx  # each teacher id is its own student id
         return targets | {f"teacher.{layer}": value for layer, value in self.features.items()}
 
 

@@ -367,3 +367,66 @@ def sampled_soft_target_loss(student_logits, sample_idx, sample_count, entropy, 
     # soft_target_loss against the teacher's full logits (value and gradient).
     kl = sampled_soft_target_loss_per_row(student_logits, sample_idx, sample_count, entropy, temperature)
     return kl.mean() * temperature**2
+
+
+# --------------------------------------------------------------------------------------------
+# students with another tokenizer than the teacher's (the cache unchanged)
+
+
+def mapped_soft_target_loss_per_row(student_logits, mapped_idx, topk_logit, lse, temperature, tail="bucket"):
+    # student_logits: (B, C) over the student's vocabulary; mapped_idx: (B, k) the teacher's
+    # top-k ids mapped to student ids (-1: no student token with the same text); topk_logit,
+    # lse: as cached -> (B,) KL per row. Teacher ids mapped onto one student id add their
+    # probabilities; unmapped ones join the tail bucket (renorm: they are dropped). Then the
+    # top-k KL of `topk_soft_target_loss_per_row` (the same code) on the merged entries: with
+    # every id mapped to a distinct student id (identical tokenizers) it is that call exactly.
+    idx = mapped_idx.long()
+    classes = student_logits.shape[1]
+    if bool((idx >= 0).all()) and bool((idx.sort(dim=1).values.diff(dim=1) != 0).all()):
+        return topk_soft_target_loss_per_row(student_logits, idx, topk_logit, lse, temperature, tail)
+    T = float(temperature)
+    log_p = topk_logit.float() / T - lse.float().reshape(-1, 1)  # (B, k) teacher log-probs at T
+    p = torch.where(idx >= 0, log_p.exp(), 0.0)
+    key = torch.where(idx >= 0, idx, classes)  # unmapped -> the sentinel class C
+    key, order = key.sort(dim=1)
+    p = p.gather(1, order)
+    group = torch.cumsum(torch.cat([torch.zeros_like(key[:, :1]), (key.diff(dim=1) != 0).long()], 1), 1)  # (B, k)
+    merged_p = torch.zeros_like(p).scatter_add_(1, group, p)
+    merged_idx = torch.full_like(key, classes).scatter_(1, group, key)  # groups past the last: the sentinel
+    merged_p = torch.where(merged_idx == classes, 0.0, merged_p)
+    # back to the cached form: topk_logit / T - lse = log p (-inf where nothing is kept)
+    merged_logit = (merged_p.log() + lse.float().reshape(-1, 1)) * T
+    # the sentinel is a class of probability 0 on both sides: a column of -inf the student never has
+    padded = torch.cat([student_logits, student_logits.new_full((len(student_logits), 1), float("-inf"))], 1)
+    return topk_soft_target_loss_per_row(padded, merged_idx, merged_logit, lse.float(), T, tail)
+
+
+def mapped_soft_target_loss(student_logits, mapped_idx, topk_logit, lse, temperature, tail="bucket"):
+    # as mapped_soft_target_loss_per_row, T^2 * the mean over rows (topk_soft_target_loss's scale)
+    kl = mapped_soft_target_loss_per_row(student_logits, mapped_idx, topk_logit, lse, temperature, tail)
+    return kl.mean() * temperature**2
+
+
+def uld_loss_per_row(student_logits, topk_logit, lse, temperature):
+    # student_logits: (B, C); topk_logit, lse: the teacher's cached top-k (B, k), (B,) -> (B,)
+    # Universal Logit Distillation (Boizard et al. 2024): the L1 distance between the teacher's
+    # and the student's probabilities at T, each sorted in descending order, zero-padded to the
+    # same length; no vocabulary mapping. The cache holds the teacher's k largest only, so the
+    # k largest of each are compared entry by entry and the rest (the tails, whose shapes are
+    # unknown for the teacher) by their masses: |tail_t - tail_s|, a lower bound of their L1
+    # (triangle inequality). With k >= both vocabularies it is ULD's distance exactly.
+    T = float(temperature)
+    p = (topk_logit.float() / T - lse.float().reshape(-1, 1)).exp().sort(dim=1, descending=True).values  # (B, k)
+    log_q = F.log_softmax(student_logits.float() / T, dim=1)
+    k = min(p.shape[1], log_q.shape[1])
+    q = log_q.topk(k, dim=1).values.exp()  # (B, k') descending
+    if q.shape[1] < p.shape[1]:
+        q = F.pad(q, (0, p.shape[1] - q.shape[1]))
+    tail_p = (1 - p.sum(dim=1)).clamp(min=0)  # float16 rounding may push the kept mass a hair past 1
+    tail_q = (1 - q.sum(dim=1)).clamp(min=0)
+    return (p - q).abs().sum(dim=1) + (tail_p - tail_q).abs()
+
+
+def uld_loss(student_logits, topk_logit, lse, temperature):
+    # as uld_loss_per_row, the mean over rows
+    return uld_loss_per_row(student_logits, topk_logit, lse, temperature).mean()

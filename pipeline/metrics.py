@@ -83,8 +83,9 @@ def kl_to_teacher(student_logits: torch.Tensor, topk_idx: torch.Tensor, topk_log
     # -> (mean KL(teacher || student) at T=1, exact). With k == C this is the exact KL; with
     # k < C it is the KL of the coarse-grained distributions (top-k classes + one tail
     # bucket), which by the data-processing inequality is a lower bound of the exact KL.
-    kl = losses.topk_soft_target_loss_per_row(student_logits.double(), topk_idx, topk_logit, lse_t1, 1.0,
-                                              tail="bucket")
+    # An id of -1 (a student of another tokenizer: no token of the same text) counts in the tail.
+    kl = losses.mapped_soft_target_loss_per_row(student_logits.double(), topk_idx, topk_logit, lse_t1, 1.0,
+                                                tail="bucket")
     return float(kl.mean()), topk_idx.shape[1] == student_logits.shape[1]
 
 
@@ -196,23 +197,25 @@ def latency_ms(model: nn.Module, x: torch.Tensor, runs: int, warmup: int = LATEN
     return statistics.median(times) * 1000.0
 
 
-def throughputs(models: list[nn.Module], x: torch.Tensor, runs: int,
+def throughputs(models: list[nn.Module], x: torch.Tensor | list[torch.Tensor], runs: int,
                 warmup: int = THROUGHPUT_WARMUP) -> list[float]:
-    # x: (B, *input_shape) -> samples/s of each model, from the median time of `runs` passes.
+    # x: (B, *input_shape), or one such batch per model (the same samples in each model's own
+    # form) -> samples/s of each model, from the median time of `runs` passes.
     # The models take turns within each run, so a clock or load change hits them alike.
+    inputs = x if isinstance(x, (list, tuple)) else [x] * len(models)
     for model in models:
         model.eval()
     times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
-        for model in models:
+        for model, batch in zip(models, inputs):
             for _ in range(warmup):
-                model(x)
+                model(batch)
         for _ in range(runs):
-            for model, timed in zip(models, times):
+            for model, batch, timed in zip(models, inputs, times):
                 start = time.perf_counter()
-                model(x)
+                model(batch)
                 timed.append(time.perf_counter() - start)
-    return [len(x) / statistics.median(timed) for timed in times]
+    return [len(batch) / statistics.median(timed) for batch, timed in zip(inputs, times)]
 
 
 def teacher_twin(config: dict[str, Any]) -> nn.Module | None:

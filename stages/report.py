@@ -12,7 +12,8 @@ The students are those of params.yaml's student sections (every trained student 
 --students-dir when there is no params file); each must have been through `kd eval`.
 On a language model's cache (`--cache data/text/teacher_outputs`) the score is test
 perplexity or masked-token accuracy instead of test accuracy, with loss by position; with
-`--score exact_match` (instruction data) the exact match of the students' greedy answers.
+`--score exact_match` (instruction data) the exact match of the students' greedy answers, with
+`--score bits_per_char` (causal students of different tokenizers) bits per character.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def main(
                                                  "another test set, written by `kd eval NAME --out DIR/NAME` "
                                                  "(repeatable); adds a table and test_sets.csv."),
     score: Optional[str] = typer.Option(None, help="Rank by this metrics key instead of the task's own score "
-                                        "(causal LMs on instruction data: exact_match)."),
+                                        "(causal LMs on instruction data: exact_match; of different tokenizers: "
+                                        "bits_per_char)."),
 ) -> None:
     """Write report.md, leaderboard.csv, the tables and plots over every evaluated student."""
     names = student_names(params) if params.is_file() else None

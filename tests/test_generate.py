@@ -333,4 +333,4 @@ def test_students_of_teacher_answers_report_exact_match_over_seeds(world, tmp_pa
     assert "test exact match" in (tmp_path / "report" / "report.md").read_text()
     result = invoke(report.main, "--params", tmp_path / "params.yaml", "--cache", tmp_path / "cache",
                     "--students-dir", tmp_path / "students", "--out", tmp_path / "report2", "--score", "bleu", expect=1)
-    assert "--score: 'bleu' is not a score of causal_lm students (perplexity, exact_match)" in result.output
+    assert "--score: 'bleu' is not a score of causal_lm students (perplexity, exact_match, bits_per_char)" in result.output

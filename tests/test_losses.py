@@ -60,6 +60,10 @@ GOLDEN_CASES = {
     ],
     "sampled_soft_target_loss": ["sampled_T1_n8", "sampled_T4_n3_scale30"],
     "sampled_soft_target_loss_per_row": ["sampled_per_row_T2_n16"],
+    "mapped_soft_target_loss": ["mapped_bucket_T2_k6_fp16", "mapped_renorm_T1_k5_fp32"],
+    "mapped_soft_target_loss_per_row": ["mapped_per_row_bucket_T1_k4_fp32"],
+    "uld_loss": ["uld_T1_k4_fp16", "uld_T2_kC_student_smaller_fp32"],
+    "uld_loss_per_row": ["uld_per_row_T1_k3_fp32"],
 }
 KNOWN = {key: fn for fn, keys in GOLDEN_CASES.items() for key in keys}
 

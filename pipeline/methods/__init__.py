@@ -13,12 +13,12 @@ from types import ModuleType
 from typing import Any
 
 from pipeline.errors import ConfigError
-from pipeline.methods import attention, cosine, hard, hint, rkd, soft
+from pipeline.methods import attention, cosine, hard, hint, mapped, rkd, soft, uld
 from pipeline.methods.common import Built, Shapes
 
 # Loss-method name -> module. The one place a config name meets code.
 METHODS: dict[str, ModuleType] = {"soft": soft, "hard": hard, "hint": hint, "attention": attention, "rkd": rkd,
-                                  "cosine": cosine}
+                                  "cosine": cosine, "mapped": mapped, "uld": uld}
 
 
 def chosen(loss: Any) -> dict[str, Any]:

@@ -19,7 +19,9 @@ HEADERS = {"params": ("params", ","), "size_bytes": ("size (bytes)", ","), "thro
            "throughput_tokens_per_s": ("tokens/s", ",.0f"), "accuracy_retained": ("retained", ".3f"),
            "agreement": ("agreement", ".4f"), "kl_to_teacher": ("KL", ".4f"), "ece": ("ECE", ".4f"),
            "speedup_vs_teacher": ("speedup", ".1f"), "perplexity": ("perplexity", ".2f"),
-           "baseline_perplexity": ("twin perplexity", ".2f"), "teacher_perplexity": ("teacher perplexity", ".2f")}
+           "baseline_perplexity": ("twin perplexity", ".2f"), "teacher_perplexity": ("teacher perplexity", ".2f"),
+           "bits_per_char": ("bits/char", ".3f"), "baseline_bits_per_char": ("twin bits/char", ".3f"),
+           "teacher_bits_per_char": ("teacher bits/char", ".3f")}
 
 
 def sentence(name: str, metrics: dict[str, Any], score: Score) -> str:
@@ -143,10 +145,41 @@ def render(report: Report, manifest: dict[str, Any], cache_root: Any) -> str:
     lines += [f"- {sentence(r.name, r.metrics, score)}{seeds_sentence(r.metrics, score)}" for r in results]
     if score.compares_methods:
         lines += methods_markdown(report.methods) + progressive_markdown(report.progressive)
+    lines += bits_markdown(results)
     lines += test_sets_markdown(report.test_sets, score)
     lines += ["", "## Plots", ""]
     lines += [f"![{name[:-4]}]({name})" for name in score.plots]
     return "\n".join(lines) + "\n"
+
+
+def bits_markdown(results: list[Any]) -> list[str]:
+    """Language-model students side by side in bits per character (students of another tokenizer
+    than the teacher's compare there), with their twins and the teacher, and how a student's own
+    tokens line up with the teacher's; only for students whose metrics have it."""
+    rows = [r for r in results if r.metrics.get("bits_per_char") is not None]
+    if not rows:
+        return []
+    teacher = rows[0].metrics.get("teacher_bits_per_char")
+    lines = ["", "## Bits per character", "",
+             "Each student's test loss over the characters its predicted tokens cover (total nats / (ln 2 x "
+             "characters)), so students of other tokenizers compare: mean ± sample std over its seeds (the value "
+             f"alone for one seed), its twins' beside it. The teacher: {fmt(teacher, '.3f')}. For a student with its "
+             "own tokenizer: the share of its predicted test positions a cached teacher row lines up with (the same "
+             "next-character boundary), of those whose predicted tokens are the same text (one-to-one), and the "
+             "share of the teacher's top-k mass on tokens the student's vocabulary has (mapped).", "",
+             "| student | tokenizer | loss | bits/char | twin bits/char | aligned | one-to-one | mapped mass |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        m = r.metrics
+        own = m.get("student_tokenizer")
+        tokenizer = "the teacher's" if own is None else f"own ({own['vocab_size']:,})"
+        loss = " + ".join(k for k, v in (r.spec.get("loss") or {}).items() if v is not None)
+        share = (lambda key: "" if m.get(key) is None else f"{100 * m[key]:.1f}%")
+        spread = (lambda key: f"{m[key]:.3f}" if m["seeds"] < 2 else _pm(m, key, ".3f"))  # one seed: no spread
+        lines.append(f"| {r.name} | {tokenizer} | {loss} | {spread('bits_per_char')} | "
+                     f"{spread('baseline_bits_per_char')} | {share('aligned_positions')} | "
+                     f"{share('aligned_one_to_one')} | {share('mapped_kept_mass')} |")
+    return lines
 
 
 def test_sets_markdown(rows: list[dict[str, Any]], score: Score) -> list[str]:

@@ -237,6 +237,7 @@ DRAW: dict[str, Callable[[Report], Figure]] = {
     "accuracy_vs_params.png": plot_score_vs_params,
     "perplexity_vs_params.png": plot_score_vs_params,
     "exact_match_vs_params.png": plot_score_vs_params,
+    "bits_per_char_vs_params.png": plot_score_vs_params,
     "gains.png": plot_gains,
     "capacity_gap.png": plot_capacity_gap,
     "training_curves.png": plot_training_curves,

@@ -183,6 +183,28 @@ ALTERNATIVES: dict[tuple[str, str], Score] = {
 }
 
 
+# Causal LMs of different tokenizers (students with their own): bits per character, which does
+# not depend on the tokenizer (perplexity does).
+ALTERNATIVES[("causal_lm", "bits_per_char")] = Score(
+    key="bits_per_char", name="test bits per character", lower_is_better=True, fmt=".3f",
+    change_key="bits_per_char_reduction", change_column="bits_per_char_reduction", relative=True,
+    throughput_key="throughput_tokens_per_s",
+    shown=("params", "size_bytes", "throughput_tokens_per_s", "bits_per_char", "baseline_bits_per_char",
+           "teacher_bits_per_char", "bits_per_char_reduction", "perplexity", "baseline_perplexity", "agreement",
+           "kl_to_teacher", "speedup_vs_teacher"),
+    seeds_columns=("student_bits_per_char", "baseline_bits_per_char"), record="student.json",
+    plots=("bits_per_char_vs_params.png", "training_curves.png", "per_position.png"),
+    compares_methods=False, objective="causal", kind="causal LM", title="Text distillation report (bits per character)",
+    called="text report",
+    rows=_causal_rows, classes=lambda manifest: manifest.get("text", {}).get("vocab_size"),
+    twin="trained on the text alone (the next-token loss), in the student's own tokens",
+    keeps=lambda m: (f"test bits per character {m['bits_per_char']:.3f}"
+                     + (f" against the teacher's {m['teacher_bits_per_char']:.3f}"
+                        if m.get("teacher_bits_per_char") is not None else "")),
+    versus="{change} than its twin's {twin}: the same student on the same text alone, same budget",
+    over_seeds=" Over {n} seeds: bits per character {score}, {change} lower than the twins'.")
+
+
 def score_for(task: str, key: str | None = None) -> Score:
     """The task's own score, or another one it can rank by (`ALTERNATIVES`)."""
     if key is None or key == SCORES[task].key:

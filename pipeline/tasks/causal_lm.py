@@ -10,8 +10,11 @@ lined up with the cache rows of its `block_set`. The true label of a row is the 
 same blocks with the next-token loss alone and the same budget ("the text alone"). A student
 is any transformers model_type with a causal LM head (`arch`, `arch_kwargs`), started at
 random, from the teacher's layers (`init: teacher`) or from a local pretrained directory
-(`init: DIR`, with the teacher's tokenizer); it is a Hugging Face directory (`lm.save`) plus
-`student.json`, scored by test perplexity.
+(`init: DIR`); it is a Hugging Face directory (`lm.save`) plus `student.json`, scored by test
+perplexity and bits per character. A student with its own tokenizer (`tokenizer: DIR`, or its
+`init` directory's) reads the same blocks in its own tokens (`prepared.retokenized`), each row
+carrying the cache row it lines up with through the text (`align`), for the loss terms
+`mapped` and `uld`; its twin learns from the same text in the same tokens.
 
 The helpers every token task shares (the checks of a student and of its tokenizer, building
 and saving, the seed table, what is measured against the cached teacher) live here too, and
@@ -38,6 +41,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from pipeline import features, lm, loader, metrics
 from pipeline.prepared import data_fingerprint
+from pipeline.prepared import retokenized
 from pipeline.prepared import tokens as text
 from pipeline.cache import Cache, Teacher
 from pipeline.cache.reader import SoftTargets
@@ -50,7 +54,8 @@ from pipeline.tasks import Batch
 
 NAME, OBJECTIVE = "causal_lm", "causal"
 TWIN_LOSS = "next-token"  # what the baseline twin learns from, for messages
-METHODS = ("soft", "hard")  # the loss methods a causal student supports so far
+METHODS = ("soft", "hard", "mapped", "uld")  # the loss methods a causal student supports so far
+CROSS_METHODS = ("hard", "mapped", "uld")  # those of a student with its own tokenizer
 STUDENT_RECORD = "student.json"
 AUTO_MODEL = AutoModelForCausalLM  # how a directory of this task loads
 
@@ -283,6 +288,38 @@ def check(cfg: StudentConfig, cache: Cache, prepared: Path) -> None:
     check_tokenizer(cache, prepared, cfg.transfer)
     check_token_student(cfg, cache, prepared, OBJECTIVE, METHODS, [("assistant", cfg.assistant),
                                                                  ("views", cfg.views)])
+    own = student_tokenizer(cfg, cache, prepared)
+    if own is None:
+        return
+    source = "tokenizer" if cfg.tokenizer is not None else "init"
+    differs = (f"the student's tokenizer ({source}: {own.student.describe()}) is another tokenizer than the "
+               f"cache {cache.root}'s teacher's ({own.teacher.describe()})")
+    other = [name for name in chosen(cfg.loss) if name not in CROSS_METHODS]
+    if other:
+        raise ConfigError(f"{cfg.where}.loss.{other[0]}: needs the teacher's vocabulary, but {differs}; use "
+                          "loss.mapped (the teacher's top-k mapped by token text) or loss.uld (sorted probabilities)")
+    if cfg.init == "teacher":
+        raise ConfigError(f"{cfg.where}.init: 'teacher' copies the teacher's embeddings, but {differs}; start at "
+                          "random (null) or from a directory of the student's tokenizer")
+    if cfg.loss.hard is not None and cfg.loss.hard.pseudo:
+        raise ConfigError(f"{cfg.where}.loss.hard.pseudo: the teacher's argmax is a teacher token, but {differs}; "
+                          "use labels: true")
+    check_own_tokenizer(cfg, own)
+
+
+def student_tokenizer(cfg: StudentConfig, cache: Cache, prepared: Path) -> retokenized.Pair | None:
+    """The student's own tokenizer (`tokenizer`, else its `init` directory's) with the
+    teacher's, when it is not the teacher's; None when the student reads the teacher's tokens."""
+    if cfg.tokenizer is not None:
+        directory = Path(cfg.tokenizer)
+    elif cfg.init not in (None, "teacher"):
+        directory = Path(cfg.init)
+    else:
+        return None
+    found = text.read_tokenizer(directory, f"{cfg.where}.tokenizer")
+    if found.fingerprint == cache.manifest["text"]["tokenizer_sha256"]:
+        return None
+    return retokenized.pair(Path(prepared).resolve(), directory.resolve())
 
 
 def check_tokenizer(cache: Cache, prepared: Path, splits: list[str]) -> None:
@@ -307,7 +344,11 @@ def check_token_student(cfg: StudentConfig, cache: Cache, prepared: Path, object
     if cfg.init in (None, "teacher"):
         lm.check_arch(cfg.arch, objective, cfg.where)
     check_init(cfg, cache, objective)
-    check_student_tokenizer(cfg, cache, prepared)
+    if student_tokenizer(cfg, cache, prepared) is None:
+        check_student_tokenizer(cfg, cache, prepared)
+    elif objective != OBJECTIVE:
+        raise ConfigError(f"{cfg.where}.tokenizer: a student with another tokenizer than the teacher's is for "
+                          f"causal LM students so far (this is a {objective} LM cache)")
     extra = [name for name in chosen(cfg.loss) if name not in allowed]
     if extra:
         raise ConfigError(f"{cfg.where}.loss: {', '.join(extra)} not supported for {objective} LM students yet "
@@ -333,11 +374,11 @@ def check_init(cfg: StudentConfig, cache: Cache, objective: str) -> None:
         raise MissingInputError(f"{cfg.where}.init: {directory / lm.CONFIG} not found (init is 'teacher', null or "
                                 "a local pretrained model directory)")
     tokenizer = text.read_tokenizer(directory, "init directory's tokenizer")
-    ours = cache.manifest["text"]
-    if tokenizer.fingerprint != ours["tokenizer_sha256"]:
-        raise InputError(f"{cfg.where}.init: {tokenizer.describe()} has another tokenizer than the cache "
-                         f"{cache.root}'s (sha256 {ours['tokenizer_sha256'][:12]}, vocabulary {ours['vocab_size']}); "
-                         "a student starts from a model of the teacher's tokenizer")
+    own = text.read_tokenizer(Path(cfg.tokenizer), f"{cfg.where}.tokenizer") if cfg.tokenizer else tokenizer
+    if tokenizer.fingerprint != own.fingerprint:
+        raise InputError(f"{cfg.where}.init: {tokenizer.describe()} has another tokenizer than the student's "
+                         f"{own.describe()}; a student starts from a model of its own tokenizer (leave "
+                         f"{cfg.where}.tokenizer empty to take the init directory's)")
     try:
         config = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
@@ -362,15 +403,7 @@ def check_student_tokenizer(cfg: StudentConfig, cache: Cache, prepared: Path) ->
     class, as it always did.)"""
     if not (prepared / text.HF_TOKENIZER_CONFIG).is_file():
         return
-    if cfg.init in (None, "teacher"):
-        config = AutoConfig.for_model(cfg.arch)
-    else:
-        config = AutoConfig.from_pretrained(cfg.init, local_files_only=True, trust_remote_code=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        config.save_pretrained(tmp)
-        for source in text.tokenizer_files(prepared):
-            shutil.copyfile(source, Path(tmp) / source.name)
-        found = text.read_tokenizer(Path(tmp), "student's tokenizer")
+    config, found = read_back(cfg, prepared)
     ours = cache.manifest["text"]
     if found.fingerprint != ours["tokenizer_sha256"]:
         raise ConfigError(f"{cfg.where}.arch: in a {config.model_type} directory transformers reads the teacher's "
@@ -379,6 +412,33 @@ def check_student_tokenizer(cfg: StudentConfig, cache: Cache, prepared: Path) ->
                           f"{ours['tokenizer_sha256'][:12]}, vocabulary {ours['vocab_size']}): the student would "
                           "not read its own text as it learned it; choose another model_type (the teacher's "
                           f"{cache.manifest['teacher']['config'].get('arch')} keeps it)")
+
+
+def read_back(cfg: StudentConfig, tokenizer_dir: Path) -> tuple[Any, text.TokenizerDir]:
+    """The student's config and the tokenizer of `tokenizer_dir` as AutoTokenizer reads it
+    beside that config (`check_student_tokenizer`)."""
+    if cfg.init in (None, "teacher"):
+        config = AutoConfig.for_model(cfg.arch)
+    else:
+        config = AutoConfig.from_pretrained(cfg.init, local_files_only=True, trust_remote_code=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        config.save_pretrained(tmp)
+        for source in text.tokenizer_files(tokenizer_dir):
+            shutil.copyfile(source, Path(tmp) / source.name)
+        return config, text.read_tokenizer(Path(tmp), "student's tokenizer")
+
+
+def check_own_tokenizer(cfg: StudentConfig, own: retokenized.Pair) -> None:
+    """A student with its own Hugging Face tokenizer: its directory must read it back as itself
+    (the same rule as `check_student_tokenizer`)."""
+    if not (own.student.directory / text.HF_TOKENIZER_CONFIG).is_file():
+        return
+    config, found = read_back(cfg, own.student.directory)
+    if found.fingerprint != own.student.fingerprint:
+        raise ConfigError(f"{cfg.where}.arch: in a {config.model_type} directory transformers reads the student's "
+                          f"tokenizer {own.student.describe()} as {type(found.hf).__name__} (sha256 "
+                          f"{found.fingerprint[:12]}, vocabulary {found.vocab_size}): the student would not read its "
+                          "own text as it learned it; choose the model_type its tokenizer comes from")
 
 
 def init_identity(cfg: StudentConfig, cache: Cache) -> Any:
@@ -391,7 +451,13 @@ def init_identity(cfg: StudentConfig, cache: Cache) -> Any:
 
 def rows(cache: Cache, prepared: Path, cfg: StudentConfig, memory_mb: float) -> loader.SampleSet | loader.StreamingSet:
     """The student's transfer blocks with the cached top-k, lse and next tokens per row: in
-    memory if they fit `memory_mb`, else streamed part by part."""
+    memory if they fit `memory_mb`, else streamed part by part. A student with its own
+    tokenizer gets the same blocks in its tokens (`retokenized`), one row per taught position."""
+    own = student_tokenizer(cfg, cache, prepared)
+    if own is not None:
+        read = functools.partial(_cross_split_rows, cache, prepared, cfg, own)
+        return loader.transfer_set(cache, cfg, read, 16 * retokenized.block_size(own.teacher.directory,
+                                                                                 own.student.directory), memory_mb)
     return loader.transfer_set(cache, cfg, functools.partial(_split_rows, cache, prepared, cfg),
                                8 * cache.manifest["text"]["block_size"], memory_mb)
 
@@ -404,11 +470,46 @@ def _split_rows(cache: Cache, prepared: Path, cfg: StudentConfig, split: str, ro
     return block_set(tokens, ids, cache_rows.targets(cfg), predicted)
 
 
+def _cross_split_rows(cache: Cache, prepared: Path, cfg: StudentConfig, own: retokenized.Pair, split: str,
+                      row_offset: int, parts: list[int] | None = None) -> loader.SampleSet:
+    """A transfer split's blocks in the student's tokens, one row per taught position: its next
+    student token (`label`), whether a cached teacher row lines up with it (`aligned`) and that
+    row's top-k logits, lse and top-k ids mapped to the student's vocabulary (`mapped_idx`)."""
+    source = prepared / f"{split}.parquet"
+    first, last = loader.sample_range(cache, split, parts)
+    ids, _, _, truth = blocks_and_targets(source, first, last)
+    cache_rows = loader.read_rows(cache, cfg, split, source, ids, truth.numpy(), parts=parts, row_offset=row_offset)
+    found = retokenized.blocks(own.teacher.directory, own.student.directory, split, first, last)
+    keep = found.predicted
+    teacher_row = torch.from_numpy(found.teacher_row[keep])
+    aligned = teacher_row >= 0
+    at = teacher_row.clamp(min=0)
+    teacher = cache_rows.targets(cfg)
+    # `row`: the student row's index over the transfer splits (student rows, not the cache's)
+    before = sum(int(retokenized.blocks(own.teacher.directory, own.student.directory, s).predicted.sum())
+                 for s in cfg.transfer[:cfg.transfer.index(split)])
+    before += int(retokenized.blocks(own.teacher.directory, own.student.directory, split, 0, first).predicted.sum())
+    targets = {"label": torch.from_numpy(found.tokens[:, 1:][keep]), "aligned": aligned,
+               "row": torch.arange(len(teacher_row)) + before,
+               **{key: value[at] for key, value in teacher.items() if key not in ("label", "row", "topk_idx")}}
+    if "mapped_idx" in targets:
+        targets["mapped_idx"] = torch.from_numpy(own.table)[targets["mapped_idx"]]
+    return block_set(torch.from_numpy(found.tokens), ids, targets, torch.from_numpy(keep))
+
+
 def twin_rows(cache: Cache, prepared: Path, cfg: StudentConfig, transfer: Any) -> loader.SampleSet:
     """The same blocks with their next tokens alone: the text the twin learns from (in memory:
-    tokens only, a small fraction of the student's rows)."""
+    tokens only, a small fraction of the student's rows), in the student's own tokens when it
+    has its own tokenizer."""
     sets = []
+    own = student_tokenizer(cfg, cache, prepared)
     for split in cfg.transfer:
+        if own is not None:
+            found = retokenized.blocks(own.teacher.directory, own.student.directory, split)
+            sets.append(block_set(torch.from_numpy(found.tokens), found.ids,
+                                  {"label": torch.from_numpy(found.tokens[:, 1:][found.predicted])},
+                                  torch.from_numpy(found.predicted)))
+            continue
         ids, tokens, predicted, truth = blocks_and_targets(prepared / f"{split}.parquet")
         sets.append(block_set(tokens, ids, {"label": truth}, predicted))
     return loader.concat(sets)
@@ -417,13 +518,28 @@ def twin_rows(cache: Cache, prepared: Path, cfg: StudentConfig, transfer: Any) -
 def twin_decided_by(cfg: StudentConfig, cache: Cache, prepared: Path) -> dict[str, Any]:
     """What decides a causal twin besides its budget and seed: the task, the transfer blocks and
     its start when it has one (`init`)."""
+    own = student_tokenizer(cfg, cache, prepared)
     return {"task": NAME, "data": {s: data_fingerprint(prepared / f"{s}.parquet") for s in cfg.transfer},
-            **({"init": init_identity(cfg, cache)} if cfg.init is not None else {})}
+            **({"init": init_identity(cfg, cache)} if cfg.init is not None else {}),
+            **({"tokenizer": own.student.fingerprint} if own is not None else {})}
 
 
 def build(cfg: StudentConfig, cache: Cache, prepared: Path) -> TokenRows:
-    """A fresh student (seed torch first), sized by the prepared tokenizer and blocks."""
-    return TokenRows(build_model(cfg, cache, prepared, OBJECTIVE))
+    """A fresh student (seed torch first), sized by the prepared tokenizer and blocks (or by its
+    own tokenizer and its blocks in it)."""
+    own = student_tokenizer(cfg, cache, prepared)
+    if own is None:
+        return TokenRows(build_model(cfg, cache, prepared, OBJECTIVE))
+    length = retokenized.block_size(own.teacher.directory, own.student.directory)
+    if cfg.init is not None:
+        model = lm.load(Path(cfg.init))
+        for key, least in (("vocab_size", own.student.vocab_size), ("max_position_embeddings", length)):
+            if getattr(model.config, key, least) < least:
+                raise ConfigError(f"{cfg.where}.init: {cfg.init} has {key} {getattr(model.config, key)}, fewer "
+                                  f"than the student's tokens need ({least})")
+        return TokenRows(model)
+    return TokenRows(lm.build(cfg.arch, cfg.arch_kwargs, own.student.vocab_size, length, own.student.special,
+                              where=cfg.where, objective=OBJECTIVE))
 
 
 def build_model(cfg: StudentConfig, cache: Cache, prepared: Path, objective: str) -> nn.Module:
@@ -468,8 +584,10 @@ def student_shapes(model: nn.Module, cfg: StudentConfig, layers: list[str], cach
 
 def save(directory: Path, model: nn.Module, cfg: StudentConfig, cache: Cache, record: dict[str, Any],
          prepared: Path) -> None:
-    """A Hugging Face directory (weights, config, tokenizer) plus `student.json`, the record."""
-    lm.save(directory, model.model, prepared)
+    """A Hugging Face directory (weights, config, tokenizer: the student's own, or the prepared
+    data's) plus `student.json`, the record."""
+    own = student_tokenizer(cfg, cache, prepared)
+    lm.save(directory, model.model, prepared if own is None else own.student.directory)
     write_json(directory / STUDENT_RECORD, {**record, "objective": cache.manifest["text"]["objective"]})
 
 
@@ -479,22 +597,62 @@ def save(directory: Path, model: nn.Module, cfg: StudentConfig, cache: Cache, re
 def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, spec: StudentConfig
              ) -> tuple[dict[str, Any], dict[str, tuple[list[str], list[dict[str, Any]]]]]:
     """Test perplexity of the student, its twin and the teacher (its own `kd teacher` figure),
-    and against the cached teacher (`evaluate_rows`)."""
-    _, tokens, predicted, truth = blocks_and_targets(prepared / "test.parquet")
+    and against the cached teacher (`evaluate_rows`); bits per character for all three
+    (`bits_per_char`), so students of other tokenizers compare; for a student with its own
+    tokenizer, in its tokens, and how its positions line up with the teacher's
+    (`alignment_scores`)."""
+    own = student_tokenizer(spec, cache, prepared)
+    teacher_predicted = text.predicted(prepared / "test.parquet")
+    try:
+        teacher_chars = retokenized.teacher_characters(prepared.resolve(), "test")
+        teacher_chars = int((teacher_chars if teacher_predicted is None else teacher_chars[teacher_predicted]).sum())
+    except InputError:  # a tokenizer whose ids do not spell the text back byte for byte: no bits per character
+        teacher_chars = None
+    compare = teacher_x = None
+    if own is None:
+        _, tokens, predicted, truth = blocks_and_targets(prepared / "test.parquet")
+        characters = teacher_chars  # (None where the text cannot be recovered)
+    else:
+        test = retokenized.blocks(own.teacher.directory, own.student.directory, "test")
+        tokens, predicted = torch.from_numpy(test.tokens), torch.from_numpy(test.predicted)
+        truth = tokens[:, 1:][predicted]
+        characters = int(test.characters[test.predicted].sum())
+        compare = functools.partial(aligned_teacher_rows, test.teacher_row[test.predicted], own.table)
+        _, teacher_tokens, teacher_predicted, _ = blocks_and_targets(prepared / "test.parquet")
+        teacher_x = model_input(teacher_tokens, teacher_predicted)
     teacher = teacher_perplexity(cache)
+    tokens_scored = len(truth)
 
     def perplexity(logits: torch.Tensor, truth: torch.Tensor) -> float:
         return math.exp(float(F.cross_entropy(logits, truth, reduction="none").mean()))
 
     def keys(student: float, twin: float, losses: dict[str, torch.Tensor], soft: SoftTargets) -> dict[str, Any]:
         return {"perplexity": student, "baseline_perplexity": twin, "teacher_perplexity": teacher,
-                "perplexity_gain": twin - student, "perplexity_reduction": 1 - student / twin}
+                "perplexity_gain": twin - student, "perplexity_reduction": 1 - student / twin,
+                "bits_per_char": bits_per_char(student, tokens_scored, characters),
+                "baseline_bits_per_char": bits_per_char(twin, tokens_scored, characters),
+                "teacher_bits_per_char": None if teacher is None or teacher_chars is None else bits_per_char(
+                    teacher, len(soft.ids), teacher_chars),
+                "test_characters": characters}
 
     positions = torch.arange(1, tokens.shape[1]).repeat(len(tokens), 1)
     record, plots = evaluate_rows(student_dir, cache, cfg, TokenRows, model_input(tokens, predicted), truth,
                                   positions.reshape(-1) if predicted is None else positions[predicted], perplexity,
-                                  keys, ("perplexity", "perplexity_reduction", lambda s, b: 1 - s / b))
-    if predicted is not None:
+                                  keys, ("perplexity", "perplexity_reduction", lambda s, b: 1 - s / b), compare,
+                                  teacher_x)
+    if characters is not None:  # every seed in bits per character too (`kd report --score bits_per_char`)
+        columns, seeds = plots["seeds.csv"]
+        bits = [{"bits_per_char": bits_per_char(row["student"], tokens_scored, characters),
+                 "baseline_bits_per_char": bits_per_char(row["baseline"], tokens_scored, characters)} for row in seeds]
+        record |= {"bits_per_char_reduction": 1 - record["bits_per_char"] / record["baseline_bits_per_char"],
+                   **metrics.seed_summary(bits, "bits_per_char", "bits_per_char_reduction", lambda s, b: 1 - s / b)}
+        plots["seeds.csv"] = ([*columns, "student_bits_per_char", "baseline_bits_per_char"],
+                              [{**row, "student_bits_per_char": b["bits_per_char"],
+                                "baseline_bits_per_char": b["baseline_bits_per_char"]} for row, b in zip(seeds, bits)])
+    if own is not None:  # (against_teacher counted the aligned rows)
+        record |= {"test_tokens": tokens_scored, **alignment_scores(test, own.table, cache.soft_targets("test", [1.0])),
+                   "student_tokenizer": {"sha256": own.student.fingerprint, "vocab_size": own.student.vocab_size}}
+    if teacher_predicted is not None and own is None:  # (greedy answers in the teacher's tokens)
         columns, seeds = plots["seeds.csv"]
         matches = exact_matches(student_dir, prepared, cfg)
         record |= {"exact_match": matches[0]["student"], "baseline_exact_match": matches[0]["baseline"],
@@ -506,6 +664,41 @@ def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, s
                               [{**row, "student_exact_match": m["student"], "baseline_exact_match": m["baseline"]}
                                for row, m in zip(seeds, matches)])
     return record, plots
+
+
+def bits_per_char(perplexity: float, tokens: int, characters: int | None) -> float | None:
+    """The total next-token loss of `tokens` predicted tokens at this perplexity (nats), over
+    ln 2 x the characters those tokens cover: a figure that does not depend on the tokenizer."""
+    if characters is None:
+        return None
+    return math.log(perplexity) * tokens / (math.log(2) * characters)
+
+
+def aligned_teacher_rows(teacher_row: np.ndarray, table: np.ndarray, logits: torch.Tensor, soft: SoftTargets
+                         ) -> tuple[torch.Tensor, SoftTargets]:
+    """A student of its own tokenizer against the cached teacher: its rows that line up with a
+    teacher row (`teacher_row` >= 0, one per row of `logits`), with those teacher rows, their
+    top-k ids mapped to the student's vocabulary (-1: no token of the same text)."""
+    keep = teacher_row >= 0
+    at = teacher_row[keep]
+    return logits[torch.from_numpy(keep)], SoftTargets(soft.ids[at], soft.view[at], table[soft.topk_idx[at]],
+                                                       soft.topk_logit[at], {t: v[at] for t, v in soft.lse.items()})
+
+
+def alignment_scores(test: retokenized.Blocks, table: np.ndarray, soft: SoftTargets) -> dict[str, float]:
+    """How a student's own tokens line up with the teacher's on the test blocks: the share of
+    its predicted positions with a teacher row (`aligned_positions`) and with one whose
+    predicted token is the same text span (`aligned_one_to_one`); the share of the teacher's
+    cached top-k mass at T=1 on tokens with a student token of the same text
+    (`mapped_kept_mass`, over the aligned rows), and of the whole distribution
+    (`mapped_mass`)."""
+    rows = test.teacher_row[test.predicted]
+    at = rows[rows >= 0]
+    p = np.exp(soft.topk_logit[at].astype(np.float64) - soft.lse[1.0][at, None])
+    mapped = (table[soft.topk_idx[at]] >= 0) * p
+    return {"aligned_positions": float((rows >= 0).mean()),
+            "aligned_one_to_one": float(test.one_to_one[test.predicted].mean()),
+            "mapped_kept_mass": float((mapped.sum(1) / p.sum(1)).mean()), "mapped_mass": float(mapped.sum(1).mean())}
 
 
 def exact_matches(student_dir: Path, prepared: Path, cfg: EvalConfig) -> list[dict[str, float]]:
@@ -550,8 +743,9 @@ def teacher_perplexity(cache: Cache) -> float | None:
 def evaluate_rows(student_dir: Path, cache: Cache, cfg: EvalConfig, wrap: Callable[[nn.Module], nn.Module],
                   x: torch.Tensor, truth: torch.Tensor, position: torch.Tensor,
                   score: Callable[[torch.Tensor, torch.Tensor], float], keys: Callable[..., dict[str, Any]],
-                  seeds_as: tuple[str, str, Callable[[float, float], float]]
-                  ) -> tuple[dict[str, Any], dict[str, tuple[list[str], list[dict[str, Any]]]]]:
+                  seeds_as: tuple[str, str, Callable[[float, float], float]],
+                  compare: Callable[[torch.Tensor, SoftTargets], tuple[torch.Tensor, SoftTargets]] | None = None,
+                  teacher_x: torch.Tensor | None = None) -> tuple[dict[str, Any], dict[str, tuple[list[str], list[dict[str, Any]]]]]:
     """What every token task measures on the test rows: the student (wrapped by `wrap`) and its
     twin on the inputs `x`, one logits row per cache row with its `truth` and block `position`;
     `score(logits, truth)` for them and every further seed; the task's `keys(student score, twin
@@ -559,7 +753,10 @@ def evaluate_rows(student_dir: Path, cache: Cache, cfg: EvalConfig, wrap: Callab
     probability against whether it is the truth), with their mean and std over seeds
     (`ece_mean`, `ece_change_mean`: student minus twin, ...); `against_teacher`; the seed summary
     (`seeds_as`: the key, the change's key, the change). Plots: the mean loss of the student and
-    its twin at each block position (how each uses its context), and one row per seed."""
+    its twin at each block position (how each uses its context), and one row per seed.
+    `compare(logits, test rows)`: the student's rows and the teacher's they are measured against
+    (a student of its own tokenizer: the rows that line up); by default row for row. `teacher_x`:
+    the teacher's input for its speed, when it is not `x` (the same blocks in its own tokens)."""
     student = wrap(lm.load(student_dir))
     logits = predict(student, x, cfg.batch_size)
     twin_logits = predict(wrap(lm.load(student_dir / "baseline")), x, cfg.batch_size)
@@ -583,9 +780,11 @@ def evaluate_rows(student_dir: Path, cache: Cache, cfg: EvalConfig, wrap: Callab
             eces[-1]["ece" if who == "student" else "baseline_ece"] = ece(seed_logits)
     soft = cache.soft_targets("test", [1.0])
     key, change, paired = seeds_as
+    compared, teacher_rows = (logits, soft) if compare is None else compare(logits, soft)
     record = {"objective": cache.manifest["text"]["objective"], **keys(first, twin, losses, soft), **eces[0],
               **metrics.seed_summary(eces, "ece", "ece_change", lambda s, b: s - b),
-              **against_teacher(student, logits, x, soft, student_dir, cache, cfg, teacher_copy(cache, wrap)),
+              **against_teacher(student, compared, x, teacher_rows, student_dir, cache, cfg,
+                                teacher_copy(cache, wrap), teacher_x),
               **metrics.seed_summary([{key: r["student"], f"baseline_{key}": r["baseline"]} for r in seeds],
                                      key, change, paired)}
     flat = position.numpy()
@@ -651,16 +850,19 @@ def teacher_copy(cache: Cache, wrap: Callable[[nn.Module], nn.Module]) -> nn.Mod
 
 
 def against_teacher(student: nn.Module, logits: torch.Tensor, x: torch.Tensor, soft: SoftTargets,
-                    student_dir: Path, cache: Cache, cfg: EvalConfig, teacher: nn.Module | None) -> dict[str, Any]:
+                    student_dir: Path, cache: Cache, cfg: EvalConfig, teacher: nn.Module | None,
+                    teacher_x: torch.Tensor | None = None) -> dict[str, Any]:
     """What every text student reports beside its own score: top-1 agreement with the cached
     teacher and KL at T=1 (top-k plus a tail bucket: a lower bound when k < V) against the test
     rows `soft` (with lse at T=1), one per row of `logits`; size; and tokens/s against the
-    teacher's copy (`teacher_copy`), on the student's input `x`."""
+    teacher's copy (`teacher_copy`), on the student's input `x` (the teacher on `teacher_x`, the
+    same blocks in its tokens, when given)."""
     kl, exact = metrics.kl_to_teacher(logits, torch.tensor(soft.topk_idx, dtype=torch.long),
                                       torch.tensor(soft.topk_logit, dtype=torch.float32), torch.tensor(soft.lse[1.0]))
     with metrics.torch_threads(cfg.threads):
+        inputs = [x[:cfg.batch_size], (x if teacher_x is None else teacher_x)[:cfg.batch_size]]
         blocks_per_s = metrics.throughputs([student] + ([teacher] if teacher is not None else []),
-                                           x[:cfg.batch_size], cfg.throughput_runs)
+                                           inputs[:1 + (teacher is not None)], cfg.throughput_runs)
     return {
         "agreement": metrics.agreement(logits.argmax(1).numpy(), soft.topk_idx[:, 0]),
         "kl_to_teacher": kl, "kl_exact": exact,
@@ -668,7 +870,7 @@ def against_teacher(student: nn.Module, logits: torch.Tensor, x: torch.Tensor, s
         "top_k": cache.manifest["top_k"],
         "params": count_params(student), "teacher_params": cache.manifest["teacher"]["config"].get("params"),
         "size_bytes": (student_dir / lm.WEIGHTS).stat().st_size,
-        "throughput_tokens_per_s": blocks_per_s[0] * cache.manifest["text"]["block_size"],
+        "throughput_tokens_per_s": blocks_per_s[0] * x.shape[-1],
         "speedup_vs_teacher": blocks_per_s[0] / blocks_per_s[1] if len(blocks_per_s) > 1 else None,
         "test_tokens": len(logits),
     }

@@ -110,6 +110,9 @@ def check(cfg: StudentConfig, cache: Cache, prepared: Path) -> None:
     if cfg.init is not None:
         raise ConfigError(f"{cfg.where}.init: starting from the teacher's layers or a pretrained directory is for "
                           "language-model students; an image student starts at random")
+    if cfg.tokenizer is not None or cfg.loss.mapped is not None or cfg.loss.uld is not None:
+        raise ConfigError(f"{cfg.where}: tokenizer, loss.mapped and loss.uld are for language-model students "
+                          "with their own tokenizer; an image student reads the teacher's classes")
 
 
 def rows(cache: Cache, prepared: Path, cfg: StudentConfig, memory_mb: float) -> Any:

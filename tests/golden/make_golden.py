@@ -118,6 +118,27 @@ CASES = {
                                    sampled_row={"draws": 3}, temperature=4.0),
     "sampled_per_row_T2_n16": _case("sampled_soft_target_loss_per_row", 33, _logits(6, 10), scale=3.0,
                                     sampled_row={"draws": 16}, temperature=2.0),
+    # a student of another tokenizer: the teacher's top-k ids mapped (`mapping`: teacher id j ->
+    # student id j // 2, or -1 when j % 3 == 2: pairs merged, a third unmapped)
+    "mapped_bucket_T2_k6_fp16": _case(
+        "mapped_soft_target_loss", 33, [["student_logits", [5, 7], "normal"], ["teacher_logits", [5, 14], "normal"]],
+        scale=2.0, cache_row={"k": 6, "dtype": "float16", "mapping": "half"}, temperature=2.0, tail="bucket"),
+    "mapped_renorm_T1_k5_fp32": _case(
+        "mapped_soft_target_loss", 34, [["student_logits", [4, 7], "normal"], ["teacher_logits", [4, 14], "normal"]],
+        scale=2.0, cache_row={"k": 5, "dtype": "float32", "mapping": "half"}, temperature=1.0, tail="renorm"),
+    "mapped_per_row_bucket_T1_k4_fp32": _case(
+        "mapped_soft_target_loss_per_row", 35,
+        [["student_logits", [4, 7], "normal"], ["teacher_logits", [4, 14], "normal"]],
+        scale=3.0, cache_row={"k": 4, "dtype": "float32", "mapping": "half"}, temperature=1.0, tail="bucket"),
+    "uld_T1_k4_fp16": _case(
+        "uld_loss", 36, [["student_logits", [5, 9], "normal"], ["teacher_logits", [5, 12], "normal"]],
+        scale=2.0, cache_row={"k": 4, "dtype": "float16", "ids": False}, temperature=1.0),
+    "uld_T2_kC_student_smaller_fp32": _case(
+        "uld_loss", 37, [["student_logits", [4, 5], "normal"], ["teacher_logits", [4, 8], "normal"]],
+        scale=2.0, cache_row={"k": 8, "dtype": "float32", "ids": False}, temperature=2.0),
+    "uld_per_row_T1_k3_fp32": _case(
+        "uld_loss_per_row", 38, [["student_logits", [4, 9], "normal"], ["teacher_logits", [4, 9], "normal"]],
+        scale=2.0, cache_row={"k": 3, "dtype": "float32", "ids": False}, temperature=1.0),
 }
 
 
@@ -145,6 +166,11 @@ def build_inputs(case):
         out["topk_idx"] = idx.int()
         out["topk_logit"] = (vals - z_max).to(getattr(torch, case["cache_row"]["dtype"]))
         out["lse"] = ((z - z_max) / T).logsumexp(dim=1)
+        if case["cache_row"].get("mapping") == "half":
+            ids = out.pop("topk_idx").long()
+            out["mapped_idx"] = torch.where(ids % 3 == 2, -1, ids // 2)
+        if case["cache_row"].get("ids") is False:
+            out.pop("topk_idx")
     if "sampled_row" in case:  # what the label stage stores with label.sampling: N
         out.update(sampled_row(out.pop("teacher_logits"), case["sampled_row"]["draws"],
                                case["kwargs"]["temperature"], g))
@@ -229,6 +255,46 @@ def ref_sampled_soft_target_loss_per_row(student_logits, sample_idx, sample_coun
 def ref_sampled_soft_target_loss(student_logits, sample_idx, sample_count, entropy, temperature):
     rows = ref_sampled_soft_target_loss_per_row(student_logits, sample_idx, sample_count, entropy, temperature)
     return temperature**2 * rows.mean()
+
+
+def ref_mapped_soft_target_loss_per_row(student_logits, mapped_idx, topk_logit, lse, temperature, tail):
+    # the teacher's cached probabilities summed per student id; ids of -1 left out (the tail)
+    T = temperature
+    rows = []
+    for s, ids, logit, norm in zip(student_logits, mapped_idx, topk_logit, lse):
+        merged = {}
+        for i, value in zip(ids, logit):
+            if i >= 0:
+                merged[int(i)] = merged.get(int(i), 0.0) + math.exp(value / T - norm)
+        q = _softmax(s / T)
+        p_kept = list(merged.values())
+        q_kept = [q[i] for i in merged]
+        if tail == "renorm":
+            rows.append(_kl([v / sum(p_kept) for v in p_kept], [v / sum(q_kept) for v in q_kept]))
+        else:
+            rows.append(_kl(p_kept + [max(0.0, 1 - sum(p_kept))], q_kept + [1 - sum(q_kept)]))
+    return np.array(rows)
+
+
+def ref_mapped_soft_target_loss(student_logits, mapped_idx, topk_logit, lse, temperature, tail):
+    rows = ref_mapped_soft_target_loss_per_row(student_logits, mapped_idx, topk_logit, lse, temperature, tail)
+    return temperature**2 * rows.mean()
+
+
+def ref_uld_loss_per_row(student_logits, topk_logit, lse, temperature):
+    # Boizard et al.: sorted probabilities, L1; the k cached entries one by one, the rest by mass
+    T = temperature
+    rows = []
+    for s, logit, norm in zip(student_logits, topk_logit, lse):
+        p = sorted((math.exp(v / T - norm) for v in logit), reverse=True)
+        q = sorted(_softmax(s / T), reverse=True)[:len(p)]
+        q = list(q) + [0.0] * (len(p) - len(q))
+        rows.append(sum(abs(a - b) for a, b in zip(p, q)) + abs(max(0.0, 1 - sum(p)) - max(0.0, 1 - sum(q))))
+    return np.array(rows)
+
+
+def ref_uld_loss(student_logits, topk_logit, lse, temperature):
+    return ref_uld_loss_per_row(student_logits, topk_logit, lse, temperature).mean()
 
 
 def ref_hint_loss(student_feature, teacher_feature):
@@ -328,6 +394,10 @@ REFERENCES = {
     "cosine_embedding_loss": ref_cosine_embedding_loss,
     "sampled_soft_target_loss": ref_sampled_soft_target_loss,
     "sampled_soft_target_loss_per_row": ref_sampled_soft_target_loss_per_row,
+    "mapped_soft_target_loss": ref_mapped_soft_target_loss,
+    "mapped_soft_target_loss_per_row": ref_mapped_soft_target_loss_per_row,
+    "uld_loss": ref_uld_loss,
+    "uld_loss_per_row": ref_uld_loss_per_row,
 }
 
 

@@ -1,0 +1,41 @@
+"""Universal Logit Distillation (Boizard et al. 2024) for a student with any tokenizer: the L1
+distance between the sorted teacher probabilities (cached top-k at T) and the student's sorted
+probabilities at the aligned positions; no vocabulary mapping (`losses.uld_loss` says how the
+tail outside the cached top-k is treated)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline import losses
+from pipeline.errors import ConfigError
+from pipeline.methods.common import Built, Method, Shapes
+from pipeline.methods.mapped import aligned_rows, lse_key
+
+
+@dataclass
+class ULDTerm(Method):
+    """weight * ULD distance at temperature T (no T^2: an L1 of probabilities, at most 2)."""
+
+    weight: float = 0.5
+    temperature: float = 1
+
+    def check(self, where: str) -> None:
+        if self.weight < 0:
+            raise ConfigError(f"{where}.weight: {self.weight} must be >= 0")
+        if self.temperature <= 0:
+            raise ConfigError(f"{where}.temperature: {self.temperature} must be > 0")
+
+    def temperatures(self) -> list[float]:
+        return [float(self.temperature)]
+
+
+def build(cfg: ULDTerm, shapes: Shapes) -> Built:
+    key = lse_key(cfg.temperature)
+
+    def term(batch, out):
+        rows, logits = aligned_rows(batch, out)
+        if not len(logits):
+            return out["logits"].sum() * 0.0
+        return losses.uld_loss(logits, rows["topk_logit"], rows[key], cfg.temperature)
+    return Built({"uld": (cfg.weight, term)})
