@@ -162,7 +162,7 @@ class _SmallTopkKL(torch.autograd.Function):
         log_q = torch.log_softmax(student_logits.to(dtype) / T, dim=1)  # (B, C)
         t_logp = topk_logit.to(dtype) / T - lse.to(dtype).unsqueeze(1)  # (B, k); the inputs stay untouched
         p = t_logp.exp()
-        kl = (p * (t_logp - log_q.gather(1, idx))).sum(1)
+        kl = torch.where(p > 0, p * (t_logp - log_q.gather(1, idx)), 0.0).sum(1)  # 0 log 0 = 0
         mass = p.sum(1)
         # the gradient outside the top-k is u_j * coefficient, u_j = q_j / q_tail <= 1 (see _TopkKL)
         log_tail, coefficient = torch.zeros_like(mass), mass

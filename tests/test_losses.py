@@ -360,6 +360,26 @@ def test_topk_loss_is_exact_when_the_students_tail_underflows(chunks, monkeypatc
 
 
 @pytest.mark.parametrize("chunks", ["several", "one"])
+def test_a_kept_entry_of_probability_zero_adds_nothing(chunks, monkeypatch):
+    """A cached entry whose logit is -inf (what `mapped` gives a merged-away id) has p = 0: it
+    adds 0, not 0 * inf = NaN, in both forms of the loss; the gradient stays finite."""
+    if chunks == "several":
+        monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 10)
+    g = torch.Generator().manual_seed(3)
+    student = torch.randn(4, 7, generator=g).requires_grad_()
+    teacher = torch.randn(4, 7, generator=g) * 2
+    shifted = teacher - teacher.max(1, keepdim=True).values
+    topk_logit, topk_idx = shifted.topk(4, dim=1)
+    lse = shifted.logsumexp(1)
+    topk_logit[:, -1] = float("-inf")
+    kl = losses.topk_soft_target_loss_per_row(student, topk_idx, topk_logit, lse, 1.0)
+    (grad,) = torch.autograd.grad(kl.sum(), student)
+    expected = plain_topk_kl(student.detach().double(), topk_idx, topk_logit.double(), lse.double(), 1.0, "bucket")
+    torch.testing.assert_close(kl.double(), expected, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("chunks", ["several", "one"])
 def test_topk_loss_with_a_student_that_has_no_tail(chunks, monkeypatch):
     """A student whose logits outside the teacher's top-k are -inf (masked) while the teacher
     keeps mass there: the KL is +inf, as it should be, and the gradient stays finite (no NaN
