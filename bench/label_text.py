@@ -45,7 +45,9 @@ LLAMA = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "
          "num_key_value_heads": 4, "max_position_embeddings": 128, "tie_word_embeddings": True}
 
 
-def make_teacher(directory: Path) -> None:
+def make_teacher(directory: Path, llama: dict = LLAMA, shard_size: str = "4MB") -> None:
+    """A Llama of `llama`'s config fields with a 4,096-entry byte-level BPE trained on pydoc,
+    random weights, saved in shards of `shard_size` with its tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
     from pydoc_data.topics import topics
@@ -58,9 +60,9 @@ def make_teacher(directory: Path) -> None:
     backend.train_from_iterator([topics[name] for name in sorted(topics)], trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
     config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, **LLAMA)
+                                  eos_token_id=tokenizer.eos_token_id, **llama)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(directory, max_shard_size="4MB")
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory, max_shard_size=shard_size)
     tokenizer.save_pretrained(directory)
 
 

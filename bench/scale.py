@@ -88,6 +88,26 @@ def one_size(root: Path, params: Path, samples: int, memory_mb: float, student: 
     return stages
 
 
+def growth_ratios(runs: dict[int, dict[str, Any]], unit: str) -> dict[str, Any]:
+    """`kd label` and `kd distill` at the largest size against the smallest: peak RSS (target
+    <= 1.25), the same above the imports, and `unit`s per second (target >= 0.8), each stage's
+    run holding `peak_rss_mb`, `rss_after_imports_mb` and `<unit>_per_second`."""
+    small, big = min(runs), max(runs)
+    times = f"{big // small}x" if big % small == 0 else f"{big / small:.1f}x"
+    ratios = {}
+    for stage in ("label", "distill"):
+        a, b = runs[small][stage], runs[big][stage]
+        ratios[f"{stage}.peak_rss"] = ratio(b["peak_rss_mb"] / a["peak_rss_mb"], 1.25,
+                                            what=f"`kd {stage}` peak RSS at {big:,} / at {small:,} ({times} {unit})")
+        ratios[f"{stage}.rss_above_imports"] = ratio(
+            (b["peak_rss_mb"] - b["rss_after_imports_mb"]) / max(1e-9, a["peak_rss_mb"] - a["rss_after_imports_mb"]),
+            what="same, counting only what the command adds after its imports")
+        rate = f"{unit}_per_second"
+        ratios[f"{stage}.{rate}"] = ratio(b[rate] / a[rate], 0.8, better="higher",
+                                          what=f"`kd {stage}` {unit}/s at {big:,} / at {small:,}")
+    return ratios
+
+
 def scale(root: Path, params: Path, sizes: list[int], memory_mb: float = 16, student: str = "mlp_soft",
           threads: int | None = 1, log=print) -> dict[str, Any]:
     """Both sizes, smaller first; ratios of the largest against the smallest."""
@@ -99,17 +119,7 @@ def scale(root: Path, params: Path, sizes: list[int], memory_mb: float = 16, stu
             f"{stage} {runs[samples][stage]['seconds']:.1f} s / {runs[samples][stage]['peak_rss_mb']:.0f} MB"
             for stage in ("prepare", "label", "distill")))
     small, big = min(runs), max(runs)
-    times = f"{big // small}x" if big % small == 0 else f"{big / small:.1f}x"
-    ratios = {}
-    for stage in ("label", "distill"):
-        a, b = runs[small][stage], runs[big][stage]
-        ratios[f"{stage}.peak_rss"] = ratio(b["peak_rss_mb"] / a["peak_rss_mb"], 1.25,
-                                            what=f"`kd {stage}` peak RSS at {big:,} / at {small:,} ({times} rows)")
-        ratios[f"{stage}.rss_above_imports"] = ratio(
-            (b["peak_rss_mb"] - b["rss_after_imports_mb"]) / max(1e-9, a["peak_rss_mb"] - a["rss_after_imports_mb"]),
-            what="same, counting only what the command adds after its imports")
-        ratios[f"{stage}.rows_per_second"] = ratio(b["rows_per_second"] / a["rows_per_second"], 0.8, better="higher",
-                                                   what=f"`kd {stage}` rows/s at {big:,} / at {small:,}")
+    ratios = growth_ratios(runs, "rows")
     ratios["distill.command_rows_per_second"] = ratio(
         (runs[big]["distill"]["transfer_rows"] / runs[big]["distill"]["seconds"])
         / (runs[small]["distill"]["transfer_rows"] / runs[small]["distill"]["seconds"]), better="higher",

@@ -24,15 +24,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.scale import run_stage  # noqa: E402
-from bench.timing import ratio  # noqa: E402
+from bench.label_text import make_teacher as make_llama  # noqa: E402
+from bench.scale import growth_ratios, run_stage  # noqa: E402
 from pipeline.cache import Cache  # noqa: E402
 
 BLOCK = 128
@@ -43,22 +42,7 @@ STUDENT = {"hidden_size": 32, "intermediate_size": 86, "num_hidden_layers": 1, "
 
 
 def make_teacher(directory: Path) -> None:
-    from pydoc_data.topics import topics
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=["<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator([topics[name] for name in sorted(topics)], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
-    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, **TEACHER)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(directory, max_shard_size="200KB")
-    tokenizer.save_pretrained(directory)
+    make_llama(directory, TEACHER, shard_size="200KB")
 
 
 def write_corpus(path: Path, tokens: int, teacher: Path) -> None:
@@ -127,17 +111,7 @@ def main() -> None:
             print(f"{tokens:,} tokens: " + ", ".join(
                 f"{stage} {runs[tokens][stage]['seconds']:.1f} s / {runs[tokens][stage]['peak_rss_mb']:.0f} MB"
                 for stage in ("prepare", "label", "distill")), flush=True)
-    small, big = min(runs), max(runs)
-    ratios = {}
-    for stage in ("label", "distill"):
-        a, b = runs[small][stage], runs[big][stage]
-        ratios[f"{stage}.peak_rss"] = ratio(b["peak_rss_mb"] / a["peak_rss_mb"], 1.25,
-                                            what=f"`kd {stage}` peak RSS at {big:,} / at {small:,} tokens")
-        ratios[f"{stage}.rss_above_imports"] = ratio(
-            (b["peak_rss_mb"] - b["rss_after_imports_mb"]) / max(1e-9, a["peak_rss_mb"] - a["rss_after_imports_mb"]),
-            what="same, counting only what the command adds after its imports")
-        ratios[f"{stage}.tokens_per_second"] = ratio(b["tokens_per_second"] / a["tokens_per_second"], 0.8,
-                                                     better="higher", what=f"`kd {stage}` tokens/s, same sizes")
+    ratios = growth_ratios(runs, "tokens")
     result = {"ratios": ratios, "details": {"tokens": sorted(runs), "memory_mb": args.memory_mb,
                                             "threads": args.threads, "runs": {str(k): v for k, v in runs.items()}}}
     print(json.dumps(ratios, indent=2))
