@@ -52,7 +52,8 @@ def main(
                                         "float32, bfloat16 or float16."),
     device: Optional[str] = typer.Option(None, help="Where a language-model teacher runs: auto (cuda when "
                                          "there is one), cpu or cuda."),
-    part_size: Optional[int] = typer.Option(None, help="Samples per Parquet part (the resume step)."),
+    part_size: Optional[int] = typer.Option(None, help="Samples per Parquet part (the resume step); "
+                                            "default: about 16,384 cache rows' worth."),
     keep_teacher: Optional[bool] = typer.Option(None, "--keep-teacher/--no-keep-teacher",
                                                 help="Copy the teacher's weights into the cache (for students "
                                                 "with `init: teacher`)."),
