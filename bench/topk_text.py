@@ -41,7 +41,7 @@ if str(REPO) not in sys.path:
 from pipeline import config  # noqa: E402
 from pipeline.cache import encoding as encodings  # noqa: E402
 from pipeline.cache import label  # noqa: E402
-from pipeline.cache.layout import ROW_GROUP_ROWS, lse_column  # noqa: E402
+from pipeline.cache.layout import ROW_GROUP_ROWS, temperature_key  # noqa: E402
 from pipeline.cache.writer import _schema, fidelity_sums, soft_targets  # noqa: E402
 from stages.label import load_teacher  # noqa: E402
 
@@ -104,9 +104,9 @@ def synthetic_rows(ks: list[int], vocab: int, shuffled: bool, temperatures: list
             n = len(logits)
             topk_only = {c: columns[c] for c in encodings.columns(encoding)}
             out.append({"k": k, "encoding": name, "vocab": vocab, "shuffled_ids": shuffled,
-                        **{lse_column(t).removeprefix("lse_"): {
-                            "kept_mass": sums[f"kept_mass_{lse_column(t).removeprefix('lse_')}"] / n,
-                            "kl_full_to_cached": sums[f"kl_{lse_column(t).removeprefix('lse_')}"] / n}
+                        **{temperature_key(t): {
+                            "kept_mass": sums[f"kept_mass_{temperature_key(t)}"] / n,
+                            "kl_full_to_cached": sums[f"kl_{temperature_key(t)}"] / n}
                            for t in temperatures},
                         "soft_target_bytes": len(buffer.getvalue()), "rows": n,
                         "topk_column_bytes": _column_bytes(topk_only, encoding, schema)})

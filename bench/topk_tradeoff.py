@@ -58,8 +58,8 @@ def main(ks: str = "1,2,3,5,10", student: str = "mlp_soft", temperature: float =
 
 
 def config_name(temperature: float) -> str:
-    from pipeline.cache import lse_column
-    return lse_column(temperature).removeprefix("lse_")
+    from pipeline.cache.layout import temperature_key
+    return temperature_key(temperature)
 
 
 if __name__ == "__main__":

@@ -34,17 +34,23 @@ ROW_GROUP_ROWS = 16384
 CHUNK_BYTES = 4 << 20  # target Zarr chunk size before compression
 
 
-def lse_column(temperature: float) -> str:
-    """`lse_t4` for 4 or 4.0, `lse_t2_5` for 2.5: the temperature as written in params."""
+def temperature_key(temperature: float) -> str:
+    """`t4` for 4 or 4.0, `t2_5` for 2.5: the temperature as written in params, as it names the
+    columns of a temperature and its fidelity statistics."""
     t = float(temperature)
     text = str(int(t)) if t.is_integer() else repr(t)
-    return "lse_t" + text.replace(".", "_")
+    return "t" + text.replace(".", "_")
+
+
+def lse_column(temperature: float) -> str:
+    """`lse_t4` for 4 or 4.0, `lse_t2_5` for 2.5."""
+    return "lse_" + temperature_key(temperature)
 
 
 def sample_columns(temperature: float) -> tuple[str, str, str]:
     """The sampled targets' columns at one temperature (`label.sampling`; pipeline/cache/sampling.py):
     `sample_idx_t4`, `sample_count_t4`, `entropy_t4`."""
-    suffix = lse_column(temperature).removeprefix("lse_")
+    suffix = temperature_key(temperature)
     return f"sample_idx_{suffix}", f"sample_count_{suffix}", f"entropy_{suffix}"
 
 

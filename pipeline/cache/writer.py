@@ -38,7 +38,7 @@ from pipeline.cache import encoding as encodings
 from pipeline.cache import sampling
 from pipeline.cache.layout import (FEATURES, MANIFEST, ROW_GROUP_ROWS, SHARDS, SOFT_TARGETS, TEACHER_COPY, chunk_rows,
                                    chunks_sha256, feature_arrays, feature_path, lse_column, part_path, sample_columns,
-                                   shard_record)
+                                   shard_record, temperature_key)
 from pipeline.cache.manifest import SCHEMA_VERSION, part_problem, read_manifest
 from pipeline.cache.store import Store
 from pipeline.config import PART_ROWS, SPLITS, LabelConfig, as_dict, view_recipe
@@ -106,7 +106,7 @@ def fidelity_sums(logits: torch.Tensor, cols: dict[str, np.ndarray], temperature
         if k < num_classes:
             tail = ((1 - kept).clamp(min=0) / (num_classes - k)).clamp(min=1e-30)
             kl -= (1 - p_at_kept.sum(1)).clamp(min=0) * torch.log(tail)
-        name = lse_column(t).removeprefix("lse_")
+        name = temperature_key(t)
         sums[f"kept_mass_{name}"] = float(kept.sum())
         sums[f"kl_{name}"] = float(kl.clamp(min=0).sum())
     return sums
@@ -503,7 +503,7 @@ def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs
                         idx, count, entropy = sample_columns(t)
                         batch_sums |= sampling.fidelity_sums(logits[torch.from_numpy(scored)], drawn[idx][scored],
                                                              drawn[count][scored], drawn[entropy][scored], t,
-                                                             lse_column(t).removeprefix("lse_"))
+                                                             temperature_key(t))
                 for name, value in batch_sums.items():
                     sums[name] = sums.get(name, 0.0) + value
                 truth = batch.truth[scored]
@@ -608,7 +608,7 @@ def _finish(manifest: dict[str, Any]) -> None:
         samples = sum(p["scored"] for p in info["parts"])  # rows scored: view 0 / every predicted token
         stats: dict[str, Any] = {}
         for t in manifest["temperatures"]:
-            name = lse_column(t).removeprefix("lse_")
+            name = temperature_key(t)
             stats[name] = {"kept_mass": totals[f"kept_mass_{name}"] / samples,
                            "kl_full_to_cached": totals[f"kl_{name}"] / samples}
             if f"kl_sampled_{name}" in totals:  # label.sampling: the draws' own statistics

@@ -10,7 +10,7 @@ import json
 from typing import Any, Callable
 
 from pipeline.cache import encoding as encodings
-from pipeline.cache.layout import lse_column
+from pipeline.cache.layout import temperature_key
 from pipeline.report.results import Report
 from pipeline.report.scores import Score, fmt, points, signed
 
@@ -80,7 +80,7 @@ def _kept_mass(manifest: dict[str, Any]) -> str:
     splits = sorted(fidelity, key=lambda split: (split != "test", split))
     kept = []
     for t in manifest.get("temperatures", []):
-        name = lse_column(t).removeprefix("lse_")  # fidelity keys: t1, t4, t2_5
+        name = temperature_key(t)  # fidelity keys: t1, t4, t2_5
         per_split = [f"{100 * fidelity[split][name]['kept_mass']:.1f}% on {split}" for split in splits
                      if name in fidelity[split]]
         if not per_split:
