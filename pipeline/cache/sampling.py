@@ -141,15 +141,18 @@ def from_arrow(idx: pa.Array | pa.ChunkedArray, count: pa.Array | pa.ChunkedArra
 
 
 def fidelity_sums(logits: torch.Tensor, classes: np.ndarray, counts: np.ndarray, entropy: np.ndarray,
-                  temperature: float, name: str) -> dict[str, float]:
+                  temperature: float, name: str, log_normaliser: torch.Tensor | None = None) -> dict[str, float]:
     """Per-row sums of one temperature's draws' fidelity (see the module docstring): the
     teacher's mass on the drawn classes, and KL(full || decoded draws) = -H - sum_drawn p log q
-    - (mass not drawn) log(unseen mass / classes not drawn)."""
+    - (mass not drawn) log(unseen mass / classes not drawn). `log_normaliser`: each row's
+    logsumexp(z / T) when the caller has it (the writer: logit_max / T + lse), else computed."""
     if not len(counts):
         return {f"sampled_mass_{name}": 0.0, f"kl_sampled_{name}": 0.0}
-    idx = torch.from_numpy(classes)
-    scaled = logits.float() / float(temperature)
-    log_p = (scaled.gather(1, idx) - torch.logsumexp(scaled, dim=1, keepdim=True)).double()  # (R, N)
+    T = float(temperature)
+    if log_normaliser is None:
+        log_normaliser = torch.logsumexp(logits.float() / T, dim=1)
+    drawn = logits.gather(1, torch.from_numpy(classes).long()).float() / T
+    log_p = (drawn - log_normaliser.float()[:, None]).double()  # (R, N): no pass over the classes
     kept = torch.from_numpy(counts > 0)
     c = torch.from_numpy(counts).double()
     n = c.sum(1)

@@ -494,16 +494,18 @@ def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs
                     error = max(error, _largest_error(computed, cols))
                 scored = batch.scored
                 scored_rows += int(scored.sum())
-                batch_sums = fidelity_sums(logits[torch.from_numpy(scored)], {k: v[scored] for k, v in cols.items()},
-                                           cfg.temperatures)
+                scored_logits = logits[torch.from_numpy(scored)]
+                batch_sums = fidelity_sums(scored_logits, {k: v[scored] for k, v in cols.items()}, cfg.temperatures)
                 if cfg.sampling:
                     drawn = _draw(logits, batch, cfg)
                     cols |= drawn
                     for t in cfg.temperatures:
                         idx, count, entropy = sample_columns(t)
-                        batch_sums |= sampling.fidelity_sums(logits[torch.from_numpy(scored)], drawn[idx][scored],
+                        # logsumexp(z / T) from the columns already computed: logit_max / T + lse
+                        normaliser = torch.from_numpy(cols["logit_max"][scored] / float(t) + cols[lse_column(t)][scored])
+                        batch_sums |= sampling.fidelity_sums(scored_logits, drawn[idx][scored],
                                                              drawn[count][scored], drawn[entropy][scored], t,
-                                                             temperature_key(t))
+                                                             temperature_key(t), normaliser)
                 for name, value in batch_sums.items():
                     sums[name] = sums.get(name, 0.0) + value
                 truth = batch.truth[scored]
@@ -512,7 +514,7 @@ def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs
                     labeled += int(known.sum())
                     correct += int((cols["topk_idx"][scored][:, 0] == truth)[truth >= 0].sum())
                     nll += float(torch.nn.functional.cross_entropy(
-                        logits[torch.from_numpy(scored)][known], torch.from_numpy(truth)[known].long(), reduction="sum"))
+                        scored_logits[known], torch.from_numpy(truth)[known].long(), reduction="sum"))
                 soft.add(_table(schema, batch, {**cols, **stored}), len(batch.ids))
                 last = stop == last_sample - first_sample
                 if soft.ready(final=last):
