@@ -62,7 +62,7 @@ class CacheRows:
         targets = {"row": self.row, "topk_idx": self.topk_idx, "topk_logit": self.topk_logit, "label": self.label}
         if cfg.loss.soft is not None:
             t = float(cfg.loss.soft.temperature)
-            if t in self.samples:
+            if cfg.loss.soft.targets == "sampled":  # (read_rows read the draws of exactly these)
                 targets |= {"sample_idx": torch.from_numpy(self.samples[t][0]),
                             "sample_count": torch.from_numpy(self.samples[t][1]),
                             "entropy": torch.tensor(self.entropy[t])}

@@ -7,6 +7,7 @@ usual top-k KL at T with T^2. Rows of student positions no teacher row lines up 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -29,6 +30,15 @@ def aligned_rows(batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -
     return {k: v[keep] for k, v in batch.items() if k != "x"}, out["logits"][keep]
 
 
+def on_aligned_rows(loss: Callable) -> Callable:
+    """A term that applies `loss(rows, logits)` to the aligned rows, and is 0 (keeping the
+    graph) for a batch with none."""
+    def term(batch, out):
+        rows, logits = aligned_rows(batch, out)
+        return loss(rows, logits) if len(logits) else out["logits"].sum() * 0.0
+    return term
+
+
 @dataclass
 class MappedTerm(SoftTerm):
     """`soft` through the vocabulary mapping: weight * T^2 * KL on the aligned rows."""
@@ -36,11 +46,6 @@ class MappedTerm(SoftTerm):
 
 def build(cfg: MappedTerm, shapes: Shapes) -> Built:
     key = lse_key(cfg.temperature)
-
-    def term(batch, out):
-        rows, logits = aligned_rows(batch, out)
-        if not len(logits):
-            return out["logits"].sum() * 0.0
-        return losses.mapped_soft_target_loss(logits, rows["mapped_idx"], rows["topk_logit"], rows[key],
-                                              cfg.temperature, tail=cfg.tail)
+    term = on_aligned_rows(lambda rows, logits: losses.mapped_soft_target_loss(
+        logits, rows["mapped_idx"], rows["topk_logit"], rows[key], cfg.temperature, tail=cfg.tail))
     return Built({"mapped": (cfg.weight, term)})

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pipeline import losses
 from pipeline.errors import ConfigError
 from pipeline.methods.common import Built, Method, Shapes
-from pipeline.methods.mapped import aligned_rows, lse_key
+from pipeline.methods.mapped import lse_key, on_aligned_rows
 
 
 @dataclass
@@ -21,8 +21,7 @@ class ULDTerm(Method):
     temperature: float = 1
 
     def check(self, where: str) -> None:
-        if self.weight < 0:
-            raise ConfigError(f"{where}.weight: {self.weight} must be >= 0")
+        super().check(where)  # weight >= 0
         if self.temperature <= 0:
             raise ConfigError(f"{where}.temperature: {self.temperature} must be > 0")
 
@@ -32,10 +31,6 @@ class ULDTerm(Method):
 
 def build(cfg: ULDTerm, shapes: Shapes) -> Built:
     key = lse_key(cfg.temperature)
-
-    def term(batch, out):
-        rows, logits = aligned_rows(batch, out)
-        if not len(logits):
-            return out["logits"].sum() * 0.0
-        return losses.uld_loss(logits, rows["topk_logit"], rows[key], cfg.temperature)
+    term = on_aligned_rows(lambda rows, logits: losses.uld_loss(logits, rows["topk_logit"], rows[key],
+                                                               cfg.temperature))
     return Built({"uld": (cfg.weight, term)})
