@@ -138,6 +138,20 @@ def assert_streams_like_in_memory(in_memory: Any, streamed: Any, views: str = "c
     assert sorted(served) == list(range(len(in_memory)))
 
 
+def run_readme_snippet(name: str, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Run the README's python block marked `<!-- snippet: NAME -->` where `cache` is at
+    data/teacher_outputs, as a reader would from the repository root; -> its variables."""
+    import shutil
+
+    shutil.copytree(cache, tmp_path / "data" / "teacher_outputs")
+    monkeypatch.chdir(tmp_path)
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    snippet = text.split(f"<!-- snippet: {name}", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict[str, Any] = {}
+    exec(snippet, scope)
+    return scope
+
+
 def run_in(cmd: list[str], cwd: Path) -> str:
     """Run a command (dvc, git, kd) in `cwd`; its stdout and stderr, or a failed assertion with both."""
     import subprocess

@@ -25,7 +25,7 @@ from pipeline.cache.writer import soft_targets
 from pipeline.config import LabelConfig
 from pipeline.errors import ConfigError
 from stages import distill, label
-from conftest import invoke, invoke_cache, ok
+from conftest import invoke, invoke_cache, ok, run_readme_snippet
 
 K = 32
 TEMPERATURES = (1.0, 4.0)
@@ -209,14 +209,7 @@ def test_cache_info_reports_bytes_per_row_for_both_encodings(caches):
 
 
 def test_readme_decodes_a_compact_row_with_numpy_alone(caches, tmp_path, monkeypatch):
-    import shutil
-
-    shutil.copytree(caches["compact"], tmp_path / "data" / "teacher_outputs")
-    monkeypatch.chdir(tmp_path)
-    text = (Path(__file__).parents[1] / "README.md").read_text()
-    snippet = text.split("<!-- snippet: decode-compact", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    scope: dict = {}
-    exec(snippet, scope)
+    scope = run_readme_snippet("decode-compact", caches["compact"], tmp_path, monkeypatch)
     soft = Cache.open(tmp_path / "data" / "teacher_outputs").soft_targets("test", [])
     np.testing.assert_array_equal(scope["ids"], soft.topk_idx[0])
     np.testing.assert_array_equal(scope["logit"], soft.topk_logit[0])

@@ -27,7 +27,7 @@ from pipeline.cache.verify import verify
 from pipeline.config import LabelConfig
 from pipeline.errors import ConfigError
 from stages import distill, label
-from conftest import invoke, invoke_cache, ok
+from conftest import invoke, invoke_cache, ok, run_readme_snippet
 
 DRAWS = 16
 VOCAB = 512
@@ -197,12 +197,7 @@ def test_sampling_keys_stay_out_of_the_cache_key_when_off(lm_world):
 
 
 def test_readme_decodes_a_sampled_row_with_numpy_alone(caches, tmp_path, monkeypatch):
-    shutil.copytree(caches["sampled"], tmp_path / "data" / "teacher_outputs")
-    monkeypatch.chdir(tmp_path)
-    text = (Path(__file__).parents[1] / "README.md").read_text()
-    snippet = text.split("<!-- snippet: decode-sampled", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    scope: dict = {}
-    exec(snippet, scope)
+    scope = run_readme_snippet("decode-sampled", caches["sampled"], tmp_path, monkeypatch)
     soft = Cache.open(tmp_path / "data" / "teacher_outputs").soft_targets("test", [], samples=[1.0])
     idx, count = soft.samples[1.0]
     kept = count[0] > 0
