@@ -15,6 +15,8 @@ tokens once the cache has a `position` column).
 import torch
 import torch.nn.functional as F
 
+from pipeline import kernels
+
 TAILS = ("bucket", "renorm")
 
 
@@ -46,10 +48,20 @@ def topk_soft_target_loss_per_row(student_logits, topk_idx, topk_logit, lse, tem
     # gradient; the student's has a closed form, computed chunk by chunk (see _TopkKL).
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
-    rows, classes = student_logits.shape
-    if tail == "bucket" and rows * classes <= CHUNK_ELEMENTS:  # one chunk: fewer ops (a classifier's step)
-        return _SmallTopkKL.apply(student_logits, topk_idx.long(), topk_logit, lse, float(temperature))
+    kernel = _kernel(student_logits, tail)
+    if kernel is not None:
+        return kernel.topk_kl(student_logits, topk_idx, topk_logit, lse, float(temperature), 1.0, False)
     return _TopkKL.apply(student_logits, topk_idx, topk_logit, lse, float(temperature), tail)
+
+
+def _kernel(student_logits, tail):
+    """The compiled top-k KL (`kernels.topk_kl`) where it serves: the bucket tail on CPU logits
+    that fit one chunk (a classifier's batch: one op instead of ~30); else None."""
+    rows, classes = student_logits.shape
+    if (tail != "bucket" or student_logits.device.type != "cpu" or rows == 0 or rows * classes > CHUNK_ELEMENTS
+            or student_logits.dtype not in (torch.float32, torch.float64)):
+        return None
+    return kernels.topk_kl()
 
 
 # Rows per chunk of the fused loss: about this many elements of (rows, C) temporaries at a time.
@@ -148,47 +160,6 @@ def _topk_kl_grad(student_logits, idx, saved, grad_rows, T, tail):
     return grad
 
 
-class _SmallTopkKL(torch.autograd.Function):
-    """`_TopkKL` with the bucket tail for logits that fit one chunk (an image classifier's
-    batch, a few rows of a small vocabulary), in as few tensor operations as the closed form
-    allows: at 10 classes a step's cost is per-operation overhead, not arithmetic. It keeps
-    the student's log-probabilities (B, C) for the backward instead of recomputing them, and
-    takes the tail's logsumexp over the log-probabilities, so a tail below exp's range is
-    exact here too."""
-
-    @staticmethod
-    def forward(ctx, student_logits, idx, topk_logit, lse, T):
-        dtype = torch.promote_types(student_logits.dtype, torch.float32)
-        log_q = torch.log_softmax(student_logits.to(dtype) / T, dim=1)  # (B, C)
-        t_logp = topk_logit.to(dtype) / T - lse.to(dtype).unsqueeze(1)  # (B, k); the inputs stay untouched
-        p = t_logp.exp()
-        kl = torch.where(p > 0, p * (t_logp - log_q.gather(1, idx)), 0.0).sum(1)  # 0 log 0 = 0
-        mass = p.sum(1)
-        # the gradient outside the top-k is u_j * coefficient, u_j = q_j / q_tail <= 1 (see _TopkKL)
-        log_tail, coefficient = torch.zeros_like(mass), mass
-        if idx.shape[1] < log_q.shape[1]:
-            # float16 rounding can push the teacher's kept mass a hair past 1, hence the clamp
-            t_tail = (1 - mass).clamp_(min=0)
-            log_tail = log_q.scatter(1, idx, float("-inf")).logsumexp(1)
-            kl += torch.xlogy(t_tail, t_tail) - t_tail * log_tail
-            mass = mass + t_tail
-            coefficient = log_tail.exp() * mass - t_tail
-            log_tail = log_tail.nan_to_num(neginf=float("inf"))  # no student tail (-inf logits): u = 0
-        ctx.save_for_backward(log_q, idx, p, mass, log_tail, coefficient)
-        ctx.T, ctx.dtype = T, student_logits.dtype
-        return kl
-
-    @staticmethod
-    def backward(ctx, grad_rows):
-        log_q, idx, p, mass, log_tail, coefficient = ctx.saved_tensors
-        scale = grad_rows.to(log_q.dtype).unsqueeze(1) / ctx.T  # (B, 1)
-        # outside the top-k: u_j * (q_tail * mass - t_tail); on it: q_j * mass - p_j
-        grad = (log_q - log_tail.unsqueeze(1)).exp_().mul_(coefficient.unsqueeze(1) * scale)
-        top = (log_q.gather(1, idx).exp_().mul_(mass.unsqueeze(1)).sub_(p)).mul_(scale)
-        grad = grad.scatter_(1, idx, top).to(ctx.dtype)
-        return grad, None, None, None, None
-
-
 def topk_soft_target_loss_from_hidden(hidden, weight, topk_idx, topk_logit, lse, temperature, bias=None):
     # hidden: (B, H), the student's last hidden state; weight: (C, H), its output layer (bias (C,))
     # -> (B,) KL per row with the bucket tail, as topk_soft_target_loss_per_row on
@@ -233,6 +204,12 @@ def topk_soft_target_loss(student_logits, topk_idx, topk_logit, lse, temperature
                           tail="bucket"):
     # student_logits: (B, C); topk_idx, topk_logit: (B, k); lse: (B,)
     # With k == C and either tail this equals soft_target_loss.
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+    kernel = _kernel(student_logits, tail)
+    if kernel is not None:  # the mean and T^2 inside the kernel: two autograd nodes fewer
+        return kernel.topk_kl(student_logits, topk_idx, topk_logit, lse, float(temperature),
+                              temperature**2 / len(student_logits), True)
     kl = topk_soft_target_loss_per_row(student_logits, topk_idx, topk_logit, lse,
                                        temperature, tail)
     return kl.mean() * temperature**2
@@ -382,7 +359,7 @@ def mapped_soft_target_loss_per_row(student_logits, mapped_idx, topk_logit, lse,
     # every id mapped to a distinct student id (identical tokenizers) it is that call exactly.
     idx = mapped_idx.long()
     classes = student_logits.shape[1]
-    if bool((idx >= 0).all()) and bool((idx.sort(dim=1).values.diff(dim=1) != 0).all()):
+    if _one_to_one(idx):
         return topk_soft_target_loss_per_row(student_logits, idx, topk_logit, lse, temperature, tail)
     T = float(temperature)
     log_p = topk_logit.float() / T - lse.float().reshape(-1, 1)  # (B, k) teacher log-probs at T
@@ -403,8 +380,15 @@ def mapped_soft_target_loss_per_row(student_logits, mapped_idx, topk_logit, lse,
 
 def mapped_soft_target_loss(student_logits, mapped_idx, topk_logit, lse, temperature, tail="bucket"):
     # as mapped_soft_target_loss_per_row, T^2 * the mean over rows (topk_soft_target_loss's scale)
+    if _one_to_one(mapped_idx.long()):  # topk_soft_target_loss itself, bit for bit
+        return topk_soft_target_loss(student_logits, mapped_idx.long(), topk_logit, lse, temperature, tail)
     kl = mapped_soft_target_loss_per_row(student_logits, mapped_idx, topk_logit, lse, temperature, tail)
     return kl.mean() * temperature**2
+
+
+def _one_to_one(idx):
+    # every teacher id of every row mapped, onto distinct student ids (identical tokenizers)
+    return bool((idx >= 0).all()) and bool((idx.sort(dim=1).values.diff(dim=1) != 0).all())
 
 
 def uld_loss_per_row(student_logits, topk_logit, lse, temperature):

@@ -21,6 +21,8 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
+from pipeline import kernels
+
 # Set by the tools themselves, once per process, whenever first used: pytest (per test phase)
 # and torch (its fused AdamW on CPU initialises Inductor's cache directory).
 _SET_BY_TOOLS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
@@ -62,6 +64,14 @@ def process_state_unchanged() -> Any:
                             else f"environment variables {sorted(env)}" for key in changed)
         pytest.fail(f"the test left process-wide state changed (restore it, e.g. metrics.torch_threads): {details}",
                     pytrace=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def topk_kernel_built() -> None:
+    """Build (or load) the compiled top-k loss once, before any test: a first build takes about
+    40 s and says so on stderr, which no command's output checked by a test should carry."""
+    if kernels.enabled() and kernels.compiler() is not None:
+        kernels.topk_kl()
 
 
 @pytest.fixture

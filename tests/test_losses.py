@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import losses
+from pipeline import kernels, losses
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 FIXTURE = GOLDEN_DIR / "losses.json"
@@ -307,15 +307,30 @@ def plain_topk_kl(student_logits, topk_idx, topk_logit, lse, T, tail):
     return torch.where(log_p.exp() > 0, log_p.exp() * (log_p - log_q), 0.0).sum(1)
 
 
-@pytest.mark.parametrize("chunks", ["several", "one"])
+@pytest.fixture(params=["chunked", "kernel"])
+def topk_form(request, monkeypatch):
+    """Each form of the top-k KL in turn: the PyTorch one (`_TopkKL`, kernels off; a test sets
+    CHUNK_ELEMENTS so that several chunks are used) and the compiled kernel (`kernels.topk_kl`),
+    which the bucket tail takes for CPU logits that fit one chunk. A machine without a C++
+    compiler skips the kernel; one with a compiler must build it."""
+    if request.param == "chunked":
+        monkeypatch.setenv(kernels.SWITCH, "0")
+    else:
+        if kernels.compiler() is None:
+            pytest.skip("no C++ compiler to build the kernel with")
+        monkeypatch.setenv(kernels.SWITCH, "1")
+        assert kernels.topk_kl() is not None, "a C++ compiler is here, but the kernel did not build"
+    return request.param
+
+
 @pytest.mark.parametrize("tail", ["bucket", "renorm"])
 @pytest.mark.parametrize("k", [1, 3, 10])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_topk_loss_closed_form_gradient_equals_autograd(tail, k, dtype, chunks, monkeypatch):
-    """The fused backward of topk_soft_target_loss_per_row equals autograd through a plain
-    implementation of the same KL: chunked (chunks of a few rows, so that several are used)
-    and, for logits that fit one chunk, the bucket tail's shorter path (_SmallTopkKL)."""
-    if chunks == "several":
+def test_topk_loss_closed_form_gradient_equals_autograd(tail, k, dtype, topk_form, monkeypatch):
+    """The closed-form backward of topk_soft_target_loss_per_row equals autograd through a plain
+    implementation of the same KL, in both forms: chunked (chunks of a few rows, so that several
+    are used) and the compiled kernel (the bucket tail; renorm takes the chunked form anyway)."""
+    if topk_form == "chunked":
         monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 50)  # 5 rows of 10 classes per chunk: 7 chunks
     g = torch.Generator().manual_seed(k)
     teacher = torch.randn(32, 10, generator=g, dtype=torch.float64) * 4
@@ -325,6 +340,7 @@ def test_topk_loss_closed_form_gradient_equals_autograd(tail, k, dtype, chunks, 
     topk_logit = topk_logit.to(torch.float16 if dtype == torch.float32 else dtype)
     weights = torch.rand(32, generator=g, dtype=dtype)
     student = (torch.randn(32, 10, generator=g, dtype=dtype) * 2).requires_grad_()
+    assert (losses._kernel(student, tail) is not None) == (topk_form == "kernel" and tail == "bucket")
     fused = losses.topk_soft_target_loss_per_row(student, topk_idx, topk_logit, lse.to(dtype), 3, tail)
     (fused_grad,) = torch.autograd.grad((fused * weights).sum(), student)
     reference = plain_topk_kl(student, topk_idx, topk_logit, lse.to(dtype), 3, tail)
@@ -337,11 +353,10 @@ def test_topk_loss_closed_form_gradient_equals_autograd(tail, k, dtype, chunks, 
             lambda s: losses.topk_soft_target_loss_per_row(s, topk_idx, topk_logit, lse, 3, tail), (student,))
 
 
-@pytest.mark.parametrize("chunks", ["several", "one"])
-def test_topk_loss_is_exact_when_the_students_tail_underflows(chunks, monkeypatch):
+def test_topk_loss_is_exact_when_the_students_tail_underflows(topk_form, monkeypatch):
     """A student sure of its top-k (its tail under exp's float32 range): the tail's logsumexp is
     taken on its own, so the loss and gradient stay finite and equal the float64 figures."""
-    if chunks == "several":
+    if topk_form == "chunked":
         monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 10)  # a chunk per row
     student = torch.full((4, 10), -150.0)
     student[:, :3] = torch.tensor([0.0, -1.0, -2.0])
@@ -359,11 +374,10 @@ def test_topk_loss_is_exact_when_the_students_tail_underflows(chunks, monkeypatc
     torch.testing.assert_close(grad.double(), reference_grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("chunks", ["several", "one"])
-def test_a_kept_entry_of_probability_zero_adds_nothing(chunks, monkeypatch):
+def test_a_kept_entry_of_probability_zero_adds_nothing(topk_form, monkeypatch):
     """A cached entry whose logit is -inf (what `mapped` gives a merged-away id) has p = 0: it
     adds 0, not 0 * inf = NaN, in both forms of the loss; the gradient stays finite."""
-    if chunks == "several":
+    if topk_form == "chunked":
         monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 10)
     g = torch.Generator().manual_seed(3)
     student = torch.randn(4, 7, generator=g).requires_grad_()
@@ -379,12 +393,11 @@ def test_a_kept_entry_of_probability_zero_adds_nothing(chunks, monkeypatch):
     assert torch.isfinite(grad).all()
 
 
-@pytest.mark.parametrize("chunks", ["several", "one"])
-def test_topk_loss_with_a_student_that_has_no_tail(chunks, monkeypatch):
+def test_topk_loss_with_a_student_that_has_no_tail(topk_form, monkeypatch):
     """A student whose logits outside the teacher's top-k are -inf (masked) while the teacher
     keeps mass there: the KL is +inf, as it should be, and the gradient stays finite (no NaN
     to poison the step), 0 outside the top-k and q * mass - p on it."""
-    if chunks == "several":
+    if topk_form == "chunked":
         monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 10)
     student = torch.full((3, 6), float("-inf"))
     student[:, :3] = torch.tensor([[0.0, -1.0, 0.5]])
@@ -399,6 +412,53 @@ def test_topk_loss_with_a_student_that_has_no_tail(chunks, monkeypatch):
     q = student.detach()[:, :3].softmax(1)
     torch.testing.assert_close(grad[:, :3], q - p)  # the teacher's whole mass is 1
     assert (grad[:, 3:] == 0).all()
+
+
+def test_the_kernel_and_the_pytorch_form_give_the_same_mean_loss_and_gradient(topk_form):
+    """topk_soft_target_loss (mean over rows x T^2, which the kernel takes inside) is the same
+    in both forms, on a float16 cache with some rows' kept mass past 1 by rounding."""
+    topk_idx, topk_logit, lse = _cache_row(_randn(64, 10, seed=7, scale=6.0), 5, 4.0, torch.float16)
+    student = _randn(64, 10, seed=8, scale=2.0).requires_grad_()
+    loss = losses.topk_soft_target_loss(student, topk_idx, topk_logit, lse, 4.0)
+    (grad,) = torch.autograd.grad(loss, student)
+    with kernels.disabled():
+        plain_student = student.detach().clone().requires_grad_()
+        expected = losses.topk_soft_target_loss(plain_student, topk_idx, topk_logit, lse, 4.0)
+        (expected_grad,) = torch.autograd.grad(expected, plain_student)
+    torch.testing.assert_close(loss, expected.detach())
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def test_the_kernel_refuses_ids_outside_the_students_classes(topk_form):
+    """An id past the student's classes is refused in one line naming both (the PyTorch form's
+    gather refuses it too), not read out of bounds."""
+    student = torch.zeros(2, 4, requires_grad=True)
+    topk_idx, topk_logit, lse = torch.tensor([[0, 4], [1, 2]]), torch.zeros(2, 2), torch.zeros(2)
+    with pytest.raises((RuntimeError, IndexError), match="4"):
+        losses.topk_soft_target_loss_per_row(student, topk_idx, topk_logit, lse, 1.0)
+
+
+def test_without_a_working_compiler_the_loss_takes_its_pytorch_form(tmp_path, monkeypatch):
+    """A compiler that fails (here /bin/false, building into an empty extensions folder) leaves
+    the PyTorch form with one warning, and the loss still trains."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")
+    monkeypatch.setenv(kernels.SWITCH, "1")
+    kernels._build.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="did not build"):
+            assert kernels.topk_kl() is None
+        student = _randn(8, 10, seed=1).requires_grad_()
+        topk_idx, topk_logit, lse = _cache_row(_randn(8, 10, seed=2), 3, 2.0, torch.float16)
+        loss = losses.topk_soft_target_loss(student, topk_idx, topk_logit, lse, 2.0)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+        monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+        kernels._build.cache_clear()
+        with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+            assert kernels.topk_kl() is None
+    finally:
+        kernels._build.cache_clear()
 
 
 def test_the_hidden_state_variant_equals_the_loss_on_projected_logits(monkeypatch):
