@@ -186,8 +186,11 @@ class SampleSet:
                 samples = samples[parallel.shard(len(samples), *shard)]
             v = view[samples]
             rows = self._rows(samples, v if views == "cached" else torch.zeros_like(v))
-            x = self.model_input({k: t[samples] for k, t in self.inputs.items()}, self.ids[samples.numpy()], v)
-            yield {"x": x, **{name: target[rows] for name, target in self.targets.items()}}
+            # index_select, not t[samples]: advanced indexing of a (N, 1, 28, 28) tensor costs
+            # 60 us a batch against 10 (a step of a small MLP is ~1 ms)
+            x = self.model_input({k: t.index_select(0, samples) for k, t in self.inputs.items()},
+                                 self.ids[samples.numpy()], v)
+            yield {"x": x, **{name: target.index_select(0, rows) for name, target in self.targets.items()}}
 
 
 def concat(sets: list[SampleSet]) -> SampleSet:

@@ -130,6 +130,7 @@ def fit(
         # static_graph: the same parameters take part in every step, so a parameter no term
         # reaches (the head of a student without logit terms) keeps no gradient, as in one process
         trainee = nn.parallel.DistributedDataParallel(inner, static_graph=True)
+    weights = torch.tensor([weight for weight, _ in terms.values()])  # in the order `step` gives the terms
     bar = tqdm(total=steps, initial=len(log) * math.ceil(len(data) / batch_size), desc=desc, unit="step",
                disable=not progress or rank != 0, leave=False)
     for epoch in range(len(log), epochs):
@@ -143,7 +144,8 @@ def fit(
             else:  # this rank holds a slice of a global batch: full but for the epoch's last
                 values = trainee({k: v.to(on) for k, v in batch.items()})
                 n = min(batch_size, len(data) - index * batch_size)
-            loss = sum(terms[name][0] * value for name, value in values.items())
+            stacked = torch.stack(list(values.values()))
+            loss = stacked @ weights.to(stacked.device, stacked.dtype)  # sum of weight x term, one node
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

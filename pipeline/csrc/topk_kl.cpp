@@ -1,8 +1,8 @@
 // The top-k soft-target KL with the bucket tail, its value and gradient in one pass over each
-// row: `losses.topk_soft_target_loss_per_row` for logits that fit one chunk (a classifier's
-// batch), where eager PyTorch spends more time dispatching its ~30 small operations than
-// computing them. Built on first use by `pipeline/kernels.py`; the same math as
-// `losses._topk_kl` / `losses._topk_kl_grad`, tested against them (tests/test_losses.py).
+// row: `losses.topk_soft_target_loss_per_row` for small logits (up to losses.KERNEL_ELEMENTS,
+// a classifier's batch), where eager PyTorch spends more time dispatching its ~30 small
+// operations than computing them. Built on first use by `pipeline/kernels.py`; the same math
+// as `losses._topk_kl` / `losses._topk_kl_grad`, tested against them (tests/test_losses.py).
 //
 // Per row of z = logits / T, with q = softmax(z), the teacher's cached log-probabilities
 // lp_i = topk_logit_i / T - lse on its top-k ids, p_i = exp(lp_i), and its tail mass
@@ -13,7 +13,6 @@
 // exp's range stays exact, and a student with no tail (-inf logits) gets a finite gradient.
 
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -27,11 +26,11 @@ using torch::autograd::variable_list;
 namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
-constexpr int64_t kGrain = 256;  // rows per task of at::parallel_for
 
-// One row: its KL, and (grad != nullptr) dKL/dz times `g_scale` written to grad[0..C).
-// e_j = exp(z_j - max z) gives q_j = e_j / sum e; outside the top-k f_j = exp(z_j - max of the
-// tail) gives q_j / q_tail = f_j / sum f without underflow, so the backward needs no exp.
+// One row: its KL, and (grad != nullptr) dKL/dz times `g_scale` written to grad[0..C), in
+// the same pass, so that the backward only scales it. e_j = exp(z_j - max z) gives
+// q_j = e_j / sum e; outside the top-k, exp(z_j - the tail's max) / their sum gives
+// q_j / q_tail without underflow.
 template <typename scalar_t>
 double row_forward(const scalar_t* s, const int64_t* idx, const double* lp, int64_t C, int64_t k, double inv_T,
                    std::vector<char>& top, std::vector<double>& e, double g_scale, scalar_t* grad) {
@@ -69,7 +68,8 @@ double row_forward(const scalar_t* s, const int64_t* idx, const double* lp, int6
       if (!top[j] && has_tail) g -= tail * std::exp(s[j] * inv_T - mt) / tail_sum;
       grad[j] = static_cast<scalar_t>(g_scale * g);
     }
-    for (int64_t i = 0; i < k; ++i) grad[idx[i]] = static_cast<scalar_t>(g_scale * (e[idx[i]] / sum * mass - std::exp(lp[i])));
+    for (int64_t i = 0; i < k; ++i)
+      grad[idx[i]] = static_cast<scalar_t>(g_scale * (e[idx[i]] / sum * mass - std::exp(lp[i])));
   }
   if (with_tail)
     for (int64_t i = 0; i < k; ++i) top[idx[i]] = 0;
@@ -122,17 +122,15 @@ struct TopkKL : public torch::autograd::Function<TopkKL> {
       const scalar_t* sp = s.data_ptr<scalar_t>();
       const double* lpp = lp.data_ptr<double>();
       scalar_t* gp = with_grad ? grad.data_ptr<scalar_t>() : nullptr;
-      at::parallel_for(0, B, kGrain, [&](int64_t begin, int64_t end) {
-        std::vector<char> top(C, 0);
-        std::vector<double> e(C);
-        for (int64_t b = begin; b < end; ++b)
-          kl[b] = row_forward(sp + b * C, ip + b * k, lpp + b * k, C, k, 1.0 / T, top, e, scale / T,
-                              gp == nullptr ? nullptr : gp + b * C);
-      });
+      std::vector<char> top(C, 0);
+      std::vector<double> e(C);
+      for (int64_t b = 0; b < B; ++b)
+        kl[b] = row_forward(sp + b * C, ip + b * k, lpp + b * k, C, k, 1.0 / T, top, e, scale / T,
+                            gp == nullptr ? nullptr : gp + b * C);
     });
     if (with_grad) ctx->save_for_backward({grad});
     ctx->saved_data["reduce"] = reduce;
-    if (reduce) {  // summed in row order, so the value does not depend on the threads
+    if (reduce) {
       double total = 0;
       for (const double v : kl) total += v;
       return torch::full({}, total * scale, s.options());
