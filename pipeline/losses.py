@@ -214,8 +214,7 @@ def topk_soft_target_loss(student_logits, topk_idx, topk_logit, lse, temperature
     if kernel is not None:  # the mean and T^2 inside the kernel: two autograd nodes fewer
         return kernel.topk_kl(student_logits, topk_idx, topk_logit, lse, float(temperature),
                               temperature**2 / len(student_logits), True)
-    kl = topk_soft_target_loss_per_row(student_logits, topk_idx, topk_logit, lse,
-                                       temperature, tail)
+    kl = _TopkKL.apply(student_logits, topk_idx, topk_logit, lse, float(temperature), tail)
     return kl.mean() * temperature**2
 
 
@@ -362,9 +361,26 @@ def mapped_soft_target_loss_per_row(student_logits, mapped_idx, topk_logit, lse,
     # top-k KL of `topk_soft_target_loss_per_row` (the same code) on the merged entries: with
     # every id mapped to a distinct student id (identical tokenizers) it is that call exactly.
     idx = mapped_idx.long()
-    classes = student_logits.shape[1]
     if _one_to_one(idx):
         return topk_soft_target_loss_per_row(student_logits, idx, topk_logit, lse, temperature, tail)
+    return topk_soft_target_loss_per_row(*_merged(student_logits, idx, topk_logit, lse, temperature),
+                                         float(temperature), tail)
+
+
+def mapped_soft_target_loss(student_logits, mapped_idx, topk_logit, lse, temperature, tail="bucket"):
+    # as mapped_soft_target_loss_per_row, T^2 * the mean over rows (topk_soft_target_loss's scale)
+    idx = mapped_idx.long()
+    if _one_to_one(idx):  # topk_soft_target_loss itself, bit for bit
+        return topk_soft_target_loss(student_logits, idx, topk_logit, lse, temperature, tail)
+    kl = topk_soft_target_loss_per_row(*_merged(student_logits, idx, topk_logit, lse, temperature),
+                                       float(temperature), tail)
+    return kl.mean() * temperature**2
+
+
+def _merged(student_logits, idx, topk_logit, lse, temperature):
+    # the cached top-k with mapped ids merged, as topk_soft_target_loss_per_row's first four
+    # arguments: student logits with a sentinel column, merged ids, their logits, lse
+    classes = student_logits.shape[1]
     T = float(temperature)
     log_p = topk_logit.float() / T - lse.float().reshape(-1, 1)  # (B, k) teacher log-probs at T
     p = torch.where(idx >= 0, log_p.exp(), 0.0)
@@ -379,15 +395,7 @@ def mapped_soft_target_loss_per_row(student_logits, mapped_idx, topk_logit, lse,
     merged_logit = (merged_p.log() + lse.float().reshape(-1, 1)) * T
     # the sentinel is a class of probability 0 on both sides: a column of -inf the student never has
     padded = torch.cat([student_logits, student_logits.new_full((len(student_logits), 1), float("-inf"))], 1)
-    return topk_soft_target_loss_per_row(padded, merged_idx, merged_logit, lse.float(), T, tail)
-
-
-def mapped_soft_target_loss(student_logits, mapped_idx, topk_logit, lse, temperature, tail="bucket"):
-    # as mapped_soft_target_loss_per_row, T^2 * the mean over rows (topk_soft_target_loss's scale)
-    if _one_to_one(mapped_idx.long()):  # topk_soft_target_loss itself, bit for bit
-        return topk_soft_target_loss(student_logits, mapped_idx.long(), topk_logit, lse, temperature, tail)
-    kl = mapped_soft_target_loss_per_row(student_logits, mapped_idx, topk_logit, lse, temperature, tail)
-    return kl.mean() * temperature**2
+    return padded, merged_idx, merged_logit, lse.float()
 
 
 def _one_to_one(idx):
