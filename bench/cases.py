@@ -1,9 +1,9 @@
 """The benchmark cases of the bench issue, one function each; every one returns a dict with
 `ratios` (name -> `timing.ratio` record: value, target, met) and `details` (the raw figures).
 
-All of them call the real library (`pipeline.cache.label`, `pipeline.tasks.image.rows`,
-`pipeline.distill.train_model` / `student_terms`, `pipeline.training.fit`, `Cache.soft_targets`)
-on data written by `pipeline.sources.prepare` and a random-weight teacher of the default
+All of them call the real library (`kd.cache.label`, `kd.tasks.image.rows`,
+`kd.distill.train_model` / `student_terms`, `kd.training.fit`, `Cache.soft_targets`)
+on data written by `kd.sources.prepare` and a random-weight teacher of the default
 architecture (params.yaml `teacher`): weights do not change the cost of a forward pass. The
 scale case (4) lives in `bench/scale.py`, because it runs the `kd` commands in fresh processes.
 """
@@ -28,19 +28,19 @@ from torch import nn
 from zarr.codecs import ZstdCodec
 
 from bench.timing import interleave, medians, paired_ratio, ratio, seconds
-from pipeline import config, features, losses, sources
-from pipeline.prepared import images as data
-from pipeline.cache import Cache, Teacher, label, layout, lse_column, writer
-from pipeline.config import SPLITS, LabelConfig, PrepareConfig, StudentConfig, TeacherConfig
-from pipeline.distill import train_model
-from pipeline.methods import Built, Shapes, student_layers, student_terms
-from pipeline.tasks import Batch
-from pipeline.tasks import image as image_task
-from pipeline.tasks.image import probe_shapes
-from pipeline.errors import CacheMissingError
-from pipeline.loader import SampleSet, image_set, needed_temperatures
-from pipeline.models import build, fingerprint, load_model, save_model
-from pipeline.training import fit
+from kd import config, features, losses, sources
+from kd.prepared import images as data
+from kd.cache import Cache, Teacher, label, layout, lse_column, writer
+from kd.config import SPLITS, LabelConfig, PrepareConfig, StudentConfig, TeacherConfig
+from kd.distill import train_model
+from kd.methods import Built, Shapes, student_layers, student_terms
+from kd.tasks import Batch
+from kd.tasks import image as image_task
+from kd.tasks.image import probe_shapes
+from kd.errors import CacheMissingError
+from kd.loader import SampleSet, image_set, needed_temperatures
+from kd.models import build, fingerprint, load_model, save_model
+from kd.training import fit
 
 # --- the shared workspace ---------------------------------------------------------------------
 

@@ -28,10 +28,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pipeline import generate  # noqa: E402
-from pipeline.config import TeacherConfig, section  # noqa: E402
-from pipeline.lm import build  # noqa: E402
-from pipeline.prepared.tokens import SpecialIds  # noqa: E402
+from kd import generate  # noqa: E402
+from kd.config import TeacherConfig, section  # noqa: E402
+from kd.lm import build  # noqa: E402
+from kd.prepared.tokens import SpecialIds  # noqa: E402
 
 NO_EOS = -1  # no token is eos: every row writes max_new_tokens tokens on both sides
 

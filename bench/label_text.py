@@ -11,7 +11,7 @@ loaded from that directory by `kd label`'s own loader. pydoc is prepared with th
 timed side by side in interleaved rounds, one torch thread:
 - `bare_forward`: the teacher's forward over every batch of blocks (`model(input_ids).logits`),
   nothing kept;
-- `kd_label`: `pipeline.cache.label` into a fresh directory: the same forward, the top-k, the
+- `kd_label`: `kd.cache.label` into a fresh directory: the same forward, the top-k, the
   normalisers, the fidelity statistics, the teacher's loss, Parquet parts and the manifest.
 The ratio is the median over rounds of the per-round time ratio; tokens/s are each form's
 median. Bytes per cached token are the soft-target Parquet bytes over the rows, for each k.
@@ -32,12 +32,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pipeline.cache import Cache, label  # noqa: E402
-from pipeline.cache.layout import SOFT_TARGETS  # noqa: E402
-from pipeline.config import LabelConfig, PrepareConfig, Shares  # noqa: E402
-from pipeline.prepared import tokens as text  # noqa: E402
-from pipeline.sources import text as text_source  # noqa: E402
-from pipeline.tasks import causal_lm  # noqa: E402
+from kd.cache import Cache, label  # noqa: E402
+from kd.cache.layout import SOFT_TARGETS  # noqa: E402
+from kd.config import LabelConfig, PrepareConfig, Shares  # noqa: E402
+from kd.prepared import tokens as text  # noqa: E402
+from kd.sources import text as text_source  # noqa: E402
+from kd.tasks import causal_lm  # noqa: E402
 
 ROUNDS = 5
 BLOCKS = (150, 100, 50)  # labeled, unlabeled, test: 300 blocks, 38,100 predicted tokens

@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pipeline import lm  # noqa: E402
-from pipeline.prepared.tokens import SpecialIds  # noqa: E402
+from kd import lm  # noqa: E402
+from kd.prepared.tokens import SpecialIds  # noqa: E402
 
 ROUNDS, STEPS = 7, 5
 

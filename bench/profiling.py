@@ -26,17 +26,17 @@ import torch  # noqa: E402
 import typer  # noqa: E402
 
 from bench import cases  # noqa: E402
-from pipeline import config, losses  # noqa: E402
-from pipeline.prepared import images as data  # noqa: E402
-from pipeline.cache import Cache, label  # noqa: E402
-from pipeline.config import SPLITS  # noqa: E402
-from pipeline.distill import train_model  # noqa: E402
-from pipeline.methods import Shapes, student_layers, student_terms  # noqa: E402
-from pipeline.tasks import image as image_task  # noqa: E402
-from pipeline.tasks.image import probe_shapes  # noqa: E402
-from pipeline.loader import SampleSet, image_set, needed_temperatures  # noqa: E402
-from pipeline.models import build  # noqa: E402
-from pipeline.training import hard_label_loss, step  # noqa: E402
+from kd import config, losses  # noqa: E402
+from kd.prepared import images as data  # noqa: E402
+from kd.cache import Cache, label  # noqa: E402
+from kd.config import SPLITS  # noqa: E402
+from kd.distill import train_model  # noqa: E402
+from kd.methods import Shapes, student_layers, student_terms  # noqa: E402
+from kd.tasks import image as image_task  # noqa: E402
+from kd.tasks.image import probe_shapes  # noqa: E402
+from kd.loader import SampleSet, image_set, needed_temperatures  # noqa: E402
+from kd.models import build  # noqa: E402
+from kd.training import hard_label_loss, step  # noqa: E402
 
 
 def self_times(session, top: int = 12) -> list[dict[str, Any]]:

@@ -34,7 +34,7 @@ import typer  # noqa: E402
 
 from bench import cases  # noqa: E402
 from bench.scale import scale as scale_case  # noqa: E402
-from pipeline import metrics  # noqa: E402
+from kd import metrics  # noqa: E402
 
 CASES = ("labeling", "student", "size", "reader", "scale")
 KEYS = {"labeling": "labeling_overhead", "student": "student_from_cache", "size": "cache_size",
@@ -62,7 +62,7 @@ def bench(*, out: Path | None = REPO / "bench" / "results.json", params: Path = 
     """Run the chosen cases (default: all but scale) and return (and write to `out`) the results."""
     chosen = list(only) if only else [c for c in CASES if c != "scale" or scale]
     if students is None:  # every student of params.yaml
-        from pipeline import config
+        from kd import config
 
         students = config.student_names(params)
     for name in chosen:

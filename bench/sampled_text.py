@@ -14,7 +14,7 @@ logit_max and lse at T=1 included). The configurations, all at T=1:
 
 KL(full || decoded) and the kept mass are the writer's fidelity statistics: for the top-k, of
 the decoded top-k with the tail spread evenly; for the draws, of the draws' distribution with
-Good-Turing's unseen mass spread evenly (`pipeline/cache/sampling.py`), and the teacher's mass
+Good-Turing's unseen mass spread evenly (`kd/cache/sampling.py`), and the teacher's mass
 on the drawn tokens.
 
     python bench/sampled_text.py --ks 8,32,128
@@ -37,12 +37,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pipeline import config, tasks  # noqa: E402
-from pipeline.cache import encoding as encodings  # noqa: E402
-from pipeline.cache import sampling  # noqa: E402
-from pipeline.cache.layout import ROW_GROUP_ROWS, sample_columns  # noqa: E402
-from pipeline.cache.writer import _schema, _table, fidelity_sums, soft_targets  # noqa: E402
-from stages.label import load_teacher  # noqa: E402
+from kd import config, tasks  # noqa: E402
+from kd.cache import encoding as encodings  # noqa: E402
+from kd.cache import sampling  # noqa: E402
+from kd.cache.layout import ROW_GROUP_ROWS, sample_columns  # noqa: E402
+from kd.cache.writer import _schema, _table, fidelity_sums, soft_targets  # noqa: E402
+from kd.cli.label import load_teacher  # noqa: E402
 
 T = 1.0
 

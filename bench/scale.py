@@ -21,9 +21,9 @@ from typing import Any
 
 import yaml
 
-from pipeline import config
-from pipeline.cache import Cache
-from pipeline.loader import estimated_bytes
+from kd import config
+from kd.cache import Cache
+from kd.loader import estimated_bytes
 
 from bench.cases import make_teacher
 from bench.timing import ratio

@@ -32,7 +32,7 @@ if str(REPO) not in sys.path:
 
 from bench.label_text import make_teacher as make_llama  # noqa: E402
 from bench.scale import growth_ratios, run_stage  # noqa: E402
-from pipeline.cache import Cache  # noqa: E402
+from kd.cache import Cache  # noqa: E402
 
 BLOCK = 128
 TEACHER = {"hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2, "num_attention_heads": 2,

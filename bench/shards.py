@@ -34,7 +34,7 @@ import typer  # noqa: E402
 
 from bench import cases  # noqa: E402
 from bench.run import machine  # noqa: E402
-from pipeline.prepared import images as data  # noqa: E402
+from kd.prepared import images as data  # noqa: E402
 
 KD = [str(Path(sys.executable).with_name("kd"))]  # the console script beside this Python
 

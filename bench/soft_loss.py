@@ -1,7 +1,7 @@
 """What the soft-target loss costs beside cross-entropy, at a language model's vocabulary.
 
     python bench/soft_loss.py                   # about a minute on 2 cores; writes bench/results_soft_loss.json
-    python bench/soft_loss.py --repo OTHER_CHECKOUT --out other.json   # the same for another version of pipeline/
+    python bench/soft_loss.py --repo OTHER_CHECKOUT --out other.json   # the same for another version of kd/
 
 One training step's loss on rows x V logits, forward and backward, in two forms:
 - `cross_entropy`: `F.cross_entropy(logits, labels)`, the floor (one log-softmax and a gather);
@@ -38,7 +38,7 @@ def child(form: str, rows: int, vocab: int, steps: int, repo: Path) -> dict[str,
     import torch
     import torch.nn.functional as F
 
-    from pipeline import losses
+    from kd import losses
 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--processes", type=int, default=3)
-    parser.add_argument("--repo", type=Path, default=REPO, help="the checkout whose pipeline/ is measured")
+    parser.add_argument("--repo", type=Path, default=REPO, help="the checkout whose kd/ is measured")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results_soft_loss.json")
     parser.add_argument("--hidden-vocab", type=int, nargs="*", default=[128000],
                         help="vocabularies at which the hidden-state variant is measured too")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import kernels, losses
+from kd import kernels, losses
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH, CLASSES, TOP_K, TEMPERATURE = 64, 10, 5, 4.0

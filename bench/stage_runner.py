@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from stages.cli import app
+from kd.cli import app
 
 
 def high_water_mb() -> float:

@@ -38,12 +38,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pipeline import config  # noqa: E402
-from pipeline.cache import encoding as encodings  # noqa: E402
-from pipeline.cache import label  # noqa: E402
-from pipeline.cache.layout import ROW_GROUP_ROWS, temperature_key  # noqa: E402
-from pipeline.cache.writer import _schema, fidelity_sums, soft_targets  # noqa: E402
-from stages.label import load_teacher  # noqa: E402
+from kd import config  # noqa: E402
+from kd.cache import encoding as encodings  # noqa: E402
+from kd.cache import label  # noqa: E402
+from kd.cache.layout import ROW_GROUP_ROWS, temperature_key  # noqa: E402
+from kd.cache.writer import _schema, fidelity_sums, soft_targets  # noqa: E402
+from kd.cli.label import load_teacher  # noqa: E402
 
 ENCODINGS = ("topk", "compact")
 

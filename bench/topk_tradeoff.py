@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 import typer
 
-from pipeline import config
-from pipeline.prepared import images as data
-from pipeline.cache import Cache, Teacher, label
-from pipeline.distill import train_student
-from pipeline.models import fingerprint, load_model
-from pipeline.training import predict
+from kd import config
+from kd.prepared import images as data
+from kd.cache import Cache, Teacher, label
+from kd.distill import train_student
+from kd.models import fingerprint, load_model
+from kd.training import predict
 
 
 def main(ks: str = "1,2,3,5,10", student: str = "mlp_soft", temperature: float = 4,
@@ -58,7 +58,7 @@ def main(ks: str = "1,2,3,5,10", student: str = "mlp_soft", temperature: float =
 
 
 def config_name(temperature: float) -> str:
-    from pipeline.cache.layout import temperature_key
+    from kd.cache.layout import temperature_key
     return temperature_key(temperature)
 
 

@@ -21,7 +21,7 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from pipeline import kernels
+from kd import kernels
 
 # Set by the tools themselves, once per process, whenever first used: pytest (per test phase)
 # and torch (its fused AdamW on CPU initialises Inductor's cache directory).
@@ -94,7 +94,7 @@ def write_params(tmp_path: Path) -> Callable[..., Path]:
 
 
 def invoke(command: Callable[..., Any], *args: Any, expect: int | None = None) -> Any:
-    """Run one stage command registered alone on a fresh Typer app, as stages/cli.py registers
+    """Run one stage command registered alone on a fresh Typer app, as kd/cli/cli.py registers
     it, through typer's CliRunner; with `expect`, assert its exit code (showing its output)."""
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command()(command)
@@ -106,7 +106,7 @@ def invoke(command: Callable[..., Any], *args: Any, expect: int | None = None) -
 
 def invoke_cache(*args: Any) -> Any:
     """`kd cache ...`: the cache app itself, with its subcommands."""
-    from stages import cache
+    from kd.cli import cache
 
     return CliRunner().invoke(cache.app, [str(a) for a in args])
 
@@ -174,7 +174,7 @@ def run_in(cmd: list[str], cwd: Path) -> str:
 # What a copy of the repository's pipelines needs: the map, its params files and the code it runs.
 PIPELINE_FILES = ("dvc.yaml", ".dvcignore", "params_text.yaml", "params_mlm.yaml", "params_images.yaml",
                   "params_gen.yaml")
-PIPELINE_FOLDERS = ("pipeline", "stages", "datasets", "models")
+PIPELINE_FOLDERS = ("kd", "datasets", "models")
 
 
 def copy_pipelines(dest: Path) -> Path:
@@ -207,7 +207,7 @@ LM_BLOCK = 32  # the tokens in a block of `lm_world`
 def lm_world(tmp_path_factory) -> Path:
     """A tiny text world: pydoc in LM_LM_BLOCK-token blocks with a 512-token BPE, and a one-layer
     GPT-2 teacher trained one epoch on it (module-scoped: one per test module that asks)."""
-    from stages import prepare, teacher
+    from kd.cli import prepare, teacher
 
     root = tmp_path_factory.mktemp("tokens")
     params = root / "params.yaml"
@@ -280,7 +280,7 @@ def save_hf_model(directory: Path, model_type: str, tokenizer: Any, *, seed: int
 def hf_world(tmp_path_factory) -> Path:
     """root/{llama,qwen2,gpt_neox}: sharded teachers; root/prepared-<type>: pydoc cut with each
     teacher's tokenizer; root/params.yaml: empty."""
-    from stages import prepare
+    from kd.cli import prepare
 
     root = tmp_path_factory.mktemp("hf")
     (root / "params.yaml").write_text("{}\n")

@@ -19,17 +19,17 @@ import pytest
 import torch
 import zarr
 
-from pipeline import augment, features, losses, sources
-from pipeline.prepared import data_fingerprint
-from pipeline.prepared import images as data
-from pipeline.cache import Cache, Teacher, label, lse_column, soft_targets
-from pipeline.cache.verify import verify
-from pipeline.cache.writer import fidelity_sums
-from pipeline.config import LabelConfig, PrepareConfig, StudentConfig, from_mapping
-from pipeline.loader import StreamingSet
-from pipeline.tasks import image
-from pipeline.errors import CacheError, CacheMissingError, StaleCacheError
-from pipeline.models import build, fingerprint, load_model, save_model
+from kd import augment, features, losses, sources
+from kd.prepared import data_fingerprint
+from kd.prepared import images as data
+from kd.cache import Cache, Teacher, label, lse_column, soft_targets
+from kd.cache.verify import verify
+from kd.cache.writer import fidelity_sums
+from kd.config import LabelConfig, PrepareConfig, StudentConfig, from_mapping
+from kd.loader import StreamingSet
+from kd.tasks import image
+from kd.errors import CacheError, CacheMissingError, StaleCacheError
+from kd.models import build, fingerprint, load_model, save_model
 
 FEATURES = {"stages.0": "full", "stages.1": "attention", "embed": "pooled"}
 
@@ -325,9 +325,9 @@ def test_incomplete_cache_is_refused(teacher, prepared, tmp_path):
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import pyarrow.parquet as pq, zarr
-    from pipeline.cache import Teacher, label
-    from pipeline.config import LabelConfig
-    from pipeline.models import fingerprint, load_model
+    from kd.cache import Teacher, label
+    from kd.config import LabelConfig
+    from kd.models import fingerprint, load_model
 
     teacher_dir, prepared, out, what, after = sys.argv[1:6]
     calls = 0
@@ -378,7 +378,7 @@ def test_sigkill_mid_label_then_rerun_equals_uninterrupted(teacher, prepared, tm
 
 
 def test_second_writer_fails_at_once(teacher, prepared, tmp_path):
-    from pipeline.cache.writer import locked
+    from kd.cache.writer import locked
 
     out = tmp_path / "cache"
     with locked(out):

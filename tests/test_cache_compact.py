@@ -17,14 +17,14 @@ import pytest
 import torch
 import yaml
 
-from pipeline import losses
-from pipeline.cache import Cache
-from pipeline.cache import encoding as encodings
-from pipeline.cache.verify import verify
-from pipeline.cache.writer import soft_targets
-from pipeline.config import LabelConfig
-from pipeline.errors import ConfigError
-from stages import distill, label
+from kd import losses
+from kd.cache import Cache
+from kd.cache import encoding as encodings
+from kd.cache.verify import verify
+from kd.cache.writer import soft_targets
+from kd.config import LabelConfig
+from kd.errors import ConfigError
+from kd.cli import distill, label
 from conftest import invoke, invoke_cache, ok, run_readme_snippet
 
 K = 32
@@ -178,7 +178,7 @@ def test_verify_catches_a_corrupt_compact_part(caches, tmp_path):
     table = table.set_column(4, "topk_code", pa.FixedSizeListArray.from_arrays(pa.array(codes.reshape(-1),
                                                                                         pa.uint8()), K))
     pq.write_table(table, path)
-    from pipeline.cache.store import Store
+    from kd.cache.store import Store
 
     entry["bytes"], entry["sha256"] = path.stat().st_size, Store(out).sha256(entry["path"])
     (out / "manifest.json").write_text(json.dumps(manifest))
@@ -242,7 +242,7 @@ def test_an_unknown_encoding_is_refused_naming_the_key():
 
 
 def test_shards_write_the_compact_cache_a_single_process_writes(caches, lm_world, tmp_path):
-    from pipeline.cache.store import Store
+    from kd.cache.store import Store
 
     sharded = tmp_path / "sharded"
     for shard in (0, 1):

@@ -20,13 +20,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.cache import Cache
-from pipeline.cache import sampling
-from pipeline.cache.store import Store
-from pipeline.cache.verify import verify
-from pipeline.config import LabelConfig
-from pipeline.errors import ConfigError
-from stages import distill, label
+from kd.cache import Cache
+from kd.cache import sampling
+from kd.cache.store import Store
+from kd.cache.verify import verify
+from kd.config import LabelConfig
+from kd.errors import ConfigError
+from kd.cli import distill, label
 from conftest import invoke, invoke_cache, ok, run_readme_snippet
 
 DRAWS = 16
@@ -189,7 +189,7 @@ def test_label_sampling_seed_must_not_be_negative():
 
 
 def test_sampling_keys_stay_out_of_the_cache_key_when_off(lm_world):
-    from pipeline.cache.writer import Teacher, cache_key
+    from kd.cache.writer import Teacher, cache_key
 
     teacher = Teacher(model=None, fingerprint="x", config={})
     assert "sampling" not in cache_key(teacher, {}, LabelConfig())["label"]
@@ -233,7 +233,7 @@ def test_the_draws_fidelity_is_the_kl_to_the_documented_decoding():
 def test_the_experiments_params_are_valid_and_its_students_match_its_caches():
     """experiments/sampled: both label sections and every student parse; one distill stage per
     student, each reading the cache its targets need (sampled targets from the sampled cache)."""
-    from pipeline.config import section, student, student_names
+    from kd.config import section, student, student_names
 
     root = Path(__file__).parents[1] / "experiments" / "sampled"
     sampled = section(root / "params.yaml", "label", LabelConfig)

@@ -25,11 +25,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline import augment, loader, parallel
-from pipeline.cache import Cache
-from pipeline.config import student
-from pipeline.tasks import image
-from stages import distill, label, prepare, teacher
+from kd import augment, loader, parallel
+from kd.cache import Cache
+from kd.config import student
+from kd.tasks import image
+from kd.cli import distill, label, prepare, teacher
 from conftest import invoke, ok
 from tests.test_stages import students_params, tiny_student
 
@@ -192,8 +192,8 @@ def test_a_process_group_that_cannot_form_is_one_clear_line(built, tmp_path, mon
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_text_ranks_split_every_batch_of_blocks_and_their_rows(world_size):
-    from pipeline.tasks.causal_lm import block_set
-    from pipeline.tasks.masked_lm import masked_set
+    from kd.tasks.causal_lm import block_set
+    from kd.tasks.masked_lm import masked_set
 
     g = torch.Generator().manual_seed(0)
     n, length, maskings, masked = 23, 6, 3, 2

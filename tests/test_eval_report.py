@@ -1,9 +1,9 @@
 """`kd eval` and `kd report`: metric golden values, and the two stages on a real tiny pipeline.
 
 The pipeline is built on tmp_path from real files: a prepared directory written here with
-pyarrow, a small MLP teacher, a cache written by `pipeline.cache.label` (with the teacher's
+pyarrow, a small MLP teacher, a cache written by `kd.cache.label` (with the teacher's
 `hidden.0` pooled, for relational KD), a teacher assistant trained and labeled by
-`pipeline.distill.train_assistant`, and students trained by `pipeline.distill.train_student`
+`kd.distill.train_assistant`, and students trained by `kd.distill.train_student`
 for one epoch, most with two seeds: a soft-only reference, a pseudo-label student and an RKD
 student of the same architecture and budget, a student with no soft-only reference, and a
 small student taught both directly and through the assistant. Independent checks recompute
@@ -29,20 +29,20 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from pipeline import metrics, report
-from pipeline.errors import InputError
-from pipeline.report import SCORES
-from pipeline.report import markdown as report_markdown
-from pipeline.report import plots as report_plots
-from pipeline.report import results as report_results
-from pipeline.cache import Cache, Teacher, label
-from pipeline.cache.writer import soft_targets
-from pipeline.config import EvalConfig, LabelConfig, student
-from pipeline.distill import assistant_cache, train_assistant, train_student
-from pipeline.models import build, count_params, fingerprint, load_model, save_model
-from pipeline.training import predict
-from stages import eval as eval_stage
-from stages import report as report_stage
+from kd import metrics, report
+from kd.errors import InputError
+from kd.report import SCORES
+from kd.report import markdown as report_markdown
+from kd.report import plots as report_plots
+from kd.report import results as report_results
+from kd.cache import Cache, Teacher, label
+from kd.cache.writer import soft_targets
+from kd.config import EvalConfig, LabelConfig, student
+from kd.distill import assistant_cache, train_assistant, train_student
+from kd.models import build, count_params, fingerprint, load_model, save_model
+from kd.training import predict
+from kd.cli import eval as eval_stage
+from kd.cli import report as report_stage
 from conftest import invoke
 
 IMAGE = SCORES["image"]  # what the report measures for image students

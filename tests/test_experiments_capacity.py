@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import metrics, report
-from pipeline.report import SCORES
-from pipeline.report.markdown import capacity_markdown
-from pipeline.report.plots import DRAW
-from pipeline.report.results import Report
+from kd import metrics, report
+from kd.report import SCORES
+from kd.report.markdown import capacity_markdown
+from kd.report.plots import DRAW
+from kd.report.results import Report
 from conftest import copy_pipelines, dvc_repo, run_in as run
 
 ROOT = Path(__file__).parents[1]

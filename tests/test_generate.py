@@ -20,13 +20,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import TINY, hf_label_args, hf_tokenizer, invoke, invoke_cache, ok, pydoc_documents, save_hf_model
-from pipeline import generate
-from pipeline.cache import Cache
-from pipeline.config import GenerateConfig
-from pipeline.errors import ConfigError
-from pipeline.prepared import tokens as text
-from stages import generate as generate_stage
-from stages import label, prepare
+from kd import generate
+from kd.cache import Cache
+from kd.config import GenerateConfig
+from kd.errors import ConfigError
+from kd.prepared import tokens as text
+from kd.cli import generate as generate_stage
+from kd.cli import label, prepare
 from tests.test_instruction import pairs, write_jsonl
 from tests.test_reliability import digest
 
@@ -184,8 +184,8 @@ def test_a_second_run_leaves_a_complete_output_as_is(world, tmp_path):
 
 KILL_GENERATE = textwrap.dedent("""
     import os, signal, sys
-    import pipeline.generate as generate
-    from stages.cli import app
+    import kd.generate as generate
+    from kd.cli import app
 
     after, args = int(sys.argv[1]), sys.argv[2:]
     original, calls = generate.generate_batch, [0]
@@ -301,8 +301,8 @@ def test_addition_is_built_in_instruction_data_made_from_the_seed(tmp_path):
 def test_students_of_teacher_answers_report_exact_match_over_seeds(world, tmp_path):
     """A student on the teacher's answers: eval scores the greedy answers of the student, its twin
     (every seed) and the teacher (kd generate's figure); the report ranks by exact match."""
-    from stages import distill, report
-    from stages import eval as evaluate
+    from kd.cli import distill, report
+    from kd.cli import eval as evaluate
 
     ok(invoke(label.main, *hf_label_args(world, world / "llama", world / "gen", tmp_path / "cache")))
     (tmp_path / "params.yaml").write_text(json.dumps({"gen_students": {"s": {

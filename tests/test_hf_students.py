@@ -17,14 +17,14 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import lm
-from pipeline.cache import Cache
-from pipeline.config import student
-from pipeline.errors import ConfigError
-from pipeline.prepared import tokens as text
-from pipeline.tasks import causal_lm
-from stages import distill, label
-from stages import eval as eval_stage
+from kd import lm
+from kd.cache import Cache
+from kd.config import student
+from kd.errors import ConfigError
+from kd.prepared import tokens as text
+from kd.tasks import causal_lm
+from kd.cli import distill, label
+from kd.cli import eval as eval_stage
 from tests.test_prepare import assert_clean_error
 from conftest import TINY, VOCAB, hf_tokenizer, invoke, ok, pydoc_documents, save_hf_model
 from conftest import hf_label_args as label_args

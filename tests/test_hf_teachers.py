@@ -21,12 +21,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from pipeline import lm
-from pipeline.cache import Cache
-from pipeline.cache.verify import verify
-from pipeline.errors import ConfigError, InputError, MissingInputError
-from pipeline.prepared import tokens as text
-from stages import distill, label, prepare
+from kd import lm
+from kd.cache import Cache
+from kd.cache.verify import verify
+from kd.errors import ConfigError, InputError, MissingInputError
+from kd.prepared import tokens as text
+from kd.cli import distill, label, prepare
 from tests.test_prepare import assert_clean_error
 from conftest import BLOCK, SIZES, TINY, VOCAB, hf_tokenizer, invoke, ok, pydoc_documents, save_hf_model
 from conftest import hf_label_args as label_args
@@ -235,7 +235,7 @@ def test_distill_refuses_data_cut_with_another_tokenizer(hf_world, other_data, t
 
 
 def test_kd_teacher_trains_any_model_type_on_a_hugging_face_tokenizer(hf_world, tmp_path):
-    from stages import teacher
+    from kd.cli import teacher
 
     prepared, out = hf_world / "prepared-llama", tmp_path / "teacher"
     ok(invoke(teacher.main, "--arch", "llama", "--arch-kwargs", json.dumps(TINY["llama"]), "--epochs", 1,

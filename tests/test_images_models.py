@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from conftest import invoke, ok
-from pipeline import models
-from pipeline.errors import ConfigError
-from pipeline.files import read_json
-from stages import distill, eval as eval_stage, label, prepare, teacher
+from kd import models
+from kd.errors import ConfigError
+from kd.files import read_json
+from kd.cli import distill, eval as eval_stage, label, prepare, teacher
 
 ZOO = '''
 import torch
@@ -221,8 +221,8 @@ def test_hugging_face_image_classifier_as_the_teacher(workdir, write_params):
     assert manifest["num_classes"] == 3 and manifest["features"][0]["shape"] == [5, 16]  # 4 patches + CLS
 
     # the cached logits are the ViT's own on the normalised inputs
-    from pipeline.cache import Cache
-    from pipeline.prepared import images as data
+    from kd.cache import Cache
+    from kd.prepared import images as data
 
     test = data.read_split(workdir / "data" / "prepared" / "test.parquet")
     with torch.no_grad():

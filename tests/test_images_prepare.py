@@ -16,12 +16,12 @@ from numpy.testing import assert_allclose, assert_array_equal
 from PIL import Image
 
 from conftest import invoke, ok
-from pipeline.config import PrepareConfig
-from pipeline.errors import InputError
-from pipeline.prepared import images as data
-from pipeline.prepared import metadata
-from pipeline.sources import images as image_sources
-from stages import prepare
+from kd.config import PrepareConfig
+from kd.errors import InputError
+from kd.prepared import images as data
+from kd.prepared import metadata
+from kd.sources import images as image_sources
+from kd.cli import prepare
 
 
 def gray(value: int, size=(6, 5)) -> Image.Image:

@@ -19,12 +19,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import (assert_streams_like_in_memory, hf_label_args, hf_tokenizer, invoke, invoke_cache, ok,
                       save_hf_model)
-from pipeline import config, lm, loader
-from pipeline.cache import Cache
-from pipeline.prepared import tokens as text
-from pipeline.tasks import causal_lm
-from stages import distill, label, prepare
-from stages import eval as evaluate
+from kd import config, lm, loader
+from kd.cache import Cache
+from kd.prepared import tokens as text
+from kd.tasks import causal_lm
+from kd.cli import distill, label, prepare
+from kd.cli import eval as evaluate
 
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}"
                  "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")

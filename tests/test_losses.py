@@ -1,4 +1,4 @@
-"""Tests for pipeline/losses.py: golden values from an independent reference, then properties.
+"""Tests for kd/losses.py: golden values from an independent reference, then properties.
 
 The golden fixture tests/golden/losses.json is written only by tests/golden/make_golden.py;
 this module rebuilds the same inputs with that script's build_inputs() and compares.
@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import kernels, losses
+from kd import kernels, losses
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 FIXTURE = GOLDEN_DIR / "losses.json"
@@ -443,7 +443,7 @@ def test_the_kernel_refuses_ids_outside_the_students_classes(topk_form):
 
 FAILED_BUILD = """
 import torch, warnings
-from pipeline import kernels, losses
+from kd import kernels, losses
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     assert kernels.topk_kl() is None

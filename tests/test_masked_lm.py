@@ -20,14 +20,14 @@ import pytest
 import torch
 import yaml
 
-from pipeline import lm
-from pipeline.prepared import tokens as text
-from pipeline.cache import Cache
-from pipeline.cache.verify import verify
-from pipeline.config import StudentConfig, from_mapping
-from pipeline.errors import ConfigError
-from stages import distill, label, prepare, report, teacher
-from stages import eval as eval_stage
+from kd import lm
+from kd.prepared import tokens as text
+from kd.cache import Cache
+from kd.cache.verify import verify
+from kd.config import StudentConfig, from_mapping
+from kd.errors import ConfigError
+from kd.cli import distill, label, prepare, report, teacher
+from kd.cli import eval as eval_stage
 from conftest import assert_streams_like_in_memory, invoke, ok
 
 BLOCK, MASKED = 32, 5  # 15% of 32 tokens, rounded
@@ -196,8 +196,8 @@ def test_masked_students_refuse_what_the_cache_cannot_give(world, tmp_path):
 
 
 def test_a_masked_student_over_the_memory_budget_streams_the_cache(world):
-    from pipeline.loader import SampleSet, StreamingSet
-    from pipeline.tasks import masked_lm
+    from kd.loader import SampleSet, StreamingSet
+    from kd.tasks import masked_lm
 
     cache = Cache.open(world / "cache")
     cfg = from_mapping(StudentConfig, {**masked_student(), "transfer": ["labeled", "unlabeled"]}, "mlm_students.m")

@@ -22,16 +22,16 @@ import yaml
 
 from safetensors.torch import load_file
 
-from pipeline import config, features, losses
-from pipeline.cache import Cache
-from pipeline.config import StudentConfig, from_mapping
-from pipeline.methods import Shapes, needed_temperatures, student_layers, student_terms
-from pipeline.tasks.image import probe_shapes
-from pipeline.errors import CacheMissingError, ConfigError
-from pipeline.tasks import image
-from pipeline.models import build
-from pipeline.training import step
-from stages import assistants, distill, label, prepare, teacher
+from kd import config, features, losses
+from kd.cache import Cache
+from kd.config import StudentConfig, from_mapping
+from kd.methods import Shapes, needed_temperatures, student_layers, student_terms
+from kd.tasks.image import probe_shapes
+from kd.errors import CacheMissingError, ConfigError
+from kd.tasks import image
+from kd.models import build
+from kd.training import step
+from kd.cli import assistants, distill, label, prepare, teacher
 from conftest import invoke as run_stage
 
 invoke = functools.partial(run_stage, expect=0)  # every call must succeed unless it says otherwise
@@ -163,7 +163,7 @@ def test_a_chain_of_assistants_is_distilled_in_its_order_and_a_student_learns_fr
     ({"a": "nowhere"}, "'nowhere' is not an entry of assistants"),
 ])
 def test_a_cycle_or_an_unknown_assistant_in_a_chain_is_refused(chain, message):
-    from pipeline.distill import chain_order
+    from kd.distill import chain_order
     configs = [from_mapping(StudentConfig, {"name": name, "section": "assistants", "assistant": to,
                                             **student({})}, f"assistants.{name}") for name, to in chain.items()]
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -281,9 +281,9 @@ def test_the_one_meaning_of_loss_hard_per_row_every_case():
     known or not, teacher confident or not."""
     import itertools
 
-    from pipeline.cache import SoftTargets
-    from pipeline.loader import hard_labels
-    from pipeline.methods.hard import HardTerm
+    from kd.cache import SoftTargets
+    from kd.loader import hard_labels
+    from kd.methods.hard import HardTerm
 
     truth = np.array([3, 3, -1, -1])  # known, known, unknown, unknown
     top1 = np.array([5, 5, 6, 6])

@@ -1,4 +1,4 @@
-"""`kd prepare`, pipeline.sources and pipeline.prepared: the prepared files' schema, splits, reader API and errors."""
+"""`kd prepare`, kd.sources and kd.prepared: the prepared files' schema, splits, reader API and errors."""
 
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ import pytest
 from numpy.testing import assert_array_equal
 from polars.testing import assert_frame_equal
 
-from pipeline import prepared
-from pipeline.prepared import images as data
-from pipeline.sources import images as image_sources
-from pipeline.config import PrepareConfig
-from pipeline.errors import ConfigError, InputError, MissingInputError
-from pipeline.files import replacing
-from stages import prepare
+from kd import prepared
+from kd.prepared import images as data
+from kd.sources import images as image_sources
+from kd.config import PrepareConfig
+from kd.errors import ConfigError, InputError, MissingInputError
+from kd.files import replacing
+from kd.cli import prepare
 
 SPLIT_FILES = ("labeled.parquet", "unlabeled.parquet", "test.parquet")
 

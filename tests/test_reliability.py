@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import distill, label, prepare, teacher
+from kd.cli import distill, label, prepare, teacher
 from conftest import invoke as run_stage
 
 invoke = functools.partial(run_stage, expect=0)  # every call must succeed unless it says otherwise
@@ -71,8 +71,8 @@ def distill_args(workspace: Path, out: Path) -> list[str]:
 
 KILL_DISTILL = textwrap.dedent("""
     import os, signal, sys
-    import pipeline.training as training
-    from stages.cli import app
+    import kd.training as training
+    from kd.cli import app
 
     after, args = int(sys.argv[1]), sys.argv[2:]
     original, calls = training._save, [0]
@@ -124,8 +124,8 @@ def test_same_params_same_seed_give_identical_cache_and_weights(workspace, refer
 
 KILL_PREPARE = textwrap.dedent("""
     import os, signal, sys
-    import pipeline.prepared.images as data
-    from stages.cli import app
+    import kd.prepared.images as data
+    from kd.cli import app
 
     original, calls = data.write_split, [0]
     def write_then_die(*a, **k):
@@ -197,7 +197,7 @@ def test_nan_teacher_logits_are_refused_naming_the_ids(workspace, tmp_path):
 def test_no_pickle_on_any_load_path():
     """Weights are safetensors; the only torch.load (our own checkpoints) is weights_only=True."""
     root = Path(__file__).parents[1]
-    for path in [*root.glob("pipeline/**/*.py"), *root.glob("stages/*.py")]:
+    for path in root.glob("kd/**/*.py"):
         text = path.read_text()
         assert "import pickle" not in text and "pickle.load" not in text, path
         for line in text.splitlines():
@@ -206,8 +206,8 @@ def test_no_pickle_on_any_load_path():
 
 
 def test_checkpoint_cannot_name_code_to_import(tmp_path):
-    from pipeline.errors import ConfigError
-    from pipeline.models import build, load_model, save_model
+    from kd.errors import ConfigError
+    from kd.models import build, load_model, save_model
 
     save_model(tmp_path, build("mlp", {"hidden": [4]}, [4], 2), {"arch": "os:system", "arch_kwargs": {},
                                                                  "input_shape": [4], "num_classes": 2})
@@ -218,9 +218,9 @@ def test_checkpoint_cannot_name_code_to_import(tmp_path):
 def test_a_part_path_that_links_out_of_the_cache_is_refused(workspace, tmp_path):
     import json
 
-    from pipeline.cache import Cache
-    from pipeline.cache.verify import verify
-    from pipeline.errors import CacheError
+    from kd.cache import Cache
+    from kd.cache.verify import verify
+    from kd.errors import CacheError
 
     cache = Path(shutil.copytree(workspace / "data" / "cache", tmp_path / "cache"))
     manifest = json.loads((cache / "manifest.json").read_text())

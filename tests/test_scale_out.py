@@ -20,12 +20,12 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file
 
-from pipeline.cache import Cache
-from pipeline.cache.store import Store
-from pipeline.cache.verify import verify
-from pipeline.metrics import torch_threads
-from stages import distill, label, prepare, teacher
-from stages import eval as eval_stage
+from kd.cache import Cache
+from kd.cache.store import Store
+from kd.cache.verify import verify
+from kd.metrics import torch_threads
+from kd.cli import distill, label, prepare, teacher
+from kd.cli import eval as eval_stage
 from conftest import invoke, invoke_cache, ok
 from tests.test_stages import students_params, tiny_student
 

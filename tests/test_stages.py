@@ -25,7 +25,7 @@ import yaml
 import zarr
 from safetensors.torch import load_file
 
-from stages import distill, label, prepare, teacher
+from kd.cli import distill, label, prepare, teacher
 from conftest import invoke, invoke_cache, ok
 
 TEACHER_ARGS = ("--arch", "mlp", "--arch-kwargs", '{"hidden": [32]}', "--epochs", "2")
@@ -199,7 +199,7 @@ def test_teacher_prints_accuracy_and_replaces_its_output(built, run_command, tmp
 
 
 def test_cache_manifest_follows_the_contract(built):
-    from pipeline.models import fingerprint
+    from kd.models import fingerprint
 
     manifest = manifest_of(built.cache)
     assert isinstance(manifest["schema_version"], int)
@@ -336,7 +336,7 @@ def test_label_twice_leaves_the_cache_untouched_then_top_k_rebuilds(built, run_c
 
 
 def test_distill_runs_with_defaults_and_without_the_teacher(built, workdir, run_command, monkeypatch):
-    import pipeline.models
+    import kd.models
 
     data_dir = workdir / "data"
     shutil.copytree(built.prepared, data_dir / "prepared")
@@ -347,7 +347,7 @@ def test_distill_runs_with_defaults_and_without_the_teacher(built, workdir, run_
     def no_teacher(*args, **kwargs):
         raise AssertionError("kd distill loaded a model")
 
-    monkeypatch.setattr(pipeline.models, "load_model", no_teacher)
+    monkeypatch.setattr(kd.models, "load_model", no_teacher)
     students_params(workdir / "params.yaml", alone=tiny_student())
     result = ok(run_command(distill.main, "alone", "--no-progress"))  # every path at its default, under data/
     out = data_dir / "students" / "alone"
@@ -673,8 +673,8 @@ def test_verify_zarr_ids_out_of_alignment(built, tmp_path):
 
 def test_verify_zarr_ids_out_of_alignment_with_consistent_checksums(built, tmp_path):
     """Even with the manifest's chunk digests rewritten to match, the ids must equal the Parquet ids."""
-    from pipeline.cache.store import Store
-    from pipeline.cache.layout import chunks_sha256
+    from kd.cache.store import Store
+    from kd.cache.layout import chunks_sha256
 
     cache = copy_cache(built.feature_cache, tmp_path)
     ids = zarr.open_array(str(cache / "features.zarr" / "labeled" / "id"), mode="r+")

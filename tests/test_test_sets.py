@@ -10,11 +10,11 @@ import re
 import pytest
 
 from conftest import invoke, ok
-from pipeline.config import PrepareConfig, Shares
-from pipeline.prepared import tokens as text
-from pipeline.sources import text as text_source
-from stages import distill, label, prepare, report
-from stages import eval as eval_stage
+from kd.config import PrepareConfig, Shares
+from kd.prepared import tokens as text
+from kd.sources import text as text_source
+from kd.cli import distill, label, prepare, report
+from kd.cli import eval as eval_stage
 
 KEEP = r"^(Customizing|Basic customization|Emulating|Special method|Class definitions)"
 

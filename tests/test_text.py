@@ -20,12 +20,12 @@ import torch
 from numpy.testing import assert_array_equal
 from safetensors.torch import load_file
 
-from pipeline import lm
-from pipeline.prepared import tokens as text
-from pipeline.sources import text as text_sources
-from pipeline.config import PrepareConfig, Shares
-from pipeline.errors import InputError, MissingInputError
-from stages import prepare, teacher
+from kd import lm
+from kd.prepared import tokens as text
+from kd.sources import text as text_sources
+from kd.config import PrepareConfig, Shares
+from kd.errors import InputError, MissingInputError
+from kd.cli import prepare, teacher
 from tests.test_prepare import assert_clean_error, files_bytes
 from conftest import invoke, ok
 

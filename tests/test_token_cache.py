@@ -21,14 +21,14 @@ import torch
 import yaml
 import zarr
 
-from pipeline import losses
-from pipeline.prepared import tokens as text
-from pipeline.cache import Cache
-from pipeline.cache.store import Store
-from pipeline.cache.verify import verify
-from pipeline.errors import ConfigError
-from stages import distill, label, report
-from stages import eval as eval_stage
+from kd import losses
+from kd.prepared import tokens as text
+from kd.cache import Cache
+from kd.cache.store import Store
+from kd.cache.verify import verify
+from kd.errors import ConfigError
+from kd.cli import distill, label, report
+from kd.cli import eval as eval_stage
 from conftest import LM_BLOCK as BLOCK
 from conftest import assert_streams_like_in_memory, invoke, ok
 
@@ -39,7 +39,7 @@ def label_args(root, out, *extra):
 
 
 def test_token_rows_are_the_teachers_next_token_distributions(lm_world, tmp_path):
-    from pipeline import lm
+    from kd import lm
 
     out = tmp_path / "cache"
     ok(invoke(label.main, *label_args(lm_world, out, "--top-k", 8, "--feature", "transformer.h.0=full")))
@@ -70,7 +70,7 @@ def test_token_rows_are_the_teachers_next_token_distributions(lm_world, tmp_path
 
 
 def test_k_equal_to_the_vocabulary_reproduces_full_logit_distillation(lm_world, tmp_path):
-    from pipeline import lm
+    from kd import lm
 
     out = tmp_path / "cache"
     ok(invoke(label.main, *label_args(lm_world, out, "--top-k", 512, "--logit-dtype", "float32")))
@@ -106,7 +106,7 @@ def test_a_null_part_size_holds_a_fixed_number_of_rows_per_part(lm_world, tmp_pa
     """label.part_size null (the default) cuts parts of PART_ROWS cache rows' worth of blocks,
     not 16,384 blocks (2M rows for 128-token blocks: a streamed student held a whole split),
     and writes exactly the cache that part size given by hand writes."""
-    from pipeline.cache import writer
+    from kd.cache import writer
 
     args = [a for a in label_args(lm_world, tmp_path / "auto", "--top-k", 8) if a not in ("--part-size", 16)]
     monkeypatch.setattr(writer, "PART_ROWS", 16 * (BLOCK - 1) + 5)  # 16 blocks of BLOCK - 1 rows, and a few over
@@ -136,8 +136,8 @@ def text_student(**loss: Any) -> dict[str, Any]:
 
 
 def test_a_causal_student_trains_from_the_cache_alone_and_is_evaluated(lm_world, tmp_path):
-    from pipeline.loader import SampleSet
-    from pipeline.tasks.causal_lm import rows as token_set
+    from kd.loader import SampleSet
+    from kd.tasks.causal_lm import rows as token_set
 
     cache = tmp_path / "cache"
     ok(invoke(label.main, *label_args(lm_world, cache, "--top-k", 32)))
@@ -213,13 +213,13 @@ def csv_header(path) -> list[str]:
 
 
 def from_mapping_student(entry: dict[str, Any]):
-    from pipeline.config import StudentConfig, from_mapping
+    from kd.config import StudentConfig, from_mapping
 
     return from_mapping(StudentConfig, {**entry, "name": "s"}, "students.s")
 
 
 def test_text_students_is_the_students_section_under_another_name(tmp_path):
-    from pipeline.config import student, student_names
+    from kd.config import student, student_names
 
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"students": {"a": {}}, "text_students": {"b": text_student()}}))
@@ -262,7 +262,7 @@ def test_a_causal_student_killed_with_sigkill_resumes_to_the_same_weights(lm_wor
 
 
 def test_hard_threshold_keeps_only_confident_pseudo_labels_of_a_text_student(lm_world, tmp_path):
-    from pipeline.tasks import causal_lm
+    from kd.tasks import causal_lm
 
     cache = tmp_path / "cache"
     ok(invoke(label.main, *label_args(lm_world, cache, "--top-k", 8)))
@@ -290,8 +290,8 @@ def test_hard_threshold_keeps_only_confident_pseudo_labels_of_a_text_student(lm_
 
 
 def test_a_text_student_over_the_memory_budget_streams_the_cache(lm_world, tmp_path):
-    from pipeline.loader import SampleSet, StreamingSet
-    from pipeline.tasks import causal_lm
+    from kd.loader import SampleSet, StreamingSet
+    from kd.tasks import causal_lm
 
     cache = tmp_path / "cache"
     ok(invoke(label.main, *label_args(lm_world, cache, "--top-k", 8)))

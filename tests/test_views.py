@@ -17,16 +17,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import invoke, invoke_cache, ok
-from pipeline import augment, sources
-from pipeline.cache import Cache, Teacher, label
-from pipeline.config import LabelConfig, PrepareConfig, StudentConfig, TeacherConfig, from_mapping
-from pipeline.errors import ConfigError
-from pipeline.models import build, fingerprint, save_model
-from pipeline.prepared import images as data
-from pipeline.sources import shapes
-from pipeline.tasks import image
-from stages import label as label_stage
-from stages import prepare as prepare_stage
+from kd import augment, sources
+from kd.cache import Cache, Teacher, label
+from kd.config import LabelConfig, PrepareConfig, StudentConfig, TeacherConfig, from_mapping
+from kd.errors import ConfigError
+from kd.models import build, fingerprint, save_model
+from kd.prepared import images as data
+from kd.sources import shapes
+from kd.tasks import image
+from kd.cli import label as label_stage
+from kd.cli import prepare as prepare_stage
 
 CROP_FLIP = augment.crop_flip([0.35, 1.0], [3 / 4, 4 / 3], 0.5)
 

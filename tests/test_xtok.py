@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import align, losses
-from pipeline.errors import InputError
-from pipeline.prepared.tokens import special_ids
-from pipeline.sources.text import train_tokenizer
+from kd import align, losses
+from kd.errors import InputError
+from kd.prepared.tokens import special_ids
+from kd.sources.text import train_tokenizer
 
 TEXT = "héllo wörld, 漢字 and 😀 emoji\n\n   spaced   out\tend"
 CORPUS = [TEXT, "hello world, and more words", "the spaced out text", "漢字漢字 😀😀", "wörld wörld héllo"] * 3
@@ -221,7 +221,7 @@ def world(tmp_path_factory):
     """A random tiny Llama teacher with a 384-entry Hugging Face BPE, pydoc cut with it and
     labeled (top-8), and kd's own 300-entry BPE for the students (other size, other merges)."""
     from conftest import hf_label_args, hf_tokenizer, invoke, ok, save_hf_model
-    from stages import label, prepare
+    from kd.cli import label, prepare
 
     root = tmp_path_factory.mktemp("xtok")
     (root / "params.yaml").write_text("{}\n")
@@ -242,7 +242,7 @@ TINY_LLAMA = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 
 def distil(world, tmp_path, name: str, **student):
     import yaml
     from conftest import invoke
-    from stages import distill
+    from kd.cli import distill
 
     entry = {"arch": "llama", "arch_kwargs": TINY_LLAMA, "epochs": 2, "batch_size": 4, "lr": 0.003,
              "transfer": ["unlabeled"], **student}
@@ -260,7 +260,7 @@ def test_a_student_with_another_tokenizer_distils_and_evaluates_from_the_unchang
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from conftest import invoke, ok
-    from stages import eval as evaluate
+    from kd.cli import eval as evaluate
 
     manifest = (world / "cache" / "manifest.json").read_bytes()
     loss = {"mapped": {"weight": 0.5, "temperature": 4}, "uld": {"weight": 0.5, "temperature": 1},
@@ -288,7 +288,7 @@ def test_a_student_with_another_tokenizer_distils_and_evaluates_from_the_unchang
                                                / (np.log(2) * m["test_characters"]))
     assert (world / "cache" / "manifest.json").read_bytes() == manifest  # the cache unchanged
     # the text report puts the student beside its twins and the teacher in bits per character
-    from stages import report
+    from kd.cli import report
 
     ok(invoke(report.main, "--cache", world / "cache", "--students-dir", tmp_path / "students",
               "--out", tmp_path / "report", "--params", params))
@@ -342,9 +342,9 @@ def test_soft_with_another_tokenizer_is_refused_in_one_line(world, tmp_path):
 def test_a_student_with_its_own_tokenizer_streams_the_rows_it_holds_in_memory(world):
     from conftest import assert_streams_like_in_memory
 
-    from pipeline import config
-    from pipeline.cache import Cache
-    from pipeline.tasks import causal_lm
+    from kd import config
+    from kd.cache import Cache
+    from kd.tasks import causal_lm
 
     cfg = config.from_mapping(config.StudentConfig, {
         "name": "x", "section": "text_students", "arch": "llama", "arch_kwargs": TINY_LLAMA,

@@ -1,4 +1,4 @@
-"""Regenerate tests/golden/losses.json: golden values for every loss in pipeline/losses.py.
+"""Regenerate tests/golden/losses.json: golden values for every loss in kd/losses.py.
 
 Run explicitly, never from the test suite:
 
@@ -7,7 +7,7 @@ Run explicitly, never from the test suite:
 Each case names a loss, a seed and the input shapes; `build_inputs` turns that into tensors
 with a seeded torch.Generator (tests/test_losses.py imports it to rebuild the same inputs).
 The expected values come from the straightforward float64 NumPy loops below, written from the
-papers' definitions, NOT from pipeline.losses, so the fixture checks the library against an
+papers' definitions, NOT from kd.losses, so the fixture checks the library against an
 independent implementation. Writes only tests/golden/losses.json.
 """
 
@@ -411,7 +411,7 @@ def main():
         inputs = {name: _to_numpy(x) for name, x in build_inputs(case).items()}
         value = np.asarray(REFERENCES[case["fn"]](**inputs, **case["kwargs"]), dtype=np.float64)
         cases[key] = {**case, "expected": value.tolist()}
-    about = ("Golden values for pipeline/losses.py; regenerate with "
+    about = ("Golden values for kd/losses.py; regenerate with "
              "`python tests/golden/make_golden.py`. Inputs: build_inputs() in that script.")
     # one line per case keeps diffs readable
     lines = [f"  {json.dumps(key)}: {json.dumps(case)}" for key, case in cases.items()]

@@ -1,0 +1,72 @@
+"""`kd generate`: the teacher answers the prompts of a prepared split (teacher-written responses).
+
+Reads a causal LM teacher directory and a prepared instruction directory (`--prepared IN`);
+writes `--out OUT`, a prepared directory of the same format whose `generate.split` (the
+unlabeled one by default) holds the teacher's responses, plus `generation.json` (the teacher's
+fingerprint, the settings, what was kept) and `parts/` (the resume step). `kd label --prepared
+OUT` then caches the teacher's per-token soft targets over those responses. Resumes an
+interrupted run at the first missing part; an intact OUT of the same teacher, data and
+settings is left as is. Sharded like `kd label`: `--shard I --num-shards N` (or RANK /
+WORLD_SIZE under torchrun) answers every N-th part; the last shard to finish writes OUT. Reads only the `generate` section of params.yaml; the work is in
+`kd.generate`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from kd.cli.common import PARAMS_OPTION, clean_errors, override
+
+
+@clean_errors
+def main(
+    split: Optional[str] = typer.Option(None, help="The split whose prompts the teacher answers (default: unlabeled)."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Most tokens per response, its eos included."),
+    do_sample: Optional[bool] = typer.Option(None, "--do-sample/--greedy", help="Sample (temperature, top_p) or "
+                                             "take the most likely token."),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature."),
+    top_p: Optional[float] = typer.Option(None, help="Sampling: keep the smallest set of tokens holding this mass."),
+    samples: Optional[int] = typer.Option(None, help="Responses per prompt (more than 1 needs --do-sample)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the draws (with each example's id and sample index)."),
+    batch_size: Optional[int] = typer.Option(None, help="Prompts per batched forward."),
+    part_size: Optional[int] = typer.Option(None, help="Prompts per part file (the resume step)."),
+    min_logprob: Optional[float] = typer.Option(None, help="Keep a response only if its mean token "
+                                                "log-probability under the teacher is at least this."),
+    dtype: Optional[str] = typer.Option(None, help="The teacher's dtype: auto, float32, bfloat16 or float16."),
+    device: Optional[str] = typer.Option(None, help="Where the teacher runs: auto, cpu or cuda."),
+    teacher: Path = typer.Option(Path("data/teacher"), help="A causal LM directory (transformers) with its tokenizer."),
+    prepared: Path = typer.Option(Path("data/prepared"), help="Prepared instruction data whose prompts are answered."),
+    out: Path = typer.Option(Path("data/generated"), help="Directory to write: the same splits, one answered."),
+    shard: Optional[int] = typer.Option(None, help="Answer only shard I of --num-shards (default: $RANK under "
+                                        "torchrun, else 0)."),
+    num_shards: Optional[int] = typer.Option(None, help="Number of shards (default: $WORLD_SIZE under torchrun, "
+                                             "else 1)."),
+    params: Path = PARAMS_OPTION,
+    progress: bool = typer.Option(True, help="Show a progress bar (responses, tokens/s)."),
+) -> None:
+    """Answer the prompts of a prepared split with the teacher (defaults: params.yaml `generate`)."""
+    from kd import generate
+    from kd.config import GenerateConfig, section
+    from kd.tasks import causal_lm
+    cfg = section(params, "generate", GenerateConfig)
+    cfg = override(cfg, split=split, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                   top_p=top_p, samples=samples, seed=seed, batch_size=batch_size, part_size=part_size,
+                   min_logprob=min_logprob, dtype=dtype, device=device)
+    loaded = causal_lm.load_teacher(teacher, dtype=cfg.dtype, device=cfg.device)
+    shard = int(os.environ.get("RANK", 0)) if shard is None else shard
+    num_shards = int(os.environ.get("WORLD_SIZE", 1)) if num_shards is None else num_shards
+    manifest = generate.run(loaded, prepared, out, cfg, progress=progress, shard=shard, num_shards=num_shards)
+    if manifest is None:
+        typer.echo(f"shard {shard} of {num_shards} done; the last shard to finish writes {out}")
+        return
+    r = manifest["responses"]
+    same = "" if r["same_as_source"] is None else f", {100 * r['same_as_source']:.1f}% the same as the source's"
+    typer.echo(f"{cfg.split:<9} {r['kept']:>7} of {r['responses']} responses kept ({r['prompts']} prompts, "
+               f"{r['finished']} ended with eos, {r['filtered']} under min_logprob, mean log-probability "
+               f"{r['mean_logprob']:.3f}{same})  -> {out / f'{cfg.split}.parquet'}")
+    typer.echo(f"teacher   greedy exact match on test {manifest['teacher_exact_match']:.4f}  "
+               f"-> {out / generate.MANIFEST}")

@@ -1,0 +1,27 @@
+"""Preparing datasets: a source in, the prepared format (`kd.prepared`) out.
+
+    images.py   the built-in image datasets (mnist5k, digits, mnist1d) and a user Parquet
+                file with id, x and y: checked, split by class, written as image splits
+    text.py     pydoc, a .txt file or a Parquet text column: dealt by document, a BPE
+                tokenizer trained, cut into token blocks
+
+`prepare(cfg, out)` is `kd prepare`: it hands `cfg.dataset` to the one that reads it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kd.config import PrepareConfig
+from kd.sources import images, text
+
+
+def prepare(cfg: PrepareConfig, out: Path) -> images.Prepared | text.TextPrepared:
+    """Load, check, split and write `cfg.dataset` to `out` (replaced as a whole when done).
+
+    Text datasets (pydoc, a .txt file, a Parquet file with a text column) go to `text.prepare`,
+    everything else to `images.prepare`.
+    """
+    if text.is_text(cfg):
+        return text.prepare(cfg, out)
+    return images.prepare(cfg, out)

@@ -1,0 +1,218 @@
+"""The one training loop, used for the teacher, every student and every baseline twin.
+
+What a model learns is decided by its loss terms, passed in as `{name: (weight, term)}`
+where `term(batch, out) -> scalar tensor` and `out` holds the logits plus any tapped
+layers. `step` returns every term on its own, so each one is logged per epoch.
+
+In a process group (`kd distill` under torchrun) `fit` trains data-parallel: each rank runs
+the model on its slice of every global batch and the terms see the whole batch (`step`), so
+the run follows the single-process one up to float rounding (BatchNorm aside on CPU, where
+each rank normalises with its own slice's statistics).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from kd import features, parallel
+Batch = dict[str, torch.Tensor]  # "x" (the model's input) and per-row targets, one row per output row
+Term = Callable[[Batch, dict[str, torch.Tensor]], torch.Tensor]
+
+
+class Dataset(Protocol):
+    """What `fit` trains on: a task's samples with their cache rows (`loader.SampleSet`,
+    `loader.StreamingSet`), batches a pure function of (seed, epoch): ceil(len / batch_size)
+    batches of `batch_size` samples, the last one smaller (each cut to a rank's slice with
+    `shard`)."""
+
+    def __len__(self) -> int: ...
+    def batches(self, epoch: int, batch_size: int, seed: int, views: str = "none",
+                shard: tuple[int, int] | None = None): ...
+
+
+def hard_label_loss(batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy over the rows that carry a label (label >= 0); 0 when none do."""
+    logits, label = out["logits"], batch["label"]
+    keep = label >= 0
+    if not keep.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[keep], label[keep])
+
+
+def step(model: nn.Module, batch: Batch, terms: dict[str, tuple[float, Term]], taps: list[str],
+         gather: bool = False) -> dict[str, torch.Tensor]:
+    """One forward pass; every loss term by name (unweighted).
+
+    gather (data-parallel): the model runs on this rank's inputs, then the output rows (a text
+    model gives several per input) and their targets of all ranks are gathered, in order, so
+    every term sees the global batch as in a single process: hard labels (a mean over the
+    labeled rows only) and RKD (relations between all rows) included, and a rank without rows
+    still takes part.
+    """
+    with features.tap(model, taps) as captured:
+        logits = model(batch["x"])
+    out = {"logits": logits, **captured}
+    if gather:
+        rows = parallel.row_counts(len(logits))
+        out = {name: parallel.gather_rows(t, rows) for name, t in out.items()}
+        batch = {name: parallel.gather_rows(t, rows) for name, t in batch.items() if name != "x"}
+    return {name: term(batch, out) for name, (_, term) in terms.items()}
+
+
+class _Trainee(nn.Module):
+    """The model and its extra modules as one module, so that DistributedDataParallel averages
+    the gradients of both; its forward is `step` on this rank's rows."""
+
+    def __init__(self, model: nn.Module, extra: list[nn.Module], terms: dict[str, tuple[float, Term]],
+                 taps: list[str]):
+        super().__init__()
+        self.model, self.extra = model, nn.ModuleList(extra)
+        self.terms, self.taps = terms, taps
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return step(self.model, batch, self.terms, self.taps, gather=True)
+
+
+def fit(
+    model: nn.Module,
+    data: Dataset,
+    terms: dict[str, tuple[float, Term]],
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    views: str = "none",
+    taps: list[str] = (),
+    extra_modules: list[nn.Module] = (),
+    checkpoint: Path | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Train `model` (and `extra_modules`, e.g. hint regressors) in place with AdamW and a
+    one-cycle schedule; return the per-epoch log.
+
+    With `checkpoint`, the full training state (torch's random stream included, for dropout)
+    is saved there after every epoch and a run that finds one resumes after its last epoch.
+    Batches are a pure function of (seed, epoch), so a resumed run ends with the same weights
+    as an uninterrupted one.
+
+    In a process group of N ranks every rank calls `fit` with the same arguments: same
+    batches, same number of steps, each rank's gradient covering its slice of every batch
+    (DDP averages them into the global batch's). Rank 0 alone shows progress and writes the
+    checkpoint; a resumed run reads it on rank 0 and sends it to the others.
+    """
+    rank, world = parallel.world()
+    on = parallel.device()
+    inner = _Trainee(model, list(extra_modules), terms, list(taps)).to(on) if world > 1 else None
+    params = [*model.parameters(), *(p for m in extra_modules for p in m.parameters())]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)  # one kernel, not a loop over tensors
+    steps = epochs * math.ceil(len(data) / batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
+    log: list[dict[str, float]] = []
+    state = parallel.from_main(lambda: _load(checkpoint))
+    if state is not None:
+        log = _restore(state, model, extra_modules, optimizer, schedule)
+    trainee = None
+    if inner is not None:
+        if on.type == "cuda":  # SyncBatchNorm is GPU-only: on CPU each rank normalises with its own rows
+            nn.SyncBatchNorm.convert_sync_batchnorm(inner)
+        # static_graph: the same parameters take part in every step, so a parameter no term
+        # reaches (the head of a student without logit terms) keeps no gradient, as in one process
+        trainee = nn.parallel.DistributedDataParallel(inner, static_graph=True)
+    weights = torch.tensor([weight for weight, _ in terms.values()])  # in the order `step` gives the terms
+    bar = tqdm(total=steps, initial=len(log) * math.ceil(len(data) / batch_size), desc=desc, unit="step",
+               disable=not progress or rank != 0, leave=False)
+    for epoch in range(len(log), epochs):
+        model.train()
+        started = time.perf_counter()
+        sums: dict[str, float] = {}
+        count = 0
+        for index, batch in enumerate(data.batches(epoch, batch_size, seed, views, (rank, world) if world > 1 else None)):
+            if trainee is None:
+                values, n = step(model, batch, terms, list(taps)), len(batch["x"])
+            else:  # this rank holds a slice of a global batch: full but for the epoch's last
+                values = trainee({k: v.to(on) for k, v in batch.items()})
+                n = min(batch_size, len(data) - index * batch_size)
+            stacked = torch.stack(list(values.values()))
+            loss = stacked @ weights.to(stacked.device, stacked.dtype)  # sum of weight x term, one node
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            count += n
+            for name, value in {**values, "total": loss}.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach()) * n
+            bar.update(1)
+        row = {"epoch": epoch + 1, **{k: v / count for k, v in sums.items()},
+               "lr": schedule.get_last_lr()[0], "seconds": time.perf_counter() - started}
+        log.append(row)
+        bar.set_postfix(loss=f"{row['total']:.4f}")
+        if checkpoint is not None and rank == 0:
+            _save(checkpoint, model, extra_modules, optimizer, schedule, log)
+    bar.close()
+    if inner is not None:
+        inner.cpu()
+    model.eval()
+    return log
+
+
+def _save(path: Path, model: nn.Module, extra: list[nn.Module], optimizer, schedule, log) -> None:
+    # the random stream too: dropout draws from it, so a resumed run draws what an uninterrupted one would
+    state = {"model": model.state_dict(), "extra": [m.state_dict() for m in extra],
+             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "log": log,
+             "rng": torch.get_rng_state()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _load(path: Path | None) -> dict[str, Any] | None:
+    if path is None or not path.is_file():
+        return None
+    # weights_only: tensors and plain containers only, no code runs while loading
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def _restore(state: dict[str, Any], model: nn.Module, extra: list[nn.Module], optimizer,
+             schedule) -> list[dict[str, float]]:
+    model.load_state_dict(state["model"])
+    for module, module_state in zip(extra, state["extra"]):
+        module.load_state_dict(module_state)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    if "rng" in state:
+        torch.set_rng_state(state["rng"])
+    return list(state["log"])
+
+
+def write_log(path: Path, log: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(log[0]))
+        writer.writeheader()
+        writer.writerows(log)
+    tmp.replace(path)
+
+
+def predict(model: nn.Module, x: torch.Tensor, input_shape: list[int], batch_size: int = 512) -> torch.Tensor:
+    """Logits (N, C) of a model over inputs x (N, D), in eval mode and without grad."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            chunk = x[start:start + batch_size]
+            out.append(model(chunk.view(len(chunk), *input_shape)))
+    return torch.cat(out) if out else torch.empty(0)
