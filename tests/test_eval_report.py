@@ -183,13 +183,19 @@ def test_check_config_names_the_key():
         metrics.check_config(EvalConfig(throughput_runs=0))
 
 
+def test_a_size_share_keeps_the_digits_that_hold():
+    from kd.report.markdown import share
+
+    assert [share(f) for f in (5253 / 11.2e6, 0.012, 0.25, 1.5)] == ["0.047%", "1.2%", "25%", "150%"]
+
+
 def test_sentence_is_honest_about_signs():
     m = {"params": 250, "teacher_params": 1000, "speedup_vs_teacher": 4.04, "accuracy": 0.9,
          "baseline_accuracy": 0.904, "accuracy_retained": 0.9 / 0.95}
-    assert report.sentence("a", m, IMAGE) == ("**a**: 75% smaller, 4.0x faster, keeps 94.7% of the teacher's accuracy "
+    assert report.sentence("a", m, IMAGE) == ("**a**: 25% of the teacher's parameters, 4.0x faster, keeps 94.7% of the teacher's accuracy "
                                       "(-0.4 points over training on labels alone).")
     m2 = {**m, "params": 1500, "speedup_vs_teacher": 0.5, "baseline_accuracy": 0.8999}
-    assert report.sentence("b", m2, IMAGE) == ("**b**: 50% larger, 2.0x slower, keeps 94.7% of the teacher's accuracy "
+    assert report.sentence("b", m2, IMAGE) == ("**b**: 150% of the teacher's parameters, 2.0x slower, keeps 94.7% of the teacher's accuracy "
                                        "(+0.0 points over training on labels alone).")
 
 
@@ -588,7 +594,7 @@ def test_report_writes_leaderboard_sentences_and_plots(world, reported):
         assert float(row["accuracy_mean"]) == pytest.approx(m["accuracy_mean"], abs=1e-6)
         assert int(row["seeds"]) == m["seeds"]
         assert report.sentence(name, m, IMAGE) in text
-        assert "% smaller, " in report.sentence(name, m, IMAGE)
+        assert "% of the teacher's parameters, " in report.sentence(name, m, IMAGE)
     assert f"| {rows[0]['student']} |" in text
     assert "Over 2 seeds: accuracy" in text
     for png in IMAGE.plots:

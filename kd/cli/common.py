@@ -16,12 +16,16 @@ PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="params.yaml 
 
 
 def clean_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a domain error (or a full disk) into one line on stderr and exit code 1."""
+    """Turn a domain error (or a full disk) into one line on stderr and exit code 1, and Ctrl-C
+    into one line and exit code 130 (what a shell reports for SIGINT)."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            typer.echo("interrupted; run the same command again to resume", err=True)
+            raise typer.Exit(130) from None
         except KDError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None

@@ -44,8 +44,8 @@ def main(
     view_scale: Optional[str] = typer.Option(None, help="crop_flip: the crop's area fraction range, e.g. 0.35,1.0."),
     view_ratio: Optional[str] = typer.Option(None, help="crop_flip: the crop's aspect ratio range, e.g. 0.75,1.333."),
     view_flip: Optional[float] = typer.Option(None, help="crop_flip: the probability of a horizontal flip."),
-    view_seed: Optional[int] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None),
+    view_seed: Optional[int] = typer.Option(None, help="Seed of the augmented views (default: label.view_seed)."),
+    batch_size: Optional[int] = typer.Option(None, help="Samples per teacher forward (default: label.batch_size)."),
     dtype: Optional[str] = typer.Option(None, help="A language-model teacher's dtype: auto (its config's), "
                                         "float32, bfloat16 or float16."),
     device: Optional[str] = typer.Option(None, help="Where a language-model teacher runs: auto (cuda when "

@@ -24,13 +24,20 @@ HEADERS = {"params": ("params", ","), "size_bytes": ("size (bytes)", ","), "thro
            "teacher_bits_per_char": ("teacher bits/char", ".3f")}
 
 
+def share(fraction: float) -> str:
+    """A fraction as a percentage with the digits that hold: 0.00047 -> '0.047%', 0.25 -> '25%'."""
+    percent = 100.0 * fraction
+    if percent >= 10:
+        return f"{percent:.0f}%"
+    return f"{percent:.1f}%" if percent >= 1 else f"{percent:.2g}%"
+
+
 def sentence(name: str, metrics: dict[str, Any], score: Score) -> str:
     """One student in words: size and speed against the teacher, its score against the teacher's
     and its twin's, and (when measured) its agreement with the teacher."""
     parts = []
     if metrics.get("teacher_params"):
-        smaller = 100.0 * (1.0 - metrics["params"] / metrics["teacher_params"])
-        parts.append(f"{abs(smaller):.0f}% {'smaller' if smaller >= 0 else 'larger'}")
+        parts.append(f"{share(metrics['params'] / metrics['teacher_params'])} of the teacher's parameters")
     else:
         parts.append("size vs the teacher unknown")
     speedup = metrics.get("speedup_vs_teacher")
