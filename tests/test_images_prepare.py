@@ -304,7 +304,12 @@ def test_encoded_parquet_with_named_labels_and_bare_bytes(tmp_path):
      "column 'split' holds ['validation']; expected train, test, unlabeled"),
     (lambda t: t.set_column(0, "image", pa.array([{"bytes": None, "path": "x.png"}] * 30,
                                                  pa.struct([("bytes", pa.binary()), ("path", pa.string())]))),
-     "column 'image' has no bytes in 30 rows"),
+     "row 0 (id 0) names image"),
+    (lambda t: t.set_column(0, "image", pa.array([{"bytes": None, "path": None}] * 30,
+                                                 pa.struct([("bytes", pa.binary()), ("path", pa.string())]))),
+     "column 'image' has neither bytes nor a path in 30 rows"),
+    (lambda t: t.set_column(1, "label", pa.array([-2] + [0] * 29, pa.int64())),
+     "or -1 or null for unlabeled; ids 0 have other negative labels"),
     (lambda t: t.set_column(1, "label", pa.array([None] * 30, pa.int64())),
      "of the test split have no label"),
 ])
@@ -315,6 +320,35 @@ def test_encoded_parquet_errors(workdir, write_params, change, message):
     result = invoke(prepare.main, "--params", params, expect=1)
     assert message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (workdir / "data").exists()
+
+
+def test_parquet_written_by_hugging_face_datasets_prepares(workdir, write_params, monkeypatch):
+    """Both routes `datasets` 5 writes image paths, not bytes, by: `Image()` cast from paths (paths
+    relative to where it ran) and `load_dataset("imagefolder")` (absolute paths); -1 labels are
+    unlabeled rows."""
+    import datasets
+    for c, name in enumerate(("cat", "dog")):
+        (workdir / "datasets" / "pics" / name).mkdir(parents=True)
+        for i in range(12):
+            gray(10 * c + i, (4, 4)).save(workdir / "datasets" / "pics" / name / f"{i}.png")
+    files = sorted((workdir / "datasets" / "pics").rglob("*.png"))
+    labels = [-1 if i % 4 == 0 else int(f.parent.name == "dog") for i, f in enumerate(files)]
+    monkeypatch.chdir(workdir / "datasets")  # `datasets` takes relative paths from the working directory
+    cast = datasets.Dataset.from_dict({"image": [str(f.relative_to(workdir / "datasets")) for f in files],
+                                       "label": labels}).cast_column("image", datasets.Image())
+    cast.to_parquet(str(workdir / "datasets" / "cast.parquet"))
+    folder = datasets.load_dataset("imagefolder", data_dir=str(workdir / "datasets" / "pics"), split="train")
+    folder.to_parquet(str(workdir / "datasets" / "folder.parquet"))
+    for name in ("cast", "folder"):
+        assert pq.read_table(workdir / "datasets" / f"{name}.parquet").column("image")[0]["bytes"].as_py() is None
+        monkeypatch.chdir(workdir)
+        out = run_prepare(workdir, write_params, dataset=f"datasets/{name}.parquet", labeled=8, unlabeled=6, test=4)
+        splits = {s: data.read_split(out / f"{s}.parquet") for s in ("labeled", "unlabeled", "test")}
+        assert [len(s.ids) for s in splits.values()] == [8, 6, 4] and splits["labeled"].input_shape == [1, 4, 4]
+        if name == "cast":  # the six -1 rows are the unlabeled split, without truth
+            assert len(splits["unlabeled"].ids) == 6 and not (out / "unlabeled_truth.parquet").exists()
+            for split in ("labeled", "test"):
+                assert splits[split].y.tolist() == [labels[i] for i in splits[split].ids], split
 
 
 def test_prepared_bytes_per_image_against_png(workdir, write_params):

@@ -3,9 +3,10 @@
     folder/<class>/<image>                         every image labeled by its folder
     folder/{train,test,unlabeled}/<class>/<image>  preset splits (unlabeled/ may also hold
                                                    images directly, without class folders)
-    file.parquet: `image` (encoded bytes, or a struct with `bytes` as Hugging Face `datasets`
-                  writes), `label` (integers or names; null = unlabeled), optional `split`
-                  (train | test | unlabeled) and `id`
+    file.parquet: `image` (encoded bytes, or a struct with `bytes` and `path` as Hugging Face
+                  `datasets` writes; a row without bytes is read from its path, relative to
+                  the file), `label` (integers or names; null or -1 = unlabeled), optional
+                  `split` (train | test | unlabeled) and `id`
 
 Images are PNG, JPEG or WebP, decoded by Pillow: all grayscale -> 1 channel, else RGB (alpha
 dropped); resized to `prepare.image_size` (bilinear, aspect not kept) or else all of one size.
@@ -110,18 +111,7 @@ def load_parquet(path: Path, image_size: list[int] | None) -> Images:
         raise InputError(f"{path}: no column 'label' beside 'image' (found {', '.join(table.column_names)}); "
                          "null labels mark unlabeled rows")
     ids = _ids(table, path)
-    image = table.column("image").combine_chunks()
-    if pa.types.is_struct(image.type):
-        if image.type.get_field_index("bytes") < 0:
-            raise InputError(f"{path}: column 'image' is a struct without 'bytes' ({image.type})")
-        image = pc.struct_field(image, "bytes")
-    if not (pa.types.is_binary(image.type) or pa.types.is_large_binary(image.type)):
-        raise InputError(f"{path}: column 'image' must hold encoded bytes or a struct with 'bytes', got "
-                         f"{table.column('image').type}")
-    if image.null_count:
-        bad = ids[image.is_null().to_numpy(zero_copy_only=False)]
-        raise InputError(f"{path}: column 'image' has no bytes in {image.null_count} rows, {_name(bad)} "
-                         "(images stored by path only are not read; embed the bytes)")
+    blobs = _encoded(table.column("image").combine_chunks(), ids, path)
     y, classes = _labels(table, ids, path)
     preset = None
     if "split" in table.column_names:
@@ -135,8 +125,37 @@ def load_parquet(path: Path, image_size: list[int] | None) -> Images:
             raise InputError(f"{path}: column 'split' holds {unknown}; expected {', '.join(PRESETS)} "
                              "(rename or drop the other splits' rows)")
     names = [f"{path} row {i} (id {ids[i]})" for i in range(len(ids))]
-    x, shape = decode(image.to_pylist(), names, image_size)
+    x, shape = decode(blobs, names, image_size)
     return Images(ids, x, y, shape, classes, preset)
+
+
+def _encoded(image: pa.Array, ids: np.ndarray, path: Path) -> list[bytes]:
+    """Each row's encoded image: its bytes, or, where Hugging Face `datasets` stored only a path
+    (`Image()` cast from paths, `load_dataset("imagefolder")`), the file's bytes. A relative path
+    is taken relative to the Parquet file's folder."""
+    paths = None
+    if pa.types.is_struct(image.type):
+        if image.type.get_field_index("bytes") < 0:
+            raise InputError(f"{path}: column 'image' is a struct without 'bytes' ({image.type})")
+        if image.type.get_field_index("path") >= 0:
+            paths = pc.struct_field(image, "path").to_pylist()
+        image = pc.struct_field(image, "bytes")
+    if not (pa.types.is_binary(image.type) or pa.types.is_large_binary(image.type)):
+        raise InputError(f"{path}: column 'image' must hold encoded bytes or a struct with 'bytes', got {image.type}")
+    blobs = image.to_pylist()
+    missing = [row for row, blob in enumerate(blobs) if blob is None and not (paths and paths[row])]
+    if missing:
+        raise InputError(f"{path}: column 'image' has neither bytes nor a path in {len(missing)} rows, "
+                         f"{_name(ids[missing])}")
+    for row, blob in enumerate(blobs):
+        if blob is None:
+            file = path.parent / paths[row]  # an absolute path stays as it is
+            try:
+                blobs[row] = file.read_bytes()
+            except OSError as exc:
+                raise InputError(f"{path}: row {row} (id {ids[row]}) names image {file}, which cannot be read "
+                                 f"({exc.strerror})") from None
+    return blobs
 
 
 def _ids(table: pa.Table, path: Path) -> np.ndarray:
@@ -161,8 +180,10 @@ def _labels(table: pa.Table, ids: np.ndarray, path: Path) -> tuple[np.ndarray, l
     if not pa.types.is_integer(column.type):
         raise InputError(f"{path}: column 'label' must hold integer class ids or class names, got {column.type}")
     y = pc.fill_null(column, -1).to_numpy().astype(np.int64)
-    if (y[present] < 0).any():
-        raise InputError(f"{path}: labels must be >= 0; {_name(ids[present & (y < 0)])} have negative labels")
+    if (y < -1).any():
+        raise InputError(f"{path}: labels must be >= 0, or -1 or null for unlabeled; {_name(ids[y < -1])} "
+                         "have other negative labels")
+    present &= y >= 0  # -1: unlabeled, as Hugging Face `datasets`' ClassLabel writes it
     names = _classlabel_names(table.schema)
     if names is not None:
         if present.any() and y[present].max() >= len(names):
