@@ -402,7 +402,8 @@ def _assemble(teacher: Teacher, prepared: Path, out: Path, cfg: GenerateConfig, 
         new_ids = base + rows  # rows are prompt index * samples + sample index
     settings = as_dict(cfg)
     source_meta = metadata(open_parquet(prepared / f"{cfg.split}.parquet").schema_arrow)
-    meta = {**source_meta, "documents": str(len(ids)), "examples_dropped": str(int(empty.sum())),
+    dropped = {"no_room_to_answer": int(empty.sum())} if empty.any() else {}
+    meta = {**source_meta, "documents": str(len(ids)), "examples_dropped": json.dumps(dropped),
             "responses_filtered": str(int((~kept & ~empty).sum())),
             "generated_by": teacher.fingerprint, "generation": json.dumps(settings, sort_keys=True)}
     summary = {"prompts": len(ids), "responses": len(responses), "kept": int(kept.sum()),

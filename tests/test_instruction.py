@@ -80,6 +80,73 @@ def test_prepare_marks_the_response_and_eos_only(world):
         assert keep[first - 1:end - 1].all() and not keep[:first - 1].any() and not keep[end - 1:].any()
 
 
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
+          " + m['content'] + '<|eot_id|>' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+# ChatML with the marks `return_assistant_tokens_mask` reads: content and <|im_end|>, not the newline
+CHATML_MARKED = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+                 "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+                 "{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+TEMPLATES = {"chatml": (CHATML, ["<|im_start|>", "<|im_end|>"], "<|im_end|>"),
+             "llama3": (LLAMA3, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|eot_id|>"),
+             "chatml_marked": (CHATML_MARKED, ["<|im_start|>", "<|im_end|>"], "<|im_end|>")}
+
+
+def chat_tokenizer_dir(path: Path, template: str) -> tuple[Path, str]:
+    """A tokenizer directory with `template` and its special tokens (as the model's authors ship
+    them, not added by kd), and the template's end-of-turn token."""
+    source, specials, end = TEMPLATES[template]
+    tokenizer = hf_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    tokenizer.chat_template = source
+    tokenizer.save_pretrained(path)
+    return path, end
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_an_assistant_turn_is_its_content_and_end_of_turn_token_and_nothing_after(tmp_path, template):
+    tokenizer_dir, end = chat_tokenizer_dir(tmp_path / "tok", template)
+    chats = [{"messages": [{"role": "user", "content": f"Double {n}?"}, {"role": "assistant", "content": str(2 * n)},
+                           {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "Welcome."}]}
+             for n in range(30)]
+    chats += [{"messages": [{"role": "user", "content": "Anyone?"}]}, {"messages": None}]  # no assistant turn
+    write_jsonl(tmp_path / "chat.jsonl", chats)
+    (tmp_path / "params.yaml").write_text("prepare: {labeled: null, unlabeled: null, test: null}\n")  # all
+    result = ok(invoke(prepare.main, "--dataset", tmp_path / "chat.jsonl", "--messages-column", "messages",
+                       "--tokenizer", tokenizer_dir, "--block-size", 64, "--params", tmp_path / "params.yaml",
+                       "--out", tmp_path / "out"))
+    assert "dropped   2 no assistant turn (before dealing)" in result.stdout
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    end_id = tokenizer.convert_tokens_to_ids(end)
+    for split in ("labeled", "unlabeled", "test"):
+        assert text.split_info(tmp_path / "out" / f"{split}.parquet")["examples_dropped"] == {"no_assistant_turn": 2}
+        _, blocks = text.read_blocks(tmp_path / "out" / f"{split}.parquet")
+        predicted = text.predicted(tmp_path / "out" / f"{split}.parquet")
+        for block, keep in zip(blocks, predicted):
+            targets = block[1:]
+            turns = tokenizer.decode(targets[keep]).split(end)
+            assert turns[1:] == ["Welcome.", ""] and int(turns[0]) % 2 == 0, turns
+            after_end = np.flatnonzero(targets == end_id) + 1  # the positions right after an end of turn
+            assert not keep[after_end[after_end < len(keep)]].any()  # never taught what follows end-of-turn
+
+
+def test_examples_left_without_a_response_token_are_counted_per_split(world, tmp_path):
+    rows = pairs(30) + [{"prompt": "x " * 40, "response": "too late"}] * 3 + [{"prompt": "Hi", "response": " "}]
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    (tmp_path / "params.yaml").write_text("prepare: {labeled: null, unlabeled: null, test: null}\n")  # all
+    result = ok(invoke(prepare.main, "--dataset", tmp_path / "pairs.jsonl", "--prompt-column", "prompt",
+                       "--response-column", "response", "--tokenizer", world / "llama", "--block-size", BLOCK,
+                       "--params", tmp_path / "params.yaml", "--out", tmp_path / "out"))
+    counts = {split: text.split_info(tmp_path / "out" / f"{split}.parquet")["examples_dropped"]
+              for split in ("labeled", "unlabeled", "test")}
+    assert all(c["empty_response"] == 1 for c in counts.values())
+    assert sum(c.get("no_response_token", 0) for c in counts.values()) == 3
+    assert "dropped   1 empty response (before dealing)" in result.stdout
+
+
 def test_a_chat_predicts_its_assistant_turns(world, tmp_path):
     chats = [{"messages": [{"role": "user", "content": f"Double {n}?"}, {"role": "assistant", "content": str(2 * n)},
                            {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "Welcome."}]}

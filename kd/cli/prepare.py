@@ -82,6 +82,10 @@ def main(
                         "tokens")
             typer.echo(f"{name:<9} {len(blocks):>7} blocks of {blocks.shape[1]} tokens  {what}  -> "
                        f"{prepared.paths[name]}")
+        for where, reasons in prepared.dropped.items():
+            if reasons:
+                counts = ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in reasons.items())
+                typer.echo(f"dropped   {counts} ({'before dealing' if where == 'source' else where})")
         kind = "byte-level BPE" if cfg.tokenizer is None else f"from {cfg.tokenizer}"
         typer.echo(f"tokenizer {prepared.vocab_size:>7} entries ({kind})  -> {prepared.tokenizer}")
         return

@@ -24,6 +24,7 @@ else their files say.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -175,10 +176,16 @@ def modality(path: Path) -> str:
     return metadata(open_parquet(path).schema_arrow).get("modality", "image")
 
 
+def _dropped(recorded: str) -> dict[str, int]:
+    """examples_dropped as written: reason -> count (JSON), or a bare count before reasons were kept."""
+    value = json.loads(recorded)
+    return {"unknown_reason": value} if isinstance(value, int) else value
+
+
 def split_info(path: Path) -> dict:
     """rows, block_size, vocab_size, tokenizer_sha256, tokenizer_source (None for kd's own BPE),
-    documents, dataset, response_only (a `loss_mask`: instruction or chat data), from the
-    footer only."""
+    documents, dataset, response_only (a `loss_mask`: instruction or chat data), examples_dropped
+    (reason -> count; {} where none or for plain text), from the footer only."""
     file = _open_blocks(path)
     meta = metadata(file.schema_arrow)
     try:
@@ -186,7 +193,8 @@ def split_info(path: Path) -> dict:
                 "response_only": "loss_mask" in file.schema_arrow.names,
                 "vocab_size": int(meta["vocab_size"]), "tokenizer_sha256": meta["tokenizer_sha256"],
                 "tokenizer_source": meta.get("tokenizer_source"),
-                "documents": int(meta["documents"]), "dataset": meta["dataset"]}
+                "documents": int(meta["documents"]), "dataset": meta["dataset"],
+                "examples_dropped": _dropped(meta.get("examples_dropped", "{}"))}
     except (KeyError, ValueError) as exc:
         raise InputError(f"{path}: metadata {exc} missing or not an integer (expected what `kd prepare` writes)") from None
 

@@ -56,7 +56,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,9 @@ class TextPrepared:
     tokenizer: Path
     vocab_size: int
     masks: dict[str, np.ndarray] | None = None  # split -> (N, block_size) bool loss masks (instruction data)
+    # examples dropped, reason -> count: "source" (before dealing: no assistant turn, empty
+    # response) and per split (no response token left within the block)
+    dropped: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 # --- sources ----------------------------------------------------------------------------------
@@ -282,26 +285,28 @@ def stream_blocks(tokenizer: TokenizerDir, docs: list[str], block_size: int) -> 
 # --- instruction and chat data ----------------------------------------------------------------
 
 
-def examples(cfg: PrepareConfig) -> list[tuple]:
+def examples(cfg: PrepareConfig) -> tuple[list[tuple], dict[str, int]]:
     """The instruction examples of `cfg.dataset`: (prompt, response) pairs, or chats (a list of
-    {role, content} with at least one assistant turn); a row with an empty response (or a chat
-    without an assistant turn) is dropped, as empty documents are."""
+    {role, content} with at least one assistant turn), and the rows dropped by reason: a pair
+    with an empty response (`empty_response`), a null chat or one without an assistant turn
+    (`no_assistant_turn`)."""
     if cfg.dataset == "addition":
         if cfg.messages_column is not None or cfg.prompt_column is not None:
             raise ConfigError(f"prepare.{'messages_column' if cfg.messages_column else 'prompt_column'}: the built-in "
                               "addition dataset has its own prompts and responses; set it to null")
-        return addition(cfg.samples, cfg.seed)
+        return addition(cfg.samples, cfg.seed), {}
     if cfg.dataset in TEXT_DATASETS or cfg.dataset.endswith(".txt"):
         raise ConfigError(f"prepare.{'messages_column' if cfg.messages_column else 'prompt_column'}: instruction "
                           f"data is read from a .jsonl or Parquet file, not {cfg.dataset}")
     rows = records(cfg, text_columns(cfg))
     if cfg.messages_column is None:
-        kept = [(p or "", r) for p, r in rows if r is not None and r.strip()]
+        kept, reason = [(p or "", r) for p, r in rows if r is not None and r.strip()], "empty_response"
     else:
         kept = [(chat,) for number, (chat,) in enumerate(rows, 1) if _chat(cfg, chat, number)]
+        reason = "no_assistant_turn"
     if not kept:
         raise InputError(f"{cfg.dataset}: no example with a response (every {text_columns(cfg)[-1]!r} is empty)")
-    return kept
+    return kept, ({reason: len(rows) - len(kept)} if len(rows) > len(kept) else {})
 
 
 def addition(count: int, seed: int) -> list[tuple[str, str]]:
@@ -343,24 +348,45 @@ def encode_example(tokenizer: TokenizerDir, example: tuple) -> tuple[list[int], 
         special = tokenizer.special
         start = special.bos if special.bos is not None else special.eos
         return [start, *prompt, *response, special.eos], [False] * (1 + len(prompt)) + [True] * (len(response) + 1)
-    chat = example[0]
-    render = functools.partial(tokenizer.hf.apply_chat_template, tokenize=True, return_dict=False)
+    return chat_tokens(tokenizer, example[0])
+
+
+def chat_tokens(tokenizer: TokenizerDir, chat: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
+    """A chat's ids and which are assistant tokens: each assistant turn's content and its
+    end-of-turn token (ChatML's `<|im_end|>`, Llama 3's `<|eot_id|>`), nothing the template puts
+    after that (ChatML's newline). A template with `{% generation %}` marks says it itself (as
+    `apply_chat_template(..., return_assistant_tokens_mask=True)` reads them). Otherwise each turn
+    is found by rendering prefixes: its tokens follow the conversation before it rendered with
+    the generation prompt; what the template adds after an assistant's content is the rendering
+    of an empty turn past that prompt, and its first special token ends the turn."""
+    hf = tokenizer.hf
+    render = functools.partial(hf.apply_chat_template, tokenize=True, return_dict=False)
+    if "{% generation %}" in (hf.chat_template or "").replace("{%- generation %}", "{% generation %}"):
+        out = hf.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
     ids = list(render(chat))
     mask = [False] * len(ids)
+    special = set(hf.all_special_ids) | {i for i, token in hf.added_tokens_decoder.items() if token.special}
     for turn, message in enumerate(chat):
         if message["role"] != "assistant":
             continue
         before, through = list(render(chat[:turn], add_generation_prompt=True)), list(render(chat[:turn + 1]))
-        if ids[:len(through)] != through or through[:len(before)] != before:
+        empty = list(render([*chat[:turn], {**message, "content": ""}]))
+        after = empty[len(before):]  # e.g. [<|im_end|>, "\n"]
+        if (ids[:len(through)] != through or through[:len(before)] != before or empty[:len(before)] != before
+                or through[len(through) - len(after):] != after):
             raise InputError(f"{tokenizer.directory}: the chat template renders a conversation's start differently "
                              "from the whole conversation; kd finds the assistant turns by rendering prefixes")
-        mask[len(before):len(through)] = [True] * (len(through) - len(before))
+        ends = [i for i, token in enumerate(after) if token in special]
+        taught = len(through) - len(after) + (ends[0] + 1 if ends else len(after))
+        mask[len(before):taught] = [True] * (taught - len(before))
     return ids, mask
 
 
 def example_blocks(encoded: list[tuple[list[int], list[bool]]], block_size: int, pad: int
-                   ) -> tuple[np.ndarray, np.ndarray, int]:
-    """One block per example: (tokens (N, L) int32, loss_mask (N, L) bool, examples dropped).
+                   ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """One block per example: (tokens (N, L) int32, loss_mask (N, L) bool, examples dropped by
+    reason: `no_response_token`).
     An example longer than the block is cut at its end; the rest of a block is `pad`, never
     predicted. An example left with no response token after its first is dropped (nothing to
     predict: position 0 has no context)."""
@@ -371,7 +397,8 @@ def example_blocks(encoded: list[tuple[list[int], list[bool]]], block_size: int,
         tokens[row, :n], mask[row, :n] = ids[:n], is_response[:n]
     mask[:, 0] = False
     kept = mask.any(1)
-    return tokens[kept], mask[kept], int((~kept).sum())
+    dropped = int((~kept).sum())
+    return tokens[kept], mask[kept], ({"no_response_token": dropped} if dropped else {})
 
 
 # --- writing ----------------------------------------------------------------------------------
@@ -381,7 +408,7 @@ def prepare(cfg: PrepareConfig, out: Path) -> TextPrepared:
     """Read, deal, tokenize and write `cfg.dataset` to `out` (replaced as a whole when done)."""
     check_config(cfg)
     instruction = is_instruction(cfg)
-    items = examples(cfg) if instruction else documents(cfg)
+    items, source_dropped = examples(cfg) if instruction else (documents(cfg), {})
     texts = [_plain(item) for item in items] if instruction else items
     dealt = deal([len(t) for t in texts], cfg)
     if cfg.keep is not None:
@@ -431,13 +458,14 @@ def prepare(cfg: PrepareConfig, out: Path) -> TextPrepared:
         first = 0
         for name in SPLITS:
             ids = np.arange(first, first + len(blocks[name]), dtype=np.int64)
-            extra = {"examples_dropped": str(dropped[name])} if instruction else {}
+            extra = {"examples_dropped": json.dumps({**source_dropped, **dropped[name]})} if instruction else {}
             token_files.write_blocks(tmp / f"{name}.parquet", ids, blocks[name],
                                      {**meta, "documents": str(len(dealt[name])), **extra}, masks[name])
             first += len(blocks[name])
     return TextPrepared(blocks, {name: len(dealt[name]) for name in SPLITS},
                         {name: out / f"{name}.parquet" for name in SPLITS}, out / TOKENIZER_FILE,
-                        tokenizer.vocab_size, masks if instruction else None)
+                        tokenizer.vocab_size, masks if instruction else None,
+                        {"source": source_dropped, **dropped} if instruction else {})
 
 
 def kept(cfg: PrepareConfig, document: str) -> bool:
