@@ -35,6 +35,8 @@ SECTIONS = ("prepare", "teacher", "generate", "label", "assistants", "students",
 STUDENT_SECTIONS = ("students", "text_students", "mlm_students", "img_students", "gen_students")
 FEATURE_MODES = ("full", "pooled", "attention")
 LOGIT_DTYPES = ("float16", "float32")
+# The metadata of a field set by kd, not by the user: left out of the keys an error lists.
+INTERNAL = {"internal": True}
 ENCODINGS = ("topk", "compact")  # label.encoding: kd/cache/encoding.py
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")  # the keys of lm.DTYPES
 TEACHER_DEVICES = ("auto", "cpu", "cuda")
@@ -64,7 +66,8 @@ class PrepareConfig:
     # lossless PNG bytes, decoded by the readers: about the size of PNG files, 0.7x of `pixels`)
     store: str = "pixels"
     # samples per split; for text, blocks of block_size tokens (null: every block of the split;
-    # for images, the whole of a split the source names)
+    # for images, the whole of a split the source names). `kd prepare` on text data takes null
+    # for a size its params file leaves out.
     labeled: int | None = 1000
     unlabeled: int | None = 3000
     test: int | None = 1000
@@ -287,8 +290,9 @@ class LossConfig:
 class StudentConfig:
     """A student (or a teacher assistant: the same schema under `assistants`)."""
 
-    name: str = ""  # the mapping key, set by `student()`
-    section: str = "students"  # a STUDENT_SECTIONS name or "assistants", set by `student()`
+    name: str = field(default="", metadata=INTERNAL)  # the mapping key, set by `student()`
+    # a STUDENT_SECTIONS name or "assistants", set by `student()`
+    section: str = field(default="students", metadata=INTERNAL)
     arch: str = "mlp"
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     epochs: int = 40
@@ -423,7 +427,8 @@ def from_mapping(cls: type, data: Any, where: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise ConfigError(f"{where}.{key}: unknown key (expected one of: {', '.join(sorted(fields))})")
+            keys = sorted(f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal"))
+            raise ConfigError(f"{where}.{key}: unknown key (expected one of: {', '.join(keys)})")
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
     try:
         return cls(**kwargs)

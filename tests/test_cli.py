@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import click
+import pytest
 import typer
 import typer.main
 from typer.testing import CliRunner
@@ -60,3 +61,13 @@ def test_ctrl_c_is_one_line_and_exit_130():
     result = CliRunner().invoke(one, [])
     assert result.exit_code == 130
     assert result.stderr.strip().splitlines() == ["interrupted; run the same command again to resume"]
+
+
+def test_a_params_error_lists_only_the_keys_a_user_may_write():
+    from kd.config import StudentConfig, from_mapping
+    from kd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"students\.a\.bogus: unknown key") as raised:
+        from_mapping(StudentConfig, {"bogus": 1}, "students.a")
+    listed = str(raised.value).split("expected one of: ")[1].rstrip(")").split(", ")
+    assert "arch" in listed and "loss" in listed and not {"name", "section"} & set(listed)

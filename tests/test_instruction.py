@@ -114,7 +114,7 @@ def test_an_assistant_turn_is_its_content_and_end_of_turn_token_and_nothing_afte
              for n in range(30)]
     chats += [{"messages": [{"role": "user", "content": "Anyone?"}]}, {"messages": None}]  # no assistant turn
     write_jsonl(tmp_path / "chat.jsonl", chats)
-    (tmp_path / "params.yaml").write_text("prepare: {labeled: null, unlabeled: null, test: null}\n")  # all
+    (tmp_path / "params.yaml").write_text("{}\n")  # text sizes left out: every block
     result = ok(invoke(prepare.main, "--dataset", tmp_path / "chat.jsonl", "--messages-column", "messages",
                        "--tokenizer", tokenizer_dir, "--block-size", 64, "--params", tmp_path / "params.yaml",
                        "--out", tmp_path / "out"))

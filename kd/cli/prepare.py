@@ -34,9 +34,12 @@ def main(
     std: Optional[str] = typer.Option(None, "--std", help="Encoded images: per-channel std of pixel/255 (with --mean)."),
     store: Optional[str] = typer.Option(None, "--store", help="Encoded images: how pixels are written, `pixels` "
                                         "(uint8 x) or `png` (one lossless PNG file per row, the smaller)."),
-    labeled: Optional[int] = typer.Option(None, "--labeled", help="Rows (text: blocks) in the labeled split."),
-    unlabeled: Optional[int] = typer.Option(None, "--unlabeled", help="Rows (text: blocks) in the unlabeled (transfer) split."),
-    test: Optional[int] = typer.Option(None, "--test", help="Rows (text: blocks) in the test split."),
+    labeled: Optional[int] = typer.Option(None, "--labeled", help="Rows (text: blocks) in the labeled split "
+                                          "(default: prepare.labeled; images 1000, text every block)."),
+    unlabeled: Optional[int] = typer.Option(None, "--unlabeled", help="Rows (text: blocks) in the unlabeled (transfer) "
+                                            "split (default: prepare.unlabeled; images 3000, text every block)."),
+    test: Optional[int] = typer.Option(None, "--test", help="Rows (text: blocks) in the test split (default: "
+                                       "prepare.test; images 1000, text every block)."),
     samples: Optional[int] = typer.Option(None, "--samples", help="mnist1d and addition only: how many digits (sums) to generate."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the split."),
     text_column: Optional[str] = typer.Option(None, "--text-column", help="Text: the Parquet column (or JSON Lines field) of documents."),
@@ -59,7 +62,10 @@ def main(
     out: Path = typer.Option(Path("data/prepared"), "--out", help="Directory to write the splits to."),
 ) -> None:
     """Split a dataset into labeled / unlabeled / test Parquet files."""
+    import dataclasses
+
     import numpy as np
+
     from kd import config, sources
     from kd.config import PrepareConfig, Shares
     cfg = config.section(params, "prepare", PrepareConfig)
@@ -72,6 +78,10 @@ def main(
                    prompt_column=prompt_column, keep=keep, response_column=response_column, messages_column=messages_column,
                    vocab_size=vocab_size,
                    block_size=block_size, shares=None if parsed is None else config.from_mapping(Shares, parsed, "--shares"))
+    if sources.text.is_text(cfg):  # text sizes the params file and options leave out: every block
+        given = config.load_params(params).get("prepare") or {}
+        sizes = {"labeled": labeled, "unlabeled": unlabeled, "test": test}
+        cfg = dataclasses.replace(cfg, **{k: None for k, v in sizes.items() if v is None and k not in given})
     prepared = sources.prepare(cfg, out)
     if isinstance(prepared, sources.text.TextPrepared):
         for name, blocks in prepared.blocks.items():
