@@ -7,6 +7,7 @@ pairs cut with its tokenizer; `kd label` then caches its soft targets over the r
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -330,7 +331,17 @@ def test_students_of_teacher_answers_report_exact_match_over_seeds(world, tmp_pa
               tmp_path / "students", "--out", tmp_path / "report", "--score", "exact_match"))
     header = (tmp_path / "report" / "leaderboard.csv").read_text().splitlines()[0].split(",")
     assert header[4:8] == ["exact_match", "baseline_exact_match", "teacher_exact_match", "exact_match_gain_points"]
-    assert "test exact match" in (tmp_path / "report" / "report.md").read_text()
+    written = (tmp_path / "report" / "report.md").read_text()
+    assert "test exact match" in written and "Teacher-written" not in written
+    assert "one row per predicted response token (" in written and "per block of 24 tokens on average" in written
+    # a copy of the student ties with it: the summary says so instead of naming one "best"
+    shutil.copytree(tmp_path / "students" / "s", tmp_path / "students" / "twin_of_s")
+    spec = json.loads((tmp_path / "params.yaml").read_text())
+    spec["gen_students"]["twin_of_s"] = spec["gen_students"]["s"]
+    (tmp_path / "params.yaml").write_text(json.dumps(spec))
+    tied = ok(invoke(report.main, "--params", tmp_path / "params.yaml", "--cache", tmp_path / "cache",
+                     "--students-dir", tmp_path / "students", "--out", tmp_path / "report", "--score", "exact_match"))
+    assert "(best: a tie of s, twin_of_s)" in tied.output
     result = invoke(report.main, "--params", tmp_path / "params.yaml", "--cache", tmp_path / "cache",
                     "--students-dir", tmp_path / "students", "--out", tmp_path / "report2", "--score", "bleu", expect=1)
     assert "--score: 'bleu' is not a score of causal_lm students (perplexity, exact_match, bits_per_char)" in result.output

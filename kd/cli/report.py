@@ -57,7 +57,8 @@ def main(
     skipped = sorted(set(student_dirs(students_dir)) - set(summary["students"]))
     if skipped:
         typer.echo(f"not in {params}, left out: {', '.join(skipped)}")
+    best = summary["best"][0] if len(summary["best"]) == 1 else f"a tie of {', '.join(summary['best'])}"
     tables = (f"; {summary['methods']} in the methods table, {summary['progressive']} through an assistant"
               if summary["compares_methods"] else "")
-    typer.echo(f"{summary['called']} on {len(summary['students'])} students (best: {summary['best']}{tables}) "
+    typer.echo(f"{summary['called']} on {len(summary['students'])} students (best: {best}{tables}) "
                f"-> {out / 'report.md'}")

@@ -66,7 +66,9 @@ def write_report(students_dir: Path, out: Path, manifest: dict[str, Any], cache_
         (tmp / "report.md").write_text(render(report, manifest, cache_root))
         for png in score.plots:
             DRAW[png](report).savefig(tmp / png, dpi=110)
-    return {"students": [row["student"] for row in rows], "best": rows[0]["student"], "out": out,
+    top = rows[0][f"{score.key}_mean"]
+    return {"students": [row["student"] for row in rows], "out": out,
+            "best": [row["student"] for row in rows if row[f"{score.key}_mean"] == top],  # ties share it
             "methods": len(report.methods), "progressive": len(report.progressive),
             "called": score.called, "compares_methods": score.compares_methods}
 

@@ -100,7 +100,12 @@ def _masked_keeps(m: Metrics) -> str:
 
 def _causal_rows(manifest: Metrics) -> str:
     info = manifest.get("text", {})
-    return f"one row per predicted token ({info.get('positions')} per block of {info.get('block_size')} tokens)"
+    if not info.get("response_only"):
+        return f"one row per predicted token ({info.get('positions')} per block of {info.get('block_size')} tokens)"
+    splits = (manifest.get("splits") or {}).values()
+    rows, blocks = sum(s.get("rows", 0) for s in splits), sum(s.get("samples", 0) for s in splits)
+    per_block = f"{rows / blocks:.1f} per block of {info.get('block_size')} tokens on average" if blocks else "none"
+    return f"one row per predicted response token ({per_block}; prompts and padding have none)"
 
 
 def _masked_rows(manifest: Metrics) -> str:
@@ -171,7 +176,7 @@ ALTERNATIVES: dict[tuple[str, str], Score] = {
                "teacher_perplexity", "agreement", "kl_to_teacher", "speedup_vs_teacher"),
         seeds_columns=("student_exact_match", "baseline_exact_match"), record="student.json",
         plots=("exact_match_vs_params.png", "training_curves.png", "per_position.png"),
-        compares_methods=False, objective="causal", kind="causal LM", title="Teacher-written responses: report",
+        compares_methods=False, objective="causal", kind="causal LM", title="Text distillation report (exact match)",
         called="text report",
         rows=_causal_rows, classes=lambda manifest: manifest.get("text", {}).get("vocab_size"),
         twin="trained on the same responses alone (the next-token loss)",
