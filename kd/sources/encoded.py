@@ -29,7 +29,7 @@ from kd.prepared import metadata, open_parquet
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 PRESETS = ("train", "test", "unlabeled")  # the split names a source may give
-MAX_NAMED = 5
+MAX_NAMED = 5  # how many offending ids an error message lists
 
 
 class Images(NamedTuple):
@@ -120,7 +120,7 @@ def load_parquet(path: Path, image_size: list[int] | None) -> Images:
                          f"{table.column('image').type}")
     if image.null_count:
         bad = ids[image.is_null().to_numpy(zero_copy_only=False)]
-        raise InputError(f"{path}: column 'image' has no bytes in {image.null_count} rows, {_name(bad)} "
+        raise InputError(f"{path}: column 'image' has no bytes in {image.null_count} rows, {name_ids(bad)} "
                          "(images stored by path only are not read; embed the bytes)")
     y, classes = _labels(table, ids, path)
     preset = None
@@ -162,7 +162,7 @@ def _labels(table: pa.Table, ids: np.ndarray, path: Path) -> tuple[np.ndarray, l
         raise InputError(f"{path}: column 'label' must hold integer class ids or class names, got {column.type}")
     y = pc.fill_null(column, -1).to_numpy().astype(np.int64)
     if (y[present] < 0).any():
-        raise InputError(f"{path}: labels must be >= 0; {_name(ids[present & (y < 0)])} have negative labels")
+        raise InputError(f"{path}: labels must be >= 0; {name_ids(ids[present & (y < 0)])} have negative labels")
     names = _classlabel_names(table.schema)
     if names is not None:
         if present.any() and y[present].max() >= len(names):
@@ -219,6 +219,7 @@ def decode(blobs: list[bytes], names: list[str], image_size: list[int] | None) -
     return x, [channels, height, width]
 
 
-def _name(ids: np.ndarray) -> str:
+def name_ids(ids: np.ndarray) -> str:
+    """How an error names offending rows: "ids 3, 7, 9" (the first MAX_NAMED, then how many more)."""
     shown = ", ".join(str(int(i)) for i in ids[:MAX_NAMED])
     return f"ids {shown}" + (f" and {len(ids) - MAX_NAMED} more" if len(ids) > MAX_NAMED else "")
