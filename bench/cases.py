@@ -38,8 +38,9 @@ from kd.tasks import Batch
 from kd.tasks import image as image_task
 from kd.tasks.image import probe_shapes
 from kd.errors import CacheMissingError
-from kd.loader import SampleSet, image_set, needed_temperatures
-from kd.models import build, fingerprint, load_model, save_model
+from kd.loader import SampleSet, needed_temperatures
+from kd.tasks.image import image_set
+from kd.tasks.image_models import build, fingerprint, load_model, save_model
 from kd.training import fit
 
 # --- the shared workspace ---------------------------------------------------------------------

@@ -34,8 +34,9 @@ from kd.distill import train_model  # noqa: E402
 from kd.methods import Shapes, student_layers, student_terms  # noqa: E402
 from kd.tasks import image as image_task  # noqa: E402
 from kd.tasks.image import probe_shapes  # noqa: E402
-from kd.loader import SampleSet, image_set, needed_temperatures  # noqa: E402
-from kd.models import build  # noqa: E402
+from kd.loader import SampleSet, needed_temperatures  # noqa: E402
+from kd.tasks.image import image_set  # noqa: E402
+from kd.tasks.image_models import build  # noqa: E402
 from kd.training import hard_label_loss, step  # noqa: E402
 
 

@@ -34,7 +34,7 @@ import typer  # noqa: E402
 
 from bench import cases  # noqa: E402
 from bench.scale import scale as scale_case  # noqa: E402
-from kd import metrics  # noqa: E402
+from kd import speed  # noqa: E402
 
 CASES = ("labeling", "student", "size", "reader", "scale")
 KEYS = {"labeling": "labeling_overhead", "student": "student_from_cache", "size": "cache_size",
@@ -68,7 +68,7 @@ def bench(*, out: Path | None = REPO / "bench" / "results.json", params: Path = 
     for name in chosen:
         if name not in CASES:
             raise typer.BadParameter(f"unknown case {name!r} (cases: {', '.join(CASES)})")
-    with metrics.torch_threads(threads) if threads else contextlib.nullcontext():  # restored on return
+    with speed.torch_threads(threads) if threads else contextlib.nullcontext():  # restored on return
         results: dict[str, Any] = {
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "machine": machine(), "load_average_before": list(os.getloadavg()),

@@ -22,7 +22,7 @@ from kd import config
 from kd.prepared import images as data
 from kd.cache import Cache, Teacher, label
 from kd.distill import train_student
-from kd.models import fingerprint, load_model
+from kd.tasks.image_models import fingerprint, load_model
 from kd.training import predict
 
 

@@ -92,7 +92,7 @@ class PrepareConfig:
 
 @dataclass
 class TeacherConfig:
-    arch: str = "cnn"  # a name in kd.models.ARCHITECTURES or package.module:factory
+    arch: str = "cnn"  # a name in kd.tasks.image_models.ARCHITECTURES or package.module:factory
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     epochs: int = 30
     batch_size: int = 64

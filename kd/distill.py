@@ -35,8 +35,8 @@ from kd.config import LabelConfig, StudentConfig, as_dict
 from kd.errors import ConfigError, MissingInputError
 from kd.files import read_json, replacing, write_json
 from kd.methods import Built, Shapes, needed_samples, needed_temperatures, student_layers, student_terms
-from kd.metrics import SEEDS_DIR
-from kd.models import fingerprint
+from kd.evaluation import SEEDS_DIR
+from kd.tasks.image_models import fingerprint
 from kd.training import Dataset, fit, hard_label_loss, write_log
 
 

@@ -39,7 +39,7 @@ from kd.prepared import tokens as text
 from kd.config import TEACHER_DEVICES, TeacherConfig, as_dict
 from kd.errors import ConfigError, InputError, MissingInputError
 from kd.files import file_sha256
-from kd.models import count_params
+from kd.speed import count_params
 from kd.prepared.tokens import TOKENIZER_FILE, SpecialIds, tokenizer_files
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"

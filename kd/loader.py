@@ -29,8 +29,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from kd import augment, parallel
-from kd.prepared import images as data
+from kd import parallel
 from kd.cache import Cache, SoftTargets
 from kd.cache.layout import sample_starts
 from kd.config import StudentConfig
@@ -291,39 +290,3 @@ def bytes_per_sample(cache: Cache, cfg: StudentConfig, input_bytes: float) -> fl
 
 def estimated_bytes(cache: Cache, cfg: StudentConfig, input_bytes: float) -> float:
     return sum(cache.split(s)["samples"] for s in cfg.transfer) * bytes_per_sample(cache, cfg, input_bytes)
-
-
-# --- images -----------------------------------------------------------------------------------
-
-
-def image_set(x: torch.Tensor, ids: np.ndarray, input_shape: list[int], targets: dict[str, torch.Tensor],
-              views: int = 1, view_seed: int = 0, recipe: augment.Recipe | None = None) -> SampleSet:
-    """Images (N, D) float32 with their rows; the input of (sample, view v) is regenerated from
-    (id, v, seed) by `augment.apply_views` with `recipe` (None: view 0, the image as is, only)."""
-    recipe = recipe or augment.shift(0)
-
-    def model_input(inputs: dict[str, torch.Tensor], ids: np.ndarray, view: torch.Tensor) -> torch.Tensor:
-        shown = augment.apply_views(inputs["x"], ids, view.numpy(), input_shape, view_seed, recipe)
-        return shown.view(len(shown), *input_shape)
-
-    return SampleSet({"x": x}, ids, targets, model_input, views=views)
-
-
-def image_rows(cache: Cache, prepared: Path, cfg: StudentConfig, split: str, row_offset: int,
-               parts: list[int] | None = None) -> SampleSet:
-    """The student's rows of one image split (or of some of its parts), in memory; its views
-    are the cache's (`views.seed` and `views.recipe` of the manifest)."""
-    source = prepared / f"{split}.parquet"
-    samples = data.read_rows(source, *sample_range(cache, split, parts))
-    rows = read_rows(cache, cfg, split, source, samples.ids, np.repeat(samples.y, cache.views), parts=parts,
-                     row_offset=row_offset)
-    return image_set(torch.tensor(samples.x), np.array(samples.ids), samples.input_shape, rows.targets(cfg),
-                     cache.views, cache.manifest["views"]["seed"], cache.manifest["views"]["recipe"])
-
-
-def baseline_set(prepared: Path, view_seed: int = 0, recipe: augment.Recipe | None = None) -> SampleSet:
-    """The labeled images with their true labels: what a baseline twin (and the teacher, with
-    fresh views of `recipe`) trains on."""
-    rows = data.read_split(prepared / "labeled.parquet")
-    return image_set(torch.tensor(rows.x), np.array(rows.ids), rows.input_shape, {"label": torch.tensor(rows.y)},
-                     view_seed=view_seed, recipe=recipe)

@@ -62,7 +62,7 @@ def process_state_unchanged() -> Any:
                if before["environment"].get(k) != after["environment"].get(k)]
         details = "; ".join(f"{key}: {before[key]!r} -> {after[key]!r}" if key != "environment"
                             else f"environment variables {sorted(env)}" for key in changed)
-        pytest.fail(f"the test left process-wide state changed (restore it, e.g. metrics.torch_threads): {details}",
+        pytest.fail(f"the test left process-wide state changed (restore it, e.g. speed.torch_threads): {details}",
                     pytrace=False)
 
 

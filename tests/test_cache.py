@@ -29,7 +29,7 @@ from kd.config import LabelConfig, PrepareConfig, StudentConfig, from_mapping
 from kd.loader import StreamingSet
 from kd.tasks import image
 from kd.errors import CacheError, CacheMissingError, StaleCacheError
-from kd.models import build, fingerprint, load_model, save_model
+from kd.tasks.image_models import build, fingerprint, load_model, save_model
 
 FEATURES = {"stages.0": "full", "stages.1": "attention", "embed": "pooled"}
 
@@ -327,7 +327,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import pyarrow.parquet as pq, zarr
     from kd.cache import Teacher, label
     from kd.config import LabelConfig
-    from kd.models import fingerprint, load_model
+    from kd.tasks.image_models import fingerprint, load_model
 
     teacher_dir, prepared, out, what, after = sys.argv[1:6]
     calls = 0

@@ -126,7 +126,7 @@ def split_batches(data, batch_size: int, views: str, world_size: int) -> None:
 def test_ranks_split_every_batch_into_contiguous_disjoint_slices(world_size, views):
     n, per_sample = 23, 3
     g = torch.Generator().manual_seed(0)
-    data = loader.image_set(torch.rand(n, 16, generator=g), np.arange(100, 100 + n), [1, 4, 4],
+    data = image.image_set(torch.rand(n, 16, generator=g), np.arange(100, 100 + n), [1, 4, 4],
                             {"row": torch.arange(n * per_sample)}, views=per_sample, recipe=augment.shift(1))
     for batch_size in (1, 4, 7, 64):  # 1 and 4: batches smaller than the world; 64: one batch
         split_batches(data, batch_size, views, world_size)

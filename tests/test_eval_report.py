@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from kd import metrics, report
+from kd import evaluation, metrics, report
 from kd.errors import InputError
 from kd.report import SCORES
 from kd.report import markdown as report_markdown
@@ -39,7 +39,9 @@ from kd.cache import Cache, Teacher, label
 from kd.cache.writer import soft_targets
 from kd.config import EvalConfig, LabelConfig, student
 from kd.distill import assistant_cache, train_assistant, train_student
-from kd.models import build, count_params, fingerprint, load_model, save_model
+from kd.speed import count_params, torch_threads
+from kd.tasks import image_eval
+from kd.tasks.image_models import build, fingerprint, load_model, save_model
 from kd.training import predict
 from kd.cli import eval as eval_stage
 from kd.cli import report as report_stage
@@ -165,22 +167,22 @@ def test_per_class_accuracy_and_confusion_matrix():
 
 
 def test_teacher_twin_builds_built_in_archs_only():
-    twin = metrics.teacher_twin({**TEACHER_CONFIG, "params": 999})
+    twin = image_eval.teacher_twin({**TEACHER_CONFIG, "params": 999})
     assert count_params(twin) == count_params(build("mlp", {"hidden": [32]}, [D], C))
-    assert metrics.teacher_twin({**TEACHER_CONFIG, "arch": "no_such_package.module:factory"}) is None
-    assert metrics.teacher_twin({"arch": "mlp"}) is None  # no shapes to build from
+    assert image_eval.teacher_twin({**TEACHER_CONFIG, "arch": "no_such_package.module:factory"}) is None
+    assert image_eval.teacher_twin({"arch": "mlp"}) is None  # no shapes to build from
 
 
 def test_torch_threads_are_restored():
     before = torch.get_num_threads()
-    with metrics.torch_threads(1):
+    with torch_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
 
 
 def test_check_config_names_the_key():
     with pytest.raises(Exception, match="eval.throughput_runs"):
-        metrics.check_config(EvalConfig(throughput_runs=0))
+        evaluation.check_config(EvalConfig(throughput_runs=0))
 
 
 def test_a_size_share_keeps_the_digits_that_hold():
@@ -398,7 +400,7 @@ def test_eval_writes_every_contract_key(world, evaluated):
         assert result.exit_code == 0, result.output + result.stderr
         assert f"student {name}: accuracy" in result.stdout
         m = json.loads((world["students"] / name / "metrics.json").read_text())
-        assert set(m) == set(metrics.CONTRACT_KEYS) | set(metrics.PROVENANCE_KEYS) | set(metrics.SEED_KEYS)
+        assert set(m) == set(image_eval.CONTRACT_KEYS) | set(image_eval.PROVENANCE_KEYS) | set(metrics.SEED_KEYS)
         assert all(isinstance(v, (int, float, bool, str)) for v in m.values())  # flat, for dvc metrics show
         for key in ("accuracy", "baseline_accuracy", "teacher_accuracy", "agreement", "ece", "pseudo_label_accuracy"):
             assert 0.0 <= m[key] <= 1.0, key
@@ -507,7 +509,7 @@ def test_eval_refuses_a_student_whose_seeds_are_incomplete(world, evaluated, tmp
 def test_evaluate_returns_plot_data_and_falls_back_for_a_custom_teacher(world):
     cache = Cache.open(world["cache"])
     cfg = EvalConfig(**EVAL)
-    result = metrics.evaluate(world["students"] / "soft", cache, world["prepared"], cfg)
+    result = image_eval.evaluate(world["students"] / "soft", cache, world["prepared"], cfg)
     matrix = np.array(result["plots"]["confusion"])
     assert matrix.shape == (C, C) and matrix.sum() == SIZES["test"]
     assert np.trace(matrix) / SIZES["test"] == pytest.approx(result["accuracy"])
@@ -515,11 +517,11 @@ def test_evaluate_returns_plot_data_and_falls_back_for_a_custom_teacher(world):
     # a teacher whose architecture is not built in: never imported; its recorded throughput, or nothing
     custom = {**cache.manifest["teacher"]["config"], "arch": "someones_package.models:big", "throughput": 1e9}
     cache.manifest["teacher"]["config"] = custom
-    result = metrics.evaluate(world["students"] / "soft", cache, world["prepared"], cfg)
+    result = image_eval.evaluate(world["students"] / "soft", cache, world["prepared"], cfg)
     assert result["teacher_throughput_source"] == "manifest"
     assert result["speedup_vs_teacher"] == pytest.approx(result["throughput"] / 1e9)
     del custom["throughput"]
-    result = metrics.evaluate(world["students"] / "soft", cache, world["prepared"], cfg)
+    result = image_eval.evaluate(world["students"] / "soft", cache, world["prepared"], cfg)
     assert result["teacher_throughput_source"] == "unavailable" and result["speedup_vs_teacher"] is None
     assert result["teacher_params"] == custom["params"]
 

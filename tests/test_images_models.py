@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from conftest import invoke, ok
-from kd import models
+from kd.speed import count_params
+from kd.tasks import image_models
 from kd.errors import ConfigError
 from kd.files import read_json
 from kd.cli import distill, eval as eval_stage, label, prepare, teacher
@@ -100,7 +101,7 @@ def folder(root: Path, classes: int = 3, per_class: int = 12, test: int = 4, siz
 ])
 def test_factory_signature_decides_what_is_passed_and_any_output_gives_logits(zoo, arch, kwargs, channels):
     torch.manual_seed(0)
-    model = models.build(f"{zoo}:{arch}", kwargs, [channels, 5, 6], 7)
+    model = image_models.build(f"{zoo}:{arch}", kwargs, [channels, 5, 6], 7)
     x = torch.randn(4, channels, 5, 6)
     logits = model(x)
     assert isinstance(logits, torch.Tensor) and logits.shape == (4, 7)
@@ -111,13 +112,13 @@ def test_factory_signature_decides_what_is_passed_and_any_output_gives_logits(zo
 def test_wrong_factories_and_outputs_get_one_line(zoo):
     with pytest.raises(ConfigError, match=r"no_classes\(input_shape, width=4\) takes no num_classes; kd passes "
                                           "num_classes, plus input_shape, in_chans or in_channels"):
-        models.build(f"{zoo}:no_classes", {}, [1, 4, 4], 3)
+        image_models.build(f"{zoo}:no_classes", {}, [1, 4, 4], 3)
     with pytest.raises(ConfigError, match=r"bad arch_kwargs \{'depth': 2\} for timm_style\(num_classes=1000, "
                                           r"in_chans=3, style='tensor'\)"):
-        models.build(f"{zoo}:timm_style", {"depth": 2}, [1, 4, 4], 3)
+        image_models.build(f"{zoo}:timm_style", {"depth": 2}, [1, 4, 4], 3)
     with pytest.raises(ConfigError, match="arch_kwargs sets in_chans, which kd passes from the data"):
-        models.build(f"{zoo}:timm_style", {"in_chans": 3}, [1, 4, 4], 3)
-    model = models.build(f"{zoo}:timm_style", {"style": "bad"}, [1, 4, 4], 3)
+        image_models.build(f"{zoo}:timm_style", {"in_chans": 3}, [1, 4, 4], 3)
+    model = image_models.build(f"{zoo}:timm_style", {"style": "bad"}, [1, 4, 4], 3)
     with pytest.raises(ConfigError, match=r"the model returned dict with keys \['scores'\]; expected a tensor of "
                                           "logits, a tuple \\(logits first\\), or a dict or ModelOutput with 'logits'"):
         model(torch.zeros(2, 1, 4, 4))
@@ -151,8 +152,8 @@ def test_torchvision_style_teacher_from_params_through_label_distill_eval(zoo, w
     ok(invoke(distill.main, "small", "--params", params, "--no-progress"))
     ok(invoke(eval_stage.main, "small", "--params", params))
     metrics = read_json(workdir / "data" / "students" / "small" / "metrics.json")
-    net = models.build(arch, {"style": "output"}, [1, 8, 8], 3)
-    assert metrics["teacher_params"] == models.count_params(net) == manifest["teacher"]["config"]["params"]
+    net = image_models.build(arch, {"style": "output"}, [1, 8, 8], 3)
+    assert metrics["teacher_params"] == count_params(net) == manifest["teacher"]["config"]["params"]
     # kd eval never imports the factory: the throughput kd label measured gives the speedup
     assert metrics["teacher_throughput_source"] == "manifest" and metrics["speedup_vs_teacher"] == pytest.approx(
         metrics["throughput"] / manifest["teacher"]["config"]["throughput"])
@@ -164,14 +165,14 @@ def test_teacher_brought_without_params_gets_them_measured(zoo, workdir, write_p
                           label={"top_k": 2})
     ok(invoke(prepare.main, "--params", params))
     torch.manual_seed(0)
-    net = models.build(f"{zoo}:kd_style", {}, [1, 8, 8], 3)
-    models.save_model(workdir / "mine", net, {"arch": f"{zoo}:kd_style", "input_shape": [1, 8, 8], "num_classes": 3})
+    net = image_models.build(f"{zoo}:kd_style", {}, [1, 8, 8], 3)
+    image_models.save_model(workdir / "mine", net, {"arch": f"{zoo}:kd_style", "input_shape": [1, 8, 8], "num_classes": 3})
     config = read_json(workdir / "mine" / "config.json")
     del config["params"]
     (workdir / "mine" / "config.json").write_text(json.dumps(config))
     ok(invoke(label.main, "--params", params, "--teacher", "mine", "--arch", f"{zoo}:kd_style", "--no-progress"))
     manifest = read_json(workdir / "data" / "teacher_outputs" / "manifest.json")
-    assert manifest["teacher"]["config"]["params"] == models.count_params(net)
+    assert manifest["teacher"]["config"]["params"] == count_params(net)
 
 
 def test_an_arch_named_on_the_command_line_does_not_take_kwargs_of_another(zoo, workdir, write_params):
@@ -217,7 +218,7 @@ def test_hugging_face_image_classifier_as_the_teacher(workdir, write_params):
     ok(invoke(label.main, "--params", params, "--teacher", "vit", "--no-progress"))
     manifest = read_json(workdir / "data" / "teacher_outputs" / "manifest.json")
     teacher_config = manifest["teacher"]["config"]
-    assert teacher_config["arch"] == "hf_image" and teacher_config["params"] == models.count_params(vit)
+    assert teacher_config["arch"] == "hf_image" and teacher_config["params"] == count_params(vit)
     assert manifest["num_classes"] == 3 and manifest["features"][0]["shape"] == [5, 16]  # 4 patches + CLS
 
     # the cached logits are the ViT's own on the normalised inputs
@@ -236,7 +237,7 @@ def test_hugging_face_image_classifier_as_the_teacher(workdir, write_params):
     ok(invoke(distill.main, "cnn", "--params", params, "--no-progress"))
     ok(invoke(eval_stage.main, "cnn", "--params", params))
     metrics = read_json(workdir / "data" / "students" / "cnn" / "metrics.json")
-    assert metrics["teacher_params"] == models.count_params(vit)
+    assert metrics["teacher_params"] == count_params(vit)
     assert metrics["speedup_vs_teacher"] is not None and metrics["teacher_throughput_source"] == "measured"
 
 
@@ -252,10 +253,10 @@ def test_hugging_face_teacher_of_another_image_size_is_refused(workdir, write_pa
 
 def test_hf_image_students_and_twins_build_from_config_fields():
     torch.manual_seed(0)
-    model = models.build("hf_image", {"model_type": "vit", "hidden_size": 8, "num_hidden_layers": 1,
+    model = image_models.build("hf_image", {"model_type": "vit", "hidden_size": 8, "num_hidden_layers": 1,
                                       "num_attention_heads": 2, "intermediate_size": 16, "patch_size": 2},
                          [3, 4, 4], 5)
     assert model.config.num_channels == 3 and model.config.image_size == 4 and model.config.num_labels == 5
     assert model(torch.zeros(2, 3, 4, 4)).shape == (2, 5)
     with pytest.raises(ConfigError, match="arch hf_image: model_type 'nope'"):
-        models.build("hf_image", {"model_type": "nope"}, [3, 4, 4], 5)
+        image_models.build("hf_image", {"model_type": "nope"}, [3, 4, 4], 5)

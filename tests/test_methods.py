@@ -29,7 +29,7 @@ from kd.methods import Shapes, needed_temperatures, student_layers, student_term
 from kd.tasks.image import probe_shapes
 from kd.errors import CacheMissingError, ConfigError
 from kd.tasks import image
-from kd.models import build
+from kd.tasks.image_models import build
 from kd.training import step
 from kd.cli import assistants, distill, label, prepare, teacher
 from conftest import invoke as run_stage

@@ -20,6 +20,7 @@ from polars.testing import assert_frame_equal
 from kd import prepared
 from kd.prepared import images as data
 from kd.sources import images as image_sources
+from kd.sources import splits
 from kd.config import PrepareConfig
 from kd.errors import ConfigError, InputError, MissingInputError
 from kd.files import replacing
@@ -143,22 +144,22 @@ def test_read_errors(tmp_path):
 
 def test_allocation_is_proportional_and_fits():
     y = np.repeat(np.arange(3), [50, 30, 20])
-    rows = image_sources._stratified(y, {"labeled": 10, "unlabeled": 70, "test": 20}, np.random.default_rng(0))
+    rows = splits._stratified(y, {"labeled": 10, "unlabeled": 70, "test": 20}, np.random.default_rng(0))
     assert {k: np.bincount(y[v], minlength=3).tolist() for k, v in rows.items()} == {
         "test": [10, 6, 4], "labeled": [5, 3, 2], "unlabeled": [35, 21, 14],
     }
     # every row used: a class running short is topped up from the others
     y = np.repeat(np.arange(3), [7, 2, 1])
-    rows = image_sources._stratified(y, {"labeled": 3, "unlabeled": 4, "test": 3}, np.random.default_rng(1))
+    rows = splits._stratified(y, {"labeled": 3, "unlabeled": 4, "test": 3}, np.random.default_rng(1))
     assert sorted(np.concatenate(list(rows.values())).tolist()) == list(range(10))
 
 
 def test_test_split_does_not_depend_on_other_sizes():
     cfg = PrepareConfig(dataset="digits", labeled=100, unlabeled=200, test=150, seed=3)
     data_ = image_sources.load(cfg).data
-    first, _ = image_sources.split(data_, cfg, "digits")
+    first, _ = splits.split(data_, cfg, "digits")
     cfg.unlabeled, cfg.labeled = 900, 300
-    second, _ = image_sources.split(data_, cfg, "digits")
+    second, _ = splits.split(data_, cfg, "digits")
     assert_array_equal(first["test"].ids, second["test"].ids)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd.metrics import torch_threads
+from kd.speed import torch_threads
 
 CONFTEST = Path(__file__).with_name("conftest.py")
 
@@ -31,7 +31,7 @@ def test_the_guard_fails_a_test_that_leaks_process_state(pytester: pytest.Pytest
 
 def test_the_guard_passes_a_test_that_restores(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(CONFTEST.read_text())
-    pytester.makepyfile(test_clean="from kd.metrics import torch_threads\n\n"
+    pytester.makepyfile(test_clean="from kd.speed import torch_threads\n\n"
                                    "def test_restores():\n    with torch_threads(1):\n        pass\n")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)

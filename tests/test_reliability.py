@@ -207,7 +207,7 @@ def test_no_pickle_on_any_load_path():
 
 def test_checkpoint_cannot_name_code_to_import(tmp_path):
     from kd.errors import ConfigError
-    from kd.models import build, load_model, save_model
+    from kd.tasks.image_models import build, load_model, save_model
 
     save_model(tmp_path, build("mlp", {"hidden": [4]}, [4], 2), {"arch": "os:system", "arch_kwargs": {},
                                                                  "input_shape": [4], "num_classes": 2})

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from kd.cache import Cache
 from kd.cache.store import Store
 from kd.cache.verify import verify
-from kd.metrics import torch_threads
+from kd.speed import torch_threads
 from kd.cli import distill, label, prepare, teacher
 from kd.cli import eval as eval_stage
 from conftest import invoke, invoke_cache, ok

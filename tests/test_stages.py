@@ -199,7 +199,7 @@ def test_teacher_prints_accuracy_and_replaces_its_output(built, run_command, tmp
 
 
 def test_cache_manifest_follows_the_contract(built):
-    from kd.models import fingerprint
+    from kd.tasks.image_models import fingerprint
 
     manifest = manifest_of(built.cache)
     assert isinstance(manifest["schema_version"], int)
@@ -336,7 +336,7 @@ def test_label_twice_leaves_the_cache_untouched_then_top_k_rebuilds(built, run_c
 
 
 def test_distill_runs_with_defaults_and_without_the_teacher(built, workdir, run_command, monkeypatch):
-    import kd.models
+    import kd.tasks.image_models
 
     data_dir = workdir / "data"
     shutil.copytree(built.prepared, data_dir / "prepared")
@@ -347,7 +347,7 @@ def test_distill_runs_with_defaults_and_without_the_teacher(built, workdir, run_
     def no_teacher(*args, **kwargs):
         raise AssertionError("kd distill loaded a model")
 
-    monkeypatch.setattr(kd.models, "load_model", no_teacher)
+    monkeypatch.setattr(kd.tasks.image_models, "load_model", no_teacher)
     students_params(workdir / "params.yaml", alone=tiny_student())
     result = ok(run_command(distill.main, "alone", "--no-progress"))  # every path at its default, under data/
     out = data_dir / "students" / "alone"

@@ -21,7 +21,7 @@ from kd import augment, sources
 from kd.cache import Cache, Teacher, label
 from kd.config import LabelConfig, PrepareConfig, StudentConfig, TeacherConfig, from_mapping
 from kd.errors import ConfigError
-from kd.models import build, fingerprint, save_model
+from kd.tasks.image_models import build, fingerprint, save_model
 from kd.prepared import images as data
 from kd.sources import shapes
 from kd.tasks import image

@@ -46,7 +46,7 @@ def main(
     from kd import tasks
     from kd.cache import Cache
     from kd.config import EvalConfig, section, student
-    from kd.metrics import check_config, write_results
+    from kd.evaluation import check_config, write_results
     cfg = override(section(params, "eval", EvalConfig), batch_size=batch_size, ece_bins=ece_bins,
                    latency_runs=latency_runs, throughput_batch=throughput_batch,
                    throughput_runs=throughput_runs, threads=threads)

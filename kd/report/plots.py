@@ -16,7 +16,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from kd.errors import InputError
-from kd.metrics import PLOTS_DIR
+from kd.evaluation import PLOTS_DIR
 from kd.report.results import Report, plot_table
 
 NOT_TERMS = ("epoch", "lr", "seconds")  # train_log.csv columns that are not loss terms

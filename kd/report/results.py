@@ -15,7 +15,7 @@ from typing import Any
 
 from kd.errors import InputError, MissingInputError
 from kd.files import read_json
-from kd.metrics import METRICS_FILE, PLOTS_DIR
+from kd.evaluation import METRICS_FILE, PLOTS_DIR
 from kd.report.scores import Score
 
 SEEDS_FILE = "seeds.csv"

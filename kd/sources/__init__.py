@@ -1,9 +1,13 @@
 """Preparing datasets: a source in, the prepared format (`kd.prepared`) out.
 
-    images.py   the built-in image datasets (mnist5k, digits, mnist1d) and a user Parquet
-                file with id, x and y: checked, split by class, written as image splits
-    text.py     pydoc, a .txt file or a Parquet text column: dealt by document, a BPE
-                tokenizer trained, cut into token blocks
+    images.py      image datasets: loaded, checked, split by class, written as image splits
+    image_sets.py  the built-in image datasets (mnist5k, digits, mnist1d, shapes)
+    arrays.py      a user Parquet file with id, x and y
+    encoded.py     encoded images: an image folder or a Parquet file with an `image` column
+    shapes.py      the rendered shapes dataset, written as an image folder
+    splits.py      labeled / unlabeled / test, stratified by class (and the order text is dealt in)
+    text.py        pydoc, a .txt file or a Parquet text column: dealt by document, a BPE
+                   tokenizer trained, cut into token blocks
 
 `prepare(cfg, out)` is `kd prepare`: it hands `cfg.dataset` to the one that reads it.
 """

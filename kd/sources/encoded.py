@@ -30,7 +30,7 @@ from kd.prepared import metadata, open_parquet
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 PRESETS = ("train", "test", "unlabeled")  # the split names a source may give
-MAX_NAMED = 5
+MAX_NAMED = 5  # how many offending ids an error message lists
 
 
 class Images(NamedTuple):
@@ -146,7 +146,7 @@ def _encoded(image: pa.Array, ids: np.ndarray, path: Path) -> list[bytes]:
     missing = [row for row, blob in enumerate(blobs) if blob is None and not (paths and paths[row])]
     if missing:
         raise InputError(f"{path}: column 'image' has neither bytes nor a path in {len(missing)} rows, "
-                         f"{_name(ids[missing])}")
+                         f"{name_ids(ids[missing])}")
     for row, blob in enumerate(blobs):
         if blob is None:
             file = path.parent / paths[row]  # an absolute path stays as it is
@@ -181,7 +181,7 @@ def _labels(table: pa.Table, ids: np.ndarray, path: Path) -> tuple[np.ndarray, l
         raise InputError(f"{path}: column 'label' must hold integer class ids or class names, got {column.type}")
     y = pc.fill_null(column, -1).to_numpy().astype(np.int64)
     if (y < -1).any():
-        raise InputError(f"{path}: labels must be >= 0, or -1 or null for unlabeled; {_name(ids[y < -1])} "
+        raise InputError(f"{path}: labels must be >= 0, or -1 or null for unlabeled; {name_ids(ids[y < -1])} "
                          "have other negative labels")
     present &= y >= 0  # -1: unlabeled, as Hugging Face `datasets`' ClassLabel writes it
     names = _classlabel_names(table.schema)
@@ -240,6 +240,7 @@ def decode(blobs: list[bytes], names: list[str], image_size: list[int] | None) -
     return x, [channels, height, width]
 
 
-def _name(ids: np.ndarray) -> str:
+def name_ids(ids: np.ndarray) -> str:
+    """How an error names offending rows: "ids 3, 7, 9" (the first MAX_NAMED, then how many more)."""
     shown = ", ".join(str(int(i)) for i in ids[:MAX_NAMED])
     return f"ids {shown}" + (f" and {len(ids) - MAX_NAMED} more" if len(ids) > MAX_NAMED else "")

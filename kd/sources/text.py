@@ -70,7 +70,8 @@ from kd.errors import ConfigError, InputError, MissingInputError
 from kd.files import replacing
 from kd.prepared import tokens as token_files
 from kd.prepared.tokens import SPECIAL_TOKENS, TOKENIZER_FILE, TokenizerDir, fingerprint_of, read_tokenizer, special_ids
-from kd.sources.images import DATASETS, DRAW_ORDER
+from kd.sources.image_sets import DATASETS
+from kd.sources.splits import DRAW_ORDER
 
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # byte-level BPE starts from all 256 bytes
 TEXT_DATASETS = ("pydoc", "addition")

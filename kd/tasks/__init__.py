@@ -59,7 +59,7 @@ def for_teacher(directory: Path) -> ModuleType:
     config.json names a `model_type`; either objective loads through `causal_lm`), or ours or a
     Hugging Face image classifier (`image`)."""
     from kd.files import read_json
-    from kd.models import is_hf_classifier
+    from kd.tasks.image_models import is_hf_classifier
 
     config = Path(directory) / "config.json"
     if is_hf_classifier(directory):

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from kd import features, lm, loader, metrics
+from kd import evaluation, features, lm, loader, metrics, speed
 from kd.prepared import data_fingerprint
 from kd.prepared import retokenized
 from kd.prepared import tokens as text
@@ -49,7 +49,7 @@ from kd.config import EvalConfig, LabelConfig, StudentConfig, TeacherConfig
 from kd.errors import CacheError, ConfigError, InputError, MissingInputError
 from kd.files import read_json, write_json
 from kd.methods import chosen
-from kd.models import count_params
+from kd.speed import count_params
 from kd.tasks import Batch
 
 NAME, OBJECTIVE = "causal_lm", "causal"
@@ -717,7 +717,7 @@ def exact_matches(student_dir: Path, prepared: Path, cfg: EvalConfig) -> list[di
         return generate.exact_match(found, truths)
 
     record = read_json(student_dir / STUDENT_RECORD)
-    directories = [student_dir] + [directory for _, directory in metrics.seed_dirs(student_dir, record)]
+    directories = [student_dir] + [directory for _, directory in evaluation.seed_dirs(student_dir, record)]
     return [{"student": score(d), "baseline": score(d / "baseline")} for d in directories]
 
 
@@ -771,7 +771,7 @@ def evaluate_rows(student_dir: Path, cache: Cache, cfg: EvalConfig, wrap: Callab
     seeds = [{"seed": read_json(student_dir / STUDENT_RECORD)["student"]["seed"], "student": first,
               "baseline": twin}]
     eces = [{"ece": ece(logits), "baseline_ece": ece(twin_logits)}]
-    for seed, directory in metrics.seed_dirs(student_dir, read_json(student_dir / STUDENT_RECORD)):
+    for seed, directory in evaluation.seed_dirs(student_dir, read_json(student_dir / STUDENT_RECORD)):
         seeds.append({"seed": seed})
         eces.append({})
         for who, path in (("student", directory), ("baseline", directory / "baseline")):
@@ -859,10 +859,10 @@ def against_teacher(student: nn.Module, logits: torch.Tensor, x: torch.Tensor, s
     same blocks in its tokens, when given)."""
     kl, exact = metrics.kl_to_teacher(logits, torch.tensor(soft.topk_idx, dtype=torch.long),
                                       torch.tensor(soft.topk_logit, dtype=torch.float32), torch.tensor(soft.lse[1.0]))
-    with metrics.torch_threads(cfg.threads):
+    with speed.torch_threads(cfg.threads):
         inputs = [x[:cfg.batch_size], (x if teacher_x is None else teacher_x)[:cfg.batch_size]]
-        blocks_per_s = metrics.throughputs([student] + ([teacher] if teacher is not None else []),
-                                           inputs[:1 + (teacher is not None)], cfg.throughput_runs)
+        blocks_per_s = speed.throughputs([student] + ([teacher] if teacher is not None else []),
+                                         inputs[:1 + (teacher is not None)], cfg.throughput_runs)
     return {
         "agreement": metrics.agreement(logits.argmax(1).numpy(), soft.topk_idx[:, 0]),
         "kl_to_teacher": kl, "kl_exact": exact,

@@ -1,11 +1,12 @@
 """Image classification: a student maps (B, *input_shape) float32 to (B, C) logits.
 
 Inputs: one cache row per (sample, view); view 0 is the input as is, views 1..V augmented
-copies regenerated from (id, view, seed). A student is built from `models.ARCHITECTURES` (or
-`package.module:factory`) and trains on the transfer splits (`loader.transfer_set`: in memory,
-or streamed above the memory budget); its baseline twin on the labeled split's true labels.
-Saved as `model.safetensors` + `config.json`; scored by test accuracy (`metrics.evaluate`).
-Its teacher is trained by `kd.teacher` and loaded from the same two files.
+copies regenerated from (id, view, seed). A student is built from `image_models.ARCHITECTURES`
+(or `package.module:factory`) and trains on the transfer splits (`image_rows` under
+`loader.transfer_set`: in memory, or streamed above the memory budget); its baseline twin on
+the labeled split's true labels (`baseline_set`). Saved as `model.safetensors` + `config.json`;
+scored by test accuracy (`image_eval.evaluate`). Its teacher is trained here (`train_teacher`:
+the same loop, hard labels, fresh augmented views each epoch) and loaded from the same two files.
 """
 
 from __future__ import annotations
@@ -19,16 +20,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from kd import augment, features, loader, metrics, teacher
+from kd import augment, features, loader
 from kd.prepared import data_fingerprint
 from kd.prepared import images as data
 from kd.cache import Cache, Teacher
 from kd.tasks import Batch
-from kd.config import EvalConfig, LabelConfig, StudentConfig, TeacherConfig, view_recipe
+from kd.config import EvalConfig, LabelConfig, StudentConfig, TeacherConfig, as_dict, view_recipe
 from kd.errors import ConfigError, InputError
 from kd.files import write_json
-from kd.models import build as build_model, count_params, fingerprint, is_hf_classifier, load_hf_classifier
-from kd.models import load_model, save_model
+from kd.loader import SampleSet
+from kd.speed import count_params, throughputs, torch_threads
+from kd.tasks import image_eval
+from kd.tasks.image_models import build as build_model, fingerprint, is_hf_classifier, load_hf_classifier
+from kd.tasks.image_models import load_model, save_model
+from kd.training import fit, hard_label_loss, predict
 
 NAME = "image"
 TWIN_LOSS = "hard-label"  # what the baseline twin learns from, for messages
@@ -102,6 +107,42 @@ class Inputs:
         return Batch(ids, view, None, logits, feats, np.repeat(rows.y[start:stop], views), view == 0)
 
 
+# --- rows -------------------------------------------------------------------------------------
+
+
+def image_set(x: torch.Tensor, ids: np.ndarray, input_shape: list[int], targets: dict[str, torch.Tensor],
+              views: int = 1, view_seed: int = 0, recipe: augment.Recipe | None = None) -> SampleSet:
+    """Images (N, D) float32 with their rows; the input of (sample, view v) is regenerated from
+    (id, v, seed) by `augment.apply_views` with `recipe` (None: view 0, the image as is, only)."""
+    recipe = recipe or augment.shift(0)
+
+    def model_input(inputs: dict[str, torch.Tensor], ids: np.ndarray, view: torch.Tensor) -> torch.Tensor:
+        shown = augment.apply_views(inputs["x"], ids, view.numpy(), input_shape, view_seed, recipe)
+        return shown.view(len(shown), *input_shape)
+
+    return SampleSet({"x": x}, ids, targets, model_input, views=views)
+
+
+def image_rows(cache: Cache, prepared: Path, cfg: StudentConfig, split: str, row_offset: int,
+               parts: list[int] | None = None) -> SampleSet:
+    """The student's rows of one image split (or of some of its parts), in memory; its views
+    are the cache's (`views.seed` and `views.recipe` of the manifest)."""
+    source = prepared / f"{split}.parquet"
+    samples = data.read_rows(source, *loader.sample_range(cache, split, parts))
+    rows = loader.read_rows(cache, cfg, split, source, samples.ids, np.repeat(samples.y, cache.views),
+                            parts=parts, row_offset=row_offset)
+    return image_set(torch.tensor(samples.x), np.array(samples.ids), samples.input_shape, rows.targets(cfg),
+                     cache.views, cache.manifest["views"]["seed"], cache.manifest["views"]["recipe"])
+
+
+def baseline_set(prepared: Path, view_seed: int = 0, recipe: augment.Recipe | None = None) -> SampleSet:
+    """The labeled images with their true labels: what a baseline twin (and the teacher, with
+    fresh views of `recipe`) trains on."""
+    rows = data.read_split(prepared / "labeled.parquet")
+    return image_set(torch.tensor(rows.x), np.array(rows.ids), rows.input_shape, {"label": torch.tensor(rows.y)},
+                     view_seed=view_seed, recipe=recipe)
+
+
 # --- training ---------------------------------------------------------------------------------
 
 
@@ -117,13 +158,13 @@ def check(cfg: StudentConfig, cache: Cache, prepared: Path) -> None:
 
 def rows(cache: Cache, prepared: Path, cfg: StudentConfig, memory_mb: float) -> Any:
     """The transfer splits with their cache rows: in memory if they fit `memory_mb`, else streamed."""
-    return loader.transfer_set(cache, cfg, functools.partial(loader.image_rows, cache, prepared, cfg),
+    return loader.transfer_set(cache, cfg, functools.partial(image_rows, cache, prepared, cfg),
                                4 * math.prod(cache.manifest["input_shape"]), memory_mb)
 
 
 def twin_rows(cache: Cache, prepared: Path, cfg: StudentConfig, transfer: Any) -> Any:
     """The labeled split with its true labels: what a baseline twin trains on."""
-    return loader.baseline_set(prepared)
+    return baseline_set(prepared)
 
 
 def twin_decided_by(cfg: StudentConfig, cache: Cache, prepared: Path) -> dict[str, Any]:
@@ -169,11 +210,11 @@ def load(directory: Path, spec: StudentConfig | None = None) -> tuple[nn.Module,
 
 def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, spec: StudentConfig
              ) -> tuple[dict[str, Any], dict[str, tuple[list[str], list[dict[str, Any]]]]]:
-    """(metrics.json's record, plot tables): `metrics.evaluate` of the student and its twin."""
+    """(metrics.json's record, plot tables): `image_eval.evaluate` of the student and its twin."""
     custom = ":" in spec.arch  # a user's architecture is named by params, never by the checkpoint
-    result = metrics.evaluate(student_dir, cache, prepared, cfg, arch=spec.arch if custom else None,
-                              arch_kwargs=spec.arch_kwargs if custom else None)
-    return metrics.metrics_record(result), metrics.plot_tables(result["plots"])
+    result = image_eval.evaluate(student_dir, cache, prepared, cfg, arch=spec.arch if custom else None,
+                                 arch_kwargs=spec.arch_kwargs if custom else None)
+    return image_eval.metrics_record(result), image_eval.plot_tables(result["plots"])
 
 
 def check_rows(path: str, table: Any, manifest: dict[str, Any], views: int) -> list[str]:
@@ -200,11 +241,35 @@ def summary(name: str, m: dict[str, Any]) -> str:
 
 
 def train_teacher(cfg: TeacherConfig, prepared: Path, out: Path, *, progress: bool = True) -> str:
-    """`kd teacher` on images: train it (`kd.teacher`) and write it into `out`; its score."""
-    model, config, scores = teacher.train_teacher(cfg, prepared, progress=progress)
+    """`kd teacher` on images: train it and write it into `out`; its score."""
+    model, config, scores = fit_teacher(cfg, prepared, progress=progress)
     save_model(out, model, config)
     write_json(out / "metrics.json", scores)
     return f"test accuracy {scores['test_accuracy']:.4f}"
+
+
+def fit_teacher(cfg: TeacherConfig, prepared: Path, *, progress: bool = True
+                ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """The teacher trained on the labeled split (hard labels, random-shift or crop-and-flip
+    augmentation drawn fresh each epoch, the same loop as every student): (model, config to
+    save beside the weights, metrics)."""
+    # the labeled split with its labels, as a baseline twin sees it, plus the augmentation
+    recipe = view_recipe(cfg, cfg.shift)
+    dataset = baseline_set(prepared, view_seed=cfg.seed, recipe=recipe)
+    augmented = cfg.shift > 0 or cfg.view_recipe != "shift"
+    test = data.read_split(prepared / "test.parquet")
+    augment.check_shape(recipe, test.input_shape, "teacher")
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.arch, cfg.arch_kwargs, test.input_shape, test.num_classes)
+    log = fit(model, dataset, {"hard": (1.0, hard_label_loss)}, epochs=cfg.epochs, batch_size=cfg.batch_size,
+              lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed, views="fresh" if augmented else "none",
+              desc="teacher", progress=progress)
+    logits = predict(model, torch.tensor(test.x), test.input_shape)
+    accuracy = float((logits.argmax(1).numpy() == test.y).mean())
+    config = {"arch": cfg.arch, "arch_kwargs": cfg.arch_kwargs, "input_shape": test.input_shape,
+              "num_classes": test.num_classes, "training": as_dict(cfg)}
+    metrics = {"test_accuracy": accuracy, "train_loss": log[-1]["total"], "epochs": len(log)}
+    return model, config, metrics
 
 
 def load_teacher(directory: Path, arch: str | None, arch_kwargs: dict | None, *, dtype: str = "auto",
@@ -229,8 +294,8 @@ def load_teacher(directory: Path, arch: str | None, arch_kwargs: dict | None, *,
         if ":" in (arch or config["arch"]) and not config.get("throughput"):
             timing = EvalConfig()
             batch = torch.zeros(timing.throughput_batch, *config["input_shape"])
-            with metrics.torch_threads(timing.threads):
-                (config["throughput"],) = metrics.throughputs([model], batch, timing.throughput_runs)
+            with torch_threads(timing.threads):
+                (config["throughput"],) = throughputs([model], batch, timing.throughput_runs)
             config["throughput_measured_by"] = (f"kd label: batch {timing.throughput_batch}, {timing.threads} "
                                                 f"thread(s), median of {timing.throughput_runs} runs")
     return Teacher(model, fingerprint(directory), config, directory)

@@ -1,4 +1,4 @@
-"""Architectures, and saving/loading models as safetensors plus a JSON config.
+"""Image classifiers: architectures, and saving/loading them as safetensors plus a JSON config.
 
 Built-in architectures are one explicit dict, `ARCHITECTURES` (`hf_image` is any Hugging Face
 image-classification `model_type`, built from its config fields with random weights). A user's
@@ -37,6 +37,7 @@ from torch import nn
 
 from kd.errors import ConfigError, InputError, MissingInputError
 from kd.files import file_sha256, read_json, write_json
+from kd.speed import count_params
 
 
 class MLP(nn.Module):
@@ -226,10 +227,6 @@ def with_logits(model: nn.Module, arch: str) -> nn.Module:
     names stay as they are)."""
     model.register_forward_hook(functools.partial(_logits_hook, arch))
     return model
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def save_model(directory: Path, model: nn.Module, config: dict[str, Any]) -> None:
