@@ -27,6 +27,7 @@ from kd.tasks import Batch
 from kd.config import EvalConfig, LabelConfig, StudentConfig, TeacherConfig, view_recipe
 from kd.errors import ConfigError, InputError
 from kd.files import write_json
+from kd.methods import chosen, supported
 from kd.models import build as build_model, count_params, fingerprint, is_hf_classifier, load_hf_classifier
 from kd.models import load_model, save_model
 
@@ -113,6 +114,10 @@ def check(cfg: StudentConfig, cache: Cache, prepared: Path) -> None:
     if cfg.tokenizer is not None or cfg.loss.mapped is not None or cfg.loss.uld is not None:
         raise ConfigError(f"{cfg.where}: tokenizer, loss.mapped and loss.uld are for language-model students "
                           "with their own tokenizer; an image student reads the teacher's classes")
+    extra = [name for name in chosen(cfg.loss) if name not in supported(NAME)]
+    if extra:
+        raise ConfigError(f"{cfg.where}.loss: {', '.join(extra)} not supported for image students "
+                          f"({', '.join(supported(NAME))})")
 
 
 def rows(cache: Cache, prepared: Path, cfg: StudentConfig, memory_mb: float) -> Any:
