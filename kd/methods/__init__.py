@@ -14,15 +14,17 @@ A method's module declares
                     the student layers to tap and the helper modules trained with the student
 
 Everything else is derived from `METHODS`, in its order: the keys of `students.NAME.loss`
-(`config.loss_config`), the methods each task accepts (`supported`), and the report's method
-labels and soft-only reference (`of_kind`).
+(`config.loss_config`), the methods each task accepts (`supported`), the feature methods an
+assistant's cache cannot serve (`of_kind`), and the report's method labels and its soft-only
+reference (`report.compare`, by KIND).
 
 Adding a method, say `mine`:
 1. Write its loss as a function of tensors in `kd/losses.py` (the shapes in a comment).
 2. Write `kd/methods/mine.py`: its config, CONFIG, TASKS, OWN_TOKENIZER, KIND and `build`, as
    in `soft.py` or `hint.py`. A term reads the batch keys `loader.CacheRows.targets` gives
    (`topk_idx`, `topk_logit`, `label`, `lse` at soft's temperature, `teacher.<layer>` for each
-   layer its `teacher_layers` names) and the student's outputs (`logits`, each tapped layer).
+   layer its `teacher_layers` names) and the student's outputs (`logits`, each tapped layer);
+   a key it does not give yet (another temperature's lse, say) is added there.
 3. Add one line to `METHODS` below: `"mine": mine` (and its import).
 4. Use it: `students.NAME.loss.mine: {weight: ...}` in params.yaml is now a checked key, and
    `kd distill NAME` logs each of its terms by name in train_log.csv.
