@@ -8,6 +8,7 @@ where they are read, so a bad temperature fails before any work is done.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,14 +19,6 @@ import yaml
 
 from kd import augment, methods
 from kd.errors import ConfigError, MissingInputError
-from kd.methods.attention import AttentionTerm
-from kd.methods.cosine import CosineTerm
-from kd.methods.hard import HardTerm
-from kd.methods.hint import HintTerm
-from kd.methods.mapped import MappedTerm
-from kd.methods.rkd import RKDTerm
-from kd.methods.soft import SoftTerm
-from kd.methods.uld import ULDTerm
 
 SECTIONS = ("prepare", "teacher", "generate", "label", "assistants", "students", "text_students", "mlm_students",
             "img_students", "gen_students", "eval")
@@ -262,16 +255,10 @@ def view_recipe(cfg: Any, max_shift: int) -> dict[str, Any]:
     return augment.crop_flip(values["view_scale"], values["view_ratio"], values["view_flip"])
 
 
-@dataclass
 class LossConfig:
-    soft: SoftTerm | None = None
-    hard: HardTerm | None = None
-    hint: HintTerm | None = None
-    attention: AttentionTerm | None = None
-    rkd: RKDTerm | None = None
-    cosine: CosineTerm | None = None
-    mapped: MappedTerm | None = None  # a student with its own tokenizer: soft through the vocabulary mapping
-    uld: ULDTerm | None = None  # a student with its own tokenizer: sorted probabilities (ULD)
+    """`students.NAME.loss`: one optional section per loss method (None: not used), its
+    fields derived from the registry `methods.METHODS` by `loss_config`, so that a method is a
+    key here once it is registered there. This base holds what every such config does."""
 
     def teacher_layers(self, where: str) -> dict[str, tuple[str, ...]]:
         """Teacher layer -> the cache modes that serve every method using it (preferred first)."""
@@ -284,6 +271,20 @@ class LossConfig:
                                       f"{layers[layer]} by another term and {modes} by this one")
                 layers[layer] = both
         return layers
+
+
+def loss_config() -> type:
+    """The dataclass of `students.NAME.loss` for the methods registered now: a LossConfig with
+    one field per method in METHODS' order, its module's CONFIG or None (the default)."""
+    return _loss_config(tuple((name, module.CONFIG) for name, module in methods.METHODS.items()))
+
+
+@functools.cache
+def _loss_config(registered: tuple[tuple[str, type], ...]) -> type:
+    # one class per registry state, so that configs read under the same registry compare equal
+    return dataclasses.make_dataclass("LossConfig", [(name, config | None, field(default=None))
+                                                     for name, config in registered],
+                                      bases=(LossConfig,), namespace={"__module__": __name__})
 
 
 @dataclass
@@ -313,7 +314,7 @@ class StudentConfig:
     # one); null: the init directory's, else the teacher's. Another than the teacher's learns from
     # the cache through the text (loss terms mapped, uld)
     tokenizer: str | None = None
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: LossConfig = field(default_factory=lambda: loss_config()())
 
     @property
     def where(self) -> str:
@@ -342,7 +343,7 @@ class StudentConfig:
             raise ConfigError(f"{where}.repeats: {self.repeats} must be >= 1")
         if self.assistant is not None and self.loss.teacher_layers(where):
             raise ConfigError(f"{where}.assistant: an assistant's cache holds no features; feature terms "
-                              "(hint, attention, rkd, cosine) learn from the teacher's cache only")
+                              f"({', '.join(methods.of_kind('feature'))}) learn from the teacher's cache only")
         self.loss.teacher_layers(where)  # conflicting modes for one teacher layer
         check_budget(where, self)
 
@@ -444,6 +445,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, where)
+    if hint is LossConfig:  # its fields are the registered methods
+        hint = loss_config()
     if dataclasses.is_dataclass(hint):
         return from_mapping(hint, {} if value is None else value, where)
     if hint is bool:

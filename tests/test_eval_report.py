@@ -607,7 +607,7 @@ def test_report_writes_leaderboard_sentences_and_plots(world, reported):
 def test_report_methods_gain_over_soft_alone(world, reported):
     _, out, _ = reported
     rows = {r["student"]: r for r in read_csv(out / "methods.csv")}
-    assert tuple(next(iter(rows.values()))) == report.METHODS
+    assert tuple(next(iter(rows.values()))) == report.METHODS_COLUMNS
     assert set(rows) == set(TRAINED)
     # soft, pseudo and rkd share architecture and budget; soft (soft targets, no feature term) is the reference
     assert rows["soft"]["group"] == rows["pseudo"]["group"] == rows["rkd"]["group"]

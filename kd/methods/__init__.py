@@ -1,10 +1,33 @@
-"""Loss methods: one module per method, each holding its config dataclass (the keys of
-`students.NAME.loss.<method>` in params.yaml, checked by its `check`), the cache layers and
-temperatures it needs, and `build(cfg, shapes) -> Built`, its named terms over a batch.
+"""Loss methods: one module per method, and `METHODS`, the one lookup from a params name to
+its module. The pure loss functions stay in `kd.losses`.
 
-`METHODS` is the one lookup from a params name to its module; adding a method is one module
-plus one line here (and its field in `config.LossConfig`). The pure loss functions stay in
-`kd.losses`.
+A method's module declares
+    its config      a dataclass subclassing `common.Method`: the keys of `students.NAME.loss.<name>`
+                    in params.yaml with their defaults, checked by its `check(where)`; says which
+                    cached temperatures, teacher layers (and cache modes) and student layers it reads
+    CONFIG          that dataclass
+    TASKS           the tasks whose students it trains: "image", "causal_lm", "masked_lm"
+    OWN_TOKENIZER   whether it also serves a causal student with its own tokenizer (not the teacher's)
+    KIND            what it learns from, for the report (KINDS): "logits" (the teacher's soft
+                    targets), "labels" (hard labels) or "feature" (cached teacher layers)
+    build(cfg, shapes) -> Built   its named terms {name: (weight, term(batch, out) -> scalar)},
+                    the student layers to tap and the helper modules trained with the student
+
+Everything else is derived from `METHODS`, in its order: the keys of `students.NAME.loss`
+(`config.loss_config`), the methods each task accepts (`supported`), the feature methods an
+assistant's cache cannot serve (`of_kind`), and the report's method labels and its soft-only
+reference (`report.compare`, by KIND).
+
+Adding a method, say `mine`:
+1. Write its loss as a function of tensors in `kd/losses.py` (the shapes in a comment).
+2. Write `kd/methods/mine.py`: its config, CONFIG, TASKS, OWN_TOKENIZER, KIND and `build`, as
+   in `soft.py` or `hint.py`. A term reads the batch keys `loader.CacheRows.targets` gives
+   (`topk_idx`, `topk_logit`, `label`, `lse` at soft's temperature, `teacher.<layer>` for each
+   layer its `teacher_layers` names) and the student's outputs (`logits`, each tapped layer);
+   a key it does not give yet (another temperature's lse, say) is added there.
+3. Add one line to `METHODS` below: `"mine": mine` (and its import).
+4. Use it: `students.NAME.loss.mine: {weight: ...}` in params.yaml is now a checked key, and
+   `kd distill NAME` logs each of its terms by name in train_log.csv.
 """
 
 from __future__ import annotations
@@ -16,9 +39,31 @@ from kd.errors import ConfigError
 from kd.methods import attention, cosine, hard, hint, mapped, rkd, soft, uld
 from kd.methods.common import Built, Shapes
 
-# Loss-method name -> module. The one place a config name meets code.
-METHODS: dict[str, ModuleType] = {"soft": soft, "hard": hard, "hint": hint, "attention": attention, "rkd": rkd,
-                                  "cosine": cosine, "mapped": mapped, "uld": uld}
+# Loss-method name -> module. The one place a config name meets code; its order is that of
+# the terms in train_log.csv and of the names in the report's method labels.
+METHODS: dict[str, ModuleType] = {
+    "soft": soft,
+    "hard": hard,
+    "hint": hint,
+    "attention": attention,
+    "rkd": rkd,
+    "cosine": cosine,
+    "mapped": mapped,
+    "uld": uld,
+}
+KINDS = ("logits", "labels", "feature")  # a module's KIND
+
+
+def supported(task: str, own_tokenizer: bool = False) -> tuple[str, ...]:
+    """The methods whose TASKS name `task`; with `own_tokenizer`, only those that also serve a
+    student with its own tokenizer (OWN_TOKENIZER). In METHODS' order."""
+    return tuple(name for name, module in METHODS.items()
+                 if task in module.TASKS and (module.OWN_TOKENIZER or not own_tokenizer))
+
+
+def of_kind(kind: str) -> tuple[str, ...]:
+    """The methods of KIND `kind` (one of KINDS), in METHODS' order."""
+    return tuple(name for name, module in METHODS.items() if module.KIND == kind)
 
 
 def chosen(loss: Any) -> dict[str, Any]:
@@ -55,5 +100,5 @@ def needed_samples(cfg: Any) -> list[float]:
     return list(dict.fromkeys(t for term in chosen(cfg.loss).values() for t in term.sampled_temperatures()))
 
 
-__all__ = ["METHODS", "Built", "Shapes", "chosen", "needed_samples", "needed_temperatures", "student_layers",
-           "student_terms"]
+__all__ = ["KINDS", "METHODS", "Built", "Shapes", "chosen", "needed_samples", "needed_temperatures", "of_kind",
+           "student_layers", "student_terms", "supported"]

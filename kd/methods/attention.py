@@ -36,6 +36,12 @@ class AttentionTerm(Method):
         return [pair[1] for pair in self.pairs]
 
 
+CONFIG = AttentionTerm  # students.NAME.loss.attention
+TASKS = ("image",)
+OWN_TOKENIZER = False
+KIND = "feature"
+
+
 def build(cfg: AttentionTerm, shapes: Shapes) -> Built:
     pairs = []
     for teacher_layer, student_layer in cfg.pairs:

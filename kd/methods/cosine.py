@@ -18,6 +18,12 @@ class CosineTerm(LayerPair):
     weight: float = 1.0
 
 
+CONFIG = CosineTerm  # students.NAME.loss.cosine
+TASKS = ("image", "masked_lm")
+OWN_TOKENIZER = False
+KIND = "feature"
+
+
 def build(cfg: CosineTerm, shapes: Shapes) -> Built:
     width_s = shapes.student[cfg.student_layer][0]
     width_t = shapes.teacher[cfg.teacher_layer]["shape"][0]

@@ -31,5 +31,11 @@ class HardTerm(Method):
         return [1.0] if self.pseudo and self.threshold > 0 else []  # p(top-1) at T=1 decides confidence
 
 
+CONFIG = HardTerm  # students.NAME.loss.hard
+TASKS = ("image", "causal_lm", "masked_lm")
+OWN_TOKENIZER = True  # true labels only: a pseudo-label is a teacher token (causal_lm.check)
+KIND = "labels"
+
+
 def build(cfg: HardTerm, shapes: Shapes) -> Built:
     return Built({"hard": (cfg.weight, hard_label_loss)})

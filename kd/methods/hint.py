@@ -19,6 +19,12 @@ class HintTerm(LayerPair):
     MODES = ("full",)
 
 
+CONFIG = HintTerm  # students.NAME.loss.hint
+TASKS = ("image",)
+OWN_TOKENIZER = False
+KIND = "feature"
+
+
 def build(cfg: HintTerm, shapes: Shapes) -> Built:
     # student feature (B, Cs, *S) -> regressor -> (B, Ct, *S'), compared with the cached (B, Ct, *S')
     target = shapes.teacher[cfg.teacher_layer]["shape"]

@@ -44,6 +44,12 @@ class MappedTerm(SoftTerm):
     """`soft` through the vocabulary mapping: weight * T^2 * KL on the aligned rows."""
 
 
+CONFIG = MappedTerm  # students.NAME.loss.mapped
+TASKS = ("causal_lm",)
+OWN_TOKENIZER = True
+KIND = "logits"
+
+
 def build(cfg: MappedTerm, shapes: Shapes) -> Built:
     key = lse_key(cfg.temperature)
     term = on_aligned_rows(lambda rows, logits: losses.mapped_soft_target_loss(

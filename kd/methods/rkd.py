@@ -18,6 +18,12 @@ class RKDTerm(LayerPair):
     angle: float = 50.0
 
 
+CONFIG = RKDTerm  # students.NAME.loss.rkd
+TASKS = ("image",)
+OWN_TOKENIZER = False
+KIND = "feature"
+
+
 def build(cfg: RKDTerm, shapes: Shapes) -> Built:
     key = f"teacher.{cfg.teacher_layer}"
 

@@ -44,6 +44,12 @@ class SoftTerm(Method):
         return [float(self.temperature)] if self.targets == "sampled" else []
 
 
+CONFIG = SoftTerm  # students.NAME.loss.soft
+TASKS = ("image", "causal_lm", "masked_lm")
+OWN_TOKENIZER = False
+KIND = "logits"
+
+
 def build(cfg: SoftTerm, shapes: Shapes) -> Built:
     if cfg.targets == "sampled":
         def sampled(batch, out):

@@ -29,6 +29,12 @@ class ULDTerm(Method):
         return [float(self.temperature)]
 
 
+CONFIG = ULDTerm  # students.NAME.loss.uld
+TASKS = ("causal_lm",)
+OWN_TOKENIZER = True
+KIND = "logits"
+
+
 def build(cfg: ULDTerm, shapes: Shapes) -> Built:
     key = lse_key(cfg.temperature)
     term = on_aligned_rows(lambda rows, logits: losses.uld_loss(logits, rows["topk_logit"], rows[key],

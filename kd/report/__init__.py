@@ -18,15 +18,15 @@ from typing import Any
 
 from kd.errors import MissingInputError
 from kd.files import replacing
-from kd.report.compare import (METHODS, PROGRESSIVE, TEST_SETS, is_soft_only, leaderboard, method_label,
-                                     methods_table, progressive_table, test_sets_table, verdict)
+from kd.report.compare import (METHODS_COLUMNS, PROGRESSIVE, TEST_SETS, is_soft_only, leaderboard, method_label,
+                               methods_table, progressive_table, test_sets_table, verdict)
 from kd.report.markdown import render, seeds_sentence, sentence
 from kd.report.plots import DRAW
 from kd.report.results import Report, StudentResult, assistant_info, load_student, student_dirs
 from kd import tasks
 from kd.report.scores import SCORES, Score, score_for
 
-__all__ = ["METHODS", "PROGRESSIVE", "SCORES", "Score", "StudentResult", "is_soft_only", "leaderboard",
+__all__ = ["METHODS_COLUMNS", "PROGRESSIVE", "SCORES", "Score", "StudentResult", "is_soft_only", "leaderboard",
            "method_label", "methods_table", "progressive_table", "seeds_sentence", "sentence", "student_dirs",
            "verdict", "write_report"]
 
@@ -59,7 +59,7 @@ def write_report(students_dir: Path, out: Path, manifest: dict[str, Any], cache_
     with replacing(out) as tmp:
         write_csv(tmp / "leaderboard.csv", score.columns, rows)
         if score.compares_methods:
-            write_csv(tmp / "methods.csv", METHODS, report.methods)
+            write_csv(tmp / "methods.csv", METHODS_COLUMNS, report.methods)
             write_csv(tmp / "progressive.csv", PROGRESSIVE, report.progressive)
         if test_sets:
             write_csv(tmp / "test_sets.csv", TEST_SETS, report.test_sets)

@@ -9,13 +9,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kd import methods
 from kd.metrics import mean_std
 from kd.report.results import StudentResult, load_metrics
 from kd.report.scores import Score, fmt
 
-METHODS = ("group", "setup", "student", "method", "role", "reference", "seeds", "accuracy_mean", "accuracy_std",
-           "gain_over_baseline_mean", "gain_over_baseline_std", "gain_over_soft_mean", "gain_over_soft_std",
-           "paired_seeds", "verdict")
+# methods.csv's columns
+METHODS_COLUMNS = ("group", "setup", "student", "method", "role", "reference", "seeds", "accuracy_mean",
+                   "accuracy_std", "gain_over_baseline_mean", "gain_over_baseline_std", "gain_over_soft_mean",
+                   "gain_over_soft_std", "paired_seeds", "verdict")
 PROGRESSIVE = ("student", "assistant", "assistant_params", "assistant_accuracy", "teacher_params", "teacher_accuracy",
                "student_params", "direct", "direct_accuracy_mean", "direct_accuracy_std", "via_accuracy_mean",
                "via_accuracy_std", "difference_mean", "difference_std", "paired_seeds", "verdict",
@@ -26,8 +28,6 @@ PROGRESSIVE = ("student", "assistant", "assistant_params", "assistant_accuracy",
 SETUP_DEFAULTS: dict[str, Any] = {"arch": None, "arch_kwargs": {}, "epochs": None, "batch_size": None, "lr": None,
                                   "weight_decay": 0.0, "transfer": ["labeled", "unlabeled"], "seed": 0, "repeats": 1,
                                   "views": False, "assistant": None}
-FEATURE_TERMS = ("hint", "attention", "rkd", "cosine")
-LOSS_TERMS = ("soft", "hard", *FEATURE_TERMS)
 
 
 def leaderboard(results: list[StudentResult], score: Score) -> list[dict[str, Any]]:
@@ -44,15 +44,18 @@ def leaderboard(results: list[StudentResult], score: Score) -> list[dict[str, An
 
 
 def method_label(loss: dict[str, Any]) -> str:
-    """A student's method named by its loss terms, e.g. "soft + hard + rkd" or "hard (pseudo)"."""
+    """A student's method named by its loss methods (in METHODS' order), e.g. "soft + hard + rkd"
+    or "hard (pseudo)"."""
     names = ["hard (pseudo)" if term == "hard" and loss[term].get("pseudo") else term
-             for term in LOSS_TERMS if loss.get(term) is not None]
+             for term in methods.METHODS if loss.get(term) is not None]
     return " + ".join(names) or "none"
 
 
 def is_soft_only(loss: dict[str, Any]) -> bool:
-    """Soft targets without any feature term: the reference a group's other methods are measured against."""
-    return loss.get("soft") is not None and all(loss.get(term) is None for term in FEATURE_TERMS)
+    """Soft targets with no other method than hard labels (KIND "labels"): the reference a group's
+    other methods are measured against."""
+    others = [term for term in methods.METHODS if term != "soft" and loss.get(term) is not None]
+    return loss.get("soft") is not None and all(methods.METHODS[term].KIND == "labels" for term in others)
 
 
 def setup(spec: dict[str, Any], **changes: Any) -> dict[str, Any]:
@@ -114,7 +117,7 @@ def _summary(r: StudentResult, key: str, prefix: str) -> dict[str, Any]:
 
 
 def methods_table(results: list[StudentResult], score: Score) -> list[dict[str, Any]]:
-    """METHODS rows: students grouped by architecture and budget; in each group every student
+    """METHODS_COLUMNS rows: students grouped by architecture and budget; in each group every student
     against the soft-only reference (the first by name when there are several)."""
     groups: dict[str, list[StudentResult]] = {}
     for r in sorted(results, key=lambda r: r.name):

@@ -1,6 +1,7 @@
 """Image datasets for `kd prepare`: loaded, checked, split and written.
 
-`prepare(cfg, out)` loads `cfg.dataset` (a built-in set, `sources.image_sets`; a Parquet file
+`prepare(cfg, out)` loads `cfg.dataset` (a built-in of kind images or image_folder in
+`builtin.SOURCES`; a Parquet file
 with `x`, `sources.arrays`; or encoded images: an image folder or a Parquet file with an
 `image` column, `sources.encoded`), checks it, splits it into labeled / unlabeled / test
 (`sources.splits`: stratified by class, seeded; a split the source names is kept: its test
@@ -33,7 +34,7 @@ from kd.prepared.images import Norm, Split, check_shape
 from kd.sources import encoded
 from kd.sources.arrays import load_parquet
 from kd.sources.encoded import name_ids
-from kd.sources.image_sets import DATASETS, FOLDERS
+from kd.sources.builtin import SOURCES, kind_of
 from kd.sources.splits import split
 
 
@@ -92,7 +93,7 @@ def check_config(cfg: PrepareConfig) -> None:
 
 
 def is_user_file(dataset: str) -> bool:
-    return dataset not in DATASETS and (dataset.endswith(".parquet") or Path(dataset).is_file())
+    return dataset not in SOURCES and (dataset.endswith(".parquet") or Path(dataset).is_file())
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -103,7 +104,8 @@ def load(cfg: PrepareConfig) -> Source:
     check_config(cfg)
     preset = classes = None
     size = None if cfg.image_size is None else list(cfg.image_size) * (3 - len(cfg.image_size))
-    if cfg.dataset in FOLDERS or cfg.dataset not in DATASETS and (encoded.is_image_folder(cfg.dataset) or (
+    kind = kind_of(cfg.dataset)
+    if kind == "image_folder" or kind is None and (encoded.is_image_folder(cfg.dataset) or (
             is_user_file(cfg.dataset) and encoded.has_image_column(Path(cfg.dataset)))):
         images = load_encoded(cfg.dataset, size)
         data = Split(images.ids, images.x, images.y, images.input_shape, len(images.classes))
@@ -111,10 +113,8 @@ def load(cfg: PrepareConfig) -> Source:
     elif cfg.image_size is not None:
         raise ConfigError(f"prepare.image_size: {cfg.image_size} resizes encoded images (an image folder or a "
                           f"Parquet file with an `image` column); {cfg.dataset!r} is neither")
-    elif cfg.dataset in DATASETS:
-        loaded = DATASETS[cfg.dataset](cfg)
-        data = Split(np.arange(len(loaded.y), dtype=np.int64), loaded.x, loaded.y, loaded.input_shape,
-                     loaded.num_classes)
+    elif kind == "images":
+        data = SOURCES[cfg.dataset].make(cfg)
         if cfg.input_shape is not None:  # a built-in may be reshaped (e.g. flat for an MLP)
             check_shape(cfg.input_shape, data.x.shape[1], f"--input-shape / prepare.input_shape {cfg.input_shape}",
                          cfg.dataset, ConfigError)
@@ -124,18 +124,18 @@ def load(cfg: PrepareConfig) -> Source:
     else:
         raise ConfigError(
             f"prepare.dataset: {cfg.dataset!r} is not a known dataset or an existing file or folder "
-            f"(expected one of {', '.join([*DATASETS, *FOLDERS])}, pydoc, an image folder, or a path to a .parquet or .txt file)"
+            f"(expected one of {', '.join(SOURCES)}, an image folder, or a path to a .parquet or .txt file)"
         )
     validate(data, cfg.dataset)
     return Source(data, preset, classes)
 
 
 def load_encoded(dataset: str, size: list[int] | None) -> encoded.Images:
-    """An image folder or a Parquet file of encoded images; a FOLDERS name is written into a
-    scratch folder first and read like any other."""
-    if dataset in FOLDERS:
+    """An image folder or a Parquet file of encoded images; a built-in image_folder is written
+    into a scratch folder first and read like any other."""
+    if kind_of(dataset) == "image_folder":
         with tempfile.TemporaryDirectory() as scratch:
-            return encoded.load_folder(FOLDERS[dataset](Path(scratch)), size)
+            return encoded.load_folder(SOURCES[dataset].make(Path(scratch)), size)
     path = Path(dataset)
     return (encoded.load_folder if path.is_dir() else encoded.load_parquet)(path, size)
 

@@ -3,15 +3,17 @@
 `prepare(cfg, out)` reads the documents of `cfg.dataset`:
 
     pydoc            the English documentation that ships with CPython (`pydoc_data.topics`,
-                     one document per topic)
+                     one document per topic; `builtin.pydoc`)
     addition         instruction pairs made here: `cfg.samples` distinct sums of two numbers
-                     below 100, "12+85=" -> "97", drawn from `cfg.seed` (`addition`)
+                     below 100, "12+85=" -> "97", drawn from `cfg.seed` (`builtin.addition`)
     FILE.txt         UTF-8 text; documents are separated by one or more blank lines
                      (a line holding only whitespace counts as blank)
     FILE.jsonl       one JSON object per line, the document in its string field
                      `cfg.text_column` (blank lines skipped; a null field is an empty document)
     FILE.parquet     one document per row of the string column `cfg.text_column`
                      (a Parquet file with a column `x` is image data; see sources.images)
+
+(pydoc and addition are the built-ins of kind documents and examples in `builtin.SOURCES`.)
 
 Instruction data instead (`cfg.prompt_column` + `cfg.response_column`, or `cfg.messages_column`,
 from a .jsonl or Parquet file; or the built-in `addition`): one example per block, padded, with a `loss_mask` that is True
@@ -70,13 +72,11 @@ from kd.errors import ConfigError, InputError, MissingInputError
 from kd.files import replacing
 from kd.prepared import tokens as token_files
 from kd.prepared.tokens import SPECIAL_TOKENS, TOKENIZER_FILE, TokenizerDir, fingerprint_of, read_tokenizer, special_ids
-from kd.sources.image_sets import DATASETS
+from kd.sources.builtin import SOURCES, kind_of
 from kd.sources.splits import DRAW_ORDER
 
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # byte-level BPE starts from all 256 bytes
-TEXT_DATASETS = ("pydoc", "addition")
-INSTRUCTION_DATASETS = ("addition",)  # built-in prompt/response pairs
-ADDITION_DIGITS = 2  # the addition dataset's numbers: 0 to 99
+TEXT_KINDS = ("documents", "examples")  # the kinds of built-in (builtin.KINDS) read here
 
 
 @dataclass
@@ -98,11 +98,12 @@ class TextPrepared:
 
 
 def is_text(cfg: PrepareConfig) -> bool:
-    """pydoc, a .txt or .jsonl path, or a Parquet file with `cfg.text_column` and no `x` column."""
-    if cfg.dataset in TEXT_DATASETS or cfg.dataset.endswith((".txt", ".jsonl")):
+    """A built-in text dataset (pydoc, addition), a .txt or .jsonl path, or a Parquet file with
+    `cfg.text_column` and no `x` column."""
+    if kind_of(cfg.dataset) in TEXT_KINDS or cfg.dataset.endswith((".txt", ".jsonl")):
         return True
     path = Path(cfg.dataset)
-    if cfg.dataset in DATASETS or not path.is_file() or path.suffix != ".parquet":
+    if cfg.dataset in SOURCES or not path.is_file() or path.suffix != ".parquet":
         return False
     try:
         names = pq.read_schema(path).names
@@ -130,15 +131,13 @@ def text_columns(cfg: PrepareConfig) -> list[str]:
 
 def is_instruction(cfg: PrepareConfig) -> bool:
     """Prompt/response pairs or chats: only response tokens are predicted."""
-    return cfg.messages_column is not None or cfg.prompt_column is not None or cfg.dataset in INSTRUCTION_DATASETS
+    return cfg.messages_column is not None or cfg.prompt_column is not None or kind_of(cfg.dataset) == "examples"
 
 
 def documents(cfg: PrepareConfig) -> list[str]:
     """The non-empty documents of `cfg.dataset`, in source order."""
-    if cfg.dataset == "pydoc":
-        from pydoc_data.topics import topics
-
-        docs = [topics[name] for name in sorted(topics)]
+    if kind_of(cfg.dataset) == "documents":
+        docs = SOURCES[cfg.dataset].make(cfg)
     elif cfg.dataset.endswith(".txt"):
         docs = _txt_documents(Path(cfg.dataset))
     else:
@@ -291,12 +290,12 @@ def examples(cfg: PrepareConfig) -> tuple[list[tuple], dict[str, int]]:
     {role, content} with at least one assistant turn), and the rows dropped by reason: a pair
     with an empty response (`empty_response`), a null chat or one without an assistant turn
     (`no_assistant_turn`)."""
-    if cfg.dataset == "addition":
+    if kind_of(cfg.dataset) == "examples":
         if cfg.messages_column is not None or cfg.prompt_column is not None:
             raise ConfigError(f"prepare.{'messages_column' if cfg.messages_column else 'prompt_column'}: the built-in "
-                              "addition dataset has its own prompts and responses; set it to null")
-        return addition(cfg.samples, cfg.seed), {}
-    if cfg.dataset in TEXT_DATASETS or cfg.dataset.endswith(".txt"):
+                              f"{cfg.dataset} dataset has its own prompts and responses; set it to null")
+        return SOURCES[cfg.dataset].make(cfg), {}
+    if kind_of(cfg.dataset) == "documents" or cfg.dataset.endswith(".txt"):
         raise ConfigError(f"prepare.{'messages_column' if cfg.messages_column else 'prompt_column'}: instruction "
                           f"data is read from a .jsonl or Parquet file, not {cfg.dataset}")
     rows = records(cfg, text_columns(cfg))
@@ -308,24 +307,6 @@ def examples(cfg: PrepareConfig) -> tuple[list[tuple], dict[str, int]]:
     if not kept:
         raise InputError(f"{cfg.dataset}: no example with a response (every {text_columns(cfg)[-1]!r} is empty)")
     return kept, ({reason: len(rows) - len(kept)} if len(rows) > len(kept) else {})
-
-
-def addition(count: int, seed: int) -> list[tuple[str, str]]:
-    """`count` distinct sums "a+b=" -> "a + b" of two numbers below 10 ** ADDITION_DIGITS, in the
-    order drawn from `seed`. A task whose answers can be checked exactly: kd generate's default."""
-    most = 10 ** (2 * ADDITION_DIGITS)
-    if not 1 <= count <= most // 2:
-        raise ConfigError(f"prepare.samples: {count} sums asked; the addition dataset makes 1 to {most // 2} "
-                          "distinct ones")
-    rng = np.random.default_rng(seed)
-    seen: set[tuple[int, int]] = set()
-    pairs: list[tuple[str, str]] = []
-    while len(pairs) < count:
-        a, b = (int(n) for n in rng.integers(0, 10 ** ADDITION_DIGITS, size=2))
-        if (a, b) not in seen:
-            seen.add((a, b))
-            pairs.append((f"{a:0{ADDITION_DIGITS}d}+{b:0{ADDITION_DIGITS}d}=", f"{a + b:0{ADDITION_DIGITS + 1}d}"))
-    return pairs
 
 
 def _chat(cfg: PrepareConfig, chat: Any, number: int) -> bool:

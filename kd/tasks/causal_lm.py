@@ -48,14 +48,12 @@ from kd.cache.reader import SoftTargets
 from kd.config import EvalConfig, LabelConfig, StudentConfig, TeacherConfig
 from kd.errors import CacheError, ConfigError, InputError, MissingInputError
 from kd.files import read_json, write_json
-from kd.methods import chosen
+from kd.methods import chosen, supported
 from kd.speed import count_params
 from kd.tasks import Batch
 
 NAME, OBJECTIVE = "causal_lm", "causal"
 TWIN_LOSS = "next-token"  # what the baseline twin learns from, for messages
-METHODS = ("soft", "hard", "mapped", "uld")  # the loss methods a causal student supports so far
-CROSS_METHODS = ("hard", "mapped", "uld")  # those of a student with its own tokenizer
 STUDENT_RECORD = "student.json"
 AUTO_MODEL = AutoModelForCausalLM  # how a directory of this task loads
 
@@ -286,15 +284,15 @@ def unigram_perplexity(train: np.ndarray, test: np.ndarray, vocab_size: int,
 def check(cfg: StudentConfig, cache: Cache, prepared: Path) -> None:
     """What a causal student cannot do yet, said up front."""
     check_tokenizer(cache, prepared, cfg.transfer)
-    check_token_student(cfg, cache, prepared, OBJECTIVE, METHODS, [("assistant", cfg.assistant),
-                                                                 ("views", cfg.views)])
+    check_token_student(cfg, cache, prepared, OBJECTIVE, supported(NAME), [("assistant", cfg.assistant),
+                                                                         ("views", cfg.views)])
     own = student_tokenizer(cfg, cache, prepared)
     if own is None:
         return
     source = "tokenizer" if cfg.tokenizer is not None else "init"
     differs = (f"the student's tokenizer ({source}: {own.student.describe()}) is another tokenizer than the "
                f"cache {cache.root}'s teacher's ({own.teacher.describe()})")
-    other = [name for name in chosen(cfg.loss) if name not in CROSS_METHODS]
+    other = [name for name in chosen(cfg.loss) if name not in supported(NAME, own_tokenizer=True)]
     if other:
         raise ConfigError(f"{cfg.where}.loss.{other[0]}: needs the teacher's vocabulary, but {differs}; use "
                           "loss.mapped (the teacher's top-k mapped by token text) or loss.uld (sorted probabilities)")

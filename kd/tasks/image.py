@@ -29,6 +29,7 @@ from kd.config import EvalConfig, LabelConfig, StudentConfig, TeacherConfig, as_
 from kd.errors import ConfigError, InputError
 from kd.files import write_json
 from kd.loader import SampleSet
+from kd.methods import chosen, supported
 from kd.speed import count_params, throughputs, torch_threads
 from kd.tasks import image_eval
 from kd.tasks.image_models import build as build_model, fingerprint, is_hf_classifier, load_hf_classifier
@@ -154,6 +155,10 @@ def check(cfg: StudentConfig, cache: Cache, prepared: Path) -> None:
     if cfg.tokenizer is not None or cfg.loss.mapped is not None or cfg.loss.uld is not None:
         raise ConfigError(f"{cfg.where}: tokenizer, loss.mapped and loss.uld are for language-model students "
                           "with their own tokenizer; an image student reads the teacher's classes")
+    extra = [name for name in chosen(cfg.loss) if name not in supported(NAME)]
+    if extra:
+        raise ConfigError(f"{cfg.where}.loss: {', '.join(extra)} not supported for image students "
+                          f"({', '.join(supported(NAME))})")
 
 
 def rows(cache: Cache, prepared: Path, cfg: StudentConfig, memory_mb: float) -> Any:

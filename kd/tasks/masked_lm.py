@@ -31,13 +31,12 @@ from kd.prepared import tokens as text
 from kd.cache import Cache
 from kd.config import EvalConfig, LabelConfig, StudentConfig
 from kd.errors import ConfigError
-from kd.methods import student_layers
+from kd.methods import student_layers, supported
 from kd.tasks import Batch, causal_lm
 from kd.tasks.causal_lm import check_token_student, evaluate_rows, hidden, save, token_summary
 
 NAME, OBJECTIVE = "masked_lm", "masked"
 TWIN_LOSS = "masked-LM"  # what the baseline twin learns from, for messages
-METHODS = ("soft", "hard", "cosine")  # the loss methods a masked student supports so far
 __all__ = ["save"]  # a Hugging Face directory plus student.json, as for causal students
 AUTO_MODEL = AutoModelForMaskedLM  # how a directory of this task loads
 
@@ -167,7 +166,7 @@ def check(cfg: StudentConfig, cache: Cache, prepared: Path) -> None:
     if cfg.views and cache.manifest["views"]["count"] == 0:
         raise ConfigError(f"{cfg.where}.views: the cache holds one masking per block; set label.views (e.g. 4) "
                           "and run `kd label` again")
-    check_token_student(cfg, cache, prepared, OBJECTIVE, METHODS, [("assistant", cfg.assistant)])
+    check_token_student(cfg, cache, prepared, OBJECTIVE, supported(NAME), [("assistant", cfg.assistant)])
     for layer in student_layers(cfg):
         if not (layer.startswith("hidden.") and layer.removeprefix("hidden.").isdigit()):
             raise ConfigError(f"{cfg.where}.loss: student_layer {layer!r}; a masked LM student's layers are "
