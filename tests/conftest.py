@@ -148,17 +148,27 @@ def assert_streams_like_in_memory(in_memory: Any, streamed: Any, views: str = "c
     assert sorted(served) == list(range(len(in_memory)))
 
 
+DOC_FILES = (Path(__file__).parents[1] / "README.md", *sorted((Path(__file__).parents[1] / "docs").glob("*.md")))
+
+
+def doc_snippet(name: str) -> str:
+    """The python block marked `<!-- snippet: NAME (executed by tests/...) -->` in README.md or
+    docs/*.md (exactly one); tests/test_docs.py checks that the named test file runs it."""
+    found = [text for text in (path.read_text() for path in DOC_FILES) if f"<!-- snippet: {name} " in text]
+    assert len(found) == 1, f"snippet {name!r} is in {len(found)} documentation files, not 1"
+    return found[0].split(f"<!-- snippet: {name} ", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+
+
 def run_readme_snippet(name: str, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """Run the README's python block marked `<!-- snippet: NAME -->` where `cache` is at
-    data/teacher_outputs, as a reader would from the repository root; -> its variables."""
+    """Run the documentation's python block marked `<!-- snippet: NAME -->` (README.md or
+    docs/*.md) where `cache` is at data/teacher_outputs, as a reader would from the repository
+    root; -> its variables."""
     import shutil
 
     shutil.copytree(cache, tmp_path / "data" / "teacher_outputs")
     monkeypatch.chdir(tmp_path)
-    text = (Path(__file__).parents[1] / "README.md").read_text()
-    snippet = text.split(f"<!-- snippet: {name}", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     scope: dict[str, Any] = {}
-    exec(snippet, scope)
+    exec(doc_snippet(name), scope)
     return scope
 
 

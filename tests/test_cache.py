@@ -31,6 +31,8 @@ from kd.tasks import image
 from kd.errors import CacheError, CacheMissingError, StaleCacheError
 from kd.tasks.image_models import build, fingerprint, load_model, save_model
 
+from conftest import doc_snippet
+
 FEATURES = {"stages.0": "full", "stages.1": "attention", "embed": "pooled"}
 
 
@@ -179,20 +181,14 @@ def test_columns_and_manifest_follow_the_contract(teacher, prepared, tmp_path):
     assert manifest["fidelity"]["unlabeled"]["teacher_accuracy"] is None  # no labels there
 
 
-def readme_snippet(name: str) -> str:
-    text = (Path(__file__).parents[1] / "README.md").read_text()
-    after = text.split(f"<!-- snippet: {name}", 1)[1]
-    return after.split("```python\n", 1)[1].split("```", 1)[0]
-
-
-def test_readme_snippet_reads_the_cache_with_polars_and_zarr_alone(teacher, prepared, tmp_path, monkeypatch):
-    """The README's snippet, run as written on a cache, gives the teacher's softmax at T=4 to
-    float16 precision and the cached layers."""
+def test_doc_snippet_reads_the_cache_with_polars_and_zarr_alone(teacher, prepared, tmp_path, monkeypatch):
+    """The documentation's snippet (docs/cache.md), run as written on a cache, gives the teacher's
+    softmax at T=4 to float16 precision and the cached layers."""
     t, _ = teacher
     make_cache(t, prepared, tmp_path / "data" / "teacher_outputs", features={"stages.1": "attention"})
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(readme_snippet("read-cache"), scope)
+    exec(doc_snippet("read-cache"), scope)
     p, df, feats = scope["p"], scope["df"], scope["feats"]
     test = data.read_split(prepared / "test.parquet")
     with torch.no_grad():
