@@ -50,7 +50,7 @@ from kd.errors import CacheError, ConfigError, InputError, MissingInputError
 from kd.files import read_json, write_json
 from kd.methods import chosen
 from kd.models import count_params
-from kd.tasks import Batch
+from kd.cache.batch import Batch
 
 NAME, OBJECTIVE = "causal_lm", "causal"
 TWIN_LOSS = "next-token"  # what the baseline twin learns from, for messages
