@@ -30,11 +30,11 @@ from zarr.codecs import ZstdCodec
 from bench.timing import interleave, medians, paired_ratio, ratio, seconds
 from kd import config, features, losses, sources
 from kd.prepared import images as data
-from kd.cache import Cache, Teacher, label, layout, lse_column, writer
+from kd.cache import Cache, Teacher, label, layout, lse_column, targets
 from kd.config import SPLITS, LabelConfig, PrepareConfig, StudentConfig, TeacherConfig
 from kd.distill import train_model
 from kd.methods import Built, Shapes, student_layers, student_terms
-from kd.tasks import Batch
+from kd.cache.batch import Batch
 from kd.tasks import image as image_task
 from kd.tasks.image import probe_shapes
 from kd.errors import CacheMissingError
@@ -87,7 +87,7 @@ def workspace(root: Path, params: Path, rows: int) -> Workspace:
     info = data.split_info(prepared / "labeled.parquet")
     teacher = make_teacher(root / "teacher", params, info["input_shape"], info["num_classes"])
     label_cfg = config.section(params, "label", LabelConfig)
-    label(teacher, prepared, root / "cache", label_cfg, progress=False)
+    label(teacher, prepared, root / "cache", label_cfg, task_inputs=image_task.Inputs, progress=False)
     return Workspace(root, params, prepared, teacher, label_cfg, root / "cache")
 
 
@@ -120,7 +120,7 @@ def labeling_overhead(ws: Workspace, rows: int, repeats: int) -> dict[str, Any]:
         def run() -> float:
             out = ws.root / "label_out"
             shutil.rmtree(out, ignore_errors=True)
-            return seconds(lambda: label(ws.teacher, prepared, out, cfg, progress=False))
+            return seconds(lambda: label(ws.teacher, prepared, out, cfg, task_inputs=image_task.Inputs, progress=False))
         return run
 
     times = interleave({"bare_forward": bare, **{name: labeling(cfg) for name, cfg in variants.items()}}, repeats)
@@ -357,10 +357,10 @@ def cache_size(ws: Workspace, rows: int) -> dict[str, Any]:
             continue
         for dtype in ("float16", "float32"):
             cfg = dataclasses.replace(ws.label_cfg, top_k=k, logit_dtype=dtype, features={})
-            cols = writer.soft_targets(logits, k, temperatures, dtype)
-            schema = writer._schema(cfg)
+            cols = targets.soft_targets(logits, k, temperatures, dtype)
+            schema = targets.part_schema(cfg)
             rows = Batch(ids, view, None, logits, {}, np.full(len(ids), -1), view == 0)
-            table = writer._table(schema, rows, cols)
+            table = targets.part_table(schema, rows, cols)
             file_bytes, chunk_bytes = _parquet_bytes(scratch / f"k{k}_{dtype}.parquet", table)
             raw = sum(f.type.byte_width if not pa.types.is_fixed_size_list(f.type)
                       else f.type.list_size * f.type.value_type.byte_width for f in schema)
@@ -418,7 +418,7 @@ def reader_workspace(root: Path, params: Path, rows: int) -> tuple[Path, Path, T
                     prepared)
     teacher = make_teacher(root / "reader_teacher", params, [40], 10, arch="mlp", arch_kwargs={"hidden": [32]})
     cfg = dataclasses.replace(config.section(params, "label", LabelConfig), features={})
-    label(teacher, prepared, root / "reader_cache", cfg, progress=False)
+    label(teacher, prepared, root / "reader_cache", cfg, task_inputs=image_task.Inputs, progress=False)
     return prepared, root / "reader_cache", teacher
 
 

@@ -37,6 +37,7 @@ from kd.cache.layout import SOFT_TARGETS  # noqa: E402
 from kd.config import LabelConfig, PrepareConfig, Shares  # noqa: E402
 from kd.prepared import tokens as text  # noqa: E402
 from kd.sources import text as text_source  # noqa: E402
+from kd import tasks  # noqa: E402
 from kd.tasks import causal_lm  # noqa: E402
 
 ROUNDS = 5
@@ -89,7 +90,8 @@ def main() -> None:
                         teacher.model(input_ids=batch).logits
 
         def kd_label(out: Path) -> None:
-            label(teacher, root / "prepared", out, cfg, progress=False)
+            label(teacher, root / "prepared", out, cfg, task_inputs=tasks.inputs_for(root / "prepared", teacher),
+                  progress=False)
 
         times: dict[str, list[float]] = {"bare_forward": [], "kd_label": []}
         for round_ in range(ROUNDS):
@@ -102,7 +104,7 @@ def main() -> None:
         for k in (8, 32, 128):
             out = root / f"size-{k}"
             label(teacher, root / "prepared", out, LabelConfig(top_k=k, temperatures=[1.0], batch_size=4096),
-                  progress=False)
+                  task_inputs=tasks.inputs_for(root / "prepared", teacher), progress=False)
             cache = Cache.open(out)
             parquet = sum(f.stat().st_size for f in (out / SOFT_TARGETS).rglob("*.parquet"))
             rows = sum(info["rows"] for info in cache.manifest["splits"].values())

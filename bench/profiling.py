@@ -120,7 +120,8 @@ def main(out: Path = typer.Option(REPO / "bench" / "profiles"), params: Path = t
         prepared = cases.prepare_default(root / "label_prepared", params, label_rows)
         for name, feats in (("label_features_off", {}), ("label_full_feature_map", {"stages.1": "full"})):
             cfg = dataclasses.replace(ws.label_cfg, features=feats)
-            summary[name] = profiled(name, lambda: label(ws.teacher, prepared, root / name, cfg, progress=False), out)
+            summary[name] = profiled(name, lambda: label(ws.teacher, prepared, root / name, cfg,
+                                                         task_inputs=image_task.Inputs, progress=False), out)
         inputs = [torch.tensor(data.read_split(prepared / f"{s}.parquet").x).reshape(-1, 1, 28, 28) for s in SPLITS]
 
         def bare():

@@ -2,10 +2,10 @@
 
 Runs after `dvc repro text_label` (the default text teacher and prepared pydoc). The teacher
 runs once over the test split (every predicted token); each configuration's columns are then
-made by the writer's own functions (`soft_targets`, `encoding.encode`, `sampling.draw`,
-`_schema`, `_table`) and written as one Parquet part is (zstd, the encoding's options), so the
-bytes are what `kd label` would write for those rows (every column: id, view, position,
-logit_max and lse at T=1 included). The configurations, all at T=1:
+made by the writer's own functions (`targets.soft_targets`, `encoding.encode`, `sampling.draw`,
+`targets.part_schema`, `targets.part_table`) and written as one Parquet part is (zstd, the
+encoding's options), so the bytes are what `kd label` would write for those rows (every
+column: id, view, position, logit_max and lse at T=1 included). The configurations, all at T=1:
 
 - float16 top-k and compact top-k at each k;
 - sampled targets (`label.top_k: 1` plus `label.sampling: N`) with N chosen so the part takes
@@ -41,7 +41,7 @@ from kd import config, tasks  # noqa: E402
 from kd.cache import encoding as encodings  # noqa: E402
 from kd.cache import sampling  # noqa: E402
 from kd.cache.layout import ROW_GROUP_ROWS, sample_columns  # noqa: E402
-from kd.cache.writer import _schema, _table, fidelity_sums, soft_targets  # noqa: E402
+from kd.cache.targets import fidelity_sums, part_schema, part_table, soft_targets  # noqa: E402
 from kd.cli.label import load_teacher  # noqa: E402
 
 T = 1.0
@@ -51,7 +51,7 @@ def teacher_logits(teacher_dir: Path, prepared: Path) -> tuple[torch.Tensor, Sim
     """The teacher's logits on every predicted test token (R, V), with the rows' ids and positions."""
     cfg = config.LabelConfig(temperatures=[T])
     teacher = load_teacher(teacher_dir, None, None, cfg)
-    inputs = tasks.for_prepared(prepared, teacher.config.get("objective")).Inputs(prepared, ["labeled", "test"], cfg)
+    inputs = tasks.inputs_for(prepared, teacher)(prepared, ["labeled", "test"], cfg)
     rows = inputs.read(prepared / "test.parquet", 0, inputs.samples("test"))
     batches = [inputs.batch(teacher.model.eval(), rows, start, min(start + 16, inputs.samples("test")), {})
                for start in range(0, inputs.samples("test"), 16)]
@@ -62,12 +62,12 @@ def teacher_logits(teacher_dir: Path, prepared: Path) -> tuple[torch.Tensor, Sim
 
 def part_bytes(cfg: config.LabelConfig, meta: SimpleNamespace, cols: dict[str, np.ndarray], num_classes: int) -> int:
     """The bytes of one Parquet part holding these rows, written as the writer writes one."""
-    schema = _schema(cfg, ("position",), num_classes)
+    schema = part_schema(cfg, ("position",), num_classes)
     encoding = encodings.header(cfg.encoding)
     buffer = io.BytesIO()
     with pq.ParquetWriter(buffer, schema, compression="zstd", write_statistics=False,
                           **encodings.writer_options(encoding, schema)) as writer:
-        writer.write_table(_table(schema, meta, cols), row_group_size=ROW_GROUP_ROWS)
+        writer.write_table(part_table(schema, meta, cols), row_group_size=ROW_GROUP_ROWS)
     return len(buffer.getvalue())
 
 

@@ -38,11 +38,11 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from kd import config  # noqa: E402
+from kd import config, tasks  # noqa: E402
 from kd.cache import encoding as encodings  # noqa: E402
 from kd.cache import label  # noqa: E402
 from kd.cache.layout import ROW_GROUP_ROWS, temperature_key  # noqa: E402
-from kd.cache.writer import _schema, fidelity_sums, soft_targets  # noqa: E402
+from kd.cache.targets import fidelity_sums, part_schema, soft_targets  # noqa: E402
 from kd.cli.label import load_teacher  # noqa: E402
 
 ENCODINGS = ("topk", "compact")
@@ -56,7 +56,8 @@ def teacher_rows(ks: list[int], teacher_dir: Path, prepared: Path, params: Path)
         for k in ks:
             for encoding in ENCODINGS:
                 cfg = dataclasses.replace(base, top_k=k, encoding=encoding)
-                manifest = label(teacher, prepared, Path(scratch) / f"k{k}-{encoding}", cfg, progress=False)
+                manifest = label(teacher, prepared, Path(scratch) / f"k{k}-{encoding}", cfg,
+                                 task_inputs=tasks.inputs_for(prepared, teacher), progress=False)
                 fidelity = manifest["fidelity"]["test"]
                 parts = [p for s in manifest["splits"].values() for p in s["parts"]]
                 rows.append({"k": k, "encoding": encoding, "teacher_next_token_accuracy": fidelity["teacher_accuracy"],
@@ -91,7 +92,7 @@ def synthetic_rows(ks: list[int], vocab: int, shuffled: bool, temperatures: list
             stored = encodings.encode(computed, encoding)
             decoded = dict(computed, **dict(zip(("topk_idx", "topk_logit"), encodings.decode(stored, encoding))))
             sums = fidelity_sums(logits, decoded, temperatures)
-            schema = _schema(cfg, ("position",), vocab)
+            schema = part_schema(cfg, ("position",), vocab)
             columns = {"id": np.repeat(np.arange(blocks), block), "view": np.zeros(len(logits), np.int32),
                        "position": np.tile(np.arange(block), blocks), **computed, **stored}
             arrays = [pa.FixedSizeListArray.from_arrays(pa.array(columns[f.name].reshape(-1), f.type.value_type), k)

@@ -22,6 +22,7 @@ from kd import config
 from kd.prepared import images as data
 from kd.cache import Cache, Teacher, label
 from kd.distill import train_student
+from kd.tasks import image as image_task
 from kd.tasks.image_models import fingerprint, load_model
 from kd.training import predict
 
@@ -38,7 +39,8 @@ def main(ks: str = "1,2,3,5,10", student: str = "mlp_soft", temperature: float =
     with tempfile.TemporaryDirectory() as scratch:
         for k in map(int, ks.split(",")):
             cache_dir = Path(scratch) / f"k{k}"
-            label(teacher, prepared, cache_dir, dataclasses.replace(base_label, top_k=k), progress=False)
+            label(teacher, prepared, cache_dir, dataclasses.replace(base_label, top_k=k), task_inputs=image_task.Inputs,
+                  progress=False)
             cache = Cache.open(cache_dir)
             train_student(cfg, cache, prepared, Path(scratch) / f"student{k}", Path(scratch) / "baselines",
                           progress=False)

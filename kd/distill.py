@@ -227,6 +227,8 @@ def train_assistant(cfg: StudentConfig, cache: Cache, prepared: Path, assistants
     summary = train_student(cfg, cache, prepared, out, baselines, memory_mb=memory_mb, checkpoints=checkpoints,
                             progress=progress)
     model, config = tasks.for_cache(cache).load(out, cfg)
-    label(Teacher(model, fingerprint(out), config), prepared, out / "outputs", label_cfg, progress=progress)
+    assistant = Teacher(model, fingerprint(out), config)  # the teacher of the next step
+    label(assistant, prepared, out / "outputs", label_cfg, task_inputs=tasks.inputs_for(prepared, assistant),
+          progress=progress)
     write_json(stamp, decided_by)
     return {"name": cfg.name, "reused": False, **summary}

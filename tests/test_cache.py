@@ -23,8 +23,9 @@ from kd import augment, features, losses, sources
 from kd.prepared import data_fingerprint
 from kd.prepared import images as data
 from kd.cache import Cache, Teacher, label, lse_column, soft_targets
+from kd import tasks
 from kd.cache.verify import verify
-from kd.cache.writer import fidelity_sums
+from kd.cache.targets import fidelity_sums
 from kd.config import LabelConfig, PrepareConfig, StudentConfig, from_mapping
 from kd.loader import StreamingSet
 from kd.tasks import image
@@ -66,7 +67,7 @@ def teacher(tmp_path_factory, prepared) -> tuple[Teacher, Path]:
 def make_cache(teacher, prepared, out, **label_kwargs) -> Path:
     cfg = LabelConfig(**{"top_k": 4, "temperatures": [1, 2.5, 4], "part_size": 64, "batch_size": 50,
                          **label_kwargs})
-    label(teacher, prepared, out, cfg, progress=False)
+    label(teacher, prepared, out, cfg, task_inputs=image.Inputs, progress=False)
     return out
 
 
@@ -112,7 +113,7 @@ def test_a_compact_image_cache_holds_the_same_rows_views_and_features(teacher, p
     kwargs = {"features": {"stages.1": "attention"}, "views": 2}
     truth = Cache.open(make_cache(t, prepared, tmp_path / "truth", logit_dtype="float32", **kwargs))
     compact = Cache.open(make_cache(t, prepared, tmp_path / "compact", encoding="compact", **kwargs))
-    assert verify(compact.root) == []
+    assert verify(compact.root, tasks.for_manifest) == []
     assert str(pq.read_schema(compact.root / "soft_targets/split=test/part-00000.parquet").field("topk_gap").type) \
         == "fixed_size_list<element: uint8>[4]"  # 10 classes: one byte per id
     for split in ("labeled", "unlabeled", "test"):
@@ -139,7 +140,7 @@ def test_a_sampled_image_cache_draws_per_view_and_streams_the_same_targets(teach
     t, _ = teacher
     cache = Cache.open(make_cache(t, prepared, tmp_path / "sampled", views=2, sampling=16,
                                   features={"stages.1": "attention"}))
-    assert verify(cache.root) == []
+    assert verify(cache.root, tasks.for_manifest) == []
     soft = cache.soft_targets("test", [], samples=[1, 4])
     idx, count = soft.samples[1.0]
     assert (count.sum(1) == 16).all() and idx.max() < 10
@@ -285,7 +286,7 @@ def test_same_key_leaves_the_cache_untouched_and_new_key_rebuilds(teacher, prepa
     assert tree_digest(out) == before
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == mtimes
     make_cache(t, prepared, out, top_k=3)
-    assert Cache.open(out).manifest["top_k"] == 3 and verify(out) == []
+    assert Cache.open(out).manifest["top_k"] == 3 and verify(out, tasks.for_manifest) == []
 
 
 def test_student_refused_when_cache_lacks_what_it_needs(teacher, prepared, tmp_path):
@@ -323,6 +324,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import pyarrow.parquet as pq, zarr
     from kd.cache import Teacher, label
     from kd.config import LabelConfig
+    from kd.tasks import image
     from kd.tasks.image_models import fingerprint, load_model
 
     teacher_dir, prepared, out, what, after = sys.argv[1:6]
@@ -342,7 +344,8 @@ KILL_SCRIPT = textwrap.dedent("""
     model, config = load_model(__import__("pathlib").Path(teacher_dir))
     cfg = LabelConfig(top_k=4, temperatures=[1, 4], part_size=16, batch_size=8, features={"stages.0": "full"})
     label(Teacher(model, fingerprint(__import__("pathlib").Path(teacher_dir)), config),
-          __import__("pathlib").Path(prepared), __import__("pathlib").Path(out), cfg, progress=False)
+          __import__("pathlib").Path(prepared), __import__("pathlib").Path(out), cfg, task_inputs=image.Inputs,
+          progress=False)
 """)
 
 
@@ -357,7 +360,7 @@ def test_sigkill_mid_label_then_rerun_equals_uninterrupted(teacher, prepared, tm
     t = Teacher(model, fingerprint(teacher_dir), config)
     reference = tmp_path / "reference"
     label(t, prepared, reference, LabelConfig(top_k=4, temperatures=[1, 4], part_size=16, batch_size=8,
-                                              features={"stages.0": "full"}), progress=False)
+                                              features={"stages.0": "full"}), task_inputs=image.Inputs, progress=False)
     out = tmp_path / "cache"
     args = [sys.executable, "-c", KILL_SCRIPT, str(teacher_dir), str(prepared), str(out), what, str(after)]
     killed = subprocess.run(args, capture_output=True, text=True, env=child_env)
@@ -368,20 +371,20 @@ def test_sigkill_mid_label_then_rerun_equals_uninterrupted(teacher, prepared, tm
         assert all((out / p["path"]).is_file() for p in info["parts"])
     assert not any(p.name.endswith(".parquet") and p.stat().st_size == 0 for p in out.rglob("*"))
     label(t, prepared, out, LabelConfig(top_k=4, temperatures=[1, 4], part_size=16, batch_size=8,
-                                        features={"stages.0": "full"}), progress=False)
+                                        features={"stages.0": "full"}), task_inputs=image.Inputs, progress=False)
     assert tree_digest(out) == tree_digest(reference)
-    assert verify(out) == []
+    assert verify(out, tasks.for_manifest) == []
 
 
 def test_second_writer_fails_at_once(teacher, prepared, tmp_path):
-    from kd.cache.writer import locked
+    from kd.cache.shards import locked
 
     out = tmp_path / "cache"
     with locked(out):
         with pytest.raises(CacheError, match="another `kd label` is writing"):
             make_cache(teacher[0], prepared, out)
     make_cache(teacher[0], prepared, out)
-    assert verify(out) == []
+    assert verify(out, tasks.for_manifest) == []
 
 
 def test_manifest_paths_cannot_leave_the_cache(teacher, prepared, tmp_path):
@@ -390,7 +393,7 @@ def test_manifest_paths_cannot_leave_the_cache(teacher, prepared, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["splits"]["test"]["parts"][0]["path"] = "../../etc/passwd"
     (out / "manifest.json").write_text(json.dumps(manifest))
-    problems = verify(out)
+    problems = verify(out, tasks.for_manifest)
     assert len(problems) == 1 and "not inside the cache" in problems[0]
     with pytest.raises(CacheError, match="not inside the cache"):
         Cache.open(out)

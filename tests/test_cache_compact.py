@@ -20,8 +20,9 @@ import yaml
 from kd import losses
 from kd.cache import Cache
 from kd.cache import encoding as encodings
+from kd import tasks
 from kd.cache.verify import verify
-from kd.cache.writer import soft_targets
+from kd.cache.targets import soft_targets
 from kd.config import LabelConfig
 from kd.errors import ConfigError
 from kd.cli import distill, label
@@ -62,7 +63,7 @@ def test_compact_rows_decode_to_the_float32_truth_within_the_recorded_bound(cach
     truth_cache, compact_cache = Cache.open(caches["float32"]), Cache.open(caches["compact"])
     manifest = compact_cache.manifest
     assert manifest["schema_version"] == 2 and manifest["encoding"]["name"] == "compact"
-    assert verify(caches["compact"]) == []
+    assert verify(caches["compact"], tasks.for_manifest) == []
     worst = 0.0
     for split in ("labeled", "unlabeled", "test"):
         truth = truth_cache.soft_targets(split, list(TEMPERATURES))
@@ -163,7 +164,7 @@ def test_verify_catches_a_corrupt_compact_part(caches, tmp_path):
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     path.write_bytes(bytes(raw))
-    problems = verify(out)
+    problems = verify(out, tasks.for_manifest)
     assert len(problems) == 1 and entry["path"] in problems[0] and "sha256" in problems[0]
     # a part rewritten with a repeated id and a second code 0, its checksum updated to match
     shutil.copy(caches["compact"] / entry["path"], path)
@@ -182,7 +183,7 @@ def test_verify_catches_a_corrupt_compact_part(caches, tmp_path):
 
     entry["bytes"], entry["sha256"] = path.stat().st_size, Store(out).sha256(entry["path"])
     (out / "manifest.json").write_text(json.dumps(manifest))
-    problems = verify(out)
+    problems = verify(out, tasks.for_manifest)
     assert len(problems) == 2, problems
     assert any("topk_gap" in p and entry["path"] in p for p in problems)
     assert any("topk_code" in p and entry["path"] in p for p in problems)
@@ -260,7 +261,7 @@ def test_a_cache_written_before_label_encoding_reads_as_topk(caches, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     del manifest["encoding"], manifest["label"]["encoding"]
     (out / "manifest.json").write_text(json.dumps(manifest))
-    assert verify(out) == []
+    assert verify(out, tasks.for_manifest) == []
     want = Cache.open(caches["float16"]).soft_targets("test", [1.0])
     got = Cache.open(out).soft_targets("test", [1.0])
     np.testing.assert_array_equal(got.topk_idx, want.topk_idx)

@@ -23,6 +23,7 @@ import yaml
 from kd.cache import Cache
 from kd.cache import sampling
 from kd.cache.store import Store
+from kd import tasks
 from kd.cache.verify import verify
 from kd.config import LabelConfig
 from kd.errors import ConfigError
@@ -131,7 +132,7 @@ def _rewrite(out: Path, entry: dict, table: pa.Table, manifest: dict) -> None:
 
 def test_verify_checks_the_counts_and_the_ids(caches, tmp_path):
     out = Path(shutil.copytree(caches["sampled"], tmp_path / "cache"))
-    assert verify(out) == []
+    assert verify(out, tasks.for_manifest) == []
     manifest = json.loads((out / "manifest.json").read_text())
     entry = manifest["splits"]["test"]["parts"][0]
     table = pq.read_table(out / entry["path"])
@@ -143,7 +144,7 @@ def test_verify_checks_the_counts_and_the_ids(caches, tmp_path):
     table = table.set_column(table.schema.get_field_index("sample_idx_t1"), "sample_idx_t1", arrays[0])
     table = table.set_column(table.schema.get_field_index("sample_count_t1"), "sample_count_t1", arrays[1])
     _rewrite(out, entry, table, manifest)
-    problems = verify(out)
+    problems = verify(out, tasks.for_manifest)
     assert any("sample_count_t1 does not sum to label.sampling = 16" in p for p in problems), problems
     assert any("sample_idx_t1 outside [0, 512)" in p for p in problems), problems
     result = invoke_cache("verify", out)
@@ -257,4 +258,4 @@ def test_a_sharded_sampled_cache_is_the_single_process_one(lm_world, tmp_path):
         ok(invoke(label.main, *label_args(lm_world, tmp_path / "two", *args, "--shard", shard, "--num-shards", 2)))
     one, two = (json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("one", "two"))
     assert two["complete"] and two["splits"] == one["splits"] and two["fidelity"] == one["fidelity"]
-    assert verify(tmp_path / "two") == []
+    assert verify(tmp_path / "two", tasks.for_manifest) == []

@@ -36,11 +36,11 @@ from kd.report import markdown as report_markdown
 from kd.report import plots as report_plots
 from kd.report import results as report_results
 from kd.cache import Cache, Teacher, label
-from kd.cache.writer import soft_targets
+from kd.cache.targets import soft_targets
 from kd.config import EvalConfig, LabelConfig, student
 from kd.distill import assistant_cache, train_assistant, train_student
 from kd.speed import count_params, torch_threads
-from kd.tasks import image_eval
+from kd.tasks import image, image_eval
 from kd.tasks.image_models import build, fingerprint, load_model, save_model
 from kd.training import predict
 from kd.cli import eval as eval_stage
@@ -370,7 +370,8 @@ def world(tmp_path_factory):
     cache = root / "data" / "teacher_outputs"
     label_cfg = LabelConfig(top_k=2, temperatures=[1, 4], logit_dtype="float32", part_size=24,
                             features={"hidden.0": "pooled"})
-    label(Teacher(teacher, fingerprint(teacher_dir), teacher_config), prepared, cache, label_cfg, progress=False)
+    label(Teacher(teacher, fingerprint(teacher_dir), teacher_config), prepared, cache, label_cfg,
+          task_inputs=image.Inputs, progress=False)
 
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump({"assistants": ASSISTANTS, "students": STUDENTS, "eval": EVAL}, sort_keys=False))

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from kd import lm
 from kd.cache import Cache
+from kd import tasks
 from kd.cache.verify import verify
 from kd.errors import ConfigError, InputError, MissingInputError
 from kd.prepared import tokens as text
@@ -97,7 +98,7 @@ def test_a_sharded_teacher_labels_data_cut_with_its_tokenizer(hf_world, tmp_path
     assert len(list(teacher.glob("model-*-of-*.safetensors"))) > 2 and (teacher / lm.WEIGHTS_INDEX).is_file()
     out = tmp_path / "cache"
     ok(invoke(label.main, *label_args(hf_world, teacher, prepared, out)))
-    assert verify(out) == []
+    assert verify(out, tasks.for_manifest) == []
     cache = Cache.open(out)
     config = cache.manifest["teacher"]["config"]
     assert cache.manifest["teacher"]["fingerprint"] == lm.fingerprint(teacher)
@@ -274,7 +275,7 @@ def test_a_masked_teacher_with_a_wordpiece_tokenizer(hf_world, tmp_path):
     assert text.load_tokenizer(prepared)[1] == text.SpecialIds(pad=0, eos=sep, mask=mask, bos=None)
     assert text.read_blocks(prepared / "test.parquet")[1][0, 0] == sep
     ok(invoke(label.main, *label_args(hf_world, tmp_path / "bert", prepared, cache, "--views", 1, "--keep-teacher")))
-    assert verify(cache) == []
+    assert verify(cache, tasks.for_manifest) == []
     manifest = Cache.open(cache).manifest
     assert manifest["text"]["objective"] == "masked" and manifest["views"]["count"] == 1
     assert sum(rel.endswith(".safetensors") for rel in manifest["teacher_files"]) > 2

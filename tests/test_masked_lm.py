@@ -23,6 +23,7 @@ import yaml
 from kd import lm
 from kd.prepared import tokens as text
 from kd.cache import Cache
+from kd import tasks
 from kd.cache.verify import verify
 from kd.config import StudentConfig, from_mapping
 from kd.errors import ConfigError
@@ -55,7 +56,7 @@ def test_masked_rows_record_their_masks_and_are_the_teachers_outputs_on_them(wor
     cache = Cache.open(world / "cache")
     info = cache.manifest["text"]
     assert info["objective"] == "masked" and info["positions"] == MASKED and cache.views == 2 * MASKED
-    assert verify(world / "cache") == []
+    assert verify(world / "cache", tasks.for_manifest) == []
     model = lm.load(world / "teacher")
     _, special = text.load_tokenizer(world / "prepared")
     ids, blocks = text.read_blocks(world / "prepared" / "test.parquet")
@@ -97,7 +98,7 @@ def test_the_teachers_copy_is_checked_by_verify(world, tmp_path):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    assert any("teacher/model.safetensors: sha256 differs" in p for p in verify(copy))
+    assert any("teacher/model.safetensors: sha256 differs" in p for p in verify(copy, tasks.for_manifest))
 
 
 def masked_student(**changes: Any) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from kd.cache import Cache
 from kd.cache.store import Store
+from kd import tasks
 from kd.cache.verify import verify
 from kd.speed import torch_threads
 from kd.cli import distill, label, prepare, teacher
@@ -70,7 +71,7 @@ def test_shards_labeled_one_after_the_other_merge_into_the_single_process_cache(
     last = ok(invoke(label.main, *LABEL_ARGS, "--shard", 2, "--num-shards", 3, *paths(world["root"], out)))
     assert "top-5 of 10 classes" in last.output  # the last shard merged and printed the summary
     assert digest_tree(Store(out)) == digest_tree(Store(world["reference"]))
-    assert verify(out) == []
+    assert verify(out, tasks.for_manifest) == []
     ok(invoke_cache("merge", out))  # merging a merged cache is a no-op
 
 
@@ -78,7 +79,7 @@ def test_a_shard_refuses_a_cache_of_another_teacher(world, tmp_path):
     out = Path(shutil.copytree(world["reference"], tmp_path / "cache"))
     result = invoke(label.main, *LABEL_ARGS, "--top-k", 3, "--shard", 0, "--num-shards", 2, *paths(world["root"], out))
     assert result.exit_code == 1 and "holds a cache of another teacher, data or parameters" in result.output
-    assert verify(out) == []  # left as it was
+    assert verify(out, tasks.for_manifest) == []  # left as it was
 
 
 def test_shards_of_different_counts_are_not_merged(world, tmp_path):
@@ -117,7 +118,7 @@ def test_torchrun_two_processes_label_the_single_process_cache(world, tmp_path):
     result = torchrun(2, "label", *LABEL_ARGS, *paths(world["root"], out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert digest_tree(Store(out)) == digest_tree(Store(world["reference"]))
-    assert verify(out) == []
+    assert verify(out, tasks.for_manifest) == []
 
 
 # --- object storage --------------------------------------------------------------------------

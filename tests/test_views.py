@@ -71,7 +71,7 @@ def test_the_student_sees_the_exact_crops_the_teacher_labeled(rgb, rgb_teacher, 
     try:
         label(rgb_teacher, rgb, tmp_path / "cache", LabelConfig(top_k=4, views=3, view_recipe="crop_flip",
                                                                 view_seed=7, part_size=16, batch_size=10),
-              progress=False)
+              task_inputs=image.Inputs, progress=False)
     finally:
         hook.remove()
     assert seen[0].shape[0] == 1 and not seen[0].any()  # the probe that plans the cache
@@ -167,7 +167,8 @@ def test_crop_flip_needs_images(tmp_path):
     teacher = Teacher(model, fingerprint(tmp_path / "t"), {"arch": "mlp"}, tmp_path / "t")
     with pytest.raises(ConfigError, match=r"label.view_recipe: crop_flip crops images \(C, H, W\); the prepared "
                                           r"inputs have shape \[64\]"):
-        label(teacher, prepared, tmp_path / "cache", LabelConfig(views=2, view_recipe="crop_flip"), progress=False)
+        label(teacher, prepared, tmp_path / "cache", LabelConfig(views=2, view_recipe="crop_flip"),
+              task_inputs=image.Inputs, progress=False)
     assert not (tmp_path / "cache" / "manifest.json").exists()
 
 

@@ -78,7 +78,7 @@ def writer_options(encoding: dict[str, Any], schema: pa.Schema) -> dict[str, Any
 
 
 def encode(cols: dict[str, np.ndarray], encoding: dict[str, Any]) -> dict[str, np.ndarray]:
-    """A batch's stored top-k columns from `writer.soft_targets`'s (float32 logits, descending)."""
+    """A batch's stored top-k columns from `targets.soft_targets`'s (float32 logits, descending)."""
     if encoding["name"] != "compact":
         return {"topk_idx": cols["topk_idx"], "topk_logit": cols["topk_logit"]}
     idx, logit = cols["topk_idx"], cols["topk_logit"].astype(np.float32)

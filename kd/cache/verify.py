@@ -4,14 +4,18 @@
 schema, row count, (id, view) order and finiteness, that the files on disk are exactly the
 ones the manifest lists, and that the Zarr `id` arrays equal the Parquet ids row for row.
 It returns a list of problems, one line each; an empty list means intact.
+
+What a row holds besides (id, view) and how a sample's rows are ordered depend on the task
+that wrote the cache: the caller hands `verify` (and `format_info`) the task of a manifest
+(`kd.tasks.for_manifest`), asked only what `RowRules` lists.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -24,11 +28,22 @@ from kd.cache.layout import (FEATURES, MANIFEST, SOFT_TARGETS, chunks_sha256, fe
 from kd.cache.manifest import part_problem, read_manifest
 from kd.cache.reader import fixed_list
 from kd.cache.store import Store
-from kd import tasks
 from kd.errors import KDError
 
 
-def verify(root: str | Path) -> list[str]:
+class RowRules(Protocol):
+    """What `verify` and `format_info` ask the task of a cache (a `kd.tasks` module)."""
+
+    ROW_COLUMNS: tuple[str, ...]  # its int32 columns between `view` and the soft targets
+
+    def check_rows(self, path: str, table: pa.Table, manifest: dict[str, Any], views: int | None) -> list[str]:
+        """The problems with the order of the rows of a part (`views`: rows per sample, None where it varies)."""
+
+    def rows_description(self, summary: dict[str, Any]) -> str:
+        """What one row of a token cache is (`info`'s summary), for `format_info`."""
+
+
+def verify(root: str | Path, task_of: Callable[[dict[str, Any]], RowRules]) -> list[str]:
     try:
         store = Store(root)
         manifest = read_manifest(store)
@@ -44,7 +59,7 @@ def verify(root: str | Path) -> list[str]:
         return problems
     listed = set()
     for split, info in manifest["splits"].items():
-        problems += _verify_split(store, manifest, split, info)
+        problems += _verify_split(store, manifest, split, info, task_of(manifest))
         listed |= {p["path"] for p in info["parts"]}
     for extra in sorted(set(store.files(SOFT_TARGETS)) - listed):
         problems.append(f"{store.show(extra)}: file not listed in the manifest")
@@ -56,10 +71,10 @@ def verify(root: str | Path) -> list[str]:
     return problems
 
 
-def _verify_split(store: Store, manifest: dict[str, Any], split: str, info: dict[str, Any]) -> list[str]:
+def _verify_split(store: Store, manifest: dict[str, Any], split: str, info: dict[str, Any],
+                  task: RowRules) -> list[str]:
     problems: list[str] = []
     views = rows_per_sample(manifest)
-    task = tasks.get(tasks.name_of(manifest))  # what a row holds besides (id, view) and how a sample's rows are ordered
     part_rows = None if views is None else manifest["label"]["part_size"] * views
     expected_parts = math.ceil(info["samples"] / manifest["label"]["part_size"])
     rows = info["samples"] * views if views is not None else sum(p["rows"] for p in info["parts"])
@@ -102,7 +117,7 @@ def _verify_split(store: Store, manifest: dict[str, Any], split: str, info: dict
 
 
 def _check_table(path: str, table: pa.Table, manifest: dict[str, Any], part: dict[str, Any], views: int | None,
-                 task: ModuleType) -> list[str]:
+                 task: RowRules) -> list[str]:
     k = manifest["top_k"]
     encoding = encodings.of(manifest)
     stored = encodings.columns(encoding)
@@ -237,7 +252,8 @@ def _bytes_per_row(parts: list[dict[str, Any]]) -> float:
     return sum(p["bytes"] for p in parts) / rows if rows else 0.0
 
 
-def format_info(summary: dict[str, Any]) -> str:
+def format_info(summary: dict[str, Any], task_of: Callable[[dict[str, Any]], RowRules]) -> str:
+    """`info`'s summary for humans; `task_of` as for `verify` (a token cache's rows line)."""
     lines = [
         f"cache {summary['path']} (schema {summary['schema_version']}"
         f"{'' if summary['complete'] else ', INCOMPLETE'}, {summary['bytes'] / 1e6:.1f} MB)",
@@ -251,7 +267,7 @@ def format_info(summary: dict[str, Any]) -> str:
         + f"seed {summary['views']['seed']})",
     ]
     if summary.get("text"):  # a token cache: what one row is replaces the views line
-        lines[3] = "rows     " + tasks.get(tasks.name_of(summary)).rows_description(summary)
+        lines[3] = "rows     " + task_of(summary).rows_description(summary)
     if summary.get("sampling"):
         lines[2] += (f"; {summary['sampling']['draws']} tokens drawn from the teacher per row and temperature "
                      f"(seed {summary['sampling']['seed']})")

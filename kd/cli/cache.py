@@ -24,19 +24,21 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Summarise a cache: teacher, top-k, temperatures, views, features, splits, fidelity."""
+    from kd import tasks
     from kd.cache.store import location
     from kd.cache.verify import format_info, info as cache_info
     summary = cache_info(location(path))
-    typer.echo(json.dumps(summary, indent=2) if as_json else format_info(summary))
+    typer.echo(json.dumps(summary, indent=2) if as_json else format_info(summary, tasks.for_manifest))
 
 
 @app.command("verify")
 @clean_errors
 def verify(path: str = PATH_ARGUMENT) -> None:
     """Check every checksum, schema, row count and alignment; exit 1 with one line per problem."""
+    from kd import tasks
     from kd.cache.store import location
     from kd.cache.verify import verify as cache_verify
-    problems = cache_verify(location(path))
+    problems = cache_verify(location(path), tasks.for_manifest)
     for problem in problems:
         typer.echo(problem, err=True)
     if problems:
@@ -51,8 +53,9 @@ def merge(
     num_shards: Optional[int] = typer.Option(None, help="Expected number of shards (default: as the records say)."),
 ) -> None:
     """Write the manifest of a sharded `kd label` once every shard is done (the last shard does it too)."""
+    from kd import tasks
+    from kd.cache.shards import merge as cache_merge
     from kd.cache.store import location
     from kd.cache.verify import format_info, info as cache_info
-    from kd.cache.writer import merge as cache_merge
     cache_merge(location(path), num_shards)
-    typer.echo(format_info(cache_info(location(path))))
+    typer.echo(format_info(cache_info(location(path)), tasks.for_manifest))

@@ -68,6 +68,7 @@ def main(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Label every split with the teacher into the cache (defaults: params.yaml `label`)."""
+    from kd import tasks
     from kd.cache import label
     from kd.cache.store import location
     from kd.cache.verify import format_info, info
@@ -93,12 +94,13 @@ def main(
     loaded = load_teacher(teacher, cfg.arch, cfg.arch_kwargs, cfg)
     shard = int(os.environ.get("RANK", 0)) if shard is None else shard
     num_shards = int(os.environ.get("WORLD_SIZE", 1)) if num_shards is None else num_shards
-    manifest = label(loaded, prepared, location(out), cfg, progress=progress, shard=shard, num_shards=num_shards)
+    manifest = label(loaded, prepared, location(out), cfg, task_inputs=tasks.inputs_for(prepared, loaded),
+                     progress=progress, shard=shard, num_shards=num_shards)
     if manifest is None:
         typer.echo(f"shard {shard} of {num_shards} done; the last shard to finish writes the manifest "
                    f"(or run `kd cache merge {out}` once all are done)")
     else:
-        typer.echo(format_info(info(location(out))))
+        typer.echo(format_info(info(location(out)), tasks.for_manifest))
 
 
 def load_teacher(directory: Path, arch: str | None, arch_kwargs: dict | None, cfg: LabelConfig) -> Teacher:

@@ -2,11 +2,13 @@
 
 A task is a module of plain functions answering the same questions for `kd label`,
 `kd distill`, `kd eval` and `kd assistants`: how its prepared samples become teacher inputs and
-cache rows (`Inputs`), which rows and batches a student trains on (`rows`, `twin_rows`), what
-decides its baseline twin (`twin_decided_by`), how a student is built, probed, saved and
-loaded, how it is scored (`evaluate`: accuracy, perplexity or masked-token accuracy) and how its
-score reads (`summary`). The stages call `for_cache(cache)` once and never branch on the kind
-of data themselves.
+cache rows (`Inputs`, as `kd.cache.batch` asks: the cache layer is handed it and imports no
+task), how `kd cache verify` checks those rows (`ROW_COLUMNS`, `check_rows`), which rows and
+batches a student trains on (`rows`, `twin_rows`), what decides its baseline twin
+(`twin_decided_by`), how a student is built, probed, saved and loaded, how it is scored
+(`evaluate`: accuracy, perplexity or masked-token accuracy) and how its score reads
+(`summary`). The stages call `for_cache(cache)` once and never branch on the kind of data
+themselves.
 
 Adding a task is one module plus one line in `TASKS`. The text tasks import `transformers`,
 which takes seconds, so modules are imported when first asked for.
@@ -15,13 +17,9 @@ which takes seconds, so modules are imported when first asked for.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-
-import numpy as np
-import torch
 
 # Task name -> its module. The one place a kind of cache meets code.
 TASKS: dict[str, str] = {"image": "kd.tasks.image", "causal_lm": "kd.tasks.causal_lm",
@@ -40,8 +38,14 @@ def name_of(manifest: dict[str, Any]) -> str:
     return "image" if text is None else OBJECTIVES[text["objective"]]
 
 
+def for_manifest(manifest: dict[str, Any]) -> ModuleType:
+    """The task of a cache's manifest (or of `kd.cache.verify.info`'s summary, which keeps its
+    `text`): what `kd.cache.verify` is handed to check and describe the cache's rows."""
+    return get(name_of(manifest))
+
+
 def for_cache(cache: Any) -> ModuleType:
-    return get(name_of(cache.manifest))
+    return for_manifest(cache.manifest)
 
 
 def for_prepared(prepared: Path, objective: str | None = None) -> ModuleType:
@@ -52,6 +56,12 @@ def for_prepared(prepared: Path, objective: str | None = None) -> ModuleType:
     if text.modality(Path(prepared) / "labeled.parquet") != "text":
         return get("image")
     return get(OBJECTIVES.get(objective or "causal", "causal_lm"))
+
+
+def inputs_for(prepared: Path, teacher: Any) -> type:
+    """The `Inputs` class that `kd.cache.label` is handed to label `prepared` with `teacher` (a
+    `kd.cache.Teacher`): of the data's task, for a language model the teacher's objective."""
+    return for_prepared(prepared, teacher.config.get("objective")).Inputs
 
 
 def for_teacher(directory: Path) -> ModuleType:
@@ -65,17 +75,3 @@ def for_teacher(directory: Path) -> ModuleType:
     if is_hf_classifier(directory):
         return get("image")
     return get("causal_lm" if config.is_file() and "model_type" in read_json(config) else "image")
-
-
-@dataclass
-class Batch:
-    """One batch of cache rows from the teacher, as a task's `Inputs.batch` gives it to the writer."""
-
-    ids: np.ndarray  # (R,) int64
-    view: np.ndarray  # (R,) int32
-    position: np.ndarray | None  # (R,) int32 for token rows
-    logits: torch.Tensor  # (R, C) float32
-    features: dict[str, np.ndarray]  # layer -> (R, *shape) float16
-    truth: np.ndarray  # (R,) int64: the true class / next token, -1 where unknown
-    scored: np.ndarray  # (R,) bool: rows the fidelity statistics and teacher accuracy count
-    input_token: np.ndarray | None = None  # (R,) int32 for masked rows: the token the model saw

@@ -48,9 +48,9 @@ from kd.cache.reader import SoftTargets
 from kd.config import EvalConfig, LabelConfig, StudentConfig, TeacherConfig
 from kd.errors import CacheError, ConfigError, InputError, MissingInputError
 from kd.files import read_json, write_json
+from kd.cache.batch import Batch
 from kd.methods import chosen, supported
 from kd.speed import count_params
-from kd.tasks import Batch
 
 NAME, OBJECTIVE = "causal_lm", "causal"
 TWIN_LOSS = "next-token"  # what the baseline twin learns from, for messages

@@ -24,7 +24,7 @@ from kd import augment, features, loader
 from kd.prepared import data_fingerprint
 from kd.prepared import images as data
 from kd.cache import Cache, Teacher
-from kd.tasks import Batch
+from kd.cache.batch import Batch
 from kd.config import EvalConfig, LabelConfig, StudentConfig, TeacherConfig, as_dict, view_recipe
 from kd.errors import ConfigError, InputError
 from kd.files import write_json

@@ -31,8 +31,9 @@ from kd.prepared import tokens as text
 from kd.cache import Cache
 from kd.config import EvalConfig, LabelConfig, StudentConfig
 from kd.errors import ConfigError
+from kd.cache.batch import Batch
 from kd.methods import student_layers, supported
-from kd.tasks import Batch, causal_lm
+from kd.tasks import causal_lm
 from kd.tasks.causal_lm import check_token_student, evaluate_rows, hidden, save, token_summary
 
 NAME, OBJECTIVE = "masked_lm", "masked"
