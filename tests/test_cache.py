@@ -354,7 +354,8 @@ KILL_SCRIPT = textwrap.dedent("""
     *[pytest.param(what, after, marks=pytest.mark.slow)
       for what, after in [("parquet", 1), ("parquet", 9), ("parquet", 26), ("zarr", 1), ("zarr", 12), ("zarr", 40)]],
 ])
-def test_sigkill_mid_label_then_rerun_equals_uninterrupted(teacher, prepared, tmp_path, what, after, child_env):
+def test_sigkill_mid_label_then_rerun_equals_uninterrupted(teacher, prepared, tmp_path, what, after, child_env,
+                                                          capfd):
     _, teacher_dir = teacher
     model, config = load_model(teacher_dir)  # as `kd label` loads it
     t = Teacher(model, fingerprint(teacher_dir), config)
@@ -370,8 +371,12 @@ def test_sigkill_mid_label_then_rerun_equals_uninterrupted(teacher, prepared, tm
     for info in manifest["splits"].values():  # the manifest never lists a part that is not there
         assert all((out / p["path"]).is_file() for p in info["parts"])
     assert not any(p.name.endswith(".parquet") and p.stat().st_size == 0 for p in out.rglob("*"))
+    written = sum(len(info["parts"]) for info in manifest["splits"].values())
     label(t, prepared, out, LabelConfig(top_k=4, temperatures=[1, 4], part_size=16, batch_size=8,
                                         features={"stages.0": "full"}), task_inputs=image.Inputs, progress=False)
+    said = capfd.readouterr().err
+    if written:  # the rerun says where it resumes
+        assert f"kd label: resuming {out} after {written} of " in said, said
     assert tree_digest(out) == tree_digest(reference)
     assert verify(out, tasks.for_manifest) == []
 

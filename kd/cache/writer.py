@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +138,9 @@ def label(teacher: Teacher, prepared: Path, out: str | Path, cfg: LabelConfig, *
                     for s, i in units)
         done_rows = sum(p["rows"] for info in manifest["splits"].values() for p in info["parts"])
         desc = f"kd label (shard {shard} of {num_shards})" if sharded else "kd label"
+        if have:  # said even without a progress bar: the run continues an interrupted one
+            print(f"{desc}: resuming {store.show()} after {len(have)} of {len(units)} parts ({done_rows} rows) "
+                  "already written and verified", file=sys.stderr)
         bar = tqdm(total=total, initial=done_rows, unit="rows", desc=desc, disable=not progress)
         for split, index in units:
             if (split, index) in have:
