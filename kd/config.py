@@ -53,6 +53,9 @@ class PrepareConfig:
     # [height, width]; the normalisation recorded beside the uint8 pixels (null: the labeled
     # split's per-channel statistics)
     image_size: list[int] | None = None
+    # images: convert to this many channels (1 or 3: what the model's first layer wants, e.g. 3
+    # for a torchvision factory on grayscale digits); null keeps the data's own
+    channels: int | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
     # how their pixels are stored: `pixels` (uint8 `x`, zstd) or `png` (an `image` column of

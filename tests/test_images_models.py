@@ -58,6 +58,10 @@ def torchvision_style(*, weights=None, **kwargs):  # like torchvision.models.res
     return Net(1, kwargs.pop("num_classes"), **kwargs)
 
 
+def torchvision_rgb(*, weights=None, num_classes=1000):  # a 3-channel stem, as torchvision's models have
+    return Net(3, num_classes)
+
+
 def timm_style(num_classes=1000, in_chans=3, style="tensor"):
     return Net(in_chans, num_classes, style=style)
 
@@ -118,10 +122,9 @@ def test_wrong_factories_and_outputs_get_one_line(zoo):
         image_models.build(f"{zoo}:timm_style", {"depth": 2}, [1, 4, 4], 3)
     with pytest.raises(ConfigError, match="arch_kwargs sets in_chans, which kd passes from the data"):
         image_models.build(f"{zoo}:timm_style", {"in_chans": 3}, [1, 4, 4], 3)
-    model = image_models.build(f"{zoo}:timm_style", {"style": "bad"}, [1, 4, 4], 3)
     with pytest.raises(ConfigError, match=r"the model returned dict with keys \['scores'\]; expected a tensor of "
                                           "logits, a tuple \\(logits first\\), or a dict or ModelOutput with 'logits'"):
-        model(torch.zeros(2, 1, 4, 4))
+        image_models.build(f"{zoo}:timm_style", {"style": "bad"}, [1, 4, 4], 3)  # found as it is built
 
 
 # --- a custom teacher through the stages --------------------------------------------------------
@@ -157,6 +160,45 @@ def test_torchvision_style_teacher_from_params_through_label_distill_eval(zoo, w
     # kd eval never imports the factory: the throughput kd label measured gives the speedup
     assert metrics["teacher_throughput_source"] == "manifest" and metrics["speedup_vs_teacher"] == pytest.approx(
         metrics["throughput"] / manifest["teacher"]["config"]["throughput"])
+
+
+@pytest.mark.parametrize("channels", [None, 3])
+def test_grayscale_images_for_a_three_channel_factory_convert_or_stop_in_one_line(zoo, workdir, write_params,
+                                                                                  channels):
+    folder(workdir / "imgs")
+    params = write_params(
+        prepare={"dataset": "imgs", "labeled": 24, "unlabeled": 12, "test": None, "channels": channels},
+        teacher={"arch": "cnn", "arch_kwargs": {"widths": [4], "hidden": 8}, "epochs": 1, "batch_size": 8},
+        label={"top_k": 2, "temperatures": [1, 4]},
+        students={"rgb": {"arch": f"{zoo}:torchvision_rgb", "epochs": 1, "batch_size": 8,
+                          "loss": {"soft": {"weight": 0.9, "temperature": 4}, "hard": {"weight": 0.1}}}})
+    ok(invoke(prepare.main, "--params", params))
+    ok(invoke(teacher.main, "--params", params, "--no-progress"))
+    ok(invoke(label.main, "--params", params, "--no-progress"))
+    if channels == 3:
+        ok(invoke(distill.main, "rgb", "--params", params, "--no-progress"))
+        assert read_json(workdir / "data" / "students" / "rgb" / "config.json")["input_shape"] == [3, 8, 8]
+        return
+    result = invoke(distill.main, "rgb", "--params", params, "--no-progress", expect=1)
+    (line,) = result.stderr.strip().splitlines()
+    assert f"arch '{zoo}:torchvision_rgb': cannot take the data's inputs of shape [1, 8, 8]" in line
+    assert "set prepare.channels to the channels its first layer wants" in line
+    assert not (workdir / "data" / "students" / "rgb").exists()
+
+
+def test_channel_conversion_matches_pillow():
+    from kd.prepared.images import Split
+    from kd.sources.images import with_channels
+
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 4, 3), dtype=np.uint8)
+    split = Split(np.arange(1), rgb.transpose(2, 0, 1).reshape(1, -1), np.zeros(1, np.int64), [3, 5, 4], 2)
+    gray = with_channels(split, 1, "test")
+    assert gray.input_shape == [1, 5, 4]
+    np.testing.assert_array_equal(gray.x.reshape(5, 4), np.asarray(Image.fromarray(rgb).convert("L")))
+    back = with_channels(gray, 3, "test")
+    np.testing.assert_array_equal(back.x.reshape(3, 5, 4), np.stack([gray.x.reshape(5, 4)] * 3))
+    with pytest.raises(ConfigError, match=r"prepare.channels: 3 for test, whose inputs have shape \[40\]"):
+        with_channels(Split(np.arange(1), np.zeros((1, 40), np.float32), np.zeros(1, np.int64), [40], 2), 3, "test")
 
 
 def test_teacher_brought_without_params_gets_them_measured(zoo, workdir, write_params):

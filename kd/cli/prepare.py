@@ -29,6 +29,8 @@ def main(
         None, "--input-shape", help="Shape of one input, e.g. 1,28,28 (needed for a Parquet file without it)."
     ),
     image_size: Optional[str] = typer.Option(None, "--image-size", help="Encoded images: resize to SIZE or H,W."),
+    channels: Optional[int] = typer.Option(None, "--channels", help="Images: convert to 1 or 3 channels (what the "
+                                           "model's first layer wants; default: prepare.channels, null = as they are)."),
     mean: Optional[str] = typer.Option(None, "--mean", help="Encoded images: per-channel mean of pixel/255, e.g. 0.5,0.5,0.5 "
                                        "(default: the labeled split's)."),
     std: Optional[str] = typer.Option(None, "--std", help="Encoded images: per-channel std of pixel/255 (with --mean)."),
@@ -72,7 +74,7 @@ def main(
     shape = sources.images.parse_shape(input_shape) if input_shape is not None else None
     parsed = json_option("--shares", shares)
     size = sources.images.parse_shape(image_size, "--image-size") if image_size is not None else None
-    cfg = override(cfg, dataset=dataset, input_shape=shape, image_size=size, mean=numbers_option("--mean", mean),
+    cfg = override(cfg, dataset=dataset, input_shape=shape, image_size=size, channels=channels, mean=numbers_option("--mean", mean),
                    std=numbers_option("--std", std), store=store, labeled=labeled, unlabeled=unlabeled,
                    test=test, samples=samples, seed=seed, text_column=text_column, tokenizer=tokenizer,
                    prompt_column=prompt_column, keep=keep, response_column=response_column, messages_column=messages_column,

@@ -88,6 +88,8 @@ def check_config(cfg: PrepareConfig) -> None:
             raise ConfigError(f"prepare.{key}: give prepare.mean and prepare.std together (or neither)")
     if cfg.std is not None and any(v <= 0 for v in cfg.std):
         raise ConfigError(f"prepare.std: {cfg.std} must all be > 0")
+    if cfg.channels is not None and cfg.channels not in (1, 3):
+        raise ConfigError(f"prepare.channels: {cfg.channels} must be 1, 3 or null (the data's own)")
     if cfg.store not in image_files.STORES:
         raise ConfigError(f"prepare.store: {cfg.store!r} must be one of {', '.join(image_files.STORES)}")
 
@@ -127,7 +129,31 @@ def load(cfg: PrepareConfig) -> Source:
             f"(expected one of {', '.join(SOURCES)}, an image folder, or a path to a .parquet or .txt file)"
         )
     validate(data, cfg.dataset)
+    if cfg.channels is not None:
+        data = with_channels(data, cfg.channels, cfg.dataset)
     return Source(data, preset, classes)
+
+
+def with_channels(data: Split, channels: int, source: str) -> Split:
+    """`data` with `channels` channels (`prepare.channels`): grayscale repeated into RGB, or RGB
+    to grayscale by ITU-R 601-2 luma (Pillow's "L": 0.299 R + 0.587 G + 0.114 B; rounded as
+    Pillow rounds for uint8 pixels)."""
+    have = data.input_shape[0]
+    if channels == have:
+        return data
+    if len(data.input_shape) != 3 or {have, channels} != {1, 3}:
+        raise ConfigError(f"prepare.channels: {channels} for {source}, whose inputs have shape {data.input_shape}; "
+                          "kd converts images (C, H, W) between 1 and 3 channels")
+    x = data.x.reshape(len(data.x), have, -1)  # (N, C, H*W)
+    if channels == 3:
+        x = np.repeat(x, 3, axis=1)
+    elif x.dtype == np.uint8:
+        weights = np.array([19595, 38470, 7471], np.uint32)  # 0.299, 0.587, 0.114 in 1/65536
+        x = ((np.einsum("c,ncp->np", weights, x.astype(np.uint32)) + 0x8000) >> 16).astype(np.uint8)[:, None]
+    else:
+        x = np.einsum("c,ncp->np", np.array([0.299, 0.587, 0.114], x.dtype), x)[:, None]
+    shape = [channels, *data.input_shape[1:]]
+    return Split(data.ids, np.ascontiguousarray(x.reshape(len(x), -1)), data.y, shape, data.num_classes)
 
 
 def load_encoded(dataset: str, size: list[int] | None) -> encoded.Images:

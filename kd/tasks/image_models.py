@@ -201,7 +201,29 @@ def build(arch: str, arch_kwargs: dict[str, Any], input_shape: list[int], num_cl
         raise ConfigError(f"arch {arch!r}: bad arch_kwargs {arch_kwargs} ({exc})") from exc
     if not isinstance(model, nn.Module):
         raise ConfigError(f"arch {arch!r}: the factory returned {type(model).__name__}, expected a torch nn.Module")
-    return model if isinstance(model, (MLP, CNN)) else with_logits(model, arch)
+    model = model if isinstance(model, (MLP, CNN)) else with_logits(model, arch)
+    check_input(model, arch, input_shape)
+    return model
+
+
+def check_input(model: nn.Module, arch: str, input_shape: list[int]) -> None:
+    """One forward of two zero inputs of the data's shape (no gradient, eval mode, no random
+    numbers drawn): a model that cannot take them is refused before training, in one line."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, *input_shape))
+    except ConfigError:  # already one line (an output without logits)
+        raise
+    except (RuntimeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        hint = ("; set prepare.channels to the channels its first layer wants" if len(input_shape) == 3
+                and "channels" in first else "")
+        raise ConfigError(f"arch {arch!r}: cannot take the data's inputs of shape {input_shape} ({first}){hint}") \
+            from None
+    finally:
+        model.train(training)
 
 
 def logits_of(output: Any, arch: str) -> torch.Tensor:
