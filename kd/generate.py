@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from kd import lm
 from kd.cache import Teacher
 from kd.config import SPLITS, GenerateConfig, as_dict
 from kd.errors import ConfigError, InputError, MissingInputError
@@ -72,7 +73,6 @@ from kd.files import file_sha256, read_json, replacing, write_json
 from kd.prepared import data_fingerprint, metadata, open_parquet, write_atomic
 from kd.prepared import tokens as text
 from kd.sources.text import example_blocks
-from kd.tasks import causal_lm
 
 SCHEMA_VERSION = 1
 MANIFEST = "generation.json"
@@ -168,7 +168,7 @@ def generate_batch(model: nn.Module, prompts: list[list[int]], *, max_new_tokens
     keys and values of the prefix are kept). `uniforms` (B, max_new_tokens) float64: the rows'
     draws, step by step (None: greedy). A row stops at eos or at its limit (`limits`); the
     batch stops when every row has."""
-    device = causal_lm.device_of(model)
+    device = lm.device_of(model)
     allowed = torch.tensor(limits(prompts, max_new_tokens, block_size))
     ids, mask = left_padded(prompts, pad)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
@@ -257,7 +257,7 @@ def run(teacher: Teacher, prepared: Path, out: Path, cfg: GenerateConfig, *, pro
     if teacher.config.get("objective") != "causal":
         raise ConfigError(f"{teacher.directory}: a {teacher.config.get('objective')} LM; kd generate needs a causal "
                           "LM teacher (one that writes text left to right)")
-    causal_lm.check_teacher(teacher, prepared, infos)
+    lm.check_teacher(teacher, prepared, infos)
     source = prepared / f"{cfg.split}.parquet"
     ids, prompts, given = prompts_and_responses(source)
     key = generation_key(teacher, source, cfg)

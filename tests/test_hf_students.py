@@ -22,7 +22,7 @@ from kd.cache import Cache
 from kd.config import student
 from kd.errors import ConfigError
 from kd.prepared import tokens as text
-from kd.tasks import causal_lm
+from kd.tasks import lm_common
 from kd.cli import distill, label
 from kd.cli import eval as eval_stage
 from tests.test_prepare import assert_clean_error
@@ -90,7 +90,7 @@ def test_a_student_starts_from_a_pretrained_directory(hf_world, caches, tmp_path
     params.write_text(yaml.safe_dump({"text_students": {"pre": {**BUDGET, "arch": "llama", "init": str(pretrained)}}}))
     cfg = student(params, "pre")
     torch.manual_seed(0)
-    start = causal_lm.build_model(cfg, Cache.open(caches["llama"]), hf_world / "prepared-llama", "causal")
+    start = lm_common.build_model(cfg, Cache.open(caches["llama"]), hf_world / "prepared-llama", "causal")
     reference = lm.load(pretrained)
     assert all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), reference.state_dict().values()))
     run_distill(hf_world, tmp_path, caches, "pre", {"arch": "llama", "init": str(pretrained)})
@@ -156,6 +156,6 @@ def test_a_sharded_teacher_is_kept_whole_for_init_teacher(hf_world, caches):
     cache = Cache.open(caches["llama"])
     kept = sorted(Path(rel).name for rel in cache.manifest["teacher_files"])
     assert lm.WEIGHTS_INDEX in kept and "config.json" in kept and sum(".safetensors" in k for k in kept) > 3
-    start = causal_lm.teacher_start(cache)
+    start = lm_common.teacher_start(cache)
     reference = lm.load(hf_world / "llama")
     assert all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), reference.state_dict().values()))

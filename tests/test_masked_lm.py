@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from kd import lm
+from kd import lm, masking
 from kd.prepared import tokens as text
 from kd.cache import Cache
 from kd.cache.verify import verify
@@ -68,13 +68,13 @@ def test_masked_rows_record_their_masks_and_are_the_teachers_outputs_on_them(wor
     seen = torch.tensor(table["input_token"].to_numpy(), dtype=torch.long).reshape(16, MASKED)
     tokens = torch.from_numpy(blocks[:8]).long().repeat_interleave(2, 0)
     # the masks are BERT's, a pure function of (seed, id, view): drawn again, they are the same
-    drawn_position, drawn_seen = lm.fixed_masks(tokens, np.repeat(ids[:8], 2), np.tile([0, 1], 8), MASKED, special,
-                                                512, seed=0)
+    drawn_position, drawn_seen = masking.fixed_masks(tokens, np.repeat(ids[:8], 2), np.tile([0, 1], 8), MASKED,
+                                                     special, 512, seed=0)
     assert torch.equal(drawn_position, position) and torch.equal(drawn_seen, seen)
     assert not torch.equal(position[0::2], position[1::2])  # the two maskings differ
     assert (seen == special.mask).float().mean() > 0.5
     # each row is the teacher's output at that position of the masked block
-    inputs = lm.apply_masks(tokens, position, seen)
+    inputs = masking.apply_masks(tokens, position, seen)
     with torch.no_grad():
         out = model(input_ids=inputs, output_hidden_states=True)
     at = (torch.arange(16)[:, None], position)

@@ -20,7 +20,7 @@ import torch
 from numpy.testing import assert_array_equal
 from safetensors.torch import load_file
 
-from kd import lm
+from kd import lm, lm_training, masking
 from kd.prepared import tokens as text
 from kd.sources import text as text_sources
 from kd.config import PrepareConfig, Shares
@@ -204,7 +204,8 @@ def test_text_teacher(root, tmp_path, arch, kwargs, score):
     assert lm.objective(model) == metrics["objective"] and sum(p.numel() for p in model.parameters()) == metrics["params"]
     _, tokens = text.read_blocks(root / "prepared" / "test.parquet")
     _, special = text.load_tokenizer(root / "prepared")
-    again = lm.evaluate(model, torch.from_numpy(tokens), special, batch_size=3, seed=0)  # other batches, same masks
+    # other batches, same masks
+    again = lm_training.evaluate(model, torch.from_numpy(tokens), special, batch_size=3, seed=0)
     assert again["loss"] == pytest.approx(metrics["test_loss"], rel=1e-5)
     assert len(lm.fingerprint(out)) == 64
 
@@ -216,8 +217,8 @@ def test_fit_lowers_the_loss_deterministically_and_reload_gives_the_same_logits(
     def train() -> tuple[torch.nn.Module, list]:
         torch.manual_seed(0)
         model = lm.build("gpt2", json.loads(TINY_GPT2), 300, 32, special)
-        log = lm.fit(model, torch.from_numpy(tokens), special, epochs=3, batch_size=8, lr=0.01, weight_decay=0.0,
-                     seed=0, progress=False)
+        log = lm_training.fit(model, torch.from_numpy(tokens), special, epochs=3, batch_size=8, lr=0.01,
+                              weight_decay=0.0, seed=0, progress=False)
         return model, log
 
     model, log = train()
@@ -234,8 +235,8 @@ def test_bert_masking_is_seeded_and_spares_special_tokens():
     special = text.SpecialIds(pad=0, eos=1, mask=2)
     tokens = torch.randint(3, 300, (64, 128))
     tokens[:, ::16] = special.eos
-    inputs, labels = lm.mask_tokens(tokens, special, 300, torch.Generator().manual_seed(5))
-    again = lm.mask_tokens(tokens, special, 300, torch.Generator().manual_seed(5))
+    inputs, labels = masking.mask_tokens(tokens, special, 300, torch.Generator().manual_seed(5))
+    again = masking.mask_tokens(tokens, special, 300, torch.Generator().manual_seed(5))
     assert torch.equal(inputs, again[0]) and torch.equal(labels, again[1])
     chosen = labels != -100
     assert not chosen[:, ::16].any() and torch.equal(labels[chosen], tokens[chosen])
