@@ -1,12 +1,10 @@
 """Tasks: what kind of model a cache serves, resolved once, then asked.
 
 A task is a module of plain functions answering the same questions for `kd label`,
-`kd distill`, `kd eval` and `kd assistants`: how its prepared samples become teacher inputs and
-cache rows (`Inputs`), which rows and batches a student trains on (`rows`, `twin_rows`), what
-decides its baseline twin (`twin_decided_by`), how a student is built, probed, saved and
-loaded, how it is scored (`evaluate`: accuracy, perplexity or masked-token accuracy) and how its
-score reads (`summary`). The stages call `for_cache(cache)` once and never branch on the kind
-of data themselves.
+`kd distill`, `kd eval`, `kd assistants`, `kd teacher` and `kd cache`: the contract is `Task`
+below, which each module satisfies structurally (nothing to inherit). The stages call
+`for_cache(cache)` (or `for_prepared`, `for_teacher`) once and never branch on the kind of data
+themselves.
 
 Adding a task is one module plus one line in `TASKS`. The text tasks import `transformers`,
 which takes seconds, so modules are imported when first asked for.
@@ -17,11 +15,16 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:  # for annotations only (kd.cache imports this package)
+    from torch import nn
+
+    from kd.cache import Cache, Teacher
+    from kd.config import EvalConfig, LabelConfig, StudentConfig, TeacherConfig
 
 # Task name -> its module. The one place a kind of cache meets code.
 TASKS: dict[str, str] = {"image": "kd.tasks.image", "causal_lm": "kd.tasks.causal_lm",
@@ -30,7 +33,8 @@ TASKS: dict[str, str] = {"image": "kd.tasks.image", "causal_lm": "kd.tasks.causa
 OBJECTIVES = {"causal": "causal_lm", "masked": "masked_lm"}
 
 
-def get(name: str) -> ModuleType:
+def get(name: str) -> Task:
+    """The task module of that name (`TASKS`), imported on first use."""
     return importlib.import_module(TASKS[name])
 
 
@@ -40,11 +44,12 @@ def name_of(manifest: dict[str, Any]) -> str:
     return "image" if text is None else OBJECTIVES[text["objective"]]
 
 
-def for_cache(cache: Any) -> ModuleType:
+def for_cache(cache: Any) -> Task:
+    """The task of a cache (`name_of` its manifest)."""
     return get(name_of(cache.manifest))
 
 
-def for_prepared(prepared: Path, objective: str | None = None) -> ModuleType:
+def for_prepared(prepared: Path, objective: str | None = None) -> Task:
     """The task of prepared data: images, or text for a causal or masked language model (the
     teacher's `objective`; `causal_lm` without one, whose `train_teacher` trains either)."""
     from kd.prepared import tokens as text
@@ -54,7 +59,7 @@ def for_prepared(prepared: Path, objective: str | None = None) -> ModuleType:
     return get(OBJECTIVES.get(objective or "causal", "causal_lm"))
 
 
-def for_teacher(directory: Path) -> ModuleType:
+def for_teacher(directory: Path) -> Task:
     """The task that loads the teacher in `directory`: a Hugging Face language model (its
     config.json names a `model_type`; either objective loads through `causal_lm`), or ours or a
     Hugging Face image classifier (`image`)."""
@@ -79,3 +84,101 @@ class Batch:
     truth: np.ndarray  # (R,) int64: the true class / next token, -1 where unknown
     scored: np.ndarray  # (R,) bool: rows the fidelity statistics and teacher accuracy count
     input_token: np.ndarray | None = None  # (R,) int32 for masked rows: the token the model saw
+
+
+class TaskInputs(Protocol):
+    """What `kd label` asks of a task's prepared samples (`Task.Inputs(prepared, splits, cfg)`):
+    what the teacher sees and which cache rows each sample becomes."""
+
+    row_columns: tuple[str, ...]  # the cache columns between `view` and the soft targets (`Task.ROW_COLUMNS`)
+    per_sample: int  # the most cache rows one sample gives
+
+    def samples(self, split: str) -> int:
+        """The samples of a prepared split."""
+
+    def row_counts(self, split: str) -> np.ndarray:
+        """(N,) int64: the cache rows of each sample of a split."""
+
+    def check_teacher(self, teacher: Teacher, prepared: Path) -> None:
+        """Refuse a teacher that cannot label these samples, in one line."""
+
+    def header(self) -> dict[str, Any]:
+        """What the cache manifest records of the inputs (`input_shape`, and `text` for tokens)."""
+
+    def probe(self) -> torch.Tensor:
+        """One input of the right shape, for probing the teacher's layers."""
+
+    def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits for a probe (`probe`)."""
+
+    def feature_spec(self, layer: str, mode: str, captured: Any) -> dict[str, Any]:
+        """The manifest's spec of one cached teacher layer, from its probe activation."""
+
+    def read(self, source: Path, first: int, last: int) -> Any:
+        """Samples [first, last) of a prepared split, as `batch` takes them."""
+
+    def batch(self, model: nn.Module, rows: Any, start: int, stop: int, specs: dict[str, dict]) -> Batch:
+        """The teacher's cache rows for samples [start, stop) of what `read` gave."""
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What the stages and the library ask of a task module (`image`, `causal_lm`, `masked_lm`).
+
+    A module satisfies it by having these names; `tests/test_tasks.py` checks each one."""
+
+    NAME: str  # the task's name in `TASKS`
+    TWIN_LOSS: str  # what the baseline twin learns from, for messages
+    ROW_COLUMNS: tuple[str, ...]  # cache columns between `view` and the soft targets
+    Inputs: Callable[[Path, list[str], LabelConfig], TaskInputs]  # `kd label`: the prepared samples
+
+    # --- kd distill ---
+    def check(self, cfg: StudentConfig, cache: Cache, prepared: Path) -> None:
+        """Refuse up front, in one line, a student this task cannot train."""
+
+    def rows(self, cache: Cache, prepared: Path, cfg: StudentConfig, memory_mb: float) -> Any:
+        """The student's transfer rows with their cached targets (`loader`: in memory or streamed)."""
+
+    def twin_rows(self, cache: Cache, prepared: Path, cfg: StudentConfig, transfer: Any) -> Any:
+        """The rows the baseline twin learns from without the teacher (`transfer`: the student's)."""
+
+    def twin_decided_by(self, cfg: StudentConfig, cache: Cache, prepared: Path) -> dict[str, Any]:
+        """What decides a baseline twin besides its budget and seed (its key, to share it)."""
+
+    def build(self, cfg: StudentConfig, cache: Cache, prepared: Path) -> nn.Module:
+        """A fresh student (seed torch first), seen as the training loop sees it."""
+
+    def student_shapes(self, model: nn.Module, cfg: StudentConfig, layers: list[str], cache: Cache
+                       ) -> dict[str, list[int]]:
+        """The per-row shape of each student layer a loss method taps."""
+
+    def save(self, directory: Path, model: nn.Module, cfg: StudentConfig, cache: Cache, record: dict[str, Any],
+             prepared: Path) -> None:
+        """Write a trained student (and `record`, where it came from) into `directory`."""
+
+    # --- kd assistants ---
+    def load(self, directory: Path, spec: StudentConfig | None = None) -> tuple[nn.Module, dict[str, Any]]:
+        """A saved student and its config, to label as a teacher assistant."""
+
+    # --- kd eval ---
+    def evaluate(self, student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, spec: StudentConfig
+                 ) -> tuple[dict[str, Any], dict[str, tuple[list[str], list[dict[str, Any]]]]]:
+        """(metrics.json's record, plot tables by file name) of a student, its twin and its seeds."""
+
+    def summary(self, name: str, m: dict[str, Any]) -> str:
+        """One line on a student's metrics (`m`: its metrics.json record)."""
+
+    # --- kd cache verify / info ---
+    def check_rows(self, path: str, table: Any, manifest: dict[str, Any], views: int) -> list[str]:
+        """The problems of one cache part's row columns (order, range), one line each."""
+
+    def rows_description(self, summary: dict[str, Any]) -> str:
+        """What one cache row is, for `kd cache info`."""
+
+    # --- kd teacher / kd label ---
+    def train_teacher(self, cfg: TeacherConfig, prepared: Path, out: Path, *, progress: bool = True) -> str:
+        """Train a teacher on the prepared data and write it into `out`; its score, in words."""
+
+    def load_teacher(self, directory: Path, arch: str | None = None, arch_kwargs: dict | None = None, *,
+                     dtype: str = "auto", device: str = "auto") -> Teacher:
+        """A teacher directory loaded to label, with what identifies it."""

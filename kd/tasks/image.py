@@ -183,6 +183,11 @@ def check_rows(path: str, table: Any, manifest: dict[str, Any], views: int) -> l
     return in_order(path, table, "view", views)
 
 
+def rows_description(summary: dict[str, Any]) -> str:
+    """`kd cache info`: what one cache row is."""
+    return f"one per sample and view: the input as is, then {summary['views']['count']} augmented view(s)"
+
+
 def summary(name: str, m: dict[str, Any]) -> str:
     kl = "exact" if m["kl_exact"] else "top-k bucket, a lower bound"
     speed = (f"{m['speedup_vs_teacher']:.1f}x the teacher's throughput ({m['teacher_throughput_source']})"
