@@ -13,7 +13,7 @@ from typing import Any
 
 from kd import generate, lm, metrics
 from kd.files import read_json
-from kd.prepared import tokens as text
+from kd.prepared import tokens
 
 
 def exact_matches(student_dir: Path, record: dict[str, Any], prepared: Path, batch_size: int
@@ -23,7 +23,7 @@ def exact_matches(student_dir: Path, record: dict[str, Any], prepared: Path, bat
     them after the first."""
     _, prompts, truths = generate.prompts_and_responses(prepared / "test.parquet")
     pad, eos = generate.special_of(prepared)
-    block = text.split_info(prepared / "test.parquet")["block_size"]
+    block = tokens.split_info(prepared / "test.parquet")["block_size"]
 
     def score(directory: Path) -> float:
         found = generate.answers(lm.load(directory), prompts, batch_size=batch_size, max_new_tokens=block,

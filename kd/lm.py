@@ -28,7 +28,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-from kd.prepared import tokens as text
+from kd.prepared import tokens
 from kd.cache import Teacher
 from kd.config import TEACHER_DEVICES
 from kd.errors import ConfigError, InputError, MissingInputError
@@ -257,7 +257,7 @@ def load_teacher(directory: Path, arch: str | None = None, arch_kwargs: dict | N
     `device` auto|cpu|cuda), with the fingerprint that identifies it, its tokenizer's (which
     the prepared data must have been cut with) and its provenance and test scores when
     `kd teacher` made it."""
-    tokenizer = text.read_tokenizer(directory, "teacher's tokenizer")
+    tokenizer = tokens.read_tokenizer(directory, "teacher's tokenizer")
     model = load(directory, dtype=dtype, device=resolve_device(device))
     config = {"arch": model.config.model_type, "objective": objective(model), "params": count_params(model),
               "vocab_size": model.config.vocab_size, "hf_config": model.config.to_dict(),
@@ -271,7 +271,7 @@ def load_teacher(directory: Path, arch: str | None = None, arch_kwargs: dict | N
 
 
 def check_teacher(teacher: Teacher, prepared: Path, infos: dict[str, dict[str, Any]]) -> None:
-    """Refuse a teacher that would read the ids of these prepared splits (`text.split_info` by
+    """Refuse a teacher that would read the ids of these prepared splits (`tokens.split_info` by
     name) as other tokens: data prepared with another tokenizer (whatever the two vocabulary
     sizes), or an id past its vocabulary."""
     tokenizer = teacher.config.get("tokenizer")
@@ -287,14 +287,14 @@ def check_teacher(teacher: Teacher, prepared: Path, infos: dict[str, dict[str, A
                              f"{teacher.directory}")
     vocab = teacher.config["vocab_size"]
     for split in infos:
-        largest = text.max_token(prepared / f"{split}.parquet")
+        largest = tokens.max_token(prepared / f"{split}.parquet")
         if largest >= vocab:
             raise InputError(f"{prepared / f'{split}.parquet'}: token id {largest} is outside the teacher's "
                              f"vocabulary of {vocab} ids ({teacher.directory})")
 
 
 def prepared_tokenizer_name(info: dict[str, Any]) -> str:
-    """For messages: the tokenizer a prepared split was cut with (`text.split_info`)."""
+    """For messages: the tokenizer a prepared split was cut with (`tokens.split_info`)."""
     source = info["tokenizer_source"] or "the BPE `kd prepare` trained"
     return f"{source} (sha256 {info['tokenizer_sha256'][:12]}, vocabulary {info['vocab_size']})"
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from kd import lm, masking
-from kd.prepared import tokens as text
+from kd.prepared import tokens
 from kd.config import TeacherConfig, as_dict
 from kd.errors import ConfigError, InputError
 from kd.files import write_json
@@ -210,16 +210,16 @@ def fit_teacher(cfg: TeacherConfig, prepared: Path, *,
 
     `cfg.shift` (an image augmentation) does not apply to text.
     """
-    _, train = text.read_blocks(prepared / "labeled.parquet")
-    _, test = text.read_blocks(prepared / "test.parquet")
-    info = text.split_info(prepared / "labeled.parquet")
-    _, special = text.load_tokenizer(prepared)
+    _, train = tokens.read_blocks(prepared / "labeled.parquet")
+    _, test = tokens.read_blocks(prepared / "test.parquet")
+    info = tokens.split_info(prepared / "labeled.parquet")
+    _, special = tokens.load_tokenizer(prepared)
     torch.manual_seed(cfg.seed)
     model = lm.build(cfg.arch, cfg.arch_kwargs, info["vocab_size"], info["block_size"], special)
     if info["response_only"] and lm.objective(model) != "causal":
         raise ConfigError(f"teacher.arch: {cfg.arch} is a masked LM; instruction data ({prepared}: responses only) "
                           "is for causal LMs")
-    masks = {split: text.predicted(prepared / f"{split}.parquet") for split in ("labeled", "test")}
+    masks = {split: tokens.predicted(prepared / f"{split}.parquet") for split in ("labeled", "test")}
     masks = {split: None if m is None else torch.from_numpy(m) for split, m in masks.items()}
     log = fit(model, torch.from_numpy(train), special, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
               weight_decay=cfg.weight_decay, seed=cfg.seed, desc="teacher", progress=progress,

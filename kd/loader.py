@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from kd import augment, parallel
-from kd.prepared import images as data
+from kd.prepared import images
 from kd.cache import Cache, SoftTargets
 from kd.cache.layout import sample_starts
 from kd.config import StudentConfig
@@ -314,7 +314,7 @@ def image_rows(cache: Cache, prepared: Path, cfg: StudentConfig, split: str, row
     """The student's rows of one image split (or of some of its parts), in memory; its views
     are the cache's (`views.seed` and `views.recipe` of the manifest)."""
     source = prepared / f"{split}.parquet"
-    samples = data.read_rows(source, *sample_range(cache, split, parts))
+    samples = images.read_rows(source, *sample_range(cache, split, parts))
     rows = read_rows(cache, cfg, split, source, samples.ids, np.repeat(samples.y, cache.views), parts=parts,
                      row_offset=row_offset)
     return image_set(torch.tensor(samples.x), np.array(samples.ids), samples.input_shape, rows.targets(cfg),
@@ -324,6 +324,6 @@ def image_rows(cache: Cache, prepared: Path, cfg: StudentConfig, split: str, row
 def baseline_set(prepared: Path, view_seed: int = 0, recipe: augment.Recipe | None = None) -> SampleSet:
     """The labeled images with their true labels: what a baseline twin (and the teacher, with
     fresh views of `recipe`) trains on."""
-    rows = data.read_split(prepared / "labeled.parquet")
+    rows = images.read_split(prepared / "labeled.parquet")
     return image_set(torch.tensor(rows.x), np.array(rows.ids), rows.input_shape, {"label": torch.tensor(rows.y)},
                      view_seed=view_seed, recipe=recipe)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from kd.prepared import images as data
+from kd.prepared import images
 from kd.config import TeacherConfig, as_dict, view_recipe
 from kd.augment import check_shape
 from kd.models import build
@@ -25,7 +25,7 @@ def train_teacher(cfg: TeacherConfig, prepared: Path, *, progress: bool = True) 
     recipe = view_recipe(cfg, cfg.shift)
     dataset = baseline_set(prepared, view_seed=cfg.seed, recipe=recipe)
     augmented = cfg.shift > 0 or cfg.view_recipe != "shift"
-    test = data.read_split(prepared / "test.parquet")
+    test = images.read_split(prepared / "test.parquet")
     check_shape(recipe, test.input_shape, "teacher")
     torch.manual_seed(cfg.seed)
     model = build(cfg.arch, cfg.arch_kwargs, test.input_shape, test.num_classes)

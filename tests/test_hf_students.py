@@ -21,7 +21,7 @@ from kd import lm
 from kd.cache import Cache
 from kd.config import student
 from kd.errors import ConfigError
-from kd.prepared import tokens as text
+from kd.prepared import tokens
 from kd.tasks import lm_common
 from kd.cli import distill, label
 from kd.cli import eval as eval_stage
@@ -77,7 +77,7 @@ def test_a_student_of_any_model_type_distils_and_loads_with_transformers_alone(h
         model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         assert model.config.model_type == entry["arch"]
-        assert text.read_tokenizer(directory).fingerprint == Cache.open(caches[teacher]).manifest["text"]["tokenizer_sha256"]
+        assert tokens.read_tokenizer(directory).fingerprint == Cache.open(caches[teacher]).manifest["text"]["tokenizer_sha256"]
         prompt = tokenizer("The class statement", return_tensors="pt")
         generated = model.generate(**prompt, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.eos_token_id)
         assert generated.shape[1] == prompt["input_ids"].shape[1] + 6
@@ -105,7 +105,7 @@ def test_a_student_starts_from_a_pretrained_directory(hf_world, caches, tmp_path
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt_neox", "gpt2", "bert"])
 def test_init_from_teacher_takes_one_layer_in_every_n(model_type):
-    special = text.SpecialIds(pad=0, eos=1, mask=2)
+    special = tokens.SpecialIds(pad=0, eos=1, mask=2)
     kwargs = ({"n_embd": 16, "n_head": 2} if model_type == "gpt2"
               else {**NARROW, **({"num_key_value_heads": 1} if model_type in ("llama", "qwen2") else {})})
     depth = "n_layer" if model_type == "gpt2" else "num_hidden_layers"

@@ -52,9 +52,9 @@ def for_cache(cache: Any) -> Task:
 def for_prepared(prepared: Path, objective: str | None = None) -> Task:
     """The task of prepared data: images, or text for a causal or masked language model (the
     teacher's `objective`; `causal_lm` without one, whose `train_teacher` trains either)."""
-    from kd.prepared import tokens as text
+    from kd.prepared import tokens
 
-    if text.modality(Path(prepared) / "labeled.parquet") != "text":
+    if tokens.modality(Path(prepared) / "labeled.parquet") != "text":
         return get("image")
     return get(OBJECTIVES.get(objective or "causal", "causal_lm"))
 

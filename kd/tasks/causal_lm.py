@@ -36,7 +36,7 @@ from torch import nn
 from kd import exact_match, features, lm, loader, metrics
 from kd.prepared import data_fingerprint
 from kd.prepared import retokenized
-from kd.prepared import tokens as text
+from kd.prepared import tokens
 from kd.cache import Cache, Teacher
 from kd.cache.reader import SoftTargets
 from kd.config import EvalConfig, LabelConfig, StudentConfig
@@ -71,12 +71,12 @@ class Inputs:
     def __init__(self, prepared: Path, splits: list[str], cfg: LabelConfig):
         if cfg.views:
             raise ConfigError(f"label.views: {cfg.views}; augmented views are for images, text has none (set 0)")
-        self.infos = {s: text.split_info(prepared / f"{s}.parquet") for s in splits}
+        self.infos = {s: tokens.split_info(prepared / f"{s}.parquet") for s in splits}
         self.block_size = self.infos["labeled"]["block_size"]
         self.input_shape = [self.block_size]
         self.per_sample = self.block_size - 1  # the most rows a block has
         self.response_only = self.infos["labeled"]["response_only"]
-        masks = {s: text.predicted(prepared / f"{s}.parquet") for s in splits}
+        masks = {s: tokens.predicted(prepared / f"{s}.parquet") for s in splits}
         self.counts = {s: None if m is None else m.sum(1).astype(np.int64) for s, m in masks.items()}
         self.cfg = cfg
 
@@ -117,9 +117,9 @@ class Inputs:
     def read(self, source: Path, first: int, last: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """ids, tokens and predicted positions of blocks [first, last), reading only the row
         groups that hold them."""
-        ids, tokens = text.read_rows(source, first, last)
-        predicted = text.predicted(source, first, last)
-        return ids, tokens, np.ones((len(ids), self.per_sample), bool) if predicted is None else predicted
+        ids, blocks = tokens.read_rows(source, first, last)
+        predicted = tokens.predicted(source, first, last)
+        return ids, blocks, np.ones((len(ids), self.per_sample), bool) if predicted is None else predicted
 
     def batch(self, model: nn.Module, rows: tuple[np.ndarray, np.ndarray, np.ndarray], start: int, stop: int,
               specs: dict[str, dict]) -> Batch:
@@ -215,7 +215,7 @@ def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, s
     tokenizer, in its tokens, and how its positions line up with the teacher's
     (`alignment_scores`)."""
     own = student_tokenizer(spec, cache, prepared)
-    teacher_predicted = text.predicted(prepared / "test.parquet")
+    teacher_predicted = tokens.predicted(prepared / "test.parquet")
     try:
         teacher_chars = retokenized.teacher_characters(prepared.resolve(), "test")
         teacher_chars = int((teacher_chars if teacher_predicted is None else teacher_chars[teacher_predicted]).sum())
@@ -223,12 +223,12 @@ def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, s
         teacher_chars = None
     compare = teacher_x = None
     if own is None:
-        _, tokens, predicted, truth = blocks_and_targets(prepared / "test.parquet")
+        _, blocks, predicted, truth = blocks_and_targets(prepared / "test.parquet")
         characters = teacher_chars  # (None where the text cannot be recovered)
     else:
         test = retokenized.blocks(own.teacher.directory, own.student.directory, "test")
-        tokens, predicted = torch.from_numpy(test.tokens), torch.from_numpy(test.predicted)
-        truth = tokens[:, 1:][predicted]
+        blocks, predicted = torch.from_numpy(test.tokens), torch.from_numpy(test.predicted)
+        truth = blocks[:, 1:][predicted]
         characters = int(test.characters[test.predicted].sum())
         compare = functools.partial(cross_tokenizer.aligned_teacher_rows, test.teacher_row[test.predicted], own.table)
         _, teacher_tokens, teacher_predicted, _ = blocks_and_targets(prepared / "test.parquet")
@@ -248,8 +248,8 @@ def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, s
                     teacher, len(soft.ids), teacher_chars),
                 "test_characters": characters}
 
-    positions = torch.arange(1, tokens.shape[1]).repeat(len(tokens), 1)
-    record, plots = evaluate_rows(student_dir, cache, cfg, TokenRows, model_input(tokens, predicted), truth,
+    positions = torch.arange(1, blocks.shape[1]).repeat(len(blocks), 1)
+    record, plots = evaluate_rows(student_dir, cache, cfg, TokenRows, model_input(blocks, predicted), truth,
                                   positions.reshape(-1) if predicted is None else positions[predicted], perplexity,
                                   keys, ("perplexity", "perplexity_reduction", lambda s, b: 1 - s / b), compare,
                                   teacher_x)

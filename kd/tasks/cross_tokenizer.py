@@ -19,7 +19,7 @@ from torch import nn
 
 from kd import lm, loader
 from kd.prepared import retokenized
-from kd.prepared import tokens as text
+from kd.prepared import tokens
 from kd.cache import Cache
 from kd.cache.reader import SoftTargets
 from kd.config import StudentConfig
@@ -55,7 +55,7 @@ def check(cfg: StudentConfig, cache: Cache, own: retokenized.Pair) -> None:
 def check_own_tokenizer(cfg: StudentConfig, own: retokenized.Pair) -> None:
     """A student with its own Hugging Face tokenizer: its directory must read it back as itself
     (the same rule as `lm_common.check_student_tokenizer`)."""
-    if not (own.student.directory / text.HF_TOKENIZER_CONFIG).is_file():
+    if not (own.student.directory / tokens.HF_TOKENIZER_CONFIG).is_file():
         return
     config, found = read_back(cfg, own.student.directory)
     if found.fingerprint != own.student.fingerprint:
@@ -105,8 +105,9 @@ def twin_set(own: retokenized.Pair, split: str) -> loader.SampleSet:
     """A transfer split's blocks in the student's tokens with their next tokens alone (in
     memory): what the twin of a student with its own tokenizer learns from."""
     found = retokenized.blocks(own.teacher.directory, own.student.directory, split)
+    predicted = torch.from_numpy(found.predicted)
     return block_set(torch.from_numpy(found.tokens), found.ids,
-                     {"label": torch.from_numpy(found.tokens[:, 1:][found.predicted])}, torch.from_numpy(found.predicted))
+                     {"label": torch.from_numpy(found.tokens[:, 1:][found.predicted])}, predicted)
 
 
 def build(cfg: StudentConfig, own: retokenized.Pair) -> nn.Module:

@@ -21,7 +21,7 @@ from torch import nn
 
 from kd import augment, features, loader, metrics, teacher
 from kd.prepared import data_fingerprint
-from kd.prepared import images as data
+from kd.prepared import images
 from kd.cache import Cache, Teacher
 from kd.tasks import Batch
 from kd.config import EvalConfig, LabelConfig, StudentConfig, TeacherConfig, view_recipe
@@ -44,7 +44,7 @@ class Inputs:
     row_columns = ROW_COLUMNS
 
     def __init__(self, prepared: Path, splits: list[str], cfg: LabelConfig):
-        self.infos = {s: data.split_info(prepared / f"{s}.parquet") for s in splits}
+        self.infos = {s: images.split_info(prepared / f"{s}.parquet") for s in splits}
         self.input_shape = self.infos["labeled"]["input_shape"]
         self.per_sample = cfg.views + 1
         self.cfg = cfg
@@ -81,14 +81,14 @@ class Inputs:
             raise ConfigError(f"label.features.{layer}: {exc}") from None
         return {"name": layer, "mode": mode, "shape": shape, "dtype": "float16", "source_shape": list(captured.shape[1:])}
 
-    def read(self, source: Path, first: int, last: int) -> data.Split:
-        rows = data.read_rows(source, first, last)
+    def read(self, source: Path, first: int, last: int) -> images.Split:
+        rows = images.read_rows(source, first, last)
         if not np.isfinite(rows.x).all():
             bad = rows.ids[~np.isfinite(rows.x).all(1)][:5].tolist()
             raise InputError(f"{source}: NaN or Inf in inputs (ids {bad})")
         return rows
 
-    def batch(self, model: nn.Module, rows: data.Split, start: int, stop: int,
+    def batch(self, model: nn.Module, rows: images.Split, start: int, stop: int,
               specs: dict[str, dict]) -> Batch:
         views, cfg = self.per_sample, self.cfg
         ids = np.repeat(rows.ids[start:stop], views)

@@ -24,7 +24,7 @@ from transformers import AutoConfig
 
 from kd import lm, metrics
 from kd.prepared import retokenized
-from kd.prepared import tokens as text
+from kd.prepared import tokens
 from kd.cache import Cache
 from kd.cache.reader import SoftTargets
 from kd.config import EvalConfig, StudentConfig
@@ -48,7 +48,7 @@ def student_tokenizer(cfg: StudentConfig, cache: Cache, prepared: Path) -> retok
         directory = Path(cfg.init)
     else:
         return None
-    found = text.read_tokenizer(directory, f"{cfg.where}.tokenizer")
+    found = tokens.read_tokenizer(directory, f"{cfg.where}.tokenizer")
     if found.fingerprint == cache.manifest["text"]["tokenizer_sha256"]:
         return None
     return retokenized.pair(Path(prepared).resolve(), directory.resolve())
@@ -59,7 +59,7 @@ def check_tokenizer(cache: Cache, prepared: Path, splits: list[str]) -> None:
     the two vocabulary sizes: one line naming both."""
     ours = cache.manifest["text"]
     for split in splits:
-        info = text.split_info(prepared / f"{split}.parquet")
+        info = tokens.split_info(prepared / f"{split}.parquet")
         if info["tokenizer_sha256"] != ours["tokenizer_sha256"]:
             raise InputError(f"{prepared / f'{split}.parquet'}: prepared with another tokenizer than the cache's "
                              f"teacher: {lm.prepared_tokenizer_name(info)} vs the cache {cache.root}'s (sha256 "
@@ -105,8 +105,8 @@ def check_init(cfg: StudentConfig, cache: Cache, objective: str) -> None:
     if not (directory / lm.CONFIG).is_file():
         raise MissingInputError(f"{cfg.where}.init: {directory / lm.CONFIG} not found (init is 'teacher', null or "
                                 "a local pretrained model directory)")
-    tokenizer = text.read_tokenizer(directory, "init directory's tokenizer")
-    own = text.read_tokenizer(Path(cfg.tokenizer), f"{cfg.where}.tokenizer") if cfg.tokenizer else tokenizer
+    tokenizer = tokens.read_tokenizer(directory, "init directory's tokenizer")
+    own = tokens.read_tokenizer(Path(cfg.tokenizer), f"{cfg.where}.tokenizer") if cfg.tokenizer else tokenizer
     if tokenizer.fingerprint != own.fingerprint:
         raise InputError(f"{cfg.where}.init: {tokenizer.describe()} has another tokenizer than the student's "
                          f"{own.describe()}; a student starts from a model of its own tokenizer (leave "
@@ -133,7 +133,7 @@ def check_student_tokenizer(cfg: StudentConfig, cache: Cache, prepared: Path) ->
     pad token. So the prepared tokenizer files are put beside the student's config and read
     back. (kd's own BPE has no tokenizer_config.json; transformers reads it as its model_type's
     class, as it always did.)"""
-    if not (prepared / text.HF_TOKENIZER_CONFIG).is_file():
+    if not (prepared / tokens.HF_TOKENIZER_CONFIG).is_file():
         return
     config, found = read_back(cfg, prepared)
     ours = cache.manifest["text"]
@@ -146,7 +146,7 @@ def check_student_tokenizer(cfg: StudentConfig, cache: Cache, prepared: Path) ->
                           f"{cache.manifest['teacher']['config'].get('arch')} keeps it)")
 
 
-def read_back(cfg: StudentConfig, tokenizer_dir: Path) -> tuple[Any, text.TokenizerDir]:
+def read_back(cfg: StudentConfig, tokenizer_dir: Path) -> tuple[Any, tokens.TokenizerDir]:
     """The student's config and the tokenizer of `tokenizer_dir` as AutoTokenizer reads it
     beside that config (`check_student_tokenizer`)."""
     if cfg.init in (None, "teacher"):
@@ -155,9 +155,9 @@ def read_back(cfg: StudentConfig, tokenizer_dir: Path) -> tuple[Any, text.Tokeni
         config = AutoConfig.from_pretrained(cfg.init, local_files_only=True, trust_remote_code=False)
     with tempfile.TemporaryDirectory() as tmp:
         config.save_pretrained(tmp)
-        for source in text.tokenizer_files(tokenizer_dir):
+        for source in tokens.tokenizer_files(tokenizer_dir):
             shutil.copyfile(source, Path(tmp) / source.name)
-        return config, text.read_tokenizer(Path(tmp), "student's tokenizer")
+        return config, tokens.read_tokenizer(Path(tmp), "student's tokenizer")
 
 
 # --- building, saving -----------------------------------------------------------------------
@@ -185,7 +185,7 @@ def build_model(cfg: StudentConfig, cache: Cache, prepared: Path, objective: str
                 raise ConfigError(f"{cfg.where}.init: {cfg.init} has {key} {getattr(model.config, key)}, fewer "
                                   f"than the cache needs ({least})")
         return model
-    _, special = text.load_tokenizer(prepared)
+    _, special = tokens.load_tokenizer(prepared)
     model = lm.build(cfg.arch, cfg.arch_kwargs, classes, info["block_size"], special, where=cfg.where,
                      objective=objective)
     if cfg.init == "teacher":

@@ -26,7 +26,7 @@ from torch import nn
 
 from kd import features, lm, loader, masking
 from kd.prepared import data_fingerprint
-from kd.prepared import tokens as text
+from kd.prepared import tokens
 from kd.cache import Cache
 from kd.config import EvalConfig, LabelConfig, StudentConfig
 from kd.errors import ConfigError
@@ -66,7 +66,7 @@ class Inputs(causal_lm.Inputs):
         self.cfg = cfg
         self.masked_count = masking.mask_count(self.block_size)
         self.per_sample = (cfg.views + 1) * self.masked_count
-        self.special = text.load_tokenizer(prepared)[1]
+        self.special = tokens.load_tokenizer(prepared)[1]
         masking.mask_id(self.special, str(prepared))
 
     def header(self) -> dict[str, Any]:
@@ -167,15 +167,15 @@ def _split_rows(cache: Cache, prepared: Path, cfg: StudentConfig, split: str, ro
     """One split's blocks (or those of some cache parts) with their maskings and rows: the
     cached targets, or with `cached` False the original tokens alone (a twin's)."""
     source = prepared / f"{split}.parquet"
-    ids, blocks = text.read_rows(source, *loader.sample_range(cache, split, parts))
+    ids, blocks = tokens.read_rows(source, *loader.sample_range(cache, split, parts))
     position, seen = cache.masks(split, parts)
     shape = (len(ids), cache.manifest["views"]["count"] + 1, cache.manifest["text"]["positions"])
-    tokens = torch.from_numpy(blocks).long()
+    long_blocks = torch.from_numpy(blocks).long()
     positions = torch.tensor(position, dtype=torch.long).reshape(shape)
-    truth = tokens.gather(1, positions.reshape(len(ids), -1)).reshape(-1)
+    truth = long_blocks.gather(1, positions.reshape(len(ids), -1)).reshape(-1)
     targets = (loader.read_rows(cache, cfg, split, source, ids, truth.numpy(), parts=parts,
                                 row_offset=row_offset).targets(cfg) if cached else {"label": truth})
-    return masked_set(tokens, ids, positions, torch.tensor(seen, dtype=torch.long).reshape(shape), targets)
+    return masked_set(long_blocks, ids, positions, torch.tensor(seen, dtype=torch.long).reshape(shape), targets)
 
 
 def twin_rows(cache: Cache, prepared: Path, cfg: StudentConfig, transfer: Any) -> loader.SampleSet:
@@ -218,13 +218,13 @@ def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, s
     the test split (the teacher's from its cached top-1, on the very same masked tokens), and
     against the cached teacher (`evaluate_rows`)."""
     maskings, masked = cache.manifest["views"]["count"] + 1, cache.manifest["text"]["positions"]
-    _, blocks = text.read_blocks(prepared / "test.parquet")
+    _, blocks = tokens.read_blocks(prepared / "test.parquet")
     position, seen = cache.masks("test")
-    tokens = torch.from_numpy(blocks).long().repeat_interleave(maskings, 0)  # (N * maskings, L), cache order
-    positions = torch.tensor(position, dtype=torch.long).reshape(len(tokens), masked)
-    masked_tokens = masking.apply_masks(tokens, positions, torch.tensor(seen).reshape(len(tokens), masked))
-    x = torch.cat([masked_tokens, positions], 1)
-    truth = tokens.gather(1, positions).reshape(-1)
+    per_masking = torch.from_numpy(blocks).long().repeat_interleave(maskings, 0)  # (N * maskings, L), cache order
+    positions = torch.tensor(position, dtype=torch.long).reshape(len(per_masking), masked)
+    x = torch.cat([masking.apply_masks(per_masking, positions, torch.tensor(seen).reshape(len(per_masking), masked)),
+                   positions], 1)
+    truth = per_masking.gather(1, positions).reshape(-1)
 
     def accuracy(logits: torch.Tensor, truth: torch.Tensor) -> float:
         return float((logits.argmax(1) == truth).float().mean())

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from kd import lm, loader
-from kd.prepared import tokens as text
+from kd.prepared import tokens
 
 
 def next_token_logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -76,12 +76,12 @@ def blocks_and_targets(source: Path, first: int | None = None, last: int | None 
     """ids, blocks, predicted positions (None: all) and each row's true next token, of blocks
     [first, last) of a prepared split (all by default)."""
     if first is None:
-        ids, blocks = text.read_blocks(source)
-        predicted = text.predicted(source)
+        ids, blocks = tokens.read_blocks(source)
+        predicted = tokens.predicted(source)
     else:
-        ids, blocks = text.read_rows(source, first, last)
-        predicted = text.predicted(source, first, last)
-    tokens = torch.from_numpy(blocks)
+        ids, blocks = tokens.read_rows(source, first, last)
+        predicted = tokens.predicted(source, first, last)
+    torch_blocks = torch.from_numpy(blocks)
     keep = None if predicted is None else torch.from_numpy(predicted)
-    truth = tokens[:, 1:].reshape(-1) if keep is None else tokens[:, 1:][keep]
-    return ids, tokens, keep, truth.long()
+    truth = torch_blocks[:, 1:].reshape(-1) if keep is None else torch_blocks[:, 1:][keep]
+    return ids, torch_blocks, keep, truth.long()
