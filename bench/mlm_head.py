@@ -6,7 +6,7 @@ One training step (forward, backward, AdamW) of the default masked teacher of pa
 (4 layers, 128 wide, 4096-token vocabulary) on a batch of 16 blocks of 128 tokens, BERT's 15%
 masking, in two forms timed side by side in interleaved rounds:
 - `full_head`: `model(input_ids).logits` over every position, then the masked rows picked;
-- `masked_head`: the encoder, then the head on the masked rows only (`lm.token_losses`).
+- `masked_head`: the encoder, then the head on the masked rows only (`lm_training.token_losses`).
 Both give the same loss (checked here); the ratio is the median step time of the first over
 the second.
 """
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from kd import lm  # noqa: E402
+from kd import lm, lm_training, masking  # noqa: E402
 from kd.prepared.tokens import SpecialIds  # noqa: E402
 
 ROUNDS, STEPS = 7, 5
@@ -39,7 +39,7 @@ def full_head_loss(model, inputs, labels):
 
 
 def masked_head_loss(model, inputs, labels):
-    return lm.token_losses(model, inputs, labels)[0].mean()
+    return lm_training.token_losses(model, inputs, labels)[0].mean()
 
 
 def main() -> None:
@@ -49,7 +49,7 @@ def main() -> None:
     model = lm.build("bert", teacher["arch_kwargs"], 4096, 128, special).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens = torch.randint(3, 4096, (teacher["batch_size"], 128))
-    inputs, labels = lm.mask_tokens(tokens, special, 4096, torch.Generator().manual_seed(0))
+    inputs, labels = masking.mask_tokens(tokens, special, 4096, torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert abs(float(full_head_loss(model, inputs, labels) - masked_head_loss(model, inputs, labels))) < 1e-5
     forms = {"full_head": full_head_loss, "masked_head": masked_head_loss}

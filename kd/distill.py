@@ -23,7 +23,6 @@ import json
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -37,6 +36,7 @@ from kd.files import read_json, replacing, write_json
 from kd.methods import Built, Shapes, needed_samples, needed_temperatures, student_layers, student_terms
 from kd.evaluation import SEEDS_DIR
 from kd.tasks.image_models import fingerprint
+from kd.tasks import Task
 from kd.training import Dataset, fit, hard_label_loss, write_log
 
 
@@ -50,7 +50,7 @@ def twin_key(cfg: StudentConfig, decided_by_task: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def train_model(task: ModuleType, cfg: StudentConfig, cache: Cache, prepared: Path, dataset: Dataset, desc: str,
+def train_model(task: Task, cfg: StudentConfig, cache: Cache, prepared: Path, dataset: Dataset, desc: str,
                 progress: bool, teacher_specs: dict[str, dict] | None = None,
                 checkpoint: Path | None = None) -> tuple[nn.Module, list[dict[str, float]]]:
     """Build the task's student with `cfg.seed` and train it on `dataset` with the student's
@@ -132,7 +132,7 @@ def _last_row(log: Path) -> dict[str, float]:
         return {k: float(v) for k, v in list(csv.DictReader(handle))[-1].items()}
 
 
-def _twin(task: ModuleType, cfg: StudentConfig, cache: Cache, prepared: Path, baselines: Path,
+def _twin(task: Task, cfg: StudentConfig, cache: Cache, prepared: Path, baselines: Path,
           record: dict[str, Any], transfer: Dataset, progress: bool,
           checkpoints: Path | None = None) -> tuple[Path, bool]:
     """The baseline twin of `cfg` from the shared store, trained first if it is not there."""

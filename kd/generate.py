@@ -65,14 +65,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from kd import lm
 from kd.cache import Teacher
 from kd.config import SPLITS, GenerateConfig, as_dict
 from kd.errors import ConfigError, InputError, MissingInputError
 from kd.files import file_sha256, read_json, replacing, write_json
 from kd.prepared import data_fingerprint, metadata, open_parquet, write_atomic
-from kd.prepared import tokens as text
+from kd.prepared import tokens
 from kd.sources.text import example_blocks
-from kd.tasks import causal_lm
 
 SCHEMA_VERSION = 1
 MANIFEST = "generation.json"
@@ -104,8 +104,8 @@ class Response:
 def prompts_and_responses(source: Path) -> tuple[np.ndarray, list[list[int]], list[list[int]]]:
     """ids, prompts (each block's tokens before its first response token) and responses (its
     response tokens) of an instruction split."""
-    ids, blocks = text.read_blocks(source)
-    predicted = text.predicted(source)
+    ids, blocks = tokens.read_blocks(source)
+    predicted = tokens.predicted(source)
     if predicted is None:
         raise InputError(f"{source}: plain text (no loss_mask); kd generate answers the prompts of instruction or "
                          "chat data (prepare.prompt_column + response_column, or messages_column)")
@@ -168,7 +168,7 @@ def generate_batch(model: nn.Module, prompts: list[list[int]], *, max_new_tokens
     keys and values of the prefix are kept). `uniforms` (B, max_new_tokens) float64: the rows'
     draws, step by step (None: greedy). A row stops at eos or at its limit (`limits`); the
     batch stops when every row has."""
-    device = causal_lm.device_of(model)
+    device = lm.device_of(model)
     allowed = torch.tensor(limits(prompts, max_new_tokens, block_size))
     ids, mask = left_padded(prompts, pad)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
@@ -221,7 +221,7 @@ def exact_match(found: list[Response], truths: list[list[int]]) -> float:
 def special_of(prepared: Path) -> tuple[int, int]:
     """(pad, eos) of a prepared directory's tokenizer: the pad id `kd prepare` padded with (eos
     when the tokenizer has none) and the eos that ends a response."""
-    special = text.prepared_tokenizer(prepared).special
+    special = tokens.prepared_tokenizer(prepared).special
     return (special.pad if special.pad is not None else special.eos), special.eos
 
 
@@ -253,11 +253,11 @@ def run(teacher: Teacher, prepared: Path, out: Path, cfg: GenerateConfig, *, pro
     for required in ("labeled", "test", cfg.split):
         if required not in splits:
             raise MissingInputError(f"{prepared / f'{required}.parquet'}: not found (run `kd prepare`)")
-    infos = {s: text.split_info(prepared / f"{s}.parquet") for s in splits}
+    infos = {s: tokens.split_info(prepared / f"{s}.parquet") for s in splits}
     if teacher.config.get("objective") != "causal":
         raise ConfigError(f"{teacher.directory}: a {teacher.config.get('objective')} LM; kd generate needs a causal "
                           "LM teacher (one that writes text left to right)")
-    causal_lm.check_teacher(teacher, prepared, infos)
+    lm.check_teacher(teacher, prepared, infos)
     source = prepared / f"{cfg.split}.parquet"
     ids, prompts, given = prompts_and_responses(source)
     key = generation_key(teacher, source, cfg)
@@ -279,10 +279,10 @@ def run(teacher: Teacher, prepared: Path, out: Path, cfg: GenerateConfig, *, pro
     started, generated = time.perf_counter(), 0
     for index in missing:
         first = index * cfg.part_size
-        table, tokens = _answer_part(model, ids[first:first + counts[index]], prompts[first:first + counts[index]],
+        table, token_count = _answer_part(model, ids[first:first + counts[index]], prompts[first:first + counts[index]],
                                      cfg, block_size, pad, eos, bar)
         write_atomic(table, out / _part(index))
-        generated += tokens
+        generated += token_count
         bar.set_postfix_str(f"{generated / max(time.perf_counter() - started, 1e-9):.0f} tok/s")
     bar.close()
     if not all((out / _part(i)).is_file() for i in range(len(counts))):
@@ -392,13 +392,13 @@ def _assemble(teacher: Teacher, prepared: Path, out: Path, cfg: GenerateConfig, 
     kept = ~empty if cfg.min_logprob is None else ~empty & (logprob >= cfg.min_logprob)
     encoded = [(prompts[row // cfg.samples] + r, [False] * len(prompts[row // cfg.samples]) + [True] * len(r))
                for row, r in enumerate(responses) if kept[row]]
-    info = text.split_info(prepared / f"{cfg.split}.parquet")
+    info = tokens.split_info(prepared / f"{cfg.split}.parquet")
     blocks, mask, _ = example_blocks(encoded, info["block_size"], pad)  # every kept one has a response token
     rows = np.flatnonzero(kept)
     if cfg.samples == 1:
         new_ids = ids[rows]
     else:
-        base = 1 + max(int(text.read_blocks(prepared / f"{s}.parquet")[0].max(initial=-1)) for s in splits)
+        base = 1 + max(int(tokens.read_blocks(prepared / f"{s}.parquet")[0].max(initial=-1)) for s in splits)
         new_ids = base + rows  # rows are prompt index * samples + sample index
     settings = as_dict(cfg)
     source_meta = metadata(open_parquet(prepared / f"{cfg.split}.parquet").schema_arrow)
@@ -416,13 +416,13 @@ def _assemble(teacher: Teacher, prepared: Path, out: Path, cfg: GenerateConfig, 
     summary |= {"same_as_source": float(same.mean()) if len(same) else None,  # the source split's responses
                 "kept_same_as_source": float(same[kept].mean()) if kept.any() else None}
     with replacing(out) as tmp:
-        for path in text.tokenizer_files(prepared):
+        for path in tokens.tokenizer_files(prepared):
             shutil.copyfile(path, tmp / path.name)
         shutil.copytree(out / PARTS, tmp / PARTS)
         for split in splits:
             if split != cfg.split:
                 shutil.copyfile(prepared / f"{split}.parquet", tmp / f"{split}.parquet")
-        text.write_blocks(tmp / f"{cfg.split}.parquet", np.asarray(new_ids, np.int64), blocks, meta, mask)
+        tokens.write_blocks(tmp / f"{cfg.split}.parquet", np.asarray(new_ids, np.int64), blocks, meta, mask)
         files = {p.name: file_sha256(p) for p in sorted(tmp.glob("*.parquet"))}
         manifest = {"schema_version": SCHEMA_VERSION, "complete": True, "key": key,
                     "teacher": {"fingerprint": teacher.fingerprint, "directory": str(teacher.directory),

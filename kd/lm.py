@@ -4,41 +4,35 @@
 Hugging Face config's own names: n_layer/n_head/n_embd for gpt2; num_hidden_layers/
 hidden_size/num_attention_heads/intermediate_size for bert, llama, qwen2, gpt_neox ...) and the
 prepared tokenizer's size and special ids, through the Auto class of its objective (`HEADS`).
-`init_from_teacher` starts a shallower student from a teacher's layers. `fit` trains a model on
-token blocks (AdamW, one-cycle schedule, batches a pure function of (seed, epoch), as
-`training.fit`); `evaluate` gives its loss and its task's score; `train_teacher` is
-`kd teacher` on text data. What depends on the objective (the inputs and labels of a batch,
-the head, the score, the Auto class) is asked of the model's task (`kd.tasks.causal_lm`
-/ `masked_lm`). A model is kept as a Hugging Face directory: `model.safetensors` (or shards
-listed in `model.safetensors.index.json`), `config.json` (+ `generation_config.json`) and the
-tokenizer files it reads, loaded with `from_pretrained(local_files_only=True,
-use_safetensors=True)` and never `trust_remote_code`, so any local HF causal/masked LM
-directory loads the same way and no file can run code.
+`init_from_teacher` starts a shallower student from a teacher's layers. A model is kept as a
+Hugging Face directory: `model.safetensors` (or shards listed in
+`model.safetensors.index.json`), `config.json` (+ `generation_config.json`) and the tokenizer
+files it reads, loaded with `from_pretrained(local_files_only=True, use_safetensors=True)` and
+never `trust_remote_code`, so any local HF causal/masked LM directory loads the same way and no
+file can run code. `load_teacher` loads one as `kd label`'s teacher, and `check_teacher` refuses
+one that would read prepared data cut with another tokenizer. Training one is `kd.lm_training`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 import transformers
 from safetensors import SafetensorError
-from tqdm import tqdm
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-from kd.prepared import tokens as text
-from kd.config import TEACHER_DEVICES, TeacherConfig, as_dict
+from kd.prepared import tokens
+from kd.cache import Teacher
+from kd.config import TEACHER_DEVICES
 from kd.errors import ConfigError, InputError, MissingInputError
-from kd.files import file_sha256
+from kd.files import file_sha256, read_json
 from kd.speed import count_params
 from kd.prepared.tokens import TOKENIZER_FILE, SpecialIds, tokenizer_files
 
@@ -54,10 +48,6 @@ HEADS: dict[str, tuple[Any, dict[str, str]]] = {
     "masked": (AutoModelForMaskedLM, MODEL_FOR_MASKED_LM_MAPPING_NAMES),
 }
 EXAMPLES = {"causal": "gpt2, llama, qwen2, gpt_neox", "masked": "bert, roberta"}  # for messages
-# BERT's masking: 15% of the (non-special) tokens are predicted; of those 80% become [MASK],
-# 10% a random token and 10% stay as they are.
-MASK_PROB, MASK_AS_MASK, MASK_AS_RANDOM = 0.15, 0.8, 0.1
-CLIP_NORM = 1.0  # gradient-norm clipping, as Hugging Face's Trainer does by default
 SET_BY_DATA = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
 
 
@@ -170,190 +160,14 @@ def objective(model: PreTrainedModel | PretrainedConfig) -> str:
                      "LM (...ForMaskedLM)")
 
 
-# --- losses -----------------------------------------------------------------------------------
+def device_of(model: nn.Module) -> torch.device:
+    """Where a model's weights are (the teacher's `label.device`)."""
+    return next(model.parameters()).device
 
 
-def special_tokens(tokens: torch.Tensor, special: SpecialIds) -> torch.Tensor:
-    """(B, L) bool: the tokens BERT's masking spares (pad, eos, mask and bos, those the tokenizer has)."""
-    ids = [i for i in (special.pad, special.eos, special.mask, special.bos) if i is not None]
-    return torch.isin(tokens, torch.tensor(ids, dtype=tokens.dtype))
-
-
-def mask_id(special: SpecialIds, where: str) -> int:
-    """The mask token a masked LM needs; a tokenizer without one is refused."""
-    if special.mask is None:
-        raise InputError(f"{where}: the tokenizer has no mask token; a masked LM needs one")
-    return special.mask
-
-
-def mask_tokens(tokens: torch.Tensor, special: SpecialIds, vocab_size: int,
-                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT's masking of tokens (B, L) -> (inputs (B, L), labels (B, L), -100 where not predicted)."""
-    protected = special_tokens(tokens, special)
-    chosen = (torch.rand(tokens.shape, generator=generator) < MASK_PROB) & ~protected
-    labels = torch.where(chosen, tokens, -100)
-    how = torch.rand(tokens.shape, generator=generator)
-    random_tokens = torch.randint(vocab_size, tokens.shape, generator=generator)
-    inputs = torch.where(chosen & (how < MASK_AS_MASK), special.mask, tokens)
-    swap = chosen & (how >= MASK_AS_MASK) & (how < MASK_AS_MASK + MASK_AS_RANDOM)
-    return torch.where(swap, random_tokens, inputs), labels
-
-
-def mask_count(block_size: int) -> int:
-    """Positions a masked-LM cache records per block and view: BERT's 15%, rounded."""
-    return max(1, round(MASK_PROB * block_size))
-
-
-def fixed_masks(tokens: torch.Tensor, ids: np.ndarray, views: np.ndarray, count: int, special: SpecialIds,
-                vocab_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT's masking with a fixed number of positions per block, the same rows for every block:
-    blocks (B, L) -> (positions (B, count), ascending; the token the model sees there (B, count)).
-
-    Each block's draw is a pure function of (seed, id, view), whatever the batch it falls in, so
-    a cache's masks can be checked by drawing them again. Special tokens are masked only when a
-    block has fewer than `count` others. Of the chosen, 80% become [MASK], 10% a random token
-    and 10% stay as they are.
-    """
-    protected = special_tokens(tokens, special).float()
-    positions, seen = [], []
-    for row, (block_id, view) in enumerate(zip(ids.tolist(), views.tolist())):
-        g = torch.Generator().manual_seed((seed * 1_000_003 + block_id) * 1_009 + view)
-        keys = torch.rand(tokens.shape[1], generator=g) + protected[row]  # specials sort last
-        chosen = keys.topk(count, largest=False).indices.sort().values
-        how = torch.rand(count, generator=g)
-        random_tokens = torch.randint(vocab_size, (count,), generator=g)
-        original = tokens[row, chosen]
-        seen.append(torch.where(how < MASK_AS_MASK, special.mask,
-                                torch.where(how < MASK_AS_MASK + MASK_AS_RANDOM, random_tokens, original)))
-        positions.append(chosen)
-    return torch.stack(positions), torch.stack(seen).to(tokens.dtype)
-
-
-def apply_masks(tokens: torch.Tensor, positions: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-    """Blocks (B, L) with the recorded tokens put at the recorded positions (B, M)."""
-    return tokens.scatter(1, positions.long(), seen.to(tokens.dtype))
-
-
-def _task(model: PreTrainedModel | PretrainedConfig) -> Any:
-    """The task module of a model's objective (`kd.tasks`): what it predicts and how it is scored."""
-    from kd import tasks  # (the tasks import this module)
-
-    return tasks.get(tasks.OBJECTIVES[objective(model)])
-
-
-def token_losses(model: PreTrainedModel, inputs: torch.Tensor,
-                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per predicted token: (cross-entropy (P,), the model's argmax (P,), the target (P,)).
-
-    The task gives the logits of the predicted positions (a BERT's head runs on the masked ones
-    only: the same numbers, a fraction of the head's cost)."""
-    keep = labels != -100
-    logits = _task(model).token_logits(model, inputs, keep)  # (P, V)
-    targets = labels[keep]
-    return F.cross_entropy(logits, targets, reduction="none"), logits.argmax(-1), targets
-
-
-# --- training and evaluation ------------------------------------------------------------------
-
-
-def fit(model: PreTrainedModel, tokens: torch.Tensor, special: SpecialIds, *, epochs: int, batch_size: int,
-        lr: float, weight_decay: float, seed: int, desc: str = "lm", progress: bool = True,
-        predicted: torch.Tensor | None = None) -> list[dict[str, float]]:
-    """Train on blocks (N, L) in place; the per-epoch log (mean loss per predicted token).
-    `predicted` (N, L - 1) bool: the only positions taught (instruction data's responses)."""
-    task = _task(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
-    steps = epochs * math.ceil(len(tokens) / batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
-    log: list[dict[str, float]] = []
-    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False)
-    for epoch in range(epochs):
-        model.train()
-        started = time.perf_counter()
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # the order and the masks
-        total, count = 0.0, 0
-        for rows in torch.randperm(len(tokens), generator=g).split(batch_size):
-            inputs, labels = task.lm_inputs(tokens[rows], special, model.config.vocab_size, g)
-            losses, _, _ = token_losses(model, inputs, only(labels, None if predicted is None else predicted[rows]))
-            if not len(losses):  # a masked batch with nothing chosen
-                continue
-            loss = losses.mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
-            optimizer.step()
-            schedule.step()
-            total += float(loss.detach()) * len(losses)
-            count += len(losses)
-            bar.update(1)
-        log.append({"epoch": epoch + 1, "loss": total / max(count, 1), "lr": schedule.get_last_lr()[0],
-                    "seconds": time.perf_counter() - started})
-        bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
-    bar.close()
-    model.eval()
-    return log
-
-
-def only(labels: torch.Tensor, predicted: torch.Tensor | None) -> torch.Tensor:
-    """Causal labels (B, L) kept where `predicted` (B, L - 1) says (all: None), -100 elsewhere."""
-    if predicted is None:
-        return labels
-    labels = labels.clone()
-    labels[:, :-1][~predicted] = -100
-    return labels
-
-
-def evaluate(model: PreTrainedModel, tokens: torch.Tensor, special: SpecialIds, batch_size: int,
-             seed: int, predicted: torch.Tensor | None = None) -> dict[str, float]:
-    """The loss per predicted token and the task's score of it (causal: perplexity; masked:
-    accuracy on the masked tokens, the masks drawn from `seed`: the same masks every run);
-    `predicted` as in `fit`."""
-    task = _task(model)
-    # every mask drawn at once: the same masks whatever the batch size
-    inputs, labels = task.lm_inputs(tokens, special, model.config.vocab_size, torch.Generator().manual_seed(seed))
-    labels = only(labels, predicted)
-    model.eval()
-    total, correct, count = 0.0, 0, 0
-    with torch.no_grad():
-        for rows in torch.arange(len(tokens)).split(batch_size):
-            losses, predicted, targets = token_losses(model, inputs[rows], labels[rows])
-            total += float(losses.sum())
-            correct += int((predicted == targets).sum())
-            count += len(losses)
-    if count == 0:
-        raise InputError("no token to evaluate on (an empty split?)")
-    loss = total / count
-    return {"loss": loss, **task.lm_score(loss, correct / count)}
-
-
-def train_teacher(cfg: TeacherConfig, prepared: Path, *,
-                  progress: bool = True) -> tuple[PreTrainedModel, dict[str, Any], dict[str, Any]]:
-    """The teacher on the labeled blocks: (model, provenance to save beside it, test metrics).
-
-    `cfg.shift` (an image augmentation) does not apply to text.
-    """
-    _, train = text.read_blocks(prepared / "labeled.parquet")
-    _, test = text.read_blocks(prepared / "test.parquet")
-    info = text.split_info(prepared / "labeled.parquet")
-    _, special = text.load_tokenizer(prepared)
-    torch.manual_seed(cfg.seed)
-    model = build(cfg.arch, cfg.arch_kwargs, info["vocab_size"], info["block_size"], special)
-    if info["response_only"] and objective(model) != "causal":
-        raise ConfigError(f"teacher.arch: {cfg.arch} is a masked LM; instruction data ({prepared}: responses only) "
-                          "is for causal LMs")
-    masks = {split: text.predicted(prepared / f"{split}.parquet") for split in ("labeled", "test")}
-    masks = {split: None if m is None else torch.from_numpy(m) for split, m in masks.items()}
-    log = fit(model, torch.from_numpy(train), special, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-              weight_decay=cfg.weight_decay, seed=cfg.seed, desc="teacher", progress=progress,
-              predicted=masks["labeled"])
-    scores = evaluate(model, torch.from_numpy(test), special, cfg.batch_size, seed=cfg.seed, predicted=masks["test"])
-    kind = objective(model)
-    metrics = {"objective": kind, "test_loss": scores["loss"], "train_loss": log[-1]["loss"], "epochs": len(log),
-               "params": count_params(model), "train_tokens": int(train.size), "test_tokens": int(test.size)}
-    metrics |= _task(model).teacher_scores(scores, train, test, info["vocab_size"], masks["labeled"], masks["test"])
-    provenance = {"arch": cfg.arch, "arch_kwargs": cfg.arch_kwargs, "objective": kind, "training": as_dict(cfg),
-                  "data": {k: info[k] for k in ("dataset", "block_size", "vocab_size", "tokenizer_sha256")}}
-    return model, provenance, metrics
+def hidden(output: torch.Tensor | tuple) -> torch.Tensor:
+    """A layer's hidden states (B, L, H) from its output (a tensor, or a tuple starting with it)."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 # --- saving and loading -----------------------------------------------------------------------
@@ -410,8 +224,8 @@ def load(directory: Path, dtype: str = "float32", device: str = "cpu") -> PreTra
     weight_files(directory)
     try:
         config = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
-        model = _task(config).AUTO_MODEL.from_pretrained(directory, local_files_only=True, use_safetensors=True,
-                                                         trust_remote_code=False, dtype=DTYPES[dtype])
+        model = HEADS[objective(config)][0].from_pretrained(directory, local_files_only=True, use_safetensors=True,
+                                                            trust_remote_code=False, dtype=DTYPES[dtype])
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise InputError(f"{directory}: cannot load the model ({str(exc).splitlines()[0]})") from None
     model.eval()
@@ -432,3 +246,55 @@ def fingerprint(directory: Path) -> str:
             raise MissingInputError(f"{path}: not found (expected a Hugging Face model directory)")
         digest.update(file_sha256(path).encode())
     return digest.hexdigest()
+
+
+# --- a text teacher ---------------------------------------------------------------------------
+
+
+def load_teacher(directory: Path, arch: str | None = None, arch_kwargs: dict | None = None, *,
+                 dtype: str = "auto", device: str = "auto") -> Teacher:
+    """A Hugging Face language model directory (causal or masked; `dtype` a `DTYPES` name,
+    `device` auto|cpu|cuda), with the fingerprint that identifies it, its tokenizer's (which
+    the prepared data must have been cut with) and its provenance and test scores when
+    `kd teacher` made it."""
+    tokenizer = tokens.read_tokenizer(directory, "teacher's tokenizer")
+    model = load(directory, dtype=dtype, device=resolve_device(device))
+    config = {"arch": model.config.model_type, "objective": objective(model), "params": count_params(model),
+              "vocab_size": model.config.vocab_size, "hf_config": model.config.to_dict(),
+              "tokenizer": {"sha256": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size},
+              "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    for name in ("training", "metrics"):
+        if (directory / f"{name}.json").is_file():
+            config[name] = read_json(directory / f"{name}.json")
+    files = tuple(path.name for path in weight_files(directory)) + (CONFIG,)
+    return Teacher(model, fingerprint(directory), config, directory, files)
+
+
+def check_teacher(teacher: Teacher, prepared: Path, infos: dict[str, dict[str, Any]]) -> None:
+    """Refuse a teacher that would read the ids of these prepared splits (`tokens.split_info` by
+    name) as other tokens: data prepared with another tokenizer (whatever the two vocabulary
+    sizes), or an id past its vocabulary."""
+    tokenizer = teacher.config.get("tokenizer")
+    if tokenizer is None:
+        raise InputError(f"{teacher.directory}: not a language model (no tokenizer beside it); the text in "
+                         f"{prepared} needs one")
+    for split, info in infos.items():
+        if info["tokenizer_sha256"] != tokenizer["sha256"]:
+            raise InputError(f"{prepared / f'{split}.parquet'}: prepared with another tokenizer than the "
+                             f"teacher's: {prepared_tokenizer_name(info)} vs the teacher's "
+                             f"{teacher.directory} (sha256 {tokenizer['sha256'][:12]}, vocabulary "
+                             f"{tokenizer['vocab_size']}); run `kd prepare` with prepare.tokenizer: "
+                             f"{teacher.directory}")
+    vocab = teacher.config["vocab_size"]
+    for split in infos:
+        largest = tokens.max_token(prepared / f"{split}.parquet")
+        if largest >= vocab:
+            raise InputError(f"{prepared / f'{split}.parquet'}: token id {largest} is outside the teacher's "
+                             f"vocabulary of {vocab} ids ({teacher.directory})")
+
+
+def prepared_tokenizer_name(info: dict[str, Any]) -> str:
+    """For messages: the tokenizer a prepared split was cut with (`tokens.split_info`)."""
+    source = info["tokenizer_source"] or "the BPE `kd prepare` trained"
+    return f"{source} (sha256 {info['tokenizer_sha256'][:12]}, vocabulary {info['vocab_size']})"
+

@@ -21,7 +21,7 @@ import zarr
 
 from kd import augment, features, losses, sources
 from kd.prepared import data_fingerprint
-from kd.prepared import images as data
+from kd.prepared import images
 from kd.cache import Cache, Teacher, label, lse_column, soft_targets
 from kd import tasks
 from kd.cache.verify import verify
@@ -49,7 +49,7 @@ def teacher(tmp_path_factory, prepared) -> tuple[Teacher, Path]:
     """A small CNN on the 8x8 digits, trained for a few steps so its logits are not uniform."""
     torch.manual_seed(0)
     model = build("cnn", {"widths": [4, 8], "hidden": 16}, [1, 8, 8], 10)
-    split = data.read_split(prepared / "labeled.parquet")
+    split = images.read_split(prepared / "labeled.parquet")
     x, y = torch.tensor(split.x).view(-1, 1, 8, 8), torch.tensor(split.y)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(30):
@@ -82,7 +82,7 @@ def test_round_trip_soft_targets_and_features(teacher, prepared, tmp_path, dtype
     out = make_cache(t, prepared, tmp_path / "cache", logit_dtype=dtype, features=FEATURES, views=2)
     cache = Cache.open(out)
     for split in ("labeled", "unlabeled", "test"):
-        rows = data.read_split(prepared / f"{split}.parquet")
+        rows = images.read_split(prepared / f"{split}.parquet")
         ids = np.repeat(rows.ids, 3)
         view = np.tile(np.arange(3), len(rows.ids))
         x = augment.apply_views(torch.tensor(rows.x).repeat_interleave(3, 0), ids, view, [1, 8, 8], 0, augment.shift(2))
@@ -191,7 +191,7 @@ def test_doc_snippet_reads_the_cache_with_polars_and_zarr_alone(teacher, prepare
     scope: dict = {}
     exec(doc_snippet("read-cache"), scope)
     p, df, feats = scope["p"], scope["df"], scope["feats"]
-    test = data.read_split(prepared / "test.parquet")
+    test = images.read_split(prepared / "test.parquet")
     with torch.no_grad():
         full = torch.softmax(t.model(torch.tensor(test.x).view(-1, 1, 8, 8)) / 4, 1).numpy()
     order = {i: n for n, i in enumerate(test.ids)}

@@ -192,7 +192,7 @@ def test_a_process_group_that_cannot_form_is_one_clear_line(built, tmp_path, mon
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_text_ranks_split_every_batch_of_blocks_and_their_rows(world_size):
-    from kd.tasks.causal_lm import block_set
+    from kd.tasks.next_token import block_set
     from kd.tasks.masked_lm import masked_set
 
     g = torch.Generator().manual_seed(0)

@@ -25,7 +25,7 @@ from kd import generate
 from kd.cache import Cache
 from kd.config import GenerateConfig
 from kd.errors import ConfigError
-from kd.prepared import tokens as text
+from kd.prepared import tokens
 from kd.cli import generate as generate_stage
 from kd.cli import label, prepare
 from tests.test_instruction import pairs, write_jsonl
@@ -112,11 +112,11 @@ def test_the_output_is_a_prepared_directory_with_the_teachers_answers(world):
     manifest = json.loads((out / generate.MANIFEST).read_text())
     teacher = AutoModelForCausalLM.from_pretrained(world / "llama").eval()
     source_ids, prompts, _ = generate.prompts_and_responses(prepared / "unlabeled.parquet")
-    ids, blocks = text.read_blocks(out / "unlabeled.parquet")
-    predicted = text.predicted(out / "unlabeled.parquet")
+    ids, blocks = tokens.read_blocks(out / "unlabeled.parquet")
+    predicted = tokens.predicted(out / "unlabeled.parquet")
     assert np.array_equal(ids, source_ids) and blocks.shape == (24, BLOCK)
-    info = text.split_info(out / "unlabeled.parquet")
-    assert info["response_only"] and info["tokenizer_sha256"] == text.split_info(prepared / "labeled.parquet")[
+    info = tokens.split_info(out / "unlabeled.parquet")
+    assert info["response_only"] and info["tokenizer_sha256"] == tokens.split_info(prepared / "labeled.parquet")[
         "tokenizer_sha256"]
     meta = pq.read_schema(out / "unlabeled.parquet").metadata
     fingerprint = manifest["teacher"]["fingerprint"]
@@ -135,11 +135,11 @@ def test_kd_label_caches_the_soft_targets_of_the_teachers_responses(world, tmp_p
     ok(invoke(label.main, *hf_label_args(world, world / "llama", world / "gen", tmp_path / "cache")))
     ok(invoke_cache("verify", tmp_path / "cache"))
     cache = Cache.open(tmp_path / "cache")
-    predicted = text.predicted(world / "gen" / "unlabeled.parquet")
+    predicted = tokens.predicted(world / "gen" / "unlabeled.parquet")
     soft = cache.soft_targets("unlabeled", [1.0])
     assert cache.split("unlabeled")["rows"] == len(soft.ids) == predicted.sum()
     # greedy responses: the teacher's top-1 at each response position is the token it wrote
-    _, blocks = text.read_blocks(world / "gen" / "unlabeled.parquet")
+    _, blocks = tokens.read_blocks(world / "gen" / "unlabeled.parquet")
     assert np.array_equal(soft.topk_idx[:, 0], blocks[:, 1:][predicted])
 
 
@@ -147,15 +147,15 @@ def test_sampled_responses_depend_on_seed_id_and_sample_only(world, tmp_path):
     sampled = ("--do-sample", "--temperature", 1.5, "--top-p", 0.9, "--samples", 2)
     ok(invoke(generate_stage.main, *gen_args(world, tmp_path / "a", *sampled)))
     ok(invoke(generate_stage.main, *gen_args(world, tmp_path / "b", *sampled, "--batch-size", 7, "--part-size", 24)))
-    ids_a, blocks_a = text.read_blocks(tmp_path / "a" / "unlabeled.parquet")
-    ids_b, blocks_b = text.read_blocks(tmp_path / "b" / "unlabeled.parquet")
+    ids_a, blocks_a = tokens.read_blocks(tmp_path / "a" / "unlabeled.parquet")
+    ids_b, blocks_b = tokens.read_blocks(tmp_path / "b" / "unlabeled.parquet")
     assert np.array_equal(blocks_a, blocks_b) and np.array_equal(ids_a, ids_b)
-    first_new = 1 + max(text.read_blocks(world / "prepared" / f"{s}.parquet")[0].max()
+    first_new = 1 + max(tokens.read_blocks(world / "prepared" / f"{s}.parquet")[0].max()
                         for s in ("labeled", "unlabeled", "test"))
     assert ids_a.tolist() == list(range(first_new, first_new + 48))  # two blocks per prompt, new ids
     assert not np.array_equal(blocks_a[0::2], blocks_a[1::2])  # the two samples of a prompt differ
     ok(invoke(generate_stage.main, *gen_args(world, tmp_path / "c", *sampled, "--seed", 1)))
-    assert not np.array_equal(text.read_blocks(tmp_path / "c" / "unlabeled.parquet")[1], blocks_a)
+    assert not np.array_equal(tokens.read_blocks(tmp_path / "c" / "unlabeled.parquet")[1], blocks_a)
 
 
 def test_min_logprob_keeps_the_confident_responses_from_the_same_parts(world, tmp_path):
@@ -166,8 +166,8 @@ def test_min_logprob_keeps_the_confident_responses_from_the_same_parts(world, tm
     threshold = float(np.median(logprob))
     result = ok(invoke(generate_stage.main, *gen_args(world, out, "--min-logprob", threshold)))
     assert digest(out / "parts") == parts  # assembled again, not generated again
-    ids, _ = text.read_blocks(out / "unlabeled.parquet")
-    source_ids = text.read_blocks(world / "prepared" / "unlabeled.parquet")[0]
+    ids, _ = tokens.read_blocks(out / "unlabeled.parquet")
+    source_ids = tokens.read_blocks(world / "prepared" / "unlabeled.parquet")[0]
     assert np.array_equal(ids, source_ids[logprob >= threshold]) and 0 < len(ids) < len(source_ids)
     manifest = json.loads((out / generate.MANIFEST).read_text())
     assert manifest["responses"]["filtered"] == int((logprob < threshold).sum())
@@ -280,7 +280,7 @@ def test_addition_is_built_in_instruction_data_made_from_the_seed(tmp_path):
     ok(invoke(prepare.main, *args, "--out", tmp_path / "b"))
     for split in ("labeled", "unlabeled", "test"):
         assert (tmp_path / "a" / f"{split}.parquet").read_bytes() == (tmp_path / "b" / f"{split}.parquet").read_bytes()
-    tokenizer = text.prepared_tokenizer(tmp_path / "a")
+    tokenizer = tokens.prepared_tokenizer(tmp_path / "a")
     seen = set()
     for split, count in (("labeled", 20), ("unlabeled", 100), ("test", 50)):
         _, prompts, responses = generate.prompts_and_responses(tmp_path / "a" / f"{split}.parquet")

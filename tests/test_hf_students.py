@@ -21,8 +21,8 @@ from kd import lm
 from kd.cache import Cache
 from kd.config import student
 from kd.errors import ConfigError
-from kd.prepared import tokens as text
-from kd.tasks import causal_lm
+from kd.prepared import tokens
+from kd.tasks import lm_common
 from kd.cli import distill, label
 from kd.cli import eval as eval_stage
 from tests.test_prepare import assert_clean_error
@@ -77,7 +77,7 @@ def test_a_student_of_any_model_type_distils_and_loads_with_transformers_alone(h
         model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         assert model.config.model_type == entry["arch"]
-        assert text.read_tokenizer(directory).fingerprint == Cache.open(caches[teacher]).manifest["text"]["tokenizer_sha256"]
+        assert tokens.read_tokenizer(directory).fingerprint == Cache.open(caches[teacher]).manifest["text"]["tokenizer_sha256"]
         prompt = tokenizer("The class statement", return_tensors="pt")
         generated = model.generate(**prompt, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.eos_token_id)
         assert generated.shape[1] == prompt["input_ids"].shape[1] + 6
@@ -90,7 +90,7 @@ def test_a_student_starts_from_a_pretrained_directory(hf_world, caches, tmp_path
     params.write_text(yaml.safe_dump({"text_students": {"pre": {**BUDGET, "arch": "llama", "init": str(pretrained)}}}))
     cfg = student(params, "pre")
     torch.manual_seed(0)
-    start = causal_lm.build_model(cfg, Cache.open(caches["llama"]), hf_world / "prepared-llama", "causal")
+    start = lm_common.build_model(cfg, Cache.open(caches["llama"]), hf_world / "prepared-llama", "causal")
     reference = lm.load(pretrained)
     assert all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), reference.state_dict().values()))
     run_distill(hf_world, tmp_path, caches, "pre", {"arch": "llama", "init": str(pretrained)})
@@ -105,7 +105,7 @@ def test_a_student_starts_from_a_pretrained_directory(hf_world, caches, tmp_path
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt_neox", "gpt2", "bert"])
 def test_init_from_teacher_takes_one_layer_in_every_n(model_type):
-    special = text.SpecialIds(pad=0, eos=1, mask=2)
+    special = tokens.SpecialIds(pad=0, eos=1, mask=2)
     kwargs = ({"n_embd": 16, "n_head": 2} if model_type == "gpt2"
               else {**NARROW, **({"num_key_value_heads": 1} if model_type in ("llama", "qwen2") else {})})
     depth = "n_layer" if model_type == "gpt2" else "num_hidden_layers"
@@ -156,6 +156,6 @@ def test_a_sharded_teacher_is_kept_whole_for_init_teacher(hf_world, caches):
     cache = Cache.open(caches["llama"])
     kept = sorted(Path(rel).name for rel in cache.manifest["teacher_files"])
     assert lm.WEIGHTS_INDEX in kept and "config.json" in kept and sum(".safetensors" in k for k in kept) > 3
-    start = causal_lm.teacher_start(cache)
+    start = lm_common.teacher_start(cache)
     reference = lm.load(hf_world / "llama")
     assert all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), reference.state_dict().values()))

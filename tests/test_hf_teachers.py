@@ -26,7 +26,7 @@ from kd.cache import Cache
 from kd import tasks
 from kd.cache.verify import verify
 from kd.errors import ConfigError, InputError, MissingInputError
-from kd.prepared import tokens as text
+from kd.prepared import tokens
 from kd.cli import distill, label, prepare
 from tests.test_prepare import assert_clean_error
 from conftest import BLOCK, SIZES, TINY, VOCAB, hf_tokenizer, invoke, ok, pydoc_documents, save_hf_model
@@ -39,21 +39,21 @@ def test_prepare_tokenizes_with_the_directory_as_it_is(hf_world):
     source, prepared = hf_world / "llama", hf_world / "prepared-llama"
     hf = AutoTokenizer.from_pretrained(source, local_files_only=True)
     assert hf.pad_token is None and len(hf) == VOCAB  # nothing was added to it
-    info = text.split_info(prepared / "labeled.parquet")
+    info = tokens.split_info(prepared / "labeled.parquet")
     assert info["vocab_size"] == VOCAB and info["tokenizer_source"] == str(source)
-    assert info["tokenizer_sha256"] == text.read_tokenizer(source).fingerprint
+    assert info["tokenizer_sha256"] == tokens.read_tokenizer(source).fingerprint
     # the fingerprint of a tokenizer saved by transformers is its tokenizer.json's sha256
     import hashlib
 
     assert info["tokenizer_sha256"] == hashlib.sha256((source / "tokenizer.json").read_bytes()).hexdigest()
     assert (prepared / "tokenizer_config.json").is_file()
-    _, blocks = text.read_blocks(prepared / "test.parquet")
+    _, blocks = tokens.read_blocks(prepared / "test.parquet")
     assert blocks[0, 0] == hf.eos_token_id  # every document starts after the eos id
     documents = pydoc_documents(0, 10_000)
     first = hf.decode(blocks[0, 1:].tolist())
     assert any(first in d for d in documents)  # ids decode back to the source text
     assert blocks.max() < VOCAB
-    assert text.load_tokenizer(prepared)[1] == text.SpecialIds(pad=None, eos=hf.eos_token_id, mask=None,
+    assert tokens.load_tokenizer(prepared)[1] == tokens.SpecialIds(pad=None, eos=hf.eos_token_id, mask=None,
                                                                bos=hf.bos_token_id)
 
 
@@ -74,7 +74,7 @@ def test_a_jsonl_source_with_the_teachers_tokenizer(hf_world, tmp_path):
     args = ["--dataset", source, "--text-column", "body", "--tokenizer", hf_world / "llama", "--block-size", BLOCK,
             "--params", params]
     ok(invoke(prepare.main, *args, "--out", tmp_path / "out"))
-    infos = [text.split_info(tmp_path / "out" / f"{s}.parquet") for s in ("labeled", "unlabeled", "test")]
+    infos = [tokens.split_info(tmp_path / "out" / f"{s}.parquet") for s in ("labeled", "unlabeled", "test")]
     assert sum(info["documents"] for info in infos) == 30 and {info["vocab_size"] for info in infos} == {VOCAB}
     ok(invoke(label.main, *label_args(hf_world, hf_world / "llama", tmp_path / "out", tmp_path / "cache")))
 
@@ -105,11 +105,11 @@ def test_a_sharded_teacher_labels_data_cut_with_its_tokenizer(hf_world, tmp_path
     assert config["arch"] == model_type and config["objective"] == "causal" and config["dtype"] == "float32"
     # (transformers' Qwen2Tokenizer adds its own pad token to what tokenizer.json holds: 385 ids)
     assert config["tokenizer"] == {"sha256": cache.manifest["text"]["tokenizer_sha256"],
-                                   "vocab_size": text.split_info(prepared / "test.parquet")["vocab_size"]}
+                                   "vocab_size": tokens.split_info(prepared / "test.parquet")["vocab_size"]}
     assert cache.manifest["num_classes"] == VOCAB
 
     model = AutoModelForCausalLM.from_pretrained(teacher, local_files_only=True)
-    _, blocks = text.read_blocks(prepared / "test.parquet")
+    _, blocks = tokens.read_blocks(prepared / "test.parquet")
     with torch.no_grad():
         logits = model(input_ids=torch.from_numpy(blocks[:4])).logits[:, :-1].reshape(-1, VOCAB)
     rows = pq.read_table(out / "soft_targets" / "split=test" / "part-00000.parquet")
@@ -200,8 +200,8 @@ def other_data(hf_world) -> dict[str, Path]:
 def test_label_refuses_data_cut_with_another_tokenizer(hf_world, other_data, tmp_path, which):
     prepared = other_data[which]
     result = invoke(label.main, *label_args(hf_world, hf_world / "llama", prepared, tmp_path / "never"))
-    mine = text.split_info(prepared / "labeled.parquet")
-    theirs = text.read_tokenizer(hf_world / "llama").fingerprint
+    mine = tokens.split_info(prepared / "labeled.parquet")
+    theirs = tokens.read_tokenizer(hf_world / "llama").fingerprint
     source = "other-384" if which == "same size" else "the BPE `kd prepare` trained"
     assert_clean_error(result, "another tokenizer", source, mine["tokenizer_sha256"][:12], theirs[:12],
                        f"vocabulary {mine['vocab_size']}", f"vocabulary {VOCAB}", str(hf_world / "llama"))
@@ -228,7 +228,7 @@ def test_distill_refuses_data_cut_with_another_tokenizer(hf_world, other_data, t
     result = invoke(distill.main, "s", "--cache", cache, "--prepared", prepared, "--students-dir", tmp_path / "st",
                     "--baselines", tmp_path / "bl", "--checkpoints", tmp_path / "ck", "--params", params,
                     "--no-progress")
-    mine = text.split_info(prepared / "unlabeled.parquet")
+    mine = tokens.split_info(prepared / "unlabeled.parquet")
     assert_clean_error(result, "unlabeled.parquet", "another tokenizer", mine["tokenizer_sha256"][:12],
                        Cache.open(cache).manifest["text"]["tokenizer_sha256"][:12],
                        f"vocabulary {mine['vocab_size']}", f"vocabulary {VOCAB}", str(cache))
@@ -272,8 +272,8 @@ def test_a_masked_teacher_with_a_wordpiece_tokenizer(hf_world, tmp_path):
     ok(invoke(prepare.main, "--dataset", "pydoc", "--tokenizer", tmp_path / "bert", *SIZES,
               "--params", hf_world / "params.yaml", "--out", prepared))
     sep, mask = tokenizer.sep_token_id, tokenizer.mask_token_id
-    assert text.load_tokenizer(prepared)[1] == text.SpecialIds(pad=0, eos=sep, mask=mask, bos=None)
-    assert text.read_blocks(prepared / "test.parquet")[1][0, 0] == sep
+    assert tokens.load_tokenizer(prepared)[1] == tokens.SpecialIds(pad=0, eos=sep, mask=mask, bos=None)
+    assert tokens.read_blocks(prepared / "test.parquet")[1][0, 0] == sep
     ok(invoke(label.main, *label_args(hf_world, tmp_path / "bert", prepared, cache, "--views", 1, "--keep-teacher")))
     assert verify(cache, tasks.for_manifest) == []
     manifest = Cache.open(cache).manifest

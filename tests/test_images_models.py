@@ -265,9 +265,9 @@ def test_hugging_face_image_classifier_as_the_teacher(workdir, write_params):
 
     # the cached logits are the ViT's own on the normalised inputs
     from kd.cache import Cache
-    from kd.prepared import images as data
+    from kd.prepared import images
 
-    test = data.read_split(workdir / "data" / "prepared" / "test.parquet")
+    test = images.read_split(workdir / "data" / "prepared" / "test.parquet")
     with torch.no_grad():
         expected = vit(pixel_values=torch.tensor(test.x).reshape(-1, 1, 8, 8)).logits
     soft = Cache.open(workdir / "data" / "teacher_outputs").soft_targets("test", [1])

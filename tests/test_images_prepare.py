@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import invoke, ok
 from kd.config import PrepareConfig
 from kd.errors import InputError
-from kd.prepared import images as data
+from kd.prepared import images
 from kd.prepared import metadata
 from kd.sources import images as image_sources
 from kd.cli import prepare
@@ -72,10 +72,10 @@ def run_prepare(workdir: Path, write_params, **section) -> Path:
 def test_uint8_split_round_trip_reads_float32_normalised(tmp_path):
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (11, 3 * 4 * 5), dtype=np.uint8)
-    norm = data.Norm([0.5, 0.25, 0.125], [0.5, 0.2, 0.1])
-    split = data.Split(np.arange(11, dtype=np.int64) * 7, pixels, rng.integers(0, 3, 11), [3, 4, 5], 3, norm)
+    norm = images.Norm([0.5, 0.25, 0.125], [0.5, 0.2, 0.1])
+    split = images.Split(np.arange(11, dtype=np.int64) * 7, pixels, rng.integers(0, 3, 11), [3, 4, 5], 3, norm)
     path = tmp_path / "s.parquet"
-    data.write_split(path, split, dataset="toy", classes=["x", "y", "z"], row_group_rows=4)
+    images.write_split(path, split, dataset="toy", classes=["x", "y", "z"], row_group_rows=4)
 
     assert pq.read_schema(path).field("x").type == pa.list_(pa.uint8(), 60)
     meta = metadata(pq.read_schema(path))
@@ -85,26 +85,26 @@ def test_uint8_split_round_trip_reads_float32_normalised(tmp_path):
 
     expected = ((pixels.reshape(11, 3, 20) / 255.0 - np.array(norm.mean)[:, None])
                 / np.array(norm.std)[:, None]).reshape(11, 60)
-    back = data.read_split(path)
+    back = images.read_split(path)
     assert back.x.dtype == np.float32 and not back.x.flags.writeable
     assert_allclose(back.x, expected, rtol=1e-6, atol=1e-6)
     assert_array_equal(back.ids, split.ids)
-    rows = data.read_rows(path, 3, 9)  # across row groups
+    rows = images.read_rows(path, 3, 9)  # across row groups
     assert_array_equal(rows.x, back.x[3:9])
-    assert data.split_info(path)["input_shape"] == [3, 4, 5]
+    assert images.split_info(path)["input_shape"] == [3, 4, 5]
 
 
 def test_uint8_split_without_its_normalisation_is_refused(tmp_path):
-    split = data.Split(np.arange(2), np.zeros((2, 4), np.uint8), np.zeros(2, np.int64), [1, 2, 2], 1,
-                       data.Norm([0.5], [0.5]))
+    split = images.Split(np.arange(2), np.zeros((2, 4), np.uint8), np.zeros(2, np.int64), [1, 2, 2], 1,
+                       images.Norm([0.5], [0.5]))
     path = tmp_path / "s.parquet"
-    data.write_split(path, split, dataset="toy")
+    images.write_split(path, split, dataset="toy")
     table = pq.read_table(path)
     meta = {k: v for k, v in table.schema.metadata.items() if k != b"std"}
     pq.write_table(table.replace_schema_metadata(meta), path)
     with pytest.raises(InputError, match="uint8 x needs metadata std as a JSON list of 1 numbers > 0"):
-        data.read_split(path)
-    assert len(data.read_split(path, columns=("id", "y")).ids) == 2  # x not asked for: no need for it
+        images.read_split(path)
+    assert len(images.read_split(path, columns=("id", "y")).ids) == 2  # x not asked for: no need for it
 
 
 @pytest.mark.parametrize("channels", [1, 3, 4])
@@ -113,41 +113,41 @@ def test_png_split_round_trip_reads_the_same_floats_as_uint8(tmp_path, channels)
     float32 inputs the uint8 form gives, bit for bit, whole or by rows across row groups."""
     rng = np.random.default_rng(channels)
     pixels = rng.integers(0, 256, (11, channels * 4 * 5), dtype=np.uint8)
-    norm = data.Norm([0.5] * channels, [0.25] * channels)
-    split = data.Split(np.arange(11, dtype=np.int64) * 7, pixels, rng.integers(0, 3, 11), [channels, 4, 5], 3, norm)
-    data.write_split(tmp_path / "u8.parquet", split, dataset="toy", row_group_rows=4)
-    data.write_split(tmp_path / "png.parquet", split, dataset="toy", row_group_rows=4, store="png")
+    norm = images.Norm([0.5] * channels, [0.25] * channels)
+    split = images.Split(np.arange(11, dtype=np.int64) * 7, pixels, rng.integers(0, 3, 11), [channels, 4, 5], 3, norm)
+    images.write_split(tmp_path / "u8.parquet", split, dataset="toy", row_group_rows=4)
+    images.write_split(tmp_path / "png.parquet", split, dataset="toy", row_group_rows=4, store="png")
 
     schema = pq.read_schema(tmp_path / "png.parquet")
     assert schema.names == ["id", "image", "y"] and schema.field("image").type == pa.binary()
     blob = pq.read_table(tmp_path / "png.parquet").column("image")[0].as_py()
     assert blob.startswith(b"\x89PNG")  # a PNG file any image library opens
-    png, u8 = data.read_split(tmp_path / "png.parquet"), data.read_split(tmp_path / "u8.parquet")
+    png, u8 = images.read_split(tmp_path / "png.parquet"), images.read_split(tmp_path / "u8.parquet")
     assert_array_equal(png.x, u8.x)
     assert png.x.dtype == np.float32 and not png.x.flags.writeable
     assert_array_equal(png.ids, u8.ids) and assert_array_equal(png.y, u8.y)
-    assert_array_equal(data.read_rows(tmp_path / "png.parquet", 3, 9).x, u8.x[3:9])
-    assert data.split_info(tmp_path / "png.parquet")["input_shape"] == [channels, 4, 5]
-    assert len(data.read_split(tmp_path / "png.parquet", columns=("id", "y")).ids) == 11
+    assert_array_equal(images.read_rows(tmp_path / "png.parquet", 3, 9).x, u8.x[3:9])
+    assert images.split_info(tmp_path / "png.parquet")["input_shape"] == [channels, 4, 5]
+    assert len(images.read_split(tmp_path / "png.parquet", columns=("id", "y")).ids) == 11
 
 
 def test_png_split_with_a_wrong_image_is_refused_naming_the_row(tmp_path):
-    split = data.Split(np.arange(3), np.zeros((3, 3 * 4 * 5), np.uint8), np.zeros(3, np.int64), [3, 4, 5], 1,
-                       data.Norm([0.5] * 3, [0.5] * 3))
+    split = images.Split(np.arange(3), np.zeros((3, 3 * 4 * 5), np.uint8), np.zeros(3, np.int64), [3, 4, 5], 1,
+                       images.Norm([0.5] * 3, [0.5] * 3))
     path = tmp_path / "s.parquet"
-    data.write_split(path, split, dataset="toy", store="png")
+    images.write_split(path, split, dataset="toy", store="png")
     table = pq.read_table(path)
     buffer = io.BytesIO()
     Image.new("RGB", (6, 4)).save(buffer, format="PNG")  # 6 wide, not 5
-    images = table.column("image").to_pylist()
-    images[2] = buffer.getvalue()
-    pq.write_table(table.set_column(1, "image", pa.array(images, pa.binary())), path)
+    pictures = table.column("image").to_pylist()
+    pictures[2] = buffer.getvalue()
+    pq.write_table(table.set_column(1, "image", pa.array(pictures, pa.binary())), path)
     with pytest.raises(InputError, match=r"row 2 of column 'image' is a PNG RGB 6x4 image; .* needs a PNG RGB 5x4"):
-        data.read_split(path)
-    images[2] = b"not an image"
-    pq.write_table(table.set_column(1, "image", pa.array(images, pa.binary())), path)
+        images.read_split(path)
+    pictures[2] = b"not an image"
+    pq.write_table(table.set_column(1, "image", pa.array(pictures, pa.binary())), path)
     with pytest.raises(InputError, match="row 2 of column 'image' is not a readable image"):
-        data.read_rows(path, 1, 3)
+        images.read_rows(path, 1, 3)
 
 
 @pytest.mark.parametrize("dataset, store, message", [
@@ -172,11 +172,11 @@ def test_image_folder_with_preset_splits_keeps_them(workdir, write_params):
     assert set(seen["unlabeled"].tolist()) == values["unlabeled"]  # flat unlabeled/
     assert set(seen["labeled"].tolist()) <= values["train"] and len(seen["labeled"]) == 10
     assert not (out / "unlabeled_truth.parquet").exists()  # unlabeled/ has no labels
-    test = data.read_split(out / "test.parquet")
+    test = images.read_split(out / "test.parquet")
     meta = metadata(pq.read_schema(out / "test.parquet"))
     assert json.loads(meta["classes"]) == ["a", "b"] and test.num_classes == 2
     assert test.input_shape == [1, 5, 6]  # channels, height, width
-    assert data.read_split(out / "unlabeled.parquet").y.tolist() == [-1] * 4
+    assert images.read_split(out / "unlabeled.parquet").y.tolist() == [-1] * 4
     # a class's pixel values come from its folder: test/a holds values 17..19, test/b 20..22
     assert sorted(zip(seen["test"].tolist(), test.y.tolist())) == [(v, 0 if v < 20 else 1) for v in range(17, 23)]
     # the normalisation is the labeled split's statistics of pixel / 255
@@ -224,7 +224,7 @@ def test_class_folder_rgb_and_resize(workdir, write_params):
 
     ok(invoke(prepare.main, "--params", params, "--image-size", "4,3"))
     out = workdir / "data" / "prepared"
-    split = data.read_split(out / "labeled.parquet")
+    split = images.read_split(out / "labeled.parquet")
     assert split.input_shape == [3, 4, 3] and split.num_classes == 2
     assert json.loads(metadata(pq.read_schema(out / "labeled.parquet"))["classes"]) == ["ant", "zebra"]
     assert sorted(np.bincount(split.y).tolist()) == [3, 5]  # stratified: 6 ants, 9 zebras
@@ -273,13 +273,13 @@ def hf_parquet(path: Path, rows: int = 30, split: bool = True) -> None:
 def test_hugging_face_parquet_with_a_split_column(workdir, write_params):
     hf_parquet(workdir / "hf.parquet")
     out = run_prepare(workdir, write_params, dataset="hf.parquet", labeled=12, unlabeled=6, test=None)
-    test = data.read_split(out / "test.parquet")
+    test = images.read_split(out / "test.parquet")
     assert sorted(test.ids.tolist()) == list(range(9))  # exactly the rows named test
     assert_array_equal(test.y, test.ids % 3)
     assert test.input_shape == [1, 4, 4]
     assert json.loads(metadata(pq.read_schema(out / "test.parquet"))["classes"]) == ["cat", "dog", "emu"]
-    labeled = data.read_split(out / "labeled.parquet")
-    unlabeled_ids = data.read_split(out / "unlabeled.parquet").ids
+    labeled = images.read_split(out / "labeled.parquet")
+    unlabeled_ids = images.read_split(out / "unlabeled.parquet").ids
     assert set(labeled.ids.tolist()) | set(unlabeled_ids.tolist()) <= set(range(9, 30))
     truth = pq.read_table(out / "unlabeled_truth.parquet").to_pydict()
     assert truth["y"] == [i % 3 for i in truth["id"]]
@@ -343,7 +343,7 @@ def test_parquet_written_by_hugging_face_datasets_prepares(workdir, write_params
         assert pq.read_table(workdir / "datasets" / f"{name}.parquet").column("image")[0]["bytes"].as_py() is None
         monkeypatch.chdir(workdir)
         out = run_prepare(workdir, write_params, dataset=f"datasets/{name}.parquet", labeled=8, unlabeled=6, test=4)
-        splits = {s: data.read_split(out / f"{s}.parquet") for s in ("labeled", "unlabeled", "test")}
+        splits = {s: images.read_split(out / f"{s}.parquet") for s in ("labeled", "unlabeled", "test")}
         assert [len(s.ids) for s in splits.values()] == [8, 6, 4] and splits["labeled"].input_shape == [1, 4, 4]
         if name == "cast":  # the six -1 rows are the unlabeled split, without truth
             assert len(splits["unlabeled"].ids) == 6 and not (out / "unlabeled_truth.parquet").exists()
@@ -370,10 +370,10 @@ def test_prepared_bytes_per_image_against_png(workdir, write_params):
           f"({ratio:.2f}x), float32 x would be {4 * 64 * 64 * 3:,} B/image")
     assert prepared / 108 < 64 * 64 * 3  # at most the raw uint8 pixels (float32 x: 4x that)
     assert ratio < 1.5  # 1.43x here (zstd; snappy: 1.69x): PNG's per-row prediction is what Parquet lacks
-    inputs = {name: data.read_split(out / f"{name}.parquet").x for name in ("labeled", "unlabeled", "test")}
+    inputs = {name: images.read_split(out / f"{name}.parquet").x for name in ("labeled", "unlabeled", "test")}
     as_png = run_prepare(workdir, write_params, dataset="photos", labeled=60, unlabeled=30, test=18, store="png")
     png_ratio = sum((as_png / f"{name}.parquet").stat().st_size for name in ("labeled", "unlabeled", "test")) / png
     print(f"prepared with store png: {png_ratio:.2f}x the PNG files")
     assert png_ratio <= 1.2  # the issue's bound; 1.00x here
     for name in ("labeled", "unlabeled", "test"):  # the same inputs, whichever form is on disk
-        assert_array_equal(data.read_split(as_png / f"{name}.parquet").x, inputs[name])
+        assert_array_equal(images.read_split(as_png / f"{name}.parquet").x, inputs[name])

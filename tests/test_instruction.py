@@ -21,7 +21,7 @@ from conftest import (assert_streams_like_in_memory, hf_label_args, hf_tokenizer
                       save_hf_model)
 from kd import config, lm, loader
 from kd.cache import Cache
-from kd.prepared import tokens as text
+from kd.prepared import tokens
 from kd.tasks import causal_lm
 from kd.cli import distill, label, prepare
 from kd.cli import eval as evaluate
@@ -65,9 +65,10 @@ def world(tmp_path_factory) -> Path:
 
 def test_prepare_marks_the_response_and_eos_only(world):
     tokenizer = AutoTokenizer.from_pretrained(world / "llama")
-    ids, blocks = text.read_blocks(world / "prepared" / "test.parquet")
-    predicted = text.predicted(world / "prepared" / "test.parquet")
-    assert predicted.shape == (12, BLOCK - 1) and text.split_info(world / "prepared" / "test.parquet")["response_only"]
+    ids, blocks = tokens.read_blocks(world / "prepared" / "test.parquet")
+    predicted = tokens.predicted(world / "prepared" / "test.parquet")
+    assert predicted.shape == (12, BLOCK - 1)
+    assert tokens.split_info(world / "prepared" / "test.parquet")["response_only"]
     for block, keep in zip(blocks, predicted):
         targets = block[1:][keep]
         assert targets[-1] == tokenizer.eos_token_id
@@ -122,9 +123,9 @@ def test_an_assistant_turn_is_its_content_and_end_of_turn_token_and_nothing_afte
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
     end_id = tokenizer.convert_tokens_to_ids(end)
     for split in ("labeled", "unlabeled", "test"):
-        assert text.split_info(tmp_path / "out" / f"{split}.parquet")["examples_dropped"] == {"no_assistant_turn": 2}
-        _, blocks = text.read_blocks(tmp_path / "out" / f"{split}.parquet")
-        predicted = text.predicted(tmp_path / "out" / f"{split}.parquet")
+        assert tokens.split_info(tmp_path / "out" / f"{split}.parquet")["examples_dropped"] == {"no_assistant_turn": 2}
+        _, blocks = tokens.read_blocks(tmp_path / "out" / f"{split}.parquet")
+        predicted = tokens.predicted(tmp_path / "out" / f"{split}.parquet")
         for block, keep in zip(blocks, predicted):
             targets = block[1:]
             turns = tokenizer.decode(targets[keep]).split(end)
@@ -140,7 +141,7 @@ def test_examples_left_without_a_response_token_are_counted_per_split(world, tmp
     result = ok(invoke(prepare.main, "--dataset", tmp_path / "pairs.jsonl", "--prompt-column", "prompt",
                        "--response-column", "response", "--tokenizer", world / "llama", "--block-size", BLOCK,
                        "--params", tmp_path / "params.yaml", "--out", tmp_path / "out"))
-    counts = {split: text.split_info(tmp_path / "out" / f"{split}.parquet")["examples_dropped"]
+    counts = {split: tokens.split_info(tmp_path / "out" / f"{split}.parquet")["examples_dropped"]
               for split in ("labeled", "unlabeled", "test")}
     assert all(c["empty_response"] == 1 for c in counts.values())
     assert sum(c.get("no_response_token", 0) for c in counts.values()) == 3
@@ -156,8 +157,8 @@ def test_a_chat_predicts_its_assistant_turns(world, tmp_path):
               world / "llama", "--block-size", 64, "--labeled", 20, "--unlabeled", 4, "--test", 4,
               "--params", world / "params.yaml", "--out", tmp_path / "out"))
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
-    _, blocks = text.read_blocks(tmp_path / "out" / "labeled.parquet")
-    predicted = text.predicted(tmp_path / "out" / "labeled.parquet")
+    _, blocks = tokens.read_blocks(tmp_path / "out" / "labeled.parquet")
+    predicted = tokens.predicted(tmp_path / "out" / "labeled.parquet")
     for block, keep in zip(blocks, predicted):
         said = tokenizer.decode(block[1:][keep])
         number = said.split(tokenizer.eos_token)[0]
@@ -191,8 +192,8 @@ def test_the_cache_holds_the_teachers_rows_of_response_tokens_only(world):
     teacher = AutoModelForCausalLM.from_pretrained(world / "llama").eval()
     for split in ("labeled", "unlabeled", "test"):
         source = world / "prepared" / f"{split}.parquet"
-        ids, blocks = text.read_blocks(source)
-        predicted = text.predicted(source)
+        ids, blocks = tokens.read_blocks(source)
+        predicted = tokens.predicted(source)
         soft = cache.soft_targets(split, [1.0])
         assert cache.split(split)["rows"] == len(soft.ids) == predicted.sum()
         assert np.array_equal(soft.ids, np.repeat(ids, predicted.sum(1)))
@@ -235,8 +236,8 @@ def test_students_distil_and_score_on_response_tokens(world, tmp_path):
                        "transfer": ["unlabeled"], "loss": {"soft": {"weight": 1.0, "temperature": 1}}}}}))
     common = ["--params", tmp_path / "params.yaml", "--cache", world / "cache", "--prepared", world / "prepared",
               "--students-dir", tmp_path / "students"]
-    predicted = text.predicted(world / "prepared" / "test.parquet")
-    _, blocks = text.read_blocks(world / "prepared" / "test.parquet")
+    predicted = tokens.predicted(world / "prepared" / "test.parquet")
+    _, blocks = tokens.read_blocks(world / "prepared" / "test.parquet")
     truth = torch.from_numpy(blocks[:, 1:][predicted]).long()
 
     def perplexity(directory: Path) -> float:

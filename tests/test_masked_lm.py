@@ -20,8 +20,8 @@ import pytest
 import torch
 import yaml
 
-from kd import lm
-from kd.prepared import tokens as text
+from kd import lm, masking
+from kd.prepared import tokens
 from kd.cache import Cache
 from kd import tasks
 from kd.cache.verify import verify
@@ -58,8 +58,8 @@ def test_masked_rows_record_their_masks_and_are_the_teachers_outputs_on_them(wor
     assert info["objective"] == "masked" and info["positions"] == MASKED and cache.views == 2 * MASKED
     assert verify(world / "cache", tasks.for_manifest) == []
     model = lm.load(world / "teacher")
-    _, special = text.load_tokenizer(world / "prepared")
-    ids, blocks = text.read_blocks(world / "prepared" / "test.parquet")
+    _, special = tokens.load_tokenizer(world / "prepared")
+    ids, blocks = tokens.read_blocks(world / "prepared" / "test.parquet")
     table = pq.read_table(world / "cache" / cache.split("test")["parts"][0]["path"]).slice(0, 8 * 2 * MASKED)
     assert table.column_names[:5] == ["id", "view", "position", "input_token", "topk_idx"]
     rows_ids, views = table["id"].to_numpy(), table["view"].to_numpy()
@@ -67,15 +67,15 @@ def test_masked_rows_record_their_masks_and_are_the_teachers_outputs_on_them(wor
     assert (views == np.tile(np.repeat([0, 1], MASKED), 8)).all()
     position = torch.tensor(table["position"].to_numpy(), dtype=torch.long).reshape(16, MASKED)
     seen = torch.tensor(table["input_token"].to_numpy(), dtype=torch.long).reshape(16, MASKED)
-    tokens = torch.from_numpy(blocks[:8]).long().repeat_interleave(2, 0)
+    block_tensor = torch.from_numpy(blocks[:8]).long().repeat_interleave(2, 0)
     # the masks are BERT's, a pure function of (seed, id, view): drawn again, they are the same
-    drawn_position, drawn_seen = lm.fixed_masks(tokens, np.repeat(ids[:8], 2), np.tile([0, 1], 8), MASKED, special,
-                                                512, seed=0)
+    drawn_position, drawn_seen = masking.fixed_masks(block_tensor, np.repeat(ids[:8], 2), np.tile([0, 1], 8), MASKED,
+                                                     special, 512, seed=0)
     assert torch.equal(drawn_position, position) and torch.equal(drawn_seen, seen)
     assert not torch.equal(position[0::2], position[1::2])  # the two maskings differ
     assert (seen == special.mask).float().mean() > 0.5
     # each row is the teacher's output at that position of the masked block
-    inputs = lm.apply_masks(tokens, position, seen)
+    inputs = masking.apply_masks(block_tensor, position, seen)
     with torch.no_grad():
         out = model(input_ids=inputs, output_hidden_states=True)
     at = (torch.arange(16)[:, None], position)
@@ -136,7 +136,7 @@ def test_a_masked_student_with_the_triple_loss_trains_from_the_cache_alone(world
     # the teacher is scored on the same masked tokens: its cached top-1 against the true tokens
     cache = Cache.open(world / "cache")
     position, _ = cache.masks("test")
-    _, blocks = text.read_blocks(world / "prepared" / "test.parquet")
+    _, blocks = tokens.read_blocks(world / "prepared" / "test.parquet")
     truth = np.take_along_axis(np.repeat(blocks, 2, axis=0), position.reshape(-1, MASKED), 1).reshape(-1)
     top1 = cache.soft_targets("test", []).topk_idx[:, 0]
     assert metrics["teacher_masked_accuracy"] == pytest.approx((top1 == truth).mean())
@@ -160,7 +160,7 @@ def test_a_masked_student_with_the_triple_loss_trains_from_the_cache_alone(world
 
 
 def test_a_student_starts_from_every_other_teacher_layer():
-    _, special = None, text.SpecialIds(pad=0, eos=1, mask=2)
+    _, special = None, tokens.SpecialIds(pad=0, eos=1, mask=2)
     torch.manual_seed(0)
     teacher_model = lm.build("bert", {**TEACHER_KWARGS, "num_hidden_layers": 4}, 64, 16, special)
     student = lm.build("bert", {**TEACHER_KWARGS, "num_hidden_layers": 2}, 64, 16, special)

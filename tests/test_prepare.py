@@ -18,7 +18,7 @@ from numpy.testing import assert_array_equal
 from polars.testing import assert_frame_equal
 
 from kd import prepared
-from kd.prepared import images as data
+from kd.prepared import images
 from kd.sources import images as image_sources
 from kd.sources import splits
 from kd.config import PrepareConfig
@@ -29,12 +29,12 @@ from kd.cli import prepare
 SPLIT_FILES = ("labeled.parquet", "unlabeled.parquet", "test.parquet")
 
 
-def small_split(n: int = 23, shape: tuple[int, ...] = (1, 2, 3), seed: int = 0) -> data.Split:
+def small_split(n: int = 23, shape: tuple[int, ...] = (1, 2, 3), seed: int = 0) -> images.Split:
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 4, n)
     y[::5] = -1  # some null labels
     x = rng.standard_normal((n, int(np.prod(shape)))).astype(np.float32)
-    return data.Split(rng.permutation(n * 3)[:n].astype(np.int64), x, y, list(shape), 4)
+    return images.Split(rng.permutation(n * 3)[:n].astype(np.int64), x, y, list(shape), 4)
 
 
 def user_file(path: Path, ids, x, y=None, metadata: dict | None = None, x_type=None) -> Path:
@@ -75,9 +75,9 @@ def files_bytes(directory: Path) -> dict[str, bytes]:
 def test_write_read_round_trip(tmp_path):
     split = small_split()
     path = tmp_path / "s.parquet"
-    data.write_split(path, split, dataset="toy", row_group_rows=7)
+    images.write_split(path, split, dataset="toy", row_group_rows=7)
 
-    back = data.read_split(path)
+    back = images.read_split(path)
     assert_array_equal(back.ids, split.ids)
     assert_array_equal(back.x, split.x)
     assert_array_equal(back.y, split.y)
@@ -93,12 +93,12 @@ def test_write_read_round_trip(tmp_path):
     assert_frame_equal(pl.read_parquet(path), expected)
     assert pq.ParquetFile(path).metadata.num_row_groups == 4
 
-    ranges = [data.read_rows(path, start, min(start + 5, 23)) for start in range(0, 23, 5)]  # across row groups
+    ranges = [images.read_rows(path, start, min(start + 5, 23)) for start in range(0, 23, 5)]  # across row groups
     assert_array_equal(np.concatenate([b.ids for b in ranges]), split.ids)
     assert_array_equal(np.concatenate([b.x for b in ranges]), split.x)
     assert_array_equal(np.concatenate([b.y for b in ranges]), split.y)
 
-    assert data.split_info(path) == {"rows": 23, "input_shape": [1, 2, 3], "num_classes": 4, "dataset": "toy"}
+    assert images.split_info(path) == {"rows": 23, "input_shape": [1, 2, 3], "num_classes": 4, "dataset": "toy"}
     assert prepared.data_fingerprint(path) == hashlib.sha256(path.read_bytes()).hexdigest()
     assert not list(tmp_path.glob(".*"))  # no temporary file left
 
@@ -106,37 +106,37 @@ def test_write_read_round_trip(tmp_path):
 def test_read_split_some_columns(tmp_path):
     path = tmp_path / "s.parquet"
     split = small_split()
-    data.write_split(path, split, dataset="toy")
-    only = data.read_split(path, columns=("id", "y"))
+    images.write_split(path, split, dataset="toy")
+    only = images.read_split(path, columns=("id", "y"))
     assert_array_equal(only.ids, split.ids)
     assert_array_equal(only.y, split.y)
     assert only.x.shape == (0, 6)
-    assert data.read_split(path, columns=("x",)).ids.shape == (0,)
+    assert images.read_split(path, columns=("x",)).ids.shape == (0,)
 
 
 def test_read_errors(tmp_path):
     with pytest.raises(MissingInputError, match="nope.parquet"):
-        data.read_split(tmp_path / "nope.parquet")
+        images.read_split(tmp_path / "nope.parquet")
     with pytest.raises(MissingInputError, match="nope.parquet"):
-        data.read_rows(tmp_path / "nope.parquet", 0, 10)
+        images.read_rows(tmp_path / "nope.parquet", 0, 10)
     with pytest.raises(MissingInputError, match="nope.parquet"):
         prepared.data_fingerprint(tmp_path / "nope.parquet")
 
     no_x = tmp_path / "no_x.parquet"
     pq.write_table(pa.table({"id": pa.array([1], pa.int64()), "y": pa.array([0], pa.int64())}), no_x)
     with pytest.raises(InputError, match=r"no_x.parquet: no column 'x'"):
-        data.read_split(no_x)
+        images.read_split(no_x)
     with pytest.raises(InputError, match=r"no column 'x'"):
-        data.read_rows(no_x, 0, 10)
+        images.read_rows(no_x, 0, 10)
 
     wrong = user_file(tmp_path / "wrong.parquet", [1], [[0.5, 1.0]], [0], {"input_shape": "[2]"})
     with pytest.raises(InputError, match=r"wrong.parquet: column 'x' has type list<.*expected fixed_size_list"):
-        data.read_split(wrong)
+        images.read_split(wrong)
 
     text = tmp_path / "text.parquet"
     text.write_text("not parquet")
     with pytest.raises(InputError, match="text.parquet: not a readable Parquet file"):
-        data.read_split(text)
+        images.read_split(text)
 
 
 # --- splitting ---------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def test_digits_end_to_end(workdir, write_params, run_command):
         assert schema.metadata[b"input_shape"] == b"[1,8,8]"
         assert schema.metadata[b"num_classes"] == b"10"
         assert schema.metadata[b"dataset"] == b"digits"
-        splits[name] = data.read_split(out / name)
+        splits[name] = images.read_split(out / name)
 
     labeled, unlabeled, test = (splits[n] for n in SPLIT_FILES)
     assert (len(labeled), len(unlabeled), len(test)) == (50, 300, 100)
@@ -222,7 +222,7 @@ def test_seed_determinism(workdir, write_params, run_command):
     run_prepare(run_command, "--out", "c", "--seed", 8)
     assert files_bytes(workdir / "a") == files_bytes(workdir / "b")
     for name in SPLIT_FILES:
-        a, c = data.read_split(workdir / "a" / name), data.read_split(workdir / "c" / name)
+        a, c = images.read_split(workdir / "a" / name), images.read_split(workdir / "c" / name)
         assert set(a.ids.tolist()) != set(c.ids.tolist())
 
 
@@ -231,7 +231,7 @@ def test_params_defaults_and_overrides(workdir, write_params, run_command):
     params = write_params(workdir / "other.yaml", prepare={"dataset": "digits", **sizes})
     run_prepare(run_command, "--params", params, "--labeled", 40)
     out = workdir / "data" / "prepared"
-    assert [data.split_info(out / n)["rows"] for n in SPLIT_FILES] == [40, 20, 20]
+    assert [images.split_info(out / n)["rows"] for n in SPLIT_FILES] == [40, 20, 20]
 
 
 def test_mnist5k_default_sizes(workdir, write_params, run_command):
@@ -240,9 +240,9 @@ def test_mnist5k_default_sizes(workdir, write_params, run_command):
     out = workdir / "data" / "prepared"
     truth = pq.read_table(out / "unlabeled_truth.parquet").column("y").to_numpy()
     for name, size in (("labeled", 1000), ("unlabeled", 3000), ("test", 1000)):
-        split = data.read_split(out / f"{name}.parquet")
+        split = images.read_split(out / f"{name}.parquet")
         assert split.x.shape == (size, 784) and split.input_shape == [1, 28, 28]
-        assert data.split_info(out / f"{name}.parquet")["dataset"] == "mnist5k"
+        assert images.split_info(out / f"{name}.parquet")["dataset"] == "mnist5k"
         labels = truth if name == "unlabeled" else split.y
         counts = np.bincount(labels, minlength=10)
         assert counts.max() - counts.min() <= 1 and abs(counts.mean() - size / 10) < 1, (name, counts)
@@ -253,12 +253,12 @@ def test_mnist1d(workdir, write_params, run_command):
     write_params(prepare={"dataset": "mnist1d"})
     run_prepare(run_command, "--samples", 205, "--labeled", 40, "--unlabeled", 100, "--test", 60)
     out = workdir / "data" / "prepared"
-    split = data.read_split(out / "labeled.parquet")
+    split = images.read_split(out / "labeled.parquet")
     assert split.x.shape == (40, 40) and split.input_shape == [40]
     assert np.isfinite(split.x).all() and split.x.std() > 0.1
     assert np.bincount(split.y, minlength=10).tolist() == [4] * 10
     assert (out / "unlabeled_truth.parquet").is_file()
-    ids = np.concatenate([data.read_split(out / n).ids for n in SPLIT_FILES])
+    ids = np.concatenate([images.read_split(out / n).ids for n in SPLIT_FILES])
     assert len(np.unique(ids)) == 200 and ids.max() < 205
 
 
@@ -324,10 +324,10 @@ def test_user_file_with_metadata_and_null_labels(workdir, write_params, run_comm
     assert not (out / "unlabeled_truth.parquet").exists()
 
     by_id = dict(zip(ids.tolist(), range(n)))
-    splits = {name: data.read_split(out / name) for name in SPLIT_FILES}
+    splits = {name: images.read_split(out / name) for name in SPLIT_FILES}
     for name, split in splits.items():
         assert split.input_shape == [2, 3] and split.num_classes == 3
-        assert data.split_info(out / name)["dataset"] == "mine.parquet"
+        assert images.split_info(out / name)["dataset"] == "mine.parquet"
         rows = [by_id[i] for i in split.ids.tolist()]
         assert_array_equal(split.x, x[rows].astype(np.float32))
     assert all(by_id[i] >= 40 for i in splits["unlabeled.parquet"].ids.tolist())  # the null-y rows
@@ -345,7 +345,7 @@ def test_user_file_without_metadata(workdir, write_params, run_command):
     assert_clean_error(run_command(prepare.main), "flat.parquet", "--input-shape")
     run_prepare(run_command, "--input-shape", "2,2")
     out = workdir / "data" / "prepared"
-    labeled = data.read_split(out / "labeled.parquet")
+    labeled = images.read_split(out / "labeled.parquet")
     assert labeled.input_shape == [2, 2] and labeled.num_classes == 2
     assert_array_equal(labeled.x, x[labeled.ids].astype(np.float32))
     assert (out / "unlabeled_truth.parquet").is_file()  # every row labeled: the truth is known

@@ -124,16 +124,16 @@ def test_same_params_same_seed_give_identical_cache_and_weights(workspace, refer
 
 KILL_PREPARE = textwrap.dedent("""
     import os, signal, sys
-    import kd.prepared.images as data
+    from kd.prepared import images
     from kd.cli import app
 
-    original, calls = data.write_split, [0]
+    original, calls = images.write_split, [0]
     def write_then_die(*a, **k):
         original(*a, **k)
         calls[0] += 1
         if calls[0] >= 2:
             os.kill(os.getpid(), signal.SIGKILL)
-    data.write_split = write_then_die
+    images.write_split = write_then_die
     app(["prepare", *sys.argv[1:]])
 """)
 

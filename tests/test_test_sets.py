@@ -11,7 +11,7 @@ import pytest
 
 from conftest import invoke, ok
 from kd.config import PrepareConfig, Shares
-from kd.prepared import tokens as text
+from kd.prepared import tokens
 from kd.sources import text as text_source
 from kd.cli import distill, label, prepare, report
 from kd.cli import eval as eval_stage
@@ -56,8 +56,8 @@ def task_world(lm_world, tmp_path_factory):
 
 def test_a_student_is_scored_on_another_test_set_and_the_report_puts_both_side_by_side(lm_world, task_world):
     root, params = task_world, task_world / "params.yaml"
-    assert text.split_info(root / "task_prepared" / "test.parquet")["tokenizer_sha256"] == \
-        text.split_info(lm_world / "prepared" / "test.parquet")["tokenizer_sha256"]
+    assert tokens.split_info(root / "task_prepared" / "test.parquet")["tokenizer_sha256"] == \
+        tokens.split_info(lm_world / "prepared" / "test.parquet")["tokenizer_sha256"]
     ok(invoke(eval_stage.main, "s", "--params", params, "--cache", root / "general_cache", "--prepared",
               lm_world / "prepared", "--students-dir", root / "students"))
     ok(invoke(eval_stage.main, "s", "--params", params, "--cache", root / "task_cache", "--prepared",

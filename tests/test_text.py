@@ -20,8 +20,8 @@ import torch
 from numpy.testing import assert_array_equal
 from safetensors.torch import load_file
 
-from kd import lm
-from kd.prepared import tokens as text
+from kd import lm, lm_training, masking
+from kd.prepared import tokens
 from kd.sources import text as text_sources
 from kd.config import PrepareConfig, Shares
 from kd.errors import InputError, MissingInputError
@@ -69,22 +69,22 @@ def test_pydoc_files(root):
         assert {k: meta[k] for k in ("modality", "dataset", "block_size", "vocab_size", "tokenizer_sha256")} == {
             "modality": "text", "dataset": "pydoc", "block_size": "32", "vocab_size": "300",
             "tokenizer_sha256": tokenizer_sha}
-        ids, tokens = text.read_blocks(path)
-        assert ids.dtype == tokens.dtype == np.int64 and tokens.shape == (rows, 32)
-        assert 0 <= tokens.min() and tokens.max() < 300
-        assert tokens[0, 0] == 1  # every stream starts with <|endoftext|>
-        ranges = [text.read_rows(path, start, min(start + 7, rows)) for start in range(0, rows, 7)]
+        ids, blocks = tokens.read_blocks(path)
+        assert ids.dtype == blocks.dtype == np.int64 and blocks.shape == (rows, 32)
+        assert 0 <= blocks.min() and blocks.max() < 300
+        assert blocks[0, 0] == 1  # every stream starts with <|endoftext|>
+        ranges = [tokens.read_rows(path, start, min(start + 7, rows)) for start in range(0, rows, 7)]
         assert_array_equal(np.concatenate([b[0] for b in ranges]), ids)
-        assert_array_equal(np.concatenate([b[1] for b in ranges]), tokens)
-        assert text.split_info(path)["rows"] == rows and text.modality(path) == "text"
+        assert_array_equal(np.concatenate([b[1] for b in ranges]), blocks)
+        assert tokens.split_info(path)["rows"] == rows and tokens.modality(path) == "text"
         seen.append(ids)
     assert len(np.unique(np.concatenate(seen))) == 60  # ids unique across splits
 
-    tokenizer, special = text.load_tokenizer(prepared)
-    assert special == text.SpecialIds(pad=0, eos=1, mask=2)
+    tokenizer, special = tokens.load_tokenizer(prepared)
+    assert special == tokens.SpecialIds(pad=0, eos=1, mask=2)
     from pydoc_data.topics import topics
 
-    first = tokenizer.decode(text.read_blocks(prepared / "test.parquet")[1][0, 1:].tolist())
+    first = tokenizer.decode(tokens.read_blocks(prepared / "test.parquet")[1][0, 1:].tolist())
     assert any(first in topic for topic in topics.values())  # blocks decode back to the source text
 
 
@@ -116,7 +116,7 @@ def test_txt_source(tmp_path, run_command):
                          "--shares", '{"labeled": 0.5, "unlabeled": 0.25, "test": 0.25}',
                          "--params", tmp_path / "params.yaml", "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
-    infos = {name: text.split_info(tmp_path / "out" / f"{name}.parquet") for name in ("labeled", "unlabeled", "test")}
+    infos = {name: tokens.split_info(tmp_path / "out" / f"{name}.parquet") for name in ("labeled", "unlabeled", "test")}
     assert sum(info["documents"] for info in infos.values()) == 30
     assert all(info["rows"] > 0 and info["vocab_size"] == 280 for info in infos.values())
 
@@ -131,7 +131,7 @@ def test_parquet_source(tmp_path, run_command):
     result = run_command(prepare.main, "--dataset", source, "--text-column", "body", "--block-size", 8,
                          "--vocab-size", 270, "--params", tmp_path / "params.yaml", "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
-    assert [text.split_info(tmp_path / "out" / f"{s}.parquet")["rows"] for s in ("labeled", "unlabeled", "test")] \
+    assert [tokens.split_info(tmp_path / "out" / f"{s}.parquet")["rows"] for s in ("labeled", "unlabeled", "test")] \
         == [3, 2, 1]
 
 
@@ -202,22 +202,23 @@ def test_text_teacher(root, tmp_path, arch, kwargs, score):
 
     model = lm.load(out)
     assert lm.objective(model) == metrics["objective"] and sum(p.numel() for p in model.parameters()) == metrics["params"]
-    _, tokens = text.read_blocks(root / "prepared" / "test.parquet")
-    _, special = text.load_tokenizer(root / "prepared")
-    again = lm.evaluate(model, torch.from_numpy(tokens), special, batch_size=3, seed=0)  # other batches, same masks
+    _, test_blocks = tokens.read_blocks(root / "prepared" / "test.parquet")
+    _, special = tokens.load_tokenizer(root / "prepared")
+    # other batches, same masks
+    again = lm_training.evaluate(model, torch.from_numpy(test_blocks), special, batch_size=3, seed=0)
     assert again["loss"] == pytest.approx(metrics["test_loss"], rel=1e-5)
     assert len(lm.fingerprint(out)) == 64
 
 
 def test_fit_lowers_the_loss_deterministically_and_reload_gives_the_same_logits(root, tmp_path):
-    _, tokens = text.read_blocks(root / "prepared" / "labeled.parquet")
-    _, special = text.load_tokenizer(root / "prepared")
+    _, blocks = tokens.read_blocks(root / "prepared" / "labeled.parquet")
+    _, special = tokens.load_tokenizer(root / "prepared")
 
     def train() -> tuple[torch.nn.Module, list]:
         torch.manual_seed(0)
         model = lm.build("gpt2", json.loads(TINY_GPT2), 300, 32, special)
-        log = lm.fit(model, torch.from_numpy(tokens), special, epochs=3, batch_size=8, lr=0.01, weight_decay=0.0,
-                     seed=0, progress=False)
+        log = lm_training.fit(model, torch.from_numpy(blocks), special, epochs=3, batch_size=8, lr=0.01,
+                              weight_decay=0.0, seed=0, progress=False)
         return model, log
 
     model, log = train()
@@ -225,23 +226,23 @@ def test_fit_lowers_the_loss_deterministically_and_reload_gives_the_same_logits(
     twin, _ = train()
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
     lm.save(tmp_path / "m", model, root / "prepared" / "tokenizer.json")
-    x = torch.from_numpy(tokens[:4])
+    x = torch.from_numpy(blocks[:4])
     with torch.no_grad():
         assert torch.equal(lm.load(tmp_path / "m")(input_ids=x).logits, model(input_ids=x).logits)
 
 
 def test_bert_masking_is_seeded_and_spares_special_tokens():
-    special = text.SpecialIds(pad=0, eos=1, mask=2)
-    tokens = torch.randint(3, 300, (64, 128))
-    tokens[:, ::16] = special.eos
-    inputs, labels = lm.mask_tokens(tokens, special, 300, torch.Generator().manual_seed(5))
-    again = lm.mask_tokens(tokens, special, 300, torch.Generator().manual_seed(5))
+    special = tokens.SpecialIds(pad=0, eos=1, mask=2)
+    blocks = torch.randint(3, 300, (64, 128))
+    blocks[:, ::16] = special.eos
+    inputs, labels = masking.mask_tokens(blocks, special, 300, torch.Generator().manual_seed(5))
+    again = masking.mask_tokens(blocks, special, 300, torch.Generator().manual_seed(5))
     assert torch.equal(inputs, again[0]) and torch.equal(labels, again[1])
     chosen = labels != -100
-    assert not chosen[:, ::16].any() and torch.equal(labels[chosen], tokens[chosen])
+    assert not chosen[:, ::16].any() and torch.equal(labels[chosen], blocks[chosen])
     assert chosen.float().mean() == pytest.approx(0.15 * 15 / 16, abs=0.01)
     masked = (inputs == special.mask)[chosen].float().mean()
-    kept = (inputs == tokens)[chosen].float().mean()
+    kept = (inputs == blocks)[chosen].float().mean()
     assert masked == pytest.approx(0.8, abs=0.03) and kept == pytest.approx(0.1 + 0.1 / 297, abs=0.03)
 
 

@@ -22,7 +22,7 @@ import yaml
 import zarr
 
 from kd import losses
-from kd.prepared import tokens as text
+from kd.prepared import tokens
 from kd.cache import Cache
 from kd.cache.store import Store
 from kd import tasks
@@ -49,10 +49,10 @@ def test_token_rows_are_the_teachers_next_token_distributions(lm_world, tmp_path
     assert cache.manifest["text"]["positions"] == BLOCK - 1 and cache.views == BLOCK - 1
     table = pq.read_table(out / "soft_targets" / "split=test" / "part-00000.parquet")
     assert table.column_names[:3] == ["id", "view", "position"]
-    ids, tokens = text.read_blocks(lm_world / "prepared" / "test.parquet")
+    ids, blocks = tokens.read_blocks(lm_world / "prepared" / "test.parquet")
     model = lm.load(lm_world / "teacher")
     with torch.no_grad():
-        logits = model(input_ids=torch.from_numpy(tokens[:16])).logits[:, :-1].reshape(-1, 512)
+        logits = model(input_ids=torch.from_numpy(blocks[:16])).logits[:, :-1].reshape(-1, 512)
     soft = cache.soft_targets("test", [1.0, 4.0], parts=[0])
     assert np.array_equal(soft.ids, np.repeat(ids[:16], BLOCK - 1))
     assert np.array_equal(table["position"].to_numpy(), np.tile(np.arange(BLOCK - 1), 16))
@@ -64,7 +64,7 @@ def test_token_rows_are_the_teachers_next_token_distributions(lm_world, tmp_path
     hidden = zarr.open_array(str(out / "features.zarr" / "test" / "transformer.h.0"), mode="r")
     assert hidden.shape == (20 * (BLOCK - 1), 32)
     # the teacher's next-token accuracy, counted over every predicted token of the test split
-    truth = tokens[:, 1:].reshape(-1)
+    truth = blocks[:, 1:].reshape(-1)
     all_rows = cache.soft_targets("test", [])
     accuracy = float((all_rows.topk_idx[:, 0] == truth).mean())
     assert cache.manifest["fidelity"]["test"]["teacher_accuracy"] == pytest.approx(accuracy)
@@ -76,9 +76,9 @@ def test_k_equal_to_the_vocabulary_reproduces_full_logit_distillation(lm_world, 
     out = tmp_path / "cache"
     ok(invoke(label.main, *label_args(lm_world, out, "--top-k", 512, "--logit-dtype", "float32")))
     soft = Cache.open(out).soft_targets("test", [4.0], parts=[0])
-    _, tokens = text.read_blocks(lm_world / "prepared" / "test.parquet")
+    _, blocks = tokens.read_blocks(lm_world / "prepared" / "test.parquet")
     with torch.no_grad():
-        teacher_logits = lm.load(lm_world / "teacher")(input_ids=torch.from_numpy(tokens[:16])).logits
+        teacher_logits = lm.load(lm_world / "teacher")(input_ids=torch.from_numpy(blocks[:16])).logits
     teacher_logits = teacher_logits[:, :-1].reshape(-1, 512)
     student = torch.randn(len(teacher_logits), 512, generator=torch.Generator().manual_seed(0)) * 3
     full = losses.soft_target_loss(student, teacher_logits, 4.0)

@@ -21,8 +21,8 @@ from kd import augment, sources
 from kd.cache import Cache, Teacher, label
 from kd.config import LabelConfig, PrepareConfig, StudentConfig, TeacherConfig, from_mapping
 from kd.errors import ConfigError
+from kd.prepared import images
 from kd.tasks.image_models import build, fingerprint, save_model
-from kd.prepared import images as data
 from kd.sources import shapes
 from kd.tasks import image
 from kd.cli import label as label_stage
@@ -85,7 +85,7 @@ def test_the_student_sees_the_exact_crops_the_teacher_labeled(rgb, rgb_teacher, 
         views |= set((batch["row"] % 4).tolist())
         checked += len(batch["x"])
     assert checked == 48 + 24 and views == {0, 1, 2, 3}
-    originals = torch.tensor(data.read_split(rgb / "labeled.parquet").x).view(-1, 3, 32, 32)
+    originals = torch.tensor(images.read_split(rgb / "labeled.parquet").x).view(-1, 3, 32, 32)
     assert torch.equal(labeled[0:192:4], originals)  # view 0 of every labeled image: as prepared
     assert not torch.equal(labeled[1:192:4], labeled[2:192:4])
 
@@ -200,7 +200,8 @@ def test_kd_prepare_shapes_writes_its_preset_splits(workdir, write_params):
     params = write_params(prepare={"dataset": "shapes", "labeled": None, "unlabeled": 500, "test": None})
     output = ok(invoke(prepare_stage.main, "--params", params)).output
     assert "cross, diamond, disk, hourglass, ring, square, triangle, x" in output
-    splits = {s: data.read_split(workdir / "data/prepared" / f"{s}.parquet") for s in ("labeled", "unlabeled", "test")}
+    splits = {s: images.read_split(workdir / "data/prepared" / f"{s}.parquet")
+              for s in ("labeled", "unlabeled", "test")}
     assert {s: len(v.ids) for s, v in splits.items()} == {"labeled": 1200, "unlabeled": 500, "test": 1000}
     assert splits["labeled"].input_shape == [3, 32, 32]
     assert np.bincount(splits["test"].y).tolist() == [125] * 8 and np.bincount(splits["labeled"].y).tolist() == [150] * 8

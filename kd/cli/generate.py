@@ -49,14 +49,13 @@ def main(
     progress: bool = typer.Option(True, help="Show a progress bar (responses, tokens/s)."),
 ) -> None:
     """Answer the prompts of a prepared split with the teacher (defaults: params.yaml `generate`)."""
-    from kd import generate
+    from kd import generate, lm
     from kd.config import GenerateConfig, section
-    from kd.tasks import causal_lm
     cfg = section(params, "generate", GenerateConfig)
     cfg = override(cfg, split=split, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                    top_p=top_p, samples=samples, seed=seed, batch_size=batch_size, part_size=part_size,
                    min_logprob=min_logprob, dtype=dtype, device=device)
-    loaded = causal_lm.load_teacher(teacher, dtype=cfg.dtype, device=cfg.device)
+    loaded = lm.load_teacher(teacher, dtype=cfg.dtype, device=cfg.device)
     shard = int(os.environ.get("RANK", 0)) if shard is None else shard
     num_shards = int(os.environ.get("WORLD_SIZE", 1)) if num_shards is None else num_shards
     manifest = generate.run(loaded, prepared, out, cfg, progress=progress, shard=shard, num_shards=num_shards)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from kd import align
-from kd.prepared import tokens as text
+from kd.prepared import tokens
 from kd.prepared.tokens import TokenizerDir
 
 SPLITS = ("labeled", "unlabeled", "test")
@@ -57,8 +57,8 @@ class Pair:
 def pair(prepared: Path, student_dir: Path) -> Pair:
     """The pair of tokenizers of prepared data (the teacher's) and `student_dir`: read and
     mapped once per process."""
-    teacher = text.prepared_tokenizer(prepared)
-    student = text.read_tokenizer(student_dir, "student's tokenizer")
+    teacher = tokens.prepared_tokenizer(prepared)
+    student = tokens.read_tokenizer(student_dir, "student's tokenizer")
     t_bytes, s_bytes = align.token_bytes(teacher.backend), align.token_bytes(student.backend)
     table = align.mapping_table(t_bytes, align.roles(teacher.special), s_bytes, align.roles(student.special))
     return Pair(teacher, student, table, t_bytes, s_bytes)
@@ -70,8 +70,8 @@ def _whole(prepared: Path, student_dir: Path, split: str) -> tuple[np.ndarray, l
     """ids, each block in the student's tokens, the teacher blocks and their predicted mask."""
     found = pair(prepared, student_dir)
     source = prepared / f"{split}.parquet"
-    ids, blocks = text.read_blocks(source)
-    predicted = text.predicted(source)
+    ids, blocks = tokens.read_blocks(source)
+    predicted = tokens.predicted(source)
     t_roles = align.roles(found.teacher.special)
     special = {i: role for role, i in t_roles.items()}
     s_roles = align.roles(found.student.special)

@@ -22,7 +22,7 @@ from torch import nn
 
 from kd import augment, features, loader
 from kd.prepared import data_fingerprint
-from kd.prepared import images as data
+from kd.prepared import images
 from kd.cache import Cache, Teacher
 from kd.cache.batch import Batch
 from kd.config import EvalConfig, LabelConfig, StudentConfig, TeacherConfig, as_dict, view_recipe
@@ -50,7 +50,7 @@ class Inputs:
     row_columns = ROW_COLUMNS
 
     def __init__(self, prepared: Path, splits: list[str], cfg: LabelConfig):
-        self.infos = {s: data.split_info(prepared / f"{s}.parquet") for s in splits}
+        self.infos = {s: images.split_info(prepared / f"{s}.parquet") for s in splits}
         self.input_shape = self.infos["labeled"]["input_shape"]
         self.per_sample = cfg.views + 1
         self.cfg = cfg
@@ -87,14 +87,14 @@ class Inputs:
             raise ConfigError(f"label.features.{layer}: {exc}") from None
         return {"name": layer, "mode": mode, "shape": shape, "dtype": "float16", "source_shape": list(captured.shape[1:])}
 
-    def read(self, source: Path, first: int, last: int) -> data.Split:
-        rows = data.read_rows(source, first, last)
+    def read(self, source: Path, first: int, last: int) -> images.Split:
+        rows = images.read_rows(source, first, last)
         if not np.isfinite(rows.x).all():
             bad = rows.ids[~np.isfinite(rows.x).all(1)][:5].tolist()
             raise InputError(f"{source}: NaN or Inf in inputs (ids {bad})")
         return rows
 
-    def batch(self, model: nn.Module, rows: data.Split, start: int, stop: int,
+    def batch(self, model: nn.Module, rows: images.Split, start: int, stop: int,
               specs: dict[str, dict]) -> Batch:
         views, cfg = self.per_sample, self.cfg
         ids = np.repeat(rows.ids[start:stop], views)
@@ -129,7 +129,7 @@ def image_rows(cache: Cache, prepared: Path, cfg: StudentConfig, split: str, row
     """The student's rows of one image split (or of some of its parts), in memory; its views
     are the cache's (`views.seed` and `views.recipe` of the manifest)."""
     source = prepared / f"{split}.parquet"
-    samples = data.read_rows(source, *loader.sample_range(cache, split, parts))
+    samples = images.read_rows(source, *loader.sample_range(cache, split, parts))
     rows = loader.read_rows(cache, cfg, split, source, samples.ids, np.repeat(samples.y, cache.views),
                             parts=parts, row_offset=row_offset)
     return image_set(torch.tensor(samples.x), np.array(samples.ids), samples.input_shape, rows.targets(cfg),
@@ -139,7 +139,7 @@ def image_rows(cache: Cache, prepared: Path, cfg: StudentConfig, split: str, row
 def baseline_set(prepared: Path, view_seed: int = 0, recipe: augment.Recipe | None = None) -> SampleSet:
     """The labeled images with their true labels: what a baseline twin (and the teacher, with
     fresh views of `recipe`) trains on."""
-    rows = data.read_split(prepared / "labeled.parquet")
+    rows = images.read_split(prepared / "labeled.parquet")
     return image_set(torch.tensor(rows.x), np.array(rows.ids), rows.input_shape, {"label": torch.tensor(rows.y)},
                      view_seed=view_seed, recipe=recipe)
 
@@ -229,6 +229,11 @@ def check_rows(path: str, table: Any, manifest: dict[str, Any], views: int) -> l
     return in_order(path, table, "view", views)
 
 
+def rows_description(summary: dict[str, Any]) -> str:
+    """`kd cache info`: what one cache row is."""
+    return f"one per sample and view: the input as is, then {summary['views']['count']} augmented view(s)"
+
+
 def summary(name: str, m: dict[str, Any]) -> str:
     kl = "exact" if m["kl_exact"] else "top-k bucket, a lower bound"
     speed = (f"{m['speedup_vs_teacher']:.1f}x the teacher's throughput ({m['teacher_throughput_source']})"
@@ -262,7 +267,7 @@ def fit_teacher(cfg: TeacherConfig, prepared: Path, *, progress: bool = True
     recipe = view_recipe(cfg, cfg.shift)
     dataset = baseline_set(prepared, view_seed=cfg.seed, recipe=recipe)
     augmented = cfg.shift > 0 or cfg.view_recipe != "shift"
-    test = data.read_split(prepared / "test.parquet")
+    test = images.read_split(prepared / "test.parquet")
     augment.check_shape(recipe, test.input_shape, "teacher")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, cfg.arch_kwargs, test.input_shape, test.num_classes)

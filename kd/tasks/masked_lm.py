@@ -23,23 +23,28 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoModelForMaskedLM
 
-from kd import features, lm, loader
+from kd import features, lm, loader, masking
 from kd.prepared import data_fingerprint
-from kd.prepared import tokens as text
+from kd.prepared import tokens
 from kd.cache import Cache
 from kd.config import EvalConfig, LabelConfig, StudentConfig
 from kd.errors import ConfigError
-from kd.cache.batch import Batch
 from kd.methods import student_layers, supported
+from kd.cache.batch import Batch
 from kd.tasks import causal_lm
-from kd.tasks.causal_lm import check_token_student, evaluate_rows, hidden, save, token_summary
+from kd.tasks.lm_common import (build_model, check_token_student, check_tokenizer, evaluate_rows, init_identity,
+                                token_summary)
+
+# Members of the task that both token tasks share: a student is a Hugging Face directory plus
+# student.json (`lm_common.save`; `load`: not an assistant so far); the teacher, of either
+# objective, is trained by `lm_training` and loaded by `lm`.
+from kd.lm import load_teacher  # noqa: F401
+from kd.lm_training import train_teacher  # noqa: F401
+from kd.tasks.lm_common import load, save  # noqa: F401
 
 NAME, OBJECTIVE = "masked_lm", "masked"
 TWIN_LOSS = "masked-LM"  # what the baseline twin learns from, for messages
-__all__ = ["save"]  # a Hugging Face directory plus student.json, as for causal students
-AUTO_MODEL = AutoModelForMaskedLM  # how a directory of this task loads
 
 
 # Cache columns between `view` and the soft targets: the masked position and the token the
@@ -59,20 +64,20 @@ class Inputs(causal_lm.Inputs):
             raise ConfigError(f"{prepared}: instruction data (responses only) is for causal LMs; the teacher is a "
                               "masked LM")
         self.cfg = cfg
-        self.masked_count = lm.mask_count(self.block_size)
+        self.masked_count = masking.mask_count(self.block_size)
         self.per_sample = (cfg.views + 1) * self.masked_count
-        self.special = text.load_tokenizer(prepared)[1]
-        lm.mask_id(self.special, str(prepared))
+        self.special = tokens.load_tokenizer(prepared)[1]
+        masking.mask_id(self.special, str(prepared))
 
     def header(self) -> dict[str, Any]:
         header = super().header()
         header["text"] |= {"objective": OBJECTIVE, "positions": self.masked_count,
-                           "mask_recipe": {"name": "bert", "mask": lm.MASK_AS_MASK,
-                                           "random": lm.MASK_AS_RANDOM, "seed": self.cfg.view_seed}}
+                           "mask_recipe": {"name": "bert", "mask": masking.MASK_AS_MASK,
+                                           "random": masking.MASK_AS_RANDOM, "seed": self.cfg.view_seed}}
         return header
 
     def logits(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        tokens = tokens.to(causal_lm.device_of(model))
+        tokens = tokens.to(lm.device_of(model))
         return model(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits[:, 0]
 
     def batch(self, model: nn.Module, rows: tuple[np.ndarray, np.ndarray], start: int, stop: int,
@@ -81,14 +86,14 @@ class Inputs(causal_lm.Inputs):
         ids = np.repeat(rows[0][start:stop], views)
         view = np.tile(np.arange(views, dtype=np.int32), stop - start)
         blocks = torch.from_numpy(rows[1][start:stop]).repeat_interleave(views, dim=0)
-        positions, seen = lm.fixed_masks(blocks, ids, view, m, self.special, self.infos["labeled"]["vocab_size"],
-                                         self.cfg.view_seed)
-        device = causal_lm.device_of(model)
-        inputs = lm.apply_masks(blocks, positions, seen).to(device)
+        positions, seen = masking.fixed_masks(blocks, ids, view, m, self.special, self.infos["labeled"]["vocab_size"],
+                                              self.cfg.view_seed)
+        device = lm.device_of(model)
+        inputs = masking.apply_masks(blocks, positions, seen).to(device)
         at = (torch.arange(len(blocks), device=device)[:, None], positions.to(device))  # (B, M): the masked rows
         with torch.no_grad(), features.tap(model, list(specs)) as captured:
             logits = model(input_ids=inputs, attention_mask=torch.ones_like(inputs)).logits[at].float().cpu()
-            feats = {name: hidden(captured[name])[at].reshape(len(blocks) * m, -1).to(torch.float16).cpu().numpy()
+            feats = {name: lm.hidden(captured[name])[at].reshape(len(blocks) * m, -1).to(torch.float16).cpu().numpy()
                      for name in specs}
         return Batch(np.repeat(ids, m), np.repeat(view, m), positions.reshape(-1).numpy().astype(np.int32),
                      logits.reshape(len(blocks) * m, -1), feats, blocks.gather(1, positions).reshape(-1).numpy(),
@@ -126,36 +131,10 @@ def masked_set(tokens: torch.Tensor, ids: np.ndarray, positions: torch.Tensor, s
     def model_input(inputs: dict[str, torch.Tensor], ids: np.ndarray, view: torch.Tensor) -> torch.Tensor:
         at = torch.arange(len(view))
         positions = inputs["positions"][at, view]
-        return torch.cat([lm.apply_masks(inputs["tokens"], positions, inputs["seen"][at, view]), positions], 1)
+        return torch.cat([masking.apply_masks(inputs["tokens"], positions, inputs["seen"][at, view]), positions], 1)
 
     return loader.SampleSet({"tokens": tokens, "positions": positions, "seen": seen}, ids, targets, model_input,
                             views=positions.shape[1], per_view=positions.shape[2])
-
-
-def lm_inputs(tokens: torch.Tensor, special: text.SpecialIds, vocab_size: int,
-              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blocks (B, L) -> (inputs (B, L), labels (B, L)): BERT's masking drawn from `generator`;
-    the chosen positions predict the original token, the others nothing (-100)."""
-    return lm.mask_tokens(tokens, special, vocab_size, generator)
-
-
-def token_logits(model: nn.Module, inputs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Logits (P, V) of the masked positions (`keep`, (B, L)); a BERT's head runs on those only,
-    a fraction of its cost, which dominates at a small width and a large vocabulary."""
-    if not hasattr(model, "cls"):  # another masked LM: the whole head
-        return model(input_ids=inputs).logits[keep]
-    states = model.base_model(input_ids=inputs, attention_mask=torch.ones_like(inputs)).last_hidden_state
-    return model.cls(states[keep])
-
-
-def lm_score(loss: float, accuracy: float) -> dict[str, float]:
-    return {"masked_accuracy": accuracy}
-
-
-def teacher_scores(scores: dict[str, float], train: np.ndarray, test: np.ndarray, vocab_size: int,
-                   *predicted: Any) -> dict[str, float]:
-    """What a masked teacher's metrics.json adds: its masked-token accuracy on the test split."""
-    return {"masked_accuracy": scores["masked_accuracy"]}
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -163,7 +142,7 @@ def teacher_scores(scores: dict[str, float], train: np.ndarray, test: np.ndarray
 
 def check(cfg: StudentConfig, cache: Cache, prepared: Path) -> None:
     """What a masked student cannot do yet, said up front."""
-    causal_lm.check_tokenizer(cache, prepared, cfg.transfer)
+    check_tokenizer(cache, prepared, cfg.transfer)
     if cfg.views and cache.manifest["views"]["count"] == 0:
         raise ConfigError(f"{cfg.where}.views: the cache holds one masking per block; set label.views (e.g. 4) "
                           "and run `kd label` again")
@@ -188,15 +167,15 @@ def _split_rows(cache: Cache, prepared: Path, cfg: StudentConfig, split: str, ro
     """One split's blocks (or those of some cache parts) with their maskings and rows: the
     cached targets, or with `cached` False the original tokens alone (a twin's)."""
     source = prepared / f"{split}.parquet"
-    ids, blocks = text.read_rows(source, *loader.sample_range(cache, split, parts))
+    ids, blocks = tokens.read_rows(source, *loader.sample_range(cache, split, parts))
     position, seen = cache.masks(split, parts)
     shape = (len(ids), cache.manifest["views"]["count"] + 1, cache.manifest["text"]["positions"])
-    tokens = torch.from_numpy(blocks).long()
+    long_blocks = torch.from_numpy(blocks).long()
     positions = torch.tensor(position, dtype=torch.long).reshape(shape)
-    truth = tokens.gather(1, positions.reshape(len(ids), -1)).reshape(-1)
+    truth = long_blocks.gather(1, positions.reshape(len(ids), -1)).reshape(-1)
     targets = (loader.read_rows(cache, cfg, split, source, ids, truth.numpy(), parts=parts,
                                 row_offset=row_offset).targets(cfg) if cached else {"label": truth})
-    return masked_set(tokens, ids, positions, torch.tensor(seen, dtype=torch.long).reshape(shape), targets)
+    return masked_set(long_blocks, ids, positions, torch.tensor(seen, dtype=torch.long).reshape(shape), targets)
 
 
 def twin_rows(cache: Cache, prepared: Path, cfg: StudentConfig, transfer: Any) -> loader.SampleSet:
@@ -210,13 +189,13 @@ def twin_decided_by(cfg: StudentConfig, cache: Cache, prepared: Path) -> dict[st
     return {"task": NAME, "data": {s: data_fingerprint(prepared / f"{s}.parquet") for s in cfg.transfer},
             "masks": {"count": cache.manifest["views"]["count"], "recipe": cache.manifest["text"]["mask_recipe"],
                       "positions": cache.manifest["text"]["positions"]},
-            "views": cfg.views, "init": causal_lm.init_identity(cfg, cache)}
+            "views": cfg.views, "init": init_identity(cfg, cache)}
 
 
 def build(cfg: StudentConfig, cache: Cache, prepared: Path) -> MaskedRows:
     """A fresh student (seed torch first), from the teacher's layers with `init: teacher`."""
     info = cache.manifest["text"]
-    model = causal_lm.build_model(cfg, cache, prepared, OBJECTIVE)
+    model = build_model(cfg, cache, prepared, OBJECTIVE)
     layers = [int(layer.removeprefix("hidden.")) for layer in student_layers(cfg)]
     for n in layers:
         if n > model.config.num_hidden_layers:
@@ -239,12 +218,13 @@ def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, s
     the test split (the teacher's from its cached top-1, on the very same masked tokens), and
     against the cached teacher (`evaluate_rows`)."""
     maskings, masked = cache.manifest["views"]["count"] + 1, cache.manifest["text"]["positions"]
-    _, blocks = text.read_blocks(prepared / "test.parquet")
+    _, blocks = tokens.read_blocks(prepared / "test.parquet")
     position, seen = cache.masks("test")
-    tokens = torch.from_numpy(blocks).long().repeat_interleave(maskings, 0)  # (N * maskings, L), cache order
-    positions = torch.tensor(position, dtype=torch.long).reshape(len(tokens), masked)
-    x = torch.cat([lm.apply_masks(tokens, positions, torch.tensor(seen).reshape(len(tokens), masked)), positions], 1)
-    truth = tokens.gather(1, positions).reshape(-1)
+    per_masking = torch.from_numpy(blocks).long().repeat_interleave(maskings, 0)  # (N * maskings, L), cache order
+    positions = torch.tensor(position, dtype=torch.long).reshape(len(per_masking), masked)
+    x = torch.cat([masking.apply_masks(per_masking, positions, torch.tensor(seen).reshape(len(per_masking), masked)),
+                   positions], 1)
+    truth = per_masking.gather(1, positions).reshape(-1)
 
     def accuracy(logits: torch.Tensor, truth: torch.Tensor) -> float:
         return float((logits.argmax(1) == truth).float().mean())
