@@ -29,7 +29,7 @@ from zarr.codecs import ZstdCodec
 
 from bench.timing import interleave, medians, paired_ratio, ratio, seconds
 from kd import config, features, losses, sources
-from kd.prepared import images as data
+from kd.prepared import images
 from kd.cache import Cache, Teacher, label, layout, lse_column, targets
 from kd.config import SPLITS, LabelConfig, PrepareConfig, StudentConfig, TeacherConfig
 from kd.distill import train_model
@@ -84,7 +84,7 @@ def make_teacher(directory: Path, params: Path, input_shape: list[int], num_clas
 
 def workspace(root: Path, params: Path, rows: int) -> Workspace:
     prepared = prepare_default(root / "prepared", params, rows)
-    info = data.split_info(prepared / "labeled.parquet")
+    info = images.split_info(prepared / "labeled.parquet")
     teacher = make_teacher(root / "teacher", params, info["input_shape"], info["num_classes"])
     label_cfg = config.section(params, "label", LabelConfig)
     label(teacher, prepared, root / "cache", label_cfg, task_inputs=image_task.Inputs, progress=False)
@@ -97,7 +97,7 @@ def workspace(root: Path, params: Path, rows: int) -> Workspace:
 def labeling_overhead(ws: Workspace, rows: int, repeats: int) -> dict[str, Any]:
     """Wall time of `label` over `rows` samples / the bare teacher forward over the same batches."""
     prepared = prepare_default(ws.root / "label_prepared", ws.params, rows)
-    splits = [data.read_split(prepared / f"{s}.parquet") for s in SPLITS]
+    splits = [images.read_split(prepared / f"{s}.parquet") for s in SPLITS]
     inputs = [torch.tensor(s.x).reshape(len(s.x), *s.input_shape) for s in splits]
     batch = ws.label_cfg.batch_size
     model = ws.teacher.model.eval()
@@ -211,7 +211,7 @@ def _online_soft(cfg: StudentConfig):
 def _true_labels(prepared: Path, cache: Cache, cfg: StudentConfig, ids: np.ndarray) -> torch.Tensor:
     """Each transfer row's true label (labeled y, unlabeled truth); the teacher's top-1 where unknown."""
     known_ids, known_y = [], []
-    for name in ("labeled.parquet", data.TRUTH_FILE):
+    for name in ("labeled.parquet", images.TRUTH_FILE):
         if (prepared / name).is_file():
             table = pq.read_table(prepared / name, columns=["id", "y"])
             known_ids.append(table["id"].to_numpy())
@@ -326,7 +326,7 @@ def _zarr_bytes(root: Path, name: str, block: np.ndarray) -> int:
 
 def cache_size(ws: Workspace, rows: int) -> dict[str, Any]:
     """Bytes per row of soft targets (k x dtype) and of each feature mode, against full float32."""
-    source = data.read_split(ws.prepared / "unlabeled.parquet")
+    source = images.read_split(ws.prepared / "unlabeled.parquet")
     x = torch.tensor(source.x[:rows]).reshape(-1, *source.input_shape)
     ids = source.ids[:rows]
     model = ws.teacher.model.eval()
@@ -410,7 +410,7 @@ def reader_workspace(root: Path, params: Path, rows: int) -> tuple[Path, Path, T
     rng = np.random.default_rng(0)
     source = root / "reader_source.parquet"
     root.mkdir(parents=True, exist_ok=True)
-    data.write_split(source, data.Split(np.arange(rows, dtype=np.int64), rng.standard_normal((rows, 40), np.float32),
+    images.write_split(source, images.Split(np.arange(rows, dtype=np.int64), rng.standard_normal((rows, 40), np.float32),
                                         rng.integers(0, 10, rows), [40], 10), dataset="bench-random")
     labeled = test = max(10, rows // 10)
     prepared = root / "reader_prepared"

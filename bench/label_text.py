@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:
 from kd.cache import Cache, label  # noqa: E402
 from kd.cache.layout import SOFT_TARGETS  # noqa: E402
 from kd.config import LabelConfig, PrepareConfig, Shares  # noqa: E402
-from kd.prepared import tokens as text  # noqa: E402
+from kd.prepared import tokens  # noqa: E402
 from kd.sources import text as text_source  # noqa: E402
 from kd import tasks  # noqa: E402
 from kd.tasks import causal_lm  # noqa: E402
@@ -77,7 +77,7 @@ def main() -> None:
                             root / "prepared")
         teacher = causal_lm.load_teacher(root / "llama", dtype="float32", device="cpu")
         cfg = LabelConfig(top_k=32, temperatures=[1.0], batch_size=4096)
-        splits = [torch.from_numpy(text.read_blocks(root / "prepared" / f"{s}.parquet")[1])
+        splits = [torch.from_numpy(tokens.read_blocks(root / "prepared" / f"{s}.parquet")[1])
                   for s in ("labeled", "unlabeled", "test")]
         block = splits[0].shape[1]
         per_batch = max(1, cfg.batch_size // (block - 1))
@@ -85,8 +85,8 @@ def main() -> None:
 
         def bare_forward() -> None:
             with torch.no_grad():
-                for tokens in splits:
-                    for batch in tokens.split(per_batch):
+                for blocks in splits:
+                    for batch in blocks.split(per_batch):
                         teacher.model(input_ids=batch).logits
 
         def kd_label(out: Path) -> None:

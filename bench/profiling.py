@@ -27,7 +27,7 @@ import typer  # noqa: E402
 
 from bench import cases  # noqa: E402
 from kd import config, losses  # noqa: E402
-from kd.prepared import images as data  # noqa: E402
+from kd.prepared import images  # noqa: E402
 from kd.cache import Cache, label  # noqa: E402
 from kd.config import SPLITS  # noqa: E402
 from kd.distill import train_model  # noqa: E402
@@ -122,7 +122,7 @@ def main(out: Path = typer.Option(REPO / "bench" / "profiles"), params: Path = t
             cfg = dataclasses.replace(ws.label_cfg, features=feats)
             summary[name] = profiled(name, lambda: label(ws.teacher, prepared, root / name, cfg,
                                                          task_inputs=image_task.Inputs, progress=False), out)
-        inputs = [torch.tensor(data.read_split(prepared / f"{s}.parquet").x).reshape(-1, 1, 28, 28) for s in SPLITS]
+        inputs = [torch.tensor(images.read_split(prepared / f"{s}.parquet").x).reshape(-1, 1, 28, 28) for s in SPLITS]
 
         def bare():
             with torch.no_grad():

@@ -34,7 +34,7 @@ import typer  # noqa: E402
 
 from bench import cases  # noqa: E402
 from bench.run import machine  # noqa: E402
-from kd.prepared import images as data  # noqa: E402
+from kd.prepared import images  # noqa: E402
 
 KD = [str(Path(sys.executable).with_name("kd"))]  # the console script beside this Python
 
@@ -66,7 +66,7 @@ def shards(rows: int = 5000, views: int = 4, rounds: int = 3, params: Path = REP
     with tempfile.TemporaryDirectory(prefix="kd-shards-") as scratch:
         root = Path(scratch)
         cases.prepare_default(root / "prepared", params, rows)
-        info = data.split_info(root / "prepared" / "labeled.parquet")
+        info = images.split_info(root / "prepared" / "labeled.parquet")
         cases.make_teacher(root / "teacher", params, info["input_shape"], info["num_classes"])
 
         def run(name: str) -> float:

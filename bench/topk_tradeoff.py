@@ -19,7 +19,7 @@ import torch
 import typer
 
 from kd import config
-from kd.prepared import images as data
+from kd.prepared import images
 from kd.cache import Cache, Teacher, label
 from kd.distill import train_student
 from kd.tasks import image as image_task
@@ -34,7 +34,7 @@ def main(ks: str = "1,2,3,5,10", student: str = "mlp_soft", temperature: float =
     teacher = Teacher(model, fingerprint(teacher_dir), teacher_config)
     base_label = config.section(params, "label", config.LabelConfig)
     cfg = config.student(params, student)
-    test = data.read_split(prepared / "test.parquet")
+    test = images.read_split(prepared / "test.parquet")
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for k in map(int, ks.split(",")):

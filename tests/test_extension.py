@@ -22,7 +22,7 @@ from kd import methods, report
 from kd.cli import distill, label, prepare, teacher
 from kd.config import PrepareConfig
 from kd.methods import METHODS
-from kd.prepared import images as data
+from kd.prepared import images
 from kd.sources import SOURCES, Builtin
 from conftest import invoke as run_stage
 
@@ -152,7 +152,7 @@ def test_a_dataset_source_is_one_module_plus_one_registry_line(tmp_path, monkeyp
     assert [line.split()[:2] for line in result.stdout.splitlines()] == [
         ["labeled", "30"], ["unlabeled", "60"], ["test", "30"]]
     made = toy.make(PrepareConfig(dataset="toy"))
-    splits = {name: data.read_split(out / f"{name}.parquet") for name in ("labeled", "unlabeled", "test")}
+    splits = {name: images.read_split(out / f"{name}.parquet") for name in ("labeled", "unlabeled", "test")}
     for name, split in splits.items():
         assert split.input_shape == [8] and split.num_classes == 3
         rows = split.ids - 1000  # each row as the source made it

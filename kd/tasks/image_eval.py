@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from kd.prepared import images as data
+from kd.prepared import images
 from kd.cache import Cache
 from kd.config import EvalConfig
 from kd.errors import ConfigError, InputError, StaleCacheError
@@ -74,7 +74,7 @@ def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, a
     baseline, baseline_config = load_model(student_dir / "baseline", arch=arch, arch_kwargs=arch_kwargs)
     _check_student(student_dir, config, cache)
     extra_seeds = seed_dirs(student_dir, config)  # checked before any work
-    test = data.read_split(test_path)
+    test = images.read_split(test_path)
     if list(config["input_shape"]) != list(test.input_shape):
         raise InputError(f"{student_dir / 'config.json'}: input_shape {config['input_shape']} differs from "
                          f"{test_path}'s {test.input_shape}")
@@ -205,7 +205,7 @@ def _speed(model: nn.Module, teacher_config: dict[str, Any], x: torch.Tensor, in
 
 def _pseudo_label_accuracy(cache: Cache, prepared: Path) -> float | None:
     """The teacher's argmax on the unlabeled split against its known labels, if they are known."""
-    truth_path = prepared / data.TRUTH_FILE
+    truth_path = prepared / images.TRUTH_FILE
     if not truth_path.is_file() or "unlabeled" not in cache.manifest.get("splits", {}):
         return None
     try:
