@@ -15,9 +15,10 @@ import math
 import re
 import shutil
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -29,17 +30,17 @@ from zarr.codecs import ZstdCodec
 
 from bench.timing import interleave, medians, paired_ratio, ratio, seconds
 from kd import config, features, losses, sources
-from kd.prepared import images as data
 from kd.cache import Cache, Teacher, label, layout, lse_column, writer
 from kd.config import SPLITS, LabelConfig, PrepareConfig, StudentConfig, TeacherConfig
 from kd.distill import train_model
+from kd.errors import CacheMissingError
+from kd.loader import SampleSet, image_set, needed_temperatures
 from kd.methods import Built, Shapes, student_layers, student_terms
+from kd.models import build, fingerprint, load_model, save_model
+from kd.prepared import images as data
 from kd.tasks import Batch
 from kd.tasks import image as image_task
 from kd.tasks.image import probe_shapes
-from kd.errors import CacheMissingError
-from kd.loader import SampleSet, image_set, needed_temperatures
-from kd.models import build, fingerprint, load_model, save_model
 from kd.training import fit
 
 # --- the shared workspace ---------------------------------------------------------------------
@@ -246,8 +247,9 @@ def student_from_cache(ws: Workspace, students: list[str], repeats: int, online_
         shape, classes = cache.manifest["input_shape"], cache.num_classes
 
         loaded: dict[str, Any] = {}
-        load_seconds = seconds(lambda: (cache.check(ws.prepared, cfg.transfer, list(layers)),
-                                        loaded.setdefault("set", image_task.rows(cache, ws.prepared, cfg, memory_mb=2048))))
+        load_seconds = seconds(lambda: (
+            cache.check(ws.prepared, cfg.transfer, list(layers)),
+            loaded.setdefault("set", image_task.rows(cache, ws.prepared, cfg, memory_mb=2048))))
         cached = loaded["set"]
         streaming = image_task.rows(cache, ws.prepared, cfg, memory_mb=1e-3)  # any budget below the set: streamed
         hard = image_set(cached.inputs["x"], cached.ids, shape,

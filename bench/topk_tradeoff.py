@@ -11,19 +11,24 @@ bench/results_topk.json.
 from __future__ import annotations
 
 import dataclasses
-import json
+import sys
 import tempfile
 from pathlib import Path
 
-import torch
-import typer
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `python bench/topk_tradeoff.py` puts bench/, not the repository, on sys.path
+    sys.path.insert(0, str(REPO))
 
-from kd import config
-from kd.prepared import images as data
-from kd.cache import Cache, Teacher, label
-from kd.distill import train_student
-from kd.models import fingerprint, load_model
-from kd.training import predict
+import torch  # noqa: E402
+import typer  # noqa: E402
+
+from bench import stamp  # noqa: E402
+from kd import config  # noqa: E402
+from kd.cache import Cache, Teacher, label  # noqa: E402
+from kd.distill import train_student  # noqa: E402
+from kd.models import fingerprint, load_model  # noqa: E402
+from kd.prepared import images as data  # noqa: E402
+from kd.training import predict  # noqa: E402
 
 
 def main(ks: str = "1,2,3,5,10", student: str = "mlp_soft", temperature: float = 4,
@@ -54,7 +59,7 @@ def main(ks: str = "1,2,3,5,10", student: str = "mlp_soft", temperature: float =
     for r in rows:
         print(f"| {r['k']} | {r['kept_mass']:.4f} | {r['kl_full_to_cached']:.2e} | {r['student_accuracy']:.4f} "
               f"| {r['soft_target_bytes']:,} |")
-    out.write_text(json.dumps({"student": student, "temperature": temperature, "rows": rows}, indent=2) + "\n")
+    stamp.write(out, {"student": student, "temperature": temperature, "rows": rows})
 
 
 def config_name(temperature: float) -> str:
