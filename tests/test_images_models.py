@@ -14,11 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import invoke, ok
 from kd import models
+from kd.cli import distill, label, prepare, teacher
+from kd.cli import eval as eval_stage
 from kd.errors import ConfigError
 from kd.files import read_json
-from kd.cli import distill, eval as eval_stage, label, prepare, teacher
+from tests.helpers import invoke, ok
 
 ZOO = '''
 import torch
@@ -94,6 +95,7 @@ def folder(root: Path, classes: int = 3, per_class: int = 12, test: int = 4, siz
 # --- what kd passes, what it takes back --------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("arch, kwargs, channels", [
     ("kd_style", {"width": 3}, 1), ("torchvision_style", {"style": "tuple"}, 1), ("timm_style", {"style": "dict"}, 2),
     ("timm_style", {"style": "output"}, 3), ("InChannels", {}, 2),
@@ -108,6 +110,7 @@ def test_factory_signature_decides_what_is_passed_and_any_output_gives_logits(zo
     assert model.body[0].in_channels == channels  # in_chans / in_channels from the data
 
 
+@pytest.mark.unit
 def test_wrong_factories_and_outputs_get_one_line(zoo):
     with pytest.raises(ConfigError, match=r"no_classes\(input_shape, width=4\) takes no num_classes; kd passes "
                                           "num_classes, plus input_shape, in_chans or in_channels"):
@@ -126,6 +129,7 @@ def test_wrong_factories_and_outputs_get_one_line(zoo):
 # --- a custom teacher through the stages --------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("store", ["pixels", "png"])
 def test_torchvision_style_teacher_from_params_through_label_distill_eval(zoo, workdir, write_params, store):
     """A timm-style teacher and a torchvision-style student through every stage, from images
@@ -158,6 +162,7 @@ def test_torchvision_style_teacher_from_params_through_label_distill_eval(zoo, w
         metrics["throughput"] / manifest["teacher"]["config"]["throughput"])
 
 
+@pytest.mark.integration
 def test_teacher_brought_without_params_gets_them_measured(zoo, workdir, write_params):
     folder(workdir / "imgs")
     params = write_params(prepare={"dataset": "imgs", "labeled": 24, "unlabeled": 12, "test": None},
@@ -174,6 +179,7 @@ def test_teacher_brought_without_params_gets_them_measured(zoo, workdir, write_p
     assert manifest["teacher"]["config"]["params"] == models.count_params(net)
 
 
+@pytest.mark.integration
 def test_an_arch_named_on_the_command_line_does_not_take_kwargs_of_another(zoo, workdir, write_params):
     folder(workdir / "imgs")
     params = write_params(prepare={"dataset": "imgs", "labeled": 24, "unlabeled": 12, "test": None},
@@ -202,6 +208,7 @@ def tiny_vit(directory: Path, size: int = 8, channels: int = 1, classes: int = 3
     return model
 
 
+@pytest.mark.integration
 def test_hugging_face_image_classifier_as_the_teacher(workdir, write_params):
     folder(workdir / "imgs")
     vit = tiny_vit(workdir / "vit")
@@ -240,6 +247,7 @@ def test_hugging_face_image_classifier_as_the_teacher(workdir, write_params):
     assert metrics["speedup_vs_teacher"] is not None and metrics["teacher_throughput_source"] == "measured"
 
 
+@pytest.mark.integration
 def test_hugging_face_teacher_of_another_image_size_is_refused(workdir, write_params):
     folder(workdir / "imgs", size=(6, 6))
     tiny_vit(workdir / "vit", size=8)
@@ -250,6 +258,7 @@ def test_hugging_face_teacher_of_another_image_size_is_refused(workdir, write_pa
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.unit
 def test_hf_image_students_and_twins_build_from_config_fields():
     torch.manual_seed(0)
     model = models.build("hf_image", {"model_type": "vit", "hidden_size": 8, "num_hidden_layers": 1,
