@@ -15,9 +15,10 @@ import math
 import re
 import shutil
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -29,17 +30,16 @@ from zarr.codecs import ZstdCodec
 
 from bench.timing import interleave, medians, paired_ratio, ratio, seconds
 from kd import config, features, losses, sources
-from kd.prepared import images
 from kd.cache import Cache, Teacher, label, layout, lse_column, targets
+from kd.cache.batch import Batch
 from kd.config import SPLITS, LabelConfig, PrepareConfig, StudentConfig, TeacherConfig
 from kd.distill import train_model
-from kd.methods import Built, Shapes, student_layers, student_terms
-from kd.cache.batch import Batch
-from kd.tasks import image as image_task
-from kd.tasks.image import probe_shapes
 from kd.errors import CacheMissingError
 from kd.loader import SampleSet, needed_temperatures
-from kd.tasks.image import image_set
+from kd.methods import Built, Shapes, student_layers, student_terms
+from kd.prepared import images
+from kd.tasks import image as image_task
+from kd.tasks.image import image_set, probe_shapes
 from kd.tasks.image_models import build, fingerprint, load_model, save_model
 from kd.training import fit
 
@@ -247,8 +247,9 @@ def student_from_cache(ws: Workspace, students: list[str], repeats: int, online_
         shape, classes = cache.manifest["input_shape"], cache.num_classes
 
         loaded: dict[str, Any] = {}
-        load_seconds = seconds(lambda: (cache.check(ws.prepared, cfg.transfer, list(layers)),
-                                        loaded.setdefault("set", image_task.rows(cache, ws.prepared, cfg, memory_mb=2048))))
+        load_seconds = seconds(lambda: (
+            cache.check(ws.prepared, cfg.transfer, list(layers)),
+            loaded.setdefault("set", image_task.rows(cache, ws.prepared, cfg, memory_mb=2048))))
         cached = loaded["set"]
         streaming = image_task.rows(cache, ws.prepared, cfg, memory_mb=1e-3)  # any budget below the set: streamed
         hard = image_set(cached.inputs["x"], cached.ids, shape,
@@ -410,8 +411,9 @@ def reader_workspace(root: Path, params: Path, rows: int) -> tuple[Path, Path, T
     rng = np.random.default_rng(0)
     source = root / "reader_source.parquet"
     root.mkdir(parents=True, exist_ok=True)
-    images.write_split(source, images.Split(np.arange(rows, dtype=np.int64), rng.standard_normal((rows, 40), np.float32),
-                                        rng.integers(0, 10, rows), [40], 10), dataset="bench-random")
+    split = images.Split(np.arange(rows, dtype=np.int64), rng.standard_normal((rows, 40), np.float32),
+                         rng.integers(0, 10, rows), [40], 10)
+    images.write_split(source, split, dataset="bench-random")
     labeled = test = max(10, rows // 10)
     prepared = root / "reader_prepared"
     sources.prepare(PrepareConfig(dataset=str(source), labeled=labeled, test=test, unlabeled=rows - labeled - test),

@@ -13,9 +13,7 @@ Prints a Markdown table and writes bench/results_generate.json.
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,10 +26,11 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from kd import generate  # noqa: E402
-from kd.config import TeacherConfig, section  # noqa: E402
-from kd.lm import build  # noqa: E402
-from kd.prepared.tokens import SpecialIds  # noqa: E402
+from bench import stamp
+from kd import generate
+from kd.config import TeacherConfig, section
+from kd.lm import build
+from kd.prepared.tokens import SpecialIds
 
 NO_EOS = -1  # no token is eos: every row writes max_new_tokens tokens on both sides
 
@@ -96,10 +95,8 @@ def main(repeats: int = 3, threads: int = 1, out: Path = REPO / "bench/results_g
     for r in results:
         print(f"| {r['case']} | {r['tokens_per_s']['kv_cache']:,.0f} | {r['tokens_per_s']['naive']:,.0f} | "
               f"{r['speedup']:.2f}x | {r['same_tokens']} |")
-    out.write_text(json.dumps({"results": results, "threads": threads, "repeats": repeats,
-                               "machine": {"nproc": os.cpu_count(), "cpu": platform.processor() or platform.machine()},
-                               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                               "load_average": {"before": load, "after": os.getloadavg()}}, indent=2) + "\n")
+    stamp.write(out, {"results": results, "threads": threads, "repeats": repeats,
+                      "load_average": {"before": load, "after": os.getloadavg()}})
 
 
 if __name__ == "__main__":

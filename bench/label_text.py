@@ -7,8 +7,8 @@ The teacher stands in for a downloaded checkpoint: a Llama built from a config (
 wide, random weights: weights do not change the cost of a forward pass) with a byte-level BPE
 of 4,096 entries trained by `tokenizers` on pydoc, saved with `save_pretrained` in shards and
 loaded from that directory by `kd label`'s own loader. pydoc is prepared with that tokenizer
-(`prepare.tokenizer`) in blocks of 128 tokens, 300 of them (`BLOCKS`). Two forms over the same blocks (every split) and batches,
-timed side by side in interleaved rounds, one torch thread:
+(`prepare.tokenizer`) in blocks of 128 tokens, 300 of them (`BLOCKS`). Two forms over the same
+blocks (every split) and batches, timed side by side in interleaved rounds, one torch thread:
 - `bare_forward`: the teacher's forward over every batch of blocks (`model(input_ids).logits`),
   nothing kept;
 - `kd_label`: `kd.cache.label` into a fresh directory: the same forward, the top-k, the
@@ -32,13 +32,14 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from kd.cache import Cache, label  # noqa: E402
-from kd.cache.layout import SOFT_TARGETS  # noqa: E402
-from kd.config import LabelConfig, PrepareConfig, Shares  # noqa: E402
-from kd.prepared import tokens  # noqa: E402
-from kd.sources import text as text_source  # noqa: E402
-from kd import tasks  # noqa: E402
-from kd.tasks import causal_lm  # noqa: E402
+from bench import stamp
+from kd import tasks
+from kd.cache import Cache, label
+from kd.cache.layout import SOFT_TARGETS
+from kd.config import LabelConfig, PrepareConfig, Shares
+from kd.prepared import tokens
+from kd.sources import text as text_source
+from kd.tasks import causal_lm
 
 ROUNDS = 5
 BLOCKS = (150, 100, 50)  # labeled, unlabeled, test: 300 blocks, 38,100 predicted tokens
@@ -49,9 +50,10 @@ LLAMA = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "
 def make_teacher(directory: Path, llama: dict = LLAMA, shard_size: str = "4MB") -> None:
     """A Llama of `llama`'s config fields with a 4,096-entry byte-level BPE trained on pydoc,
     random weights, saved in shards of `shard_size` with its tokenizer."""
+    from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
-    from pydoc_data.topics import topics
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -87,7 +89,7 @@ def main() -> None:
             with torch.no_grad():
                 for blocks in splits:
                     for batch in blocks.split(per_batch):
-                        teacher.model(input_ids=batch).logits
+                        _ = teacher.model(input_ids=batch).logits
 
         def kd_label(out: Path) -> None:
             label(teacher, root / "prepared", out, cfg, task_inputs=tasks.inputs_for(root / "prepared", teacher),
@@ -111,7 +113,8 @@ def main() -> None:
             sizes[f"k{k}"] = {"bytes_per_token": parquet / rows,
                               "kept_mass_t1": cache.manifest["fidelity"]["test"]["t1"]["kept_mass"]}
     result = {
-        "teacher": {"arch": "llama", **LLAMA, "vocab_size": 4096, "params": sum(p.numel() for p in teacher.model.parameters())},
+        "teacher": {"arch": "llama", **LLAMA, "vocab_size": 4096,
+                    "params": sum(p.numel() for p in teacher.model.parameters())},
         "tokens": predicted, "block_size": int(block), "label_batch_rows": cfg.batch_size, "threads": 1,
         "rounds": ROUNDS,
         "tokens_per_s": {name: predicted / statistics.median(values) for name, values in times.items()},
@@ -120,7 +123,7 @@ def main() -> None:
         "details": {"seconds": times},
     }
     print(json.dumps({k: v for k, v in result.items() if k != "details"}, indent=2))
-    (REPO / "bench" / "results_label_text.json").write_text(json.dumps(result, indent=2) + "\n")
+    stamp.write(REPO / "bench" / "results_label_text.json", result)
 
 
 if __name__ == "__main__":

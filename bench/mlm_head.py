@@ -13,7 +13,6 @@ the second.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -27,8 +26,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from kd import lm, lm_training, masking  # noqa: E402
-from kd.prepared.tokens import SpecialIds  # noqa: E402
+from bench import stamp
+from kd import lm, lm_training, masking
+from kd.prepared.tokens import SpecialIds
 
 ROUNDS, STEPS = 7, 5
 
@@ -65,7 +65,7 @@ def main() -> None:
     median = {name: statistics.median(t) for name, t in times.items()}
     result = {"threads": torch.get_num_threads(), "rounds": ROUNDS, "steps_per_round": STEPS,
               "median_step_s": median, "full_over_masked": median["full_head"] / median["masked_head"]}
-    (REPO / "bench" / "results_mlm_head.json").write_text(json.dumps(result, indent=2) + "\n")
+    stamp.write(REPO / "bench" / "results_mlm_head.json", result)
     print(f"one step: full head {median['full_head'] * 1e3:.0f} ms, masked head {median['masked_head'] * 1e3:.0f} ms "
           f"({result['full_over_masked']:.2f}x) on {result['threads']} threads")
 

@@ -12,32 +12,34 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-import typer  # noqa: E402
+import torch
+import typer
 
-from bench import cases  # noqa: E402
-from kd import config, losses  # noqa: E402
-from kd.prepared import images  # noqa: E402
-from kd.cache import Cache, label  # noqa: E402
-from kd.config import SPLITS  # noqa: E402
-from kd.distill import train_model  # noqa: E402
-from kd.methods import Shapes, student_layers, student_terms  # noqa: E402
-from kd.tasks import image as image_task  # noqa: E402
-from kd.tasks.image import probe_shapes  # noqa: E402
-from kd.loader import SampleSet, needed_temperatures  # noqa: E402
-from kd.tasks.image import image_set  # noqa: E402
-from kd.tasks.image_models import build  # noqa: E402
-from kd.training import hard_label_loss, step  # noqa: E402
+from bench import cases, stamp
+from kd import config, losses
+from kd.cache import Cache, label
+from kd.config import SPLITS
+from kd.distill import train_model
+from kd.loader import SampleSet, needed_temperatures
+from kd.methods import Shapes, student_layers, student_terms
+from kd.prepared import images
+from kd.tasks import image as image_task
+from kd.tasks.image import (
+    image_set,
+    probe_shapes,
+)
+from kd.tasks.image_models import build
+from kd.training import hard_label_loss, step
 
 
 def self_times(session, top: int = 12) -> list[dict[str, Any]]:
@@ -164,7 +166,7 @@ def main(out: Path = typer.Option(REPO / "bench" / "profiles"), params: Path = t
         streaming = image_task.rows(reader_cache, reader_prepared, cfg, memory_mb=1e-3)
         summary["reader_streamed_epoch"] = profiled("reader_streamed_epoch", lambda: sum(
             1 for _ in streaming.batches(0, 4096, 0)), out)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    stamp.write(out / "summary.json", summary)
     for name, entry in summary.items():
         if isinstance(entry, dict) and "top_self_time" in entry:
             print(f"\n{name} ({entry['seconds']:.2f} s): " + "; ".join(

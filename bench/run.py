@@ -13,43 +13,28 @@ per-round ratios), never an absolute time compared across runs. The cases are in
 from __future__ import annotations
 
 import contextlib
-import datetime
-import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python bench/run.py` puts bench/, not the repository, on sys.path
     sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-import typer  # noqa: E402
+import torch
+import typer
 
-from bench import cases  # noqa: E402
-from bench.scale import scale as scale_case  # noqa: E402
-from kd import speed  # noqa: E402
+from bench import cases, stamp
+from bench.scale import scale as scale_case
+from kd import speed
 
 CASES = ("labeling", "student", "size", "reader", "scale")
 KEYS = {"labeling": "labeling_overhead", "student": "student_from_cache", "size": "cache_size",
         "reader": "reader_throughput", "scale": "scale"}
-
-
-def machine() -> dict[str, Any]:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    return {"nproc": os.cpu_count(), "cpu_model": model, "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "git_commit": commit}
 
 
 def bench(*, out: Path | None = REPO / "bench" / "results.json", params: Path = REPO / "params.yaml",
@@ -70,8 +55,9 @@ def bench(*, out: Path | None = REPO / "bench" / "results.json", params: Path = 
             raise typer.BadParameter(f"unknown case {name!r} (cases: {', '.join(CASES)})")
     with speed.torch_threads(threads) if threads else contextlib.nullcontext():  # restored on return
         results: dict[str, Any] = {
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "machine": machine(), "load_average_before": list(os.getloadavg()),
+            # the commit, date, torch and machine go in `provenance` (bench/stamp.py); the threads here
+            "machine": {**stamp.machine(), "torch_threads": torch.get_num_threads()},
+            "load_average_before": list(os.getloadavg()),
             "options": {"rows": rows, "label_rows": label_rows, "size_rows": size_rows, "reader_rows": reader_rows,
                         "students": list(students), "repeats": repeats, "label_repeats": label_repeats,
                         "online_repeats": online_repeats, "epochs_per_measurement": epochs,
@@ -104,8 +90,7 @@ def bench(*, out: Path | None = REPO / "bench" / "results.json", params: Path = 
         results["load_average_after"] = list(os.getloadavg())
         log(table(results))
         if out is not None:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text(json.dumps(results, indent=2, default=_jsonable) + "\n")
+            stamp.write(out, results, default=_jsonable)
             log(f"wrote {out}")
         return results
 
@@ -171,12 +156,12 @@ def main(
     epochs: int = typer.Option(1, help="Epochs per training measurement in case 2."),
     scale_sizes: str = typer.Option("100000,1000000", help="Sample counts compared by case 4."),
     scale_memory_mb: float = typer.Option(16, help="`kd distill --memory-mb` in case 4 (small: both sizes stream)."),
-    only: Optional[str] = typer.Option(None, help=f"Comma-separated cases to run: {', '.join(CASES)}."),
+    only: str | None = typer.Option(None, help=f"Comma-separated cases to run: {', '.join(CASES)}."),
     threads: int = typer.Option(1, help="torch threads, here and in case 4's `kd` processes (0: torch's own "
                                 "choice). 1 by default: on a busy 2-core machine OpenMP's spinning threads make "
                                 "2-thread timings 10-100x slower and meaningless."),
     params: Path = typer.Option(REPO / "params.yaml", help="params.yaml with the default teacher, label and students."),
-    workdir: Optional[Path] = typer.Option(None, help="Keep the scratch data here (default: a temporary directory)."),
+    workdir: Path | None = typer.Option(None, help="Keep the scratch data here (default: a temporary directory)."),
     out: Path = typer.Option(REPO / "bench" / "results.json", help="Where to write the results."),
 ) -> None:
     """Run the benchmark cases and print every ratio beside its target."""

@@ -23,7 +23,6 @@ on the drawn tokens.
 from __future__ import annotations
 
 import io
-import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,12 +36,13 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from kd import config, tasks  # noqa: E402
-from kd.cache import encoding as encodings  # noqa: E402
-from kd.cache import sampling  # noqa: E402
-from kd.cache.layout import ROW_GROUP_ROWS, sample_columns  # noqa: E402
-from kd.cache.targets import fidelity_sums, part_schema, part_table, soft_targets  # noqa: E402
-from kd.cli.label import load_teacher  # noqa: E402
+from bench import stamp
+from kd import config, tasks
+from kd.cache import encoding as encodings
+from kd.cache import sampling
+from kd.cache.layout import ROW_GROUP_ROWS, sample_columns
+from kd.cache.targets import fidelity_sums, part_schema, part_table, soft_targets
+from kd.cli.label import load_teacher
 
 T = 1.0
 
@@ -145,7 +145,7 @@ def main(ks: str = "8,32,128", teacher_dir: Path = REPO / "data/text/teacher",
             rows += [top, {**sampled.at_most(top["bytes_per_token"], most), "equal_bytes_to": f"{name} k={k}"}]
     result = {"split": "test", "tokens": len(logits), "vocab": int(logits.shape[1]), "temperature": T, "rows": rows}
     print(f"default text teacher, test split ({len(logits)} tokens), T=1\n" + table(rows))
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    stamp.write(out, result)
 
 
 if __name__ == "__main__":

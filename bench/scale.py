@@ -21,12 +21,11 @@ from typing import Any
 
 import yaml
 
+from bench.cases import make_teacher
+from bench.timing import ratio
 from kd import config
 from kd.cache import Cache
 from kd.loader import estimated_bytes
-
-from bench.cases import make_teacher
-from bench.timing import ratio
 
 RUNNER = Path(__file__).resolve().parent / "stage_runner.py"
 

@@ -30,9 +30,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.label_text import make_teacher as make_llama  # noqa: E402
-from bench.scale import growth_ratios, run_stage  # noqa: E402
-from kd.cache import Cache  # noqa: E402
+from bench import stamp
+from bench.label_text import make_teacher as make_llama
+from bench.scale import growth_ratios, run_stage
+from kd.cache import Cache
 
 BLOCK = 128
 TEACHER = {"hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -49,6 +50,7 @@ def write_corpus(path: Path, tokens: int, teacher: Path) -> None:
     """pydoc's paragraphs, copy after copy (each paragraph tagged with its copy number), until
     the corpus holds `tokens` tokens of the teacher's tokenizer (to within one paragraph)."""
     from pydoc_data.topics import topics
+
     from transformers import AutoTokenizer
 
     paragraphs = [p for name in sorted(topics) for p in topics[name].split("\n\n") if p.strip()]
@@ -115,7 +117,7 @@ def main() -> None:
     result = {"ratios": ratios, "details": {"tokens": sorted(runs), "memory_mb": args.memory_mb,
                                             "threads": args.threads, "runs": {str(k): v for k, v in runs.items()}}}
     print(json.dumps(ratios, indent=2))
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    stamp.write(args.out, result)
 
 
 if __name__ == "__main__":

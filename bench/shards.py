@@ -30,11 +30,13 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import typer  # noqa: E402
+import typer
 
-from bench import cases  # noqa: E402
-from bench.run import machine  # noqa: E402
-from kd.prepared import images  # noqa: E402
+from bench import (
+    cases,
+    stamp,
+)
+from kd.prepared import images
 
 KD = [str(Path(sys.executable).with_name("kd"))]  # the console script beside this Python
 
@@ -57,7 +59,7 @@ def _wall(commands: list[tuple[list[str], dict[str, str]]]) -> float:
         _, err = process.communicate()
         if process.returncode != 0:
             lines = err.decode().splitlines()
-            raise RuntimeError("\n".join([l for l in lines if l.startswith("error:")] or lines[-20:]))
+            raise RuntimeError("\n".join([line for line in lines if line.startswith("error:")] or lines[-20:]))
     return time.perf_counter() - started
 
 
@@ -89,13 +91,14 @@ def shards(rows: int = 5000, views: int = 4, rounds: int = 3, params: Path = REP
             for name in random.Random(r).sample(names, len(names)):
                 times[name].append(run(name))
                 log(f"round {r}: {name} {times[name][-1]:.1f} s")
-        same = {"two_shards_1_thread": _same_tree(root / "cache-one_process_1_thread", root / "cache-two_shards_1_thread"),
-                "torchrun_2x1": _same_tree(root / "cache-one_process_1_thread", root / "cache-torchrun_2x1"),
-                "one_process_1_vs_2_threads": _same_tree(root / "cache-one_process_1_thread",
-                                                         root / "cache-one_process_2_threads")}
+        reference = root / "cache-one_process_1_thread"
+        same = {"two_shards_1_thread": _same_tree(reference, root / "cache-two_shards_1_thread"),
+                "torchrun_2x1": _same_tree(reference, root / "cache-torchrun_2x1"),
+                "one_process_1_vs_2_threads": _same_tree(reference, root / "cache-one_process_2_threads")}
     base = times["one_process_2_threads"]
     results = {
-        "machine": machine(), "samples": rows, "views": views, "rounds": rounds, "load_average_after": list(os.getloadavg()),
+        "samples": rows, "views": views, "rounds": rounds,
+        "load_average_after": list(os.getloadavg()),
         "median_seconds": {n: median(v) for n, v in times.items()},
         "ratio_to_one_process_2_threads": {n: median(t / b for t, b in zip(v, base)) for n, v in times.items()},
         "cache_equal_to_one_process_1_thread": same,
@@ -103,7 +106,7 @@ def shards(rows: int = 5000, views: int = 4, rounds: int = 3, params: Path = REP
     log(json.dumps({k: results[k] for k in ("median_seconds", "ratio_to_one_process_2_threads",
                                             "cache_equal_to_one_process_1_thread")}, indent=2))
     if out is not None:
-        Path(out).write_text(json.dumps(results, indent=2) + "\n")
+        stamp.write(out, results)
     return results
 
 

@@ -114,7 +114,8 @@ def main() -> None:
                    for form in forms}
         if "soft_hidden" in summary:
             summary["logits_mb"] = args.rows * vocab * 4 / 2**20  # the float32 logits, were they made
-            print(f"V={vocab}: the hidden-state variant's extra peak memory {summary['soft_hidden']['extra_peak_mb']:.0f} MB, "
+            extra = summary["soft_hidden"]["extra_peak_mb"]
+            print(f"V={vocab}: the hidden-state variant's extra peak memory {extra:.0f} MB, "
                   f"the logits alone {summary['logits_mb']:.0f} MB", flush=True)
         if "soft" not in summary:
             results["vocab"][str(vocab)] = summary
@@ -125,7 +126,9 @@ def main() -> None:
         print(f"V={vocab}: soft/CE time {summary['time_ratio']:.2f}, extra peak memory {summary['memory_ratio']:.2f} "
               f"({summary['soft']['extra_peak_mb']:.0f} MB vs {summary['cross_entropy']['extra_peak_mb']:.0f} MB)",
               flush=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    from bench import stamp  # the parent alone: a child imports the kd of --repo, nothing of this checkout
+
+    stamp.write(args.out, results)
 
 
 if __name__ == "__main__":

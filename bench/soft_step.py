@@ -15,18 +15,22 @@ machine slows the wall clock more than the figures; the ratios are of the median
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `python bench/soft_step.py` puts bench/, not the repository, on sys.path
+    sys.path.insert(0, str(REPO))
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench import stamp
 from kd import kernels, losses
 
-REPO = Path(__file__).resolve().parent.parent
 BATCH, CLASSES, TOP_K, TEMPERATURE = 64, 10, 5, 4.0
 
 
@@ -77,7 +81,7 @@ def main() -> None:
     print(f"step: hard {results['step_us']['hard']:.0f} us, soft {results['step_us']['soft']:.0f} us "
           f"({results['soft_over_hard']:.2f}x{'' if results['kernel'] else ', no kernel: PyTorch form'}), "
           f"PyTorch form {results['step_us']['soft_pytorch']:.0f} us ({results['soft_pytorch_over_hard']:.2f}x)")
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    stamp.write(args.out, results)
 
 
 if __name__ == "__main__":

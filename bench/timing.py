@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def seconds(fn: Callable[[], Any]) -> float:

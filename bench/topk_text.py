@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -38,12 +37,13 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from kd import config, tasks  # noqa: E402
-from kd.cache import encoding as encodings  # noqa: E402
-from kd.cache import label  # noqa: E402
-from kd.cache.layout import ROW_GROUP_ROWS, temperature_key  # noqa: E402
-from kd.cache.targets import fidelity_sums, part_schema, soft_targets  # noqa: E402
-from kd.cli.label import load_teacher  # noqa: E402
+from bench import stamp
+from kd import config, tasks
+from kd.cache import encoding as encodings
+from kd.cache import label
+from kd.cache.layout import ROW_GROUP_ROWS, temperature_key
+from kd.cache.targets import fidelity_sums, part_schema, soft_targets
+from kd.cli.label import load_teacher
 
 ENCODINGS = ("topk", "compact")
 
@@ -157,7 +157,7 @@ def main(ks: str = "8,32,128", teacher_dir: Path = REPO / "data/text/teacher",
             for r in rows:
                 alone = r["topk_column_bytes"] / r["rows"] / r["k"]
                 print(f"  k={r['k']} {r['encoding']}: top-k columns alone {alone:.2f} bytes per kept entry")
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    stamp.write(out, result)
 
 
 if __name__ == "__main__":

@@ -11,17 +11,22 @@ bench/results_topk.json.
 from __future__ import annotations
 
 import dataclasses
-import json
+import sys
 import tempfile
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `python bench/topk_tradeoff.py` puts bench/, not the repository, on sys.path
+    sys.path.insert(0, str(REPO))
 
 import torch
 import typer
 
+from bench import stamp
 from kd import config
-from kd.prepared import images
 from kd.cache import Cache, Teacher, label
 from kd.distill import train_student
+from kd.prepared import images
 from kd.tasks import image as image_task
 from kd.tasks.image_models import fingerprint, load_model
 from kd.training import predict
@@ -56,7 +61,7 @@ def main(ks: str = "1,2,3,5,10", student: str = "mlp_soft", temperature: float =
     for r in rows:
         print(f"| {r['k']} | {r['kept_mass']:.4f} | {r['kl_full_to_cached']:.2e} | {r['student_accuracy']:.4f} "
               f"| {r['soft_target_bytes']:,} |")
-    out.write_text(json.dumps({"student": student, "temperature": temperature, "rows": rows}, indent=2) + "\n")
+    stamp.write(out, {"student": student, "temperature": temperature, "rows": rows})
 
 
 def config_name(temperature: float) -> str:

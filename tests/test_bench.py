@@ -10,7 +10,11 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from bench.run import KEYS, bench
+
+pytestmark = pytest.mark.integration
 
 
 def test_bench_default_cases_on_tiny_sizes(tmp_path: Path) -> None:
@@ -30,3 +34,5 @@ def test_bench_default_cases_on_tiny_sizes(tmp_path: Path) -> None:
     assert {"soft_k1_float16", "soft_k10_float32", "stages.1.full"} <= set(ratios["cache_size"]["ratios"])
     assert "soft_targets" in ratios["reader_throughput"]["ratios"]
     assert results["machine"]["nproc"] >= 1 and len(results["load_average_before"]) == 3
+    stamped = results["provenance"]  # bench/stamp.py: where the figures came from
+    assert stamped["commit"] and stamped["date"] and stamped["torch"] and stamped["machine"]["nproc"] >= 1

@@ -19,20 +19,17 @@ import pytest
 import torch
 import zarr
 
-from kd import augment, features, losses, sources
-from kd.prepared import data_fingerprint
-from kd.prepared import images
+from kd import augment, features, losses, sources, tasks
 from kd.cache import Cache, Teacher, label, lse_column, soft_targets
-from kd import tasks
-from kd.cache.verify import verify
 from kd.cache.targets import fidelity_sums
+from kd.cache.verify import verify
 from kd.config import LabelConfig, PrepareConfig, StudentConfig, from_mapping
-from kd.loader import StreamingSet
-from kd.tasks import image
 from kd.errors import CacheError, CacheMissingError, StaleCacheError
+from kd.loader import StreamingSet
+from kd.prepared import data_fingerprint, images
+from kd.tasks import image
 from kd.tasks.image_models import build, fingerprint, load_model, save_model
-
-from conftest import doc_snippet
+from tests.helpers import doc_snippet
 
 FEATURES = {"stages.0": "full", "stages.1": "attention", "embed": "pooled"}
 
@@ -76,6 +73,7 @@ def tree_digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_round_trip_soft_targets_and_features(teacher, prepared, tmp_path, dtype):
     t, _ = teacher
@@ -105,6 +103,7 @@ def test_round_trip_soft_targets_and_features(teacher, prepared, tmp_path, dtype
             np.testing.assert_array_equal(cache.feature(split, name)[:], expected_features[name])
 
 
+@pytest.mark.unit
 def test_a_compact_image_cache_holds_the_same_rows_views_and_features(teacher, prepared, tmp_path):
     """`label.encoding: compact` changes only how the top-k is stored: ids, views, lse and
     features equal the float32 cache's, the top-k ids as a set and the top-1 exactly, and the
@@ -133,6 +132,7 @@ def test_a_compact_image_cache_holds_the_same_rows_views_and_features(teacher, p
             assert torch.equal(batch[name], in_memory.targets[name][batch["row"]]), name
 
 
+@pytest.mark.unit
 def test_a_sampled_image_cache_draws_per_view_and_streams_the_same_targets(teacher, prepared, tmp_path):
     """`label.sampling` on images: every (sample, view) row draws its own tokens at each cached
     temperature, the cache verifies, and a student with `targets: sampled` gets the same draws
@@ -156,6 +156,7 @@ def test_a_sampled_image_cache_draws_per_view_and_streams_the_same_targets(teach
             assert torch.equal(batch[name], in_memory.targets[name][batch["row"]]), name
 
 
+@pytest.mark.unit
 def test_columns_and_manifest_follow_the_contract(teacher, prepared, tmp_path):
     t, _ = teacher
     out = make_cache(t, prepared, tmp_path / "cache", features={"stages.1": "attention"})
@@ -182,6 +183,7 @@ def test_columns_and_manifest_follow_the_contract(teacher, prepared, tmp_path):
     assert manifest["fidelity"]["unlabeled"]["teacher_accuracy"] is None  # no labels there
 
 
+@pytest.mark.unit
 def test_doc_snippet_reads_the_cache_with_polars_and_zarr_alone(teacher, prepared, tmp_path, monkeypatch):
     """The documentation's snippet (docs/cache.md), run as written on a cache, gives the teacher's
     softmax at T=4 to float16 precision and the cached layers."""
@@ -203,6 +205,7 @@ def test_doc_snippet_reads_the_cache_with_polars_and_zarr_alone(teacher, prepare
     assert feats["stages.1"].shape == (100, 4)
 
 
+@pytest.mark.unit
 def test_float16_clamps_below_range_instead_of_inf():
     logits = torch.tensor([[0.0, -1e6, 5.0, -70000.0]])
     cols = soft_targets(logits, 4, [1], "float16")
@@ -210,6 +213,7 @@ def test_float16_clamps_below_range_instead_of_inf():
     assert cols["topk_logit"][0, 0] == 0 and cols["logit_max"][0] == 5.0
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("tail", ["bucket", "renorm"])
 def test_k_equal_classes_reproduces_full_logit_kd(tail):
     g = torch.Generator().manual_seed(0)
@@ -222,6 +226,7 @@ def test_k_equal_classes_reproduces_full_logit_kd(tail):
     assert abs(float(got) - float(full)) <= 1e-6 * max(1.0, abs(float(full)))
 
 
+@pytest.mark.unit
 def test_fidelity_statistics_on_a_hand_built_example():
     # Two rows, 4 classes, k=2, T=1. Row 0: p = (0.5, 0.25, 0.125, 0.125). Row 1: p uniform.
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.25, 0.25, 0.25, 0.25]]))
@@ -236,6 +241,7 @@ def test_fidelity_statistics_on_a_hand_built_example():
     assert sums["kl_t1"] == pytest.approx(expected_kl, abs=1e-6)
 
 
+@pytest.mark.unit
 def test_views_regenerate_the_teachers_input_bit_for_bit(teacher, prepared, tmp_path):
     """The student's loader rebuilds each cached (id, view) input exactly as the teacher saw it."""
     t, _ = teacher
@@ -260,6 +266,7 @@ def test_views_regenerate_the_teachers_input_bit_for_bit(teacher, prepared, tmp_
     assert views_used == {0, 1, 2, 3}
 
 
+@pytest.mark.unit
 def test_view_shift_is_a_pure_function_and_matches_a_plain_shift():
     x = torch.arange(2 * 64, dtype=torch.float32).view(2, 64)
     ids, views = np.array([7, 7]), np.array([0, 5])
@@ -277,6 +284,7 @@ def test_view_shift_is_a_pure_function_and_matches_a_plain_shift():
     assert augment.view_shifts(np.arange(1000), np.ones(1000), 3, 2, 2).std(0).min() > 1  # not constant
 
 
+@pytest.mark.unit
 def test_same_key_leaves_the_cache_untouched_and_new_key_rebuilds(teacher, prepared, tmp_path):
     t, _ = teacher
     out = make_cache(t, prepared, tmp_path / "cache")
@@ -289,6 +297,7 @@ def test_same_key_leaves_the_cache_untouched_and_new_key_rebuilds(teacher, prepa
     assert Cache.open(out).manifest["top_k"] == 3 and verify(out, tasks.for_manifest) == []
 
 
+@pytest.mark.unit
 def test_student_refused_when_cache_lacks_what_it_needs(teacher, prepared, tmp_path):
     t, _ = teacher
     cache = Cache.open(make_cache(t, prepared, tmp_path / "cache"))
@@ -300,6 +309,7 @@ def test_student_refused_when_cache_lacks_what_it_needs(teacher, prepared, tmp_p
         cache.require(views=True)
 
 
+@pytest.mark.unit
 def test_stale_cache_is_refused(teacher, prepared, tmp_path):
     t, _ = teacher
     cache = Cache.open(make_cache(t, prepared, tmp_path / "cache"))
@@ -309,6 +319,7 @@ def test_stale_cache_is_refused(teacher, prepared, tmp_path):
         cache.check(other, ["labeled"])
 
 
+@pytest.mark.unit
 def test_incomplete_cache_is_refused(teacher, prepared, tmp_path):
     t, _ = teacher
     out = make_cache(t, prepared, tmp_path / "cache")
@@ -349,6 +360,7 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("what,after", [
     ("parquet", 3), ("parquet", 17), ("zarr", 5),
     *[pytest.param(what, after, marks=pytest.mark.slow)
@@ -381,6 +393,7 @@ def test_sigkill_mid_label_then_rerun_equals_uninterrupted(teacher, prepared, tm
     assert verify(out, tasks.for_manifest) == []
 
 
+@pytest.mark.unit
 def test_second_writer_fails_at_once(teacher, prepared, tmp_path):
     from kd.cache.shards import locked
 
@@ -392,6 +405,7 @@ def test_second_writer_fails_at_once(teacher, prepared, tmp_path):
     assert verify(out, tasks.for_manifest) == []
 
 
+@pytest.mark.unit
 def test_manifest_paths_cannot_leave_the_cache(teacher, prepared, tmp_path):
     t, _ = teacher
     out = make_cache(t, prepared, tmp_path / "cache")
@@ -404,6 +418,7 @@ def test_manifest_paths_cannot_leave_the_cache(teacher, prepared, tmp_path):
         Cache.open(out)
 
 
+@pytest.mark.unit
 def test_streaming_set_serves_every_row_once_with_the_same_targets(teacher, prepared, tmp_path):
     t, _ = teacher
     cache = Cache.open(make_cache(t, prepared, tmp_path / "cache", part_size=32, views=1))
@@ -421,7 +436,8 @@ def test_streaming_set_serves_every_row_once_with_the_same_targets(teacher, prep
         sample = batch["row"] // 2
         assert torch.equal(batch["x"], torch.stack([
             augment.apply_views(in_memory.inputs["x"][i:i + 1], in_memory.ids[i:i + 1], np.array([int(r) % 2]),
-                                [1, 8, 8], 0, augment.shift(2))[0].view(1, 8, 8) for i, r in zip(sample.tolist(), batch["row"])]))
+                                [1, 8, 8], 0, augment.shift(2))[0].view(1, 8, 8)
+            for i, r in zip(sample.tolist(), batch["row"])]))
         rows += batch["row"].tolist()
     assert sorted(r // 2 for r in rows) == list(range(320))  # every sample exactly once
     first_order = rows[:16]

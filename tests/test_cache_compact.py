@@ -17,24 +17,18 @@ import pytest
 import torch
 import yaml
 
-from kd import losses
+from kd import losses, tasks
 from kd.cache import Cache
 from kd.cache import encoding as encodings
-from kd import tasks
-from kd.cache.verify import verify
 from kd.cache.targets import soft_targets
+from kd.cache.verify import verify
+from kd.cli import distill, label
 from kd.config import LabelConfig
 from kd.errors import ConfigError
-from kd.cli import distill, label
-from conftest import invoke, invoke_cache, ok, run_readme_snippet
+from tests.helpers import invoke, invoke_cache, label_args, ok, run_readme_snippet
 
 K = 32
 TEMPERATURES = (1.0, 4.0)
-
-
-def label_args(root: Path, out: Path, *extra) -> list:
-    return ["--no-progress", "--teacher", root / "teacher", "--prepared", root / "prepared", "--out", out,
-            "--params", root / "params.yaml", "--part-size", 16, "--top-k", K, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +36,9 @@ def caches(lm_world, tmp_path_factory) -> dict[str, Path]:
     """The same teacher and data labeled as float32 top-k, float16 top-k and compact."""
     root = tmp_path_factory.mktemp("compact")
     out = {"float32": root / "float32", "float16": root / "float16", "compact": root / "compact"}
-    ok(invoke(label.main, *label_args(lm_world, out["float32"], "--logit-dtype", "float32")))
-    ok(invoke(label.main, *label_args(lm_world, out["float16"])))
-    ok(invoke(label.main, *label_args(lm_world, out["compact"], "--encoding", "compact")))
+    ok(invoke(label.main, *label_args(lm_world, out["float32"], "--top-k", K, "--logit-dtype", "float32")))
+    ok(invoke(label.main, *label_args(lm_world, out["float16"], "--top-k", K)))
+    ok(invoke(label.main, *label_args(lm_world, out["compact"], "--top-k", K, "--encoding", "compact")))
     return out
 
 
@@ -59,6 +53,7 @@ def by_id(idx: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.take_along_axis(values, np.argsort(idx, axis=1, kind="stable"), 1)
 
 
+@pytest.mark.integration
 def test_compact_rows_decode_to_the_float32_truth_within_the_recorded_bound(caches):
     truth_cache, compact_cache = Cache.open(caches["float32"]), Cache.open(caches["compact"])
     manifest = compact_cache.manifest
@@ -88,6 +83,7 @@ def test_compact_rows_decode_to_the_float32_truth_within_the_recorded_bound(cach
     assert manifest["encoding"]["max_abs_error"] == pytest.approx(worst)
 
 
+@pytest.mark.integration
 def test_the_writers_fidelity_statistics_are_of_the_decoded_values(caches):
     """KL(full || decoded) and kept mass come from what a student reads: close to float32
     top-k's, and the compact cache's own (not a copy of the truth's)."""
@@ -102,6 +98,7 @@ def test_the_writers_fidelity_statistics_are_of_the_decoded_values(caches):
         assert compact[split]["t1"]["kl_full_to_cached"] != truth[split]["t1"]["kl_full_to_cached"]
 
 
+@pytest.mark.integration
 def test_parts_hold_the_compact_columns_in_their_documented_types_and_encodings(caches):
     path = caches["compact"] / "soft_targets/split=test/part-00000.parquet"
     schema = pq.read_schema(path)
@@ -119,6 +116,7 @@ def test_parts_hold_the_compact_columns_in_their_documented_types_and_encodings(
     assert ((codes == 0).sum(1) == 1).all()  # code 0: the top entry alone
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("tail", ["bucket", "renorm"])
 def test_the_soft_loss_from_a_compact_cache_is_within_tolerance_of_the_float32_caches(caches, tail):
     """Stated tolerance: 1% of the loss (measured: about 0.1%). Each kept log-probability is
@@ -135,6 +133,7 @@ def test_the_soft_loss_from_a_compact_cache_is_within_tolerance_of_the_float32_c
         assert value["compact"] == pytest.approx(value["truth"], rel=1e-2)
 
 
+@pytest.mark.integration
 def test_a_causal_student_trains_from_a_compact_cache_through_the_cli(caches, lm_world, tmp_path):
     params = tmp_path / "params.yaml"
     student = {"arch": "gpt2", "arch_kwargs": {"n_layer": 1, "n_head": 2, "n_embd": 32}, "epochs": 1,
@@ -154,6 +153,7 @@ def test_a_causal_student_trains_from_a_compact_cache_through_the_cli(caches, lm
     assert np.isfinite(float(got["total"]))
 
 
+@pytest.mark.integration
 def test_verify_catches_a_corrupt_compact_part(caches, tmp_path):
     import shutil
 
@@ -191,6 +191,7 @@ def test_verify_catches_a_corrupt_compact_part(caches, tmp_path):
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 2
 
 
+@pytest.mark.integration
 def test_cache_info_reports_bytes_per_row_for_both_encodings(caches):
     sizes = {}
     for name in ("float16", "compact"):
@@ -209,6 +210,7 @@ def test_cache_info_reports_bytes_per_row_for_both_encodings(caches):
     assert "compact (ids as gaps" in text and f"largest error {error:.3g}" in text
 
 
+@pytest.mark.integration
 def test_readme_decodes_a_compact_row_with_numpy_alone(caches, tmp_path, monkeypatch):
     scope = run_readme_snippet("decode-compact", caches["compact"], tmp_path, monkeypatch)
     soft = Cache.open(tmp_path / "data" / "teacher_outputs").soft_targets("test", [])
@@ -216,6 +218,7 @@ def test_readme_decodes_a_compact_row_with_numpy_alone(caches, tmp_path, monkeyp
     np.testing.assert_array_equal(scope["logit"], soft.topk_logit[0])
 
 
+@pytest.mark.unit
 def test_encode_decode_on_lm_like_logits_keeps_ids_top1_and_the_bound():
     """Straight through the functions the writer and reader call, on 32k-class logits with a
     few rows whose logits reach below the last level (-408: clamped there)."""
@@ -237,23 +240,26 @@ def test_encode_decode_on_lm_like_logits_keeps_ids_top1_and_the_bound():
     assert (by_id(idx, logit)[~inside] == encodings.levels(encoding)[-1]).all()
 
 
+@pytest.mark.unit
 def test_an_unknown_encoding_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match="label.encoding: 'zip' must be one of"):
         LabelConfig(encoding="zip")
 
 
+@pytest.mark.integration
 def test_shards_write_the_compact_cache_a_single_process_writes(caches, lm_world, tmp_path):
     from kd.cache.store import Store
 
     sharded = tmp_path / "sharded"
     for shard in (0, 1):
-        ok(invoke(label.main, *label_args(lm_world, sharded, "--encoding", "compact", "--shard", shard,
+        ok(invoke(label.main, *label_args(lm_world, sharded, "--top-k", K, "--encoding", "compact", "--shard", shard,
                                           "--num-shards", 2)))
     digest = lambda root: {rel: Store(root).sha256(rel) for rel in Store(root).files("")  # noqa: E731
                            if not rel.split("/")[-1].startswith(".lock")}
     assert digest(sharded) == digest(caches["compact"])
 
 
+@pytest.mark.integration
 def test_a_cache_written_before_label_encoding_reads_as_topk(caches, tmp_path):
     import shutil
 

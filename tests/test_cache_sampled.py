@@ -20,39 +20,32 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from kd.cache import Cache
-from kd.cache import sampling
-from kd.cache.store import Store
 from kd import tasks
+from kd.cache import Cache, sampling
+from kd.cache.store import Store
 from kd.cache.verify import verify
+from kd.cli import distill, label
 from kd.config import LabelConfig
 from kd.errors import ConfigError
-from kd.cli import distill, label
-from conftest import invoke, invoke_cache, ok, run_readme_snippet
+from tests.helpers import invoke, invoke_cache, label_args, ok, run_readme_snippet
 
 DRAWS = 16
 VOCAB = 512
 TEMPERATURES = (1.0, 4.0)
 
 
-def label_args(root: Path, out: Path, *extra) -> list:
-    return ["--no-progress", "--teacher", root / "teacher", "--prepared", root / "prepared", "--out", out,
-            "--params", root / "params.yaml", *extra]
-
-
 @pytest.fixture(scope="module")
 def caches(lm_world, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sampled")
     out = {"full": root / "full", "sampled": root / "sampled", "rebatched": root / "rebatched"}
-    ok(invoke(label.main, *label_args(lm_world, out["full"], "--top-k", VOCAB, "--logit-dtype", "float32",
-                                      "--part-size", 16)))
-    ok(invoke(label.main, *label_args(lm_world, out["sampled"], "--top-k", 1, "--sampling", DRAWS,
-                                      "--part-size", 16)))
+    ok(invoke(label.main, *label_args(lm_world, out["full"], "--top-k", VOCAB, "--logit-dtype", "float32")))
+    ok(invoke(label.main, *label_args(lm_world, out["sampled"], "--top-k", 1, "--sampling", DRAWS)))
     ok(invoke(label.main, *label_args(lm_world, out["rebatched"], "--top-k", 1, "--sampling", DRAWS,
-                                      "--part-size", 7, "--batch-size", 100)))
+                                      "--batch-size", 100, part_size=7)))
     return out
 
 
+@pytest.mark.integration
 def test_draws_come_from_the_teachers_full_distribution(caches):
     """Over every test row: the drawn classes' mean -log p equals the teacher's entropy in
     expectation (within 5 standard errors), the stored entropy is the truth's, and every draw
@@ -80,6 +73,7 @@ def test_draws_come_from_the_teachers_full_distribution(caches):
         assert per_row.std() > 0
 
 
+@pytest.mark.integration
 def test_the_draws_are_the_same_whatever_the_batches_and_parts(caches):
     one, other = Cache.open(caches["sampled"]), Cache.open(caches["rebatched"])
     assert len(one.split("labeled")["parts"]) != len(other.split("labeled")["parts"])
@@ -95,6 +89,7 @@ def test_the_draws_are_the_same_whatever_the_batches_and_parts(caches):
         assert not np.array_equal(a.samples[1.0][0], a.samples[4.0][0])
 
 
+@pytest.mark.integration
 def test_parts_hold_the_sampled_columns_in_their_documented_types(caches):
     schema = pq.read_schema(caches["sampled"] / "soft_targets/split=test/part-00000.parquet")
     assert schema.names == ["id", "view", "position", "topk_idx", "topk_logit", "logit_max", "lse_t1", "lse_t4",
@@ -105,6 +100,7 @@ def test_parts_hold_the_sampled_columns_in_their_documented_types(caches):
     assert str(schema.field("entropy_t4").type) == "float"
 
 
+@pytest.mark.integration
 def test_cache_info_reports_the_draws_fidelity_and_bytes(caches):
     summary = json.loads(ok(invoke_cache("info", caches["sampled"], "--json")).stdout)
     assert summary["sampling"] == {"draws": DRAWS, "seed": 0}
@@ -130,6 +126,7 @@ def _rewrite(out: Path, entry: dict, table: pa.Table, manifest: dict) -> None:
     (out / "manifest.json").write_text(json.dumps(manifest))
 
 
+@pytest.mark.integration
 def test_verify_checks_the_counts_and_the_ids(caches, tmp_path):
     out = Path(shutil.copytree(caches["sampled"], tmp_path / "cache"))
     assert verify(out, tasks.for_manifest) == []
@@ -160,6 +157,7 @@ def _student(tmp_path: Path, **soft) -> Path:
     return params
 
 
+@pytest.mark.integration
 def test_a_student_trains_from_sampled_targets_through_the_cli(caches, lm_world, tmp_path):
     params = _student(tmp_path, targets="sampled")
     ok(invoke(distill.main, "s", "--no-progress", "--cache", caches["sampled"], "--prepared", lm_world / "prepared",
@@ -169,6 +167,7 @@ def test_a_student_trains_from_sampled_targets_through_the_cli(caches, lm_world,
     assert np.isfinite(float(row["soft"])) and np.isfinite(float(row["total"]))
 
 
+@pytest.mark.integration
 def test_sampled_targets_from_a_cache_without_them_are_refused_in_one_line(caches, lm_world, tmp_path):
     params = _student(tmp_path, targets="sampled")
     result = invoke(distill.main, "s", "--no-progress", "--cache", caches["full"], "--prepared",
@@ -178,17 +177,20 @@ def test_sampled_targets_from_a_cache_without_them_are_refused_in_one_line(cache
     assert not (tmp_path / "students" / "s").exists()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("value", [0, -3, True, 2.5, 70000])
 def test_label_sampling_must_be_a_number_of_draws(value):
     with pytest.raises(ConfigError, match="label.sampling"):
         LabelConfig(sampling=value)
 
 
+@pytest.mark.unit
 def test_label_sampling_seed_must_not_be_negative():
     with pytest.raises(ConfigError, match="label.sampling_seed"):
         LabelConfig(sampling=4, sampling_seed=-1)
 
 
+@pytest.mark.integration
 def test_sampling_keys_stay_out_of_the_cache_key_when_off(lm_world):
     from kd.cache.writer import Teacher, cache_key
 
@@ -197,6 +199,7 @@ def test_sampling_keys_stay_out_of_the_cache_key_when_off(lm_world):
     assert cache_key(teacher, {}, LabelConfig(sampling=8))["label"]["sampling"] == 8
 
 
+@pytest.mark.integration
 def test_readme_decodes_a_sampled_row_with_numpy_alone(caches, tmp_path, monkeypatch):
     scope = run_readme_snippet("decode-sampled", caches["sampled"], tmp_path, monkeypatch)
     soft = Cache.open(tmp_path / "data" / "teacher_outputs").soft_targets("test", [], samples=[1.0])
@@ -207,6 +210,7 @@ def test_readme_decodes_a_sampled_row_with_numpy_alone(caches, tmp_path, monkeyp
     assert scope["entropy"] == pytest.approx(float(soft.entropy[1.0][0]))
 
 
+@pytest.mark.unit
 def test_the_draws_fidelity_is_the_kl_to_the_documented_decoding():
     """KL(full || decoded draws) against the decoding written out class by class: count / N of
     the drawn share, Good-Turing's unseen mass (at least 1 / (N + 1)) spread over the rest."""
@@ -231,6 +235,7 @@ def test_the_draws_fidelity_is_the_kl_to_the_documented_decoding():
     assert sums["sampled_mass_t2"] == pytest.approx(mass, rel=1e-6)
 
 
+@pytest.mark.unit
 def test_the_experiments_params_are_valid_and_its_students_match_its_caches():
     """experiments/sampled: both label sections and every student parse; one distill stage per
     student, each reading the cache its targets need (sampled targets from the sampled cache)."""
@@ -250,12 +255,14 @@ def test_the_experiments_params_are_valid_and_its_students_match_its_caches():
     assert caches["sampled"] == stages["stages"]["label_sampled"]["outs"][0].popitem()[0]
 
 
+@pytest.mark.integration
 def test_a_sharded_sampled_cache_is_the_single_process_one(lm_world, tmp_path):
     """Two shards write the same parts and manifest as one process: the draws depend on the row alone."""
-    args = ("--top-k", 1, "--sampling", 8, "--part-size", 8, "--temperatures", "1")
-    ok(invoke(label.main, *label_args(lm_world, tmp_path / "one", *args)))
+    args = ("--top-k", 1, "--sampling", 8, "--temperatures", "1")
+    ok(invoke(label.main, *label_args(lm_world, tmp_path / "one", *args, part_size=8)))
     for shard in (0, 1):
-        ok(invoke(label.main, *label_args(lm_world, tmp_path / "two", *args, "--shard", shard, "--num-shards", 2)))
+        ok(invoke(label.main, *label_args(lm_world, tmp_path / "two", *args, "--shard", shard, "--num-shards", 2,
+                                          part_size=8)))
     one, two = (json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("one", "two"))
     assert two["complete"] and two["splits"] == one["splits"] and two["fidelity"] == one["fidelity"]
     assert verify(tmp_path / "two", tasks.for_manifest) == []

@@ -12,28 +12,33 @@ a 40-epoch run); the tolerance, TOLERANCE, is 1e-5. BatchNorm students differ mo
 
 from __future__ import annotations
 
-import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from kd import augment, loader, parallel
 from kd.cache import Cache
+from kd.cli import distill, label, prepare, teacher
 from kd.config import student
 from kd.tasks import image
-from kd.cli import distill, label, prepare, teacher
-from conftest import invoke, ok
-from tests.test_stages import students_params, tiny_student
+from tests.helpers import (
+    TOLERANCE,
+    assert_clean_error,
+    both_ways,
+    distill_args,
+    invoke,
+    label_args,
+    log_difference,
+    max_difference,
+    ok,
+    students_params,
+    text_student,
+    tiny_student,
+)
 
-TOLERANCE = 1e-5  # max |weight difference|, and of every logged term, vs a single process
 # 160 + 225 = 385 transfer samples = 6 batches of 64 + 1: in the last batch rank 1 has no rows
 SIZES = {"labeled": 160, "unlabeled": 225, "test": 50}
 FEATURES = {"hint": {"teacher_layer": "hidden.0", "student_layer": "hidden.0", "weight": 1.0},
@@ -66,46 +71,6 @@ def built(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "params": params, "prepared": prepared, "cache": cache}
 
 
-def distill_args(built: dict[str, Path], out: Path) -> list[Any]:
-    return ["--no-progress", "--cache", built["cache"], "--prepared", built["prepared"], "--students-dir",
-            out / "students", "--baselines", out / "baselines", "--checkpoints", out / "checkpoints",
-            "--params", built["params"]]
-
-
-def torchrun(nproc: int, *args: Any, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`torchrun --nproc-per-node N --standalone --no-python kd ARGS` from this Python (a free
-    port of its own), one thread per process."""
-    kd = Path(sys.executable).with_name("kd")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
-               "--no-python", str(kd) if kd.is_file() else "kd", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-
-
-def max_difference(a: Path, b: Path) -> float:
-    """Max |difference| over every tensor of two safetensors files with the same keys."""
-    wa, wb = load_file(str(a)), load_file(str(b))
-    assert wa.keys() == wb.keys()
-    return max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa)
-
-
-def log_difference(a: Path, b: Path) -> float:
-    """Max |difference| of two training logs, term by term (wall-clock `seconds` aside)."""
-    with open(a, newline="") as fa, open(b, newline="") as fb:
-        ra, rb = list(csv.DictReader(fa)), list(csv.DictReader(fb))
-    assert len(ra) == len(rb) and ra[0].keys() == rb[0].keys()
-    return max(abs(float(x[k]) - float(y[k])) for x, y in zip(ra, rb) for k in x if k != "seconds")
-
-
-def both_ways(built: dict[str, Path], tmp_path: Path, name: str, *options: Any) -> tuple[Path, Path, str]:
-    """`kd distill NAME` in this process and under a 2-process torchrun: (single, parallel, stdout)."""
-    single, parallel_out = tmp_path / "single", tmp_path / "parallel"
-    ok(invoke(distill.main, name, *options, *distill_args(built, single)))
-    result = torchrun(2, "distill", name, *options, *distill_args(built, parallel_out))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return single / "students" / name, parallel_out / "students" / name, result.stdout
-
-
 # --- the row split, without a process group --------------------------------------------------
 
 
@@ -121,6 +86,7 @@ def split_batches(data, batch_size: int, views: str, world_size: int) -> None:
             assert torch.equal(torch.cat([p[key] for p in parts]), batch[key]), key
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("world_size", [2, 3, 5])
 @pytest.mark.parametrize("views", ["none", "cached"])
 def test_ranks_split_every_batch_into_contiguous_disjoint_slices(world_size, views):
@@ -132,6 +98,7 @@ def test_ranks_split_every_batch_into_contiguous_disjoint_slices(world_size, vie
         split_batches(data, batch_size, views, world_size)
 
 
+@pytest.mark.integration
 def test_the_streaming_reader_splits_rows_the_same_way(built):
     cfg = student(built["params"], "mlp")
     data = image.rows(Cache.open(built["cache"]), built["prepared"], cfg, memory_mb=0.01)
@@ -139,6 +106,7 @@ def test_the_streaming_reader_splits_rows_the_same_way(built):
     split_batches(data, 64, "cached", 2)
 
 
+@pytest.mark.unit
 def test_shard_sizes_follow_array_split():
     for rows in range(0, 12):
         for world_size in (1, 2, 3, 5):
@@ -150,6 +118,7 @@ def test_shard_sizes_follow_array_split():
 # --- torchrun ------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name, options", [
     ("mlp", ()),  # soft, hard, hint, cosine, cached views; a rank without rows in each last batch
     ("rkd", ()),
@@ -168,6 +137,7 @@ def test_two_process_torchrun_matches_a_single_process(built, tmp_path, name, op
     assert not any((tmp_path / "parallel" / "checkpoints").glob("*.pt"))  # removed by rank 0
 
 
+@pytest.mark.e2e
 def test_batchnorm_student_differs_by_per_rank_statistics_on_cpu(built, tmp_path):
     single, data_parallel, _ = both_ways(built, tmp_path, "cnn")
     difference = max_difference(single / "model.safetensors", data_parallel / "model.safetensors")
@@ -176,9 +146,8 @@ def test_batchnorm_student_differs_by_per_rank_statistics_on_cpu(built, tmp_path
     assert log_difference(single / "train_log.csv", data_parallel / "train_log.csv") < 0.05
 
 
+@pytest.mark.integration
 def test_a_process_group_that_cannot_form_is_one_clear_line(built, tmp_path, monkeypatch):
-    from tests.test_stages import assert_clean_error
-
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
@@ -190,10 +159,11 @@ def test_a_process_group_that_cannot_form_is_one_clear_line(built, tmp_path, mon
 # --- text students -------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_text_ranks_split_every_batch_of_blocks_and_their_rows(world_size):
-    from kd.tasks.next_token import block_set
     from kd.tasks.masked_lm import masked_set
+    from kd.tasks.next_token import block_set
 
     g = torch.Generator().manual_seed(0)
     n, length, maskings, masked = 23, 6, 3, 2
@@ -208,10 +178,9 @@ def test_text_ranks_split_every_batch_of_blocks_and_their_rows(world_size):
                       batch_size, "cached", world_size)
 
 
+@pytest.mark.e2e
 def test_two_process_torchrun_text_student_matches_a_single_process(lm_world, tmp_path):
     """A causal GPT-2 student without dropout (each rank would draw its own masks) and its twin."""
-    from tests.test_token_cache import label_args, text_student
-
     cache = tmp_path / "cache"
     ok(invoke(label.main, *label_args(lm_world, cache, "--top-k", 8)))
     entry = text_student()

@@ -30,22 +30,22 @@ import torch.nn.functional as F
 import yaml
 
 from kd import evaluation, metrics, report
+from kd.cache import Cache, Teacher, label
+from kd.cache.targets import soft_targets
+from kd.cli import eval as eval_stage
+from kd.cli import report as report_stage
+from kd.config import EvalConfig, LabelConfig, student
+from kd.distill import assistant_cache, train_assistant, train_student
 from kd.errors import InputError
 from kd.report import SCORES
 from kd.report import markdown as report_markdown
 from kd.report import plots as report_plots
 from kd.report import results as report_results
-from kd.cache import Cache, Teacher, label
-from kd.cache.targets import soft_targets
-from kd.config import EvalConfig, LabelConfig, student
-from kd.distill import assistant_cache, train_assistant, train_student
 from kd.speed import count_params, torch_threads
 from kd.tasks import image, image_eval
 from kd.tasks.image_models import build, fingerprint, load_model, save_model
 from kd.training import predict
-from kd.cli import eval as eval_stage
-from kd.cli import report as report_stage
-from conftest import invoke
+from tests.helpers import assert_clean_error, invoke
 
 IMAGE = SCORES["image"]  # what the report measures for image students
 
@@ -75,17 +75,6 @@ EVAL = {"latency_runs": 3, "throughput_batch": 32, "throughput_runs": 2, "thread
 TEACHER_CONFIG = {"arch": "mlp", "arch_kwargs": {"hidden": [32]}, "input_shape": [D], "num_classes": C}
 
 
-def assert_clean_error(result, *needles: str) -> None:
-    """Exit code 1, one line on stderr naming the things, no traceback."""
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output + result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 def snapshot(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
@@ -93,6 +82,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 # --- golden values of the metric functions -----------------------------------------------------
 
 
+@pytest.mark.unit
 def test_accuracy_and_agreement_golden():
     pred = np.array([0, 1, 2, 2, 1])
     y = np.array([0, 1, 1, 2, -1])  # the last row has no label and does not count
@@ -103,6 +93,7 @@ def test_accuracy_and_agreement_golden():
         metrics.accuracy(pred, np.full(5, -1))
 
 
+@pytest.mark.unit
 def test_ece_golden_and_reliability_bins():
     # 15 bins of width 1/15: 0.95 -> bin 14, 0.55 -> bin 8, 0.50 -> bin 7
     confidence = np.array([0.95, 0.95, 0.55, 0.55, 0.50])
@@ -111,7 +102,8 @@ def test_ece_golden_and_reliability_bins():
     assert metrics.ece(confidence, correct, 15) == pytest.approx(0.18 + 0.18 + 0.10)
     table = metrics.reliability(confidence, correct, 15)
     assert len(table) == 15 and sum(b["count"] for b in table) == 5
-    assert [(b["bin"], b["count"], b["accuracy"]) for b in table if b["count"]] == [(7, 1, 0.0), (8, 2, 1.0), (14, 2, 0.5)]
+    assert [(b["bin"], b["count"], b["accuracy"]) for b in table if b["count"]] == [(7, 1, 0.0), (8, 2, 1.0),
+                                                                                     (14, 2, 0.5)]
     assert table[14]["confidence"] == pytest.approx(0.95) and table[0]["accuracy"] is None
     # bins are closed on the right (Guo et al.): an edge belongs to the bin below it; 0 to the first
     edge = np.linspace(0, 1, 16)[3]
@@ -120,6 +112,7 @@ def test_ece_golden_and_reliability_bins():
     assert metrics.ece(np.array([1.0, 1.0]), np.array([True, True])) == 0.0
 
 
+@pytest.mark.unit
 def test_kl_exact_and_bucket_golden():
     # teacher p = (0.5, 0.3, 0.2), student q = (0.4, 0.4, 0.2), as logits = log-probabilities
     teacher = torch.log(torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64))
@@ -133,6 +126,7 @@ def test_kl_exact_and_bucket_golden():
         assert kl == pytest.approx(expected, rel=1e-5) and flag is is_exact
 
 
+@pytest.mark.unit
 def test_kl_bucket_is_a_lower_bound_of_the_exact_kl():
     g = torch.Generator().manual_seed(0)
     t, s = torch.randn(64, 10, generator=g) * 3, torch.randn(64, 10, generator=g) * 3
@@ -147,6 +141,7 @@ def test_kl_bucket_is_a_lower_bound_of_the_exact_kl():
         assert not results[k][1] and 0 <= results[k][0] <= results[10][0] + 1e-6
 
 
+@pytest.mark.unit
 def test_pseudo_label_accuracy_matches_by_id():
     ids, teacher = np.array([5, 3, 9, 1]), np.array([0, 1, 2, 1])
     truth_ids, truth_y = np.array([1, 3, 5, 9, 7]), np.array([1, 0, 0, 2, 4])
@@ -156,6 +151,7 @@ def test_pseudo_label_accuracy_matches_by_id():
         metrics.pseudo_label_accuracy(teacher, np.array([5, 3, 9, 2]), truth_ids, truth_y)
 
 
+@pytest.mark.unit
 def test_per_class_accuracy_and_confusion_matrix():
     pred, y = np.array([0, 1, 1, 2, 0]), np.array([0, 1, 2, 2, -1])
     acc, support = metrics.per_class_accuracy(pred, y, 4)
@@ -166,6 +162,7 @@ def test_per_class_accuracy_and_confusion_matrix():
                                   [[1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0]])
 
 
+@pytest.mark.unit
 def test_teacher_twin_builds_built_in_archs_only():
     twin = image_eval.teacher_twin({**TEACHER_CONFIG, "params": 999})
     assert count_params(twin) == count_params(build("mlp", {"hidden": [32]}, [D], C))
@@ -173,6 +170,7 @@ def test_teacher_twin_builds_built_in_archs_only():
     assert image_eval.teacher_twin({"arch": "mlp"}) is None  # no shapes to build from
 
 
+@pytest.mark.unit
 def test_torch_threads_are_restored():
     before = torch.get_num_threads()
     with torch_threads(1):
@@ -180,6 +178,7 @@ def test_torch_threads_are_restored():
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.unit
 def test_check_config_names_the_key():
     with pytest.raises(Exception, match="eval.throughput_runs"):
         evaluation.check_config(EvalConfig(throughput_runs=0))
@@ -191,16 +190,18 @@ def test_a_size_share_keeps_the_digits_that_hold():
     assert [share(f) for f in (5253 / 11.2e6, 0.012, 0.25, 1.5)] == ["0.047%", "1.2%", "25%", "150%"]
 
 
+@pytest.mark.unit
 def test_sentence_is_honest_about_signs():
     m = {"params": 250, "teacher_params": 1000, "speedup_vs_teacher": 4.04, "accuracy": 0.9,
          "baseline_accuracy": 0.904, "accuracy_retained": 0.9 / 0.95}
-    assert report.sentence("a", m, IMAGE) == ("**a**: 25% of the teacher's parameters, 4.0x faster, keeps 94.7% of the teacher's accuracy "
-                                      "(-0.4 points over training on labels alone).")
+    assert report.sentence("a", m, IMAGE) == ("**a**: 25% of the teacher's parameters, 4.0x faster, keeps 94.7% of "
+                                              "the teacher's accuracy (-0.4 points over training on labels alone).")
     m2 = {**m, "params": 1500, "speedup_vs_teacher": 0.5, "baseline_accuracy": 0.8999}
-    assert report.sentence("b", m2, IMAGE) == ("**b**: 150% of the teacher's parameters, 2.0x slower, keeps 94.7% of the teacher's accuracy "
-                                       "(+0.0 points over training on labels alone).")
+    assert report.sentence("b", m2, IMAGE) == ("**b**: 150% of the teacher's parameters, 2.0x slower, keeps 94.7% of "
+                                               "the teacher's accuracy (+0.0 points over training on labels alone).")
 
 
+@pytest.mark.unit
 def test_mean_std_and_seed_summary_golden():
     assert metrics.mean_std([1.0, 2.0, 3.0, 4.0]) == pytest.approx((2.5, math.sqrt(5 / 3)))  # ddof = 1
     assert metrics.mean_std([0.5]) == (0.5, 0.0)
@@ -217,6 +218,7 @@ def test_mean_std_and_seed_summary_golden():
     assert summary["gain_points_std"] == pytest.approx(10 / math.sqrt(2))
 
 
+@pytest.mark.unit
 def test_verdict_words_and_method_labels():
     assert report.verdict(0.3, 0.5, 3) == "no measurable gain"
     assert report.verdict(-0.3, 0.5, 3) == "no measurable gain"
@@ -240,6 +242,7 @@ def result_of(name: str, spec: dict, accuracies: dict[str, float]) -> report.Stu
     return report.StudentResult(name, Path(name), m, {"student": {"name": name, **spec}}, {}, [], seeds)
 
 
+@pytest.mark.unit
 def test_methods_table_picks_one_reference_and_normalises_numbers():
     base = {"arch": "mlp", "arch_kwargs": {"hidden": [8]}, "epochs": 1, "batch_size": 16, "lr": 0.01, "seed": 0,
             "repeats": 2}
@@ -267,6 +270,7 @@ def test_methods_table_picks_one_reference_and_normalises_numbers():
     assert row["direct"] == "b_soft" and row["difference_mean"] == 0.0 and row["verdict"] == "no measurable gain"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("task", sorted(SCORES))
 def test_every_task_describes_a_complete_report(task):
     score = SCORES[task]
@@ -281,6 +285,7 @@ def test_every_task_describes_a_complete_report(task):
                                                       score.change_column) for c in shown)
 
 
+@pytest.mark.unit
 def test_leaderboard_puts_the_best_mean_first_whichever_way_the_score_goes(tmp_path):
     def ranked(task, per_seed, twin):
         score, results = SCORES[task], []
@@ -304,6 +309,7 @@ def test_leaderboard_puts_the_best_mean_first_whichever_way_the_score_goes(tmp_p
     assert rows[1]["accuracy_gain_points"] == pytest.approx(100 * (0.9 - 0.5))
 
 
+@pytest.mark.unit
 def test_a_student_of_another_task_is_refused_naming_both(tmp_path):
     directory = tmp_path / "students" / "m"
     directory.mkdir(parents=True)
@@ -396,6 +402,7 @@ def evaluated(world):
     return {name: invoke(eval_stage.main, *eval_args(world, name, "--ece-bins", 15)) for name in TRAINED}
 
 
+@pytest.mark.integration
 def test_eval_writes_every_contract_key(world, evaluated):
     for name, result in evaluated.items():
         assert result.exit_code == 0, result.output + result.stderr
@@ -415,6 +422,7 @@ def test_eval_writes_every_contract_key(world, evaluated):
         assert m["teacher_params"] == count_params(world["teacher"])
 
 
+@pytest.mark.integration
 def test_eval_metrics_agree_with_the_teacher_itself(world, evaluated):
     _, x, y = world["splits"]["test"]
     z = predict(world["teacher"], torch.tensor(x), [D]).double()
@@ -442,6 +450,7 @@ def test_eval_metrics_agree_with_the_teacher_itself(world, evaluated):
     assert m["pseudo_label_accuracy"] == pytest.approx(float((pseudo == uy).mean()))
 
 
+@pytest.mark.integration
 def test_eval_writes_plot_data(world, evaluated):
     plots = world["students"] / "soft" / "plots"
     with open(plots / "per_class.csv") as f:
@@ -464,6 +473,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.integration
 def test_eval_summarises_every_seed(world, evaluated):
     _, x, y = world["splits"]["test"]
     for name in TRAINED:
@@ -496,6 +506,7 @@ def test_eval_summarises_every_seed(world, evaluated):
     assert m["teacher_params"] == count_params(world["teacher"])
 
 
+@pytest.mark.integration
 def test_eval_refuses_a_student_whose_seeds_are_incomplete(world, evaluated, tmp_path):
     students = tmp_path / "students"
     shutil.copytree(world["students"] / "soft", students / "soft")
@@ -507,6 +518,7 @@ def test_eval_refuses_a_student_whose_seeds_are_incomplete(world, evaluated, tmp
     assert snapshot(students / "soft") == before
 
 
+@pytest.mark.integration
 def test_evaluate_returns_plot_data_and_falls_back_for_a_custom_teacher(world):
     cache = Cache.open(world["cache"])
     cfg = EvalConfig(**EVAL)
@@ -527,6 +539,7 @@ def test_evaluate_returns_plot_data_and_falls_back_for_a_custom_teacher(world):
     assert result["teacher_params"] == custom["params"]
 
 
+@pytest.mark.integration
 def test_eval_unknown_student_is_one_clear_line(world, evaluated):
     result = invoke(eval_stage.main, *eval_args(world, "nobody"))
     assert_clean_error(result, "students.nobody", "soft")
@@ -536,6 +549,7 @@ def test_eval_unknown_student_is_one_clear_line(world, evaluated):
     assert not (world["students"] / "untrained").exists()
 
 
+@pytest.mark.integration
 def test_eval_refuses_test_data_the_cache_was_not_built_from(world, evaluated, tmp_path):
     prepared = tmp_path / "prepared"
     shutil.copytree(world["prepared"], prepared)
@@ -580,6 +594,7 @@ def words(mean: float, std: float) -> str:
     return "no measurable gain" if abs(mean) <= std else ("hurts" if mean < 0 else "helps")
 
 
+@pytest.mark.integration
 def test_report_writes_leaderboard_sentences_and_plots(world, reported):
     result, out, _ = reported
     assert result.exit_code == 0, result.output + result.stderr
@@ -605,6 +620,7 @@ def test_report_writes_leaderboard_sentences_and_plots(world, reported):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".report")]
 
 
+@pytest.mark.integration
 def test_report_methods_gain_over_soft_alone(world, reported):
     _, out, _ = reported
     rows = {r["student"]: r for r in read_csv(out / "methods.csv")}
@@ -641,6 +657,7 @@ def test_report_methods_gain_over_soft_alone(world, reported):
     assert "- **lonely** (hard + rkd): no soft-only reference" in text
 
 
+@pytest.mark.integration
 def test_report_progressive_distillation(world, reported):
     _, out, _ = reported
     (row,) = read_csv(out / "progressive.csv")
@@ -662,6 +679,7 @@ def test_report_progressive_distillation(world, reported):
     assert "- **small_via_ta** (" in text and "through **ta** (" in text and "vs **small** directly" in text
 
 
+@pytest.mark.integration
 def test_report_refuses_a_student_without_metrics(world, reported, tmp_path):
     _, out, params = reported
     students = tmp_path / "students"

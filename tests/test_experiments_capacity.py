@@ -17,7 +17,8 @@ from kd.report import SCORES
 from kd.report.markdown import capacity_markdown
 from kd.report.plots import DRAW
 from kd.report.results import Report
-from conftest import copy_pipelines, dvc_repo, run_in as run
+from tests.helpers import copy_pipelines, dvc_repo
+from tests.helpers import run_in as run
 
 ROOT = Path(__file__).parents[1]
 EXPERIMENT = ROOT / "experiments" / "capacity"
@@ -37,6 +38,7 @@ def result(name: str, hidden: int, accuracies: dict[str, float], baselines: dict
     return report.StudentResult(name, Path(name), m, {"student": spec}, {}, [], seeds)
 
 
+@pytest.mark.unit
 def test_progressive_rows_carry_the_size_ratio_and_both_gains_over_the_twins(tmp_path):
     twins = {"0": 0.5, "1": 0.6, "2": 0.7}
     results = [result("s4", 4, {"0": 0.6, "1": 0.7, "2": 0.7}, twins),
@@ -75,6 +77,7 @@ def test_progressive_rows_carry_the_size_ratio_and_both_gains_over_the_twins(tmp
     assert "no student learns through an assistant" in empty.axes[0].texts[0].get_text()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("experiment, sizes", [("capacity", 5), ("capacity_large", 1)])
 def test_every_via_student_of_the_experiment_has_its_direct_twin_and_a_larger_assistant(experiment, sizes):
     params = yaml.safe_load((ROOT / "experiments" / experiment / "params.yaml").read_text())
@@ -125,6 +128,7 @@ def write_experiment(project: Path, params: dict) -> None:
     (project / "experiments" / "capacity" / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+@pytest.mark.e2e
 def test_the_experiment_reuses_the_default_cache_and_adding_a_size_runs_only_that_size(project):
     def ours(*names: str) -> set[str]:
         return {f"{TARGET}:{name}" for name in names}

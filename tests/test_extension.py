@@ -16,6 +16,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 import yaml
+from conftest import invoke as run_stage
 from numpy.testing import assert_array_equal
 
 from kd import methods, report
@@ -24,7 +25,6 @@ from kd.config import PrepareConfig
 from kd.methods import METHODS
 from kd.prepared import images
 from kd.sources import SOURCES, Builtin
-from conftest import invoke as run_stage
 
 invoke = functools.partial(run_stage, expect=0)
 

@@ -20,16 +20,26 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import TINY, hf_label_args, hf_tokenizer, invoke, invoke_cache, ok, pydoc_documents, save_hf_model
 from kd import generate
 from kd.cache import Cache
+from kd.cli import generate as generate_stage
+from kd.cli import label, prepare
 from kd.config import GenerateConfig
 from kd.errors import ConfigError
 from kd.prepared import tokens
-from kd.cli import generate as generate_stage
-from kd.cli import label, prepare
-from tests.test_instruction import pairs, write_jsonl
-from tests.test_reliability import digest
+from tests.helpers import (
+    TINY,
+    digest,
+    hf_label_args,
+    hf_tokenizer,
+    invoke,
+    invoke_cache,
+    ok,
+    pairs,
+    pydoc_documents,
+    save_hf_model,
+    write_jsonl,
+)
 
 BLOCK = 24
 
@@ -65,6 +75,7 @@ def naive_answer(model, prompt: list[int], limit: int, eos: int) -> list[int]:
     return tokens[len(prompt):]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("model_type", ["llama", "gpt_neox", "gpt2"])
 def test_batched_kv_cache_greedy_equals_one_prompt_at_a_time_and_transformers_generate(model_type):
     tokenizer = hf_tokenizer()
@@ -91,10 +102,12 @@ def test_batched_kv_cache_greedy_equals_one_prompt_at_a_time_and_transformers_ge
     assert alone.logprob_sum == pytest.approx(float(first), abs=1e-5)
 
 
+@pytest.mark.unit
 def test_a_response_stops_at_the_end_of_the_block():
     assert generate.limits([[1] * 20, [1] * 5, [1] * 24], max_new_tokens=10, block_size=24) == [4, 10, 0]
 
 
+@pytest.mark.unit
 def test_sampling_draws_from_the_top_p_set_with_the_rows_uniform():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     pick = lambda u, p: int(generate.choose(logits, torch.tensor([u], dtype=torch.float64), 1.0, p))  # noqa: E731
@@ -105,6 +118,7 @@ def test_sampling_draws_from_the_top_p_set_with_the_rows_uniform():
     assert generate.row_seed(0, 5, 1) != generate.row_seed(0, 5, 0) != generate.row_seed(1, 5, 0)
 
 
+@pytest.mark.integration
 def test_the_output_is_a_prepared_directory_with_the_teachers_answers(world):
     out, prepared = world / "gen", world / "prepared"
     for name in ("labeled.parquet", "test.parquet", "tokenizer.json", "tokenizer_config.json"):
@@ -131,6 +145,7 @@ def test_the_output_is_a_prepared_directory_with_the_teachers_answers(world):
     assert 0 <= manifest["teacher_exact_match"] <= 1
 
 
+@pytest.mark.integration
 def test_kd_label_caches_the_soft_targets_of_the_teachers_responses(world, tmp_path):
     ok(invoke(label.main, *hf_label_args(world, world / "llama", world / "gen", tmp_path / "cache")))
     ok(invoke_cache("verify", tmp_path / "cache"))
@@ -143,6 +158,7 @@ def test_kd_label_caches_the_soft_targets_of_the_teachers_responses(world, tmp_p
     assert np.array_equal(soft.topk_idx[:, 0], blocks[:, 1:][predicted])
 
 
+@pytest.mark.integration
 def test_sampled_responses_depend_on_seed_id_and_sample_only(world, tmp_path):
     sampled = ("--do-sample", "--temperature", 1.5, "--top-p", 0.9, "--samples", 2)
     ok(invoke(generate_stage.main, *gen_args(world, tmp_path / "a", *sampled)))
@@ -158,6 +174,7 @@ def test_sampled_responses_depend_on_seed_id_and_sample_only(world, tmp_path):
     assert not np.array_equal(tokens.read_blocks(tmp_path / "c" / "unlabeled.parquet")[1], blocks_a)
 
 
+@pytest.mark.integration
 def test_min_logprob_keeps_the_confident_responses_from_the_same_parts(world, tmp_path):
     out = tmp_path / "gen"
     ok(invoke(generate_stage.main, *gen_args(world, out)))
@@ -175,6 +192,7 @@ def test_min_logprob_keeps_the_confident_responses_from_the_same_parts(world, tm
     assert manifest["responses"]["kept_mean_logprob"] >= manifest["responses"]["mean_logprob"]
 
 
+@pytest.mark.integration
 def test_a_second_run_leaves_a_complete_output_as_is(world, tmp_path):
     out = tmp_path / "gen"
     ok(invoke(generate_stage.main, *gen_args(world, out)))
@@ -200,6 +218,7 @@ KILL_GENERATE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("after", [  # parts of 5 prompts x 2 samples: 3 batches each
     3,  # right after part 0 is written
     pytest.param(4, marks=pytest.mark.slow),  # mid part 1
@@ -217,6 +236,7 @@ def test_generate_killed_with_sigkill_resumes_to_a_byte_identical_output(world, 
     assert digest(out) == digest(tmp_path / "reference")
 
 
+@pytest.mark.integration
 def test_shards_one_after_the_other_write_what_one_process_writes(world, tmp_path):
     sampled = ("--do-sample", "--samples", 2)
     ok(invoke(generate_stage.main, *gen_args(world, tmp_path / "one", *sampled)))
@@ -230,6 +250,7 @@ def test_shards_one_after_the_other_write_what_one_process_writes(world, tmp_pat
     assert "--shard 2 must be in [0, 2)" in result.output
 
 
+@pytest.mark.integration
 def test_refusals_are_one_line(world, tmp_path):
     other = tmp_path / "other"
     tokenizer = hf_tokenizer(docs=pydoc_documents(40, 40))
@@ -258,6 +279,7 @@ def test_refusals_are_one_line(world, tmp_path):
     assert "generate.samples: 2 responses per prompt need do_sample: true" in result.output
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("fields, message", [
     ({"split": "train"}, "generate.split: 'train'"),
     ({"top_p": 0}, r"generate.top_p: 0 must be in \(0, 1\]"),
@@ -270,6 +292,7 @@ def test_generate_config_is_checked(fields, message):
         GenerateConfig(**fields)
 
 
+@pytest.mark.integration
 def test_addition_is_built_in_instruction_data_made_from_the_seed(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("{}\n")
@@ -299,6 +322,7 @@ def test_addition_is_built_in_instruction_data_made_from_the_seed(tmp_path):
     assert "the built-in addition dataset has its own prompts" in result.output
 
 
+@pytest.mark.integration
 def test_students_of_teacher_answers_report_exact_match_over_seeds(world, tmp_path):
     """A student on the teacher's answers: eval scores the greedy answers of the student, its twin
     (every seed) and the teacher (kd generate's figure); the report ranks by exact match."""
@@ -344,4 +368,5 @@ def test_students_of_teacher_answers_report_exact_match_over_seeds(world, tmp_pa
     assert "(best: a tie of s, twin_of_s)" in tied.output
     result = invoke(report.main, "--params", tmp_path / "params.yaml", "--cache", tmp_path / "cache",
                     "--students-dir", tmp_path / "students", "--out", tmp_path / "report2", "--score", "bleu", expect=1)
-    assert "--score: 'bleu' is not a score of causal_lm students (perplexity, exact_match, bits_per_char)" in result.output
+    assert ("--score: 'bleu' is not a score of causal_lm students (perplexity, exact_match, bits_per_char)"
+            in result.output)

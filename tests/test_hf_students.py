@@ -19,15 +19,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kd import lm
 from kd.cache import Cache
+from kd.cli import distill, label
+from kd.cli import eval as eval_stage
 from kd.config import student
 from kd.errors import ConfigError
 from kd.prepared import tokens
 from kd.tasks import lm_common
-from kd.cli import distill, label
-from kd.cli import eval as eval_stage
-from tests.test_prepare import assert_clean_error
-from conftest import TINY, VOCAB, hf_tokenizer, invoke, ok, pydoc_documents, save_hf_model
-from conftest import hf_label_args as label_args
+from tests.helpers import TINY, VOCAB, assert_clean_error, hf_tokenizer, invoke, ok, pydoc_documents, save_hf_model
+from tests.helpers import hf_label_args as label_args
 
 BUDGET = {"epochs": 2, "batch_size": 4, "lr": 0.003, "transfer": ["unlabeled"],
           "loss": {"soft": {"weight": 0.5, "temperature": 1}, "hard": {"weight": 0.5, "labels": True}}}
@@ -66,6 +65,7 @@ STUDENTS = {  # name -> (teacher, entry)
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", list(STUDENTS))
 def test_a_student_of_any_model_type_distils_and_loads_with_transformers_alone(hf_world, caches, tmp_path, name):
     teacher, entry = STUDENTS[name]
@@ -77,13 +77,15 @@ def test_a_student_of_any_model_type_distils_and_loads_with_transformers_alone(h
         model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         assert model.config.model_type == entry["arch"]
-        assert tokens.read_tokenizer(directory).fingerprint == Cache.open(caches[teacher]).manifest["text"]["tokenizer_sha256"]
+        cached_tokenizer = Cache.open(caches[teacher]).manifest["text"]["tokenizer_sha256"]
+        assert tokens.read_tokenizer(directory).fingerprint == cached_tokenizer
         prompt = tokenizer("The class statement", return_tensors="pt")
         generated = model.generate(**prompt, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.eos_token_id)
         assert generated.shape[1] == prompt["input_ids"].shape[1] + 6
         assert tokenizer.decode(generated[0]).startswith("The class statement")
 
 
+@pytest.mark.integration
 def test_a_student_starts_from_a_pretrained_directory(hf_world, caches, tmp_path):
     pretrained = save_hf_model(tmp_path / "pretrained", "llama", hf_tokenizer(), seed=7, **NARROW)
     params = tmp_path / "p.yaml"
@@ -103,6 +105,7 @@ def test_a_student_starts_from_a_pretrained_directory(hf_world, caches, tmp_path
     assert twin.num_parameters() == reference.num_parameters()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt_neox", "gpt2", "bert"])
 def test_init_from_teacher_takes_one_layer_in_every_n(model_type):
     special = tokens.SpecialIds(pad=0, eos=1, mask=2)
@@ -127,6 +130,7 @@ def test_init_from_teacher_takes_one_layer_in_every_n(model_type):
         lm.init_from_teacher(wide, teacher)
 
 
+@pytest.mark.integration
 def test_students_refuse_what_does_not_fit_in_one_line(hf_world, caches, tmp_path):
     other = save_hf_model(tmp_path / "other", "llama", hf_tokenizer(VOCAB, pydoc_documents(40, 40)), **NARROW)
     same = save_hf_model(tmp_path / "same", "llama", hf_tokenizer(), **NARROW)
@@ -134,9 +138,11 @@ def test_students_refuse_what_does_not_fit_in_one_line(hf_world, caches, tmp_pat
         "nope": ({"arch": "nope"}, ["text_students.nope.arch", "'nope'", "not a transformers model_type"]),
         "field": ({"arch": "llama", "arch_kwargs": {"n_layer": 1}}, ["arch_kwargs.n_layer", "not a LlamaConfig field"]),
         "head": ({"arch": "distilbert"}, ["'distilbert'", "without a causal LM head", "must be gpt2, llama"]),
-        "other": ({"arch": "llama", "init": str(other)}, ["init", str(other), "another tokenizer", str(caches["llama"])]),
+        "other": ({"arch": "llama", "init": str(other)},
+                  ["init", str(other), "another tokenizer", str(caches["llama"])]),
         "kind": ({"arch": "qwen2", "init": str(same)}, ["arch", "'qwen2'", "holds a 'llama'"]),
-        "sized": ({"arch": "llama", "init": str(same), "arch_kwargs": {"hidden_size": 8}}, ["arch_kwargs", "leave it empty"]),
+        "sized": ({"arch": "llama", "init": str(same), "arch_kwargs": {"hidden_size": 8}},
+                  ["arch_kwargs", "leave it empty"]),
         "missing": ({"arch": "llama", "init": str(tmp_path / "nowhere")}, ["init", "nowhere", "not found"]),
         # transformers 5 reads this tokenizer in a qwen2 directory as Qwen2Tokenizer: another tokenizer
         "qwen": ({"arch": "qwen2", "arch_kwargs": {**NARROW, "num_key_value_heads": 1}},
@@ -152,6 +158,7 @@ def test_students_refuse_what_does_not_fit_in_one_line(hf_world, caches, tmp_pat
     assert_clean_error(result, "init", "label.keep_teacher: true")
 
 
+@pytest.mark.integration
 def test_a_sharded_teacher_is_kept_whole_for_init_teacher(hf_world, caches):
     cache = Cache.open(caches["llama"])
     kept = sorted(Path(rel).name for rel in cache.manifest["teacher_files"])

@@ -21,16 +21,27 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from kd import lm
+from kd import lm, tasks
 from kd.cache import Cache
-from kd import tasks
 from kd.cache.verify import verify
+from kd.cli import distill, label, prepare
 from kd.errors import ConfigError, InputError, MissingInputError
 from kd.prepared import tokens
-from kd.cli import distill, label, prepare
-from tests.test_prepare import assert_clean_error
-from conftest import BLOCK, SIZES, TINY, VOCAB, hf_tokenizer, invoke, ok, pydoc_documents, save_hf_model
-from conftest import hf_label_args as label_args
+from tests.helpers import (
+    BLOCK,
+    SIZES,
+    TINY,
+    VOCAB,
+    assert_clean_error,
+    hf_tokenizer,
+    invoke,
+    ok,
+    pydoc_documents,
+    save_hf_model,
+)
+from tests.helpers import hf_label_args as label_args
+
+pytestmark = pytest.mark.integration
 
 # --- prepare.tokenizer --------------------------------------------------------------------------
 

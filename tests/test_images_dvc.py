@@ -11,7 +11,11 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from conftest import copy_pipelines, dvc_repo, run_in as run
+
+from tests.helpers import copy_pipelines, dvc_repo
+from tests.helpers import run_in as run
+
+pytestmark = pytest.mark.e2e
 
 NET = '''
 from torch import nn

@@ -14,12 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import invoke, ok
-from kd.speed import count_params
-from kd.tasks import image_models
+from kd.cli import distill, label, prepare, teacher
+from kd.cli import eval as eval_stage
 from kd.errors import ConfigError
 from kd.files import read_json
-from kd.cli import distill, eval as eval_stage, label, prepare, teacher
+from kd.speed import count_params
+from kd.tasks import image_models
+from tests.helpers import invoke, ok
 
 ZOO = '''
 import torch
@@ -99,6 +100,7 @@ def folder(root: Path, classes: int = 3, per_class: int = 12, test: int = 4, siz
 # --- what kd passes, what it takes back --------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("arch, kwargs, channels", [
     ("kd_style", {"width": 3}, 1), ("torchvision_style", {"style": "tuple"}, 1), ("timm_style", {"style": "dict"}, 2),
     ("timm_style", {"style": "output"}, 3), ("InChannels", {}, 2),
@@ -113,6 +115,7 @@ def test_factory_signature_decides_what_is_passed_and_any_output_gives_logits(zo
     assert model.body[0].in_channels == channels  # in_chans / in_channels from the data
 
 
+@pytest.mark.unit
 def test_wrong_factories_and_outputs_get_one_line(zoo):
     with pytest.raises(ConfigError, match=r"no_classes\(input_shape, width=4\) takes no num_classes; kd passes "
                                           "num_classes, plus input_shape, in_chans or in_channels"):
@@ -130,6 +133,7 @@ def test_wrong_factories_and_outputs_get_one_line(zoo):
 # --- a custom teacher through the stages --------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("store", ["pixels", "png"])
 def test_torchvision_style_teacher_from_params_through_label_distill_eval(zoo, workdir, write_params, store):
     """A timm-style teacher and a torchvision-style student through every stage, from images
@@ -162,6 +166,7 @@ def test_torchvision_style_teacher_from_params_through_label_distill_eval(zoo, w
         metrics["throughput"] / manifest["teacher"]["config"]["throughput"])
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("channels", [None, 3])
 def test_grayscale_images_for_a_three_channel_factory_convert_or_stop_in_one_line(zoo, workdir, write_params,
                                                                                   channels):
@@ -186,6 +191,7 @@ def test_grayscale_images_for_a_three_channel_factory_convert_or_stop_in_one_lin
     assert not (workdir / "data" / "students" / "rgb").exists()
 
 
+@pytest.mark.unit
 def test_channel_conversion_matches_pillow():
     from kd.prepared.images import Split
     from kd.sources.images import with_channels
@@ -201,6 +207,7 @@ def test_channel_conversion_matches_pillow():
         with_channels(Split(np.arange(1), np.zeros((1, 40), np.float32), np.zeros(1, np.int64), [40], 2), 3, "test")
 
 
+@pytest.mark.integration
 def test_teacher_brought_without_params_gets_them_measured(zoo, workdir, write_params):
     folder(workdir / "imgs")
     params = write_params(prepare={"dataset": "imgs", "labeled": 24, "unlabeled": 12, "test": None},
@@ -208,7 +215,8 @@ def test_teacher_brought_without_params_gets_them_measured(zoo, workdir, write_p
     ok(invoke(prepare.main, "--params", params))
     torch.manual_seed(0)
     net = image_models.build(f"{zoo}:kd_style", {}, [1, 8, 8], 3)
-    image_models.save_model(workdir / "mine", net, {"arch": f"{zoo}:kd_style", "input_shape": [1, 8, 8], "num_classes": 3})
+    image_models.save_model(workdir / "mine", net,
+                            {"arch": f"{zoo}:kd_style", "input_shape": [1, 8, 8], "num_classes": 3})
     config = read_json(workdir / "mine" / "config.json")
     del config["params"]
     (workdir / "mine" / "config.json").write_text(json.dumps(config))
@@ -217,6 +225,7 @@ def test_teacher_brought_without_params_gets_them_measured(zoo, workdir, write_p
     assert manifest["teacher"]["config"]["params"] == count_params(net)
 
 
+@pytest.mark.integration
 def test_an_arch_named_on_the_command_line_does_not_take_kwargs_of_another(zoo, workdir, write_params):
     folder(workdir / "imgs")
     params = write_params(prepare={"dataset": "imgs", "labeled": 24, "unlabeled": 12, "test": None},
@@ -245,6 +254,7 @@ def tiny_vit(directory: Path, size: int = 8, channels: int = 1, classes: int = 3
     return model
 
 
+@pytest.mark.integration
 def test_hugging_face_image_classifier_as_the_teacher(workdir, write_params):
     folder(workdir / "imgs")
     vit = tiny_vit(workdir / "vit")
@@ -283,6 +293,7 @@ def test_hugging_face_image_classifier_as_the_teacher(workdir, write_params):
     assert metrics["speedup_vs_teacher"] is not None and metrics["teacher_throughput_source"] == "measured"
 
 
+@pytest.mark.integration
 def test_hugging_face_teacher_of_another_image_size_is_refused(workdir, write_params):
     folder(workdir / "imgs", size=(6, 6))
     tiny_vit(workdir / "vit", size=8)
@@ -293,6 +304,7 @@ def test_hugging_face_teacher_of_another_image_size_is_refused(workdir, write_pa
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.unit
 def test_hf_image_students_and_twins_build_from_config_fields():
     torch.manual_seed(0)
     model = image_models.build("hf_image", {"model_type": "vit", "hidden_size": 8, "num_hidden_layers": 1,

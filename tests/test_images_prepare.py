@@ -15,13 +15,12 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 from PIL import Image
 
-from conftest import invoke, ok
+from kd.cli import prepare
 from kd.config import PrepareConfig
 from kd.errors import InputError
-from kd.prepared import images
-from kd.prepared import metadata
+from kd.prepared import images, metadata
 from kd.sources import images as image_sources
-from kd.cli import prepare
+from tests.helpers import invoke, ok
 
 
 def gray(value: int, size=(6, 5)) -> Image.Image:
@@ -69,6 +68,7 @@ def run_prepare(workdir: Path, write_params, **section) -> Path:
 # --- the compact format ------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_uint8_split_round_trip_reads_float32_normalised(tmp_path):
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (11, 3 * 4 * 5), dtype=np.uint8)
@@ -94,6 +94,7 @@ def test_uint8_split_round_trip_reads_float32_normalised(tmp_path):
     assert images.split_info(path)["input_shape"] == [3, 4, 5]
 
 
+@pytest.mark.unit
 def test_uint8_split_without_its_normalisation_is_refused(tmp_path):
     split = images.Split(np.arange(2), np.zeros((2, 4), np.uint8), np.zeros(2, np.int64), [1, 2, 2], 1,
                        images.Norm([0.5], [0.5]))
@@ -107,6 +108,7 @@ def test_uint8_split_without_its_normalisation_is_refused(tmp_path):
     assert len(images.read_split(path, columns=("id", "y")).ids) == 2  # x not asked for: no need for it
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("channels", [1, 3, 4])
 def test_png_split_round_trip_reads_the_same_floats_as_uint8(tmp_path, channels):
     """store png: one lossless PNG file per row in an `image` column; every reader returns the
@@ -131,6 +133,7 @@ def test_png_split_round_trip_reads_the_same_floats_as_uint8(tmp_path, channels)
     assert len(images.read_split(tmp_path / "png.parquet", columns=("id", "y")).ids) == 11
 
 
+@pytest.mark.unit
 def test_png_split_with_a_wrong_image_is_refused_naming_the_row(tmp_path):
     split = images.Split(np.arange(3), np.zeros((3, 3 * 4 * 5), np.uint8), np.zeros(3, np.int64), [3, 4, 5], 1,
                        images.Norm([0.5] * 3, [0.5] * 3))
@@ -150,6 +153,7 @@ def test_png_split_with_a_wrong_image_is_refused_naming_the_row(tmp_path):
         images.read_rows(path, 1, 3)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("dataset, store, message", [
     ("digits", "png", "prepare.store: 'png' stores 8-bit pixels; 'digits' has float inputs (store: pixels)"),
     ("digits", "jpeg", "prepare.store: 'jpeg' must be one of pixels, png"),
@@ -163,6 +167,7 @@ def test_store_errors_are_one_line(workdir, write_params, dataset, store, messag
 # --- image folders -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_image_folder_with_preset_splits_keeps_them(workdir, write_params):
     values = preset_folder(workdir / "imgs")
     out = run_prepare(workdir, write_params, dataset="imgs", labeled=10, unlabeled=None, test=None)
@@ -185,6 +190,7 @@ def test_image_folder_with_preset_splits_keeps_them(workdir, write_params):
     assert_allclose(json.loads(meta["std"]), [labeled.std()], atol=1e-6)
 
 
+@pytest.mark.integration
 def test_preset_train_serves_the_unnamed_splits_and_sizes_count_within_each(workdir, write_params):
     values = preset_folder(workdir / "imgs")
     for path in (workdir / "imgs" / "unlabeled").iterdir():
@@ -204,6 +210,7 @@ def test_preset_train_serves_the_unnamed_splits_and_sizes_count_within_each(work
     assert "imgs: its test split has 6 samples; asked for test 7 (lower prepare.test)" in result.stderr
 
 
+@pytest.mark.integration
 def test_class_folder_rgb_and_resize(workdir, write_params):
     rng = np.random.default_rng(1)
     for name, count in (("zebra", 9), ("ant", 6)):
@@ -237,6 +244,7 @@ def test_class_folder_rgb_and_resize(workdir, write_params):
     assert "prepare.mean: [0.5] has 1 values; the images have 3 channel(s)" in result.stderr
 
 
+@pytest.mark.integration
 def test_folder_errors_are_one_line(workdir, write_params):
     (workdir / "imgs" / "a").mkdir(parents=True)
     gray(1).save(workdir / "imgs" / "a" / "0.png")
@@ -270,6 +278,7 @@ def hf_parquet(path: Path, rows: int = 30, split: bool = True) -> None:
     pq.write_table(table, path)
 
 
+@pytest.mark.integration
 def test_hugging_face_parquet_with_a_split_column(workdir, write_params):
     hf_parquet(workdir / "hf.parquet")
     out = run_prepare(workdir, write_params, dataset="hf.parquet", labeled=12, unlabeled=6, test=None)
@@ -285,6 +294,7 @@ def test_hugging_face_parquet_with_a_split_column(workdir, write_params):
     assert truth["y"] == [i % 3 for i in truth["id"]]
 
 
+@pytest.mark.unit
 def test_encoded_parquet_with_named_labels_and_bare_bytes(tmp_path):
     names = ["tulip", "rose", None, "rose", "tulip", "rose", None, "tulip"]
     table = pa.table({"id": pa.array(range(100, 108), pa.int64()),
@@ -298,6 +308,7 @@ def test_encoded_parquet_with_named_labels_and_bare_bytes(tmp_path):
     assert_array_equal(source.data.x[:, 0], np.arange(8))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("change, message", [
     (lambda t: t.drop_columns(["label"]), "no column 'label' beside 'image'"),
     (lambda t: t.set_column(2, "split", pa.array(["train"] * 29 + ["validation"])),
@@ -322,6 +333,7 @@ def test_encoded_parquet_errors(workdir, write_params, change, message):
     assert len(result.stderr.strip().splitlines()) == 1 and not (workdir / "data").exists()
 
 
+@pytest.mark.integration
 def test_parquet_written_by_hugging_face_datasets_prepares(workdir, write_params, monkeypatch):
     """Both routes `datasets` 5 writes image paths, not bytes, by: `Image()` cast from paths (paths
     relative to where it ran) and `load_dataset("imagefolder")` (absolute paths); -1 labels are
@@ -351,6 +363,7 @@ def test_parquet_written_by_hugging_face_datasets_prepares(workdir, write_params
                 assert splits[split].y.tolist() == [labels[i] for i in splits[split].ids], split
 
 
+@pytest.mark.integration
 def test_prepared_bytes_per_image_against_png(workdir, write_params):
     """64x64 RGB crops of scikit-learn's two sample photos (real JPEG photos shipped in its wheel):
     prepared uint8 vs the PNG files, the figure in docs/images.md."""
@@ -360,7 +373,7 @@ def test_prepared_bytes_per_image_against_png(workdir, write_params):
     (workdir / "photos" / "china").mkdir(parents=True)
     (workdir / "photos" / "flower").mkdir(parents=True)
     for photo, name in zip(photos, ("china", "flower")):
-        for i, (top, left) in enumerate((t, l) for t in range(0, 384, 64) for l in range(0, 576, 64)):
+        for i, (top, left) in enumerate((t, x) for t in range(0, 384, 64) for x in range(0, 576, 64)):
             Image.fromarray(photo[top:top + 64, left:left + 64]).save(workdir / "photos" / name / f"{i}.png")
     png = sum(p.stat().st_size for p in (workdir / "photos").rglob("*.png"))
     out = run_prepare(workdir, write_params, dataset="photos", labeled=60, unlabeled=30, test=18)

@@ -7,7 +7,6 @@ labels prompt/response pairs from a .jsonl prepared with `prepare.tokenizer` poi
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -17,32 +16,29 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import (assert_streams_like_in_memory, hf_label_args, hf_tokenizer, invoke, invoke_cache, ok,
-                      save_hf_model)
 from kd import config, lm, loader
 from kd.cache import Cache
-from kd.prepared import tokens
-from kd.tasks import causal_lm
 from kd.cli import distill, label, prepare
 from kd.cli import eval as evaluate
+from kd.prepared import tokens
+from kd.tasks import causal_lm
+from tests.helpers import (
+    assert_streams_like_in_memory,
+    hf_label_args,
+    hf_tokenizer,
+    invoke,
+    invoke_cache,
+    ok,
+    pairs,
+    save_hf_model,
+    write_jsonl,
+)
+
+pytestmark = pytest.mark.integration
 
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}"
                  "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 BLOCK = 24
-
-
-def pairs(count: int, seed: int = 0) -> list[dict[str, str]]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(count):
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        rows.append({"prompt": f"Add {a} and {b}: ", "response": f"The sum is {a + b}."})
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -76,11 +76,13 @@ def golden():
     return json.loads(FIXTURE.read_text())["cases"]
 
 
+@pytest.mark.unit
 def test_fixture_has_no_unknown_cases(golden):
     unknown = sorted(set(golden) - set(KNOWN))
     assert not unknown, f"cases in {FIXTURE.name} this test does not know: {unknown}"
 
 
+@pytest.mark.unit
 def test_every_public_function_has_golden_cases():
     public = {
         name for name, f in inspect.getmembers(losses, inspect.isfunction)
@@ -89,6 +91,7 @@ def test_every_public_function_has_golden_cases():
     assert public == set(GOLDEN_CASES)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("key", sorted(KNOWN))
 def test_golden(golden, key):
     if key not in golden:
@@ -146,12 +149,14 @@ def _loss_cases():
 LOSS_NAMES = list(_loss_cases())
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_zero_when_student_equals_teacher(name):
     loss, student, _ = _loss_cases()[name]
     assert loss(student, student.clone()).item() == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_gradient_reaches_student_only(name):
     loss, student, teacher = _loss_cases()[name]
@@ -162,6 +167,7 @@ def test_gradient_reaches_student_only(name):
     assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("loss", [losses.rkd_distance_loss, losses.rkd_angle_loss])
 def test_rkd_teacher_side_has_no_grad(loss):
     student = _randn(6, 5, seed=0).requires_grad_(True)
@@ -170,6 +176,7 @@ def test_rkd_teacher_side_has_no_grad(loss):
     assert teacher.grad is None
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("loss", [losses.rkd_distance_loss, losses.rkd_angle_loss])
 def test_rkd_invariant_to_embedding_scale(loss):
     s, t = _randn(7, 5, seed=0), _randn(7, 8, seed=1)
@@ -178,6 +185,7 @@ def test_rkd_invariant_to_embedding_scale(loss):
     torch.testing.assert_close(loss(s, t * 0.2), expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.unit
 def test_rkd_angle_degenerate_triples_are_finite():
     s = _randn(5, 4, seed=0).requires_grad_(True)
     t = _randn(5, 4, seed=1)
@@ -188,6 +196,7 @@ def test_rkd_angle_degenerate_triples_are_finite():
     assert torch.isfinite(value) and torch.isfinite(s.grad).all()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("p", [1, 2])
 def test_attention_ignores_student_channel_count(p):
     s, t = _at_features()
@@ -196,6 +205,7 @@ def test_attention_ignores_student_channel_count(p):
                                losses.attention_transfer_loss(s, t, p))
 
 
+@pytest.mark.unit
 def test_attention_map_is_row_major_and_normalised():
     f = torch.zeros(2, 3, 3, 4)
     f[:, :, 1, 2] = 5.0
@@ -206,6 +216,7 @@ def test_attention_map_is_row_major_and_normalised():
     torch.testing.assert_close(a.norm(dim=1), torch.ones(2))
 
 
+@pytest.mark.unit
 def test_attention_map_loss_matches_attention_transfer_loss():
     s, t = _at_features()
     cached = losses.attention_map(t).half()  # the cache stores maps as float16
@@ -213,6 +224,7 @@ def test_attention_map_loss_matches_attention_transfer_loss():
                                losses.attention_transfer_loss(s, t), rtol=1e-2, atol=1e-5)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("tail", ["bucket", "renorm"])
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
 @pytest.mark.parametrize("scale", [1.0, 3.0, 30.0])
@@ -224,6 +236,7 @@ def test_topk_with_all_classes_equals_soft_target_loss(tail, temperature, scale)
                                rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("k", [1, 3, 7])
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
 def test_bucket_tail_never_exceeds_full_loss(k, temperature):
@@ -235,6 +248,7 @@ def test_bucket_tail_never_exceeds_full_loss(k, temperature):
         assert bucket.item() <= full.item() + 1e-6
 
 
+@pytest.mark.unit
 def test_bucket_tail_clamped_when_float16_mass_exceeds_one():
     s = _randn(4, 10, seed=0)
     idx, topk_logit, lse = _cache_row(_randn(4, 10, seed=1, scale=30.0), 3, 1.0, torch.float16)
@@ -243,6 +257,7 @@ def test_bucket_tail_clamped_when_float16_mass_exceeds_one():
     assert torch.isfinite(per_row).all()
 
 
+@pytest.mark.unit
 def test_per_row_is_what_the_mean_is_built_from():
     # token-level rows: (B*L, C), nothing assumes one prediction per sample
     s, t = _randn(3 * 7, 10, seed=0), _randn(3 * 7, 10, seed=1)
@@ -252,12 +267,14 @@ def test_per_row_is_what_the_mean_is_built_from():
     torch.testing.assert_close(per_row.mean() * 4.0, losses.topk_soft_target_loss(s, *row, 2.0))
 
 
+@pytest.mark.unit
 def test_unknown_tail_raises():
     s, t = _randn(4, 10, seed=0), _randn(4, 10, seed=1)
     with pytest.raises(ValueError, match="tail must be one of .*'truncate'"):
         losses.topk_soft_target_loss(s, *_cache_row(t, 3, 1.0), 1.0, tail="truncate")
 
 
+@pytest.mark.unit
 def test_cosine_empty_mask_is_zero_and_keeps_graph():
     s = _randn(2, 3, 4, seed=0).requires_grad_(True)
     value = losses.cosine_embedding_loss(s, _randn(2, 3, 4, seed=1), torch.zeros(2, 3, dtype=torch.bool))
@@ -266,6 +283,7 @@ def test_cosine_empty_mask_is_zero_and_keeps_graph():
     assert (s.grad == 0).all()
 
 
+@pytest.mark.unit
 def test_cosine_mask_selects_rows():
     s, t = _randn(2, 3, 4, seed=0), _randn(2, 3, 4, seed=1)
     mask = torch.tensor([[True, False, True], [False, False, True]])
@@ -273,6 +291,7 @@ def test_cosine_mask_selects_rows():
                                losses.cosine_embedding_loss(s[mask], t[mask]))
 
 
+@pytest.mark.unit
 def test_hint_regressor_learns_exact_linear_map():
     # FitNets: the regressor maps the student's feature onto the teacher's
     student = _randn(64, 6, seed=0)
@@ -326,6 +345,7 @@ def topk_form(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("tail", ["bucket", "renorm"])
 @pytest.mark.parametrize("k", [1, 3, 10])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -356,6 +376,7 @@ def test_topk_loss_closed_form_gradient_equals_autograd(tail, k, dtype, topk_for
             lambda s: losses.topk_soft_target_loss_per_row(s, topk_idx, topk_logit, lse, 3, tail), (student,))
 
 
+@pytest.mark.unit
 def test_topk_loss_is_exact_when_the_students_tail_underflows(topk_form, monkeypatch):
     """A student sure of its top-k (its tail under exp's float32 range): the tail's logsumexp is
     taken on its own, so the loss and gradient stay finite and equal the float64 figures."""
@@ -377,6 +398,7 @@ def test_topk_loss_is_exact_when_the_students_tail_underflows(topk_form, monkeyp
     torch.testing.assert_close(grad.double(), reference_grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_a_kept_entry_of_probability_zero_adds_nothing(topk_form, monkeypatch):
     """A cached entry whose logit is -inf (what `mapped` gives a merged-away id) has p = 0: it
     adds 0, not 0 * inf = NaN, in both forms of the loss; the gradient stays finite."""
@@ -396,6 +418,7 @@ def test_a_kept_entry_of_probability_zero_adds_nothing(topk_form, monkeypatch):
     assert torch.isfinite(grad).all()
 
 
+@pytest.mark.unit
 def test_topk_loss_with_a_student_that_has_no_tail(topk_form, monkeypatch):
     """A student whose logits outside the teacher's top-k are -inf (masked) while the teacher
     keeps mass there: the KL is +inf, as it should be, and the gradient stays finite (no NaN
@@ -417,6 +440,7 @@ def test_topk_loss_with_a_student_that_has_no_tail(topk_form, monkeypatch):
     assert (grad[:, 3:] == 0).all()
 
 
+@pytest.mark.unit
 def test_the_kernel_and_the_pytorch_form_give_the_same_mean_loss_and_gradient(topk_form):
     """topk_soft_target_loss (mean over rows x T^2, which the kernel takes inside) is the same
     in both forms, on a float16 cache with some rows' kept mass past 1 by rounding."""
@@ -432,6 +456,7 @@ def test_the_kernel_and_the_pytorch_form_give_the_same_mean_loss_and_gradient(to
     torch.testing.assert_close(grad, expected_grad)
 
 
+@pytest.mark.unit
 def test_the_kernel_refuses_ids_outside_the_students_classes(topk_form):
     """An id past the student's classes is refused in one line naming both (the PyTorch form's
     gather refuses it too), not read out of bounds."""
@@ -458,6 +483,7 @@ print("TRAINED")
 """
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("compiler", ["false", "no-such-compiler"])
 def test_without_a_working_compiler_the_loss_takes_its_pytorch_form(compiler, tmp_path):
     """A compiler that fails (/bin/false, in a fresh process and an empty extensions folder, so
@@ -473,6 +499,7 @@ def test_without_a_working_compiler_the_loss_takes_its_pytorch_form(compiler, tm
     assert warned.count("kd: ") == 1 and "TRAINED" in done.stdout
 
 
+@pytest.mark.unit
 def test_the_hidden_state_variant_equals_the_loss_on_projected_logits(monkeypatch):
     """Values and gradients (hidden state, weight, bias) of topk_soft_target_loss_from_hidden
     equal topk_soft_target_loss_per_row on hidden @ weight.T + bias, with several chunks."""
@@ -504,6 +531,7 @@ def _draws(teacher_logits, temperature, draws, repeats, seed=0):
     return make_golden.sampled_row(z, draws, temperature, g)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("temperature, draws", [(1.0, 4), (4.0, 1), (2.0, 12)])
 def test_sampled_loss_mean_over_draws_is_the_full_kl(temperature, draws):
     # The mean of the per-row estimate over many independent draws converges to the full KL
@@ -528,6 +556,7 @@ def test_sampled_loss_mean_over_draws_is_the_full_kl(temperature, draws):
     assert (values - full_kl.detach()).abs().max() > 1e-3
 
 
+@pytest.mark.unit
 def test_sampled_loss_is_the_top_k_loss_scaled_when_every_draw_is_the_top_class():
     # A teacher so peaked that every draw is its top-1: the estimate is the cross-entropy at that
     # class minus the (near-zero) entropy, which is the full KL.
@@ -540,6 +569,7 @@ def test_sampled_loss_is_the_top_k_loss_scaled_when_every_draw_is_the_top_class(
                                losses.soft_target_loss(student, teacher, 1.0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.unit
 def test_sampled_loss_ignores_padding_and_keeps_float64():
     student = _randn(2, 7, seed=4).double()
     idx = torch.tensor([[1, 3, 0], [5, 0, 0]])

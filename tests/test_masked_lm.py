@@ -20,16 +20,15 @@ import pytest
 import torch
 import yaml
 
-from kd import lm, masking
-from kd.prepared import tokens
+from kd import lm, masking, tasks
 from kd.cache import Cache
-from kd import tasks
 from kd.cache.verify import verify
-from kd.config import StudentConfig, from_mapping
-from kd.errors import ConfigError
 from kd.cli import distill, label, prepare, report, teacher
 from kd.cli import eval as eval_stage
-from conftest import assert_streams_like_in_memory, invoke, ok
+from kd.config import StudentConfig, from_mapping
+from kd.errors import ConfigError
+from kd.prepared import tokens
+from tests.helpers import assert_streams_like_in_memory, invoke, ok
 
 BLOCK, MASKED = 32, 5  # 15% of 32 tokens, rounded
 TEACHER_KWARGS = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
@@ -52,6 +51,7 @@ def world(tmp_path_factory):
     return root
 
 
+@pytest.mark.integration
 def test_masked_rows_record_their_masks_and_are_the_teachers_outputs_on_them(world):
     cache = Cache.open(world / "cache")
     info = cache.manifest["text"]
@@ -89,6 +89,7 @@ def test_masked_rows_record_their_masks_and_are_the_teachers_outputs_on_them(wor
     np.testing.assert_allclose(features, out.hidden_states[2][at].reshape(-1, 32).numpy(), atol=1e-2)
 
 
+@pytest.mark.integration
 def test_the_teachers_copy_is_checked_by_verify(world, tmp_path):
     import shutil
 
@@ -109,6 +110,7 @@ def masked_student(**changes: Any) -> dict[str, Any]:
     return {**entry, **changes}
 
 
+@pytest.mark.integration
 def test_a_masked_student_with_the_triple_loss_trains_from_the_cache_alone(world, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"mlm_students": {"m": masked_student(repeats=2)}}))
@@ -159,6 +161,7 @@ def test_a_masked_student_with_the_triple_loss_trains_from_the_cache_alone(world
     assert f"Over 2 seeds: {metrics['masked_accuracy_mean']:.4f} ± {metrics['masked_accuracy_std']:.4f}" in md
 
 
+@pytest.mark.unit
 def test_a_student_starts_from_every_other_teacher_layer():
     _, special = None, tokens.SpecialIds(pad=0, eos=1, mask=2)
     torch.manual_seed(0)
@@ -169,13 +172,16 @@ def test_a_student_starts_from_every_other_teacher_layer():
         for (name, a), (_, b) in zip(student.bert.encoder.layer[s].named_parameters(),
                                      teacher_model.bert.encoder.layer[t].named_parameters()):
             assert torch.equal(a, b), name
-    assert torch.equal(student.bert.embeddings.word_embeddings.weight, teacher_model.bert.embeddings.word_embeddings.weight)
-    assert torch.equal(student.cls.predictions.transform.dense.weight, teacher_model.cls.predictions.transform.dense.weight)
+    assert torch.equal(student.bert.embeddings.word_embeddings.weight,
+                       teacher_model.bert.embeddings.word_embeddings.weight)
+    assert torch.equal(student.cls.predictions.transform.dense.weight,
+                       teacher_model.cls.predictions.transform.dense.weight)
     wide = lm.build("bert", {**TEACHER_KWARGS, "hidden_size": 64}, 64, 16, special)
     with pytest.raises(ConfigError, match="hidden_size is 64, the teacher's 32"):
         lm.init_from_teacher(wide, teacher_model)
 
 
+@pytest.mark.integration
 def test_masked_students_refuse_what_the_cache_cannot_give(world, tmp_path):
     bare = tmp_path / "bare"
     ok(invoke(label.main, "--no-progress", "--teacher", world / "teacher", "--prepared", world / "prepared",
@@ -196,6 +202,7 @@ def test_masked_students_refuse_what_the_cache_cannot_give(world, tmp_path):
         assert not (tmp_path / "students" / name).exists()
 
 
+@pytest.mark.integration
 def test_a_masked_student_over_the_memory_budget_streams_the_cache(world):
     from kd.loader import SampleSet, StreamingSet
     from kd.tasks import masked_lm

@@ -7,8 +7,8 @@ checked against real caches built with real feature layers.
 
 from __future__ import annotations
 
-import functools
 import csv
+import functools
 import json
 import re
 import shutil
@@ -19,20 +19,19 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from safetensors.torch import load_file
 
 from kd import config, features, losses
 from kd.cache import Cache
+from kd.cli import assistants, distill, label, prepare, teacher
 from kd.config import StudentConfig, from_mapping
-from kd.methods import Shapes, needed_temperatures, student_layers, student_terms
-from kd.tasks.image import probe_shapes
 from kd.errors import CacheMissingError, ConfigError
+from kd.methods import Shapes, needed_temperatures, student_layers, student_terms
 from kd.tasks import image
+from kd.tasks.image import probe_shapes
 from kd.tasks.image_models import build
 from kd.training import step
-from kd.cli import assistants, distill, label, prepare, teacher
-from conftest import invoke as run_stage
+from tests.helpers import invoke as run_stage
 
 invoke = functools.partial(run_stage, expect=0)  # every call must succeed unless it says otherwise
 
@@ -92,6 +91,7 @@ def train_log(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name,terms", [
     ("hint", ["soft", "hard", "hint"]),
     ("attention", ["soft", "hard", "attention"]),
@@ -110,6 +110,7 @@ def test_feature_students_train_from_the_cache_without_the_teacher(workspace, na
     assert keys == set(build("cnn", CNN, [1, 8, 8], 10).state_dict())
 
 
+@pytest.mark.integration
 def test_progressive_chain_assistant_labels_then_student_learns_from_it(workspace):
     d = workspace / "data"
     result = invoke(assistants.main, "--cache", d / "teacher_outputs", "--prepared", d / "prepared", "--out",
@@ -132,6 +133,7 @@ def test_progressive_chain_assistant_labels_then_student_learns_from_it(workspac
                                  teacher_cache.manifest["teacher"]["fingerprint"]]
 
 
+@pytest.mark.integration
 def test_a_chain_of_assistants_is_distilled_in_its_order_and_a_student_learns_from_its_end(workspace):
     """teacher -> ta_large -> ta_small -> student: kd assistants trains them in the chain's order
     (listed the other way round), each from the cache of the one before, and the lineage names all."""
@@ -158,6 +160,7 @@ def test_a_chain_of_assistants_is_distilled_in_its_order_and_a_student_learns_fr
                                  teacher_fp]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("chain,message", [
     ({"a": "b", "b": "a"}, "a cycle of assistants (a -> b -> a)"),
     ({"a": "nowhere"}, "'nowhere' is not an entry of assistants"),
@@ -173,6 +176,7 @@ def test_a_cycle_or_an_unknown_assistant_in_a_chain_is_refused(chain, message):
                      "assistants.a")
 
 
+@pytest.mark.integration
 def test_cached_attention_map_and_full_feature_give_the_same_loss(workspace):
     """AT from the cached (B, H*W) map equals AT computed from the cached full activation."""
     cache = Cache.open(workspace / "data" / "teacher_outputs")
@@ -193,6 +197,7 @@ def test_cached_attention_map_and_full_feature_give_the_same_loss(workspace):
     assert torch.allclose(from_map, expected)
 
 
+@pytest.mark.unit
 def test_default_label_caches_exactly_what_the_default_students_need():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     path = ROOT / "params.yaml"
@@ -216,6 +221,7 @@ def test_default_label_caches_exactly_what_the_default_students_need():
     assert (params["label"]["views"] > 0) == any(cfg.views for cfg in entries)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("loss,message", [
     ({"hint": {"teacher_layer": "stages.1"}}, r"loss.hint.student_layer: missing"),
     ({"attention": {"pairs": [["stages.0"]]}}, r"loss.attention.pairs"),
@@ -240,6 +246,7 @@ def test_bad_method_configs_are_refused_naming_the_key(loss, message):
         from_mapping(StudentConfig, data, "students.s")
 
 
+@pytest.mark.unit
 def test_conflicting_modes_for_one_teacher_layer_are_refused():
     loss = {"attention": {"pairs": [["embed", "stages.0"]], "p": 2},
             "rkd": {"teacher_layer": "embed", "student_layer": "embed"}}
@@ -251,6 +258,7 @@ def test_conflicting_modes_for_one_teacher_layer_are_refused():
     assert cfg.loss.teacher_layers("students.s") == {"stages.1": ("full",)}
 
 
+@pytest.mark.integration
 def test_student_refused_when_the_cache_lacks_a_layer_or_mode(workspace):
     cache = Cache.open(workspace / "data" / "teacher_outputs")
     cfg = from_mapping(StudentConfig, {"name": "s", **student(
@@ -259,6 +267,7 @@ def test_student_refused_when_the_cache_lacks_a_layer_or_mode(workspace):
         cache.require(features=cfg.loss.teacher_layers(cfg.where))
 
 
+@pytest.mark.integration
 def test_unknown_student_layer_and_too_small_map_are_refused(workspace):
     cache = Cache.open(workspace / "data" / "teacher_outputs")
     model = build("cnn", CNN, [1, 8, 8], 10)
@@ -276,6 +285,7 @@ def test_unknown_student_layer_and_too_small_map_are_refused(workspace):
         student_terms(cfg, shapes)
 
 
+@pytest.mark.unit
 def test_the_one_meaning_of_loss_hard_per_row_every_case():
     """`loader.hard_labels`, for every (labels, pseudo, threshold) and every kind of row: truth
     known or not, teacher confident or not."""

@@ -18,7 +18,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_pipelines, dvc_repo, run_in as run
+
+from tests.helpers import copy_pipelines, dvc_repo
+from tests.helpers import run_in as run
+
+pytestmark = pytest.mark.e2e
 
 TINY = {
     "prepare": {"dataset": "digits", "labeled": 200, "unlabeled": 300, "test": 200, "seed": 0},

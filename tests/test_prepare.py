@@ -18,13 +18,14 @@ from numpy.testing import assert_array_equal
 from polars.testing import assert_frame_equal
 
 from kd import prepared
-from kd.prepared import images
-from kd.sources import images as image_sources
-from kd.sources import splits
+from kd.cli import prepare
 from kd.config import PrepareConfig
 from kd.errors import ConfigError, InputError, MissingInputError
 from kd.files import replacing
-from kd.cli import prepare
+from kd.prepared import images
+from kd.sources import images as image_sources
+from kd.sources import splits
+from tests.helpers import assert_clean_error, files_bytes
 
 SPLIT_FILES = ("labeled.parquet", "unlabeled.parquet", "test.parquet")
 
@@ -54,24 +55,10 @@ def run_prepare(run_command, *args):
     return result
 
 
-def assert_clean_error(result, *needles: str) -> None:
-    """One line on stderr naming the thing, exit code 1, no traceback."""
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
-def files_bytes(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
-
-
 # --- writer / reader ---------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_write_read_round_trip(tmp_path):
     split = small_split()
     path = tmp_path / "s.parquet"
@@ -103,6 +90,7 @@ def test_write_read_round_trip(tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary file left
 
 
+@pytest.mark.unit
 def test_read_split_some_columns(tmp_path):
     path = tmp_path / "s.parquet"
     split = small_split()
@@ -114,6 +102,7 @@ def test_read_split_some_columns(tmp_path):
     assert images.read_split(path, columns=("x",)).ids.shape == (0,)
 
 
+@pytest.mark.unit
 def test_read_errors(tmp_path):
     with pytest.raises(MissingInputError, match="nope.parquet"):
         images.read_split(tmp_path / "nope.parquet")
@@ -142,6 +131,7 @@ def test_read_errors(tmp_path):
 # --- splitting ---------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_allocation_is_proportional_and_fits():
     y = np.repeat(np.arange(3), [50, 30, 20])
     rows = splits._stratified(y, {"labeled": 10, "unlabeled": 70, "test": 20}, np.random.default_rng(0))
@@ -154,6 +144,7 @@ def test_allocation_is_proportional_and_fits():
     assert sorted(np.concatenate(list(rows.values())).tolist()) == list(range(10))
 
 
+@pytest.mark.unit
 def test_test_split_does_not_depend_on_other_sizes():
     cfg = PrepareConfig(dataset="digits", labeled=100, unlabeled=200, test=150, seed=3)
     data_ = image_sources.load(cfg).data
@@ -166,6 +157,7 @@ def test_test_split_does_not_depend_on_other_sizes():
 # --- the command: built-in datasets -----------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_digits_end_to_end(workdir, write_params, run_command):
     write_params(prepare={"dataset": "digits", "labeled": 50, "unlabeled": 300, "test": 100, "seed": 1})
     result = run_prepare(run_command)
@@ -215,6 +207,7 @@ def test_digits_end_to_end(workdir, write_params, run_command):
         assert np.abs(counts - share * len(labels)).max() < 1, (name, counts)
 
 
+@pytest.mark.integration
 def test_seed_determinism(workdir, write_params, run_command):
     write_params(prepare={"dataset": "digits", "labeled": 30, "unlabeled": 60, "test": 30})
     run_prepare(run_command, "--out", "a", "--seed", 7)
@@ -226,6 +219,7 @@ def test_seed_determinism(workdir, write_params, run_command):
         assert set(a.ids.tolist()) != set(c.ids.tolist())
 
 
+@pytest.mark.integration
 def test_params_defaults_and_overrides(workdir, write_params, run_command):
     sizes = {"labeled": 20, "unlabeled": 20, "test": 20}
     params = write_params(workdir / "other.yaml", prepare={"dataset": "digits", **sizes})
@@ -234,6 +228,7 @@ def test_params_defaults_and_overrides(workdir, write_params, run_command):
     assert [images.split_info(out / n)["rows"] for n in SPLIT_FILES] == [40, 20, 20]
 
 
+@pytest.mark.integration
 def test_mnist5k_default_sizes(workdir, write_params, run_command):
     write_params(prepare={})
     run_prepare(run_command)
@@ -249,6 +244,7 @@ def test_mnist5k_default_sizes(workdir, write_params, run_command):
         assert split.x.min() == 0.0 and split.x.max() == 1.0
 
 
+@pytest.mark.integration
 def test_mnist1d(workdir, write_params, run_command):
     write_params(prepare={"dataset": "mnist1d"})
     run_prepare(run_command, "--samples", 205, "--labeled", 40, "--unlabeled", 100, "--test", 60)
@@ -262,6 +258,7 @@ def test_mnist1d(workdir, write_params, run_command):
     assert len(np.unique(ids)) == 200 and ids.max() < 205
 
 
+@pytest.mark.integration
 def test_existing_output_is_replaced_whole(workdir, write_params, run_command):
     write_params(prepare={"dataset": "digits", "labeled": 10, "unlabeled": 10, "test": 10})
     out = workdir / "data" / "prepared"
@@ -277,6 +274,7 @@ def test_existing_output_is_replaced_whole(workdir, write_params, run_command):
 
 
 
+@pytest.mark.unit
 def test_replacing_builds_aside_and_swaps_in_whole(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -310,6 +308,7 @@ def test_replacing_builds_aside_and_swaps_in_whole(tmp_path):
 # --- the command: user Parquet files ----------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_user_file_with_metadata_and_null_labels(workdir, write_params, run_command):
     rng = np.random.default_rng(0)
     n = 60
@@ -337,6 +336,7 @@ def test_user_file_with_metadata_and_null_labels(workdir, write_params, run_comm
     assert path.is_file()
 
 
+@pytest.mark.integration
 def test_user_file_without_metadata(workdir, write_params, run_command):
     rng = np.random.default_rng(1)
     x = rng.integers(0, 255, (30, 4))
@@ -413,6 +413,7 @@ ERRORS = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", ERRORS)
 def test_errors(case, workdir, write_params, run_command):
     write_params(prepare={"dataset": "digits"})
@@ -421,6 +422,7 @@ def test_errors(case, workdir, write_params, run_command):
     assert not (workdir / "data").exists()
 
 
+@pytest.mark.unit
 def test_config_errors_from_the_library():
     with pytest.raises(ConfigError, match="prepare.labeled: -5"):
         image_sources.load(PrepareConfig(dataset="digits", labeled=-5))

@@ -10,6 +10,8 @@ import torch
 
 from kd.speed import torch_threads
 
+pytestmark = pytest.mark.integration
+
 CONFTEST = Path(__file__).with_name("conftest.py")
 
 

@@ -6,10 +6,8 @@ function to kill its own process after N calls); the rerun must equal an uninter
 
 from __future__ import annotations
 
-import functools
-import csv
 import errno
-import hashlib
+import functools
 import os
 import shutil
 import signal
@@ -22,7 +20,8 @@ import pytest
 import yaml
 
 from kd.cli import distill, label, prepare, teacher
-from conftest import invoke as run_stage
+from tests.helpers import KILL_DISTILL, digest
+from tests.helpers import invoke as run_stage
 
 invoke = functools.partial(run_stage, expect=0)  # every call must succeed unless it says otherwise
 
@@ -34,20 +33,6 @@ PARAMS = {
     "label": {"top_k": 4, "temperatures": [1, 4], "part_size": 64},
     "students": {"s": STUDENT},
 }
-
-
-def digest(root: Path) -> dict[str, str]:
-    """sha256 of every file; training logs without their wall-clock `seconds` column."""
-    return {str(p.relative_to(root)): hashlib.sha256(_content(p)).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
-
-
-def _content(path: Path) -> bytes:
-    if path.name != "train_log.csv":
-        return path.read_bytes()
-    rows = list(csv.reader(path.read_text().splitlines()))
-    keep = [i for i, name in enumerate(rows[0]) if name != "seconds"]
-    return "\n".join(",".join(row[i] for i in keep) for row in rows).encode()
 
 
 @pytest.fixture(scope="module")
@@ -64,26 +49,10 @@ def workspace(tmp_path_factory) -> Path:
 
 def distill_args(workspace: Path, out: Path) -> list[str]:
     d = workspace / "data"
-    return ["s", "--cache", str(d / "cache"), "--prepared", str(d / "prepared"), "--students-dir", str(out / "students"),
-            "--baselines", str(out / "baselines"), "--checkpoints", str(out / "checkpoints"),
+    return ["s", "--cache", str(d / "cache"), "--prepared", str(d / "prepared"),
+            "--students-dir", str(out / "students"), "--baselines", str(out / "baselines"),
+            "--checkpoints", str(out / "checkpoints"),
             "--params", str(workspace / "params.yaml"), "--no-progress"]
-
-
-KILL_DISTILL = textwrap.dedent("""
-    import os, signal, sys
-    import kd.training as training
-    from kd.cli import app
-
-    after, args = int(sys.argv[1]), sys.argv[2:]
-    original, calls = training._save, [0]
-    def save_then_maybe_die(*a, **k):
-        original(*a, **k)
-        calls[0] += 1
-        if calls[0] >= after:
-            os.kill(os.getpid(), signal.SIGKILL)
-    training._save = save_then_maybe_die
-    app(["distill", *args])
-""")
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +63,7 @@ def reference(workspace, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("after", [
     2,  # mid first seed
     pytest.param(6, marks=pytest.mark.slow),  # in its baseline twin
@@ -111,6 +81,7 @@ def test_distill_killed_then_resumed_equals_an_uninterrupted_run(workspace, refe
     assert not any((out / "checkpoints").glob("*.pt"))  # removed once training is done
 
 
+@pytest.mark.integration
 def test_same_params_same_seed_give_identical_cache_and_weights(workspace, reference, tmp_path):
     d = workspace / "data"
     again = tmp_path / "cache"
@@ -138,6 +109,7 @@ KILL_PREPARE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_prepare_killed_midway_leaves_the_previous_output_intact(workspace, tmp_path):
     out = tmp_path / "prepared"
     shutil.copytree(workspace / "data" / "prepared", out)
@@ -162,6 +134,7 @@ def small_disk(tmp_path) -> Path:
     subprocess.run(["umount", str(mount)], check=True)
 
 
+@pytest.mark.integration
 def test_disk_full_while_labeling_is_one_clear_line_and_nothing_finished(workspace, small_disk):
     d = workspace / "data"
     out = small_disk / "cache"
@@ -178,6 +151,7 @@ def test_disk_full_while_labeling_is_one_clear_line_and_nothing_finished(workspa
     assert not list(out.rglob("*.tmp"))  # no half-written part left behind
 
 
+@pytest.mark.integration
 def test_nan_teacher_logits_are_refused_naming_the_ids(workspace, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -194,6 +168,7 @@ def test_nan_teacher_logits_are_refused_naming_the_ids(workspace, tmp_path):
     assert not (out / "manifest.json").exists() or '"complete": false' in (out / "manifest.json").read_text()
 
 
+@pytest.mark.unit
 def test_no_pickle_on_any_load_path():
     """Weights are safetensors; the only torch.load (our own checkpoints) is weights_only=True."""
     root = Path(__file__).parents[1]
@@ -205,6 +180,7 @@ def test_no_pickle_on_any_load_path():
                 assert "weights_only=True" in line, f"{path}: {line.strip()}"
 
 
+@pytest.mark.unit
 def test_checkpoint_cannot_name_code_to_import(tmp_path):
     from kd.errors import ConfigError
     from kd.tasks.image_models import build, load_model, save_model
@@ -215,11 +191,12 @@ def test_checkpoint_cannot_name_code_to_import(tmp_path):
         load_model(tmp_path)
 
 
+@pytest.mark.integration
 def test_a_part_path_that_links_out_of_the_cache_is_refused(workspace, tmp_path):
     import json
 
-    from kd.cache import Cache
     from kd import tasks
+    from kd.cache import Cache
     from kd.cache.verify import verify
     from kd.errors import CacheError
 

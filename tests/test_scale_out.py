@@ -20,15 +20,14 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file
 
+from kd import tasks
 from kd.cache import Cache
 from kd.cache.store import Store
-from kd import tasks
 from kd.cache.verify import verify
-from kd.speed import torch_threads
 from kd.cli import distill, label, prepare, teacher
 from kd.cli import eval as eval_stage
-from conftest import invoke, invoke_cache, ok
-from tests.test_stages import students_params, tiny_student
+from kd.speed import torch_threads
+from tests.helpers import invoke, invoke_cache, ok, students_params, tiny_student, torchrun
 
 LABEL_ARGS = ("--no-progress", "--part-size", "64", "--feature", "hidden.0=full", "--views", "1")
 
@@ -59,6 +58,7 @@ def paths(root: Path, out: Any) -> list[Any]:
             "--params", root / "params.yaml"]
 
 
+@pytest.mark.integration
 def test_shards_labeled_one_after_the_other_merge_into_the_single_process_cache(world, tmp_path):
     out = tmp_path / "cache"
     first = ok(invoke(label.main, *LABEL_ARGS, "--shard", 1, "--num-shards", 3, *paths(world["root"], out)))
@@ -75,6 +75,7 @@ def test_shards_labeled_one_after_the_other_merge_into_the_single_process_cache(
     ok(invoke_cache("merge", out))  # merging a merged cache is a no-op
 
 
+@pytest.mark.integration
 def test_a_shard_refuses_a_cache_of_another_teacher(world, tmp_path):
     out = Path(shutil.copytree(world["reference"], tmp_path / "cache"))
     result = invoke(label.main, *LABEL_ARGS, "--top-k", 3, "--shard", 0, "--num-shards", 2, *paths(world["root"], out))
@@ -82,6 +83,7 @@ def test_a_shard_refuses_a_cache_of_another_teacher(world, tmp_path):
     assert verify(out, tasks.for_manifest) == []  # left as it was
 
 
+@pytest.mark.integration
 def test_shards_of_different_counts_are_not_merged(world, tmp_path):
     out = tmp_path / "cache"
     ok(invoke(label.main, *LABEL_ARGS, "--shard", 0, "--num-shards", 2, *paths(world["root"], out)))
@@ -91,6 +93,7 @@ def test_shards_of_different_counts_are_not_merged(world, tmp_path):
     assert result.exit_code == 1 and "records of other shard counts" in result.output
 
 
+@pytest.mark.unit
 def test_two_writers_of_a_shared_file_do_not_move_each_others_temporary(tmp_path):
     # Shards that finish together both merge: each writes the same manifest. A fixed
     # temporary name let the first move the second's file away (seen under torchrun).
@@ -104,15 +107,7 @@ def test_two_writers_of_a_shared_file_do_not_move_each_others_temporary(tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
 
 
-def torchrun(nproc: int, *args: Any, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`torchrun --nproc-per-node N --no-python kd ARGS` from this Python, one thread per process."""
-    kd = Path(sys.executable).with_name("kd")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
-               "--no-python", str(kd) if kd.is_file() else "kd", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-
-
+@pytest.mark.e2e
 def test_torchrun_two_processes_label_the_single_process_cache(world, tmp_path):
     out = tmp_path / "cache"
     result = torchrun(2, "label", *LABEL_ARGS, *paths(world["root"], out))
@@ -160,6 +155,7 @@ def s3(world):
             os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
 
 
+@pytest.mark.e2e
 def test_label_distill_and_verify_through_s3(world, s3, tmp_path):
     url = "s3://kd-test/caches/digits"
     ok(invoke(label.main, *LABEL_ARGS, *paths(world["root"], url)))
@@ -184,6 +180,7 @@ def test_label_distill_and_verify_through_s3(world, s3, tmp_path):
     assert "student s: accuracy" in evaluated.output
 
 
+@pytest.mark.e2e
 def test_s3_cache_damage_is_detected_and_shards_write_there(world, s3, tmp_path):
     url = "s3://kd-test/caches/sharded"
     for shard in (0, 1):

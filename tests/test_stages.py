@@ -21,12 +21,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 import zarr
 from safetensors.torch import load_file
 
 from kd.cli import distill, label, prepare, teacher
-from conftest import invoke, invoke_cache, ok
+from tests.helpers import assert_clean_error, invoke, invoke_cache, ok, students_params, tiny_student
+
+pytestmark = pytest.mark.integration
 
 TEACHER_ARGS = ("--arch", "mlp", "--arch-kwargs", '{"hidden": [32]}', "--epochs", "2")
 SIZES = {"labeled": 200, "unlabeled": 300, "test": 200}
@@ -72,22 +73,6 @@ def distill_paths(b: Built, params: Path, tmp: Path, cache: Path | None = None,
                   prepared: Path | None = None) -> list[Any]:
     return ["--no-progress", "--cache", cache or b.cache, "--prepared", prepared or b.prepared,
             "--students-dir", tmp / "students", "--baselines", tmp / "baselines", "--params", params]
-
-
-def tiny_student(**changes: Any) -> dict[str, Any]:
-    """A 64-16-10 MLP student on Hinton soft targets at T=4 plus true labels, one epoch."""
-    student = {
-        "arch": "mlp", "arch_kwargs": {"hidden": [16]}, "epochs": 1, "batch_size": 64, "lr": 0.002, "seed": 0,
-        "loss": {"soft": {"weight": 0.9, "temperature": 4, "tail": "bucket"},
-                 "hard": {"weight": 0.1, "labels": True}},
-    }
-    student.update(changes)
-    return student
-
-
-def students_params(path: Path, **students: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump({"students": students}, sort_keys=False))
-    return path
 
 
 def sha256(path: Path) -> str:
@@ -137,18 +122,6 @@ def truncate(path: Path) -> None:
 def read_log(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
-
-
-def assert_clean_error(result: Any, *needles: str) -> str:
-    """Non-zero exit through SystemExit, exactly one non-empty stderr line holding every needle."""
-    assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)  # not an uncaught exception
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].strip(), result.stderr
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def assert_nothing_finished(out: Path) -> None:
@@ -291,7 +264,8 @@ def test_distill_writes_student_baseline_twin_and_log(built, run_command, tmp_pa
     assert all(np.isfinite(float(row[k])) for row in log for k in ("soft", "hard", "total"))
     twin_log = read_log(out / "baseline" / "train_log.csv")
     assert [row["epoch"] for row in twin_log] == ["1", "2"] and "hard" in twin_log[0] and "soft" not in twin_log[0]
-    student_w, twin_w = load_file(str(out / "model.safetensors")), load_file(str(out / "baseline" / "model.safetensors"))
+    student_w = load_file(str(out / "model.safetensors"))
+    twin_w = load_file(str(out / "baseline" / "model.safetensors"))
     assert student_w.keys() == twin_w.keys()
     assert all(student_w[k].shape == twin_w[k].shape for k in student_w)
     assert not out.with_name("soft.tmp").exists()
@@ -375,7 +349,8 @@ def test_students_with_the_same_arch_seed_and_budget_share_one_twin(built, run_c
     assert "trained" in first.stdout and "reused" in second.stdout and "trained" in third.stdout
     students = tmp_path / "students"
     for name in ("model.safetensors", "config.json", "train_log.csv"):
-        assert (students / "hinton" / "baseline" / name).read_bytes() == (students / "warm" / "baseline" / name).read_bytes()
+        hinton, warm = students / "hinton" / "baseline" / name, students / "warm" / "baseline" / name
+        assert hinton.read_bytes() == warm.read_bytes()
     assert sha256(students / "hinton" / "model.safetensors") != sha256(students / "warm" / "model.safetensors")
     assert sha256(students / "hinton" / "baseline" / "model.safetensors") != \
         sha256(students / "other_seed" / "baseline" / "model.safetensors")
@@ -673,15 +648,16 @@ def test_verify_zarr_ids_out_of_alignment(built, tmp_path):
 
 def test_verify_zarr_ids_out_of_alignment_with_consistent_checksums(built, tmp_path):
     """Even with the manifest's chunk digests rewritten to match, the ids must equal the Parquet ids."""
-    from kd.cache.store import Store
     from kd.cache.layout import chunks_sha256
+    from kd.cache.store import Store
 
     cache = copy_cache(built.feature_cache, tmp_path)
     ids = zarr.open_array(str(cache / "features.zarr" / "labeled" / "id"), mode="r+")
     ids[:2] = ids[:2][::-1]  # two rows of the first part swap their ids
     manifest = manifest_of(cache)
     for entry in manifest["splits"]["labeled"]["parts"]:
-        entry["features"]["id"] = chunks_sha256(Store(cache), manifest, "labeled", "id", entry["first_row"], entry["rows"])
+        entry["features"]["id"] = chunks_sha256(Store(cache), manifest, "labeled", "id", entry["first_row"],
+                                                entry["rows"])
     write_manifest(cache, manifest)
     lines = assert_problems(invoke_cache("verify", cache), str(cache / "features.zarr" / "labeled"))
     assert "aligned" in lines[0]

@@ -9,22 +9,23 @@ import re
 
 import pytest
 
-from conftest import invoke, ok
+from kd.cli import distill, label, prepare, report
+from kd.cli import eval as eval_stage
 from kd.config import PrepareConfig, Shares
 from kd.prepared import tokens
 from kd.sources import text as text_source
-from kd.cli import distill, label, prepare, report
-from kd.cli import eval as eval_stage
+from tests.helpers import invoke, ok
 
 KEEP = r"^(Customizing|Basic customization|Emulating|Special method|Class definitions)"
 
 
+@pytest.mark.unit
 def test_keep_filters_after_the_deal_so_a_task_never_trains_on_general_test_text():
     cfg = PrepareConfig(dataset="pydoc", shares=Shares(labeled=0.7, unlabeled=0.2, test=0.1), seed=0)
     docs = text_source.documents(cfg)
     dealt = text_source.deal([len(d) for d in docs], cfg)
     task = PrepareConfig(dataset="pydoc", shares=cfg.shares, seed=0, keep=KEEP)
-    for name, chosen in dealt.items():
+    for chosen in dealt.values():
         kept = [i for i in chosen if text_source.kept(task, docs[i])]
         assert all(re.search(KEEP, docs[i].splitlines()[0]) for i in kept)
         assert [i for i in chosen if re.search(KEEP, docs[i].splitlines()[0])] == kept
@@ -45,7 +46,8 @@ def task_world(lm_world, tmp_path_factory):
     ok(invoke(prepare.main, "--dataset", "pydoc", "--tokenizer", lm_world / "teacher", "--keep", KEEP,
               "--block-size", 32, "--labeled", 10, "--unlabeled", 10, "--test", 10, "--params", params,
               "--out", root / "task_prepared"))
-    for prepared, out in ((lm_world / "prepared", root / "general_cache"), (root / "task_prepared", root / "task_cache")):
+    for prepared, out in ((lm_world / "prepared", root / "general_cache"),
+                          (root / "task_prepared", root / "task_cache")):
         ok(invoke(label.main, "--no-progress", "--teacher", lm_world / "teacher", "--prepared", prepared,
                   "--out", out, "--params", params, "--top-k", 8))
     ok(invoke(distill.main, "s", "--no-progress", "--params", params, "--cache", root / "general_cache", "--prepared",
@@ -54,6 +56,7 @@ def task_world(lm_world, tmp_path_factory):
     return root
 
 
+@pytest.mark.integration
 def test_a_student_is_scored_on_another_test_set_and_the_report_puts_both_side_by_side(lm_world, task_world):
     root, params = task_world, task_world / "params.yaml"
     assert tokens.split_info(root / "task_prepared" / "test.parquet")["tokenizer_sha256"] == \

@@ -21,13 +21,12 @@ from numpy.testing import assert_array_equal
 from safetensors.torch import load_file
 
 from kd import lm, lm_training, masking
-from kd.prepared import tokens
-from kd.sources import text as text_sources
+from kd.cli import prepare, teacher
 from kd.config import PrepareConfig, Shares
 from kd.errors import InputError, MissingInputError
-from kd.cli import prepare, teacher
-from tests.test_prepare import assert_clean_error, files_bytes
-from conftest import invoke, ok
+from kd.prepared import tokens
+from kd.sources import text as text_sources
+from tests.helpers import assert_clean_error, files_bytes, invoke, ok
 
 SMALL = ("--vocab-size", 300, "--block-size", 32, "--labeled", 40, "--unlabeled", 10, "--test", 10)
 TINY_GPT2 = '{"n_layer": 1, "n_head": 2, "n_embd": 32}'
@@ -56,6 +55,7 @@ def essay(n: int = 30) -> str:
 # --- kd prepare -------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_pydoc_files(root):
     prepared = root / "prepared"
     tokenizer_sha = hashlib.sha256((prepared / "tokenizer.json").read_bytes()).hexdigest()
@@ -88,6 +88,7 @@ def test_pydoc_files(root):
     assert any(first in topic for topic in topics.values())  # blocks decode back to the source text
 
 
+@pytest.mark.unit
 def test_documents_never_cross_splits():
     lengths = list(range(1, 80))
     cfg = PrepareConfig(dataset="pydoc", shares=Shares(labeled=0.6, unlabeled=0.3, test=0.1))
@@ -99,6 +100,7 @@ def test_documents_never_cross_splits():
     assert more_labeled["test"] == dealt["test"]  # the test split is dealt first
 
 
+@pytest.mark.integration
 def test_same_params_same_bytes(root, tmp_path):
     run_prepare(root, tmp_path / "again")
     assert files_bytes(tmp_path / "again") == files_bytes(root / "prepared")
@@ -106,6 +108,7 @@ def test_same_params_same_bytes(root, tmp_path):
     assert (tmp_path / "seed1" / "test.parquet").read_bytes() != (root / "prepared" / "test.parquet").read_bytes()
 
 
+@pytest.mark.integration
 def test_txt_source(tmp_path, run_command):
     source = tmp_path / "essay.txt"
     source.write_text("\n\n" + essay())
@@ -121,6 +124,7 @@ def test_txt_source(tmp_path, run_command):
     assert all(info["rows"] > 0 and info["vocab_size"] == 280 for info in infos.values())
 
 
+@pytest.mark.integration
 def test_parquet_source(tmp_path, run_command):
     body = essay().split("\n\n") + [None, "   "]  # a null and a blank row are dropped
     source = tmp_path / "docs.parquet"
@@ -174,6 +178,7 @@ ERRORS = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", ERRORS)
 def test_prepare_errors(case, workdir, write_params, run_command):
     write_params(prepare={"dataset": "digits"})
@@ -185,6 +190,7 @@ def test_prepare_errors(case, workdir, write_params, run_command):
 # --- language models --------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("arch, kwargs, score", [("gpt2", TINY_GPT2, "perplexity"),
                                                   ("bert", TINY_BERT, "masked_accuracy")])
 def test_text_teacher(root, tmp_path, arch, kwargs, score):
@@ -201,7 +207,8 @@ def test_text_teacher(root, tmp_path, arch, kwargs, score):
     assert json.loads((out / "training.json").read_text())["training"]["arch"] == arch
 
     model = lm.load(out)
-    assert lm.objective(model) == metrics["objective"] and sum(p.numel() for p in model.parameters()) == metrics["params"]
+    assert lm.objective(model) == metrics["objective"]
+    assert sum(p.numel() for p in model.parameters()) == metrics["params"]
     _, test_blocks = tokens.read_blocks(root / "prepared" / "test.parquet")
     _, special = tokens.load_tokenizer(root / "prepared")
     # other batches, same masks
@@ -210,6 +217,7 @@ def test_text_teacher(root, tmp_path, arch, kwargs, score):
     assert len(lm.fingerprint(out)) == 64
 
 
+@pytest.mark.integration
 def test_fit_lowers_the_loss_deterministically_and_reload_gives_the_same_logits(root, tmp_path):
     _, blocks = tokens.read_blocks(root / "prepared" / "labeled.parquet")
     _, special = tokens.load_tokenizer(root / "prepared")
@@ -231,6 +239,7 @@ def test_fit_lowers_the_loss_deterministically_and_reload_gives_the_same_logits(
         assert torch.equal(lm.load(tmp_path / "m")(input_ids=x).logits, model(input_ids=x).logits)
 
 
+@pytest.mark.unit
 def test_bert_masking_is_seeded_and_spares_special_tokens():
     special = tokens.SpecialIds(pad=0, eos=1, mask=2)
     blocks = torch.randint(3, 300, (64, 128))
@@ -246,6 +255,7 @@ def test_bert_masking_is_seeded_and_spares_special_tokens():
     assert masked == pytest.approx(0.8, abs=0.03) and kept == pytest.approx(0.1 + 0.1 / 297, abs=0.03)
 
 
+@pytest.mark.integration
 def test_teacher_errors(root, run_command):
     common = ("--no-progress", "--prepared", root / "prepared", "--params", root / "params.yaml",
               "--out", root / "never")

@@ -21,24 +21,19 @@ import torch
 import yaml
 import zarr
 
-from kd import losses
-from kd.prepared import tokens
+from kd import losses, tasks
 from kd.cache import Cache
 from kd.cache.store import Store
-from kd import tasks
 from kd.cache.verify import verify
-from kd.errors import ConfigError
 from kd.cli import distill, label, report
 from kd.cli import eval as eval_stage
-from conftest import LM_BLOCK as BLOCK
-from conftest import assert_streams_like_in_memory, invoke, ok
+from kd.errors import ConfigError
+from kd.prepared import tokens
+from tests.helpers import KILL_DISTILL, assert_streams_like_in_memory, digest, invoke, label_args, ok, text_student
+from tests.helpers import LM_BLOCK as BLOCK
 
 
-def label_args(root, out, *extra):
-    return ["--no-progress", "--teacher", root / "teacher", "--prepared", root / "prepared", "--out", out,
-            "--params", root / "params.yaml", "--part-size", 16, *extra]
-
-
+@pytest.mark.integration
 def test_token_rows_are_the_teachers_next_token_distributions(lm_world, tmp_path):
     from kd import lm
 
@@ -70,6 +65,7 @@ def test_token_rows_are_the_teachers_next_token_distributions(lm_world, tmp_path
     assert cache.manifest["fidelity"]["test"]["teacher_accuracy"] == pytest.approx(accuracy)
 
 
+@pytest.mark.integration
 def test_k_equal_to_the_vocabulary_reproduces_full_logit_distillation(lm_world, tmp_path):
     from kd import lm
 
@@ -88,6 +84,7 @@ def test_k_equal_to_the_vocabulary_reproduces_full_logit_distillation(lm_world, 
         assert float(cached) == pytest.approx(float(full), rel=1e-6)
 
 
+@pytest.mark.integration
 def test_kept_mass_grows_with_k_and_shards_equal_one_process(lm_world, tmp_path):
     kept = {}
     for k in (8, 32, 128):
@@ -103,6 +100,7 @@ def test_kept_mass_grows_with_k_and_shards_equal_one_process(lm_world, tmp_path)
     assert digest(sharded) == digest(tmp_path / "k8")
 
 
+@pytest.mark.integration
 def test_a_null_part_size_holds_a_fixed_number_of_rows_per_part(lm_world, tmp_path, monkeypatch):
     """label.part_size null (the default) cuts parts of PART_ROWS cache rows' worth of blocks,
     not 16,384 blocks (2M rows for 128-token blocks: a streamed student held a whole split),
@@ -120,6 +118,7 @@ def test_a_null_part_size_holds_a_fixed_number_of_rows_per_part(lm_world, tmp_pa
     assert digest(tmp_path / "auto") == digest(tmp_path / "explicit")
 
 
+@pytest.mark.integration
 def test_a_pooled_token_feature_and_views_on_text_are_refused(lm_world, tmp_path):
     result = invoke(label.main, *label_args(lm_world, tmp_path / "c", "--feature", "transformer.h.0=pooled"))
     assert result.exit_code == 1 and "token rows cache hidden states in full" in result.output
@@ -130,12 +129,7 @@ def test_a_pooled_token_feature_and_views_on_text_are_refused(lm_world, tmp_path
 # --- causal students from the per-token cache --------------------------------------------------
 
 
-def text_student(**loss: Any) -> dict[str, Any]:
-    return {"arch": "gpt2", "arch_kwargs": {"n_layer": 1, "n_head": 2, "n_embd": 32}, "epochs": 1,
-            "batch_size": 16, "lr": 0.003, "loss": loss or {"soft": {"weight": 0.5, "temperature": 4},
-                                                            "hard": {"weight": 0.5, "labels": True}}}
-
-
+@pytest.mark.integration
 def test_a_causal_student_trains_from_the_cache_alone_and_is_evaluated(lm_world, tmp_path):
     from kd.loader import SampleSet
     from kd.tasks.causal_lm import rows as token_set
@@ -182,7 +176,8 @@ def test_a_causal_student_trains_from_the_cache_alone_and_is_evaluated(lm_world,
     kept = Cache.open(cache).manifest["fidelity"]["test"]["t1"]["kept_mass"]
     assert f"T=1: {100 * kept:.1f}%" in text and "top-32 of 512" in text
     assert "| one seed (no spread) |" in text and "± 0.0" not in text  # one seed: no spread to show
-    assert f"test perplexity {metrics['perplexity']:.1f}" in text and f"twin's {metrics['baseline_perplexity']:.1f}" in text
+    assert f"test perplexity {metrics['perplexity']:.1f}" in text
+    assert f"twin's {metrics['baseline_perplexity']:.1f}" in text
     assert {p.name for p in report_dir.iterdir()} == {"report.md", "leaderboard.csv", "perplexity_vs_params.png",
                                                      "training_curves.png", "per_position.png"}
     # every cache row lines up with the student's logits row of the same (block, position)
@@ -192,6 +187,7 @@ def test_a_causal_student_trains_from_the_cache_alone_and_is_evaluated(lm_world,
     assert torch.equal(batch["label"], batch["x"][:, 1:].reshape(-1))
 
 
+@pytest.mark.integration
 def test_text_students_refuse_what_they_cannot_do_yet(lm_world, tmp_path):
     cache = tmp_path / "cache"
     ok(invoke(label.main, *label_args(lm_world, cache, "--top-k", 8)))
@@ -219,6 +215,7 @@ def from_mapping_student(entry: dict[str, Any]):
     return from_mapping(StudentConfig, {**entry, "name": "s"}, "students.s")
 
 
+@pytest.mark.unit
 def test_text_students_is_the_students_section_under_another_name(tmp_path):
     from kd.config import student, student_names
 
@@ -233,12 +230,11 @@ def test_text_students_is_the_students_section_under_another_name(tmp_path):
         student(params, "c")
 
 
+@pytest.mark.integration
 def test_a_causal_student_killed_with_sigkill_resumes_to_the_same_weights(lm_world, tmp_path, child_env):
     import signal
     import subprocess
     import sys
-
-    from tests.test_reliability import KILL_DISTILL, digest
 
     cache = tmp_path / "cache"
     ok(invoke(label.main, *label_args(lm_world, cache, "--top-k", 8)))
@@ -262,6 +258,7 @@ def test_a_causal_student_killed_with_sigkill_resumes_to_the_same_weights(lm_wor
     assert not any((out / "checkpoints").glob("*.pt"))  # removed once training is done
 
 
+@pytest.mark.integration
 def test_hard_threshold_keeps_only_confident_pseudo_labels_of_a_text_student(lm_world, tmp_path):
     from kd.tasks import causal_lm
 
@@ -290,6 +287,7 @@ def test_hard_threshold_keeps_only_confident_pseudo_labels_of_a_text_student(lm_
     assert (tmp_path / "students" / "s" / "model.safetensors").is_file()
 
 
+@pytest.mark.integration
 def test_a_text_student_over_the_memory_budget_streams_the_cache(lm_world, tmp_path):
     from kd.loader import SampleSet, StreamingSet
     from kd.tasks import causal_lm

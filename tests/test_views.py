@@ -16,17 +16,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import invoke, invoke_cache, ok
 from kd import augment, sources
 from kd.cache import Cache, Teacher, label
+from kd.cli import label as label_stage
+from kd.cli import prepare as prepare_stage
 from kd.config import LabelConfig, PrepareConfig, StudentConfig, TeacherConfig, from_mapping
 from kd.errors import ConfigError
 from kd.prepared import images
-from kd.tasks.image_models import build, fingerprint, save_model
 from kd.sources import shapes
 from kd.tasks import image
-from kd.cli import label as label_stage
-from kd.cli import prepare as prepare_stage
+from kd.tasks.image_models import build, fingerprint, save_model
+from tests.helpers import invoke, invoke_cache, ok
 
 CROP_FLIP = augment.crop_flip([0.35, 1.0], [3 / 4, 4 / 3], 0.5)
 
@@ -64,6 +64,7 @@ def student(**fields) -> StudentConfig:
     return from_mapping(StudentConfig, {**entry, "name": "s"}, "students.s")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("memory_mb", [2048, 0], ids=["in-memory", "streamed"])
 def test_the_student_sees_the_exact_crops_the_teacher_labeled(rgb, rgb_teacher, tmp_path, memory_mb):
     seen: list[torch.Tensor] = []  # every input of the teacher's forward, in order
@@ -90,6 +91,7 @@ def test_the_student_sees_the_exact_crops_the_teacher_labeled(rgb, rgb_teacher, 
     assert not torch.equal(labeled[1:192:4], labeled[2:192:4])
 
 
+@pytest.mark.unit
 def test_views_are_pure_batch_independent_and_differ():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(30, 3 * 12 * 16, generator=g)
@@ -110,6 +112,7 @@ def test_views_are_pure_batch_independent_and_differ():
     assert not torch.equal(other_seed, out)
 
 
+@pytest.mark.unit
 def test_crop_parameters_follow_the_recipe():
     n, height, width = 20000, 24, 40
     boxes = augment.view_crops(np.arange(n), np.ones(n), 0, CROP_FLIP, height, width)
@@ -124,6 +127,7 @@ def test_crop_parameters_follow_the_recipe():
             == [0, 0, width, height, 0]).all()
 
 
+@pytest.mark.unit
 def test_a_full_crop_flips_and_a_crop_resizes_bilinearly():
     g = torch.Generator().manual_seed(0)
     images = torch.rand(2, 3, 8, 8, generator=g)
@@ -141,6 +145,7 @@ def test_a_full_crop_flips_and_a_crop_resizes_bilinearly():
     torch.testing.assert_close(crop[:, :, 1:7, 1:7], resized[:, :, 1:7, 1:7], rtol=0, atol=1e-6)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("fields,message", [
     ({"view_recipe": "crop"}, r"label.view_recipe: 'crop' must be one of \('shift', 'crop_flip'\)"),
     ({"view_scale": [0.5, 1.0]}, r"label.view_scale: \[0.5, 1.0\] is for view_recipe crop_flip, not 'shift'"),
@@ -158,6 +163,7 @@ def test_view_params_are_checked(fields, message):
         from_mapping(TeacherConfig, fields, "teacher")
 
 
+@pytest.mark.unit
 def test_crop_flip_needs_images(tmp_path):
     prepared = tmp_path / "prepared"
     sources.prepare(PrepareConfig(dataset="digits", input_shape=[64], labeled=20, unlabeled=10, test=20), prepared)
@@ -172,6 +178,7 @@ def test_crop_flip_needs_images(tmp_path):
     assert not (tmp_path / "cache" / "manifest.json").exists()
 
 
+@pytest.mark.integration
 def test_kd_label_records_the_recipe_from_its_options(rgb, rgb_teacher, tmp_path, write_params):
     params = write_params(label={"top_k": 4, "views": 2, "view_recipe": "crop_flip"})
     ok(invoke(label_stage.main, "--params", params, "--teacher", rgb_teacher.directory, "--prepared", rgb,
@@ -186,6 +193,7 @@ def test_kd_label_records_the_recipe_from_its_options(rgb, rgb_teacher, tmp_path
     assert "label.view_scale: [0.5, 1.0] is for view_recipe crop_flip, not 'shift'" in result.output
 
 
+@pytest.mark.unit
 def test_shapes_classes_keep_their_label_when_flipped():
     u = np.arange(64, dtype=np.float32)[None, :] - 31.5
     v = np.arange(64, dtype=np.float32)[:, None] - 31.5
@@ -196,6 +204,7 @@ def test_shapes_classes_keep_their_label_when_flipped():
     assert len({m.tobytes() for m in masks}) == len(shapes.CLASSES)  # 8 different shapes
 
 
+@pytest.mark.integration
 def test_kd_prepare_shapes_writes_its_preset_splits(workdir, write_params):
     params = write_params(prepare={"dataset": "shapes", "labeled": None, "unlabeled": 500, "test": None})
     output = ok(invoke(prepare_stage.main, "--params", params)).output
@@ -204,5 +213,6 @@ def test_kd_prepare_shapes_writes_its_preset_splits(workdir, write_params):
               for s in ("labeled", "unlabeled", "test")}
     assert {s: len(v.ids) for s, v in splits.items()} == {"labeled": 1200, "unlabeled": 500, "test": 1000}
     assert splits["labeled"].input_shape == [3, 32, 32]
-    assert np.bincount(splits["test"].y).tolist() == [125] * 8 and np.bincount(splits["labeled"].y).tolist() == [150] * 8
+    assert np.bincount(splits["test"].y).tolist() == [125] * 8
+    assert np.bincount(splits["labeled"].y).tolist() == [150] * 8
     assert not (workdir / "data/prepared/unlabeled_truth.parquet").exists()

@@ -44,6 +44,7 @@ def text_of(side_: dict, tokens: np.ndarray) -> bytes:
     return b"".join(side_["bytes"][t] or b"|" for t in tokens)
 
 
+@pytest.mark.unit
 def test_token_bytes_spell_every_piece_of_text_back(pair):
     for s in pair:
         ids = s["encode"](TEXT)
@@ -51,6 +52,7 @@ def test_token_bytes_spell_every_piece_of_text_back(pair):
         assert all(s["bytes"][i] is None for i in s["roles"].values())
 
 
+@pytest.mark.unit
 def test_identical_tokenizers_align_one_to_one(pair):
     _, merged = pair
     block = block_of(merged, TEXT, "hello world")
@@ -62,6 +64,7 @@ def test_identical_tokenizers_align_one_to_one(pair):
     np.testing.assert_array_equal(found.characters, found.teacher_characters)
 
 
+@pytest.mark.unit
 def test_a_token_spanning_several_of_the_others_and_the_reverse(pair):
     byte, merged = pair
     # the teacher has bytes only, the student merges: every student token starts where a teacher byte does
@@ -81,6 +84,7 @@ def test_a_token_spanning_several_of_the_others_and_the_reverse(pair):
     assert one.sum() == sum(len(merged["bytes"][t] or b"x") == 1 for t in block_of(merged, TEXT)[1:])
 
 
+@pytest.mark.unit
 def test_multi_byte_characters_cut_by_the_block_are_trimmed(pair):
     byte, merged = pair
     whole = block_of(byte, "漢字 😀")
@@ -93,6 +97,7 @@ def test_multi_byte_characters_cut_by_the_block_are_trimmed(pair):
     np.testing.assert_array_equal(found.start[1:], found.teacher_start[1:][position])
 
 
+@pytest.mark.unit
 def test_eos_between_documents_maps_by_role_and_whitespace_runs_keep_their_bytes(pair):
     byte, merged = pair
     block = block_of(merged, "a   b", "\t\t c")
@@ -106,13 +111,15 @@ def test_eos_between_documents_maps_by_role_and_whitespace_runs_keep_their_bytes
     assert block[position[second - 1] + 1] == merged["roles"]["eos"]
 
 
+@pytest.mark.unit
 def test_a_tokenizer_that_does_not_spell_the_text_back_is_refused(pair):
     byte, merged = pair
     with pytest.raises(InputError, match="byte for byte"):
-        align.student_block(block_of(byte, "abc"), byte["bytes"], byte["special"], lambda s: merged["encode"](s.upper()),
-                            merged["bytes"], merged["roles"])
+        align.student_block(block_of(byte, "abc"), byte["bytes"], byte["special"],
+                            lambda s: merged["encode"](s.upper()), merged["bytes"], merged["roles"])
 
 
+@pytest.mark.unit
 def test_the_mapping_table_matches_bytes_and_roles(pair):
     byte, merged = pair
     table = align.mapping_table(merged["bytes"], merged["roles"], byte["bytes"], byte["roles"])
@@ -138,6 +145,7 @@ def cached(teacher_logits: torch.Tensor, k: int, T: float) -> tuple[torch.Tensor
     return top.indices, top.values - top.values[:, :1], (shifted / T).logsumexp(1)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("k,tail", [(12, "bucket"), (5, "bucket"), (5, "renorm")])
 def test_mapped_with_identical_tokenizers_is_soft_exactly(k, tail):
     torch.manual_seed(0)
@@ -150,6 +158,7 @@ def test_mapped_with_identical_tokenizers_is_soft_exactly(k, tail):
     assert torch.equal(a, b) and torch.equal(ga, gb)
 
 
+@pytest.mark.unit
 def test_mapped_merges_and_buckets_like_the_coarse_grained_kl():
     # teacher ids 3 and 4 are one student token (4); id 5 has none: its mass goes to the tail
     torch.manual_seed(1)
@@ -172,6 +181,7 @@ def test_mapped_merges_and_buckets_like_the_coarse_grained_kl():
     assert torch.allclose(grad, student2.grad, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_mapped_with_nothing_mapped_is_the_kl_of_two_tails_and_finite():
     student, teacher = torch.randn(3, 6), torch.randn(3, 6)
     idx, logit, lse = cached(teacher, 3, 1.0)
@@ -188,6 +198,7 @@ def uld_reference(student_logits, teacher_logits, T):
     return (p - q).abs().sum(1).mean()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("student_classes", [10, 6, 14])
 def test_uld_with_the_whole_teacher_distribution_is_ulds_distance(student_classes):
     torch.manual_seed(2)
@@ -200,6 +211,7 @@ def test_uld_with_the_whole_teacher_distribution_is_ulds_distance(student_classe
         assert found.item() <= uld_reference(student, teacher, 1.5).item() + 1e-6
 
 
+@pytest.mark.unit
 def test_uld_properties():
     torch.manual_seed(3)
     teacher = 2 * torch.randn(4, 20)
@@ -220,8 +232,8 @@ def test_uld_properties():
 def world(tmp_path_factory):
     """A random tiny Llama teacher with a 384-entry Hugging Face BPE, pydoc cut with it and
     labeled (top-8), and kd's own 300-entry BPE for the students (other size, other merges)."""
-    from conftest import hf_label_args, hf_tokenizer, invoke, ok, save_hf_model
     from kd.cli import label, prepare
+    from tests.helpers import hf_label_args, hf_tokenizer, invoke, ok, save_hf_model
 
     root = tmp_path_factory.mktemp("xtok")
     (root / "params.yaml").write_text("{}\n")
@@ -241,8 +253,9 @@ TINY_LLAMA = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 
 
 def distil(world, tmp_path, name: str, **student):
     import yaml
-    from conftest import invoke
+
     from kd.cli import distill
+    from tests.helpers import invoke
 
     entry = {"arch": "llama", "arch_kwargs": TINY_LLAMA, "epochs": 2, "batch_size": 4, "lr": 0.003,
              "transfer": ["unlabeled"], **student}
@@ -254,13 +267,14 @@ def distil(world, tmp_path, name: str, **student):
     return result, params
 
 
+@pytest.mark.integration
 def test_a_student_with_another_tokenizer_distils_and_evaluates_from_the_unchanged_cache(world, tmp_path):
     import json
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from conftest import invoke, ok
     from kd.cli import eval as evaluate
+    from tests.helpers import invoke, ok
 
     manifest = (world / "cache" / "manifest.json").read_bytes()
     loss = {"mapped": {"weight": 0.5, "temperature": 4}, "uld": {"weight": 0.5, "temperature": 1},
@@ -307,8 +321,9 @@ def test_a_student_with_another_tokenizer_distils_and_evaluates_from_the_unchang
     assert (tmp_path / "by_bits" / "bits_per_char_vs_params.png").is_file()
 
 
+@pytest.mark.integration
 def test_the_twin_of_a_student_with_its_own_tokenizer_is_keyed_by_it(world, tmp_path):
-    from conftest import ok
+    from tests.helpers import ok
 
     loss = {"uld": {"weight": 0.5}, "hard": {"weight": 0.5}}
     ok(distil(world, tmp_path, "a", loss=loss, epochs=1)[0])
@@ -316,10 +331,11 @@ def test_the_twin_of_a_student_with_its_own_tokenizer_is_keyed_by_it(world, tmp_
     assert len(list((tmp_path / "baselines").iterdir())) == 2
 
 
+@pytest.mark.integration
 def test_mapped_with_the_teachers_own_tokenizer_trains_as_soft_exactly(world, tmp_path):
     from safetensors.torch import load_file
 
-    from conftest import ok
+    from tests.helpers import ok
 
     weights = {}
     for name, extra in (("soft", {}), ("mapped", {"tokenizer": str(world / "teacher")})):
@@ -330,6 +346,7 @@ def test_mapped_with_the_teachers_own_tokenizer_trains_as_soft_exactly(world, tm
     assert all(torch.equal(weights["soft"][k], weights["mapped"][k]) for k in weights["soft"])
 
 
+@pytest.mark.integration
 def test_soft_with_another_tokenizer_is_refused_in_one_line(world, tmp_path):
     result, _ = distil(world, tmp_path, "x", tokenizer=str(world / "student_tokenizer"),
                        loss={"soft": {"weight": 0.5}, "hard": {"weight": 0.5}})
@@ -339,12 +356,12 @@ def test_soft_with_another_tokenizer_is_refused_in_one_line(world, tmp_path):
     assert "loss.mapped" in line and "loss.uld" in line
 
 
+@pytest.mark.integration
 def test_a_student_with_its_own_tokenizer_streams_the_rows_it_holds_in_memory(world):
-    from conftest import assert_streams_like_in_memory
-
     from kd import config
     from kd.cache import Cache
     from kd.tasks import causal_lm
+    from tests.helpers import assert_streams_like_in_memory
 
     cfg = config.from_mapping(config.StudentConfig, {
         "name": "x", "section": "text_students", "arch": "llama", "arch_kwargs": TINY_LLAMA,
@@ -359,10 +376,11 @@ def test_a_student_with_its_own_tokenizer_streams_the_rows_it_holds_in_memory(wo
     assert_streams_like_in_memory(in_memory, streamed, views="none", batch_size=4)
 
 
+@pytest.mark.integration
 def test_a_student_with_its_own_hugging_face_tokenizer_reads_it_back(world, tmp_path):
     from transformers import AutoTokenizer
 
-    from conftest import hf_tokenizer, ok, pydoc_documents
+    from tests.helpers import hf_tokenizer, ok, pydoc_documents
 
     own = hf_tokenizer(350, pydoc_documents(40, 40))
     own.save_pretrained(tmp_path / "own")
@@ -373,10 +391,11 @@ def test_a_student_with_its_own_hugging_face_tokenizer_reads_it_back(world, tmp_
     assert found.eos_token == "</s>"
 
 
+@pytest.mark.e2e
 def test_two_process_torchrun_trains_a_student_with_its_own_tokenizer_as_one_process(world, tmp_path):
     import yaml
 
-    from tests.test_distributed import TOLERANCE, both_ways, log_difference, max_difference
+    from tests.helpers import TOLERANCE, both_ways, log_difference, max_difference
 
     entry = {"arch": "llama", "arch_kwargs": TINY_LLAMA, "epochs": 2, "batch_size": 4, "lr": 0.003,
              "transfer": ["unlabeled"], "tokenizer": str(world / "student_tokenizer"),

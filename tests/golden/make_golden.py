@@ -214,10 +214,10 @@ def ref_topk_soft_target_loss_per_row(student_logits, topk_idx, topk_logit, lse,
                                       tail):
     T = temperature
     rows = []
-    for s, idx, tl, l in zip(student_logits, topk_idx, topk_logit, lse):
+    for s, idx, tl, row_lse in zip(student_logits, topk_idx, topk_logit, lse):
         idx = [int(i) for i in idx]
         q_all = _softmax(s / T)
-        p = [math.exp(v / T - l) for v in tl]  # exact teacher probs at the top-k classes
+        p = [math.exp(v / T - row_lse) for v in tl]  # exact teacher probs at the top-k classes
         q = [q_all[i] for i in idx]
         rest = [c for c in range(len(s)) if c not in idx]
         if tail == "renorm":
