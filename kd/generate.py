@@ -22,6 +22,7 @@ on the batch it was drawn in, nor on how the run was cut into parts or interrupt
                                           how many answers equal the responses the source
                                           split held (`same_as_source`: the truth, where it is
                                           known), and the teacher's greedy exact match on test
+                                          (per assistant turn, and on each block's first)
     parts/part-<n>.parquet                every response of prompts [n * part_size, ...): `id`
                                           (the prompt's block), `sample`, `response` (tokens),
                                           `logprob` (the mean log-probability of its tokens
@@ -86,8 +87,9 @@ PART_SCHEMA = pa.schema([pa.field("id", pa.int64(), nullable=False), pa.field("s
 
 @dataclass
 class Response:
-    """One answer: its tokens (the eos included when the teacher wrote it), the sum of their
-    log-probabilities under the teacher at temperature 1, and whether it ended with eos."""
+    """One answer: its tokens (the eos or stop token included when the teacher wrote it), the sum
+    of their log-probabilities under the teacher at temperature 1, and whether it ended with eos
+    (or its stop token)."""
 
     tokens: list[int]
     logprob_sum: float
@@ -162,14 +164,16 @@ def limits(prompts: list[list[int]], max_new_tokens: int, block_size: int) -> li
 @torch.no_grad()
 def generate_batch(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int, block_size: int, pad: int,
                    eos: int, uniforms: torch.Tensor | None = None, temperature: float = 1.0,
-                   top_p: float = 1.0) -> list[Response]:
+                   top_p: float = 1.0, stops: list[int | None] | None = None) -> list[Response]:
     """Answer a batch of prompts with a causal LM and its KV cache: one forward over the
     left-padded prompts, then one token per step, each step feeding only the new tokens (the
     keys and values of the prefix are kept). `uniforms` (B, max_new_tokens) float64: the rows'
-    draws, step by step (None: greedy). A row stops at eos or at its limit (`limits`); the
-    batch stops when every row has."""
+    draws, step by step (None: greedy). A row stops at eos, at its own stop token (`stops`, one
+    per row or None: a chat turn's end-of-turn token) or at its limit (`limits`); the batch
+    stops when every row has."""
     device = lm.device_of(model)
     allowed = torch.tensor(limits(prompts, max_new_tokens, block_size))
+    stop = torch.tensor([eos if s is None else s for s in (stops or [None] * len(prompts))])  # (B,)
     ids, mask = left_padded(prompts, pad)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     done = allowed == 0
@@ -189,7 +193,7 @@ def generate_batch(model: nn.Module, prompts: list[list[int]], *, max_new_tokens
         sums += torch.where(live, logp, torch.zeros_like(logp))
         for row in torch.nonzero(live).flatten().tolist():
             tokens[row].append(int(chosen[row]))
-        ended = live & (chosen == eos)
+        ended = live & ((chosen == eos) | (chosen == stop))
         finished |= ended
         done = done | ended | (torch.tensor([len(t) for t in tokens]) >= allowed)
         if done.all():
@@ -204,18 +208,35 @@ def generate_batch(model: nn.Module, prompts: list[list[int]], *, max_new_tokens
 
 
 def answers(model: nn.Module, prompts: list[list[int]], *, batch_size: int, max_new_tokens: int, block_size: int,
-            pad: int, eos: int) -> list[Response]:
-    """Greedy answers to every prompt, in batches (what `exact_match` scores)."""
+            pad: int, eos: int, stops: list[int | None] | None = None) -> list[Response]:
+    """Greedy answers to every prompt, in batches (what `exact_match` scores); `stops`: each
+    prompt's own stop token besides eos (None: eos alone)."""
     found: list[Response] = []
     for start in range(0, len(prompts), batch_size):
         found += generate_batch(model, prompts[start:start + batch_size], max_new_tokens=max_new_tokens,
-                                block_size=block_size, pad=pad, eos=eos)
+                                block_size=block_size, pad=pad, eos=eos,
+                                stops=None if stops is None else stops[start:start + batch_size])
     return found
 
 
 def exact_match(found: list[Response], truths: list[list[int]]) -> float:
     """The share of answers whose tokens are exactly the true response's (its eos included)."""
     return float(np.mean([r.tokens == t for r, t in zip(found, truths)])) if truths else float("nan")
+
+
+def turn_scores(model: nn.Module, source: Path, *, batch_size: int, max_new_tokens: int, pad: int, eos: int
+                ) -> dict[str, float]:
+    """Exact match per assistant turn of an instruction split (`tokens.turns`): each turn's
+    prompt answered greedily until eos or the turn's end token, against its truth (its content
+    and end token), over all turns (`exact_match`) and over each block's first
+    (`exact_match_first_turn`; a prompt/response pair is one turn, so the two are equal)."""
+    turns = tokens.turns(source)
+    found = answers(model, [t.prompt for t in turns], batch_size=batch_size, max_new_tokens=max_new_tokens,
+                    block_size=tokens.split_info(source)["block_size"], pad=pad, eos=eos,
+                    stops=[t.stop for t in turns])
+    first = [(r, t) for r, t in zip(found, turns) if t.index == 0]
+    return {"exact_match": exact_match(found, [t.truth for t in turns]),
+            "exact_match_first_turn": exact_match([r for r, _ in first], [t.truth for _, t in first])}
 
 
 def special_of(prepared: Path) -> tuple[int, int]:
@@ -291,11 +312,9 @@ def run(teacher: Teacher, prepared: Path, out: Path, cfg: GenerateConfig, *, pro
         done = _up_to_date(out, key, cfg)  # another shard assembled while this one waited
         if done is not None:
             return done
-        _, test_prompts, test_truths = prompts_and_responses(prepared / "test.parquet")
-        found = answers(model, test_prompts, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                        block_size=infos["test"]["block_size"], pad=pad, eos=eos)
-        return _assemble(teacher, prepared, out, cfg, key, splits, ids, prompts, given, counts, pad,
-                         exact_match(found, test_truths))
+        scores = turn_scores(model, prepared / "test.parquet", batch_size=cfg.batch_size,
+                             max_new_tokens=cfg.max_new_tokens, pad=pad, eos=eos)
+        return _assemble(teacher, prepared, out, cfg, key, splits, ids, prompts, given, counts, pad, scores)
 
 
 @contextmanager
@@ -376,10 +395,10 @@ def _claim(out: Path, key: dict[str, Any]) -> None:
 
 def _assemble(teacher: Teacher, prepared: Path, out: Path, cfg: GenerateConfig, key: dict[str, Any],
               splits: list[str], ids: np.ndarray, prompts: list[list[int]], given: list[list[int]],
-              counts: list[int], pad: int, teacher_exact_match: float) -> dict[str, Any]:
+              counts: list[int], pad: int, scores: dict[str, float]) -> dict[str, Any]:
     """Build the finished directory aside from the parts and swap it in. `given`: the responses
     the source split held (the truth, for a split whose answers are known), to count how many
-    answers equal them."""
+    answers equal them; `scores`: the teacher's on test (`turn_scores`)."""
     tables = [pq.read_table(out / _part(i)) for i in range(len(counts))]
     parts = [{"index": i, "prompts": counts[i], "responses": t.num_rows, "sha256": file_sha256(out / _part(i))}
              for i, t in enumerate(tables)]
@@ -429,6 +448,7 @@ def _assemble(teacher: Teacher, prepared: Path, out: Path, cfg: GenerateConfig, 
                                 "arch": teacher.config.get("arch"), "params": teacher.config.get("params")},
                     "source": {"prepared": str(prepared), "split": cfg.split,
                                "sha256": key["data"]}, "settings": settings, "parts": parts,
-                    "responses": summary, "teacher_exact_match": teacher_exact_match, "files": files}
+                    "responses": summary, "teacher_exact_match": scores["exact_match"],
+                    "teacher_exact_match_first_turn": scores["exact_match_first_turn"], "files": files}
         write_json(tmp / MANIFEST, manifest)
     return manifest

@@ -59,6 +59,11 @@ class Inputs(Protocol):
     def header(self) -> dict[str, Any]:
         """The task's own manifest keys (`input_shape`, a token cache's `text`)."""
 
+    def teacher_scores(self, model: nn.Module) -> dict[str, float]:
+        """The task's own scores of the teacher, measured once when the manifest is started and
+        kept in it as `teacher_scores` when there are any (instruction data: its exact match on
+        the test turns); {} for none."""
+
     def probe(self) -> torch.Tensor:
         """One input for the probe forward pass (`writer.plan`)."""
 

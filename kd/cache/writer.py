@@ -14,8 +14,9 @@ writes the manifest a single process would have written. The cache may be a loca
 directory or an object-store URL (see `store`).
 
 The writer knows no task: the caller hands it the task's `Inputs` (`batch`), which turn
-prepared samples into teacher inputs and `Batch`es of rows; `targets` makes their columns and
-statistics; `shards` resumes and merges.
+prepared samples into teacher inputs and `Batch`es of rows and may score the teacher once (the
+manifest's `teacher_scores`); `targets` makes their columns and statistics; `shards` resumes and
+merges.
 """
 
 from __future__ import annotations
@@ -126,6 +127,11 @@ def label(teacher: Teacher, prepared: Path, out: str | Path, cfg: LabelConfig, *
                 return manifest
         if manifest.get("num_classes") is None:
             header = _header(teacher, num_classes, specs, inputs, offsets, fingerprints, cfg)
+            # the task's scores of the teacher, measured once (a resumed run keeps them); by shard 0
+            # alone, whose record the merged manifest keeps. None at all: no key, as before them.
+            scores = inputs.teacher_scores(model) if shard == 0 else {}
+            if scores:
+                header["teacher_scores"] = scores
             if cfg.keep_teacher:
                 header["teacher_files"] = _keep_teacher(store, teacher)
             manifest.update(header)

@@ -67,5 +67,6 @@ def main(
     typer.echo(f"{cfg.split:<9} {r['kept']:>7} of {r['responses']} responses kept ({r['prompts']} prompts, "
                f"{r['finished']} ended with eos, {r['filtered']} under min_logprob, mean log-probability "
                f"{r['mean_logprob']:.3f}{same})  -> {out / f'{cfg.split}.parquet'}")
-    typer.echo(f"teacher   greedy exact match on test {manifest['teacher_exact_match']:.4f}  "
-               f"-> {out / generate.MANIFEST}")
+    first = manifest.get("teacher_exact_match_first_turn")  # (not in a manifest written before kd measured it)
+    typer.echo(f"teacher   greedy exact match on test {manifest['teacher_exact_match']:.4f} per assistant turn"
+               + ("" if first is None else f", {first:.4f} on first turns") + f"  -> {out / generate.MANIFEST}")

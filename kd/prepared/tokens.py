@@ -227,6 +227,38 @@ def predicted(path: Path, start: int = 0, stop: int | None = None) -> np.ndarray
     return mask[:, 1:]
 
 
+@dataclass(frozen=True)
+class Turn:
+    """One assistant turn of an instruction block: a maximal run of predicted tokens (for chats,
+    a turn's content and its end-of-turn token; for a prompt/response pair, the response and
+    eos). `prompt`: the block's tokens before the run's first; `truth`: the run's tokens; `stop`:
+    its last token (the end-of-turn token), None when the run reaches the block's end (cut: no
+    end token of its own, the block's end stops it)."""
+
+    block: int  # the block's row in the split
+    index: int  # 0 for the block's first turn
+    prompt: list[int]
+    truth: list[int]
+    stop: int | None
+
+
+def turns(path: Path) -> list[Turn]:
+    """Every assistant turn of an instruction split, block by block (`Turn`); InputError for
+    plain text, which has none."""
+    _, blocks = read_blocks(path)
+    keep = predicted(path)
+    if keep is None:
+        raise InputError(f"{path}: plain text (no loss_mask); turns are those of instruction or chat data "
+                         "(prepare.prompt_column + response_column, or messages_column)")
+    found = []
+    for row, (block, mask) in enumerate(zip(blocks, keep)):
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))  # run starts, ends
+        for index, (start, end) in enumerate(zip(edges[::2], edges[1::2])):  # targets [start, end): block[start + 1 ..]
+            truth = block[start + 1:end + 1].tolist()
+            found.append(Turn(row, index, block[:start + 1].tolist(), truth, None if end == len(mask) else truth[-1]))
+    return found
+
+
 def max_token(path: Path) -> int:
     """The largest token id in a split file (-1 when it has no block)."""
     tokens = _open_blocks(path).read(columns=["tokens"]).column("tokens")

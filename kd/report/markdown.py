@@ -21,7 +21,10 @@ HEADERS = {"params": ("params", ","), "size_bytes": ("size (bytes)", ","), "thro
            "speedup_vs_teacher": ("speedup", ".1f"), "perplexity": ("perplexity", ".2f"),
            "baseline_perplexity": ("twin perplexity", ".2f"), "teacher_perplexity": ("teacher perplexity", ".2f"),
            "bits_per_char": ("bits/char", ".3f"), "baseline_bits_per_char": ("twin bits/char", ".3f"),
-           "teacher_bits_per_char": ("teacher bits/char", ".3f")}
+           "teacher_bits_per_char": ("teacher bits/char", ".3f"),
+           "exact_match_first_turn": ("first-turn exact match", ".4f"),
+           "baseline_exact_match_first_turn": ("twin first-turn", ".4f"),
+           "teacher_exact_match_first_turn": ("teacher first-turn", ".4f")}
 
 
 def share(fraction: float) -> str:

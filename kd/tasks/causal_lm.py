@@ -79,7 +79,7 @@ class Inputs:
         self.response_only = self.infos["labeled"]["response_only"]
         masks = {s: tokens.predicted(prepared / f"{s}.parquet") for s in splits}
         self.counts = {s: None if m is None else m.sum(1).astype(np.int64) for s, m in masks.items()}
-        self.cfg = cfg
+        self.cfg, self.prepared = cfg, prepared
 
     def samples(self, split: str) -> int:
         return self.infos[split]["rows"]
@@ -100,6 +100,14 @@ class Inputs:
                 "text": {"objective": OBJECTIVE, "block_size": self.block_size, "positions": self.per_sample,
                          "vocab_size": info["vocab_size"], "tokenizer_sha256": info["tokenizer_sha256"],
                          **({"response_only": True} if self.response_only else {})}}
+
+    def teacher_scores(self, model: nn.Module) -> dict[str, float]:
+        """Instruction data: the teacher's exact match on the test turns (all, first), greedy,
+        in batches of as many blocks as a labeling batch holds (`kd.exact_match`); none for
+        plain text."""
+        if self.counts["test"] is None:
+            return {}
+        return exact_match.scores(model, self.prepared, max(1, self.cfg.batch_size // self.per_sample))
 
     def probe(self) -> torch.Tensor:
         return torch.zeros(1, self.block_size, dtype=torch.long)
@@ -269,15 +277,14 @@ def evaluate(student_dir: Path, cache: Cache, prepared: Path, cfg: EvalConfig, s
                    "student_tokenizer": {"sha256": own.student.fingerprint, "vocab_size": own.student.vocab_size}}
     if teacher_predicted is not None and own is None:  # (greedy answers in the teacher's tokens)
         columns, seeds = plots["seeds.csv"]
-        matches = exact_matches(student_dir, prepared, cfg)
-        record |= {"exact_match": matches[0]["student"], "baseline_exact_match": matches[0]["baseline"],
-                   "teacher_exact_match": exact_match.teacher_exact_match(prepared),
-                   "exact_match_gain_points": 100.0 * (matches[0]["student"] - matches[0]["baseline"]),
-                   **metrics.seed_summary([{"exact_match": m["student"], "baseline_exact_match": m["baseline"]}
-                                           for m in matches], "exact_match", "exact_match_gain_points")}
+        matches = exact_matches(student_dir, prepared, cfg)  # per seed: exact_match(_first_turn), baseline_...
+        record |= {**matches[0], **exact_match.teacher_scores(cache.manifest, prepared)}
+        for key in exact_match.KEYS:  # exact_match_gain_points, exact_match_first_turn_gain_points
+            record[f"{key}_gain_points"] = 100.0 * (matches[0][key] - matches[0][f"baseline_{key}"])
+            record |= metrics.seed_summary(matches, key, f"{key}_gain_points")
         plots["seeds.csv"] = ([*columns, "student_exact_match", "baseline_exact_match"],
-                              [{**row, "student_exact_match": m["student"], "baseline_exact_match": m["baseline"]}
-                               for row, m in zip(seeds, matches)])
+                              [{**row, "student_exact_match": m["exact_match"],
+                                "baseline_exact_match": m["baseline_exact_match"]} for row, m in zip(seeds, matches)])
     return record, plots
 
 
@@ -290,9 +297,9 @@ def bits_per_char(perplexity: float, tokens: int, characters: int | None) -> flo
 
 
 def exact_matches(student_dir: Path, prepared: Path, cfg: EvalConfig) -> list[dict[str, float]]:
-    """Instruction data: the share of test prompts that the student and its twin answer exactly
-    (greedy, until eos or the end of the block; `kd.exact_match`), for every seed in the order
-    `evaluate_rows` lists them."""
+    """Instruction data: the share of test turns that the student and its twin answer exactly
+    (greedy, until eos, the turn's end token or the end of the block; all turns and first turns:
+    `kd.exact_match`), for every seed in the order `evaluate_rows` lists them."""
     return exact_match.exact_matches(student_dir, read_json(student_dir / STUDENT_RECORD), prepared, cfg.batch_size)
 
 

@@ -73,6 +73,9 @@ class Inputs:
     def header(self) -> dict[str, Any]:
         return {"input_shape": self.input_shape}
 
+    def teacher_scores(self, model: nn.Module) -> dict[str, float]:
+        return {}  # the teacher's accuracy is in the fidelity statistics
+
     def probe(self) -> torch.Tensor:
         return torch.zeros(1, *self.input_shape)
 

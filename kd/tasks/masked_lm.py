@@ -76,6 +76,9 @@ class Inputs(causal_lm.Inputs):
                                            "random": masking.MASK_AS_RANDOM, "seed": self.cfg.view_seed}}
         return header
 
+    def teacher_scores(self, model: nn.Module) -> dict[str, float]:
+        return {}  # a masked LM answers no prompts
+
     def logits(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         tokens = tokens.to(lm.device_of(model))
         return model(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits[:, 0]
