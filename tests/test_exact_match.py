@@ -16,12 +16,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import hf_label_args, invoke, ok
 from kd.cache import Cache
 from kd.cli import distill, label, prepare, teacher
 from kd.cli import eval as evaluate
 from kd.prepared import tokens
-from tests.test_instruction import chat_tokenizer_dir, write_jsonl
+from tests.helpers import chat_tokenizer_dir, hf_label_args, invoke, ok, write_jsonl
 
 BLOCK = 64
 TINY_LLAMA = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1,
@@ -36,6 +35,7 @@ def chats(count: int) -> list[dict]:
             for n in (i % 5 + 1 for i in range(count))]
 
 
+@pytest.mark.unit
 def test_the_turns_of_a_hand_built_chat_block(tmp_path):
     """Two ChatML turns in one block: each turn's prompt is the block before it, its truth its
     content and <|im_end|> (not the template's newline after it), its stop token <|im_end|>. The
@@ -123,6 +123,7 @@ def transformers_exact_match(directory: Path, source: Path, end: str) -> tuple[f
     return float(np.mean(hits)), float(np.mean(first_hits))
 
 
+@pytest.mark.integration
 def test_the_teacher_s_first_turn_exact_match_is_transformers_own(chat_world):
     root, end = chat_world
     metrics = json.loads((root / "students" / "s" / "metrics.json").read_text())

@@ -23,7 +23,9 @@ from kd.cli import eval as evaluate
 from kd.prepared import tokens
 from kd.tasks import causal_lm
 from tests.helpers import (
+    TEMPLATES,
     assert_streams_like_in_memory,
+    chat_tokenizer_dir,
     hf_label_args,
     hf_tokenizer,
     invoke,
@@ -75,32 +77,6 @@ def test_prepare_marks_the_response_and_eos_only(world):
         end = first + len(targets)
         assert (block[end:] == tokenizer.eos_token_id).all()  # no pad token: padded with eos, never predicted
         assert keep[first - 1:end - 1].all() and not keep[:first - 1].any() and not keep[end - 1:].any()
-
-
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
-          " + m['content'] + '<|eot_id|>' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
-# ChatML with the marks `return_assistant_tokens_mask` reads: content and <|im_end|>, not the newline
-CHATML_MARKED = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
-                 "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
-                 "{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}"
-                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-TEMPLATES = {"chatml": (CHATML, ["<|im_start|>", "<|im_end|>"], "<|im_end|>"),
-             "llama3": (LLAMA3, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|eot_id|>"),
-             "chatml_marked": (CHATML_MARKED, ["<|im_start|>", "<|im_end|>"], "<|im_end|>")}
-
-
-def chat_tokenizer_dir(path: Path, template: str) -> tuple[Path, str]:
-    """A tokenizer directory with `template` and its special tokens (as the model's authors ship
-    them, not added by kd), and the template's end-of-turn token."""
-    source, specials, end = TEMPLATES[template]
-    tokenizer = hf_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": specials})
-    tokenizer.chat_template = source
-    tokenizer.save_pretrained(path)
-    return path, end
 
 
 @pytest.mark.parametrize("template", sorted(TEMPLATES))
