@@ -56,6 +56,9 @@ PROVENANCE_KEYS = ("kl_exact", "teacher_throughput_source")
 SEED_KEYS = ("seeds", "accuracy_mean", "accuracy_std", "baseline_accuracy_mean", "baseline_accuracy_std",
              "gain_points_mean", "gain_points_std")
 SEEDS_DIR = "seeds"
+# seeds/index.json: every trained seed -> its directory, relative to the student's ("." for the
+# first). It also keeps seeds/ from being empty for one seed: DVC warns of an empty output.
+SEEDS_INDEX = "index.json"
 METRICS_FILE, PLOTS_DIR = "metrics.json", "plots"
 LATENCY_WARMUP = 5  # untimed batch-1 passes before timing
 THROUGHPUT_WARMUP = 1  # untimed full-batch passes per model before timing
