@@ -32,7 +32,6 @@ from kd.errors import ConfigError, InputError, KDError, MissingInputError
 
 TEMPLATES = ("image", "text", "instruction", "masked", "generate")
 TOKENIZER_FILE = "tokenizer.json"  # the one tokenizer file of kd's own BPE, as the templates list it
-CAUSAL = ("text", "instruction", "generate")  # templates whose students are causal LMs
 # Template -> what `--dataset` changes besides prepare.dataset: the defaults fitted to the
 # built-in dataset that another dataset would not fit (the addition sums are 12 tokens long).
 OWN_DATA: dict[str, dict[str, Any]] = {

@@ -252,3 +252,23 @@ def test_text_project_repro(tmp_path):
     assert metrics["perplexity"] > 1
     status = subprocess.run(["git", "status", "--porcelain"], cwd=proj, capture_output=True, text=True).stdout
     assert "safetensors" not in status  # every model file is a DVC output (git-ignored)
+
+
+@pytest.mark.e2e
+def test_text_project_with_your_own_teacher(tmp_path):
+    """`--teacher models/llama` (a Hugging Face directory with its tokenizer): no teacher stage,
+    the text cut with its tokenizer, and every file kd writes for a student is a DVC output or a
+    small tracked file (nothing left untracked)."""
+    from conftest import hf_tokenizer, save_hf_model
+
+    save_hf_model(tmp_path / "proj" / "models" / "llama", "llama", hf_tokenizer())
+    proj = kd_init(tmp_path, "--template", "text", "--teacher", "proj/models/llama",
+                   "--set", "prepare.block_size=32", "--set", "prepare.labeled=40", "--set", "prepare.unlabeled=20",
+                   "--set", "prepare.test=8", "--set", "students.*.epochs=1", "--set", "eval.throughput_runs=1")
+    out = run(["dvc", "repro"], proj)
+    assert_quiet(out)
+    assert "teacher" not in ran_stages(out) and ran_stages(out)[-1] == "report"
+    untracked = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=proj,
+                               capture_output=True, text=True).stdout.split("\n")
+    students = [line[3:] for line in untracked if line.startswith("?? data/students/")]
+    assert students and all(p.endswith((".gitignore", "metrics.json", ".csv")) for p in students), students

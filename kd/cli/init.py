@@ -18,7 +18,7 @@ from kd.cli.common import clean_errors
 
 @clean_errors
 def main(
-    directory: Path = typer.Argument(..., help="The project's directory (created if missing)."),
+    directory: Path = typer.Argument(..., metavar="DIR", help="The project's directory (created if missing)."),
     template: str = typer.Option("image", "--template", "-t", help="image (classifiers), text (a causal LM on "
                                  "plain text), instruction (prompt/response pairs), masked (a BERT-style LM) or "
                                  "generate (students of the teacher's own answers)."),
