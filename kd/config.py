@@ -20,8 +20,8 @@ import yaml
 from kd import augment, methods
 from kd.errors import ConfigError, MissingInputError
 
-SECTIONS = ("prepare", "teacher", "generate", "label", "assistants", "students", "text_students", "mlm_students",
-            "img_students", "gen_students", "eval")
+SECTIONS = ("paths", "prepare", "teacher", "generate", "label", "assistants", "students", "text_students",
+            "mlm_students", "img_students", "gen_students", "eval")
 # `text_students`, `mlm_students`, `img_students` and `gen_students` are `students` under other
 # names, for params_text.yaml, params_mlm.yaml, params_images.yaml and params_gen.yaml: dvc.yaml
 # imports them next to params.yaml (for their foreach), and DVC would merge sections of one name.
@@ -370,6 +370,14 @@ class EvalConfig:
     throughput_batch: int = 256
     throughput_runs: int = 10
     threads: int = 1  # torch threads while timing, for comparable figures
+
+
+@dataclass
+class PathsConfig:
+    """`paths`: what a project's dvc.yaml passes to the commands (read by DVC, not by kd's commands;
+    `kd init` writes it)."""
+
+    teacher: str = "data/teacher"  # the teacher `kd label` (and `kd generate`) runs: --teacher
 
 
 def load_params(path: str | Path) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from kd.config import LabelConfig, StudentConfig, as_dict
 from kd.errors import ConfigError, MissingInputError
 from kd.files import read_json, replacing, write_json
 from kd.methods import Built, Shapes, needed_samples, needed_temperatures, student_layers, student_terms
-from kd.evaluation import SEEDS_DIR
+from kd.evaluation import SEEDS_DIR, SEEDS_INDEX
 from kd.tasks.image_models import fingerprint
 from kd.tasks import Task
 from kd.training import Dataset, fit, hard_label_loss, write_log
@@ -75,7 +75,8 @@ def train_student(cfg: StudentConfig, cache: Cache, prepared: Path, out: Path, b
                   *, memory_mb: float = 2048, checkpoints: Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Train student `cfg.name` (every seed of `cfg.repeats`) and its twins into `out`.
 
-    The first seed is written at the top of `out`; further seeds under `out/seeds/<seed>/`.
+    The first seed is written at the top of `out`; further seeds under `out/seeds/<seed>/`, and
+    `out/seeds/index.json` says where each seed is.
     With `checkpoints`, each model's training state is saved there every epoch (keyed by
     everything that decides the model), so an interrupted run resumes. Returns a summary.
     """
@@ -92,7 +93,7 @@ def train_student(cfg: StudentConfig, cache: Cache, prepared: Path, out: Path, b
     summary: dict[str, Any] = {"twin_loss": task.TWIN_LOSS, "seeds": [], "twins": []}
     with replacing(out) if main else nullcontext() as staging:  # rank 0 writes, swapped in whole at the end
         if main:
-            (staging / SEEDS_DIR).mkdir()  # always there (empty for one seed): a DVC output
+            (staging / SEEDS_DIR).mkdir()  # always there: a DVC output
         for repeat in range(cfg.repeats):
             seed_cfg = dataclasses.replace(cfg, seed=cfg.seed + repeat)
             checkpoint = _checkpoint(checkpoints, f"{cfg.name}-seed{seed_cfg.seed}",
@@ -112,6 +113,9 @@ def train_student(cfg: StudentConfig, cache: Cache, prepared: Path, out: Path, b
             summary.setdefault("final", log[-1])
             summary.setdefault("epochs", len(log))
             summary.setdefault("baseline_final", _last_row(twin / "train_log.csv") if main else None)
+        if main:
+            write_json(staging / SEEDS_DIR / SEEDS_INDEX,
+                       {str(seed): "." if i == 0 else f"{SEEDS_DIR}/{seed}" for i, seed in enumerate(summary["seeds"])})
     if main:
         for repeat in range(cfg.repeats):
             _done(checkpoints, f"{cfg.name}-seed{cfg.seed + repeat}")

@@ -22,6 +22,9 @@ from kd.errors import ConfigError, InputError
 from kd.files import replacing, write_json
 
 SEEDS_DIR = "seeds"
+# seeds/index.json: every trained seed -> its directory, relative to the student's ("." for the
+# first). It also keeps seeds/ from being empty for one seed: DVC warns of an empty output.
+SEEDS_INDEX = "index.json"
 METRICS_FILE, PLOTS_DIR = "metrics.json", "plots"
 
 

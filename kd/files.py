@@ -21,8 +21,13 @@ from kd.errors import ConfigError, InputError
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temporary file, then rename)."""
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (temporary file, then rename)."""
+    tmp = Path(path).with_name(path.name + ".tmp")
+    tmp.write_text(text)
     tmp.replace(path)
 
 

@@ -7,7 +7,11 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import kd.cache
+
+pytestmark = pytest.mark.unit
 
 CACHE = Path(kd.cache.__file__).parent
 

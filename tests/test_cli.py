@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 from kd.cli import app
 from kd.cli.common import clean_errors
 
+pytestmark = pytest.mark.integration
+
 
 def commands(group: click.Group, path: tuple[str, ...] = ("kd",)):
     for name, command in group.commands.items():

@@ -30,6 +30,8 @@ from typer.testing import CliRunner
 
 from kd import config, methods
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELLS = ("bash", "sh", "shell", "console")

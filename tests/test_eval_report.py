@@ -184,6 +184,7 @@ def test_check_config_names_the_key():
         evaluation.check_config(EvalConfig(throughput_runs=0))
 
 
+@pytest.mark.unit
 def test_a_size_share_keeps_the_digits_that_hold():
     from kd.report.markdown import share
 

@@ -16,7 +16,6 @@ from types import ModuleType
 import numpy as np
 import pytest
 import yaml
-from conftest import invoke as run_stage
 from numpy.testing import assert_array_equal
 
 from kd import methods, report
@@ -25,6 +24,7 @@ from kd.config import PrepareConfig
 from kd.methods import METHODS
 from kd.prepared import images
 from kd.sources import SOURCES, Builtin
+from tests.helpers import invoke as run_stage
 
 invoke = functools.partial(run_stage, expect=0)
 
@@ -89,6 +89,7 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, code
     return importlib.import_module(name)
 
 
+@pytest.mark.integration
 def test_a_loss_method_is_one_module_plus_one_registry_line(tmp_path, monkeypatch):
     d = tmp_path / "data"
     student = {"arch": "mlp", "arch_kwargs": {"hidden": [16]}, "epochs": 1, "batch_size": 32,
@@ -137,6 +138,7 @@ def test_a_loss_method_is_one_module_plus_one_registry_line(tmp_path, monkeypatc
     assert not report.is_soft_only(loss)  # a logits method beside soft: not soft targets alone
 
 
+@pytest.mark.integration
 def test_a_dataset_source_is_one_module_plus_one_registry_line(tmp_path, monkeypatch):
     out = tmp_path / "prepared"
     args = ["--dataset", "toy", "--labeled", 30, "--unlabeled", 60, "--test", 30, "--out", out,

@@ -252,7 +252,9 @@ def test_distill_writes_student_baseline_twin_and_log(built, run_command, tmp_pa
     out = tmp_path / "students" / "soft"
     assert "baseline twin" in result.stdout and "trained" in result.stdout
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "train_log.csv", "baseline", "seeds"}
-    assert not any((out / "seeds").iterdir())  # one seed (repeats: 1): nothing under seeds/
+    # one seed (repeats: 1): no seed directory under seeds/, only the index (never an empty DVC output)
+    assert [p.name for p in (out / "seeds").iterdir()] == ["index.json"]
+    assert json.loads((out / "seeds" / "index.json").read_text()) == {"0": "."}
     assert {p.name for p in (out / "baseline").iterdir()} == {"model.safetensors", "config.json", "train_log.csv"}
     config = json.loads((out / "config.json").read_text())
     assert config["arch"] == "mlp" and config["arch_kwargs"] == {"hidden": [16]}

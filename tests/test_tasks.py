@@ -10,6 +10,8 @@ import pytest
 from kd import tasks
 from kd.cache import batch
 
+pytestmark = pytest.mark.unit
+
 BUILTIN = {"str": str, "tuple": tuple}  # what an attribute annotated so must be
 
 

@@ -2,6 +2,7 @@
 
     kd prepare | teacher | generate | label | assistants | distill NAME | eval NAME | report
     kd cache info|verify|merge
+    kd init DIR (a ready DVC project) | kd version
 
 A command module imports only typer and `kd.cli.common` at the top; the library (and so torch
 and transformers) is imported inside the command, so `kd --help` starts at once.
@@ -13,7 +14,8 @@ from typing import Optional
 
 import typer
 
-from kd.cli import assistants, cache, distill, eval as eval_stage, generate, label, prepare, report, teacher
+from kd.cli import (assistants, cache, distill, eval as eval_stage, generate, init, label, prepare, report, teacher,
+                    version)
 
 app = typer.Typer(
     name="kd",
@@ -49,3 +51,5 @@ app.command("distill")(distill.main)
 app.command("eval")(eval_stage.main)
 app.command("report")(report.main)
 app.add_typer(cache.app, name="cache")
+app.command("init")(init.main)
+app.command("version")(version.main)
