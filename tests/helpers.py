@@ -92,7 +92,7 @@ def run_in(cmd: list[str], cwd: Path) -> str:
     return result.stdout + result.stderr
 
 
-DOC_FILES = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
+DOC_FILES = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "examples").glob("*/README.md")))
 
 
 def doc_snippet(name: str) -> str:
@@ -116,21 +116,23 @@ def run_readme_snippet(name: str, cache: Path, tmp_path: Path, monkeypatch: pyte
 
 # --- copies of the repository's pipelines, for `dvc repro` ---------------------------------------
 
-# What a copy of the repository's pipelines needs: the map, its params files and the code it runs.
-PIPELINE_FILES = ("dvc.yaml", ".dvcignore", "params_text.yaml", "params_mlm.yaml", "params_images.yaml",
-                  "params_gen.yaml")
-PIPELINE_FOLDERS = ("kd", "datasets", "models")
+# What a copy of the repository's examples needs: their maps and params, and the code they run.
+EXAMPLES = ("mnist", "text", "masked", "images", "generate", "capacity", "capacity_large", "task_general", "sampled",
+            "xtok")
 
 
 def copy_pipelines(dest: Path) -> Path:
-    """The repository's pipelines (dvc.yaml, params files, the code and the user folders) copied
-    into `dest`, for a `dvc repro` there; tests then write their own tiny params.yaml."""
+    """The repository's examples (each one's dvc.yaml and params files) and the package they
+    depend on (../../kd) copied into `dest`, for a `dvc repro` there; tests then write their own
+    tiny params.yaml."""
     if shutil.which("dvc") is None or shutil.which("kd") is None:
         pytest.fail("dvc and kd must be on PATH (pip install -e .)")
-    for name in PIPELINE_FILES:
-        shutil.copy(ROOT / name, dest)
-    for folder in PIPELINE_FOLDERS:
-        shutil.copytree(ROOT / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / ".dvcignore", dest)
+    for example in EXAMPLES:
+        (dest / "examples" / example).mkdir(parents=True)
+        for file in (ROOT / "examples" / example).glob("*.yaml"):
+            shutil.copy(file, dest / "examples" / example)
+    shutil.copytree(ROOT / "kd", dest / "kd", ignore=shutil.ignore_patterns("__pycache__"))
     return dest
 
 

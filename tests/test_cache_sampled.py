@@ -237,11 +237,11 @@ def test_the_draws_fidelity_is_the_kl_to_the_documented_decoding():
 
 @pytest.mark.unit
 def test_the_experiments_params_are_valid_and_its_students_match_its_caches():
-    """experiments/sampled: both label sections and every student parse; one distill stage per
+    """examples/sampled: both label sections and every student parse; one distill stage per
     student, each reading the cache its targets need (sampled targets from the sampled cache)."""
     from kd.config import section, student, student_names
 
-    root = Path(__file__).parents[1] / "experiments" / "sampled"
+    root = Path(__file__).parents[1] / "examples" / "sampled"
     sampled = section(root / "params.yaml", "label", LabelConfig)
     compact = section(root / "params_compact.yaml", "label", LabelConfig)
     assert sampled.sampling and sampled.top_k == 1 and compact.encoding == "compact" and compact.sampling is None

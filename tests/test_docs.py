@@ -33,7 +33,8 @@ from kd import config, methods
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "examples").glob("*/README.md")),
+        ROOT / "examples" / "README.md"]
 SHELLS = ("bash", "sh", "shell", "console")
 
 

@@ -1,6 +1,6 @@
-"""The capacity-gap experiment (experiments/capacity/): its report section and plot, computed from
-loaded students alone, and its DVC pipeline, run for real on tiny data: it reuses the default
-pipeline's cache, and adding a student size runs only that size's stages (and the report)."""
+"""The capacity-gap experiment (examples/capacity/): its report section and plot, computed from
+loaded students alone, and its DVC pipeline, run for real on tiny data: it reuses the mnist
+example's cache, and adding a student size runs only that size's stages (and the report)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from tests.helpers import copy_pipelines, dvc_repo
 from tests.helpers import run_in as run
 
 ROOT = Path(__file__).parents[1]
-EXPERIMENT = ROOT / "experiments" / "capacity"
-TARGET = "experiments/capacity/dvc.yaml"  # DVC names its stages TARGET:NAME
+EXPERIMENT = ROOT / "examples" / "capacity"
+TARGET = "examples/capacity/dvc.yaml"  # DVC names its stages TARGET:NAME
 IMAGE = SCORES["image"]
 SOFT = {"soft": {"weight": 0.9, "temperature": 4}, "hard": {"weight": 0.1, "labels": True}}
 
@@ -80,7 +80,7 @@ def test_progressive_rows_carry_the_size_ratio_and_both_gains_over_the_twins(tmp
 @pytest.mark.unit
 @pytest.mark.parametrize("experiment, sizes", [("capacity", 5), ("capacity_large", 1)])
 def test_every_via_student_of_the_experiment_has_its_direct_twin_and_a_larger_assistant(experiment, sizes):
-    params = yaml.safe_load((ROOT / "experiments" / experiment / "params.yaml").read_text())
+    params = yaml.safe_load((ROOT / "examples" / experiment / "params.yaml").read_text())
     students, assistants = params["students"], params["assistants"]
     assert len([n for n in students if not students[n].get("assistant")]) >= sizes
     for name, spec in students.items():
@@ -97,15 +97,14 @@ def ran(output: str) -> set[str]:
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    """A copy of the repository's pipelines with the default pipeline shrunk to a tiny teacher on
+    """A copy of the repository's examples with the mnist example shrunk to a tiny teacher on
     tiny data, and the experiment shrunk to its smallest size (1 epoch, 1 seed, its assistant)."""
     copy_pipelines(tmp_path)
-    shutil.copytree(EXPERIMENT, tmp_path / "experiments" / "capacity", ignore=shutil.ignore_patterns("data"))
     defaults = {"prepare": {"dataset": "mnist5k", "labeled": 48, "unlabeled": 32, "test": 32},
                 "teacher": {"arch": "cnn", "arch_kwargs": {"widths": [4, 8], "convs_per_stage": 1, "hidden": 16},
                             "epochs": 1, "batch_size": 16, "shift": 0},
                 "label": {"top_k": 5, "temperatures": [1, 4], "features": {}}, "students": {}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(defaults, sort_keys=False))
+    (tmp_path / "examples" / "mnist" / "params.yaml").write_text(yaml.safe_dump(defaults, sort_keys=False))
     params = yaml.safe_load((EXPERIMENT / "params.yaml").read_text())
     for entry in [*params["students"].values(), *params["assistants"].values()]:
         entry.update(epochs=1, batch_size=16)
@@ -125,7 +124,7 @@ def project(tmp_path: Path) -> Path:
 
 
 def write_experiment(project: Path, params: dict) -> None:
-    (project / "experiments" / "capacity" / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (project / "examples" / "capacity" / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 @pytest.mark.e2e
@@ -134,20 +133,21 @@ def test_the_experiment_reuses_the_default_cache_and_adding_a_size_runs_only_tha
         return {f"{TARGET}:{name}" for name in names}
 
     out = run(["dvc", "repro", TARGET], project)
-    # the default pipeline's data, teacher and cache first (nothing else of it), then the experiment
-    assert ran(out) == {"prepare", "teacher", "label"} | ours(
+    # the mnist example's data, teacher and cache first (nothing else of it), then the experiment
+    mnist = {f"examples/mnist/dvc.yaml:{name}" for name in ("prepare", "teacher", "label")}
+    assert ran(out) == mnist | ours(
         "assistants", "distill@cnn_3k", "distill@cnn_3k_via_ta", "eval@cnn_3k", "eval@cnn_3k_via_ta", "report"), out
-    capacity = project / "experiments" / "capacity" / "data"
+    capacity = project / "examples" / "capacity" / "data"
     (row,) = _csv(capacity / "report" / "progressive.csv")
     assert (row["student"], row["direct"], row["assistant"]) == ("cnn_3k_via_ta", "cnn_3k", "ta_103k")
-    teacher = json.loads((project / "data" / "teacher" / "config.json").read_text())
+    teacher = json.loads((project / "examples" / "mnist" / "data" / "teacher" / "config.json").read_text())
     assert float(row["size_ratio"]) == pytest.approx(teacher["params"] / 3424)
     assert (capacity / "report" / "capacity_gap.png").is_file()
     assert "### The capacity gap" in (capacity / "report" / "report.md").read_text()
     assert json.loads(run(["dvc", "status", "--json", TARGET], project)) == {}
 
     sweep = json.loads((project / "sweep.json").read_text())
-    params = yaml.safe_load((project / "experiments" / "capacity" / "params.yaml").read_text())
+    params = yaml.safe_load((project / "examples" / "capacity" / "params.yaml").read_text())
     params["students"] |= {n: s for n, s in sweep["students"].items() if n.startswith("cnn_13k")}
     write_experiment(project, params)
     new = ours("distill@cnn_13k", "distill@cnn_13k_via_ta", "eval@cnn_13k", "eval@cnn_13k_via_ta")

@@ -1,5 +1,5 @@
-"""DVC tracks what the user brings: `prepare` depends on datasets/, the image stages that build
-models on models/ (dvc.yaml's documented convention), with a real `dvc` in a fresh git repo."""
+"""DVC tracks what the user brings: in a project made by `kd init`, `prepare` depends on
+datasets/, the image stages that build models on models/, with a real `dvc` in a fresh git repo."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.helpers import copy_pipelines, dvc_repo
+from kd.cli import init
+from tests.helpers import dvc_repo, invoke, ok
 from tests.helpers import run_in as run
 
 pytestmark = pytest.mark.e2e
@@ -35,7 +36,7 @@ def stale(project: Path) -> dict[str, list]:
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    copy_pipelines(tmp_path)
+    ok(invoke(init.main, tmp_path, "--template", "image", "--no-git"))
     rng = np.random.default_rng(0)
     for split, count in (("train", 10), ("test", 3)):
         for c in range(2):
@@ -44,9 +45,10 @@ def project(tmp_path: Path) -> Path:
                 pixels = rng.integers(0, 100 + 100 * c, (6, 6), dtype=np.uint8)
                 Image.fromarray(pixels, mode="L").save(tmp_path / "datasets" / "imgs" / split / f"c{c}" / f"{i}.png")
     (tmp_path / "models" / "tiny.py").write_text(textwrap.dedent(NET))
-    params = {"prepare": {"dataset": "datasets/imgs", "labeled": 12, "unlabeled": 8, "test": None},
-              "teacher": {"arch": "models.tiny:net", "epochs": 1, "batch_size": 4, "shift": 0},
-              "students": {}}
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())  # the template's, with ours
+    params |= {"prepare": {"dataset": "datasets/imgs", "labeled": 12, "unlabeled": 8, "test": None},
+               "teacher": {"arch": "models.tiny:net", "epochs": 1, "batch_size": 4, "shift": 0},
+               "label": {"top_k": 2, "temperatures": [1, 4]}, "students": {}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return dvc_repo(tmp_path)
 
@@ -70,7 +72,7 @@ def test_a_changed_dataset_or_model_module_makes_the_stages_that_read_it_stale(p
     changed = stale(project)
     assert list(changed) == ["teacher"] and "models" in json.dumps(changed["teacher"])
     dvc_yaml = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
-    for stage in ("teacher", "label", "assistants", "distill", "eval"):
+    for stage in ("teacher", "label", "distill", "eval"):
         assert "models" in dvc_yaml[stage].get("do", dvc_yaml[stage])["deps"], stage
 
 
@@ -81,7 +83,6 @@ def test_a_user_folder_and_factory_run_to_the_report_with_no_edit_of_dvc_yaml(pr
     test folder, and the report compares size and speed with the teacher."""
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["label"] = {"arch": "models.tiny:net", "top_k": 2, "temperatures": [1, 4]}
-    params["assistants"] = {}
     params["students"] = {"small": {"arch": "cnn", "arch_kwargs": {"widths": [2], "hidden": 4}, "epochs": 1,
                                     "batch_size": 4, "loss": {"soft": {"weight": 0.9, "temperature": 4},
                                                               "hard": {"weight": 0.1}}}}
