@@ -32,11 +32,11 @@ from kd import parallel, tasks
 from kd.cache import Cache, Teacher, label
 from kd.config import LabelConfig, StudentConfig, as_dict
 from kd.errors import ConfigError, MissingInputError
+from kd.evaluation import SEEDS_DIR, SEEDS_INDEX
 from kd.files import read_json, replacing, write_json
 from kd.methods import Built, Shapes, needed_samples, needed_temperatures, student_layers, student_terms
-from kd.evaluation import SEEDS_DIR, SEEDS_INDEX
-from kd.tasks.image_models import fingerprint
 from kd.tasks import Task
+from kd.tasks.image_models import fingerprint
 from kd.training import Dataset, fit, hard_label_loss, write_log
 
 

@@ -28,13 +28,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-from kd.prepared import tokens
 from kd.cache import Teacher
 from kd.config import TEACHER_DEVICES
 from kd.errors import ConfigError, InputError, MissingInputError
 from kd.files import file_sha256, read_json
-from kd.speed import count_params
+from kd.prepared import tokens
 from kd.prepared.tokens import TOKENIZER_FILE, SpecialIds, tokenizer_files
+from kd.speed import count_params
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 WEIGHTS_INDEX = "model.safetensors.index.json"  # a sharded checkpoint: shard names in its weight_map

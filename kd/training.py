@@ -15,8 +15,9 @@ from __future__ import annotations
 import csv
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from kd import features, parallel
+
 Batch = dict[str, torch.Tensor]  # "x" (the model's input) and per-row targets, one row per output row
 Term = Callable[[Batch, dict[str, torch.Tensor]], torch.Tensor]
 

@@ -49,7 +49,7 @@ class Cache:
         self.manifest = manifest
 
     @classmethod
-    def open(cls, root: str | Path) -> "Cache":
+    def open(cls, root: str | Path) -> Cache:
         store = Store(root)
         if not store.is_file(MANIFEST) and store.files(SHARDS):
             raise CacheError(f"{root}: cache is incomplete (shards of a sharded `kd label` are still running or "

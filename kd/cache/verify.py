@@ -23,8 +23,17 @@ import pyarrow.parquet as pq
 
 from kd.cache import encoding as encodings
 from kd.cache import sampling
-from kd.cache.layout import (FEATURES, MANIFEST, SOFT_TARGETS, chunks_sha256, feature_path, lse_column,
-                                   rows_per_sample, sample_columns, sample_starts)
+from kd.cache.layout import (
+    FEATURES,
+    MANIFEST,
+    SOFT_TARGETS,
+    chunks_sha256,
+    feature_path,
+    lse_column,
+    rows_per_sample,
+    sample_columns,
+    sample_starts,
+)
 from kd.cache.manifest import part_problem, read_manifest
 from kd.cache.reader import fixed_list
 from kd.cache.store import Store

@@ -13,7 +13,6 @@ baseline twin (for text, the same student on the text alone).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -23,10 +22,10 @@ from kd.cli.common import PARAMS_OPTION, clean_errors, override
 @clean_errors
 def main(
     name: str = typer.Argument(..., help="A student defined under `students` (or `text_students`, `mlm_students`) in the params file."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs over the transfer set (default: the student's `epochs`)."),
-    batch_size: Optional[int] = typer.Option(None, help="Rows per batch (default: the student's `batch_size`)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: the student's `lr`)."),
-    seed: Optional[int] = typer.Option(None, help="First seed; `repeats` seeds run from it (default: the student's `seed`)."),
+    epochs: int | None = typer.Option(None, help="Epochs over the transfer set (default: the student's `epochs`)."),
+    batch_size: int | None = typer.Option(None, help="Rows per batch (default: the student's `batch_size`)."),
+    lr: float | None = typer.Option(None, help="Peak learning rate (default: the student's `lr`)."),
+    seed: int | None = typer.Option(None, help="First seed; `repeats` seeds run from it (default: the student's `seed`)."),
     cache: str = typer.Option("data/teacher_outputs", help="The teacher's cache (written by `kd label`; a directory or s3://bucket/prefix)."),
     assistants: Path = typer.Option(Path("data/assistants"), help="Where `kd assistants` writes assistants; a "
                                     "student with `assistant: A` learns from ASSISTANTS/A/outputs."),

@@ -7,7 +7,8 @@ Every word that differs between tasks comes from the task's `Score`; everything 
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from kd.cache import encoding as encodings
 from kd.cache.layout import temperature_key

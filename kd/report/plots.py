@@ -7,7 +7,8 @@ to its function, and the task's `Score.plots` says which PNGs its report has.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import matplotlib
 import numpy as np

@@ -13,8 +13,9 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,14 +24,13 @@ from torch import nn
 from transformers import AutoConfig
 
 from kd import evaluation, lm, metrics, speed
-from kd.prepared import retokenized
-from kd.prepared import tokens
 from kd.cache import Cache
 from kd.cache.reader import SoftTargets
 from kd.config import EvalConfig, StudentConfig
 from kd.errors import CacheError, ConfigError, InputError, MissingInputError
 from kd.files import read_json, write_json
 from kd.methods import chosen
+from kd.prepared import retokenized, tokens
 from kd.speed import count_params
 
 STUDENT_RECORD = "student.json"
