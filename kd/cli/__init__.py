@@ -10,8 +10,6 @@ and transformers) is imported inside the command, so `kd --help` starts at once.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from kd.cli import assistants, cache, distill, generate, init, label, prepare, report, teacher, version
@@ -37,7 +35,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     version: bool | None = typer.Option(None, "--version", callback=_version, is_eager=True,
-                                           help="Print kd's version and exit."),
+                                        help="Print kd's version and exit."),
 ) -> None:
     """Offline knowledge distillation: label once with the teacher, train students from the cache."""
 

@@ -38,7 +38,7 @@ def main(
     cache: str = typer.Option("data/teacher_outputs", help="Cache written by `kd label` (a directory or s3://bucket/prefix)."),
     prepared: Path = typer.Option(Path("data/prepared"), help="Directory written by `kd prepare`."),
     out: Path | None = typer.Option(None, "--out", help="Write metrics.json and plots/ into OUT instead of the "
-                                       "student's directory: its scores on another test set (--prepared, --cache)."),
+                                    "student's directory: its scores on another test set (--prepared, --cache)."),
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Evaluate student NAME and write its metrics.json and plot data (defaults: params.yaml `eval`)."""

@@ -26,7 +26,7 @@ def main(
     split: str | None = typer.Option(None, help="The split whose prompts the teacher answers (default: unlabeled)."),
     max_new_tokens: int | None = typer.Option(None, help="Most tokens per response, its eos included."),
     do_sample: bool | None = typer.Option(None, "--do-sample/--greedy", help="Sample (temperature, top_p) or "
-                                             "take the most likely token."),
+                                          "take the most likely token."),
     temperature: float | None = typer.Option(None, help="Sampling temperature."),
     top_p: float | None = typer.Option(None, help="Sampling: keep the smallest set of tokens holding this mass."),
     samples: int | None = typer.Option(None, help="Responses per prompt (more than 1 needs --do-sample)."),
@@ -34,16 +34,16 @@ def main(
     batch_size: int | None = typer.Option(None, help="Prompts per batched forward."),
     part_size: int | None = typer.Option(None, help="Prompts per part file (the resume step)."),
     min_logprob: float | None = typer.Option(None, help="Keep a response only if its mean token "
-                                                "log-probability under the teacher is at least this."),
+                                             "log-probability under the teacher is at least this."),
     dtype: str | None = typer.Option(None, help="The teacher's dtype: auto, float32, bfloat16 or float16."),
     device: str | None = typer.Option(None, help="Where the teacher runs: auto, cpu or cuda."),
     teacher: Path = typer.Option(Path("data/teacher"), help="A causal LM directory (transformers) with its tokenizer."),
     prepared: Path = typer.Option(Path("data/prepared"), help="Prepared instruction data whose prompts are answered."),
     out: Path = typer.Option(Path("data/generated"), help="Directory to write: the same splits, one answered."),
     shard: int | None = typer.Option(None, help="Answer only shard I of --num-shards (default: $RANK under "
-                                        "torchrun, else 0)."),
+                                     "torchrun, else 0)."),
     num_shards: int | None = typer.Option(None, help="Number of shards (default: $WORLD_SIZE under torchrun, "
-                                             "else 1)."),
+                                          "else 1)."),
     params: Path = PARAMS_OPTION,
     progress: bool = typer.Option(True, help="Show a progress bar (responses, tokens/s)."),
 ) -> None:

@@ -33,9 +33,9 @@ def main(
     temperatures: str | None = typer.Option(None, help="Comma-separated temperatures to store lse for, e.g. 1,4."),
     logit_dtype: str | None = typer.Option(None, help="float16 or float32 (encoding topk)."),
     encoding: str | None = typer.Option(None, help="How the top-k is stored: topk (as is) or compact "
-                                           "(ids as gaps, logits in one byte each)."),
+                                        "(ids as gaps, logits in one byte each)."),
     sampling: int | None = typer.Option(None, help="Sampled targets: tokens drawn from the teacher per row and "
-                                           "temperature, stored with counts (default: label.sampling, null = none)."),
+                                        "temperature, stored with counts (default: label.sampling, null = none)."),
     sampling_seed: int | None = typer.Option(None, help="Seed of the draws (with each row's id and position)."),
     feature: list[str] | None = typer.Option(None, help="Teacher layer to cache as LAYER=MODE (full, pooled, attention); repeatable."),
     views: int | None = typer.Option(None, help="Augmented views per sample besides the input as is."),
@@ -47,19 +47,19 @@ def main(
     view_seed: int | None = typer.Option(None, help="Seed of the augmented views (default: label.view_seed)."),
     batch_size: int | None = typer.Option(None, help="Samples per teacher forward (default: label.batch_size)."),
     dtype: str | None = typer.Option(None, help="A language-model teacher's dtype: auto (its config's), "
-                                        "float32, bfloat16 or float16."),
+                                     "float32, bfloat16 or float16."),
     device: str | None = typer.Option(None, help="Where a language-model teacher runs: auto (cuda when "
-                                         "there is one), cpu or cuda."),
+                                      "there is one), cpu or cuda."),
     part_size: int | None = typer.Option(None, help="Samples per Parquet part (the resume step); "
-                                            "default: about 16,384 cache rows' worth."),
+                                         "default: about 16,384 cache rows' worth."),
     keep_teacher: bool | None = typer.Option(None, "--keep-teacher/--no-keep-teacher",
-                                                help="Copy the teacher's weights into the cache (for students "
-                                                "with `init: teacher`)."),
+                                             help="Copy the teacher's weights into the cache (for students "
+                                             "with `init: teacher`)."),
     teacher: Path = typer.Option(Path("data/teacher"), help="Teacher directory: model.safetensors + config.json."),
     arch: str | None = typer.Option(None, help="The teacher's architecture when it is package.module:factory "
-                                       "(default: label.arch)."),
+                                    "(default: label.arch)."),
     arch_kwargs: str | None = typer.Option(None, help="JSON keyword arguments for --arch (default: label.arch_kwargs "
-                                              "when --arch is label.arch, else the teacher's config.json's)."),
+                                           "when --arch is label.arch, else the teacher's config.json's)."),
     prepared: Path = typer.Option(Path("data/prepared"), help="Directory written by `kd prepare`."),
     out: str = typer.Option("data/teacher_outputs", help="Cache to write: a directory or s3://bucket/prefix."),
     shard: int | None = typer.Option(None, help="Label only shard I of --num-shards (default: $RANK under torchrun, else 0)."),

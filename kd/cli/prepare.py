@@ -29,34 +29,34 @@ def main(
     ),
     image_size: str | None = typer.Option(None, "--image-size", help="Encoded images: resize to SIZE or H,W."),
     channels: int | None = typer.Option(None, "--channels", help="Images: convert to 1 or 3 channels (what the "
-                                           "model's first layer wants; default: prepare.channels, null = as they are)."),
+                                        "model's first layer wants; default: prepare.channels, null = as they are)."),
     mean: str | None = typer.Option(None, "--mean", help="Encoded images: per-channel mean of pixel/255, e.g. 0.5,0.5,0.5 "
-                                       "(default: the labeled split's)."),
+                                    "(default: the labeled split's)."),
     std: str | None = typer.Option(None, "--std", help="Encoded images: per-channel std of pixel/255 (with --mean)."),
     store: str | None = typer.Option(None, "--store", help="Encoded images: how pixels are written, `pixels` "
-                                        "(uint8 x) or `png` (one lossless PNG file per row, the smaller)."),
+                                     "(uint8 x) or `png` (one lossless PNG file per row, the smaller)."),
     labeled: int | None = typer.Option(None, "--labeled", help="Rows (text: blocks) in the labeled split "
-                                          "(default: prepare.labeled; images 1000, text every block)."),
+                                       "(default: prepare.labeled; images 1000, text every block)."),
     unlabeled: int | None = typer.Option(None, "--unlabeled", help="Rows (text: blocks) in the unlabeled (transfer) "
-                                            "split (default: prepare.unlabeled; images 3000, text every block)."),
+                                         "split (default: prepare.unlabeled; images 3000, text every block)."),
     test: int | None = typer.Option(None, "--test", help="Rows (text: blocks) in the test split (default: "
-                                       "prepare.test; images 1000, text every block)."),
+                                    "prepare.test; images 1000, text every block)."),
     samples: int | None = typer.Option(None, "--samples", help="mnist1d and addition only: how many digits (sums) to generate."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of the split."),
     text_column: str | None = typer.Option(None, "--text-column", help="Text: the Parquet column (or JSON Lines field) of documents."),
     prompt_column: str | None = typer.Option(None, "--prompt-column", help="Instruction data: the prompts' column "
-                                                "(with --response-column; only responses are predicted)."),
+                                             "(with --response-column; only responses are predicted)."),
     response_column: str | None = typer.Option(None, "--response-column", help="Instruction data: the responses' column."),
     messages_column: str | None = typer.Option(None, "--messages-column", help="Chat data: a column of [{role, "
-                                                  "content}] lists, rendered with the tokenizer's chat template; "
-                                                  "the assistant turns are predicted."),
+                                               "content}] lists, rendered with the tokenizer's chat template; "
+                                               "the assistant turns are predicted."),
     shares: str | None = typer.Option(
         None, "--shares", help='Text: each split\'s share of the characters, e.g. \'{"labeled": 0.8, "unlabeled": 0.1, "test": 0.1}\'.'
     ),
     tokenizer: str | None = typer.Option(None, "--tokenizer", help="Text: a local Hugging Face model or "
-                                            "tokenizer directory to tokenize with (default: train a BPE)."),
+                                         "tokenizer directory to tokenize with (default: train a BPE)."),
     keep: str | None = typer.Option(None, "--keep", help="Text: a regex; keep only the documents whose first line "
-                                       "it matches, after they are dealt to the splits (a task's subset)."),
+                                    "it matches, after they are dealt to the splits (a task's subset)."),
     vocab_size: int | None = typer.Option(None, "--vocab-size", help="Text: tokenizer entries (of the trained BPE)."),
     block_size: int | None = typer.Option(None, "--block-size", help="Text: tokens per block."),
     params: Path = PARAMS_OPTION,

@@ -34,11 +34,11 @@ def main(
     cache: str = typer.Option("data/teacher_outputs", help="Cache written by `kd label` (for the intro; a directory or s3://bucket/prefix)."),
     assistants: Path = typer.Option(Path("data/assistants"), help="Teacher assistants written by `kd assistants`."),
     test_set: list[str] | None = typer.Option(None, "--test-set", help="LABEL=DIR: the students' scores on "
-                                                 "another test set, written by `kd eval NAME --out DIR/NAME` "
-                                                 "(repeatable); adds a table and test_sets.csv."),
+                                              "another test set, written by `kd eval NAME --out DIR/NAME` "
+                                              "(repeatable); adds a table and test_sets.csv."),
     score: str | None = typer.Option(None, help="Rank by this metrics key instead of the task's own score "
-                                        "(causal LMs on instruction data: exact_match; of different tokenizers: "
-                                        "bits_per_char)."),
+                                     "(causal LMs on instruction data: exact_match; of different tokenizers: "
+                                     "bits_per_char)."),
 ) -> None:
     """Write report.md, leaderboard.csv, the tables and plots over every evaluated student."""
     from kd.cache import Cache

@@ -18,7 +18,7 @@ from kd.cli.common import clean_errors
 @clean_errors
 def main(
     out: Path | None = typer.Option(None, "--out", help="Write the version to this file (atomically) "
-                                       "instead of printing it."),
+                                    "instead of printing it."),
 ) -> None:
     """Print kd's version, or write it to --out."""
     from kd import __version__
