@@ -7,8 +7,8 @@ fingerprint, the settings, what was kept) and `parts/` (the resume step). `kd la
 OUT` then caches the teacher's per-token soft targets over those responses. Resumes an
 interrupted run at the first missing part; an intact OUT of the same teacher, data and
 settings is left as is. Sharded like `kd label`: `--shard I --num-shards N` (or RANK /
-WORLD_SIZE under torchrun) answers every N-th part; the last shard to finish writes OUT. Reads only the `generate` section of params.yaml; the work is in
-`kd.generate`.
+WORLD_SIZE under torchrun) answers every N-th part; the last shard to finish writes OUT. Reads
+only the `generate` section of params.yaml; the work is in `kd.generate`.
 """
 
 from __future__ import annotations

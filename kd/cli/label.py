@@ -37,7 +37,8 @@ def main(
     sampling: int | None = typer.Option(None, help="Sampled targets: tokens drawn from the teacher per row and "
                                         "temperature, stored with counts (default: label.sampling, null = none)."),
     sampling_seed: int | None = typer.Option(None, help="Seed of the draws (with each row's id and position)."),
-    feature: list[str] | None = typer.Option(None, help="Teacher layer to cache as LAYER=MODE (full, pooled, attention); repeatable."),
+    feature: list[str] | None = typer.Option(None, help="Teacher layer to cache as LAYER=MODE (full, pooled, "
+                                             "attention); repeatable."),
     views: int | None = typer.Option(None, help="Augmented views per sample besides the input as is."),
     view_recipe: str | None = typer.Option(None, help="How a view is drawn: shift or crop_flip (images)."),
     view_shift: int | None = typer.Option(None, help="shift: up to this many pixels."),
@@ -62,7 +63,8 @@ def main(
                                            "when --arch is label.arch, else the teacher's config.json's)."),
     prepared: Path = typer.Option(Path("data/prepared"), help="Directory written by `kd prepare`."),
     out: str = typer.Option("data/teacher_outputs", help="Cache to write: a directory or s3://bucket/prefix."),
-    shard: int | None = typer.Option(None, help="Label only shard I of --num-shards (default: $RANK under torchrun, else 0)."),
+    shard: int | None = typer.Option(None, help="Label only shard I of --num-shards (default: $RANK under torchrun, "
+                                     "else 0)."),
     num_shards: int | None = typer.Option(None, help="Number of shards (default: $WORLD_SIZE under torchrun, else 1)."),
     params: Path = PARAMS_OPTION,
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -87,7 +89,8 @@ def main(
     if arch is not None and arch != cfg.arch and kwargs is None:  # not label.arch_kwargs of another arch
         cfg.arch_kwargs = None
     cfg = override(cfg, arch=arch, arch_kwargs=kwargs, top_k=top_k, temperatures=temps, logit_dtype=logit_dtype,
-                   encoding=encoding, sampling=sampling, sampling_seed=sampling_seed, features=layers, views=views, view_recipe=view_recipe, view_shift=view_shift,
+                   encoding=encoding, sampling=sampling, sampling_seed=sampling_seed, features=layers, views=views,
+                   view_recipe=view_recipe, view_shift=view_shift,
                    view_scale=numbers_option("--view-scale", view_scale),
                    view_ratio=numbers_option("--view-ratio", view_ratio), view_flip=view_flip, view_seed=view_seed,
                    batch_size=batch_size, part_size=part_size, keep_teacher=keep_teacher, dtype=dtype, device=device)

@@ -30,8 +30,8 @@ def main(
     image_size: str | None = typer.Option(None, "--image-size", help="Encoded images: resize to SIZE or H,W."),
     channels: int | None = typer.Option(None, "--channels", help="Images: convert to 1 or 3 channels (what the "
                                         "model's first layer wants; default: prepare.channels, null = as they are)."),
-    mean: str | None = typer.Option(None, "--mean", help="Encoded images: per-channel mean of pixel/255, e.g. 0.5,0.5,0.5 "
-                                    "(default: the labeled split's)."),
+    mean: str | None = typer.Option(None, "--mean", help="Encoded images: per-channel mean of pixel/255, e.g. "
+                                    "0.5,0.5,0.5 (default: the labeled split's)."),
     std: str | None = typer.Option(None, "--std", help="Encoded images: per-channel std of pixel/255 (with --mean)."),
     store: str | None = typer.Option(None, "--store", help="Encoded images: how pixels are written, `pixels` "
                                      "(uint8 x) or `png` (one lossless PNG file per row, the smaller)."),
@@ -41,17 +41,21 @@ def main(
                                          "split (default: prepare.unlabeled; images 3000, text every block)."),
     test: int | None = typer.Option(None, "--test", help="Rows (text: blocks) in the test split (default: "
                                     "prepare.test; images 1000, text every block)."),
-    samples: int | None = typer.Option(None, "--samples", help="mnist1d and addition only: how many digits (sums) to generate."),
+    samples: int | None = typer.Option(None, "--samples", help="mnist1d and addition only: how many digits (sums) to "
+                                       "generate."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of the split."),
-    text_column: str | None = typer.Option(None, "--text-column", help="Text: the Parquet column (or JSON Lines field) of documents."),
+    text_column: str | None = typer.Option(None, "--text-column", help="Text: the Parquet column (or JSON Lines field) "
+                                           "of documents."),
     prompt_column: str | None = typer.Option(None, "--prompt-column", help="Instruction data: the prompts' column "
                                              "(with --response-column; only responses are predicted)."),
-    response_column: str | None = typer.Option(None, "--response-column", help="Instruction data: the responses' column."),
+    response_column: str | None = typer.Option(None, "--response-column", help="Instruction data: the responses' "
+                                               "column."),
     messages_column: str | None = typer.Option(None, "--messages-column", help="Chat data: a column of [{role, "
                                                "content}] lists, rendered with the tokenizer's chat template; "
                                                "the assistant turns are predicted."),
     shares: str | None = typer.Option(
-        None, "--shares", help='Text: each split\'s share of the characters, e.g. \'{"labeled": 0.8, "unlabeled": 0.1, "test": 0.1}\'.'
+        None, "--shares", help='Text: each split\'s share of the characters, e.g. '
+                               '\'{"labeled": 0.8, "unlabeled": 0.1, "test": 0.1}\'.'
     ),
     tokenizer: str | None = typer.Option(None, "--tokenizer", help="Text: a local Hugging Face model or "
                                          "tokenizer directory to tokenize with (default: train a BPE)."),
@@ -73,12 +77,13 @@ def main(
     shape = sources.images.parse_shape(input_shape) if input_shape is not None else None
     parsed = json_option("--shares", shares)
     size = sources.images.parse_shape(image_size, "--image-size") if image_size is not None else None
-    cfg = override(cfg, dataset=dataset, input_shape=shape, image_size=size, channels=channels, mean=numbers_option("--mean", mean),
-                   std=numbers_option("--std", std), store=store, labeled=labeled, unlabeled=unlabeled,
-                   test=test, samples=samples, seed=seed, text_column=text_column, tokenizer=tokenizer,
-                   prompt_column=prompt_column, keep=keep, response_column=response_column, messages_column=messages_column,
-                   vocab_size=vocab_size,
-                   block_size=block_size, shares=None if parsed is None else config.from_mapping(Shares, parsed, "--shares"))
+    cfg = override(cfg, dataset=dataset, input_shape=shape, image_size=size, channels=channels,
+                   mean=numbers_option("--mean", mean), std=numbers_option("--std", std), store=store,
+                   labeled=labeled, unlabeled=unlabeled, test=test, samples=samples, seed=seed,
+                   text_column=text_column, tokenizer=tokenizer, prompt_column=prompt_column, keep=keep,
+                   response_column=response_column, messages_column=messages_column, vocab_size=vocab_size,
+                   block_size=block_size,
+                   shares=None if parsed is None else config.from_mapping(Shares, parsed, "--shares"))
     if sources.text.is_text(cfg):  # text sizes the params file and options leave out: every block
         given = config.load_params(params).get("prepare") or {}
         sizes = {"labeled": labeled, "unlabeled": unlabeled, "test": test}

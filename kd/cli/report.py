@@ -31,7 +31,8 @@ def main(
     students_dir: Path = typer.Option(Path("data/students"), help="Directory of the students (one per NAME)."),
     out: Path = typer.Option(Path("data/report"), help="Directory to write the report into (replaced whole)."),
     params: Path = PARAMS_OPTION,
-    cache: str = typer.Option("data/teacher_outputs", help="Cache written by `kd label` (for the intro; a directory or s3://bucket/prefix)."),
+    cache: str = typer.Option("data/teacher_outputs", help="Cache written by `kd label` (for the intro; a directory or "
+                              "s3://bucket/prefix)."),
     assistants: Path = typer.Option(Path("data/assistants"), help="Teacher assistants written by `kd assistants`."),
     test_set: list[str] | None = typer.Option(None, "--test-set", help="LABEL=DIR: the students' scores on "
                                               "another test set, written by `kd eval NAME --out DIR/NAME` "

@@ -22,8 +22,10 @@ from kd.cli.common import PARAMS_OPTION, clean_errors, json_option, numbers_opti
 
 @clean_errors
 def main(
-    arch: str | None = typer.Option(None, help="Built-in architecture (cnn, mlp) or package.module:factory; gpt2 or bert for text."),
-    arch_kwargs: str | None = typer.Option(None, help='Architecture keyword arguments as JSON, e.g. \'{"hidden": 512}\'.'),
+    arch: str | None = typer.Option(None, help="Built-in architecture (cnn, mlp) or package.module:factory; gpt2 or "
+                                    "bert for text."),
+    arch_kwargs: str | None = typer.Option(None, help='Architecture keyword arguments as JSON, e.g. '
+                                           '\'{"hidden": 512}\'.'),
     epochs: int | None = typer.Option(None, help="Training epochs (default: teacher.epochs)."),
     batch_size: int | None = typer.Option(None, help="Samples per batch (default: teacher.batch_size)."),
     lr: float | None = typer.Option(None, help="Learning rate (default: teacher.lr)."),
