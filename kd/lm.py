@@ -132,7 +132,8 @@ def init_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, where:
         student.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
-        raise ConfigError(f"{where}: the student's weights do not match the teacher's but for depth ({first})") from None
+        raise ConfigError(f"{where}: the student's weights do not match the teacher's but for depth "
+                          f"({first})") from None
     return taken
 
 

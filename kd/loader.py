@@ -284,7 +284,8 @@ def bytes_per_sample(cache: Cache, cfg: StudentConfig, input_bytes: float) -> fl
     per_row += len(needed_samples(cfg)) * ((cache.draws or 0) * (4 + 4) + 4)  # sampled idx, count (int32), entropy
     for layer in cfg.loss.teacher_layers(cfg.where):
         per_row += 2 * math.prod(cache.feature_spec(layer)["shape"])
-    rows = sum(cache.split(s)["rows"] for s in cfg.transfer) / max(1, sum(cache.split(s)["samples"] for s in cfg.transfer))
+    rows = (sum(cache.split(s)["rows"] for s in cfg.transfer)
+            / max(1, sum(cache.split(s)["samples"] for s in cfg.transfer)))
     return input_bytes + 8 + rows * per_row
 
 

@@ -118,7 +118,8 @@ def fit(
     on = parallel.device()
     inner = _Trainee(model, list(extra_modules), terms, list(taps)).to(on) if world > 1 else None
     params = [*model.parameters(), *(p for m in extra_modules for p in m.parameters())]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)  # one kernel, not a loop over tensors
+    # fused: one kernel, not a loop over tensors
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     steps = epochs * math.ceil(len(data) / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
     log: list[dict[str, float]] = []
@@ -140,7 +141,8 @@ def fit(
         started = time.perf_counter()
         sums: dict[str, float] = {}
         count = 0
-        for index, batch in enumerate(data.batches(epoch, batch_size, seed, views, (rank, world) if world > 1 else None)):
+        shard = (rank, world) if world > 1 else None
+        for index, batch in enumerate(data.batches(epoch, batch_size, seed, views, shard)):
             if trainee is None:
                 values, n = step(model, batch, terms, list(taps)), len(batch["x"])
             else:  # this rank holds a slice of a global batch: full but for the epoch's last

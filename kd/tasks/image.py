@@ -87,7 +87,8 @@ class Inputs:
             shape = list(features.reduce(captured, mode).shape[1:])
         except ConfigError as exc:
             raise ConfigError(f"label.features.{layer}: {exc}") from None
-        return {"name": layer, "mode": mode, "shape": shape, "dtype": "float16", "source_shape": list(captured.shape[1:])}
+        return {"name": layer, "mode": mode, "shape": shape, "dtype": "float16",
+                "source_shape": list(captured.shape[1:])}
 
     def read(self, source: Path, first: int, last: int) -> images.Split:
         rows = images.read_rows(source, first, last)

@@ -230,7 +230,8 @@ def evaluate_rows(student_dir: Path, cache: Cache, cfg: EvalConfig, wrap: Callab
                   score: Callable[[torch.Tensor, torch.Tensor], float], keys: Callable[..., dict[str, Any]],
                   seeds_as: tuple[str, str, Callable[[float, float], float]],
                   compare: Callable[[torch.Tensor, SoftTargets], tuple[torch.Tensor, SoftTargets]] | None = None,
-                  teacher_x: torch.Tensor | None = None) -> tuple[dict[str, Any], dict[str, tuple[list[str], list[dict[str, Any]]]]]:
+                  teacher_x: torch.Tensor | None = None) -> tuple[dict[str, Any],
+                                                                  dict[str, tuple[list[str], list[dict[str, Any]]]]]:
     """What every token task measures on the test rows: the student (wrapped by `wrap`) and its
     twin on the inputs `x`, one logits row per cache row with its `truth` and block `position`;
     `score(logits, truth)` for them and every further seed; the task's `keys(student score, twin

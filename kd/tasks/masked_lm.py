@@ -209,7 +209,8 @@ def build(cfg: StudentConfig, cache: Cache, prepared: Path) -> MaskedRows:
     for n in layers:
         if n > model.config.num_hidden_layers:
             raise ConfigError(f"{cfg.where}.loss: student_layer hidden.{n}; the student has "
-                              f"{model.config.num_hidden_layers} layers (hidden.0 .. hidden.{model.config.num_hidden_layers})")
+                              f"{model.config.num_hidden_layers} layers "
+                              f"(hidden.0 .. hidden.{model.config.num_hidden_layers})")
     return MaskedRows(model, info["block_size"], layers)
 
 
