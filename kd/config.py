@@ -47,7 +47,8 @@ class Shares:
 
 @dataclass
 class PrepareConfig:
-    dataset: str = "mnist5k"  # mnist5k | digits | mnist1d | shapes | pydoc | an image folder | a .parquet, .txt or .jsonl file
+    # mnist5k | digits | mnist1d | shapes | pydoc | an image folder | a .parquet, .txt or .jsonl file
+    dataset: str = "mnist5k"
     input_shape: list[int] | None = None  # required for a Parquet file whose metadata lacks it
     # encoded images only (an image folder, a Parquet `image` column): resize to [size] or
     # [height, width]; the normalisation recorded beside the uint8 pixels (null: the labeled

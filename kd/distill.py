@@ -32,11 +32,11 @@ from kd import parallel, tasks
 from kd.cache import Cache, Teacher, label
 from kd.config import LabelConfig, StudentConfig, as_dict
 from kd.errors import ConfigError, MissingInputError
+from kd.evaluation import SEEDS_DIR, SEEDS_INDEX
 from kd.files import read_json, replacing, write_json
 from kd.methods import Built, Shapes, needed_samples, needed_temperatures, student_layers, student_terms
-from kd.evaluation import SEEDS_DIR, SEEDS_INDEX
-from kd.tasks.image_models import fingerprint
 from kd.tasks import Task
+from kd.tasks.image_models import fingerprint
 from kd.training import Dataset, fit, hard_label_loss, write_log
 
 
@@ -214,8 +214,9 @@ def train_assistant(cfg: StudentConfig, cache: Cache, prepared: Path, assistants
                     label_cfg: LabelConfig, *, memory_mb: float = 2048, checkpoints: Path | None = None,
                     progress: bool = True) -> dict[str, Any]:
     """Progressive distillation's middle step: distil assistant `cfg.name` from the teacher's
-    cache (or, in a chain, from its own assistant's), then label the prepared splits with it into `assistants/NAME/outputs`, a cache like
-    the teacher's (same top-k, temperatures and views; no features).
+    cache (or, in a chain, from its own assistant's), then label the prepared splits with it into
+    `assistants/NAME/outputs`, a cache like the teacher's (same top-k, temperatures and views; no
+    features).
 
     An assistant whose config, teacher cache and label parameters are unchanged is kept.
     Single-process only: `kd assistants` joins no process group (under torchrun every rank

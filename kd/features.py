@@ -8,8 +8,8 @@ Zagoruyko & Komodakis spatial attention map -> (B, H*W)).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn

@@ -53,10 +53,11 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -71,8 +72,7 @@ from kd.cache import Teacher
 from kd.config import SPLITS, GenerateConfig, as_dict
 from kd.errors import ConfigError, InputError, MissingInputError
 from kd.files import file_sha256, read_json, replacing, write_json
-from kd.prepared import data_fingerprint, metadata, open_parquet, write_atomic
-from kd.prepared import tokens
+from kd.prepared import data_fingerprint, metadata, open_parquet, tokens, write_atomic
 from kd.sources.text import example_blocks
 
 SCHEMA_VERSION = 1

@@ -28,13 +28,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-from kd.prepared import tokens
 from kd.cache import Teacher
 from kd.config import TEACHER_DEVICES
 from kd.errors import ConfigError, InputError, MissingInputError
 from kd.files import file_sha256, read_json
-from kd.speed import count_params
+from kd.prepared import tokens
 from kd.prepared.tokens import TOKENIZER_FILE, SpecialIds, tokenizer_files
+from kd.speed import count_params
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 WEIGHTS_INDEX = "model.safetensors.index.json"  # a sharded checkpoint: shard names in its weight_map
@@ -132,7 +132,8 @@ def init_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, where:
         student.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
-        raise ConfigError(f"{where}: the student's weights do not match the teacher's but for depth ({first})") from None
+        raise ConfigError(f"{where}: the student's weights do not match the teacher's but for depth "
+                          f"({first})") from None
     return taken
 
 

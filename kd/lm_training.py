@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,12 +25,12 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from kd import lm, masking
-from kd.prepared import tokens
 from kd.config import TeacherConfig, as_dict
 from kd.errors import ConfigError, InputError
 from kd.files import write_json
-from kd.speed import count_params
+from kd.prepared import tokens
 from kd.prepared.tokens import SpecialIds
+from kd.speed import count_params
 
 CLIP_NORM = 1.0  # gradient-norm clipping, as Hugging Face's Trainer does by default
 

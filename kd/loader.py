@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -154,7 +154,7 @@ class SampleSet:
             first, count = (samples * self.views + view) * self.per_view, self.per_view
         return (first[:, None] + torch.arange(count)).reshape(-1)
 
-    def subset(self, samples: torch.Tensor) -> "SampleSet":
+    def subset(self, samples: torch.Tensor) -> SampleSet:
         """The given samples (indices into this set) with all their cache rows."""
         rows = self._rows(samples)
         return dataclasses.replace(self, inputs={k: v[samples] for k, v in self.inputs.items()},
@@ -284,7 +284,8 @@ def bytes_per_sample(cache: Cache, cfg: StudentConfig, input_bytes: float) -> fl
     per_row += len(needed_samples(cfg)) * ((cache.draws or 0) * (4 + 4) + 4)  # sampled idx, count (int32), entropy
     for layer in cfg.loss.teacher_layers(cfg.where):
         per_row += 2 * math.prod(cache.feature_spec(layer)["shape"])
-    rows = sum(cache.split(s)["rows"] for s in cfg.transfer) / max(1, sum(cache.split(s)["samples"] for s in cfg.transfer))
+    rows = (sum(cache.split(s)["rows"] for s in cfg.transfer)
+            / max(1, sum(cache.split(s)["samples"] for s in cfg.transfer)))
     return input_bytes + 8 + rows * per_row
 
 

@@ -9,7 +9,8 @@ calibration (`reliability`, `ece`) and the summary over a student's seeds (`mean
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch

@@ -103,7 +103,7 @@ def fill_in(params: str, pipeline: str, template: str, pieces: Pieces, directory
             pipeline = add_dep(pipeline, stage, path)
             done.append(f"dvc.yaml: {stage} depends on {path}")
 
-    students = list((yaml.safe_load(params).get("students") or {}))
+    students = list(yaml.safe_load(params).get("students") or {})
     if pieces.dataset is not None:
         value = _dataset(pieces.dataset, template, directory)
         put("prepare.dataset", value)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import csv
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from kd import features, parallel
+
 Batch = dict[str, torch.Tensor]  # "x" (the model's input) and per-row targets, one row per output row
 Term = Callable[[Batch, dict[str, torch.Tensor]], torch.Tensor]
 
@@ -116,7 +118,8 @@ def fit(
     on = parallel.device()
     inner = _Trainee(model, list(extra_modules), terms, list(taps)).to(on) if world > 1 else None
     params = [*model.parameters(), *(p for m in extra_modules for p in m.parameters())]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)  # one kernel, not a loop over tensors
+    # fused: one kernel, not a loop over tensors
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     steps = epochs * math.ceil(len(data) / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
     log: list[dict[str, float]] = []
@@ -138,7 +141,8 @@ def fit(
         started = time.perf_counter()
         sums: dict[str, float] = {}
         count = 0
-        for index, batch in enumerate(data.batches(epoch, batch_size, seed, views, (rank, world) if world > 1 else None)):
+        shard = (rank, world) if world > 1 else None
+        for index, batch in enumerate(data.batches(epoch, batch_size, seed, views, shard)):
             if trainee is None:
                 values, n = step(model, batch, terms, list(taps)), len(batch["x"])
             else:  # this rank holds a slice of a global batch: full but for the epoch's last

@@ -31,9 +31,10 @@ def read_manifest(store: Store, name: str = MANIFEST) -> dict[str, Any]:
     version = manifest["schema_version"]
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise CacheError(
-            f"{store.show(name)}: schema_version {version!r} is newer than this kd understands ({SCHEMA_VERSION}); upgrade kd"
+            f"{store.show(name)}: schema_version {version!r} is newer than this kd understands "
+            f"({SCHEMA_VERSION}); upgrade kd"
         )
-    for split, info in manifest.get("splits", {}).items():
+    for info in manifest.get("splits", {}).values():
         for part in info.get("parts", []):
             store.safe(part.get("path", ""), name)
     return manifest

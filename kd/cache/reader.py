@@ -49,7 +49,7 @@ class Cache:
         self.manifest = manifest
 
     @classmethod
-    def open(cls, root: str | Path) -> "Cache":
+    def open(cls, root: str | Path) -> Cache:
         store = Store(root)
         if not store.is_file(MANIFEST) and store.files(SHARDS):
             raise CacheError(f"{root}: cache is incomplete (shards of a sharded `kd label` are still running or "
@@ -97,8 +97,9 @@ class Cache:
         for t in temperatures:
             if float(t) not in cached_t:
                 raise CacheMissingError(
-                    f"{who} needs temperature {t:g}, but the cache at {self.root} holds {self.manifest['temperatures']}; "
-                    f"add {t:g} to label.temperatures (in the params file) and run {rebuild}")
+                    f"{who} needs temperature {t:g}, but the cache at {self.root} holds "
+                    f"{self.manifest['temperatures']}; add {t:g} to label.temperatures (in the params file) "
+                    f"and run {rebuild}")
         specs = {s["name"]: s["mode"] for s in self.manifest["features"]}
         for layer, modes in (features or {}).items():
             modes = (modes,) if isinstance(modes, str) else tuple(modes)
@@ -106,7 +107,8 @@ class Cache:
                 held = f"holds it as {specs[layer]!r}" if layer in specs else "does not hold it"
                 raise CacheMissingError(
                     f"{who} needs teacher layer {layer!r} in mode {' or '.join(map(repr, modes))}, but the cache at "
-                    f"{self.root} {held}; set label.features.{layer}: {modes[0]} (in the params file) and run {rebuild}")
+                    f"{self.root} {held}; set label.features.{layer}: {modes[0]} (in the params file) "
+                    f"and run {rebuild}")
         if views and self.views == 1:
             raise CacheMissingError(
                 f"{who} trains on augmented views, but the cache at {self.root} holds none; "

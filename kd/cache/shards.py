@@ -138,7 +138,7 @@ def merge(out: str | Path, num_shards: int | None = None, *, missing_ok: bool = 
         if [p["index"] for p in info["parts"]] != list(range(expected)):
             raise CacheError(f"{store.show(SHARDS)}: split {split} has parts {[p['index'] for p in info['parts']]} "
                              f"across the shards, expected 0..{expected - 1}")
-    for split, info in manifest["splits"].items():
+    for info in manifest["splits"].values():
         for part in info["parts"]:
             problem = part_problem(store, part)
             if problem:

@@ -20,9 +20,10 @@ import hashlib
 import json
 import os
 import secrets
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow.fs as pafs
 

@@ -23,8 +23,17 @@ import pyarrow.parquet as pq
 
 from kd.cache import encoding as encodings
 from kd.cache import sampling
-from kd.cache.layout import (FEATURES, MANIFEST, SOFT_TARGETS, chunks_sha256, feature_path, lse_column,
-                                   rows_per_sample, sample_columns, sample_starts)
+from kd.cache.layout import (
+    FEATURES,
+    MANIFEST,
+    SOFT_TARGETS,
+    chunks_sha256,
+    feature_path,
+    lse_column,
+    rows_per_sample,
+    sample_columns,
+    sample_starts,
+)
 from kd.cache.manifest import part_problem, read_manifest
 from kd.cache.reader import fixed_list
 from kd.cache.store import Store
@@ -131,7 +140,8 @@ def _check_table(path: str, table: pa.Table, manifest: dict[str, Any], part: dic
         return [f"{path}: {table.num_rows} rows, the manifest says {part['rows']}"]
     problems = task.check_rows(path, table, manifest, views)
     ids = table["id"].to_numpy()
-    if len(np.unique(ids)) != sample_starts(ids).sum() or (views and not (ids.reshape(-1, views) == ids[::views, None]).all()):
+    if (len(np.unique(ids)) != sample_starts(ids).sum()
+            or (views and not (ids.reshape(-1, views) == ids[::views, None]).all())):
         problems.append(f"{path}: rows of one sample are not together")
     columns = {name: fixed_list(table[name], k) for name in stored}
     if encoding["name"] == "compact":
@@ -195,7 +205,8 @@ def _check_alignment(store: Store, manifest: dict[str, Any], split: str, info: d
     except Exception as exc:  # any failure to open is a finding, not a crash
         return [f"{store.show(ids)}: unreadable ({exc})"]
     if not np.array_equal(zarr_ids, parquet_ids):
-        problems.append(f"{store.show(f'{FEATURES}/{split}')}: Zarr ids are not aligned row for row with the Parquet parts")
+        problems.append(f"{store.show(f'{FEATURES}/{split}')}: Zarr ids are not aligned row for row with the "
+                        "Parquet parts")
     for spec in manifest["features"]:
         rel = feature_path(split, spec["name"])
         try:
@@ -280,7 +291,8 @@ def format_info(summary: dict[str, Any], task_of: Callable[[dict[str, Any]], Row
         if fid:
             acc = fid.get("teacher_accuracy")
             per_t = [f"{t}: kept {v['kept_mass']:.4f}, KL {v['kl_full_to_cached']:.2e}"
-                     + (f", drawn {v['sampled_mass']:.4f}, KL {v['kl_full_to_sampled']:.2e}" if "sampled_mass" in v else "")
+                     + (f", drawn {v['sampled_mass']:.4f}, KL {v['kl_full_to_sampled']:.2e}"
+                        if "sampled_mass" in v else "")
                      for t, v in fid.items() if isinstance(v, dict)]
             line += f"; teacher acc {acc:.4f}" if acc is not None else ""
             line += f", loss {fid['teacher_loss']:.4f}" if fid.get("teacher_loss") is not None else ""

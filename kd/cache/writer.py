@@ -43,8 +43,18 @@ from kd import features
 from kd.cache import encoding as encodings
 from kd.cache import sampling
 from kd.cache.batch import Inputs
-from kd.cache.layout import (FEATURES, MANIFEST, ROW_GROUP_ROWS, TEACHER_COPY, chunk_rows, chunks_sha256,
-                             feature_arrays, feature_path, part_path, shard_record)
+from kd.cache.layout import (
+    FEATURES,
+    MANIFEST,
+    ROW_GROUP_ROWS,
+    TEACHER_COPY,
+    chunk_rows,
+    chunks_sha256,
+    feature_arrays,
+    feature_path,
+    part_path,
+    shard_record,
+)
 from kd.cache.shards import finished, merge, resume_or_start, resume_shard
 from kd.cache.store import Store
 from kd.cache.targets import Tally, batch_columns, finish, part_schema, part_table

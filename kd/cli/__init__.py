@@ -10,12 +10,10 @@ and transformers) is imported inside the command, so `kd --help` starts at once.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
-from kd.cli import (assistants, cache, distill, eval as eval_stage, generate, init, label, prepare, report, teacher,
-                    version)
+from kd.cli import assistants, cache, distill, generate, init, label, prepare, report, teacher, version
+from kd.cli import eval as eval_stage
 
 app = typer.Typer(
     name="kd",
@@ -36,8 +34,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
-                                           help="Print kd's version and exit."),
+    version: bool | None = typer.Option(None, "--version", callback=_version, is_eager=True,
+                                        help="Print kd's version and exit."),
 ) -> None:
     """Offline knowledge distillation: label once with the teacher, train students from the cache."""
 

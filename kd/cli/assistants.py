@@ -22,7 +22,8 @@ from kd.cli.common import PARAMS_OPTION, clean_errors
 
 @clean_errors
 def main(
-    cache: str = typer.Option("data/teacher_outputs", help="The teacher's cache (written by `kd label`; a directory or s3://bucket/prefix)."),
+    cache: str = typer.Option("data/teacher_outputs", help="The teacher's cache (written by `kd label`; a directory or "
+                              "s3://bucket/prefix)."),
     prepared: Path = typer.Option(Path("data/prepared"), help="Directory written by `kd prepare`."),
     out: Path = typer.Option(Path("data/assistants"), help="Assistants are written to OUT/NAME."),
     baselines: Path = typer.Option(Path("data/baselines"), help="Shared store of baseline twins."),

@@ -6,7 +6,6 @@ PATH is a cache directory or an object-store URL (s3://bucket/prefix).
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 import typer
 
@@ -26,7 +25,8 @@ def info(
     """Summarise a cache: teacher, top-k, temperatures, views, features, splits, fidelity."""
     from kd import tasks
     from kd.cache.store import location
-    from kd.cache.verify import format_info, info as cache_info
+    from kd.cache.verify import format_info
+    from kd.cache.verify import info as cache_info
     summary = cache_info(location(path))
     typer.echo(json.dumps(summary, indent=2) if as_json else format_info(summary, tasks.for_manifest))
 
@@ -50,12 +50,13 @@ def verify(path: str = PATH_ARGUMENT) -> None:
 @clean_errors
 def merge(
     path: str = PATH_ARGUMENT,
-    num_shards: Optional[int] = typer.Option(None, help="Expected number of shards (default: as the records say)."),
+    num_shards: int | None = typer.Option(None, help="Expected number of shards (default: as the records say)."),
 ) -> None:
     """Write the manifest of a sharded `kd label` once every shard is done (the last shard does it too)."""
     from kd import tasks
     from kd.cache.shards import merge as cache_merge
     from kd.cache.store import location
-    from kd.cache.verify import format_info, info as cache_info
+    from kd.cache.verify import format_info
+    from kd.cache.verify import info as cache_info
     cache_merge(location(path), num_shards)
     typer.echo(format_info(cache_info(location(path)), tasks.for_manifest))

@@ -13,7 +13,6 @@ baseline twin (for text, the same student on the text alone).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -22,12 +21,15 @@ from kd.cli.common import PARAMS_OPTION, clean_errors, override
 
 @clean_errors
 def main(
-    name: str = typer.Argument(..., help="A student defined under `students` (or `text_students`, `mlm_students`) in the params file."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs over the transfer set (default: the student's `epochs`)."),
-    batch_size: Optional[int] = typer.Option(None, help="Rows per batch (default: the student's `batch_size`)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: the student's `lr`)."),
-    seed: Optional[int] = typer.Option(None, help="First seed; `repeats` seeds run from it (default: the student's `seed`)."),
-    cache: str = typer.Option("data/teacher_outputs", help="The teacher's cache (written by `kd label`; a directory or s3://bucket/prefix)."),
+    name: str = typer.Argument(..., help="A student defined under `students` (or `text_students`, `mlm_students`) in "
+                               "the params file."),
+    epochs: int | None = typer.Option(None, help="Epochs over the transfer set (default: the student's `epochs`)."),
+    batch_size: int | None = typer.Option(None, help="Rows per batch (default: the student's `batch_size`)."),
+    lr: float | None = typer.Option(None, help="Peak learning rate (default: the student's `lr`)."),
+    seed: int | None = typer.Option(None, help="First seed; `repeats` seeds run from it (default: the student's "
+                                    "`seed`)."),
+    cache: str = typer.Option("data/teacher_outputs", help="The teacher's cache (written by `kd label`; a directory or "
+                              "s3://bucket/prefix)."),
     assistants: Path = typer.Option(Path("data/assistants"), help="Where `kd assistants` writes assistants; a "
                                     "student with `assistant: A` learns from ASSISTANTS/A/outputs."),
     prepared: Path = typer.Option(Path("data/prepared"), help="Directory written by `kd prepare`."),
@@ -35,7 +37,8 @@ def main(
     baselines: Path = typer.Option(Path("data/baselines"), help="Shared store of baseline twins."),
     checkpoints: Path = typer.Option(Path("data/checkpoints"), help="Per-epoch training state, to resume an "
                                      "interrupted run (removed when training is done)."),
-    memory_mb: float = typer.Option(2048, help="Hold the transfer set in memory up to this size; stream the cache above it."),
+    memory_mb: float = typer.Option(2048, help="Hold the transfer set in memory up to this size; stream the cache "
+                                    "above it."),
     params: Path = PARAMS_OPTION,
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
@@ -58,5 +61,6 @@ def main(
     terms = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k not in ("epoch", "lr", "seconds"))
     twins = ", ".join(f"{key} {'reused' if reused else 'trained'}" for key, reused in summary["twins"])
     seeds = ", ".join(map(str, summary["seeds"]))
-    typer.echo(f"student {name}: seeds {seeds}, {summary['epochs']} epochs, final (seed {summary['seeds'][0]}) {terms}; "
-               f"baseline twin {summary['twin_loss']} loss {twin['hard']:.4f} ({twins}) -> {students_dir / name}")
+    typer.echo(f"student {name}: seeds {seeds}, {summary['epochs']} epochs, final (seed {summary['seeds'][0]}) "
+               f"{terms}; baseline twin {summary['twin_loss']} loss {twin['hard']:.4f} ({twins}) "
+               f"-> {students_dir / name}")

@@ -18,28 +18,29 @@ plots/per_position.csv (the mean loss of the student and its twin at each positi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from kd.errors import MissingInputError
 from kd.cli.common import PARAMS_OPTION, clean_errors, override
+from kd.errors import MissingInputError
 
 
 @clean_errors
 def main(
-    name: str = typer.Argument(..., help="A student defined under `students` (or `text_students`, `mlm_students`) in the params file."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size for the test predictions."),
-    ece_bins: Optional[int] = typer.Option(None, help="Equal-width confidence bins of the ECE."),
-    latency_runs: Optional[int] = typer.Option(None, help="Batch-1 passes timed for the median latency."),
-    throughput_batch: Optional[int] = typer.Option(None, help="Batch size of the throughput runs."),
-    throughput_runs: Optional[int] = typer.Option(None, help="Timed passes for the median throughput."),
-    threads: Optional[int] = typer.Option(None, help="Torch threads while timing."),
+    name: str = typer.Argument(..., help="A student defined under `students` (or `text_students`, `mlm_students`) in "
+                               "the params file."),
+    batch_size: int | None = typer.Option(None, help="Batch size for the test predictions."),
+    ece_bins: int | None = typer.Option(None, help="Equal-width confidence bins of the ECE."),
+    latency_runs: int | None = typer.Option(None, help="Batch-1 passes timed for the median latency."),
+    throughput_batch: int | None = typer.Option(None, help="Batch size of the throughput runs."),
+    throughput_runs: int | None = typer.Option(None, help="Timed passes for the median throughput."),
+    threads: int | None = typer.Option(None, help="Torch threads while timing."),
     students_dir: Path = typer.Option(Path("data/students"), help="Students live in STUDENTS_DIR/NAME."),
-    cache: str = typer.Option("data/teacher_outputs", help="Cache written by `kd label` (a directory or s3://bucket/prefix)."),
+    cache: str = typer.Option("data/teacher_outputs", help="Cache written by `kd label` (a directory or "
+                              "s3://bucket/prefix)."),
     prepared: Path = typer.Option(Path("data/prepared"), help="Directory written by `kd prepare`."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write metrics.json and plots/ into OUT instead of the "
-                                       "student's directory: its scores on another test set (--prepared, --cache)."),
+    out: Path | None = typer.Option(None, "--out", help="Write metrics.json and plots/ into OUT instead of the "
+                                    "student's directory: its scores on another test set (--prepared, --cache)."),
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Evaluate student NAME and write its metrics.json and plot data (defaults: params.yaml `eval`)."""

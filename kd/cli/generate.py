@@ -7,15 +7,14 @@ fingerprint, the settings, what was kept) and `parts/` (the resume step). `kd la
 OUT` then caches the teacher's per-token soft targets over those responses. Resumes an
 interrupted run at the first missing part; an intact OUT of the same teacher, data and
 settings is left as is. Sharded like `kd label`: `--shard I --num-shards N` (or RANK /
-WORLD_SIZE under torchrun) answers every N-th part; the last shard to finish writes OUT. Reads only the `generate` section of params.yaml; the work is in
-`kd.generate`.
+WORLD_SIZE under torchrun) answers every N-th part; the last shard to finish writes OUT. Reads
+only the `generate` section of params.yaml; the work is in `kd.generate`.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -24,27 +23,27 @@ from kd.cli.common import PARAMS_OPTION, clean_errors, override
 
 @clean_errors
 def main(
-    split: Optional[str] = typer.Option(None, help="The split whose prompts the teacher answers (default: unlabeled)."),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Most tokens per response, its eos included."),
-    do_sample: Optional[bool] = typer.Option(None, "--do-sample/--greedy", help="Sample (temperature, top_p) or "
-                                             "take the most likely token."),
-    temperature: Optional[float] = typer.Option(None, help="Sampling temperature."),
-    top_p: Optional[float] = typer.Option(None, help="Sampling: keep the smallest set of tokens holding this mass."),
-    samples: Optional[int] = typer.Option(None, help="Responses per prompt (more than 1 needs --do-sample)."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the draws (with each example's id and sample index)."),
-    batch_size: Optional[int] = typer.Option(None, help="Prompts per batched forward."),
-    part_size: Optional[int] = typer.Option(None, help="Prompts per part file (the resume step)."),
-    min_logprob: Optional[float] = typer.Option(None, help="Keep a response only if its mean token "
-                                                "log-probability under the teacher is at least this."),
-    dtype: Optional[str] = typer.Option(None, help="The teacher's dtype: auto, float32, bfloat16 or float16."),
-    device: Optional[str] = typer.Option(None, help="Where the teacher runs: auto, cpu or cuda."),
+    split: str | None = typer.Option(None, help="The split whose prompts the teacher answers (default: unlabeled)."),
+    max_new_tokens: int | None = typer.Option(None, help="Most tokens per response, its eos included."),
+    do_sample: bool | None = typer.Option(None, "--do-sample/--greedy", help="Sample (temperature, top_p) or "
+                                          "take the most likely token."),
+    temperature: float | None = typer.Option(None, help="Sampling temperature."),
+    top_p: float | None = typer.Option(None, help="Sampling: keep the smallest set of tokens holding this mass."),
+    samples: int | None = typer.Option(None, help="Responses per prompt (more than 1 needs --do-sample)."),
+    seed: int | None = typer.Option(None, help="Seed of the draws (with each example's id and sample index)."),
+    batch_size: int | None = typer.Option(None, help="Prompts per batched forward."),
+    part_size: int | None = typer.Option(None, help="Prompts per part file (the resume step)."),
+    min_logprob: float | None = typer.Option(None, help="Keep a response only if its mean token "
+                                             "log-probability under the teacher is at least this."),
+    dtype: str | None = typer.Option(None, help="The teacher's dtype: auto, float32, bfloat16 or float16."),
+    device: str | None = typer.Option(None, help="Where the teacher runs: auto, cpu or cuda."),
     teacher: Path = typer.Option(Path("data/teacher"), help="A causal LM directory (transformers) with its tokenizer."),
     prepared: Path = typer.Option(Path("data/prepared"), help="Prepared instruction data whose prompts are answered."),
     out: Path = typer.Option(Path("data/generated"), help="Directory to write: the same splits, one answered."),
-    shard: Optional[int] = typer.Option(None, help="Answer only shard I of --num-shards (default: $RANK under "
-                                        "torchrun, else 0)."),
-    num_shards: Optional[int] = typer.Option(None, help="Number of shards (default: $WORLD_SIZE under torchrun, "
-                                             "else 1)."),
+    shard: int | None = typer.Option(None, help="Answer only shard I of --num-shards (default: $RANK under "
+                                     "torchrun, else 0)."),
+    num_shards: int | None = typer.Option(None, help="Number of shards (default: $WORLD_SIZE under torchrun, "
+                                          "else 1)."),
     params: Path = PARAMS_OPTION,
     progress: bool = typer.Option(True, help="Show a progress bar (responses, tokens/s)."),
 ) -> None:

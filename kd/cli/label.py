@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -29,41 +29,43 @@ if TYPE_CHECKING:
 
 @clean_errors
 def main(
-    top_k: Optional[int] = typer.Option(None, help="Teacher logits kept per row."),
-    temperatures: Optional[str] = typer.Option(None, help="Comma-separated temperatures to store lse for, e.g. 1,4."),
-    logit_dtype: Optional[str] = typer.Option(None, help="float16 or float32 (encoding topk)."),
-    encoding: Optional[str] = typer.Option(None, help="How the top-k is stored: topk (as is) or compact "
-                                           "(ids as gaps, logits in one byte each)."),
-    sampling: Optional[int] = typer.Option(None, help="Sampled targets: tokens drawn from the teacher per row and "
-                                           "temperature, stored with counts (default: label.sampling, null = none)."),
-    sampling_seed: Optional[int] = typer.Option(None, help="Seed of the draws (with each row's id and position)."),
-    feature: Optional[List[str]] = typer.Option(None, help="Teacher layer to cache as LAYER=MODE (full, pooled, attention); repeatable."),
-    views: Optional[int] = typer.Option(None, help="Augmented views per sample besides the input as is."),
-    view_recipe: Optional[str] = typer.Option(None, help="How a view is drawn: shift or crop_flip (images)."),
-    view_shift: Optional[int] = typer.Option(None, help="shift: up to this many pixels."),
-    view_scale: Optional[str] = typer.Option(None, help="crop_flip: the crop's area fraction range, e.g. 0.35,1.0."),
-    view_ratio: Optional[str] = typer.Option(None, help="crop_flip: the crop's aspect ratio range, e.g. 0.75,1.333."),
-    view_flip: Optional[float] = typer.Option(None, help="crop_flip: the probability of a horizontal flip."),
-    view_seed: Optional[int] = typer.Option(None, help="Seed of the augmented views (default: label.view_seed)."),
-    batch_size: Optional[int] = typer.Option(None, help="Samples per teacher forward (default: label.batch_size)."),
-    dtype: Optional[str] = typer.Option(None, help="A language-model teacher's dtype: auto (its config's), "
-                                        "float32, bfloat16 or float16."),
-    device: Optional[str] = typer.Option(None, help="Where a language-model teacher runs: auto (cuda when "
-                                         "there is one), cpu or cuda."),
-    part_size: Optional[int] = typer.Option(None, help="Samples per Parquet part (the resume step); "
-                                            "default: about 16,384 cache rows' worth."),
-    keep_teacher: Optional[bool] = typer.Option(None, "--keep-teacher/--no-keep-teacher",
-                                                help="Copy the teacher's weights into the cache (for students "
-                                                "with `init: teacher`)."),
+    top_k: int | None = typer.Option(None, help="Teacher logits kept per row."),
+    temperatures: str | None = typer.Option(None, help="Comma-separated temperatures to store lse for, e.g. 1,4."),
+    logit_dtype: str | None = typer.Option(None, help="float16 or float32 (encoding topk)."),
+    encoding: str | None = typer.Option(None, help="How the top-k is stored: topk (as is) or compact "
+                                        "(ids as gaps, logits in one byte each)."),
+    sampling: int | None = typer.Option(None, help="Sampled targets: tokens drawn from the teacher per row and "
+                                        "temperature, stored with counts (default: label.sampling, null = none)."),
+    sampling_seed: int | None = typer.Option(None, help="Seed of the draws (with each row's id and position)."),
+    feature: list[str] | None = typer.Option(None, help="Teacher layer to cache as LAYER=MODE (full, pooled, "
+                                             "attention); repeatable."),
+    views: int | None = typer.Option(None, help="Augmented views per sample besides the input as is."),
+    view_recipe: str | None = typer.Option(None, help="How a view is drawn: shift or crop_flip (images)."),
+    view_shift: int | None = typer.Option(None, help="shift: up to this many pixels."),
+    view_scale: str | None = typer.Option(None, help="crop_flip: the crop's area fraction range, e.g. 0.35,1.0."),
+    view_ratio: str | None = typer.Option(None, help="crop_flip: the crop's aspect ratio range, e.g. 0.75,1.333."),
+    view_flip: float | None = typer.Option(None, help="crop_flip: the probability of a horizontal flip."),
+    view_seed: int | None = typer.Option(None, help="Seed of the augmented views (default: label.view_seed)."),
+    batch_size: int | None = typer.Option(None, help="Samples per teacher forward (default: label.batch_size)."),
+    dtype: str | None = typer.Option(None, help="A language-model teacher's dtype: auto (its config's), "
+                                     "float32, bfloat16 or float16."),
+    device: str | None = typer.Option(None, help="Where a language-model teacher runs: auto (cuda when "
+                                      "there is one), cpu or cuda."),
+    part_size: int | None = typer.Option(None, help="Samples per Parquet part (the resume step); "
+                                         "default: about 16,384 cache rows' worth."),
+    keep_teacher: bool | None = typer.Option(None, "--keep-teacher/--no-keep-teacher",
+                                             help="Copy the teacher's weights into the cache (for students "
+                                             "with `init: teacher`)."),
     teacher: Path = typer.Option(Path("data/teacher"), help="Teacher directory: model.safetensors + config.json."),
-    arch: Optional[str] = typer.Option(None, help="The teacher's architecture when it is package.module:factory "
-                                       "(default: label.arch)."),
-    arch_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --arch (default: label.arch_kwargs "
-                                              "when --arch is label.arch, else the teacher's config.json's)."),
+    arch: str | None = typer.Option(None, help="The teacher's architecture when it is package.module:factory "
+                                    "(default: label.arch)."),
+    arch_kwargs: str | None = typer.Option(None, help="JSON keyword arguments for --arch (default: label.arch_kwargs "
+                                           "when --arch is label.arch, else the teacher's config.json's)."),
     prepared: Path = typer.Option(Path("data/prepared"), help="Directory written by `kd prepare`."),
     out: str = typer.Option("data/teacher_outputs", help="Cache to write: a directory or s3://bucket/prefix."),
-    shard: Optional[int] = typer.Option(None, help="Label only shard I of --num-shards (default: $RANK under torchrun, else 0)."),
-    num_shards: Optional[int] = typer.Option(None, help="Number of shards (default: $WORLD_SIZE under torchrun, else 1)."),
+    shard: int | None = typer.Option(None, help="Label only shard I of --num-shards (default: $RANK under torchrun, "
+                                     "else 0)."),
+    num_shards: int | None = typer.Option(None, help="Number of shards (default: $WORLD_SIZE under torchrun, else 1)."),
     params: Path = PARAMS_OPTION,
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
@@ -87,7 +89,8 @@ def main(
     if arch is not None and arch != cfg.arch and kwargs is None:  # not label.arch_kwargs of another arch
         cfg.arch_kwargs = None
     cfg = override(cfg, arch=arch, arch_kwargs=kwargs, top_k=top_k, temperatures=temps, logit_dtype=logit_dtype,
-                   encoding=encoding, sampling=sampling, sampling_seed=sampling_seed, features=layers, views=views, view_recipe=view_recipe, view_shift=view_shift,
+                   encoding=encoding, sampling=sampling, sampling_seed=sampling_seed, features=layers, views=views,
+                   view_recipe=view_recipe, view_shift=view_shift,
                    view_scale=numbers_option("--view-scale", view_scale),
                    view_ratio=numbers_option("--view-ratio", view_ratio), view_flip=view_flip, view_seed=view_seed,
                    batch_size=batch_size, part_size=part_size, keep_teacher=keep_teacher, dtype=dtype, device=device)

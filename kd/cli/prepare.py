@@ -11,7 +11,6 @@ chat column) are written as token blocks plus the tokenizer.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -20,46 +19,50 @@ from kd.cli.common import PARAMS_OPTION, clean_errors, json_option, numbers_opti
 
 @clean_errors
 def main(
-    dataset: Optional[str] = typer.Option(
+    dataset: str | None = typer.Option(
         None, "--dataset", help="mnist5k, digits, mnist1d, shapes, pydoc, an image folder (<class>/* or "
         "train|test|unlabeled/<class>/*), a Parquet file with id, x and optional y (or an encoded image column "
         "with label and optional split, or a text column), a .txt file or a .jsonl file (prepare.text_column)."
     ),
-    input_shape: Optional[str] = typer.Option(
+    input_shape: str | None = typer.Option(
         None, "--input-shape", help="Shape of one input, e.g. 1,28,28 (needed for a Parquet file without it)."
     ),
-    image_size: Optional[str] = typer.Option(None, "--image-size", help="Encoded images: resize to SIZE or H,W."),
-    channels: Optional[int] = typer.Option(None, "--channels", help="Images: convert to 1 or 3 channels (what the "
-                                           "model's first layer wants; default: prepare.channels, null = as they are)."),
-    mean: Optional[str] = typer.Option(None, "--mean", help="Encoded images: per-channel mean of pixel/255, e.g. 0.5,0.5,0.5 "
-                                       "(default: the labeled split's)."),
-    std: Optional[str] = typer.Option(None, "--std", help="Encoded images: per-channel std of pixel/255 (with --mean)."),
-    store: Optional[str] = typer.Option(None, "--store", help="Encoded images: how pixels are written, `pixels` "
-                                        "(uint8 x) or `png` (one lossless PNG file per row, the smaller)."),
-    labeled: Optional[int] = typer.Option(None, "--labeled", help="Rows (text: blocks) in the labeled split "
-                                          "(default: prepare.labeled; images 1000, text every block)."),
-    unlabeled: Optional[int] = typer.Option(None, "--unlabeled", help="Rows (text: blocks) in the unlabeled (transfer) "
-                                            "split (default: prepare.unlabeled; images 3000, text every block)."),
-    test: Optional[int] = typer.Option(None, "--test", help="Rows (text: blocks) in the test split (default: "
-                                       "prepare.test; images 1000, text every block)."),
-    samples: Optional[int] = typer.Option(None, "--samples", help="mnist1d and addition only: how many digits (sums) to generate."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the split."),
-    text_column: Optional[str] = typer.Option(None, "--text-column", help="Text: the Parquet column (or JSON Lines field) of documents."),
-    prompt_column: Optional[str] = typer.Option(None, "--prompt-column", help="Instruction data: the prompts' column "
-                                                "(with --response-column; only responses are predicted)."),
-    response_column: Optional[str] = typer.Option(None, "--response-column", help="Instruction data: the responses' column."),
-    messages_column: Optional[str] = typer.Option(None, "--messages-column", help="Chat data: a column of [{role, "
-                                                  "content}] lists, rendered with the tokenizer's chat template; "
-                                                  "the assistant turns are predicted."),
-    shares: Optional[str] = typer.Option(
-        None, "--shares", help='Text: each split\'s share of the characters, e.g. \'{"labeled": 0.8, "unlabeled": 0.1, "test": 0.1}\'.'
+    image_size: str | None = typer.Option(None, "--image-size", help="Encoded images: resize to SIZE or H,W."),
+    channels: int | None = typer.Option(None, "--channels", help="Images: convert to 1 or 3 channels (what the "
+                                        "model's first layer wants; default: prepare.channels, null = as they are)."),
+    mean: str | None = typer.Option(None, "--mean", help="Encoded images: per-channel mean of pixel/255, e.g. "
+                                    "0.5,0.5,0.5 (default: the labeled split's)."),
+    std: str | None = typer.Option(None, "--std", help="Encoded images: per-channel std of pixel/255 (with --mean)."),
+    store: str | None = typer.Option(None, "--store", help="Encoded images: how pixels are written, `pixels` "
+                                     "(uint8 x) or `png` (one lossless PNG file per row, the smaller)."),
+    labeled: int | None = typer.Option(None, "--labeled", help="Rows (text: blocks) in the labeled split "
+                                       "(default: prepare.labeled; images 1000, text every block)."),
+    unlabeled: int | None = typer.Option(None, "--unlabeled", help="Rows (text: blocks) in the unlabeled (transfer) "
+                                         "split (default: prepare.unlabeled; images 3000, text every block)."),
+    test: int | None = typer.Option(None, "--test", help="Rows (text: blocks) in the test split (default: "
+                                    "prepare.test; images 1000, text every block)."),
+    samples: int | None = typer.Option(None, "--samples", help="mnist1d and addition only: how many digits (sums) to "
+                                       "generate."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of the split."),
+    text_column: str | None = typer.Option(None, "--text-column", help="Text: the Parquet column (or JSON Lines field) "
+                                           "of documents."),
+    prompt_column: str | None = typer.Option(None, "--prompt-column", help="Instruction data: the prompts' column "
+                                             "(with --response-column; only responses are predicted)."),
+    response_column: str | None = typer.Option(None, "--response-column", help="Instruction data: the responses' "
+                                               "column."),
+    messages_column: str | None = typer.Option(None, "--messages-column", help="Chat data: a column of [{role, "
+                                               "content}] lists, rendered with the tokenizer's chat template; "
+                                               "the assistant turns are predicted."),
+    shares: str | None = typer.Option(
+        None, "--shares", help='Text: each split\'s share of the characters, e.g. '
+                               '\'{"labeled": 0.8, "unlabeled": 0.1, "test": 0.1}\'.'
     ),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Text: a local Hugging Face model or "
-                                            "tokenizer directory to tokenize with (default: train a BPE)."),
-    keep: Optional[str] = typer.Option(None, "--keep", help="Text: a regex; keep only the documents whose first line "
-                                       "it matches, after they are dealt to the splits (a task's subset)."),
-    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Text: tokenizer entries (of the trained BPE)."),
-    block_size: Optional[int] = typer.Option(None, "--block-size", help="Text: tokens per block."),
+    tokenizer: str | None = typer.Option(None, "--tokenizer", help="Text: a local Hugging Face model or "
+                                         "tokenizer directory to tokenize with (default: train a BPE)."),
+    keep: str | None = typer.Option(None, "--keep", help="Text: a regex; keep only the documents whose first line "
+                                    "it matches, after they are dealt to the splits (a task's subset)."),
+    vocab_size: int | None = typer.Option(None, "--vocab-size", help="Text: tokenizer entries (of the trained BPE)."),
+    block_size: int | None = typer.Option(None, "--block-size", help="Text: tokens per block."),
     params: Path = PARAMS_OPTION,
     out: Path = typer.Option(Path("data/prepared"), "--out", help="Directory to write the splits to."),
 ) -> None:
@@ -74,12 +77,13 @@ def main(
     shape = sources.images.parse_shape(input_shape) if input_shape is not None else None
     parsed = json_option("--shares", shares)
     size = sources.images.parse_shape(image_size, "--image-size") if image_size is not None else None
-    cfg = override(cfg, dataset=dataset, input_shape=shape, image_size=size, channels=channels, mean=numbers_option("--mean", mean),
-                   std=numbers_option("--std", std), store=store, labeled=labeled, unlabeled=unlabeled,
-                   test=test, samples=samples, seed=seed, text_column=text_column, tokenizer=tokenizer,
-                   prompt_column=prompt_column, keep=keep, response_column=response_column, messages_column=messages_column,
-                   vocab_size=vocab_size,
-                   block_size=block_size, shares=None if parsed is None else config.from_mapping(Shares, parsed, "--shares"))
+    cfg = override(cfg, dataset=dataset, input_shape=shape, image_size=size, channels=channels,
+                   mean=numbers_option("--mean", mean), std=numbers_option("--std", std), store=store,
+                   labeled=labeled, unlabeled=unlabeled, test=test, samples=samples, seed=seed,
+                   text_column=text_column, tokenizer=tokenizer, prompt_column=prompt_column, keep=keep,
+                   response_column=response_column, messages_column=messages_column, vocab_size=vocab_size,
+                   block_size=block_size,
+                   shares=None if parsed is None else config.from_mapping(Shares, parsed, "--shares"))
     if sources.text.is_text(cfg):  # text sizes the params file and options leave out: every block
         given = config.load_params(params).get("prepare") or {}
         sizes = {"labeled": labeled, "unlabeled": unlabeled, "test": test}

@@ -19,12 +19,11 @@ perplexity or masked-token accuracy instead of test accuracy, with loss by posit
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from kd.errors import ConfigError
 from kd.cli.common import PARAMS_OPTION, clean_errors
+from kd.errors import ConfigError
 
 
 @clean_errors
@@ -32,14 +31,15 @@ def main(
     students_dir: Path = typer.Option(Path("data/students"), help="Directory of the students (one per NAME)."),
     out: Path = typer.Option(Path("data/report"), help="Directory to write the report into (replaced whole)."),
     params: Path = PARAMS_OPTION,
-    cache: str = typer.Option("data/teacher_outputs", help="Cache written by `kd label` (for the intro; a directory or s3://bucket/prefix)."),
+    cache: str = typer.Option("data/teacher_outputs", help="Cache written by `kd label` (for the intro; a directory or "
+                              "s3://bucket/prefix)."),
     assistants: Path = typer.Option(Path("data/assistants"), help="Teacher assistants written by `kd assistants`."),
-    test_set: Optional[list[str]] = typer.Option(None, "--test-set", help="LABEL=DIR: the students' scores on "
-                                                 "another test set, written by `kd eval NAME --out DIR/NAME` "
-                                                 "(repeatable); adds a table and test_sets.csv."),
-    score: Optional[str] = typer.Option(None, help="Rank by this metrics key instead of the task's own score "
-                                        "(causal LMs on instruction data: exact_match; of different tokenizers: "
-                                        "bits_per_char)."),
+    test_set: list[str] | None = typer.Option(None, "--test-set", help="LABEL=DIR: the students' scores on "
+                                              "another test set, written by `kd eval NAME --out DIR/NAME` "
+                                              "(repeatable); adds a table and test_sets.csv."),
+    score: str | None = typer.Option(None, help="Rank by this metrics key instead of the task's own score "
+                                     "(causal LMs on instruction data: exact_match; of different tokenizers: "
+                                     "bits_per_char)."),
 ) -> None:
     """Write report.md, leaderboard.csv, the tables and plots over every evaluated student."""
     from kd.cache import Cache

@@ -14,7 +14,6 @@ masked-token accuracy).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -23,18 +22,20 @@ from kd.cli.common import PARAMS_OPTION, clean_errors, json_option, numbers_opti
 
 @clean_errors
 def main(
-    arch: Optional[str] = typer.Option(None, help="Built-in architecture (cnn, mlp) or package.module:factory; gpt2 or bert for text."),
-    arch_kwargs: Optional[str] = typer.Option(None, help='Architecture keyword arguments as JSON, e.g. \'{"hidden": 512}\'.'),
-    epochs: Optional[int] = typer.Option(None, help="Training epochs (default: teacher.epochs)."),
-    batch_size: Optional[int] = typer.Option(None, help="Samples per batch (default: teacher.batch_size)."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default: teacher.lr)."),
-    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (default: teacher.weight_decay)."),
-    shift: Optional[int] = typer.Option(None, help="Random-shift augmentation in pixels (0 = off; images only)."),
-    view_recipe: Optional[str] = typer.Option(None, help="Augmentation: shift or crop_flip (images only)."),
-    view_scale: Optional[str] = typer.Option(None, help="crop_flip: the crop's area fraction range, e.g. 0.35,1.0."),
-    view_ratio: Optional[str] = typer.Option(None, help="crop_flip: the crop's aspect ratio range, e.g. 0.75,1.333."),
-    view_flip: Optional[float] = typer.Option(None, help="crop_flip: the probability of a horizontal flip."),
-    seed: Optional[int] = typer.Option(None, help="Seed of initialisation and batch order (default: teacher.seed)."),
+    arch: str | None = typer.Option(None, help="Built-in architecture (cnn, mlp) or package.module:factory; gpt2 or "
+                                    "bert for text."),
+    arch_kwargs: str | None = typer.Option(None, help='Architecture keyword arguments as JSON, e.g. '
+                                           '\'{"hidden": 512}\'.'),
+    epochs: int | None = typer.Option(None, help="Training epochs (default: teacher.epochs)."),
+    batch_size: int | None = typer.Option(None, help="Samples per batch (default: teacher.batch_size)."),
+    lr: float | None = typer.Option(None, help="Learning rate (default: teacher.lr)."),
+    weight_decay: float | None = typer.Option(None, help="AdamW weight decay (default: teacher.weight_decay)."),
+    shift: int | None = typer.Option(None, help="Random-shift augmentation in pixels (0 = off; images only)."),
+    view_recipe: str | None = typer.Option(None, help="Augmentation: shift or crop_flip (images only)."),
+    view_scale: str | None = typer.Option(None, help="crop_flip: the crop's area fraction range, e.g. 0.35,1.0."),
+    view_ratio: str | None = typer.Option(None, help="crop_flip: the crop's aspect ratio range, e.g. 0.75,1.333."),
+    view_flip: float | None = typer.Option(None, help="crop_flip: the probability of a horizontal flip."),
+    seed: int | None = typer.Option(None, help="Seed of initialisation and batch order (default: teacher.seed)."),
     prepared: Path = typer.Option(Path("data/prepared"), help="Directory written by `kd prepare`."),
     out: Path = typer.Option(Path("data/teacher"), help="Where to write the teacher."),
     params: Path = PARAMS_OPTION,

@@ -9,7 +9,6 @@ content changes).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -18,8 +17,8 @@ from kd.cli.common import clean_errors
 
 @clean_errors
 def main(
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the version to this file (atomically) "
-                                       "instead of printing it."),
+    out: Path | None = typer.Option(None, "--out", help="Write the version to this file (atomically) "
+                                    "instead of printing it."),
 ) -> None:
     """Print kd's version, or write it to --out."""
     from kd import __version__

@@ -6,8 +6,8 @@ usual top-k KL at T with T^2. Rows of student positions no teacher row lines up 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

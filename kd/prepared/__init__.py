@@ -14,8 +14,8 @@ knows no dataset; preparing one from a source is `kd.sources`.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq

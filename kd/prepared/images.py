@@ -19,13 +19,12 @@ only `kd eval` reads it. Files are written atomically (`prepared.write_atomic`).
 
 from __future__ import annotations
 
+import io
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
-
-import io
 
 import numpy as np
 import pyarrow as pa

@@ -75,7 +75,10 @@ def _whole(prepared: Path, student_dir: Path, split: str) -> tuple[np.ndarray, l
     t_roles = align.roles(found.teacher.special)
     special = {i: role for role, i in t_roles.items()}
     s_roles = align.roles(found.student.special)
-    encode = (lambda piece: found.student.encode([piece])[0])
+
+    def encode(piece: str) -> list[int]:  # the student's tokens of one piece of text
+        return found.student.encode([piece])[0]
+
     return ids, [align.student_block(b, found.teacher_bytes, special, encode, found.student_bytes, s_roles)
                  for b in blocks], blocks, predicted
 

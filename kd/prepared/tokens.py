@@ -157,7 +157,8 @@ def write_blocks(path: Path, ids: np.ndarray, tokens: np.ndarray, meta: dict[str
     """One split file: `id` int64, `tokens` fixed_size_list<int32>[L] (and `loss_mask`
     fixed_size_list<bool>[L] when given), written atomically."""
     length = tokens.shape[1]
-    fields = [pa.field("id", pa.int64(), nullable=False), pa.field("tokens", pa.list_(pa.int32(), length), nullable=False)]
+    fields = [pa.field("id", pa.int64(), nullable=False),
+              pa.field("tokens", pa.list_(pa.int32(), length), nullable=False)]
     columns = {"id": pa.array(ids, pa.int64()),
                "tokens": pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(tokens, np.int32).reshape(-1)),
                                                            length)}
@@ -196,7 +197,8 @@ def split_info(path: Path) -> dict:
                 "documents": int(meta["documents"]), "dataset": meta["dataset"],
                 "examples_dropped": _dropped(meta.get("examples_dropped", "{}"))}
     except (KeyError, ValueError) as exc:
-        raise InputError(f"{path}: metadata {exc} missing or not an integer (expected what `kd prepare` writes)") from None
+        raise InputError(f"{path}: metadata {exc} missing or not an integer "
+                         "(expected what `kd prepare` writes)") from None
 
 
 def read_blocks(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -208,7 +210,8 @@ def read_blocks(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def read_rows(path: Path, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
     """ids and tokens of blocks [start, stop), reading only the row groups that hold them."""
     file = _open_blocks(path)
-    return _arrays(read_row_range(file, start, stop, columns=["id", "tokens"]), file.schema_arrow.field("tokens").type.list_size)
+    return _arrays(read_row_range(file, start, stop, columns=["id", "tokens"]),
+                   file.schema_arrow.field("tokens").type.list_size)
 
 
 def predicted(path: Path, start: int = 0, stop: int | None = None) -> np.ndarray | None:
@@ -278,7 +281,8 @@ def prepared_tokenizer(prepared: Path) -> TokenizerDir:
     """The prepared directory's tokenizer, checked against the fingerprint its splits were cut with."""
     prepared = Path(prepared)
     if not (prepared / TOKENIZER_FILE).is_file():
-        raise MissingInputError(f"{prepared / TOKENIZER_FILE}: tokenizer not found (run `kd prepare` on a text dataset)")
+        raise MissingInputError(f"{prepared / TOKENIZER_FILE}: tokenizer not found "
+                                "(run `kd prepare` on a text dataset)")
     expected = split_info(prepared / "labeled.parquet")["tokenizer_sha256"]
     found = read_tokenizer(prepared, "prepared data's tokenizer")
     if found.fingerprint != expected:

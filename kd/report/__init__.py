@@ -16,14 +16,24 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from kd import tasks
 from kd.errors import MissingInputError
 from kd.files import replacing
-from kd.report.compare import (METHODS_COLUMNS, PROGRESSIVE, TEST_SETS, is_soft_only, leaderboard, method_label,
-                               methods_table, progressive_table, test_sets_table, verdict)
+from kd.report.compare import (
+    METHODS_COLUMNS,
+    PROGRESSIVE,
+    TEST_SETS,
+    is_soft_only,
+    leaderboard,
+    method_label,
+    methods_table,
+    progressive_table,
+    test_sets_table,
+    verdict,
+)
 from kd.report.markdown import render, seeds_sentence, sentence
 from kd.report.plots import DRAW
 from kd.report.results import Report, StudentResult, assistant_info, load_student, student_dirs
-from kd import tasks
 from kd.report.scores import SCORES, Score, score_for
 
 __all__ = ["METHODS_COLUMNS", "PROGRESSIVE", "SCORES", "Score", "StudentResult", "is_soft_only", "leaderboard",

@@ -7,7 +7,8 @@ Every word that differs between tasks comes from the task's `Score`; everything 
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from kd.cache import encoding as encodings
 from kd.cache.layout import temperature_key
@@ -75,6 +76,16 @@ def _pm(row: dict[str, Any], prefix: str, spec: str = ".4f") -> str:
 def _change(row: dict[str, Any], prefix: str, words: Callable[..., str] = points) -> str:
     """PREFIX_mean ± PREFIX_std of a row as a change: in points, or as `words` (Score.change_words) puts it."""
     return words(row[f"{prefix}_mean"], row[f"{prefix}_std"])
+
+
+def _share(metrics: dict[str, Any], key: str) -> str:
+    """A share as a percentage, '' where the metrics lack it."""
+    return "" if metrics.get(key) is None else f"{100 * metrics[key]:.1f}%"
+
+
+def _spread(metrics: dict[str, Any], key: str) -> str:
+    """KEY over seeds: the value alone for one seed (no spread), else mean ± std of KEY_mean, KEY_std."""
+    return f"{metrics[key]:.3f}" if metrics["seeds"] < 2 else _pm(metrics, key, ".3f")
 
 
 def _stored_as(manifest: dict[str, Any]) -> str:
@@ -184,11 +195,9 @@ def bits_markdown(results: list[Any]) -> list[str]:
         own = m.get("student_tokenizer")
         tokenizer = "the teacher's" if own is None else f"own ({own['vocab_size']:,})"
         loss = " + ".join(k for k, v in (r.spec.get("loss") or {}).items() if v is not None)
-        share = (lambda key: "" if m.get(key) is None else f"{100 * m[key]:.1f}%")
-        spread = (lambda key: f"{m[key]:.3f}" if m["seeds"] < 2 else _pm(m, key, ".3f"))  # one seed: no spread
-        lines.append(f"| {r.name} | {tokenizer} | {loss} | {spread('bits_per_char')} | "
-                     f"{spread('baseline_bits_per_char')} | {share('aligned_positions')} | "
-                     f"{share('aligned_one_to_one')} | {share('mapped_kept_mass')} |")
+        lines.append(f"| {r.name} | {tokenizer} | {loss} | {_spread(m, 'bits_per_char')} | "
+                     f"{_spread(m, 'baseline_bits_per_char')} | {_share(m, 'aligned_positions')} | "
+                     f"{_share(m, 'aligned_one_to_one')} | {_share(m, 'mapped_kept_mass')} |")
     return lines
 
 
@@ -204,7 +213,8 @@ def test_sets_markdown(rows: list[dict[str, Any]], score: Score) -> list[str]:
              "| student | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
     for student in dict.fromkeys(row["student"] for row in rows):
         lines.append(f"| {student} | " + " | ".join(
-            f"{_pm(cells[student, label], 'score', score.fmt)} (twin {_pm(cells[student, label], 'baseline', score.fmt)}"
+            f"{_pm(cells[student, label], 'score', score.fmt)} "
+            f"(twin {_pm(cells[student, label], 'baseline', score.fmt)}"
             f"; {_change(cells[student, label], 'change', score.change_words)})" for label in labels) + " |")
     return lines
 

@@ -7,7 +7,8 @@ to its function, and the task's `Score.plots` says which PNGs its report has.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -164,7 +165,10 @@ def plot_per_class(report: Report) -> Figure:
     best = report.results[0]
     rows = plot_table(best, "per_class.csv")
     classes = [int(row["class"]) for row in rows]
-    value = lambda text: float(text) if text != "" else np.nan  # noqa: E731 (empty: class absent from test)
+
+    def value(text: str) -> float:  # empty: the class is absent from the test split
+        return float(text) if text != "" else np.nan
+
     student = [value(row["student"]) for row in rows]
     baseline = [value(row["baseline"]) for row in rows]
     fig = Figure(figsize=(max(6.4, 0.45 * len(classes)), 4.4))

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from kd.errors import InputError, MissingInputError
-from kd.files import read_json
 from kd.evaluation import METRICS_FILE, PLOTS_DIR
+from kd.files import read_json
 from kd.report.scores import Score
 
 SEEDS_FILE = "seeds.csv"

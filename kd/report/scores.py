@@ -8,8 +8,9 @@ which resolves a cache's manifest to one of them.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 Metrics = dict[str, Any]
 

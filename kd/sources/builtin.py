@@ -18,8 +18,9 @@ from __future__ import annotations
 import importlib.util
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 

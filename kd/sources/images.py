@@ -33,8 +33,8 @@ from kd.prepared import images as image_files
 from kd.prepared.images import Norm, Split, check_shape
 from kd.sources import encoded
 from kd.sources.arrays import load_parquet
-from kd.sources.encoded import name_ids
 from kd.sources.builtin import SOURCES, kind_of
+from kd.sources.encoded import name_ids
 from kd.sources.splits import split
 
 

@@ -9,8 +9,8 @@ DRAW_ORDER, which text documents are dealt in too (`sources.text.deal`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -16,18 +16,18 @@
 (pydoc and addition are the built-ins of kind documents and examples in `builtin.SOURCES`.)
 
 Instruction data instead (`cfg.prompt_column` + `cfg.response_column`, or `cfg.messages_column`,
-from a .jsonl or Parquet file; or the built-in `addition`): one example per block, padded, with a `loss_mask` that is True
-at the response tokens only (`examples`, `encode_example`, `example_blocks`); examples are
-dealt to the splits as documents are.
+from a .jsonl or Parquet file; or the built-in `addition`): one example per block, padded, with
+a `loss_mask` that is True at the response tokens only (`examples`, `encode_example`,
+`example_blocks`); examples are dealt to the splits as documents are.
 
 Empty documents (and null rows) are dropped. With `cfg.keep` (a regex), only the documents whose
 first line it matches are kept, after the deal: a subset (a "task") keeps the splits its
-documents have in the whole, so the task's test documents are never another run's training text. The documents are shuffled with `cfg.seed` and dealt
-to the splits by characters (the shares sum to 1): laid end to end in that order, the first
-`shares.test` of the text is the test split, the next `shares.labeled` the labeled split, the
-rest unlabeled, each document going whole to the split that holds its middle character. A
-document is never in two splits, and the test split does not change when only the other
-shares do.
+documents have in the whole, so the task's test documents are never another run's training
+text. The documents are shuffled with `cfg.seed` and dealt to the splits by characters (the
+shares sum to 1): laid end to end in that order, the first `shares.test` of the text is the test
+split, the next `shares.labeled` the labeled split, the rest unlabeled, each document going
+whole to the split that holds its middle character. A document is never in two splits, and the
+test split does not change when only the other shares do.
 
 Without `cfg.tokenizer`, a byte-level BPE of `cfg.vocab_size` entries is trained on the
 labeled documents only (the teacher's training text; all of them, however many blocks

@@ -33,31 +33,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd import exact_match, features, lm, loader, metrics
-from kd.prepared import data_fingerprint
-from kd.prepared import retokenized
-from kd.prepared import tokens
+from kd import exact_match, features, lm, lm_training, loader, metrics
 from kd.cache import Cache, Teacher
+from kd.cache.batch import Batch
 from kd.cache.reader import SoftTargets
 from kd.config import EvalConfig, LabelConfig, StudentConfig
 from kd.errors import ConfigError, InputError
 from kd.files import read_json
-from kd.cache.batch import Batch
 from kd.methods import supported
-from kd.tasks import cross_tokenizer
-from kd.tasks.lm_common import (STUDENT_RECORD, build_model, check_token_student, check_tokenizer, evaluate_rows,
-                                init_identity, student_tokenizer, token_summary)
+from kd.prepared import data_fingerprint, retokenized, tokens
+from kd.tasks import cross_tokenizer, lm_common
+from kd.tasks.lm_common import (
+    STUDENT_RECORD,
+    build_model,
+    check_token_student,
+    check_tokenizer,
+    evaluate_rows,
+    init_identity,
+    student_tokenizer,
+    token_summary,
+)
 from kd.tasks.next_token import TokenRows, block_set, blocks_and_targets, model_input, next_token_logits, token_rows
+
+NAME, OBJECTIVE = "causal_lm", "causal"
+TWIN_LOSS = "next-token"  # what the baseline twin learns from, for messages
 
 # Members of the task that both token tasks share: a student is a Hugging Face directory plus
 # student.json (`lm_common.save`; `load`: not an assistant so far); the teacher, of either
 # objective, is trained by `lm_training` and loaded by `lm`.
-from kd.lm import load_teacher  # noqa: F401
-from kd.lm_training import train_teacher  # noqa: F401
-from kd.tasks.lm_common import load, save  # noqa: F401
-
-NAME, OBJECTIVE = "causal_lm", "causal"
-TWIN_LOSS = "next-token"  # what the baseline twin learns from, for messages
+load, save = lm_common.load, lm_common.save
+train_teacher, load_teacher = lm_training.train_teacher, lm.load_teacher
 
 
 # Cache columns between `view` and the soft targets: the predicting token's index in its block.

@@ -18,16 +18,14 @@ import torch
 from torch import nn
 
 from kd import lm, loader
-from kd.prepared import retokenized
-from kd.prepared import tokens
 from kd.cache import Cache
 from kd.cache.reader import SoftTargets
 from kd.config import StudentConfig
 from kd.errors import ConfigError
 from kd.methods import chosen, supported
+from kd.prepared import retokenized, tokens
 from kd.tasks.lm_common import read_back
 from kd.tasks.next_token import block_set, blocks_and_targets
-
 
 
 def check(cfg: StudentConfig, cache: Cache, own: retokenized.Pair) -> None:

@@ -21,8 +21,6 @@ import torch
 from torch import nn
 
 from kd import augment, features, loader
-from kd.prepared import data_fingerprint
-from kd.prepared import images
 from kd.cache import Cache, Teacher
 from kd.cache.batch import Batch
 from kd.config import EvalConfig, LabelConfig, StudentConfig, TeacherConfig, as_dict, view_recipe
@@ -30,10 +28,11 @@ from kd.errors import ConfigError, InputError
 from kd.files import write_json
 from kd.loader import SampleSet
 from kd.methods import chosen, supported
+from kd.prepared import data_fingerprint, images
 from kd.speed import count_params, throughputs, torch_threads
 from kd.tasks import image_eval
-from kd.tasks.image_models import build as build_model, fingerprint, is_hf_classifier, load_hf_classifier
-from kd.tasks.image_models import load_model, save_model
+from kd.tasks.image_models import build as build_model
+from kd.tasks.image_models import fingerprint, is_hf_classifier, load_hf_classifier, load_model, save_model
 from kd.training import fit, hard_label_loss, predict
 
 NAME = "image"
@@ -88,7 +87,8 @@ class Inputs:
             shape = list(features.reduce(captured, mode).shape[1:])
         except ConfigError as exc:
             raise ConfigError(f"label.features.{layer}: {exc}") from None
-        return {"name": layer, "mode": mode, "shape": shape, "dtype": "float16", "source_shape": list(captured.shape[1:])}
+        return {"name": layer, "mode": mode, "shape": shape, "dtype": "float16",
+                "source_shape": list(captured.shape[1:])}
 
     def read(self, source: Path, first: int, last: int) -> images.Split:
         rows = images.read_rows(source, first, last)

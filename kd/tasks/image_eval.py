@@ -34,13 +34,23 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from kd.prepared import images
 from kd.cache import Cache
 from kd.config import EvalConfig
 from kd.errors import ConfigError, InputError, StaleCacheError
 from kd.evaluation import check_config, seed_dirs
-from kd.metrics import (SEED_KEYS, accuracy, agreement, confusion_matrix, ece, kl_to_teacher, per_class_accuracy,
-                        pseudo_label_accuracy, reliability, seed_summary)
+from kd.metrics import (
+    SEED_KEYS,
+    accuracy,
+    agreement,
+    confusion_matrix,
+    ece,
+    kl_to_teacher,
+    per_class_accuracy,
+    pseudo_label_accuracy,
+    reliability,
+    seed_summary,
+)
+from kd.prepared import images
 from kd.speed import count_params, latency_ms, throughputs, torch_threads
 from kd.tasks.image_models import build, load_model
 from kd.training import predict

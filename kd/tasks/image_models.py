@@ -26,9 +26,9 @@ import inspect
 import math
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -166,7 +166,8 @@ def factory_arguments(arch: str, factory: Callable[..., Any], arch_kwargs: dict[
     except (TypeError, ValueError):  # no signature to read (some builtins): kd's own convention
         return {"input_shape": list(input_shape), "num_classes": num_classes}
     kinds = {name: p.kind for name, p in signature.parameters.items()}
-    named = {n for n, k in kinds.items() if k in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    named = {n for n, k in kinds.items()
+             if k in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
     described = f"{getattr(factory, '__qualname__', arch)}{signature}"
     given: dict[str, Any] = {}
     if "input_shape" in named:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,14 +24,13 @@ from torch import nn
 from transformers import AutoConfig
 
 from kd import evaluation, lm, metrics, speed
-from kd.prepared import retokenized
-from kd.prepared import tokens
 from kd.cache import Cache
 from kd.cache.reader import SoftTargets
 from kd.config import EvalConfig, StudentConfig
 from kd.errors import CacheError, ConfigError, InputError, MissingInputError
 from kd.files import read_json, write_json
 from kd.methods import chosen
+from kd.prepared import retokenized, tokens
 from kd.speed import count_params
 
 STUDENT_RECORD = "student.json"
@@ -230,7 +230,8 @@ def evaluate_rows(student_dir: Path, cache: Cache, cfg: EvalConfig, wrap: Callab
                   score: Callable[[torch.Tensor, torch.Tensor], float], keys: Callable[..., dict[str, Any]],
                   seeds_as: tuple[str, str, Callable[[float, float], float]],
                   compare: Callable[[torch.Tensor, SoftTargets], tuple[torch.Tensor, SoftTargets]] | None = None,
-                  teacher_x: torch.Tensor | None = None) -> tuple[dict[str, Any], dict[str, tuple[list[str], list[dict[str, Any]]]]]:
+                  teacher_x: torch.Tensor | None = None) -> tuple[dict[str, Any],
+                                                                  dict[str, tuple[list[str], list[dict[str, Any]]]]]:
     """What every token task measures on the test rows: the student (wrapped by `wrap`) and its
     twin on the inputs `x`, one logits row per cache row with its `truth` and block `position`;
     `score(logits, truth)` for them and every further seed; the task's `keys(student score, twin

@@ -24,27 +24,31 @@ import numpy as np
 import torch
 from torch import nn
 
-from kd import features, lm, loader, masking
-from kd.prepared import data_fingerprint
-from kd.prepared import tokens
+from kd import features, lm, lm_training, loader, masking
 from kd.cache import Cache
+from kd.cache.batch import Batch
 from kd.config import EvalConfig, LabelConfig, StudentConfig
 from kd.errors import ConfigError
 from kd.methods import student_layers, supported
-from kd.cache.batch import Batch
-from kd.tasks import causal_lm
-from kd.tasks.lm_common import (build_model, check_token_student, check_tokenizer, evaluate_rows, init_identity,
-                                token_summary)
+from kd.prepared import data_fingerprint, tokens
+from kd.tasks import causal_lm, lm_common
+from kd.tasks.lm_common import (
+    build_model,
+    check_token_student,
+    check_tokenizer,
+    evaluate_rows,
+    init_identity,
+    token_summary,
+)
+
+NAME, OBJECTIVE = "masked_lm", "masked"
+TWIN_LOSS = "masked-LM"  # what the baseline twin learns from, for messages
 
 # Members of the task that both token tasks share: a student is a Hugging Face directory plus
 # student.json (`lm_common.save`; `load`: not an assistant so far); the teacher, of either
 # objective, is trained by `lm_training` and loaded by `lm`.
-from kd.lm import load_teacher  # noqa: F401
-from kd.lm_training import train_teacher  # noqa: F401
-from kd.tasks.lm_common import load, save  # noqa: F401
-
-NAME, OBJECTIVE = "masked_lm", "masked"
-TWIN_LOSS = "masked-LM"  # what the baseline twin learns from, for messages
+load, save = lm_common.load, lm_common.save
+train_teacher, load_teacher = lm_training.train_teacher, lm.load_teacher
 
 
 # Cache columns between `view` and the soft targets: the masked position and the token the
@@ -203,7 +207,8 @@ def build(cfg: StudentConfig, cache: Cache, prepared: Path) -> MaskedRows:
     for n in layers:
         if n > model.config.num_hidden_layers:
             raise ConfigError(f"{cfg.where}.loss: student_layer hidden.{n}; the student has "
-                              f"{model.config.num_hidden_layers} layers (hidden.0 .. hidden.{model.config.num_hidden_layers})")
+                              f"{model.config.num_hidden_layers} layers "
+                              f"(hidden.0 .. hidden.{model.config.num_hidden_layers})")
     return MaskedRows(model, info["block_size"], layers)
 
 
