@@ -22,20 +22,20 @@ def main(
                                  "plain text), instruction (prompt/response pairs), masked (a BERT-style LM) or "
                                  "generate (students of the teacher's own answers)."),
     dataset: str | None = typer.Option(None, "--dataset", help="Your data (a file or folder, best under "
-                                          "DIR/datasets/) or a built-in name: prepare.dataset. With the "
-                                          "instruction and generate templates, a file of `prompt` and `response` "
-                                          "columns (prepare.block_size 256)."),
+                                       "DIR/datasets/) or a built-in name: prepare.dataset. With the "
+                                       "instruction and generate templates, a file of `prompt` and `response` "
+                                       "columns (prepare.block_size 256)."),
     teacher: str | None = typer.Option(None, "--teacher", help="A model directory (Hugging Face, or one `kd "
-                                          "teacher` wrote) that `kd label` runs instead of training a teacher: "
-                                          "paths.teacher; language models also cut the text with its tokenizer."),
+                                       "teacher` wrote) that `kd label` runs instead of training a teacher: "
+                                       "paths.teacher; language models also cut the text with its tokenizer."),
     tokenizer: str | None = typer.Option(None, "--tokenizer", help="A tokenizer or model directory to cut the "
-                                            "text with: prepare.tokenizer (default: the teacher's, or a new BPE)."),
+                                         "text with: prepare.tokenizer (default: the teacher's, or a new BPE)."),
     student_arch: str | None = typer.Option(None, "--student-arch", help="Image: every student's architecture "
-                                               "(mlp, cnn, models.<module>:<factory>), arch_kwargs emptied."),
+                                            "(mlp, cnn, models.<module>:<factory>), arch_kwargs emptied."),
     student_init: str | None = typer.Option(None, "--student-init", help="Language models: a pretrained "
-                                               "directory every student starts from (its init and arch)."),
+                                            "directory every student starts from (its init and arch)."),
     set_: list[str] | None = typer.Option(None, "--set", help="KEY=VALUE (YAML) into params.yaml, e.g. "
-                                             "teacher.epochs=5 or students.*.repeats=3 (every student); repeatable."),
+                                          "teacher.epochs=5 or students.*.repeats=3 (every student); repeatable."),
     git: bool = typer.Option(True, "--git/--no-git", help="git init + dvc init where DIR is in no git repository."),
 ) -> None:
     """Write a ready DVC project (dvc.yaml, params.yaml, datasets/, models/) into DIR."""
