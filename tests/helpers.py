@@ -92,7 +92,8 @@ def run_in(cmd: list[str], cwd: Path) -> str:
     return result.stdout + result.stderr
 
 
-DOC_FILES = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "examples").glob("*/README.md")))
+DOC_FILES = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+             *sorted((ROOT / "examples").glob("*/README.md")))
 
 
 def doc_snippet(name: str) -> str:
