@@ -334,10 +334,12 @@ def test_encoded_parquet_errors(workdir, write_params, change, message):
 
 
 @pytest.mark.integration
-def test_parquet_written_by_hugging_face_datasets_prepares(workdir, write_params, monkeypatch):
+def test_parquet_written_by_hugging_face_datasets_prepares_and_trains(workdir, write_params, monkeypatch):
     """Both routes `datasets` 5 writes image paths, not bytes, by: `Image()` cast from paths (paths
     relative to where it ran) and `load_dataset("imagefolder")` (absolute paths); -1 labels are
-    unlabeled rows."""
+    unlabeled rows. Each prepared file then trains a teacher and a student through the CLI."""
+    from kd.cli import distill, label, teacher
+
     import datasets
     for c, name in enumerate(("cat", "dog")):
         (workdir / "datasets" / "pics" / name).mkdir(parents=True)
@@ -361,6 +363,16 @@ def test_parquet_written_by_hugging_face_datasets_prepares(workdir, write_params
             assert len(splits["unlabeled"].ids) == 6 and not (out / "unlabeled_truth.parquet").exists()
             for split in ("labeled", "test"):
                 assert splits[split].y.tolist() == [labels[i] for i in splits[split].ids], split
+        params = write_params(
+            prepare={"dataset": f"datasets/{name}.parquet", "labeled": 8, "unlabeled": 6, "test": 4},
+            teacher={"arch": "cnn", "arch_kwargs": {"widths": [4], "hidden": 8}, "epochs": 1, "batch_size": 4},
+            label={"top_k": 2, "temperatures": [1, 4]},
+            students={"s": {"arch": "mlp", "arch_kwargs": {"hidden": [8]}, "epochs": 1, "batch_size": 4,
+                            "loss": {"soft": {"weight": 0.9, "temperature": 4}, "hard": {"weight": 0.1}}}})
+        for command in (teacher.main, label.main):
+            ok(invoke(command, "--params", params, "--no-progress"))
+        ok(invoke(distill.main, "s", "--params", params, "--no-progress"))
+        assert (workdir / "data" / "students" / "s" / "model.safetensors").is_file()
 
 
 @pytest.mark.integration
