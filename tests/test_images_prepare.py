@@ -338,9 +338,9 @@ def test_parquet_written_by_hugging_face_datasets_prepares_and_trains(workdir, w
     """Both routes `datasets` 5 writes image paths, not bytes, by: `Image()` cast from paths (paths
     relative to where it ran) and `load_dataset("imagefolder")` (absolute paths); -1 labels are
     unlabeled rows. Each prepared file then trains a teacher and a student through the CLI."""
-    from kd.cli import distill, label, teacher
-
     import datasets
+
+    from kd.cli import distill, label, teacher
     for c, name in enumerate(("cat", "dog")):
         (workdir / "datasets" / "pics" / name).mkdir(parents=True)
         for i in range(12):
