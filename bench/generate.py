@@ -8,7 +8,7 @@ one after the other in rotating order, `--repeats` times, with one torch thread 
 bench/README.md, "How timing is done"); the speedup is the median of the per-round ratios.
 Prints a Markdown table and writes bench/results_generate.json.
 
-    python bench/generate.py                       # the text teacher (params_text.yaml) and the gen teacher
+    python bench/generate.py                       # the text teacher (examples/text/params.yaml) and the gen teacher
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 import typer
 
 REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"  # the example projects whose params and data a bench reads
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -86,9 +87,10 @@ def main(repeats: int = 3, threads: int = 1, out: Path = REPO / "bench/results_g
     torch.set_num_threads(threads)
     load = os.getloadavg()
     results = [
-        case("text teacher (params_text.yaml): 16 prompts of 16-32 tokens, 64 new", REPO / "params_text.yaml",
-             (16, 32), 64, 16, repeats),
-        case("gen teacher (params_gen.yaml): 512 sums, 4 new", REPO / "params_gen.yaml", (7, 7), 4, 512, repeats),
+        case("text teacher (examples/text/params.yaml): 16 prompts of 16-32 tokens, 64 new",
+             EXAMPLES / "text" / "params.yaml", (16, 32), 64, 16, repeats),
+        case("gen teacher (examples/generate/params.yaml): 512 sums, 4 new",
+             EXAMPLES / "generate" / "params.yaml", (7, 7), 4, 512, repeats),
     ]
     print("| case | tokens/s, KV cache | tokens/s, naive loop | speedup | same tokens |")
     print("|---|---:|---:|---:|---|")

@@ -43,7 +43,7 @@ def masked_head_loss(model, inputs, labels):
 
 
 def main() -> None:
-    teacher = yaml.safe_load((REPO / "params_mlm.yaml").read_text())["teacher"]
+    teacher = yaml.safe_load((REPO / "examples" / "masked" / "params.yaml").read_text())["teacher"]
     special = SpecialIds(pad=0, eos=1, mask=2)
     torch.manual_seed(0)
     model = lm.build("bert", teacher["arch_kwargs"], 4096, 128, special).train()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"  # the example projects whose params and data a bench reads
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -109,7 +110,8 @@ def _train_step(model, batch, terms, optimizer):
         float(value.detach())
 
 
-def main(out: Path = typer.Option(REPO / "bench" / "profiles"), params: Path = typer.Option(REPO / "params.yaml"),
+def main(out: Path = typer.Option(REPO / "bench" / "profiles"),
+         params: Path = typer.Option(EXAMPLES / "mnist" / "params.yaml"),
          student: str = "mlp_soft", rows: int = 5000, label_rows: int = 2000, reader_rows: int = 200_000,
          threads: int = 1) -> None:
     """Profile labeling, a student's epoch (cached / hard labels), and the cache reader."""

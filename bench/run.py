@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"  # the example projects whose params and data a bench reads
 if str(REPO) not in sys.path:  # `python bench/run.py` puts bench/, not the repository, on sys.path
     sys.path.insert(0, str(REPO))
 
@@ -37,7 +38,7 @@ KEYS = {"labeling": "labeling_overhead", "student": "student_from_cache", "size"
         "reader": "reader_throughput", "scale": "scale"}
 
 
-def bench(*, out: Path | None = REPO / "bench" / "results.json", params: Path = REPO / "params.yaml",
+def bench(*, out: Path | None = REPO / "bench" / "results.json", params: Path = EXAMPLES / "mnist" / "params.yaml",
           only: list[str] | None = None, scale: bool = False, rows: int = 5000, label_rows: int = 2000,
           size_rows: int = 2000, reader_rows: int = 200_000, students: list[str] | None = None,
           repeats: int = 5, label_repeats: int = 3, online_repeats: int = 3, epochs: int = 1,
@@ -160,7 +161,8 @@ def main(
     threads: int = typer.Option(1, help="torch threads, here and in case 4's `kd` processes (0: torch's own "
                                 "choice). 1 by default: on a busy 2-core machine OpenMP's spinning threads make "
                                 "2-thread timings 10-100x slower and meaningless."),
-    params: Path = typer.Option(REPO / "params.yaml", help="params.yaml with the default teacher, label and students."),
+    params: Path = typer.Option(EXAMPLES / "mnist" / "params.yaml",
+                                help="params.yaml with the default teacher, label and students."),
     workdir: Path | None = typer.Option(None, help="Keep the scratch data here (default: a temporary directory)."),
     out: Path = typer.Option(REPO / "bench" / "results.json", help="Where to write the results."),
 ) -> None:

@@ -33,6 +33,7 @@ import torch
 import typer
 
 REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"  # the example projects whose params and data a bench reads
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -132,8 +133,8 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(ks: str = "8,32,128", teacher_dir: Path = REPO / "data/text/teacher",
-         prepared: Path = REPO / "data/text/prepared", most: int = typer.Option(1024, help="The most draws tried."),
+def main(ks: str = "8,32,128", teacher_dir: Path = EXAMPLES / "text/data/teacher",
+         prepared: Path = EXAMPLES / "text/data/prepared", most: int = typer.Option(1024, help="The most draws tried."),
          out: Path = REPO / "bench/results_sampled_text.json") -> None:
     torch.set_num_threads(1)
     logits, meta = teacher_logits(teacher_dir, prepared)

@@ -27,6 +27,7 @@ from pathlib import Path
 from statistics import median
 
 REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"  # the example projects whose params and data a bench reads
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -63,7 +64,7 @@ def _wall(commands: list[tuple[list[str], dict[str, str]]]) -> float:
     return time.perf_counter() - started
 
 
-def shards(rows: int = 5000, views: int = 4, rounds: int = 3, params: Path = REPO / "params.yaml",
+def shards(rows: int = 5000, views: int = 4, rounds: int = 3, params: Path = EXAMPLES / "mnist" / "params.yaml",
            out: Path | None = REPO / "bench" / "results_shards.json", log=print) -> dict:
     with tempfile.TemporaryDirectory(prefix="kd-shards-") as scratch:
         root = Path(scratch)
@@ -119,7 +120,7 @@ def _same_tree(a: Path, b: Path) -> bool:
 def main(rows: int = typer.Option(5000, help="Samples labeled (all splits)."),
          views: int = typer.Option(4, help="Augmented views per sample (rows = samples x (views + 1))."),
          rounds: int = typer.Option(3, help="Interleaved rounds."),
-         params: Path = typer.Option(REPO / "params.yaml"),
+         params: Path = typer.Option(EXAMPLES / "mnist" / "params.yaml"),
          out: Path = typer.Option(REPO / "bench" / "results_shards.json")) -> None:
     """Time sharded labeling against one process with the same total threads."""
     shards(rows, views, rounds, params, out)

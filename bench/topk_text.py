@@ -34,6 +34,7 @@ import torch
 import typer
 
 REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"  # the example projects whose params and data a bench reads
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -139,8 +140,8 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(ks: str = "8,32,128", teacher_dir: Path = REPO / "data/text/teacher",
-         prepared: Path = REPO / "data/text/prepared", params: Path = REPO / "params_text.yaml",
+def main(ks: str = "8,32,128", teacher_dir: Path = EXAMPLES / "text/data/teacher",
+         prepared: Path = EXAMPLES / "text/data/prepared", params: Path = EXAMPLES / "text" / "params.yaml",
          synthetic_vocab: int = typer.Option(0, help="Also measure synthetic LM-like logits at this vocabulary."),
          out: Path = REPO / "bench/results_topk_text.json") -> None:
     k_list = list(map(int, ks.split(",")))

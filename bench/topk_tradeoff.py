@@ -33,8 +33,8 @@ from kd.training import predict
 
 
 def main(ks: str = "1,2,3,5,10", student: str = "mlp_soft", temperature: float = 4,
-         teacher_dir: Path = Path("data/teacher"), prepared: Path = Path("data/prepared"),
-         params: Path = Path("params.yaml"), out: Path = Path("bench/results_topk.json")) -> None:
+         teacher_dir: Path = Path("examples/mnist/data/teacher"), prepared: Path = Path("examples/mnist/data/prepared"),
+         params: Path = Path("examples/mnist/params.yaml"), out: Path = Path("bench/results_topk.json")) -> None:
     model, teacher_config = load_model(teacher_dir)
     teacher = Teacher(model, fingerprint(teacher_dir), teacher_config)
     base_label = config.section(params, "label", config.LabelConfig)
