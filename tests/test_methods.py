@@ -199,8 +199,8 @@ def test_cached_attention_map_and_full_feature_give_the_same_loss(workspace):
 
 @pytest.mark.unit
 def test_default_label_caches_exactly_what_the_default_students_need():
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    path = ROOT / "params.yaml"
+    params = yaml.safe_load((ROOT / "examples" / "mnist" / "params.yaml").read_text())
+    path = ROOT / "examples" / "mnist" / "params.yaml"
     entries = [config.student(path, n) for n in params["students"]]
     entries += [config.student(path, n, "assistants") for n in params.get("assistants") or {}]
     needed: dict[str, set[str]] = {}
