@@ -104,8 +104,10 @@ METRIC_KEYS = {"accuracy", "baseline_accuracy", "teacher_accuracy", "accuracy_re
 
 
 def ran_stages(output: str) -> list[str]:
-    """The stages `dvc repro` ran, as EXAMPLE:STAGE (DVC names them examples/EXAMPLE/dvc.yaml:STAGE)."""
-    return [re.sub(r"^examples/(\w+)/dvc\.yaml:", r"\1:", s) for s in re.findall(r"Running stage '([^']+)'", output)]
+    """The stages `dvc repro` ran or restored from DVC's run cache (the masked example's prepare is
+    the text example's, to the byte), as EXAMPLE:STAGE (DVC names them examples/EXAMPLE/dvc.yaml:STAGE)."""
+    found = re.findall(r"Running stage '([^']+)'|Stage '([^']+)' is cached - skipping run", output)
+    return [re.sub(r"^examples/(\w+)/dvc\.yaml:", r"\1:", ran or cached) for ran, cached in found]
 
 
 def of(example: str, stages: list[str]) -> list[str]:
