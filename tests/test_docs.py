@@ -124,7 +124,7 @@ def test_each_snippet_is_run_by_the_test_it_names():
 
 # params section -> the dataclass `kd` builds it into (students' sections: each entry)
 SECTION_CLASSES = {"prepare": config.PrepareConfig, "teacher": config.TeacherConfig, "generate": config.GenerateConfig,
-                   "label": config.LabelConfig, "eval": config.EvalConfig}
+                   "label": config.LabelConfig, "eval": config.EvalConfig, "paths": config.PathsConfig}
 
 
 def check_params(data: dict[str, Any], where: str) -> None:
@@ -231,7 +231,7 @@ def assert_table_matches(table: dict[str, str], cls: type, where: str, skip: tup
 
 def test_params_reference_lists_every_key_with_its_default():
     tables = key_tables(ROOT / "docs" / "params.md", "##")
-    assert list(tables) == ["prepare", "teacher", "generate", "label", "students", "eval"]
+    assert list(tables) == ["prepare", "teacher", "generate", "label", "students", "eval", "paths"]
     for section, table in tables.items():
         if section == "students":
             assert_table_matches(table, config.StudentConfig, section, skip=("name", "section"))
