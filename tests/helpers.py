@@ -117,11 +117,6 @@ def run_readme_snippet(name: str, cache: Path, tmp_path: Path, monkeypatch: pyte
 
 # --- copies of the repository's pipelines, for `dvc repro` ---------------------------------------
 
-# What a copy of the repository's examples needs: their maps and params, and the code they run.
-EXAMPLES = ("mnist", "text", "masked", "images", "generate", "capacity", "capacity_large", "task_general", "sampled",
-            "xtok")
-
-
 def copy_pipelines(dest: Path) -> Path:
     """The repository's examples (each one's dvc.yaml and params files) and the package they
     depend on (../../kd) copied into `dest`, for a `dvc repro` there; tests then write their own
@@ -129,10 +124,10 @@ def copy_pipelines(dest: Path) -> Path:
     if shutil.which("dvc") is None or shutil.which("kd") is None:
         pytest.fail("dvc and kd must be on PATH (pip install -e .)")
     shutil.copy(ROOT / ".dvcignore", dest)
-    for example in EXAMPLES:
-        (dest / "examples" / example).mkdir(parents=True)
-        for file in (ROOT / "examples" / example).glob("*.yaml"):
-            shutil.copy(file, dest / "examples" / example)
+    for example in (ROOT / "examples").glob("*/dvc.yaml"):
+        (dest / "examples" / example.parent.name).mkdir(parents=True)
+        for file in example.parent.glob("*.yaml"):
+            shutil.copy(file, dest / "examples" / example.parent.name)
     shutil.copytree(ROOT / "kd", dest / "kd", ignore=shutil.ignore_patterns("__pycache__"))
     return dest
 
