@@ -2,7 +2,8 @@
 
 Each function follows the original authors' reference code, so outside checks can compare
 outputs on fixed inputs:
-- soft targets (Hinton et al. 2015), in full or from a cached top-k row,
+- soft targets (Hinton et al. 2015), in full or from a cached top-k row, with the divergences
+  LLM distillers use on that row's partition (GKD's generalised JSD, DistiLLM's skew KLs),
 - hints (FitNets, Romero et al. 2015),
 - attention transfer (Zagoruyko & Komodakis 2017),
 - relational KD, distance and angle (Park et al. 2019),
@@ -15,9 +16,10 @@ tokens once the cache has a `position` column).
 import torch
 import torch.nn.functional as F
 
-from kd import kernels
+from kd import divergences, kernels
 
 TAILS = ("bucket", "renorm")
+FORWARD_KL = divergences.resolve()
 
 
 # --------------------------------------------------------------------------------------------
@@ -33,33 +35,34 @@ def soft_target_loss(student_logits, teacher_logits, temperature):
     return F.kl_div(log_q, p, reduction="batchmean") * T**2
 
 
-def _kl_rows(log_p, log_q):
-    # log_p, log_q: (B, K) -> (B,) sum_k p (log p - log q), with 0 log 0 = 0
-    p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(dim=1)
-
-
 def topk_soft_target_loss_per_row(student_logits, topk_idx, topk_logit, lse, temperature,
-                                  tail="bucket"):
-    # student_logits: (B, C); topk_idx, topk_logit: (B, k); lse: (B,) -> (B,) KL per row
+                                  tail="bucket", divergence="forward_kl", beta=None, alpha=None):
+    # student_logits: (B, C); topk_idx, topk_logit: (B, k); lse: (B,) -> (B,) divergence per row
     # topk_logit = z[topk_idx] - max(z), lse = logsumexp((z - max z) / T) over all C classes,
-    # so topk_logit / T - lse are the teacher's exact log-probs at T. No T^2, no mean: a
+    # so topk_logit / T - lse are the teacher's exact log-probs at T. The divergence (forward KL
+    # by default; `kd.divergences`) is taken on the row's partition: the k kept classes plus
+    # the tail bucket (tail="renorm": the k kept classes renormalised). No T^2, no mean: a
     # training loop can mask or weight rows before reducing. The cached targets get no
     # gradient; the student's has a closed form, computed chunk by chunk (see _TopkKL).
-    if tail not in TAILS:
-        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
-    kernel = _kernel(student_logits, tail)
+    div = _checked(tail, divergence, beta, alpha)
+    kernel = _kernel(student_logits, tail, div)
     if kernel is not None:
         return kernel.topk_kl(student_logits, topk_idx, topk_logit, lse, float(temperature), 1.0, False)
-    return _TopkKL.apply(student_logits, topk_idx, topk_logit, lse, float(temperature), tail)
+    return _TopkKL.apply(student_logits, topk_idx, topk_logit, lse, float(temperature), tail, div)
 
 
-def _kernel(student_logits, tail):
-    """The compiled top-k KL (`kernels.topk_kl`) where it serves: the bucket tail on small CPU
-    logits (a classifier's batch: one op instead of ~30); else None."""
+def _checked(tail, divergence, beta, alpha):
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+    return divergences.resolve(divergence, beta, alpha)
+
+
+def _kernel(student_logits, tail, div=FORWARD_KL):
+    """The compiled top-k KL (`kernels.topk_kl`) where it serves: forward KL with the bucket
+    tail on small CPU logits (a classifier's batch: one op instead of ~30); else None."""
     rows, classes = student_logits.shape
-    if (tail != "bucket" or student_logits.device.type != "cpu" or rows == 0 or rows * classes > KERNEL_ELEMENTS
-            or student_logits.dtype not in (torch.float32, torch.float64)):
+    if (div != FORWARD_KL or tail != "bucket" or student_logits.device.type != "cpu" or rows == 0
+            or rows * classes > KERNEL_ELEMENTS or student_logits.dtype not in (torch.float32, torch.float64)):
         return None
     return kernels.topk_kl()
 
@@ -81,12 +84,15 @@ def _row_chunks(rows, classes):
 
 
 class _TopkKL(torch.autograd.Function):
-    """Per-row top-k KL with its gradient in closed form, fused and chunked over rows.
+    """Per-row top-k divergence with its gradient in closed form, fused and chunked over rows.
 
-    With z = student_logits / T, q = softmax(z) and p the teacher's cached top-k probabilities:
-    bucket: dKL/dz_j = q_j * (sum_k p_k + p_tail) - p_j on the top-k, and q_j * mass - p_tail *
-            q_j / q_tail outside it (the teacher's tail mass spread like the student's own tail);
-    renorm: dKL/dz = q_hat - p_hat on the top-k, 0 elsewhere.
+    With z = student_logits / T, q = softmax(z), the row's partition (the k kept classes and
+    the tail bucket: Q = (q_kept, q_tail), P likewise from the cache) and h = dD/dlog Q on
+    it (`divergences.value_and_h`), H = sum_c h_c:
+    bucket: dD/dz_j = h_j - q_j * H on the top-k, and (q_j / q_tail) * (h_tail - q_tail * H)
+            outside it (the tail's share spread like the student's own tail);
+    renorm: dD/dz = h - q_hat * H on the top-k, 0 elsewhere.
+    Forward KL (h = -P) gives q_j * mass - p_j and q_j * mass - p_tail * q_j / q_tail.
     The forward keeps per-row figures only (the student's logsumexp and tail mass, and (B, k)
     tensors); the backward recomputes q one chunk of rows at a time. So the only (B, C) tensor
     is the gradient itself: no log-softmax, mask or target of the student's size is kept, which
@@ -94,21 +100,23 @@ class _TopkKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_logits, topk_idx, topk_logit, lse, T, tail):
-        kl, saved = _topk_kl(student_logits, topk_idx.long(), topk_logit, lse, T, tail)
+    def forward(ctx, student_logits, topk_idx, topk_logit, lse, T, tail, div):
+        value, saved = _topk_kl(student_logits, topk_idx.long(), topk_logit, lse, T, tail, div)
         ctx.save_for_backward(student_logits, topk_idx.long(), *saved)
         ctx.T, ctx.tail = T, tail
-        return kl
+        return value
 
     @staticmethod
     def backward(ctx, grad_rows):
         student_logits, idx, *saved = ctx.saved_tensors
-        return _topk_kl_grad(student_logits, idx, saved, grad_rows, ctx.T, ctx.tail), None, None, None, None, None
+        grad = _topk_kl_grad(student_logits, idx, saved, grad_rows, ctx.T, ctx.tail)
+        return grad, None, None, None, None, None, None
 
 
 @torch.no_grad()
-def _topk_kl(student_logits, idx, topk_logit, lse, T, tail):
-    """(KL per row (B,), the per-row figures `_topk_kl_grad` needs), one chunk of rows at a time."""
+def _topk_kl(student_logits, idx, topk_logit, lse, T, tail, div=FORWARD_KL):
+    """(the divergence per row (B,), the per-row figures `_topk_kl_grad` needs), one chunk of
+    rows at a time."""
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     rows, classes = student_logits.shape
     t_logp = topk_logit.to(dtype) / T - lse.to(dtype).reshape(-1, 1)  # (B, k)
@@ -132,31 +140,38 @@ def _topk_kl(student_logits, idx, topk_logit, lse, T, tail):
     s_logp = student_logits.gather(1, idx).to(dtype) / T - s_lse[:, None]  # (B, k)
     if tail == "renorm":
         log_p_hat, log_q_hat = F.log_softmax(t_logp, dim=1), F.log_softmax(s_logp, dim=1)
-        return _kl_rows(log_p_hat, log_q_hat), (log_p_hat.exp(), log_q_hat.exp())
-    p = t_logp.exp()
+        value, h = divergences.value_and_h(div, log_p_hat, log_q_hat)
+        # forward KL: H = -sum p_hat = -1 exactly, so that its gradient is q_hat - p_hat
+        H = torch.full_like(s_lse, -1.0) if div == FORWARD_KL else h.sum(dim=1)
+        return value, (h, H, log_q_hat.exp())
     if not with_tail:  # k == C: the tail is empty
-        return _kl_rows(t_logp, s_logp), (p, s_logp, torch.zeros_like(s_lse), s_lse, s_log_tail)
+        value, h = divergences.value_and_h(div, t_logp, s_logp)
+        no_tail = torch.zeros_like(s_lse)
+        return value, (h, no_tail, h.sum(dim=1) + no_tail, s_logp, s_lse, s_log_tail)
     # float16 rounding can push the teacher's kept mass a hair past 1, hence the clamp
+    p = t_logp.exp()
     t_tail = (1 - p.sum(dim=1)).clamp(min=0)  # (B,)
-    kl = _kl_rows(torch.cat([t_logp, t_tail.log()[:, None]], 1), torch.cat([s_logp, s_log_tail[:, None]], 1))
-    return kl, (p, s_logp, t_tail, s_lse, s_log_tail)
+    value, h = divergences.value_and_h(div, torch.cat([t_logp, t_tail.log()[:, None]], 1),
+                                       torch.cat([s_logp, s_log_tail[:, None]], 1), torch.cat([p, t_tail[:, None]], 1))
+    h_top, h_tail = h[:, :-1], h[:, -1]
+    return value, (h_top, h_tail, h_top.sum(dim=1) + h_tail, s_logp, s_lse, s_log_tail)
 
 
 @torch.no_grad()
 def _topk_kl_grad(student_logits, idx, saved, grad_rows, T, tail):
-    """d(sum_b grad_rows_b * KL_b) / d student_logits, (B, C), one chunk of rows at a time."""
+    """d(sum_b grad_rows_b * D_b) / d student_logits, (B, C), one chunk of rows at a time."""
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     scale = grad_rows.to(dtype)[:, None] / T  # (B, 1)
     if tail == "renorm":
-        p_hat, q_hat = saved
-        return torch.zeros_like(student_logits).scatter_(1, idx, (scale * (q_hat - p_hat)).to(student_logits.dtype))
-    p, s_logp, t_tail, s_lse, s_log_tail = saved
-    mass = p.sum(dim=1) + t_tail  # (B,)
-    top = scale * (s_logp.exp() * mass[:, None] - p)  # (B, k): the gradient on the top-k
-    # outside the top-k: q_j * mass - t_tail * q_j / q_tail = u_j * (q_tail * mass - t_tail),
-    # u_j = q_j / q_tail = exp(z_j - s_lse - s_log_tail) <= 1 there (0 where the student has no tail)
+        h, H, q_hat = saved
+        top = scale * (h - q_hat * H[:, None])  # (B, k)
+        return torch.zeros_like(student_logits).scatter_(1, idx, top.to(student_logits.dtype))
+    h_top, h_tail, H, s_logp, s_lse, s_log_tail = saved
+    top = scale * (h_top - s_logp.exp() * H[:, None])  # (B, k): the gradient on the top-k
+    # outside the top-k: u_j * (h_tail - q_tail * H), u_j = q_j / q_tail = exp(z_j - s_lse -
+    # s_log_tail) <= 1 there (0 where the student has no tail)
     shift = torch.where(torch.isfinite(s_log_tail), s_lse + s_log_tail, float("inf"))
-    coefficient = scale.squeeze(1) * (s_log_tail.exp() * mass - t_tail)  # (B,)
+    coefficient = scale.squeeze(1) * (h_tail - s_log_tail.exp() * H)  # (B,)
     grad = torch.empty_like(student_logits)
     for chunk in _row_chunks(*student_logits.shape):
         u = (student_logits[chunk].to(dtype) / T).sub_(shift[chunk, None]).exp_()
@@ -164,13 +179,15 @@ def _topk_kl_grad(student_logits, idx, saved, grad_rows, T, tail):
     return grad
 
 
-def topk_soft_target_loss_from_hidden(hidden, weight, topk_idx, topk_logit, lse, temperature, bias=None):
+def topk_soft_target_loss_from_hidden(hidden, weight, topk_idx, topk_logit, lse, temperature, bias=None,
+                                      divergence="forward_kl", beta=None, alpha=None):
     # hidden: (B, H), the student's last hidden state; weight: (C, H), its output layer (bias (C,))
-    # -> (B,) KL per row with the bucket tail, as topk_soft_target_loss_per_row on
+    # -> (B,) divergence per row with the bucket tail, as topk_soft_target_loss_per_row on
     # hidden @ weight.T + bias, without ever holding those (B, C) logits: each chunk of rows
     # is projected, scored and dropped, and projected again for the backward. For a large
     # vocabulary, where the logits (and their gradient) are what fills the memory.
-    return _HiddenTopkKL.apply(hidden, weight, bias, topk_idx, topk_logit, lse, float(temperature))
+    div = _checked("bucket", divergence, beta, alpha)
+    return _HiddenTopkKL.apply(hidden, weight, bias, topk_idx, topk_logit, lse, float(temperature), div)
 
 
 class _HiddenTopkKL(torch.autograd.Function):
@@ -179,12 +196,12 @@ class _HiddenTopkKL(torch.autograd.Function):
     share of the hidden state's and the output layer's gradients."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, topk_idx, topk_logit, lse, T):
+    def forward(ctx, hidden, weight, bias, topk_idx, topk_logit, lse, T, div):
         idx = topk_idx.long()
         kl = torch.cat([_topk_kl(F.linear(hidden[chunk], weight, bias), idx[chunk], topk_logit[chunk], lse[chunk],
-                                 T, "bucket")[0] for chunk in _row_chunks(len(hidden), len(weight))])
+                                 T, "bucket", div)[0] for chunk in _row_chunks(len(hidden), len(weight))])
         ctx.save_for_backward(hidden, weight, bias, idx, topk_logit, lse)
-        ctx.T = T
+        ctx.T, ctx.div = T, div
         return kl
 
     @staticmethod
@@ -195,26 +212,26 @@ class _HiddenTopkKL(torch.autograd.Function):
         with torch.no_grad():
             for chunk in _row_chunks(len(hidden), len(weight)):
                 logits = F.linear(hidden[chunk], weight, bias)
-                _, saved = _topk_kl(logits, idx[chunk], topk_logit[chunk], lse[chunk], ctx.T, "bucket")
+                _, saved = _topk_kl(logits, idx[chunk], topk_logit[chunk], lse[chunk], ctx.T, "bucket", ctx.div)
                 grad_logits = _topk_kl_grad(logits, idx[chunk], saved, grad_rows[chunk], ctx.T, "bucket")
                 grad_hidden[chunk] = grad_logits @ weight
                 grad_weight += grad_logits.T @ hidden[chunk]
                 if grad_bias is not None:
                     grad_bias += grad_logits.sum(0)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 def topk_soft_target_loss(student_logits, topk_idx, topk_logit, lse, temperature,
-                          tail="bucket"):
+                          tail="bucket", divergence="forward_kl", beta=None, alpha=None):
     # student_logits: (B, C); topk_idx, topk_logit: (B, k); lse: (B,)
-    # With k == C and either tail this equals soft_target_loss.
-    if tail not in TAILS:
-        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
-    kernel = _kernel(student_logits, tail)
+    # T^2 * the mean over rows of topk_soft_target_loss_per_row. With k == C and either tail
+    # this is the divergence over the full vocabulary (soft_target_loss for forward KL).
+    div = _checked(tail, divergence, beta, alpha)
+    kernel = _kernel(student_logits, tail, div)
     if kernel is not None:  # the mean and T^2 inside the kernel: two autograd nodes fewer
         return kernel.topk_kl(student_logits, topk_idx, topk_logit, lse, float(temperature),
                               temperature**2 / len(student_logits), True)
-    kl = _TopkKL.apply(student_logits, topk_idx, topk_logit, lse, float(temperature), tail)
+    kl = _TopkKL.apply(student_logits, topk_idx, topk_logit, lse, float(temperature), tail, div)
     return kl.mean() * temperature**2
 
 
@@ -353,27 +370,32 @@ def sampled_soft_target_loss(student_logits, sample_idx, sample_count, entropy, 
 # students with another tokenizer than the teacher's (the cache unchanged)
 
 
-def mapped_soft_target_loss_per_row(student_logits, mapped_idx, topk_logit, lse, temperature, tail="bucket"):
+def mapped_soft_target_loss_per_row(student_logits, mapped_idx, topk_logit, lse, temperature, tail="bucket",
+                                    divergence="forward_kl", beta=None, alpha=None):
     # student_logits: (B, C) over the student's vocabulary; mapped_idx: (B, k) the teacher's
     # top-k ids mapped to student ids (-1: no student token with the same text); topk_logit,
-    # lse: as cached -> (B,) KL per row. Teacher ids mapped onto one student id add their
-    # probabilities; unmapped ones join the tail bucket (renorm: they are dropped). Then the
-    # top-k KL of `topk_soft_target_loss_per_row` (the same code) on the merged entries: with
-    # every id mapped to a distinct student id (identical tokenizers) it is that call exactly.
+    # lse: as cached -> (B,) divergence per row. Teacher ids mapped onto one student id add
+    # their probabilities; unmapped ones join the tail bucket (renorm: they are dropped). Then
+    # the top-k divergence of `topk_soft_target_loss_per_row` (the same code) on the merged
+    # entries: with every id mapped to a distinct student id (identical tokenizers) it is that
+    # call exactly.
     idx = mapped_idx.long()
+    chosen = {"tail": tail, "divergence": divergence, "beta": beta, "alpha": alpha}
     if _one_to_one(idx):
-        return topk_soft_target_loss_per_row(student_logits, idx, topk_logit, lse, temperature, tail)
+        return topk_soft_target_loss_per_row(student_logits, idx, topk_logit, lse, temperature, **chosen)
     return topk_soft_target_loss_per_row(*_merged(student_logits, idx, topk_logit, lse, temperature),
-                                         float(temperature), tail)
+                                         float(temperature), **chosen)
 
 
-def mapped_soft_target_loss(student_logits, mapped_idx, topk_logit, lse, temperature, tail="bucket"):
+def mapped_soft_target_loss(student_logits, mapped_idx, topk_logit, lse, temperature, tail="bucket",
+                            divergence="forward_kl", beta=None, alpha=None):
     # as mapped_soft_target_loss_per_row, T^2 * the mean over rows (topk_soft_target_loss's scale)
     idx = mapped_idx.long()
+    chosen = {"tail": tail, "divergence": divergence, "beta": beta, "alpha": alpha}
     if _one_to_one(idx):  # topk_soft_target_loss itself, bit for bit
-        return topk_soft_target_loss(student_logits, idx, topk_logit, lse, temperature, tail)
+        return topk_soft_target_loss(student_logits, idx, topk_logit, lse, temperature, **chosen)
     kl = topk_soft_target_loss_per_row(*_merged(student_logits, idx, topk_logit, lse, temperature),
-                                       float(temperature), tail)
+                                       float(temperature), **chosen)
     return kl.mean() * temperature**2
 
 

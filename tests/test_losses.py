@@ -41,13 +41,16 @@ GOLDEN_CASES = {
     "topk_soft_target_loss": [
         "topk_bucket_T4_k3_fp16", "topk_bucket_T1_k5_fp32", "topk_bucket_T2_kC_fp32",
         "topk_bucket_T1_k2_fp16_scale30", "topk_renorm_T4_k3_fp16", "topk_renorm_T2_k5_fp32",
-        "topk_renorm_T2_kC_fp32",
+        "topk_renorm_T2_kC_fp32", "topk_reverse_kl_T2_k3_fp16", "topk_jsd_beta03_T1_k4_fp32",
+        "topk_skew_kl_T4_k3_fp16", "topk_skew_reverse_kl_alpha02_T2_k5_renorm_fp32", "topk_tvd_T2_kC_fp32",
     ],
     "topk_soft_target_loss_per_row": [
-        "topk_per_row_bucket_T4_k3_fp16", "topk_per_row_renorm_T1_k4_fp32",
+        "topk_per_row_bucket_T4_k3_fp16", "topk_per_row_renorm_T1_k4_fp32", "topk_per_row_jsd_renorm_T2_k3_fp32",
+        "topk_per_row_skew_reverse_kl_T1_k2_fp16",
     ],
     "topk_soft_target_loss_from_hidden": [
-        "topk_hidden_bucket_T2_k3_fp16", "topk_hidden_bucket_T1_k4_fp32_no_bias",
+        "topk_hidden_bucket_T2_k3_fp16", "topk_hidden_bucket_T1_k4_fp32_no_bias", "topk_hidden_reverse_kl_T2_k3_fp16",
+        "topk_hidden_tvd_T1_k4_fp32_no_bias",
     ],
     "hint_loss": ["hint_4d", "hint_2d"],
     "attention_map": ["attention_map_p2", "attention_map_p1", "attention_map_1d_p2"],
@@ -63,8 +66,8 @@ GOLDEN_CASES = {
     ],
     "sampled_soft_target_loss": ["sampled_T1_n8", "sampled_T4_n3_scale30"],
     "sampled_soft_target_loss_per_row": ["sampled_per_row_T2_n16"],
-    "mapped_soft_target_loss": ["mapped_bucket_T2_k6_fp16", "mapped_renorm_T1_k5_fp32"],
-    "mapped_soft_target_loss_per_row": ["mapped_per_row_bucket_T1_k4_fp32"],
+    "mapped_soft_target_loss": ["mapped_bucket_T2_k6_fp16", "mapped_renorm_T1_k5_fp32", "mapped_skew_kl_T2_k6_fp16"],
+    "mapped_soft_target_loss_per_row": ["mapped_per_row_bucket_T1_k4_fp32", "mapped_per_row_jsd_T1_k5_fp32"],
     "uld_loss": ["uld_T1_k4_fp16", "uld_T2_kC_student_smaller_fp32"],
     "uld_loss_per_row": ["uld_per_row_T1_k3_fp32"],
 }

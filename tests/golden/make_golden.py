@@ -80,6 +80,38 @@ CASES = {
         "topk_soft_target_loss_from_hidden", 32,
         [["hidden", [6, 4], "normal"], ["weight", [9, 4], "normal"], ["teacher_logits", [6, 9], "normal"]],
         scale=1.5, cache_row={"k": 4, "dtype": "float32"}, temperature=1.0),
+    # the divergences of kd.divergences on the same partition (Divergences: GKD, DistiLLM)
+    "topk_reverse_kl_T2_k3_fp16": _case(
+        "topk_soft_target_loss", 41, _logits(6, 10), scale=2.0,
+        cache_row={"k": 3, "dtype": "float16"}, temperature=2.0, tail="bucket", divergence="reverse_kl"),
+    "topk_jsd_beta03_T1_k4_fp32": _case(
+        "topk_soft_target_loss", 42, _logits(6, 10), scale=2.0,
+        cache_row={"k": 4, "dtype": "float32"}, temperature=1.0, tail="bucket", divergence="jsd", beta=0.3),
+    "topk_skew_kl_T4_k3_fp16": _case(
+        "topk_soft_target_loss", 43, _logits(5, 12), scale=3.0,
+        cache_row={"k": 3, "dtype": "float16"}, temperature=4.0, tail="bucket", divergence="skew_kl"),
+    "topk_skew_reverse_kl_alpha02_T2_k5_renorm_fp32": _case(
+        "topk_soft_target_loss", 44, _logits(6, 10), scale=2.0,
+        cache_row={"k": 5, "dtype": "float32"}, temperature=2.0, tail="renorm", divergence="skew_reverse_kl",
+        alpha=0.2),
+    "topk_tvd_T2_kC_fp32": _case(
+        "topk_soft_target_loss", 45, _logits(5, 8), scale=2.0,
+        cache_row={"k": 8, "dtype": "float32"}, temperature=2.0, tail="bucket", divergence="tvd"),
+    "topk_per_row_jsd_renorm_T2_k3_fp32": _case(
+        "topk_soft_target_loss_per_row", 46, _logits(5, 10), scale=3.0,
+        cache_row={"k": 3, "dtype": "float32"}, temperature=2.0, tail="renorm", divergence="jsd"),
+    "topk_per_row_skew_reverse_kl_T1_k2_fp16": _case(
+        "topk_soft_target_loss_per_row", 47, _logits(5, 10), scale=2.0,
+        cache_row={"k": 2, "dtype": "float16"}, temperature=1.0, tail="bucket", divergence="skew_reverse_kl"),
+    "topk_hidden_reverse_kl_T2_k3_fp16": _case(
+        "topk_soft_target_loss_from_hidden", 48,
+        [["hidden", [5, 6], "normal"], ["weight", [10, 6], "normal"], ["bias", [10], "normal"],
+         ["teacher_logits", [5, 10], "normal"]], scale=2.0, cache_row={"k": 3, "dtype": "float16"},
+        temperature=2.0, divergence="reverse_kl"),
+    "topk_hidden_tvd_T1_k4_fp32_no_bias": _case(
+        "topk_soft_target_loss_from_hidden", 49,
+        [["hidden", [6, 4], "normal"], ["weight", [9, 4], "normal"], ["teacher_logits", [6, 9], "normal"]],
+        scale=1.5, cache_row={"k": 4, "dtype": "float32"}, temperature=1.0, divergence="tvd"),
     "hint_4d": _case("hint_loss", 12, _pair("feature", [4, 3, 5, 5], [4, 3, 5, 5])),
     "hint_2d": _case("hint_loss", 13, _pair("feature", [8, 16], [8, 16])),
     "attention_map_p2": _case("attention_map", 14, [["feature", [3, 4, 5, 6], "normal"]], p=2),
@@ -126,6 +158,15 @@ CASES = {
     "mapped_renorm_T1_k5_fp32": _case(
         "mapped_soft_target_loss", 34, [["student_logits", [4, 7], "normal"], ["teacher_logits", [4, 14], "normal"]],
         scale=2.0, cache_row={"k": 5, "dtype": "float32", "mapping": "half"}, temperature=1.0, tail="renorm"),
+    "mapped_skew_kl_T2_k6_fp16": _case(
+        "mapped_soft_target_loss", 50, [["student_logits", [5, 7], "normal"], ["teacher_logits", [5, 14], "normal"]],
+        scale=2.0, cache_row={"k": 6, "dtype": "float16", "mapping": "half"}, temperature=2.0, tail="bucket",
+        divergence="skew_kl", alpha=0.3),
+    "mapped_per_row_jsd_T1_k5_fp32": _case(
+        "mapped_soft_target_loss_per_row", 51,
+        [["student_logits", [4, 7], "normal"], ["teacher_logits", [4, 14], "normal"]],
+        scale=2.0, cache_row={"k": 5, "dtype": "float32", "mapping": "half"}, temperature=1.0, tail="bucket",
+        divergence="jsd", beta=0.7),
     "mapped_per_row_bucket_T1_k4_fp32": _case(
         "mapped_soft_target_loss_per_row", 35,
         [["student_logits", [4, 7], "normal"], ["teacher_logits", [4, 14], "normal"]],
@@ -210,8 +251,33 @@ def ref_soft_target_loss(student_logits, teacher_logits, temperature):
     return T**2 * np.mean(rows)
 
 
+def _log_ratio(a, b, floor=0.0):
+    return math.log(a / max(b, floor))
+
+
+def _divergence(p, q, divergence="forward_kl", beta=None, alpha=None):
+    # p: the teacher's probabilities, q: the student's, over the same classes (lists)
+    if divergence == "jsd" and beta in (0.0, 1.0):  # GKD's (and TRL's) end points
+        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    if divergence == "forward_kl":
+        return _kl(p, q)
+    if divergence == "reverse_kl":  # a teacher probability of 0 counts as 1e-30
+        return sum(qi * _log_ratio(qi, pi, 1e-30) for pi, qi in zip(p, q) if qi > 0)
+    if divergence == "jsd":
+        b = 0.5 if beta is None else beta
+        m = [b * pi + (1 - b) * qi for pi, qi in zip(p, q)]
+        return b * _kl(p, m) + (1 - b) * _kl(q, m)
+    a = 0.1 if alpha is None else alpha
+    if divergence == "skew_kl":
+        return _kl(p, [a * pi + (1 - a) * qi for pi, qi in zip(p, q)])
+    if divergence == "skew_reverse_kl":
+        return _kl(q, [a * qi + (1 - a) * pi for pi, qi in zip(p, q)])
+    assert divergence == "tvd", divergence
+    return 0.5 * sum(abs(pi - qi) for pi, qi in zip(p, q))
+
+
 def ref_topk_soft_target_loss_per_row(student_logits, topk_idx, topk_logit, lse, temperature,
-                                      tail):
+                                      tail="bucket", **divergence):
     T = temperature
     rows = []
     for s, idx, tl, row_lse in zip(student_logits, topk_idx, topk_logit, lse):
@@ -226,18 +292,19 @@ def ref_topk_soft_target_loss_per_row(student_logits, topk_idx, topk_logit, lse,
         elif rest:  # bucket: the tail is one more class on both sides
             p.append(max(0.0, 1.0 - sum(p)))
             q.append(sum(q_all[c] for c in rest))
-        rows.append(_kl(p, q))
+        rows.append(_divergence(p, q, **divergence))
     return np.array(rows)
 
 
-def ref_topk_soft_target_loss_from_hidden(hidden, weight, topk_idx, topk_logit, lse, temperature, bias=None):
+def ref_topk_soft_target_loss_from_hidden(hidden, weight, topk_idx, topk_logit, lse, temperature, bias=None,
+                                          **divergence):
     logits = hidden @ weight.T + (0.0 if bias is None else bias)
-    return ref_topk_soft_target_loss_per_row(logits, topk_idx, topk_logit, lse, temperature, "bucket")
+    return ref_topk_soft_target_loss_per_row(logits, topk_idx, topk_logit, lse, temperature, "bucket", **divergence)
 
 
-def ref_topk_soft_target_loss(student_logits, topk_idx, topk_logit, lse, temperature, tail):
+def ref_topk_soft_target_loss(student_logits, topk_idx, topk_logit, lse, temperature, tail, **divergence):
     rows = ref_topk_soft_target_loss_per_row(student_logits, topk_idx, topk_logit, lse,
-                                             temperature, tail)
+                                             temperature, tail, **divergence)
     return temperature**2 * rows.mean()
 
 
@@ -257,7 +324,7 @@ def ref_sampled_soft_target_loss(student_logits, sample_idx, sample_count, entro
     return temperature**2 * rows.mean()
 
 
-def ref_mapped_soft_target_loss_per_row(student_logits, mapped_idx, topk_logit, lse, temperature, tail):
+def ref_mapped_soft_target_loss_per_row(student_logits, mapped_idx, topk_logit, lse, temperature, tail, **divergence):
     # the teacher's cached probabilities summed per student id; ids of -1 left out (the tail)
     T = temperature
     rows = []
@@ -270,14 +337,17 @@ def ref_mapped_soft_target_loss_per_row(student_logits, mapped_idx, topk_logit, 
         p_kept = list(merged.values())
         q_kept = [q[i] for i in merged]
         if tail == "renorm":
-            rows.append(_kl([v / sum(p_kept) for v in p_kept], [v / sum(q_kept) for v in q_kept]))
+            rows.append(_divergence([v / sum(p_kept) for v in p_kept], [v / sum(q_kept) for v in q_kept],
+                                    **divergence))
         else:
-            rows.append(_kl(p_kept + [max(0.0, 1 - sum(p_kept))], q_kept + [1 - sum(q_kept)]))
+            rows.append(_divergence(p_kept + [max(0.0, 1 - sum(p_kept))], q_kept + [1 - sum(q_kept)],
+                                    **divergence))
     return np.array(rows)
 
 
-def ref_mapped_soft_target_loss(student_logits, mapped_idx, topk_logit, lse, temperature, tail):
-    rows = ref_mapped_soft_target_loss_per_row(student_logits, mapped_idx, topk_logit, lse, temperature, tail)
+def ref_mapped_soft_target_loss(student_logits, mapped_idx, topk_logit, lse, temperature, tail, **divergence):
+    rows = ref_mapped_soft_target_loss_per_row(student_logits, mapped_idx, topk_logit, lse, temperature, tail,
+                                               **divergence)
     return temperature**2 * rows.mean()
 
 
