@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import torch
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
-BETA_DEFAULT = 0.5  # GKD's and TRL's default
-ALPHA_DEFAULT = 0.1  # DistiLLM's
+# The divergences with a mixing weight: divergence -> (its key, its default: GKD's and TRL's
+# beta, DistiLLM's alpha). The one place that says which divergence reads which key.
+WEIGHTS = {"jsd": ("beta", 0.5), "skew_kl": ("alpha", 0.1), "skew_reverse_kl": ("alpha", 0.1)}
 # reverse KL weighs log P by Q: a teacher class of probability 0 (a tail bucket whose cached
 # mass rounds to 1) would make it infinite. Such log-probabilities are raised to log(1e-30).
 LOG_FLOOR = math.log(1e-30)
@@ -44,24 +45,29 @@ class Divergence:
 
 
 def resolve(divergence: str = "forward_kl", beta: float | None = None, alpha: float | None = None) -> Divergence:
-    """The Divergence that `divergence`, `beta` and `alpha` name; ValueError naming the bad one."""
+    """The Divergence that `divergence`, `beta` and `alpha` name (None: unset, the default of
+    WEIGHTS). A bad one is a ValueError whose message opens with the key's name (`beta: ...`),
+    for config checks to prefix with where the key lives."""
     if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    if beta is not None and divergence != "jsd":
-        raise ValueError(f"beta is jsd's mixing weight; divergence {divergence!r} does not read it")
-    if alpha is not None and divergence not in ("skew_kl", "skew_reverse_kl"):
-        raise ValueError(f"alpha is the skew KLs' mixing weight; divergence {divergence!r} does not read it")
-    if divergence == "jsd":
-        beta = BETA_DEFAULT if beta is None else float(beta)
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {beta}")
-        return Divergence({0.0: "forward_kl", 1.0: "reverse_kl"}.get(beta, "jsd"), beta if 0 < beta < 1 else 0.0)
-    if divergence in ("skew_kl", "skew_reverse_kl"):
-        alpha = ALPHA_DEFAULT if alpha is None else float(alpha)
-        if not 0.0 < alpha < 1.0:
-            raise ValueError(f"alpha must be in (0, 1) (0 is the plain KL, 1 a loss of 0), got {alpha}")
-        return Divergence(divergence, alpha)
-    return Divergence(divergence)
+        raise ValueError(f"divergence: {divergence!r} must be one of {DIVERGENCES}")
+    given = {"beta": beta, "alpha": alpha}
+    for key, value in given.items():
+        if value is not None and WEIGHTS.get(divergence, (None,))[0] != key:
+            readers = [name for name, (k, _) in WEIGHTS.items() if k == key]
+            raise ValueError(f"{key}: set, but divergence {divergence!r} does not read it "
+                             f"(only {' and '.join(readers)})")
+    if divergence not in WEIGHTS:
+        return Divergence(divergence)
+    key, default = WEIGHTS[divergence]
+    weight = default if given[key] is None else float(given[key])
+    if divergence == "jsd":  # GKD's end points: forward and reverse KL (TRL special-cases them too)
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"beta: {weight} must be in [0, 1]")
+        return Divergence("forward_kl") if weight == 0 else Divergence("reverse_kl") if weight == 1 else \
+            Divergence("jsd", weight)
+    if not 0.0 < weight < 1.0:
+        raise ValueError(f"alpha: {weight} must be in (0, 1) (0 is the plain KL, 1 a loss of 0)")
+    return Divergence(divergence, weight)
 
 
 def kl_rows(log_p, log_q):

@@ -231,6 +231,11 @@ def test_verdict_words_and_method_labels():
     assert report.method_label(SOFT) == "soft + hard"
     assert report.method_label({"hard": {"labels": True, "pseudo": True}}) == "hard (pseudo)"
     assert report.method_label({**SOFT, "rkd": RKD, "hint": None}) == "soft + hard + rkd"
+    divergence = {"temperature": 1, "divergence": "forward_kl", "beta": None, "alpha": None}
+    assert report.method_label({"soft": divergence}) == "soft"
+    assert report.method_label({"soft": {**divergence, "divergence": "jsd"}}) == "soft (jsd 0.5)"
+    assert report.method_label({"soft": {**divergence, "divergence": "skew_kl", "alpha": 0.2}}) == "soft (skew_kl 0.2)"
+    assert report.method_label({"mapped": {**divergence, "divergence": "tvd"}}) == "mapped (tvd)"
     assert report.is_soft_only({**SOFT, "hint": None}) and not report.is_soft_only({**SOFT, "rkd": RKD})
     assert not report.is_soft_only({"hard": {"pseudo": True}})
 

@@ -1,7 +1,7 @@
 """Soft targets for a student with another tokenizer: the teacher's cached top-k mapped onto
 the student's vocabulary where the token texts match exactly (`align.mapping_table`, applied
 once when the rows are read: batch key `mapped_idx`), the rest in the tail bucket, then the
-usual top-k KL at T with T^2. Rows of student positions no teacher row lines up with
+usual top-k divergence at T with T^2. Rows of student positions no teacher row lines up with
 (`aligned` False) get no term. With the teacher's own tokenizer it is `soft` exactly."""
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def on_aligned_rows(loss: Callable) -> Callable:
 
 @dataclass
 class MappedTerm(SoftTerm):
-    """`soft` through the vocabulary mapping: weight * T^2 * KL on the aligned rows."""
+    """`soft` through the vocabulary mapping: weight * T^2 * D on the aligned rows (D: soft's
+    `divergence`)."""
 
 
 CONFIG = MappedTerm  # students.NAME.loss.mapped
@@ -53,5 +54,5 @@ KIND = "logits"
 def build(cfg: MappedTerm, shapes: Shapes) -> Built:
     key = lse_key(cfg.temperature)
     term = on_aligned_rows(lambda rows, logits: losses.mapped_soft_target_loss(
-        logits, rows["mapped_idx"], rows["topk_logit"], rows[key], cfg.temperature, tail=cfg.tail))
+        logits, rows["mapped_idx"], rows["topk_logit"], rows[key], cfg.temperature, **cfg.loss_kwargs()))
     return Built({"mapped": (cfg.weight, term)})

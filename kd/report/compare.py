@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kd import methods
+from kd import divergences, methods
 from kd.metrics import mean_std
 from kd.report.results import StudentResult, load_metrics
 from kd.report.scores import Score, fmt
@@ -44,11 +44,21 @@ def leaderboard(results: list[StudentResult], score: Score) -> list[dict[str, An
 
 
 def method_label(loss: dict[str, Any]) -> str:
-    """A student's method named by its loss methods (in METHODS' order), e.g. "soft + hard + rkd"
-    or "hard (pseudo)"."""
-    names = ["hard (pseudo)" if term == "hard" and loss[term].get("pseudo") else term
-             for term in methods.METHODS if loss.get(term) is not None]
-    return " + ".join(names) or "none"
+    """A student's method named by its loss methods (in METHODS' order), e.g. "soft + hard + rkd",
+    "hard (pseudo)" or "soft (jsd 0.5) + hard" (a divergence other than forward KL)."""
+    return " + ".join(_term_label(term, loss[term]) for term in methods.METHODS if loss.get(term) is not None) \
+        or "none"
+
+
+def _term_label(term: str, cfg: dict[str, Any]) -> str:
+    if term == "hard" and cfg.get("pseudo"):
+        return "hard (pseudo)"
+    divergence = cfg.get("divergence", "forward_kl") if term in ("soft", "mapped") else "forward_kl"
+    if divergence == "forward_kl":
+        return term
+    key, default = divergences.WEIGHTS.get(divergence, (None, None))
+    weight = default if key is None or cfg.get(key) is None else cfg[key]
+    return f"{term} ({divergence}{'' if weight is None else f' {weight:g}'})"
 
 
 def is_soft_only(loss: dict[str, Any]) -> bool:
