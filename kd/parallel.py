@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TypeVar
+from copy import deepcopy
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from kd.errors import KDError
 
@@ -126,3 +128,77 @@ class _GatherRows(torch.autograd.Function):
         grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad)
         return grad[ctx.rows], None
+
+
+# --- fully sharded students (parallel.strategy: fsdp) ------------------------------------------
+# FSDP2 (`torch.distributed.fsdp.fully_shard`; gloo on CPU, nccl on GPUs): each rank holds 1/N of
+# every parameter, gradient and AdamW state; a transformer block's full weights exist only during
+# its own forward and backward. Batches, slices and the gathered loss are DDP's; the gradients'
+# reduce-scatter averages over ranks as DDP's all-reduce does, so the run is the single-process one.
+# Training runs on a sharded copy: the caller's model keeps its structure (and non-persistent
+# buffers) but gives its parameters' storage up meanwhile, and takes the trained weights back
+# (`unshard_into`), so that it saves as an ordinary Hugging Face directory.
+
+
+def fully_sharded(module: nn.Module) -> nn.Module:
+    """A sharded copy of `module` (every rank calls it): each block a Hugging Face model names
+    in `_no_split_modules` is one FSDP unit, the rest (embeddings, head, extra modules) the root's;
+    `module`'s parameters are emptied until `unshard_into`."""
+    from torch.distributed.fsdp import fully_shard
+
+    copy = deepcopy(module)
+    blocks = {name for m in copy.modules() for name in getattr(m, "_no_split_modules", None) or ()}
+    for block in [m for m in copy.modules() if type(m).__name__ in blocks]:
+        fully_shard(block)
+    fully_shard(copy)  # moves the shards to this rank's device
+    for p in module.parameters():
+        p.data = torch.empty(0, dtype=p.dtype)
+    return copy
+
+
+def unshard_into(sharded: nn.Module, module: nn.Module) -> None:
+    """Every rank: `module` (what `fully_sharded` copied) takes the full trained weights and buffers back,
+    gathered one parameter at a time, on the CPU."""
+    from torch.distributed.tensor import DTensor
+
+    params, buffers = dict(module.named_parameters()), dict(module.named_buffers())
+    for name, p in sharded.named_parameters():
+        params[name].data = (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+    for name, b in sharded.named_buffers():
+        buffers[name].data = b.detach().cpu()
+
+
+def full_state(sharded: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """The sharded module's weights and its optimizer's state, whole, on rank 0 (None elsewhere;
+    every rank calls it): {"weights": a state dict, "optimizer": as `optimizer.state_dict()` of
+    the unsharded module gives it (parameters numbered in order), so a checkpoint resumes under
+    any strategy or world size}."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(sharded, options=options)
+    named = get_optimizer_state_dict(sharded, optimizer, options=options)  # keyed by parameter name
+    if not is_main():
+        return None
+    number = {name: i for i, (name, _) in enumerate(sharded.named_parameters())}
+    return {"weights": weights, "optimizer": _renumber(named, number)}
+
+
+def load_optimizer_state(sharded: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """`full_state`'s optimizer state (parameters numbered) into the optimizer of the sharded
+    module, on every rank (each holds the whole state and keeps its shards)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = dict(enumerate(name for name, _ in sharded.named_parameters()))
+    options = StateDictOptions(full_state_dict=True)
+    set_optimizer_state_dict(sharded, optimizer, _renumber(state, names), options=options)
+
+
+def _renumber(state: dict[str, Any], key: dict) -> dict[str, Any]:
+    """An optimizer state dict with its parameters renamed by `key` (names <-> numbers)."""
+    return {"state": {key[p]: values for p, values in state["state"].items()},
+            "param_groups": [{**group, "params": [key[p] for p in group["params"]]} for group in state["param_groups"]]}
