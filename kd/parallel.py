@@ -135,30 +135,37 @@ class _GatherRows(torch.autograd.Function):
 # every parameter, gradient and AdamW state; a transformer block's full weights exist only during
 # its own forward and backward. Batches, slices and the gathered loss are DDP's; the gradients'
 # reduce-scatter averages over ranks as DDP's all-reduce does, so the run is the single-process one.
-# Training runs on a sharded copy: the caller's model keeps its structure (and non-persistent
-# buffers) but gives its parameters' storage up meanwhile, and takes the trained weights back
-# (`unshard_into`), so that it saves as an ordinary Hugging Face directory.
+# Training runs on a sharded copy of the model (`vacated_copy`): the caller's model gives its
+# parameters' storage up meanwhile and takes the trained weights back (`unshard_into`), so that
+# it saves as an ordinary Hugging Face directory.
 
 
-def fully_sharded(module: nn.Module) -> nn.Module:
-    """A sharded copy of `module` (every rank calls it): each block a Hugging Face model names
-    in `_no_split_modules` is one FSDP unit, the rest (embeddings, head, extra modules) the root's;
-    `module`'s parameters are emptied until `unshard_into`."""
-    from torch.distributed.fsdp import fully_shard
-
-    copy = deepcopy(module)
-    blocks = {name for m in copy.modules() for name in getattr(m, "_no_split_modules", None) or ()}
-    for block in [m for m in copy.modules() if type(m).__name__ in blocks]:
-        fully_shard(block)
-    fully_shard(copy)  # moves the shards to this rank's device
-    for p in module.parameters():
+def vacated_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` to shard and train (FSDP modules cannot be turned back into plain ones);
+    `model` keeps its structure and non-persistent buffers but gives its parameters' storage up
+    until `unshard_into`. The copy is the model alone: loss terms hold their extra modules (a
+    projection) in closures, so those are sharded where they are."""
+    copy = deepcopy(model)
+    for p in model.parameters():
         p.data = torch.empty(0, dtype=p.dtype)
     return copy
 
 
+def fully_sharded(module: nn.Module) -> nn.Module:
+    """`module`, sharded in place (every rank calls it) and returned: each block a Hugging Face
+    model names in `_no_split_modules` one FSDP unit, the rest (embeddings, head, extra modules)
+    the root's; the shards move to this rank's device."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = {name for m in module.modules() for name in getattr(m, "_no_split_modules", None) or ()}
+    for block in [m for m in module.modules() if type(m).__name__ in blocks]:
+        fully_shard(block)
+    return fully_shard(module)
+
+
 def unshard_into(sharded: nn.Module, module: nn.Module) -> None:
-    """Every rank: `module` (what `fully_sharded` copied) takes the full trained weights and buffers back,
-    gathered one parameter at a time, on the CPU."""
+    """Every rank: `module` (what `vacated_copy` copied) takes the trained weights and buffers of
+    its sharded copy back, gathered one parameter at a time, on the CPU."""
     from torch.distributed.tensor import DTensor
 
     params, buffers = dict(module.named_parameters()), dict(module.named_buffers())

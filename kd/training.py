@@ -114,17 +114,19 @@ def fit(
     batches, same number of steps, each rank's gradient covering its slice of every batch
     (DDP averages them into the global batch's). Rank 0 alone shows progress and writes the
     checkpoint; a resumed run reads it on rank 0 and sends it to the others. `strategy` fsdp
-    trains a sharded copy instead (`parallel.fully_sharded`; the checkpoint's state is gathered
-    whole on rank 0, in the same form), whose weights `model` takes back at the end.
+    trains a sharded copy of the model instead (`parallel.fully_sharded`; the checkpoint's state
+    is gathered whole on rank 0, in the same form), whose weights `model` takes back at the end.
     """
     rank, world = parallel.world()
     on = parallel.device()
-    inner = _Trainee(model, list(extra_modules), terms, list(taps)) if world > 1 else None
     state = parallel.from_main(lambda: _load(checkpoint))
     if state is not None:
         _restore_weights(state, model, extra_modules)
-    sharded = parallel.fully_sharded(inner) if inner is not None and strategy == "fsdp" else None
-    if sharded is None and inner is not None:
+    fsdp = world > 1 and strategy == "fsdp"  # a sharded copy of the model trains (with the extra modules)
+    inner = None if world == 1 else _Trainee(parallel.vacated_copy(model) if fsdp else model, list(extra_modules),
+                                             terms, list(taps))
+    sharded = parallel.fully_sharded(inner) if fsdp else None
+    if inner is not None and not fsdp:
         inner.to(on)
     params = list(sharded.parameters()) if sharded is not None else [
         *model.parameters(), *(p for m in extra_modules for p in m.parameters())]  # (the same order)
@@ -176,8 +178,8 @@ def fit(
             if rank == 0:
                 _save(checkpoint, model, extra_modules, optimizer, schedule, log, full)
     bar.close()
-    if sharded is not None:
-        parallel.unshard_into(sharded, inner)
+    if sharded is not None:  # (the extra modules, needed no more, stay sharded)
+        parallel.unshard_into(sharded.model, model)
     elif inner is not None:
         inner.cpu()
     model.eval()

@@ -24,6 +24,7 @@ import pytest
 import torch
 import yaml
 
+from kd import parallel, training
 from kd.cli import distill, label
 from tests.helpers import (
     KILL_DISTILL,
@@ -47,6 +48,88 @@ def fsdp_student(epochs: int) -> dict:
     entry = text_student()
     entry["arch_kwargs"] |= {"n_layer": 2, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     return {**entry, "epochs": epochs, "transfer": ["unlabeled"], "parallel": {"strategy": "fsdp"}}
+
+
+# --- the sharded state against the single-process one, in this process (a group of one) --------
+
+
+@pytest.mark.integration
+def test_a_sharded_trainees_checkpoint_is_the_single_process_one(tmp_path):
+    """A GPT-2 with two blocks and a loss term holding an extra module in a closure (as
+    `kd.methods` builds them), one AdamW step sharded and one plain: `parallel.full_state`, as
+    `training._save` writes it, holds what the plain checkpoint holds; `load_optimizer_state`
+    puts it back; `unshard_into` gives the model its trained weights."""
+    import torch.distributed as dist
+    from torch import nn
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from kd.tasks.next_token import TokenRows
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    models = [GPT2LMHeadModel(config) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    extras = [nn.Linear(64, 4) for _ in range(2)]
+    extras[1].load_state_dict(extras[0].state_dict())
+    x = torch.randint(64, (3, 8), generator=torch.Generator().manual_seed(1))
+
+    def terms(extra: nn.Module) -> dict:
+        return {"logits": (1.0, lambda batch, out: out["logits"].square().mean()),
+                "extra": (1.0, lambda batch, out: extra(out["logits"]).square().mean())}
+
+    def one_step(trainee: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        sum(trainee({"x": x}).values()).backward()
+        optimizer.step()
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        plain = training._Trainee(TokenRows(models[1]), [extras[1]], terms(extras[1]), [])
+        sharded = parallel.fully_sharded(training._Trainee(TokenRows(parallel.vacated_copy(models[0])), [extras[0]],
+                                                           terms(extras[0]), []))
+        assert all(p.numel() == 0 for p in models[0].parameters())  # the model gave its weights up
+        optimizers = [torch.optim.AdamW(m.parameters(), lr=0.01, fused=True) for m in (sharded, plain)]
+        schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0) for o in optimizers]  # as `fit` has
+        one_step(sharded, optimizers[0])
+        one_step(plain, optimizers[1])
+        full = parallel.full_state(sharded, optimizers[0])
+        sharded.zero_grad(set_to_none=True)  # as a resumed run's fresh model has none
+        again = torch.optim.AdamW(sharded.parameters(), lr=0.01, fused=True)
+        torch.optim.lr_scheduler.LambdaLR(again, lambda step: 1.0)
+        parallel.load_optimizer_state(sharded, again, full["optimizer"])
+        assert_close(parallel.full_state(sharded, again)["optimizer"], full["optimizer"])
+        parallel.unshard_into(sharded.model.model, models[0])
+    finally:
+        dist.destroy_process_group()
+    saved = {}
+    for name, i, weights in (("sharded", 0, full), ("plain", 1, None)):
+        training._save(tmp_path / f"{name}.pt", plain.model, [extras[1]], optimizers[i], schedules[i], [], weights)
+        saved[name] = torch.load(tmp_path / f"{name}.pt", weights_only=True)
+    assert saved["plain"]["optimizer"]["state"][0]["step"] == 1  # one step taken
+    for key in ("model", "extra", "optimizer"):
+        assert_close(saved["sharded"][key], saved["plain"][key])
+    assert_close(models[0].state_dict(), models[1].state_dict())
+
+
+def assert_close(a, b) -> None:
+    """Nested dicts and lists of tensors and plain values: the same keys, values within 1e-6."""
+    kinds = [next((k for k in (dict, (list, tuple), torch.Tensor) if isinstance(v, k)), type(v)) for v in (a, b)]
+    assert kinds[0] == kinds[1], (type(a), type(b))  # (a dict or an OrderedDict; betas come back a list)
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())
+        for key in a:
+            assert_close(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_close(x, y)
+    elif torch.is_tensor(a):
+        assert a.shape == b.shape and torch.allclose(a.detach().float(), b.detach().float(), atol=1e-6)
+    else:
+        assert a == b
+
+
+# --- kd distill under torchrun -------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
