@@ -5,7 +5,8 @@ environment describes (gloo on CPU; nccl, one GPU per process, where CUDA is ava
 rank computes the same global batches; each takes a contiguous slice of every batch
 (`shard`), runs the student on it, and `gather_rows` puts the slices' outputs back together
 so the loss is the single-process loss of the whole batch. Only rank 0 writes files. Without a
-process group every helper is the single-process identity.
+process group every helper is the single-process identity. A student with `parallel.strategy:
+fsdp` trains fully sharded instead of replicated (the last section: FSDP2).
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ class _GatherRows(torch.autograd.Function):
 # FSDP2 (`torch.distributed.fsdp.fully_shard`; gloo on CPU, nccl on GPUs): each rank holds 1/N of
 # every parameter, gradient and AdamW state; a transformer block's full weights exist only during
 # its own forward and backward. Batches, slices and the gathered loss are DDP's; the gradients'
-# reduce-scatter averages over ranks as DDP's all-reduce does, so the run is the single-process one.
+# reduce-scatter averages over ranks as DDP's all-reduce does: the single-process run up to rounding.
 # Training runs on a sharded copy of the model (`vacated_copy`): the caller's model gives its
 # parameters' storage up meanwhile and takes the trained weights back (`unshard_into`), so that
 # it saves as an ordinary Hugging Face directory.
@@ -144,7 +145,8 @@ def vacated_copy(model: nn.Module) -> nn.Module:
     """A copy of `model` to shard and train (FSDP modules cannot be turned back into plain ones);
     `model` keeps its structure and non-persistent buffers but gives its parameters' storage up
     until `unshard_into`. The copy is the model alone: loss terms hold their extra modules (a
-    projection) in closures, so those are sharded where they are."""
+    projection) in closures, so those are sharded where they are; a term reaches the model only
+    through what `training.step` gives it (outputs, tapped layers), never a closure of its own."""
     copy = deepcopy(model)
     for p in model.parameters():
         p.data = torch.empty(0, dtype=p.dtype)
