@@ -30,6 +30,8 @@ from kd.errors import ConfigError
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 Recipe = dict[str, Any]
+# crop_flip's view_scale, view_ratio and view_flip when a config leaves them null
+CROP_FLIP_DEFAULTS = {"view_scale": [0.35, 1.0], "view_ratio": [3 / 4, 4 / 3], "view_flip": 0.5}
 
 
 def shift(max_shift: int) -> Recipe:
@@ -39,6 +41,17 @@ def shift(max_shift: int) -> Recipe:
 def crop_flip(scale: list[float], ratio: list[float], flip: float) -> Recipe:
     return {"name": "crop_flip", "scale": [float(v) for v in scale], "ratio": [float(v) for v in ratio],
             "flip": float(flip)}
+
+
+def from_config(cfg: Any, max_shift: int) -> Recipe:
+    """The recipe of a config's views (`label`, `teacher`: its view_* keys, null for crop_flip's
+    defaults) as the cache manifest records it; `max_shift`: the shift recipe's (`label.view_shift`,
+    `teacher.shift`)."""
+    if cfg.view_recipe == "shift":
+        return shift(max_shift)
+    values = {key: CROP_FLIP_DEFAULTS[key] if getattr(cfg, key) is None else getattr(cfg, key)
+              for key in CROP_FLIP_DEFAULTS}
+    return crop_flip(values["view_scale"], values["view_ratio"], values["view_flip"])
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:

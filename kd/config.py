@@ -228,14 +228,13 @@ class GenerateConfig:
 
 
 VIEW_RECIPES = ("shift", "crop_flip")
-CROP_FLIP_DEFAULTS = {"view_scale": [0.35, 1.0], "view_ratio": [3 / 4, 4 / 3], "view_flip": 0.5}
 
 
 def check_view_recipe(cfg: Any, where: str) -> None:
     """`view_recipe` and the keys of its recipe (cfg: a LabelConfig or TeacherConfig)."""
     if cfg.view_recipe not in VIEW_RECIPES:
         raise ConfigError(f"{where}.view_recipe: {cfg.view_recipe!r} must be one of {VIEW_RECIPES}")
-    for key in CROP_FLIP_DEFAULTS:
+    for key in augment.CROP_FLIP_DEFAULTS:
         value = getattr(cfg, key)
         if value is not None and cfg.view_recipe != "crop_flip":
             raise ConfigError(f"{where}.{key}: {value} is for view_recipe crop_flip, not {cfg.view_recipe!r}")
@@ -247,16 +246,6 @@ def check_view_recipe(cfg: Any, where: str) -> None:
         raise ConfigError(f"{where}.view_scale: {cfg.view_scale} must be at most 1 (a fraction of the image's area)")
     if cfg.view_flip is not None and not 0 <= cfg.view_flip <= 1:
         raise ConfigError(f"{where}.view_flip: {cfg.view_flip} must be a probability in [0, 1]")
-
-
-def view_recipe(cfg: Any, max_shift: int) -> dict[str, Any]:
-    """The recipe of `cfg`'s views as the cache manifest records it (`augment.shift` / `crop_flip`);
-    `max_shift`: the shift recipe's (`label.view_shift`, `teacher.shift`)."""
-    if cfg.view_recipe == "shift":
-        return augment.shift(max_shift)
-    values = {key: CROP_FLIP_DEFAULTS[key] if getattr(cfg, key) is None else getattr(cfg, key)
-              for key in CROP_FLIP_DEFAULTS}
-    return augment.crop_flip(values["view_scale"], values["view_ratio"], values["view_flip"])
 
 
 class LossConfig:
@@ -292,6 +281,13 @@ def _loss_config(registered: tuple[tuple[str, type], ...]) -> type:
 
 
 @dataclass
+class ParallelConfig:
+    """`students.NAME.parallel`, under torchrun: `strategy` ddp (each rank holds the whole model) or
+    fsdp (language models; each rank holds 1/N of every weight, gradient and AdamW state: FSDP2)."""
+    strategy: str = "ddp"
+
+
+@dataclass
 class StudentConfig:
     """A student (or a teacher assistant: the same schema under `assistants`)."""
 
@@ -319,6 +315,7 @@ class StudentConfig:
     # the cache through the text (loss terms mapped, uld)
     tokenizer: str | None = None
     loss: LossConfig = field(default_factory=lambda: loss_config()())
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @property
     def where(self) -> str:
@@ -343,6 +340,8 @@ class StudentConfig:
             raise ConfigError(f"{where}.loss: needs at least one term ({', '.join(methods.METHODS)})")
         for name, term in terms.items():
             term.check(f"{where}.loss.{name}")
+        if self.parallel.strategy not in ("ddp", "fsdp"):
+            raise ConfigError(f"{where}.parallel.strategy: {self.parallel.strategy!r} must be ddp or fsdp")
         if self.repeats < 1:
             raise ConfigError(f"{where}.repeats: {self.repeats} must be >= 1")
         if self.assistant is not None and self.loss.teacher_layers(where):

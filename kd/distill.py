@@ -67,7 +67,8 @@ def train_model(task: Task, cfg: StudentConfig, cache: Cache, prepared: Path, da
         module.train()
     log = fit(model, dataset, built.terms, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
               weight_decay=cfg.weight_decay, seed=cfg.seed, views="cached" if cfg.views else "none",
-              taps=built.taps, extra_modules=built.modules, checkpoint=checkpoint, desc=desc, progress=progress)
+              taps=built.taps, extra_modules=built.modules, checkpoint=checkpoint, desc=desc, progress=progress,
+              strategy=cfg.parallel.strategy)
     return model, log
 
 

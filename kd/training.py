@@ -100,6 +100,7 @@ def fit(
     checkpoint: Path | None = None,
     desc: str = "train",
     progress: bool = True,
+    strategy: str = "ddp",
 ) -> list[dict[str, float]]:
     """Train `model` (and `extra_modules`, e.g. hint regressors) in place with AdamW and a
     one-cycle schedule; return the per-epoch log.
@@ -112,22 +113,32 @@ def fit(
     In a process group of N ranks every rank calls `fit` with the same arguments: same
     batches, same number of steps, each rank's gradient covering its slice of every batch
     (DDP averages them into the global batch's). Rank 0 alone shows progress and writes the
-    checkpoint; a resumed run reads it on rank 0 and sends it to the others.
+    checkpoint; a resumed run reads it on rank 0 and sends it to the others. `strategy` fsdp
+    trains a sharded copy of the model instead (`parallel.fully_sharded`; the checkpoint's state
+    is gathered whole on rank 0, in the same form), whose weights `model` takes back at the end.
     """
     rank, world = parallel.world()
     on = parallel.device()
-    inner = _Trainee(model, list(extra_modules), terms, list(taps)).to(on) if world > 1 else None
-    params = [*model.parameters(), *(p for m in extra_modules for p in m.parameters())]
+    state = parallel.from_main(lambda: _load(checkpoint))
+    if state is not None:
+        _restore_weights(state, model, extra_modules)
+    fsdp = world > 1 and strategy == "fsdp"  # a sharded copy of the model trains (with the extra modules)
+    inner = None if world == 1 else _Trainee(parallel.vacated_copy(model) if fsdp else model, list(extra_modules),
+                                             terms, list(taps))
+    sharded = parallel.fully_sharded(inner) if fsdp else None
+    if inner is not None and not fsdp:
+        inner.to(on)
+    params = list(sharded.parameters()) if sharded is not None else [
+        *model.parameters(), *(p for m in extra_modules for p in m.parameters())]  # (the same order)
     # fused: one kernel, not a loop over tensors
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     steps = epochs * math.ceil(len(data) / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
     log: list[dict[str, float]] = []
-    state = parallel.from_main(lambda: _load(checkpoint))
     if state is not None:
-        log = _restore(state, model, extra_modules, optimizer, schedule)
-    trainee = None
-    if inner is not None:
+        log = _restore(state, optimizer, schedule, sharded)
+    trainee = sharded
+    if inner is not None and sharded is None:
         if on.type == "cuda":  # SyncBatchNorm is GPU-only: on CPU each rank normalises with its own rows
             nn.SyncBatchNorm.convert_sync_batchnorm(inner)
         # static_graph: the same parameters take part in every step, so a parameter no term
@@ -137,7 +148,7 @@ def fit(
     bar = tqdm(total=steps, initial=len(log) * math.ceil(len(data) / batch_size), desc=desc, unit="step",
                disable=not progress or rank != 0, leave=False)
     for epoch in range(len(log), epochs):
-        model.train()
+        (model if sharded is None else sharded).train()
         started = time.perf_counter()
         sums: dict[str, float] = {}
         count = 0
@@ -162,20 +173,31 @@ def fit(
                "lr": schedule.get_last_lr()[0], "seconds": time.perf_counter() - started}
         log.append(row)
         bar.set_postfix(loss=f"{row['total']:.4f}")
-        if checkpoint is not None and rank == 0:
-            _save(checkpoint, model, extra_modules, optimizer, schedule, log)
+        if checkpoint is not None:
+            full = parallel.full_state(sharded, optimizer) if sharded is not None else None  # every rank
+            if rank == 0:
+                _save(checkpoint, model, extra_modules, optimizer, schedule, log, full)
     bar.close()
-    if inner is not None:
+    if sharded is not None:  # (the extra modules, needed no more, stay sharded)
+        parallel.unshard_into(sharded.model, model)
+    elif inner is not None:
         inner.cpu()
     model.eval()
     return log
 
 
-def _save(path: Path, model: nn.Module, extra: list[nn.Module], optimizer, schedule, log) -> None:
+def _save(path: Path, model: nn.Module, extra: list[nn.Module], optimizer, schedule, log,
+          full: dict[str, Any] | None = None) -> None:
+    if full is None:
+        state = {"model": model.state_dict(), "extra": [m.state_dict() for m in extra],
+                 "optimizer": optimizer.state_dict()}
+    else:  # FSDP: the trainee's state gathered on rank 0 (`parallel.full_state`), keyed model.* and extra.<i>.*
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k.removeprefix(prefix): v for k, v in full["weights"].items() if k.startswith(prefix)}
+        state = {"model": part("model."), "extra": [part(f"extra.{i}.") for i in range(len(extra))],
+                 "optimizer": full["optimizer"]}
     # the random stream too: dropout draws from it, so a resumed run draws what an uninterrupted one would
-    state = {"model": model.state_dict(), "extra": [m.state_dict() for m in extra],
-             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "log": log,
-             "rng": torch.get_rng_state()}
+    state |= {"schedule": schedule.state_dict(), "log": log, "rng": torch.get_rng_state()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
@@ -189,12 +211,17 @@ def _load(path: Path | None) -> dict[str, Any] | None:
     return torch.load(path, weights_only=True, map_location="cpu")
 
 
-def _restore(state: dict[str, Any], model: nn.Module, extra: list[nn.Module], optimizer,
-             schedule) -> list[dict[str, float]]:
+def _restore_weights(state: dict[str, Any], model: nn.Module, extra: list[nn.Module]) -> None:
     model.load_state_dict(state["model"])
     for module, module_state in zip(extra, state["extra"]):
         module.load_state_dict(module_state)
-    optimizer.load_state_dict(state["optimizer"])
+
+
+def _restore(state: dict[str, Any], optimizer, schedule, sharded: nn.Module | None) -> list[dict[str, float]]:
+    if sharded is None:
+        optimizer.load_state_dict(state["optimizer"])
+    else:
+        parallel.load_optimizer_state(sharded, optimizer, state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     if "rng" in state:
         torch.set_rng_state(state["rng"])

@@ -156,6 +156,13 @@ def test_a_process_group_that_cannot_form_is_one_clear_line(built, tmp_path, mon
     assert not (tmp_path / "students").exists()
 
 
+@pytest.mark.integration
+def test_fsdp_for_an_image_student_is_one_clear_line(built, tmp_path):
+    params = students_params(tmp_path / "params.yaml", img={**tiny_student(), "parallel": {"strategy": "fsdp"}})
+    result = invoke(distill.main, "img", *distill_args({**built, "params": params}, tmp_path))
+    assert_clean_error(result, "students.img.parallel.strategy: fsdp", "image student trains with ddp")
+
+
 # --- text students -------------------------------------------------------------------------------
 
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from zarr.codecs import ZstdCodec
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
-from kd import features
+from kd import augment, features
 from kd.cache import encoding as encodings
 from kd.cache import sampling
 from kd.cache.batch import Inputs
@@ -58,7 +58,7 @@ from kd.cache.layout import (
 from kd.cache.shards import finished, merge, resume_or_start, resume_shard
 from kd.cache.store import Store
 from kd.cache.targets import Tally, batch_columns, finish, part_schema, part_table
-from kd.config import PART_ROWS, SPLITS, LabelConfig, as_dict, view_recipe
+from kd.config import PART_ROWS, SPLITS, LabelConfig, as_dict
 from kd.errors import CacheError, ConfigError, MissingInputError, StaleCacheError
 from kd.prepared import data_fingerprint
 
@@ -239,7 +239,7 @@ def _header(teacher: Teacher, num_classes: int, specs: list[dict[str, Any]], inp
         "schema_version": sampling.SCHEMA_VERSION if cfg.sampling else encodings.SCHEMA_VERSIONS[cfg.encoding],
         "sampling": None if cfg.sampling is None else {"draws": cfg.sampling, "seed": cfg.sampling_seed},
         "features": specs,
-        "views": {"count": cfg.views, "seed": cfg.view_seed, "recipe": view_recipe(cfg, cfg.view_shift)},
+        "views": {"count": cfg.views, "seed": cfg.view_seed, "recipe": augment.from_config(cfg, cfg.view_shift)},
         "label": as_dict(cfg),
         "splits": splits,
     }

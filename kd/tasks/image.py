@@ -23,7 +23,7 @@ from torch import nn
 from kd import augment, features, loader
 from kd.cache import Cache, Teacher
 from kd.cache.batch import Batch
-from kd.config import EvalConfig, LabelConfig, StudentConfig, TeacherConfig, as_dict, view_recipe
+from kd.config import EvalConfig, LabelConfig, StudentConfig, TeacherConfig, as_dict
 from kd.errors import ConfigError, InputError
 from kd.files import write_json
 from kd.loader import SampleSet
@@ -53,7 +53,7 @@ class Inputs:
         self.input_shape = self.infos["labeled"]["input_shape"]
         self.per_sample = cfg.views + 1
         self.cfg = cfg
-        self.recipe = view_recipe(cfg, cfg.view_shift)
+        self.recipe = augment.from_config(cfg, cfg.view_shift)
         augment.check_shape(self.recipe, self.input_shape, "label")
 
     def samples(self, split: str) -> int:
@@ -158,6 +158,9 @@ def check(cfg: StudentConfig, cache: Cache, prepared: Path) -> None:
     if cfg.tokenizer is not None or cfg.loss.mapped is not None or cfg.loss.uld is not None:
         raise ConfigError(f"{cfg.where}: tokenizer, loss.mapped and loss.uld are for language-model students "
                           "with their own tokenizer; an image student reads the teacher's classes")
+    if cfg.parallel.strategy == "fsdp":
+        raise ConfigError(f"{cfg.where}.parallel.strategy: fsdp shards language-model students block by block; "
+                          "an image student trains with ddp under torchrun")
     extra = [name for name in chosen(cfg.loss) if name not in supported(NAME)]
     if extra:
         raise ConfigError(f"{cfg.where}.loss: {', '.join(extra)} not supported for image students "
@@ -267,7 +270,7 @@ def fit_teacher(cfg: TeacherConfig, prepared: Path, *, progress: bool = True
     augmentation drawn fresh each epoch, the same loop as every student): (model, config to
     save beside the weights, metrics)."""
     # the labeled split with its labels, as a baseline twin sees it, plus the augmentation
-    recipe = view_recipe(cfg, cfg.shift)
+    recipe = augment.from_config(cfg, cfg.shift)
     dataset = baseline_set(prepared, view_seed=cfg.seed, recipe=recipe)
     augmented = cfg.shift > 0 or cfg.view_recipe != "shift"
     test = images.read_split(prepared / "test.parquet")
