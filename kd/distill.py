@@ -45,6 +45,8 @@ def twin_key(cfg: StudentConfig, decided_by_task: dict[str, Any]) -> str:
     data it learns from, for text also the task and its masks)."""
     decided_by = {k: getattr(cfg, k) for k in ("arch", "arch_kwargs", "epochs", "batch_size", "lr",
                                                 "weight_decay", "seed")}
+    if cfg.precision != "fp32":  # a twin trains as its student does; fp32 twins keep their earlier keys
+        decided_by["precision"] = cfg.precision
     decided_by |= decided_by_task
     decided_by["torch"] = torch.__version__.split("+")[0]
     return hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()[:16]

@@ -49,9 +49,6 @@ class Dataset(Protocol):
                 shard: tuple[int, int] | None = None): ...
 
 
-PRECISIONS = ("fp32", "bf16-mixed")  # a text model's `precision`
-
-
 def hard_label_loss(batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
     """Cross-entropy over the rows that carry a label (label >= 0); 0 when none do."""
     logits, label = out["logits"], batch["label"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd import head, losses, methods, training
+from kd import head, methods, training
 from kd.methods.common import Shapes
 
 pytestmark = pytest.mark.unit
