@@ -202,3 +202,44 @@ def test_soft_capped_logits_train_on_logits():
     assert TokenRows(Gemma2ForCausalLM(config)).output_layer() is None
     config.final_logit_softcapping = None
     assert TokenRows(Gemma2ForCausalLM(config)).output_layer() is not None
+
+
+def test_masked_lm_step_from_hidden_equals_step_on_logits():
+    """A BERT student (`MaskedRows`): its terms from the state before the decoder (after BERT's
+    head transform) equal the same terms on its logits, values and gradients (decoder bias included)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from kd.tasks.masked_lm import MaskedRows
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=V * 3, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    model = MaskedRows(BertForMaskedLM(config), block_size=10).double()
+    assert model.output_layer() is model.model.cls.predictions.decoder
+    g = torch.Generator().manual_seed(6)
+    tokens = torch.randint(0, V * 3, (3, 10), generator=g)
+    positions = torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(3)])
+    x = torch.cat([tokens, positions], 1)
+    global N
+    saved, N = N, 12
+    try:
+        batch = _targets(torch.float64)
+    finally:
+        N = saved
+    batch["x"] = x
+    terms = {name: (w, t) for name, (w, t) in _terms().items() if not name.startswith(("mapped", "uld"))}
+    plain = {name: (w, t.term) for name, (w, t) in terms.items()}
+    results = []
+    for these in (terms, plain):
+        model.zero_grad()
+        values = training.step(model, batch, these, [])
+        sum(w * values[name] for name, (w, _) in these.items()).backward()
+        results.append(({k: v.detach() for k, v in values.items()},
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (values, grad), (expected, want) = results
+    assert grad.keys() == want.keys()
+    for name in terms:
+        torch.testing.assert_close(values[name], expected[name], rtol=1e-10, atol=1e-12)
+    for name in want:
+        torch.testing.assert_close(grad[name], want[name], rtol=1e-9, atol=1e-12, msg=name)
