@@ -76,7 +76,7 @@ def _logits_are_head(model: nn.Module, layer: nn.Linear) -> bool:
     """Whether `model`'s logits equal `layer` on its base model's last hidden state (a short probe
     block, eval mode, no grad, the model's train mode restored)."""
     training = model.training
-    probe = torch.arange(min(8, layer.out_features), device=layer.weight.device)[None] % layer.out_features
+    probe = torch.arange(min(8, layer.out_features), device=layer.weight.device)[None]  # (1, 8) token ids
     try:
         model.eval()
         with torch.no_grad():
