@@ -33,6 +33,7 @@ INTERNAL = {"internal": True}
 ENCODINGS = ("topk", "compact")  # label.encoding: kd/cache/encoding.py
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")  # the keys of lm.DTYPES
 TEACHER_DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16-mixed")  # a text model's training precision (kd.training.autocast)
 SPLITS = ("labeled", "unlabeled", "test")
 
 
@@ -102,6 +103,10 @@ class TeacherConfig:
     view_ratio: list[float] | None = None
     view_flip: float | None = None
     seed: int = 0
+    # text teachers: fp32 | bf16-mixed (bfloat16 autocast around the forwards, float32 weights and
+    # loss maths), and Hugging Face's gradient checkpointing (activations recomputed in the backward)
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         check_budget("teacher", self)
@@ -314,6 +319,10 @@ class StudentConfig:
     # one); null: the init directory's, else the teacher's. Another than the teacher's learns from
     # the cache through the text (loss terms mapped, uld)
     tokenizer: str | None = None
+    # language models: fp32 | bf16-mixed (bfloat16 autocast around the forwards, float32 weights and
+    # loss maths), and Hugging Face's gradient checkpointing; the baseline twin trains the same way
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
     loss: LossConfig = field(default_factory=lambda: loss_config()())
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
@@ -352,7 +361,10 @@ class StudentConfig:
 
 
 def check_budget(where: str, cfg: TeacherConfig | StudentConfig) -> None:
-    """The training budget every trained model shares: epochs, batch size, lr, weight decay."""
+    """The training budget every trained model shares: epochs, batch size, lr, weight decay; and
+    its precision (PRECISIONS)."""
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"{where}.precision: {cfg.precision!r} must be one of {', '.join(PRECISIONS)}")
     for key in ("epochs", "batch_size"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{where}.{key}: {getattr(cfg, key)} must be >= 1")

@@ -37,7 +37,7 @@ from kd.files import read_json, replacing, write_json
 from kd.methods import Built, Shapes, needed_samples, needed_temperatures, student_layers, student_terms
 from kd.tasks import Task
 from kd.tasks.image_models import fingerprint
-from kd.training import Dataset, fit, hard_label_loss, write_log
+from kd.training import Dataset, RowMean, fit, hard_label_loss, labeled, write_log
 
 
 def twin_key(cfg: StudentConfig, decided_by_task: dict[str, Any]) -> str:
@@ -45,6 +45,8 @@ def twin_key(cfg: StudentConfig, decided_by_task: dict[str, Any]) -> str:
     data it learns from, for text also the task and its masks)."""
     decided_by = {k: getattr(cfg, k) for k in ("arch", "arch_kwargs", "epochs", "batch_size", "lr",
                                                 "weight_decay", "seed")}
+    if cfg.precision != "fp32":  # a twin trains as its student does; fp32 twins keep their earlier keys
+        decided_by["precision"] = cfg.precision
     decided_by |= decided_by_task
     decided_by["torch"] = torch.__version__.split("+")[0]
     return hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()[:16]
@@ -59,7 +61,7 @@ def train_model(task: Task, cfg: StudentConfig, cache: Cache, prepared: Path, da
     torch.manual_seed(cfg.seed)  # same seed -> same initial weights for the student and its twin
     model = task.build(cfg, cache, prepared)
     if teacher_specs is None:
-        built = Built({"hard": (1.0, hard_label_loss)})
+        built = Built({"hard": (1.0, RowMean(hard_label_loss, labeled))})
     else:
         layers = student_layers(cfg)
         built = student_terms(cfg, Shapes(task.student_shapes(model, cfg, layers, cache), teacher_specs))
@@ -68,7 +70,7 @@ def train_model(task: Task, cfg: StudentConfig, cache: Cache, prepared: Path, da
     log = fit(model, dataset, built.terms, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
               weight_decay=cfg.weight_decay, seed=cfg.seed, views="cached" if cfg.views else "none",
               taps=built.taps, extra_modules=built.modules, checkpoint=checkpoint, desc=desc, progress=progress,
-              strategy=cfg.parallel.strategy)
+              strategy=cfg.parallel.strategy, precision=cfg.precision)
     return model, log
 
 

@@ -149,6 +149,21 @@ def layer_stack(model: PreTrainedModel) -> str:
     return found[0]
 
 
+def checkpointing(model: PreTrainedModel, on: bool) -> PreTrainedModel:
+    """`model` with Hugging Face's gradient checkpointing (non-reentrant) when `on`: its layers'
+    activations recomputed in the backward, not kept. Only in train mode; the weights alike."""
+    if on:
+        if not model.supports_gradient_checkpointing:
+            raise ConfigError(f"gradient_checkpointing: {type(model).__name__} does not support it (transformers)")
+        # transformers 5 renamed it (the old name warns until v6)
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 def objective(model: PreTrainedModel | PretrainedConfig) -> str:
     """"causal" or "masked", from the model class the config names."""
     config = model if isinstance(model, PretrainedConfig) else model.config

@@ -31,6 +31,7 @@ from kd.files import write_json
 from kd.prepared import tokens
 from kd.prepared.tokens import SpecialIds
 from kd.speed import count_params
+from kd.training import autocast
 
 CLIP_NORM = 1.0  # gradient-norm clipping, as Hugging Face's Trainer does by default
 
@@ -123,23 +124,27 @@ OBJECTIVES: dict[str, Objective] = {
 # --- training and evaluation ------------------------------------------------------------------
 
 
-def token_losses(model: PreTrainedModel, inputs: torch.Tensor,
-                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_losses(model: PreTrainedModel, inputs: torch.Tensor, labels: torch.Tensor,
+                 precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per predicted token: (cross-entropy (P,), the model's argmax (P,), the target (P,)).
 
     The objective gives the logits of the predicted positions (a BERT's head runs on the masked
-    ones only: the same numbers, a fraction of the head's cost)."""
+    ones only: the same numbers, a fraction of the head's cost), under bfloat16 autocast with
+    `precision: bf16-mixed`; the cross-entropy is float32 whatever the precision."""
     keep = labels != -100
-    logits = OBJECTIVES[lm.objective(model)].logits(model, inputs, keep)  # (P, V)
+    with autocast(precision, lm.device_of(model)):
+        logits = OBJECTIVES[lm.objective(model)].logits(model, inputs, keep)  # (P, V)
+    logits = logits.float()  # a no-op in fp32
     targets = labels[keep]
     return F.cross_entropy(logits, targets, reduction="none"), logits.argmax(-1), targets
 
 
 def fit(model: PreTrainedModel, tokens: torch.Tensor, special: SpecialIds, *, epochs: int, batch_size: int,
         lr: float, weight_decay: float, seed: int, desc: str = "lm", progress: bool = True,
-        predicted: torch.Tensor | None = None) -> list[dict[str, float]]:
+        predicted: torch.Tensor | None = None, precision: str = "fp32") -> list[dict[str, float]]:
     """Train on blocks (N, L) in place; the per-epoch log (mean loss per predicted token).
-    `predicted` (N, L - 1) bool: the only positions taught (instruction data's responses)."""
+    `predicted` (N, L - 1) bool: the only positions taught (instruction data's responses);
+    `precision` as `training.fit`'s."""
     objective = OBJECTIVES[lm.objective(model)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
     steps = epochs * math.ceil(len(tokens) / batch_size)
@@ -153,7 +158,8 @@ def fit(model: PreTrainedModel, tokens: torch.Tensor, special: SpecialIds, *, ep
         total, count = 0.0, 0
         for rows in torch.randperm(len(tokens), generator=g).split(batch_size):
             inputs, labels = objective.inputs(tokens[rows], special, model.config.vocab_size, g)
-            losses, _, _ = token_losses(model, inputs, only(labels, None if predicted is None else predicted[rows]))
+            losses, _, _ = token_losses(model, inputs, only(labels, None if predicted is None else predicted[rows]),
+                                        precision)
             if not len(losses):  # a masked batch with nothing chosen
                 continue
             loss = losses.mean()
@@ -216,7 +222,8 @@ def fit_teacher(cfg: TeacherConfig, prepared: Path, *,
     info = tokens.split_info(prepared / "labeled.parquet")
     _, special = tokens.load_tokenizer(prepared)
     torch.manual_seed(cfg.seed)
-    model = lm.build(cfg.arch, cfg.arch_kwargs, info["vocab_size"], info["block_size"], special)
+    model = lm.checkpointing(lm.build(cfg.arch, cfg.arch_kwargs, info["vocab_size"], info["block_size"], special),
+                             cfg.gradient_checkpointing)
     if info["response_only"] and lm.objective(model) != "causal":
         raise ConfigError(f"teacher.arch: {cfg.arch} is a masked LM; instruction data ({prepared}: responses only) "
                           "is for causal LMs")
@@ -224,7 +231,7 @@ def fit_teacher(cfg: TeacherConfig, prepared: Path, *,
     masks = {split: None if m is None else torch.from_numpy(m) for split, m in masks.items()}
     log = fit(model, torch.from_numpy(train), special, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
               weight_decay=cfg.weight_decay, seed=cfg.seed, desc="teacher", progress=progress,
-              predicted=masks["labeled"])
+              predicted=masks["labeled"], precision=cfg.precision)
     scores = evaluate(model, torch.from_numpy(test), special, cfg.batch_size, seed=cfg.seed, predicted=masks["test"])
     kind = lm.objective(model)
     metrics = {"objective": kind, "test_loss": scores["loss"], "train_loss": log[-1]["loss"], "epochs": len(log),

@@ -2,7 +2,13 @@
 
 What a model learns is decided by its loss terms, passed in as `{name: (weight, term)}`
 where `term(batch, out) -> scalar tensor` and `out` holds the logits plus any tapped
-layers. `step` returns every term on its own, so each one is logged per epoch.
+layers. `step` returns every term on its own, so each one is logged per epoch. A model that
+gives its rows' last hidden state and output layer (`HiddenRows`: a text student) never
+shows its logits whole: its terms that are means over rows of the logits (`RowMean`) are
+computed from the hidden state chunk by chunk of rows (`kd.head`).
+
+`precision: bf16-mixed` runs the model's forward under autocast (bfloat16) with float32
+weights; every loss term sees float32 outputs.
 
 In a process group (`kd distill` under torchrun) `fit` trains data-parallel: each rank runs
 the model on its slice of every global batch and the terms see the whole batch (`step`), so
@@ -16,6 +22,8 @@ import csv
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from kd import features, parallel
+from kd import features, head, parallel
 
 Batch = dict[str, torch.Tensor]  # "x" (the model's input) and per-row targets, one row per output row
 Term = Callable[[Batch, dict[str, torch.Tensor]], torch.Tensor]
@@ -50,9 +58,51 @@ def hard_label_loss(batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits[keep], label[keep])
 
 
+def labeled(batch: Batch) -> torch.Tensor:
+    """The rows `hard_label_loss` averages over: (N,) bool."""
+    return batch["label"] >= 0
+
+
+def all_rows(batch: Batch) -> None:
+    """Every row of the batch (a `RowMean`'s default)."""
+    return None
+
+
+@dataclass(frozen=True)
+class RowMean:
+    """A term of the logits alone that is a mean over some rows of the batch: `rows(batch)`,
+    (N,) bool, or None for all rows. What lets `kd.head` compute it chunk by chunk of rows;
+    called, it is `term` itself."""
+
+    term: Term
+    rows: Callable[[Batch], torch.Tensor | None] = all_rows
+
+    def __call__(self, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.term(batch, out)
+
+
+class HiddenRows(Protocol):
+    """A model whose logits rows are its output layer on its rows' last hidden state: `forward(x)`
+    gives logits (N, V), `hidden_rows(x)` the hidden states (N, H) and `output_layer()` the
+    nn.Linear between them (None where the logits are more than that, e.g. soft-capped)."""
+
+    def hidden_rows(self, x: torch.Tensor) -> torch.Tensor: ...
+    def output_layer(self) -> nn.Linear | None: ...
+
+
+def autocast(precision: str, on: torch.device):
+    """The context a forward runs in: bfloat16 autocast for `bf16-mixed`, none for `fp32`."""
+    if precision == "bf16-mixed":
+        return torch.autocast(on.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
 def step(model: nn.Module, batch: Batch, terms: dict[str, tuple[float, Term]], taps: list[str],
-         gather: bool = False) -> dict[str, torch.Tensor]:
+         gather: bool = False, precision: str = "fp32") -> dict[str, torch.Tensor]:
     """One forward pass; every loss term by name (unweighted).
+
+    A `HiddenRows` model gives its rows' hidden states instead of logits, and its `RowMean`
+    terms are computed from them and its output layer chunk by chunk (`head.from_hidden`).
 
     gather (data-parallel): the model runs on this rank's inputs, then the output rows (a text
     model gives several per input) and their targets of all ranks are gathered, in order, so
@@ -60,14 +110,48 @@ def step(model: nn.Module, batch: Batch, terms: dict[str, tuple[float, Term]], t
     labeled rows only) and RKD (relations between all rows) included, and a rank without rows
     still takes part.
     """
-    with features.tap(model, taps) as captured:
-        logits = model(batch["x"])
-    out = {"logits": logits, **captured}
+    on_rows = {name: term for name, (_, term) in terms.items() if isinstance(term, RowMean)}
+    layer = model.output_layer() if on_rows and hasattr(model, "hidden_rows") else None
+    device = next(model.parameters()).device
+    with features.tap(model, taps) as captured, autocast(precision, device):
+        rows = model.hidden_rows(batch["x"]) if layer is not None else model(batch["x"])
+    # the loss maths in float32 whatever the precision (bf16-mixed); the hidden state is cast where it is projected
+    out = {"hidden" if layer is not None else "logits": rows, **captured}
+    out = {name: t if name == "hidden" else _float32(t) for name, t in out.items()}
     if gather:
-        rows = parallel.row_counts(len(logits))
-        out = {name: parallel.gather_rows(t, rows) for name, t in out.items()}
-        batch = {name: parallel.gather_rows(t, rows) for name, t in batch.items() if name != "x"}
-    return {name: term(batch, out) for name, (_, term) in terms.items()}
+        counts = parallel.row_counts(len(rows))
+        out = {name: parallel.gather_rows(t, counts) for name, t in out.items()}
+        batch = {name: parallel.gather_rows(t, counts) for name, t in batch.items() if name != "x"}
+    values = {}
+    if layer is not None:
+        values = head.from_hidden(out.pop("hidden"), layer.weight, layer.bias, batch,
+                                  {name: (term, term.rows) for name, term in on_rows.items()},
+                                  torch.bfloat16 if precision == "bf16-mixed" else None)
+    return {name: values[name] if name in values else term(batch, out) for name, (_, term) in terms.items()}
+
+
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    """A half-precision output (an autocast forward's) as float32; any other as it is."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def update(model: nn.Module, batch: Batch, terms: dict[str, tuple[float, Term]], optimizer: torch.optim.Optimizer,
+           *, taps: list[str] = (), precision: str = "fp32", trainee: nn.Module | None = None
+           ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One training step: `step`, the weighted sum of its terms, backward, `optimizer.step()`;
+    (the terms, the total). What `fit` runs per batch (`trainee`: its data-parallel wrapper,
+    which runs `step` with gather), and what a benchmark times."""
+    if trainee is None:
+        values = step(model, batch, terms, list(taps), precision=precision)
+    else:
+        values = trainee(batch)
+    stacked = torch.stack(list(values.values()))
+    weights = torch.tensor([weight for weight, _ in terms.values()])  # in the order `step` gives the terms
+    loss = stacked @ weights.to(stacked.device, stacked.dtype)  # sum of weight x term, one node
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return values, loss
 
 
 class _Trainee(nn.Module):
@@ -75,13 +159,13 @@ class _Trainee(nn.Module):
     the gradients of both; its forward is `step` on this rank's rows."""
 
     def __init__(self, model: nn.Module, extra: list[nn.Module], terms: dict[str, tuple[float, Term]],
-                 taps: list[str]):
+                 taps: list[str], precision: str = "fp32"):
         super().__init__()
         self.model, self.extra = model, nn.ModuleList(extra)
-        self.terms, self.taps = terms, taps
+        self.terms, self.taps, self.precision = terms, taps, precision
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return step(self.model, batch, self.terms, self.taps, gather=True)
+        return step(self.model, batch, self.terms, self.taps, gather=True, precision=self.precision)
 
 
 def fit(
@@ -101,6 +185,7 @@ def fit(
     desc: str = "train",
     progress: bool = True,
     strategy: str = "ddp",
+    precision: str = "fp32",
 ) -> list[dict[str, float]]:
     """Train `model` (and `extra_modules`, e.g. hint regressors) in place with AdamW and a
     one-cycle schedule; return the per-epoch log.
@@ -124,7 +209,7 @@ def fit(
         _restore_weights(state, model, extra_modules)
     fsdp = world > 1 and strategy == "fsdp"  # a sharded copy of the model trains (with the extra modules)
     inner = None if world == 1 else _Trainee(parallel.vacated_copy(model) if fsdp else model, list(extra_modules),
-                                             terms, list(taps))
+                                             terms, list(taps), precision)
     sharded = parallel.fully_sharded(inner) if fsdp else None
     if inner is not None and not fsdp:
         inner.to(on)
@@ -144,7 +229,6 @@ def fit(
         # static_graph: the same parameters take part in every step, so a parameter no term
         # reaches (the head of a student without logit terms) keeps no gradient, as in one process
         trainee = nn.parallel.DistributedDataParallel(inner, static_graph=True)
-    weights = torch.tensor([weight for weight, _ in terms.values()])  # in the order `step` gives the terms
     bar = tqdm(total=steps, initial=len(log) * math.ceil(len(data) / batch_size), desc=desc, unit="step",
                disable=not progress or rank != 0, leave=False)
     for epoch in range(len(log), epochs):
@@ -155,15 +239,12 @@ def fit(
         shard = (rank, world) if world > 1 else None
         for index, batch in enumerate(data.batches(epoch, batch_size, seed, views, shard)):
             if trainee is None:
-                values, n = step(model, batch, terms, list(taps)), len(batch["x"])
+                values, loss = update(model, batch, terms, optimizer, taps=list(taps), precision=precision)
+                n = len(batch["x"])
             else:  # this rank holds a slice of a global batch: full but for the epoch's last
-                values = trainee({k: v.to(on) for k, v in batch.items()})
+                values, loss = update(model, {k: v.to(on) for k, v in batch.items()}, terms, optimizer,
+                                      trainee=trainee)
                 n = min(batch_size, len(data) - index * batch_size)
-            stacked = torch.stack(list(values.values()))
-            loss = stacked @ weights.to(stacked.device, stacked.dtype)  # sum of weight x term, one node
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
             schedule.step()
             count += n
             for name, value in {**values, "total": loss}.items():

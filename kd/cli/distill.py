@@ -28,6 +28,11 @@ def main(
     lr: float | None = typer.Option(None, help="Peak learning rate (default: the student's `lr`)."),
     seed: int | None = typer.Option(None, help="First seed; `repeats` seeds run from it (default: the student's "
                                     "`seed`)."),
+    precision: str | None = typer.Option(None, help="Language models: fp32 or bf16-mixed (bfloat16 autocast, float32 "
+                                         "weights and loss; default: the student's `precision`)."),
+    gradient_checkpointing: bool | None = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
+                                                       help="Language models: recompute activations in the backward "
+                                                       "(default: the student's `gradient_checkpointing`)."),
     cache: str = typer.Option("data/teacher_outputs", help="The teacher's cache (written by `kd label`; a directory or "
                               "s3://bucket/prefix)."),
     assistants: Path = typer.Option(Path("data/assistants"), help="Where `kd assistants` writes assistants; a "
@@ -49,7 +54,8 @@ def main(
     from kd.distill import assistant_cache, train_student
     rank, _ = parallel.init_from_env()
     try:
-        cfg = override(student(params, name), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+        cfg = override(student(params, name), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                       precision=precision, gradient_checkpointing=gradient_checkpointing)
         source = cache if cfg.assistant is None else assistant_cache(assistants, cfg.assistant)
         summary = train_student(cfg, Cache.open(source), prepared, students_dir / name, baselines,
                                 memory_mb=memory_mb, checkpoints=checkpoints, progress=progress)

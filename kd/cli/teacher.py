@@ -36,6 +36,11 @@ def main(
     view_ratio: str | None = typer.Option(None, help="crop_flip: the crop's aspect ratio range, e.g. 0.75,1.333."),
     view_flip: float | None = typer.Option(None, help="crop_flip: the probability of a horizontal flip."),
     seed: int | None = typer.Option(None, help="Seed of initialisation and batch order (default: teacher.seed)."),
+    precision: str | None = typer.Option(None, help="Text teachers: fp32 or bf16-mixed (bfloat16 autocast, float32 "
+                                         "weights and loss; default: teacher.precision)."),
+    gradient_checkpointing: bool | None = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
+                                                       help="Text teachers: recompute activations in the backward "
+                                                       "(default: teacher.gradient_checkpointing)."),
     prepared: Path = typer.Option(Path("data/prepared"), help="Directory written by `kd prepare`."),
     out: Path = typer.Option(Path("data/teacher"), help="Where to write the teacher."),
     params: Path = PARAMS_OPTION,
@@ -52,7 +57,8 @@ def main(
     cfg = override(cfg, arch=arch, arch_kwargs=kwargs, epochs=epochs,
                    batch_size=batch_size, lr=lr, weight_decay=weight_decay, shift=shift, view_recipe=view_recipe,
                    view_scale=numbers_option("--view-scale", view_scale),
-                   view_ratio=numbers_option("--view-ratio", view_ratio), view_flip=view_flip, seed=seed)
+                   view_ratio=numbers_option("--view-ratio", view_ratio), view_flip=view_flip, seed=seed,
+                   precision=precision, gradient_checkpointing=gradient_checkpointing)
     with replacing(out) as staging:  # nothing half-written where `kd label` looks
         score = tasks.for_prepared(prepared).train_teacher(cfg, prepared, staging, progress=progress)
     typer.echo(f"teacher {cfg.arch}: {score} -> {out}")

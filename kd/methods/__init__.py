@@ -12,6 +12,10 @@ A method's module declares
                     targets), "labels" (hard labels) or "feature" (cached teacher layers)
     build(cfg, shapes) -> Built   its named terms {name: (weight, term(batch, out) -> scalar)},
                     the student layers to tap and the helper modules trained with the student
+    ROWS            (KIND "logits" and "labels" only; optional) rows(batch) -> (N,) bool, the rows
+                    each of its terms averages over (default: all): its terms then read the
+                    logits alone and are means over those rows (`training.RowMean`), which lets a
+                    text student compute them from its hidden state chunk by chunk (`kd.head`)
 
 Everything else is derived from `METHODS`, in its order: the keys of `students.NAME.loss`
 (`config.loss_config`), the methods each task accepts (`supported`), the feature methods an
@@ -38,6 +42,7 @@ from typing import Any
 from kd.errors import ConfigError
 from kd.methods import attention, cosine, hard, hint, mapped, rkd, soft, uld
 from kd.methods.common import Built, Shapes
+from kd.training import RowMean, all_rows
 
 # Loss-method name -> module. The one place a config name meets code; its order is that of
 # the terms in train_log.csv and of the names in the report's method labels.
@@ -79,6 +84,10 @@ def student_terms(cfg: Any, shapes: Shapes) -> Built:
             part = METHODS[name].build(term_cfg, shapes)
         except ConfigError as exc:
             raise ConfigError(f"{cfg.where}.{exc}") from None
+        if METHODS[name].KIND in ("logits", "labels"):  # means over rows of the logits
+            rows = getattr(METHODS[name], "ROWS", all_rows)
+            part.terms = {key: (weight, RowMean(term, rows))
+                          for key, (weight, term) in part.terms.items()}
         built.terms.update(part.terms)
         built.taps += [t for t in part.taps if t not in built.taps]
         built.modules += part.modules

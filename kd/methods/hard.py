@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from kd.errors import ConfigError
 from kd.methods.common import Built, Method, Shapes
-from kd.training import hard_label_loss
+from kd.training import hard_label_loss, labeled
 
 
 @dataclass
@@ -35,6 +35,7 @@ CONFIG = HardTerm  # students.NAME.loss.hard
 TASKS = ("image", "causal_lm", "masked_lm")
 OWN_TOKENIZER = True  # true labels only: a pseudo-label is a teacher token (causal_lm.check)
 KIND = "labels"
+ROWS = labeled  # the rows with a label: the mean is over them
 
 
 def build(cfg: HardTerm, shapes: Shapes) -> Built:

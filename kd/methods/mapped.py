@@ -39,6 +39,11 @@ def on_aligned_rows(loss: Callable) -> Callable:
     return term
 
 
+def aligned(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The rows `on_aligned_rows` terms average over: (N,) bool, or None (all rows)."""
+    return batch.get("aligned")
+
+
 @dataclass
 class MappedTerm(SoftTerm):
     """`soft` through the vocabulary mapping: weight * T^2 * D on the aligned rows (D: soft's
@@ -49,6 +54,7 @@ CONFIG = MappedTerm  # students.NAME.loss.mapped
 TASKS = ("causal_lm",)
 OWN_TOKENIZER = True
 KIND = "logits"
+ROWS = aligned
 
 
 def build(cfg: MappedTerm, shapes: Shapes) -> Built:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from kd import losses
 from kd.errors import ConfigError
 from kd.methods.common import Built, Method, Shapes
-from kd.methods.mapped import lse_key, on_aligned_rows
+from kd.methods.mapped import aligned, lse_key, on_aligned_rows
 
 
 @dataclass
@@ -33,6 +33,7 @@ CONFIG = ULDTerm  # students.NAME.loss.uld
 TASKS = ("causal_lm",)
 OWN_TOKENIZER = True
 KIND = "logits"
+ROWS = aligned
 
 
 def build(cfg: ULDTerm, shapes: Shapes) -> Built:

@@ -209,9 +209,8 @@ def build(cfg: StudentConfig, cache: Cache, prepared: Path) -> TokenRows:
     """A fresh student (seed torch first), sized by the prepared tokenizer and blocks (or by its
     own tokenizer and its blocks in it)."""
     own = student_tokenizer(cfg, cache, prepared)
-    if own is None:
-        return TokenRows(build_model(cfg, cache, prepared, OBJECTIVE))
-    return TokenRows(cross_tokenizer.build(cfg, own))
+    model = build_model(cfg, cache, prepared, OBJECTIVE) if own is None else cross_tokenizer.build(cfg, own)
+    return TokenRows(lm.checkpointing(model, cfg.gradient_checkpointing))
 
 
 def student_shapes(model: nn.Module, cfg: StudentConfig, layers: list[str], cache: Cache) -> dict[str, list[int]]:

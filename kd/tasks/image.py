@@ -161,6 +161,7 @@ def check(cfg: StudentConfig, cache: Cache, prepared: Path) -> None:
     if cfg.parallel.strategy == "fsdp":
         raise ConfigError(f"{cfg.where}.parallel.strategy: fsdp shards language-model students block by block; "
                           "an image student trains with ddp under torchrun")
+    text_only(cfg, cfg.where)
     extra = [name for name in chosen(cfg.loss) if name not in supported(NAME)]
     if extra:
         raise ConfigError(f"{cfg.where}.loss: {', '.join(extra)} not supported for image students "
@@ -256,8 +257,19 @@ def summary(name: str, m: dict[str, Any]) -> str:
 # --- the teacher ------------------------------------------------------------------------------
 
 
+def text_only(cfg: StudentConfig | TeacherConfig, where: str) -> None:
+    """`precision` and `gradient_checkpointing` are for language models; refused on images."""
+    if cfg.precision != "fp32":
+        raise ConfigError(f"{where}.precision: {cfg.precision!r} is for language models so far; an image model "
+                          "trains in fp32")
+    if cfg.gradient_checkpointing:
+        raise ConfigError(f"{where}.gradient_checkpointing: true is for language models (Hugging Face's); an "
+                          "image model keeps its activations")
+
+
 def train_teacher(cfg: TeacherConfig, prepared: Path, out: Path, *, progress: bool = True) -> str:
     """`kd teacher` on images: train it and write it into `out`; its score."""
+    text_only(cfg, "teacher")
     model, config, scores = fit_teacher(cfg, prepared, progress=progress)
     save_model(out, model, config)
     write_json(out / "metrics.json", scores)

@@ -111,7 +111,8 @@ class MaskedRows(nn.Module):
     """A masked LM seen row by row: x (B, L + M), the masked blocks and their M masked positions
     -> logits (B * M, V), one row per masked token in cache order. The MLM head runs on the
     masked positions only. `hidden.N` pass hidden state N (0 = the embeddings) at the masked
-    positions, (B * M, H), for methods that tap a student layer."""
+    positions, (B * M, H), for methods that tap a student layer. In training a BERT is a
+    `training.HiddenRows`, as `next_token.TokenRows` is."""
 
     def __init__(self, model: nn.Module, block_size: int, layers: list[int] = ()):
         super().__init__()
@@ -119,13 +120,29 @@ class MaskedRows(nn.Module):
         self.hidden = nn.ModuleDict({str(n): nn.Identity() for n in layers})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.cls(self._states(x))
+
+    def hidden_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows' states (B * M, H) just before the head's output layer (BERT's
+        `cls.predictions.transform`), so that the loss never holds the logits (`kd.head`)."""
+        return self.model.cls.predictions.transform(self._states(x))
+
+    def _states(self, x: torch.Tensor) -> torch.Tensor:
+        # the last hidden state at the masked positions (B * M, H); the tapped layers' pass through
         tokens, positions = x[:, :self.block_size], x[:, self.block_size:]
         at = (torch.arange(len(x))[:, None], positions)
         out = self.model.base_model(input_ids=tokens, attention_mask=torch.ones_like(tokens),
                                     output_hidden_states=len(self.hidden) > 0)
         for n, identity in self.hidden.items():
             identity(out.hidden_states[int(n)][at].flatten(0, 1))
-        return self.model.cls(out.last_hidden_state[at].flatten(0, 1))
+        return out.last_hidden_state[at].flatten(0, 1)
+
+    def output_layer(self) -> nn.Linear | None:
+        """BERT's `cls.predictions.decoder` (`forward`'s logits are it on `hidden_rows`); None for
+        a head of another shape, which then trains on its logits."""
+        predictions = getattr(self.model.cls, "predictions", None)
+        decoder = getattr(predictions, "decoder", None)
+        return decoder if isinstance(decoder, nn.Linear) and hasattr(predictions, "transform") else None
 
 
 def masked_set(tokens: torch.Tensor, ids: np.ndarray, positions: torch.Tensor, seen: torch.Tensor,
@@ -209,7 +226,7 @@ def build(cfg: StudentConfig, cache: Cache, prepared: Path) -> MaskedRows:
             raise ConfigError(f"{cfg.where}.loss: student_layer hidden.{n}; the student has "
                               f"{model.config.num_hidden_layers} layers "
                               f"(hidden.0 .. hidden.{model.config.num_hidden_layers})")
-    return MaskedRows(model, info["block_size"], layers)
+    return MaskedRows(lm.checkpointing(model, cfg.gradient_checkpointing), info["block_size"], layers)
 
 
 def student_shapes(model: MaskedRows, cfg: StudentConfig, layers: list[str], cache: Cache) -> dict[str, list[int]]:

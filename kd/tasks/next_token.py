@@ -37,17 +37,55 @@ class TokenRows(nn.Module):
     dropped (it predicts nothing inside the block); or blocks with their loss masks (B, 2, L)
     -> the rows of the response positions only (position t where token t + 1 is masked in),
     in cache order. Right padding needs no attention mask: a causal LM's position t never sees
-    the tokens after it."""
+    the tokens after it.
+
+    In training it is a `training.HiddenRows`: `hidden_rows(x)` gives the same rows' last hidden
+    state (N, H) and `output_layer()` the layer that makes them logits, so the loss never holds
+    the (N, V) logits (`kd.head`)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self._plain_head: bool | None = None  # decided on first use (`output_layer`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
             return next_token_logits(self.model, x)
         logits = self.model(input_ids=x[:, 0], attention_mask=torch.ones_like(x[:, 0])).logits
         return logits[:, :-1][x[:, 1, 1:].bool()]
+
+    def hidden_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The last hidden state (N, H) of the rows `forward` gives logits for."""
+        tokens = x if x.dim() == 2 else x[:, 0]
+        states = self.model.base_model(input_ids=tokens, attention_mask=torch.ones_like(tokens)).last_hidden_state
+        if x.dim() == 2:
+            return states[:, :-1].reshape(-1, states.shape[-1])
+        return states[:, :-1][x[:, 1, 1:].bool()]
+
+    def output_layer(self) -> nn.Linear | None:
+        """The model's output embeddings if its logits are exactly that layer on `hidden_rows`
+        (checked once, on a short block in eval mode); None for a model whose logits are more
+        (soft-capped, scaled: Gemma 2, Cohere), which then trains on its logits."""
+        layer = self.model.get_output_embeddings()
+        if self._plain_head is None:
+            self._plain_head = isinstance(layer, nn.Linear) and _logits_are_head(self.model, layer)
+        return layer if self._plain_head else None
+
+
+def _logits_are_head(model: nn.Module, layer: nn.Linear) -> bool:
+    """Whether `model`'s logits equal `layer` on its base model's last hidden state (a short probe
+    block, eval mode, no grad, the model's train mode restored)."""
+    training = model.training
+    probe = torch.arange(min(8, layer.out_features), device=layer.weight.device)[None]  # (1, 8) token ids
+    try:
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=probe, attention_mask=torch.ones_like(probe)).logits
+            states = model.base_model(input_ids=probe, attention_mask=torch.ones_like(probe)).last_hidden_state
+            return logits.shape == (1, probe.shape[1], layer.out_features) and torch.allclose(
+                layer(states).float(), logits.float(), rtol=1e-4, atol=1e-4)
+    finally:
+        model.train(training)
 
 
 def model_input(tokens: torch.Tensor, predicted: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,117 @@
+"""A text student's loss terms computed from its last hidden state and output layer, chunk by
+chunk of rows, so that its (rows x vocabulary) logits never exist whole in training.
+
+Every term of KIND "logits" or "labels" (`kd.methods`) is a mean over some of the batch's rows
+(`training.RowMean`: all rows for soft targets, the labeled rows for hard labels, the aligned
+rows for a student of another tokenizer). So its value is the sum, over chunks of rows, of the
+term on the chunk times the chunk's share of those rows, and each term stays the function of
+logits it is. `from_hidden` evaluates every such term that way (`_FromHidden`): the forward
+projects a chunk (hidden_chunk @ weight.T + bias), scores it with each term and drops it; the
+backward projects each chunk again with grad enabled, backpropagates the weighted terms into the
+chunk's logits, and from there into the hidden state and the output layer (its gradient summed
+over chunks). Values and gradients are those of the terms on the whole logits, to float rounding
+(tests/test_head.py). A tied output layer (the input embedding's weight) takes its gradient the
+same way: autograd adds it to the embedding's.
+
+Precision: the projection runs in `compute_dtype` (bfloat16 under `precision: bf16-mixed`, as
+autocast would run the output layer), its result is cast to float32 before any term sees it, and
+the output layer's gradient is summed in its own (master) dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+# Logits held at a time: 2^25 (128 MB in float32), 220 rows at a 151,936-token vocabulary. Fewer
+# rows per chunk would read the (V, H) output layer more often (once per chunk and pass).
+CHUNK_ELEMENTS = 2**25
+
+Batch = dict[str, torch.Tensor]
+LogitsTerm = Callable[[Batch, dict[str, torch.Tensor]], torch.Tensor]  # term(batch, {"logits": (r, V)})
+Rows = Callable[[Batch], "torch.Tensor | None"]  # batch -> (N,) bool: the rows a term averages over (None: all)
+
+
+def from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, batch: Batch,
+                terms: dict[str, tuple[LogitsTerm, Rows]], compute_dtype: torch.dtype | None = None,
+                chunk_elements: int = CHUNK_ELEMENTS) -> dict[str, torch.Tensor]:
+    """Each term's value (a scalar, differentiable in hidden, weight and bias) on the logits
+    hidden @ weight.T + bias, without holding those logits.
+
+    hidden: (N, H), one row per batch row; weight: (V, H); bias: (V,) or None; batch: the per-row
+    targets (every key but "x" has N rows); terms: name -> (term, rows), the term a mean over the
+    rows `rows(batch)` selects."""
+    names = list(terms)
+    rows = len(hidden)
+    step = max(1, chunk_elements // max(len(weight), 1))
+    chunks = [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+    targets = {k: v for k, v in batch.items() if k != "x"}
+    shares = [_shares(terms[name][1](targets), rows, chunks, hidden.device) for name in names]
+    values = _FromHidden.apply(hidden, weight, bias, targets, [terms[name][0] for name in names], shares, chunks,
+                               compute_dtype or weight.dtype)
+    return dict(zip(names, values.unbind()))
+
+
+def _shares(selected: torch.Tensor | None, rows: int, chunks: list[slice], device) -> list[float]:
+    """Each chunk's share of the selected rows (0: the term skips the chunk; all 0 when none is selected)."""
+    if selected is None:
+        return [(c.stop - c.start) / rows for c in chunks]
+    ends = torch.tensor([c.stop for c in chunks], device=selected.device) - 1
+    counts = selected.long().cumsum(0)[ends].diff(prepend=torch.zeros(1, dtype=torch.long, device=selected.device))
+    total = int(counts.sum())  # one sync per term and step
+    return [0.0 if total == 0 else n / total for n in counts.tolist()]
+
+
+class _FromHidden(torch.autograd.Function):
+    """(K,) term values from hidden (N, H) and the output layer, one chunk of logits at a time."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, terms, shares, chunks, dtype):
+        wide = torch.promote_types(dtype, torch.float32)  # what the terms see: float32 (float64 in tests)
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+        values = torch.zeros(len(terms), dtype=wide, device=hidden.device)
+        for i, chunk in enumerate(chunks):
+            if not any(share[i] for share in shares):
+                continue
+            logits = F.linear(hidden[chunk].to(dtype), w, b).to(wide)  # (r, V), dropped after the chunk
+            rows = {k: v[chunk] for k, v in targets.items()}
+            for j, term in enumerate(terms):
+                if shares[j][i]:
+                    values[j] += term(rows, {"logits": logits}).to(wide) * shares[j][i]
+        ctx.save_for_backward(hidden, weight, bias)
+        ctx.targets, ctx.terms, ctx.shares, ctx.chunks, ctx.dtype = targets, terms, shares, chunks, dtype
+        return values
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        hidden, weight, bias = ctx.saved_tensors
+        dtype, wide = ctx.dtype, torch.promote_types(ctx.dtype, torch.float32)
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
+        scale = grad_values.to(wide).tolist()
+        for i, chunk in enumerate(ctx.chunks):
+            weights = [s * share[i] for s, share in zip(scale, ctx.shares)]
+            if not any(weights):
+                continue
+            h = hidden[chunk].to(dtype)
+            logits = F.linear(h, w, b).to(wide).requires_grad_()  # (r, V), projected again
+            rows = {k: v[chunk] for k, v in ctx.targets.items()}
+            with torch.enable_grad():
+                total = sum(term(rows, {"logits": logits}).to(wide) * weight_
+                            for term, weight_ in zip(ctx.terms, weights) if weight_)
+            if not total.requires_grad:
+                continue
+            (grad_logits,) = torch.autograd.grad(total, logits)
+            grad_logits = grad_logits.to(dtype)
+            del logits, total
+            if grad_hidden is not None:
+                grad_hidden[chunk] = grad_logits @ w
+            if grad_weight is not None:
+                grad_weight += grad_logits.T @ h
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
