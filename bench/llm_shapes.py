@@ -282,7 +282,8 @@ def main() -> None:
         for tokens in token_sizes:
             forms = {form: run_child(args, form, str(tokens)) for form in ("hf_step", "kd_step")}
             kd, hf = forms["kd_step"], forms["hf_step"]
-            forms |= {"time_ratio": kd["seconds"] / hf["seconds"], "memory_ratio": kd["step_peak_mb"] / hf["step_peak_mb"]}
+            forms |= {"time_ratio": kd["seconds"] / hf["seconds"],
+                      "memory_ratio": kd["step_peak_mb"] / hf["step_peak_mb"]}
             results["steps"][str(tokens)] = forms
             print(f"{tokens} tokens: kd step {kd['seconds']:.2f} s, {kd['step_peak_mb']:.0f} MB; plain HF step "
                   f"{hf['seconds']:.2f} s, {hf['step_peak_mb']:.0f} MB; kd/HF time {forms['time_ratio']:.2f}, "
