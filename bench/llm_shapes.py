@@ -43,7 +43,7 @@ QWEN = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "nu
         "num_key_value_heads": 2, "tie_word_embeddings": True}
 SMALL = {"vocab_size": 151936, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
          "num_key_value_heads": 1, "num_hidden_layers": 1, "tie_word_embeddings": True}  # labels the step's cache
-LABEL_BLOCK, LABEL_BLOCKS = 256, (12, 8, 4)  # labeled, unlabeled, test: 24 blocks, 6,120 predicted tokens
+LABEL_BLOCK = 256  # --label-blocks of them (24: 6,120 predicted tokens), half labeled, a quarter unlabeled, test
 TOP_K = 32
 STUDENT = {"epochs": 1, "batch_size": 1, "lr": 1e-4, "weight_decay": 0.01, "transfer": ["labeled"],
            "loss": {"soft": {"weight": 0.5, "temperature": 1}, "hard": {"weight": 0.5, "labels": True}}}
@@ -94,8 +94,16 @@ def _status_kib(key: str) -> int:
 # --- the cases, each in its own process ----------------------------------------------------------
 
 
-def label_case(root: Path, layers: int, device: str, rounds: int) -> dict:
-    """kd.cache.label / the bare forward, interleaved rounds, the model loaded once for both."""
+def label_blocks(total: int) -> tuple[int, int, int]:
+    """Blocks of the labeled, unlabeled and test splits for `total` blocks."""
+    test = max(1, total // 4)
+    unlabeled = max(1, total // 4)
+    return total - test - unlabeled, unlabeled, test
+
+
+def label_case(root: Path, layers: int, device: str, rounds: int, blocks: int, profile: bool) -> dict:
+    """kd.cache.label / the bare forward, interleaved rounds, the model loaded once for both; with
+    `profile`, a cProfile of one more `kd_label` (its functions by own time)."""
     import torch
 
     from bench.timing import interleave
@@ -105,7 +113,7 @@ def label_case(root: Path, layers: int, device: str, rounds: int) -> dict:
     from kd.prepared import tokens
     from kd.tasks import causal_lm
 
-    prepared = _prepare(root, root / f"qwen-{layers}", LABEL_BLOCK, LABEL_BLOCKS)
+    prepared = _prepare(root, root / f"qwen-{layers}", LABEL_BLOCK, label_blocks(blocks))
     teacher = causal_lm.load_teacher(root / f"qwen-{layers}", dtype="float32", device=device)
     cfg = LabelConfig(top_k=TOP_K, temperatures=[1.0], batch_size=256)  # the default: rows per forward
     splits = [torch.from_numpy(tokens.read_blocks(prepared / f"{s}.parquet")[1]) for s in ("labeled", "unlabeled",
@@ -126,7 +134,7 @@ def label_case(root: Path, layers: int, device: str, rounds: int) -> dict:
         sync()
         return time.perf_counter() - started
 
-    runs = iter(range(rounds))
+    runs = iter(range(rounds + 1))
 
     def kd_label() -> float:
         out = root / f"cache-label-{next(runs)}"
@@ -138,9 +146,21 @@ def label_case(root: Path, layers: int, device: str, rounds: int) -> dict:
     bare_forward()  # warm-up: the first forward allocates what later ones reuse
     times = interleave({"bare_forward": bare_forward, "kd_label": kd_label}, rounds)
     ratios = [b / a for a, b in zip(times["bare_forward"], times["kd_label"])]
-    return {"tokens": sum(len(s) for s in splits) * (LABEL_BLOCK - 1), "block_size": LABEL_BLOCK,
-            "batch_rows": cfg.batch_size, "top_k": TOP_K, "seconds": times,
-            "kd_label_over_bare_forward": statistics.median(ratios)}
+    result = {"tokens": sum(len(s) for s in splits) * (LABEL_BLOCK - 1), "block_size": LABEL_BLOCK,
+              "batch_rows": cfg.batch_size, "top_k": TOP_K, "seconds": times,
+              "kd_label_over_bare_forward": statistics.median(ratios)}
+    if profile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.runcall(kd_label)
+        stats = pstats.Stats(profiler)
+        top = sorted(stats.stats.items(), key=lambda item: -item[1][2])[:12]  # by own time
+        result["profile_own_seconds"] = {f"{Path(f).name}:{line}({name})": round(v[2], 2)
+                                         for (f, line, name), v in top}
+        result["profile_total_seconds"] = round(stats.total_tt, 2)
+    return result
 
 
 def step_case(form: str, root: Path, layers: int, tokens: int, device: str, steps: int) -> dict:
@@ -207,7 +227,7 @@ def step_case(form: str, root: Path, layers: int, tokens: int, device: str, step
 # --- the parent: builds the world once, runs each case in a fresh process -------------------------
 
 
-def build(root: Path, layers: int, token_sizes: list[int], steps: int, need_label: bool) -> None:
+def build(root: Path, layers: int, token_sizes: list[int], steps: int, need_label: bool, label_total: int) -> None:
     """The models, prepared blocks, caches and params.yaml every case reads (made once)."""
     import yaml
 
@@ -220,7 +240,7 @@ def build(root: Path, layers: int, token_sizes: list[int], steps: int, need_labe
     if need_label or token_sizes:
         make_model(root / f"qwen-{layers}", {**QWEN, "num_hidden_layers": layers}, positions)
     if need_label:
-        _prepare(root, root / f"qwen-{layers}", LABEL_BLOCK, LABEL_BLOCKS)
+        _prepare(root, root / f"qwen-{layers}", LABEL_BLOCK, label_blocks(label_total))
     if token_sizes:
         make_model(root / "small", SMALL, positions)
         small = causal_lm.load_teacher(root / "small", dtype="float32", device="cpu")
@@ -241,14 +261,15 @@ def child(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     form = args.child[0]
     if form == "label":
-        return label_case(args.root, args.layers, args.device, args.rounds)
+        return label_case(args.root, args.layers, args.device, args.rounds, args.label_blocks, args.profile)
     return step_case(form, args.root, args.layers, int(args.child[1]), args.device, args.steps)
 
 
 def run_child(args: argparse.Namespace, *child_args: str) -> dict:
     cmd = [sys.executable, __file__, "--child", *child_args, "--root", str(args.root), "--repo", str(args.repo),
            "--layers", str(args.layers), "--device", args.device, "--threads", str(args.threads),
-           "--steps", str(args.steps), "--rounds", str(args.rounds)]
+           "--steps", str(args.steps), "--rounds", str(args.rounds), "--label-blocks", str(args.label_blocks),
+           *(["--profile"] if args.profile else [])]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{' '.join(child_args)} failed:\n{done.stderr[-3000:]}")
@@ -263,6 +284,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each case's process")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per step case, after a warm-up")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the label case")
+    parser.add_argument("--label-blocks", type=int, default=24, help="blocks of 256 tokens the label case labels")
+    parser.add_argument("--profile", action="store_true", help="the label case: also a cProfile of one kd label")
     parser.add_argument("--only", choices=["label", "step"], help="one kind of case alone")
     parser.add_argument("--repo", type=Path, default=REPO, help="the checkout whose kd/ the cases import")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results_llm_shapes.json")
@@ -278,7 +301,7 @@ def main() -> None:
                      "threads": args.threads, "repo": str(args.repo), "steps": {}}
     with tempfile.TemporaryDirectory() as tmp:
         args.root = Path(tmp)
-        build(args.root, args.layers, token_sizes, args.steps, args.only != "step")
+        build(args.root, args.layers, token_sizes, args.steps, args.only != "step", args.label_blocks)
         for tokens in token_sizes:
             forms = {form: run_child(args, form, str(tokens)) for form in ("hf_step", "kd_step")}
             kd, hf = forms["kd_step"], forms["hf_step"]
