@@ -21,10 +21,12 @@ uses; the model keeps its 151,936 outputs). Each case runs in a process of its o
   so the optimizer state, activations, logits and whatever the loss keeps; on CUDA
   `torch.cuda.max_memory_allocated` over the allocated memory before the first step.
 - `label`: `kd.cache.label` into a fresh directory against the teacher's bare forward
-  (`model(input_ids=blocks).logits`, nothing kept) over the same blocks of 256 tokens (24 of
-  them: 6,120 predicted tokens) in the same batches (`label.batch_size` rows, one block),
-  top-32 at T = 1, interleaved `--rounds` rounds; the ratio is the median of the per-round
-  ratios. The model's load is counted for neither: it is loaded once before both.
+  (`model(input_ids=blocks).logits`, nothing kept) over the same blocks of 256 tokens
+  (`--label-blocks`, 24 by default: 6,120 predicted tokens) in the same batches (256 rows, the
+  default `label.batch_size`: one block), top-32 at T = 1, interleaved `--rounds` rounds; the
+  ratio is the median of the per-round ratios. The model's load is counted for neither: it is
+  loaded once before both. `--profile` adds a cProfile of one more `kd label` (own time per
+  function), to say where the rest goes.
 """
 
 from __future__ import annotations
