@@ -305,7 +305,10 @@ def main() -> None:
         args.root = Path(tmp)
         build(args.root, args.layers, token_sizes, args.steps, args.only != "step", args.label_blocks)
         for tokens in token_sizes:
-            forms = {form: run_child(args, form, str(tokens)) for form in ("hf_step", "kd_step")}
+            forms = {}
+            for form in ("hf_step", "kd_step"):
+                forms[form] = run_child(args, form, str(tokens))
+                print(f"{tokens} tokens, {form}: {json.dumps(forms[form])}", flush=True)
             kd, hf = forms["kd_step"], forms["hf_step"]
             forms |= {"time_ratio": kd["seconds"] / hf["seconds"],
                       "memory_ratio": kd["step_peak_mb"] / hf["step_peak_mb"]}
