@@ -11,6 +11,14 @@ the text's hash in torch's extensions folder (`TORCH_EXTENSIONS_DIR`, by default
 `~/.cache/torch_extensions`), which every checkout of the same text shares. Without a C++
 compiler, when the build fails, or with `KD_KERNELS=0`, the loss takes its PyTorch form, which
 gives the same values and gradients up to float rounding (tests/test_losses.py).
+
+On CUDA, with the optional `liger-kernel` installed (`pip install kd[liger]`), the
+hard-label cross-entropy of a language model's rows can be taken from its last hidden state and
+output layer by Liger's fused linear cross-entropy (Triton; the logits never exist):
+`liger_cross_entropy` says where it is used (`liger_wanted`) and gives kd's quantity, the mean
+cross-entropy over the rows whose label is >= 0. Liger's distillation losses need the
+teacher's full logits (its hidden state and output layer), not a cached top-k, so kd's soft
+terms keep kd's own forms. CPU runs never take it; `KD_LIGER=0` switches it off on CUDA.
 """
 
 from __future__ import annotations
@@ -18,16 +26,19 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import os
 import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "topk_kl.cpp"
 SWITCH = "KD_KERNELS"  # 0: never build or use the compiled kernels
+LIGER_SWITCH = "KD_LIGER"  # 0: never use liger-kernel's fused losses, even on CUDA with it installed
 
 
 def enabled() -> bool:
@@ -106,3 +117,30 @@ def build_folder() -> tuple[str, Path]:
     folder = base / f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}" / name
     folder.mkdir(parents=True, exist_ok=True)
     return name, folder
+
+
+def liger_wanted(device_type: str, installed: bool, switch: str | None) -> bool:
+    """The dispatch rule: Liger's fused kernels on CUDA only (they are Triton GPU kernels), with
+    liger-kernel importable, unless `KD_LIGER` (`switch`) is 0."""
+    return device_type == "cuda" and installed and switch != "0"
+
+
+def liger_cross_entropy(device_type: str) -> Callable | None:
+    """On a device where `liger_wanted`: `ce(hidden (N, H), weight (V, H), labels (N,), bias=None)
+    -> the mean cross-entropy of hidden @ weight.T + bias over the rows with label >= 0` (0 when
+    none has one, as `training.hard_label_loss`), by Liger's fused linear cross-entropy; else
+    None, and the caller computes kd's own form."""
+    if not liger_wanted(device_type, importlib.util.find_spec("liger_kernel") is not None,
+                        os.environ.get(LIGER_SWITCH)):
+        return None
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    fused = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="mean")
+
+    def ce(hidden, weight, labels, bias=None):
+        keep = labels >= 0
+        if not keep.any():
+            return hidden.sum() * 0.0
+        return fused(weight, hidden, labels.where(keep, -100), bias)  # kd's unknown labels are any < 0
+
+    return ce

@@ -28,7 +28,7 @@ class Batch:
     ids: np.ndarray  # (R,) int64
     view: np.ndarray  # (R,) int32
     position: np.ndarray | None  # (R,) int32 for token rows
-    logits: torch.Tensor  # (R, C) float32
+    logits: torch.Tensor  # (R, C) float32, or a language model's on its device in its dtype
     features: dict[str, np.ndarray]  # layer -> (R, *shape) float16
     truth: np.ndarray  # (R,) int64: the true class / next token, -1 where unknown
     scored: np.ndarray  # (R,) bool: rows the fidelity statistics and teacher accuracy count

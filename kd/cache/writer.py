@@ -57,7 +57,7 @@ from kd.cache.layout import (
 )
 from kd.cache.shards import finished, merge, resume_or_start, resume_shard
 from kd.cache.store import Store
-from kd.cache.targets import Tally, batch_columns, finish, part_schema, part_table
+from kd.cache.targets import Tally, batch_columns, finish, finite_rows, part_schema, part_table
 from kd.config import PART_ROWS, SPLITS, LabelConfig, as_dict
 from kd.errors import CacheError, ConfigError, MissingInputError, StaleCacheError
 from kd.prepared import data_fingerprint
@@ -317,9 +317,9 @@ def _write_part(store: Store, manifest: dict[str, Any], model: nn.Module, inputs
             for start in range(0, last_sample - first_sample, step):
                 stop = min(start + step, last_sample - first_sample)
                 batch = inputs.batch(model, rows, start, stop, specs)
-                logits = batch.logits
-                if not torch.isfinite(logits).all():
-                    bad = list(dict.fromkeys(batch.ids[~torch.isfinite(logits).all(1).numpy()].tolist()))[:5]
+                finite = finite_rows(batch.logits)
+                if not finite.all():
+                    bad = list(dict.fromkeys(batch.ids[~finite.numpy()].tolist()))[:5]
                     raise CacheError(f"teacher produced NaN or Inf logits on {split} ids {bad}")
                 soft.add(part_table(schema, batch, batch_columns(batch, cfg, encoding, tally)), len(batch.ids))
                 last = stop == last_sample - first_sample

@@ -24,6 +24,7 @@ tokenizer).
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from pathlib import Path
 from typing import Any
@@ -115,10 +116,12 @@ class Inputs:
         return exact_match.scores(model, self.prepared, max(1, self.cfg.batch_size // self.per_sample))
 
     def probe(self) -> torch.Tensor:
-        return torch.zeros(1, self.block_size, dtype=torch.long)
+        """Two tokens: enough for the number of classes and a layer's width, at a sliver of a
+        block's forward (at a 152k vocabulary a block's output layer is most of it)."""
+        return torch.zeros(1, 2, dtype=torch.long)
 
     def logits(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        return next_token_logits(model, tokens.to(lm.device_of(model)))
+        return teacher_rows(model, tokens.to(lm.device_of(model)))
 
     def feature_spec(self, layer: str, mode: str, captured: Any) -> dict[str, Any]:
         """One hidden state per token row, cached in full."""
@@ -140,13 +143,27 @@ class Inputs:
         ids, tokens, keep = rows[0][start:stop], torch.from_numpy(rows[1][start:stop]), rows[2][start:stop]
         flat = torch.from_numpy(keep.reshape(-1))
         with torch.no_grad(), features.tap(model, list(specs)) as captured:
-            logits = self.logits(model, tokens).float().cpu()[flat]
+            logits = self.logits(model, tokens)  # on the teacher's device, in its dtype (`targets.scan` reads it)
+            if not flat.all():  # instruction data: the response positions' rows
+                logits = logits[flat.to(logits.device)]
             feats = {name: token_rows(captured[name])[flat.to(lm.device_of(model))].to(torch.float16).cpu().numpy()
                      for name in specs}
         counts = keep.sum(1)
         return Batch(np.repeat(ids, counts), np.zeros(int(counts.sum()), dtype=np.int32),
                      np.nonzero(keep)[1].astype(np.int32), logits, feats, tokens[:, 1:].numpy()[keep],
                      np.ones(int(counts.sum()), dtype=bool))
+
+
+def teacher_rows(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """`next_token_logits` of blocks (B, L), with the output layer applied to the L - 1
+    predicting positions alone when the model takes `logits_to_keep` (transformers' causal LMs):
+    the rows (B * (L - 1), V) are then the output layer's own tensor, not a copy of a (B, L, V)
+    one without its last position (at a 152k vocabulary, a second copy of the largest tensor)."""
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return next_token_logits(model, tokens)
+    keep = torch.arange(tokens.shape[1] - 1, device=tokens.device)
+    logits = model(input_ids=tokens, attention_mask=torch.ones_like(tokens), logits_to_keep=keep).logits
+    return logits.reshape(-1, logits.shape[-1])  # (B, L - 1, V) contiguous: a view
 
 
 # --- training ---------------------------------------------------------------------------------
