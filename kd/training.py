@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from kd import features, head, parallel
+from kd import features, head, kernels, parallel
 
 Batch = dict[str, torch.Tensor]  # "x" (the model's input) and per-row targets, one row per output row
 Term = Callable[[Batch, dict[str, torch.Tensor]], torch.Tensor]
@@ -123,11 +123,22 @@ def step(model: nn.Module, batch: Batch, terms: dict[str, tuple[float, Term]], t
         out = {name: parallel.gather_rows(t, counts) for name, t in out.items()}
         batch = {name: parallel.gather_rows(t, counts) for name, t in batch.items() if name != "x"}
     values = {}
-    if layer is not None:
+    fused = _liger_hard(on_rows, device) if layer is not None else None
+    if fused is not None:  # hard labels alone (a baseline twin) on CUDA: Liger's fused linear cross-entropy
+        values = {name: fused(out.pop("hidden"), layer.weight, batch["label"], layer.bias) for name in on_rows}
+    elif layer is not None:
         values = head.from_hidden(out.pop("hidden"), layer.weight, layer.bias, batch,
                                   {name: (term, term.rows) for name, term in on_rows.items()},
                                   torch.bfloat16 if precision == "bf16-mixed" else None)
     return {name: values[name] if name in values else term(batch, out) for name, (_, term) in terms.items()}
+
+
+def _liger_hard(on_rows: dict[str, RowMean], device: torch.device) -> Callable | None:
+    """`kernels.liger_cross_entropy` where the only output-layer term is `hard_label_loss` (the
+    quantity Liger's fused linear cross-entropy computes) and Liger serves this device; else None."""
+    if len(on_rows) != 1 or next(iter(on_rows.values())).term is not hard_label_loss:
+        return None
+    return kernels.liger_cross_entropy(device.type)
 
 
 def _float32(t: torch.Tensor) -> torch.Tensor:

@@ -33,3 +33,22 @@ def test_cuda_without_the_package_keeps_kds_own_cross_entropy():
 def test_kd_liger_0_switches_it_off_on_cuda(monkeypatch):
     monkeypatch.setenv(kernels.LIGER_SWITCH, "0")
     assert kernels.liger_cross_entropy("cuda") is None
+
+
+
+def test_only_hard_labels_alone_take_the_fused_cross_entropy(monkeypatch):
+    """A hard-only student (a baseline twin) takes the fused path where Liger serves (here a
+    stand-in in Liger's signature, since no GPU is here); a student with soft targets keeps kd's form."""
+    import torch
+
+    from kd import training
+    from kd.training import RowMean, hard_label_loss, labeled
+
+    def fused(hidden, weight, labels, bias=None):
+        return hidden.sum()
+
+    monkeypatch.setattr(kernels, "liger_cross_entropy", lambda device_type: fused)
+    hard = {"hard": RowMean(hard_label_loss, labeled)}
+    assert training._liger_hard(hard, torch.device("cpu")) is fused
+    with_soft = {**hard, "soft": RowMean(lambda batch, out: out["logits"].sum(), training.all_rows)}
+    assert training._liger_hard(with_soft, torch.device("cpu")) is None
