@@ -28,6 +28,8 @@ def main(
     lr: float | None = typer.Option(None, help="Peak learning rate (default: the student's `lr`)."),
     seed: int | None = typer.Option(None, help="First seed; `repeats` seeds run from it (default: the student's "
                                     "`seed`)."),
+    init: str | None = typer.Option(None, help="Start from 'teacher' or a local pretrained model directory, e.g. "
+                                    "the previous on-policy round's student (default: the student's `init`)."),
     cache: str = typer.Option("data/teacher_outputs", help="The teacher's cache (written by `kd label`; a directory or "
                               "s3://bucket/prefix)."),
     assistants: Path = typer.Option(Path("data/assistants"), help="Where `kd assistants` writes assistants; a "
@@ -49,7 +51,7 @@ def main(
     from kd.distill import assistant_cache, train_student
     rank, _ = parallel.init_from_env()
     try:
-        cfg = override(student(params, name), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+        cfg = override(student(params, name), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, init=init)
         source = cache if cfg.assistant is None else assistant_cache(assistants, cfg.assistant)
         summary = train_student(cfg, Cache.open(source), prepared, students_dir / name, baselines,
                                 memory_mb=memory_mb, checkpoints=checkpoints, progress=progress)
