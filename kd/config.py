@@ -21,7 +21,7 @@ from kd import augment, methods
 from kd.errors import ConfigError, MissingInputError
 
 SECTIONS = ("paths", "prepare", "teacher", "generate", "label", "assistants", "students", "text_students",
-            "mlm_students", "img_students", "gen_students", "eval")
+            "mlm_students", "img_students", "gen_students", "eval", "on_policy")
 # `text_students`, `mlm_students`, `img_students` and `gen_students` are `students` under other
 # names, for params_text.yaml, params_mlm.yaml, params_images.yaml and params_gen.yaml: dvc.yaml
 # imports them next to params.yaml (for their foreach), and DVC would merge sections of one name.

@@ -1,4 +1,8 @@
-"""Teacher-written responses (`kd generate`): the teacher answers the prompts of a prepared split.
+"""Model-written responses (`kd generate`): the teacher, or any causal LM, answers the prompts of a prepared split.
+
+The writer is the teacher (`--teacher`) or any causal LM directory of the prompts' tokenizer
+(`--model`: a student kd distilled, for on-policy rounds; `role` "model"). Below, "the
+teacher" is whichever wrote.
 
 The prompts are those of a prepared instruction split (`generate.split`, the unlabeled one by
 default): the tokens of each block before its first response token (its first `loss_mask`
@@ -14,19 +18,26 @@ on the batch it was drawn in, nor on how the run was cut into parts or interrupt
     labeled.parquet, test.parquet, ...   the other splits of IN, copied byte for byte
     <split>.parquet                       one block per kept response: prompt + response (+ eos
                                           when the teacher wrote one), `loss_mask` on the
-                                          response; its metadata adds `generated_by` (the
-                                          teacher's fingerprint) and `generation` (the settings)
+                                          response, `logprob` the writer's log-probability of
+                                          each response token; its metadata adds `generated_by`
+                                          (the writer's fingerprint), `generated_by_role` and
+                                          `generation` (the settings)
     tokenizer files                       IN's, copied
-    generation.json                       the manifest: the teacher, the source, the settings,
+    generation.json                       the manifest: the writer (`writer`: its role,
+                                          directory and fingerprint; `teacher` too when the
+                                          teacher wrote), the source, the settings,
                                           the parts with their sha256, what was kept and why,
                                           how many answers equal the responses the source
                                           split held (`same_as_source`: the truth, where it is
-                                          known), and the teacher's greedy exact match on test
-                                          (per assistant turn, and on each block's first)
+                                          known), and the writer's greedy exact match on test
+                                          (per assistant turn, and on each block's first:
+                                          `writer_exact_match...`, and `teacher_exact_match...`
+                                          when the teacher wrote)
     parts/part-<n>.parquet                every response of prompts [n * part_size, ...): `id`
                                           (the prompt's block), `sample`, `response` (tokens),
                                           `logprob` (the mean log-probability of its tokens
-                                          under the teacher, at temperature 1), `finished`
+                                          under the teacher, at temperature 1), `logprobs`
+                                          (each token's), `finished`
                                           (ended with eos); parts/_key.json: what decides them
 
 Resuming: the parts are written one by one (atomically) with the key that decides them; a run
@@ -75,25 +86,31 @@ from kd.files import file_sha256, read_json, replacing, write_json
 from kd.prepared import data_fingerprint, metadata, open_parquet, tokens, write_atomic
 from kd.sources.text import example_blocks
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: per-token log-probabilities (parts' `logprobs`, the split's `logprob`), `writer`
+ROLES = ("teacher", "model")  # who writes: the teacher (`--teacher`) or any causal LM (`--model`)
 MANIFEST = "generation.json"
 PARTS = "parts"
 KEY = f"{PARTS}/_key.json"  # (a leading _: readers of parts/ as one Parquet dataset skip it)
 PART_SCHEMA = pa.schema([pa.field("id", pa.int64(), nullable=False), pa.field("sample", pa.int32(), nullable=False),
                          pa.field("response", pa.list_(pa.int32()), nullable=False),
                          pa.field("logprob", pa.float64(), nullable=False),
+                         pa.field("logprobs", pa.list_(pa.float32()), nullable=False),
                          pa.field("finished", pa.bool_(), nullable=False)])
 
 
 @dataclass
 class Response:
-    """One answer: its tokens (the eos or stop token included when the teacher wrote it), the sum
-    of their log-probabilities under the teacher at temperature 1, and whether it ended with eos
+    """One answer: its tokens (the eos or stop token included when the teacher wrote it), the
+    log-probability of each under the teacher at temperature 1, and whether it ended with eos
     (or its stop token)."""
 
     tokens: list[int]
-    logprob_sum: float
+    logprobs: list[float]
     finished: bool
+
+    @property
+    def logprob_sum(self) -> float:
+        return float(sum(self.logprobs))
 
     @property
     def mean_logprob(self) -> float:
@@ -178,10 +195,10 @@ def generate_batch(model: nn.Module, prompts: list[list[int]], *, max_new_tokens
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     done = allowed == 0
     tokens: list[list[int]] = [[] for _ in prompts]
-    sums = torch.zeros(len(prompts), dtype=torch.float64)
+    logprobs: list[list[float]] = [[] for _ in prompts]
     finished = torch.zeros(len(prompts), dtype=torch.bool)
     if done.all():
-        return [Response([], 0.0, False) for _ in prompts]
+        return [Response([], [], False) for _ in prompts]
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                 use_cache=True)
     position = positions[:, -1:] + 1
@@ -190,9 +207,9 @@ def generate_batch(model: nn.Module, prompts: list[list[int]], *, max_new_tokens
         chosen = choose(logits, None if uniforms is None else uniforms[:, step], temperature, top_p)
         logp = F.log_softmax(logits, -1).gather(1, chosen[:, None]).squeeze(1).double()
         live = ~done
-        sums += torch.where(live, logp, torch.zeros_like(logp))
         for row in torch.nonzero(live).flatten().tolist():
             tokens[row].append(int(chosen[row]))
+            logprobs[row].append(float(logp[row]))
         ended = live & ((chosen == eos) | (chosen == stop))
         finished |= ended
         done = done | ended | (torch.tensor([len(t) for t in tokens]) >= allowed)
@@ -204,7 +221,7 @@ def generate_batch(model: nn.Module, prompts: list[list[int]], *, max_new_tokens
         out = model(input_ids=chosen[:, None].to(device), attention_mask=mask.to(device),
                     position_ids=step_position.to(device), cache=out.cache, use_cache=True)
         position = position + 1
-    return [Response(t, float(s), bool(f)) for t, s, f in zip(tokens, sums.tolist(), finished.tolist())]
+    return [Response(t, lp, bool(f)) for t, lp, f in zip(tokens, logprobs, finished.tolist())]
 
 
 def answers(model: nn.Module, prompts: list[list[int]], *, batch_size: int, max_new_tokens: int, block_size: int,
@@ -250,25 +267,30 @@ def special_of(prepared: Path) -> tuple[int, int]:
 
 
 def generation_key(teacher: Teacher, source: Path, cfg: GenerateConfig) -> dict[str, Any]:
-    """What decides the parts: the teacher, the source split and every setting but the filter."""
+    """What decides the parts: the writer, the source split, every setting but the filter and
+    the parts' format."""
     settings = {k: v for k, v in as_dict(cfg).items() if k != "min_logprob"}
-    return {"teacher": teacher.fingerprint, "data": data_fingerprint(source), "generate": settings,
-            "torch": torch.__version__.split("+")[0]}
+    return {"writer": teacher.fingerprint, "data": data_fingerprint(source), "generate": settings,
+            "torch": torch.__version__.split("+")[0], "schema_version": SCHEMA_VERSION}
 
 
 def run(teacher: Teacher, prepared: Path, out: Path, cfg: GenerateConfig, *, progress: bool = True,
-        shard: int = 0, num_shards: int = 1) -> dict[str, Any] | None:
+        shard: int = 0, num_shards: int = 1, role: str = "teacher") -> dict[str, Any] | None:
     """`kd generate`: answer the prompts of `cfg.split` of `prepared` into `out` (see the module's
-    docstring); resumes part by part. Returns the manifest.
+    docstring) with `teacher`, the writer (`role`: one of ROLES); resumes part by part. Returns
+    the manifest.
 
     With `num_shards` > 1, only parts shard, shard + N, ... are answered; the shard that finds
     every part written assembles `out` (exactly what one process writes), the others return None.
     Shards take turns (a lock file beside `out`) to claim `out` and to assemble it."""
+    if role not in ROLES:
+        raise ConfigError(f"role: {role!r} must be one of {', '.join(ROLES)}")
+    who = "teacher" if role == "teacher" else "writing model"
     if not 0 <= shard < num_shards:
         raise ConfigError(f"--shard {shard} must be in [0, {num_shards}) for --num-shards {num_shards}")
     prepared, out = Path(prepared), Path(out)
     if prepared.resolve() == out.resolve():
-        raise ConfigError(f"--out: {out} is the prepared directory itself; write the teacher's responses to "
+        raise ConfigError(f"--out: {out} is the prepared directory itself; write the {who}'s responses to "
                           "another directory")
     splits = [s for s in SPLITS if (prepared / f"{s}.parquet").is_file()]
     for required in ("labeled", "test", cfg.split):
@@ -277,8 +299,8 @@ def run(teacher: Teacher, prepared: Path, out: Path, cfg: GenerateConfig, *, pro
     infos = {s: tokens.split_info(prepared / f"{s}.parquet") for s in splits}
     if teacher.config.get("objective") != "causal":
         raise ConfigError(f"{teacher.directory}: a {teacher.config.get('objective')} LM; kd generate needs a causal "
-                          "LM teacher (one that writes text left to right)")
-    lm.check_teacher(teacher, prepared, infos)
+                          f"LM {who} (one that writes text left to right)")
+    lm.check_teacher(teacher, prepared, infos, who)
     source = prepared / f"{cfg.split}.parquet"
     ids, prompts, given = prompts_and_responses(source)
     key = generation_key(teacher, source, cfg)
@@ -314,7 +336,7 @@ def run(teacher: Teacher, prepared: Path, out: Path, cfg: GenerateConfig, *, pro
             return done
         scores = turn_scores(model, prepared / "test.parquet", batch_size=cfg.batch_size,
                              max_new_tokens=cfg.max_new_tokens, pad=pad, eos=eos)
-        return _assemble(teacher, prepared, out, cfg, key, splits, ids, prompts, given, counts, pad, scores)
+        return _assemble(teacher, role, prepared, out, cfg, key, splits, ids, prompts, given, counts, pad, scores)
 
 
 @contextmanager
@@ -350,6 +372,7 @@ def _answer_part(model: nn.Module, ids: np.ndarray, prompts: list[list[int]], cf
                       "sample": pa.array([s for _, s, _ in rows], pa.int32()),
                       "response": pa.array([r.tokens for r in found], pa.list_(pa.int32())),
                       "logprob": pa.array([r.mean_logprob if r.tokens else -math.inf for r in found], pa.float64()),
+                      "logprobs": pa.array([r.logprobs for r in found], pa.list_(pa.float32())),
                       "finished": pa.array([r.finished for r in found], pa.bool_())}, schema=PART_SCHEMA)
     return table, sum(len(r.tokens) for r in found)
 
@@ -393,17 +416,18 @@ def _claim(out: Path, key: dict[str, Any]) -> None:
     write_json(out / KEY, key)
 
 
-def _assemble(teacher: Teacher, prepared: Path, out: Path, cfg: GenerateConfig, key: dict[str, Any],
+def _assemble(teacher: Teacher, role: str, prepared: Path, out: Path, cfg: GenerateConfig, key: dict[str, Any],
               splits: list[str], ids: np.ndarray, prompts: list[list[int]], given: list[list[int]],
               counts: list[int], pad: int, scores: dict[str, float]) -> dict[str, Any]:
     """Build the finished directory aside from the parts and swap it in. `given`: the responses
     the source split held (the truth, for a split whose answers are known), to count how many
-    answers equal them; `scores`: the teacher's on test (`turn_scores`)."""
+    answers equal them; `scores`: the writer's on test (`turn_scores`)."""
     tables = [pq.read_table(out / _part(i)) for i in range(len(counts))]
     parts = [{"index": i, "prompts": counts[i], "responses": t.num_rows, "sha256": file_sha256(out / _part(i))}
              for i, t in enumerate(tables)]
     table = pa.concat_tables(tables)
     responses = table.column("response").to_pylist()
+    token_logprobs = table.column("logprobs").to_pylist()
     logprob = table.column("logprob").to_numpy()
     finished = table.column("finished").to_numpy(zero_copy_only=False)
     samples = table.column("sample").to_numpy()
@@ -413,6 +437,11 @@ def _assemble(teacher: Teacher, prepared: Path, out: Path, cfg: GenerateConfig, 
                for row, r in enumerate(responses) if kept[row]]
     info = tokens.split_info(prepared / f"{cfg.split}.parquet")
     blocks, mask, _ = example_blocks(encoded, info["block_size"], pad)  # every kept one has a response token
+    written = np.zeros(blocks.shape, np.float32)  # (N, L): at each response token, the writer's log-probability
+    for block, row in enumerate(np.flatnonzero(kept)):
+        start = len(prompts[row // cfg.samples])
+        values = token_logprobs[row][:max(0, info["block_size"] - start)]
+        written[block, start:start + len(values)] = values
     rows = np.flatnonzero(kept)
     if cfg.samples == 1:
         new_ids = ids[rows]
@@ -424,7 +453,8 @@ def _assemble(teacher: Teacher, prepared: Path, out: Path, cfg: GenerateConfig, 
     dropped = {"no_room_to_answer": int(empty.sum())} if empty.any() else {}
     meta = {**source_meta, "documents": str(len(ids)), "examples_dropped": json.dumps(dropped),
             "responses_filtered": str(int((~kept & ~empty).sum())),
-            "generated_by": teacher.fingerprint, "generation": json.dumps(settings, sort_keys=True)}
+            "generated_by": teacher.fingerprint, "generated_by_role": role,
+            "generation": json.dumps(settings, sort_keys=True)}
     summary = {"prompts": len(ids), "responses": len(responses), "kept": int(kept.sum()),
                "filtered": int((~kept & ~empty).sum()), "no_room": int(empty.sum()), "finished": int(finished.sum()),
                "tokens": int(sum(len(r) for r in responses)),
@@ -441,14 +471,17 @@ def _assemble(teacher: Teacher, prepared: Path, out: Path, cfg: GenerateConfig, 
         for split in splits:
             if split != cfg.split:
                 shutil.copyfile(prepared / f"{split}.parquet", tmp / f"{split}.parquet")
-        tokens.write_blocks(tmp / f"{cfg.split}.parquet", np.asarray(new_ids, np.int64), blocks, meta, mask)
+        tokens.write_blocks(tmp / f"{cfg.split}.parquet", np.asarray(new_ids, np.int64), blocks, meta, mask, written)
         files = {p.name: file_sha256(p) for p in sorted(tmp.glob("*.parquet"))}
-        manifest = {"schema_version": SCHEMA_VERSION, "complete": True, "key": key,
-                    "teacher": {"fingerprint": teacher.fingerprint, "directory": str(teacher.directory),
-                                "arch": teacher.config.get("arch"), "params": teacher.config.get("params")},
+        writer = {"role": role, "fingerprint": teacher.fingerprint, "directory": str(teacher.directory),
+                  "arch": teacher.config.get("arch"), "params": teacher.config.get("params")}
+        # the writer's scores; under `teacher_` too when the teacher wrote (what `kd eval` reports as the teacher's)
+        named = {f"{prefix}_{name}": value for name, value in scores.items()
+                 for prefix in (("writer", "teacher") if role == "teacher" else ("writer",))}
+        manifest = {"schema_version": SCHEMA_VERSION, "complete": True, "key": key, "writer": writer,
+                    **({"teacher": writer} if role == "teacher" else {}),
                     "source": {"prepared": str(prepared), "split": cfg.split,
                                "sha256": key["data"]}, "settings": settings, "parts": parts,
-                    "responses": summary, "teacher_exact_match": scores["exact_match"],
-                    "teacher_exact_match_first_turn": scores["exact_match_first_turn"], "files": files}
+                    "responses": summary, **named, "files": files}
         write_json(tmp / MANIFEST, manifest)
     return manifest

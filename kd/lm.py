@@ -286,10 +286,10 @@ def load_teacher(directory: Path, arch: str | None = None, arch_kwargs: dict | N
     return Teacher(model, fingerprint(directory), config, directory, files)
 
 
-def check_teacher(teacher: Teacher, prepared: Path, infos: dict[str, dict[str, Any]]) -> None:
-    """Refuse a teacher that would read the ids of these prepared splits (`tokens.split_info` by
-    name) as other tokens: data prepared with another tokenizer (whatever the two vocabulary
-    sizes), or an id past its vocabulary."""
+def check_teacher(teacher: Teacher, prepared: Path, infos: dict[str, dict[str, Any]], who: str = "teacher") -> None:
+    """Refuse a teacher (or another model that reads them: `who` names it in messages) that would
+    read the ids of these prepared splits (`tokens.split_info` by name) as other tokens: data
+    prepared with another tokenizer (whatever the two vocabulary sizes), or an id past its vocabulary."""
     tokenizer = teacher.config.get("tokenizer")
     if tokenizer is None:
         raise InputError(f"{teacher.directory}: not a language model (no tokenizer beside it); the text in "
@@ -297,7 +297,7 @@ def check_teacher(teacher: Teacher, prepared: Path, infos: dict[str, dict[str, A
     for split, info in infos.items():
         if info["tokenizer_sha256"] != tokenizer["sha256"]:
             raise InputError(f"{prepared / f'{split}.parquet'}: prepared with another tokenizer than the "
-                             f"teacher's: {prepared_tokenizer_name(info)} vs the teacher's "
+                             f"{who}'s: {prepared_tokenizer_name(info)} vs the {who}'s "
                              f"{teacher.directory} (sha256 {tokenizer['sha256'][:12]}, vocabulary "
                              f"{tokenizer['vocab_size']}); run `kd prepare` with prepare.tokenizer: "
                              f"{teacher.directory}")
@@ -305,7 +305,7 @@ def check_teacher(teacher: Teacher, prepared: Path, infos: dict[str, dict[str, A
     for split in infos:
         largest = tokens.max_token(prepared / f"{split}.parquet")
         if largest >= vocab:
-            raise InputError(f"{prepared / f'{split}.parquet'}: token id {largest} is outside the teacher's "
+            raise InputError(f"{prepared / f'{split}.parquet'}: token id {largest} is outside the {who}'s "
                              f"vocabulary of {vocab} ids ({teacher.directory})")
 
 

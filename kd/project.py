@@ -169,9 +169,11 @@ def check_params(params: dict[str, Any]) -> None:
     """Build every section of a params mapping (every student entry too) as its command will:
     the first unknown key or bad value fails, naming it."""
     from kd import config
+    from kd.on_policy import OnPolicyConfig
 
     classes = {"paths": config.PathsConfig, "prepare": config.PrepareConfig, "teacher": config.TeacherConfig,
-               "generate": config.GenerateConfig, "label": config.LabelConfig, "eval": config.EvalConfig}
+               "generate": config.GenerateConfig, "label": config.LabelConfig, "eval": config.EvalConfig,
+               "on_policy": OnPolicyConfig}
     for name, data in params.items():
         if name not in config.SECTIONS:
             raise ConfigError(f"params.yaml: unknown key {name!r} (sections are {', '.join(config.SECTIONS)})")

@@ -29,6 +29,7 @@ import yaml
 from typer.testing import CliRunner
 
 from kd import config, methods
+from kd.on_policy import OnPolicyConfig
 
 pytestmark = pytest.mark.integration
 
@@ -124,7 +125,8 @@ def test_each_snippet_is_run_by_the_test_it_names():
 
 # params section -> the dataclass `kd` builds it into (students' sections: each entry)
 SECTION_CLASSES = {"prepare": config.PrepareConfig, "teacher": config.TeacherConfig, "generate": config.GenerateConfig,
-                   "label": config.LabelConfig, "eval": config.EvalConfig, "paths": config.PathsConfig}
+                   "label": config.LabelConfig, "eval": config.EvalConfig, "paths": config.PathsConfig,
+                   "on_policy": OnPolicyConfig}
 
 
 def check_params(data: dict[str, Any], where: str) -> None:
@@ -231,7 +233,7 @@ def assert_table_matches(table: dict[str, str], cls: type, where: str, skip: tup
 
 def test_params_reference_lists_every_key_with_its_default():
     tables = key_tables(ROOT / "docs" / "params.md", "##")
-    assert list(tables) == ["prepare", "teacher", "generate", "label", "students", "eval", "paths"]
+    assert list(tables) == ["prepare", "teacher", "generate", "label", "students", "eval", "paths", "on_policy"]
     for section, table in tables.items():
         if section == "students":
             assert_table_matches(table, config.StudentConfig, section, skip=("name", "section"))

@@ -29,6 +29,7 @@ from kd.errors import ConfigError
 from kd.prepared import tokens
 from tests.helpers import (
     TINY,
+    assert_clean_error,
     digest,
     hf_label_args,
     hf_tokenizer,
@@ -370,3 +371,109 @@ def test_students_of_teacher_answers_report_exact_match_over_seeds(world, tmp_pa
                     "--students-dir", tmp_path / "students", "--out", tmp_path / "report2", "--score", "bleu", expect=1)
     assert ("--score: 'bleu' is not a score of causal_lm students (perplexity, exact_match, bits_per_char)"
             in result.output)
+
+
+# --- any causal LM writes (`--model`): a student's answers, labeled by the teacher ---------------
+
+
+@pytest.mark.unit
+def test_a_written_splits_per_token_logprobs_round_trip(tmp_path):
+    ids = np.array([3, 7], np.int64)
+    blocks = np.array([[0, 5, 6, 1], [0, 4, 1, 2]], np.int32)
+    mask = np.array([[False, False, True, True], [False, True, True, False]])
+    written = np.where(mask, np.array([[0, 0, -0.25, -1.5], [0, -2.0, -0.125, 0]], np.float32), 0)
+    meta = {"modality": "text", "block_size": "4", "vocab_size": "9", "tokenizer_sha256": "x", "documents": "2",
+            "dataset": "d"}
+    tokens.write_blocks(tmp_path / "w.parquet", ids, blocks, meta, mask, written)
+    np.testing.assert_array_equal(tokens.writer_logprob(tmp_path / "w.parquet"), written)
+    read_ids, read_blocks = tokens.read_blocks(tmp_path / "w.parquet")
+    np.testing.assert_array_equal(read_ids, ids)
+    np.testing.assert_array_equal(read_blocks, blocks)
+    np.testing.assert_array_equal(tokens.predicted(tmp_path / "w.parquet"), mask[:, 1:])
+    tokens.write_blocks(tmp_path / "plain.parquet", ids, blocks, meta, mask)
+    assert tokens.writer_logprob(tmp_path / "plain.parquet") is None
+    with pytest.raises(ValueError, match="loss_mask"):
+        tokens.write_blocks(tmp_path / "bad.parquet", ids, blocks, meta, None, written)
+
+
+def student_world(world: Path, tmp_path: Path) -> tuple[Path, list]:
+    """A tiny kd student distilled (1 epoch) from the teacher's cached answers: -> its directory,
+    and the distill options shared by the tests."""
+    from kd.cli import distill
+    budget = {"arch": "llama", "epochs": 1, "batch_size": 8, "transfer": ["unlabeled"],
+              "loss": {"soft": {"weight": 0.5, "temperature": 1}, "hard": {"weight": 0.5, "labels": False,
+                                                                           "pseudo": True}}}
+    (tmp_path / "params.yaml").write_text(json.dumps({"students": {
+        "small": {**budget, "arch_kwargs": {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
+                                            "num_key_value_heads": 1, "intermediate_size": 64}},
+        "next": budget}}))  # `next` starts from --init: the architecture is the init directory's
+    ok(invoke(label.main, *hf_label_args(world, world / "llama", world / "gen", tmp_path / "cache")))
+    common = ["--params", tmp_path / "params.yaml", "--baselines", tmp_path / "baselines", "--checkpoints",
+              tmp_path / "ck", "--no-progress"]
+    ok(invoke(distill.main, "small", *common, "--cache", tmp_path / "cache", "--prepared", world / "gen",
+              "--students-dir", tmp_path / "r0"))
+    return tmp_path / "r0" / "small", common
+
+
+@pytest.mark.integration
+def test_a_student_writes_answers_that_the_teacher_labels_and_the_next_round_continues_from(world, tmp_path):
+    from kd import lm
+    from kd.cli import distill
+    student, common = student_world(world, tmp_path)
+    out = tmp_path / "r1" / "generated"
+    result = ok(invoke(generate_stage.main, "--no-progress", "--model", student, "--prepared", world / "prepared",
+                       "--out", out, "--params", world / "params.yaml", "--max-new-tokens", 10, "--batch-size", 4,
+                       "--part-size", 5))
+    assert "model     greedy exact match on test" in result.output
+    manifest = json.loads((out / generate.MANIFEST).read_text())
+    assert manifest["writer"] == {**manifest["writer"], "role": "model", "directory": str(student),
+                                  "fingerprint": lm.fingerprint(student)}
+    assert "teacher" not in manifest and "teacher_exact_match" not in manifest  # kd eval's teacher is the cache's
+    assert 0 <= manifest["writer_exact_match"] <= 1
+    meta = pq.read_schema(out / "unlabeled.parquet").metadata
+    assert meta[b"generated_by"].decode() == lm.fingerprint(student) and meta[b"generated_by_role"] == b"model"
+    # the split's per-token log-probabilities are the student's own, at its response tokens
+    model = AutoModelForCausalLM.from_pretrained(student).eval()
+    _, blocks = tokens.read_blocks(out / "unlabeled.parquet")
+    predicted = tokens.predicted(out / "unlabeled.parquet")
+    written = tokens.writer_logprob(out / "unlabeled.parquet")
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.from_numpy(blocks)).logits.float(), -1)[:, :-1]
+    expected = logp.gather(2, torch.from_numpy(blocks[:, 1:])[..., None]).squeeze(2).numpy()
+    np.testing.assert_allclose(written[:, 1:][predicted], expected[predicted], atol=1e-4)
+    assert not written[:, 1:][~predicted].any() and not written[:, 0].any()
+    parts = pq.read_table(out / "parts")
+    np.testing.assert_allclose([np.mean(lp) for lp in parts.column("logprobs").to_pylist()],
+                               parts.column("logprob").to_numpy(), rtol=1e-5)
+    # the teacher labels the student's answers; the next round's student starts from this one
+    ok(invoke(label.main, *hf_label_args(world, world / "llama", out, tmp_path / "r1" / "cache")))
+    cache = Cache.open(tmp_path / "r1" / "cache")
+    assert cache.split("unlabeled")["rows"] == predicted.sum()
+    ok(invoke(distill.main, "next", *common, "--init", student, "--cache", tmp_path / "r1" / "cache",
+              "--prepared", out, "--students-dir", tmp_path / "r1"))
+    record = json.loads((tmp_path / "r1" / "next" / "student.json").read_text())
+    assert record["student"]["init"] == str(student)
+    assert AutoConfig.from_pretrained(tmp_path / "r1" / "next").to_dict()["hidden_size"] == 32  # the init's
+
+
+@pytest.mark.unit
+def test_on_policy_rounds_are_numbered_in_order_and_name_their_previous_student():
+    from kd.on_policy import OnPolicyConfig
+    from kd.project import check_params
+    check_params({"on_policy": {"seeds": [0, 1], "rounds": [{"round": 1, "previous": "round0/answers"},
+                                                            {"round": 2, "previous": "round1/own_answers"}]}})
+    for bad, message in (({"rounds": [{"round": 2, "previous": "a"}]}, r"rounds\[0\].round: 2 must be 1"),
+                         ({"rounds": [{"round": 1, "previous": " "}]}, r"rounds\[0\].previous: empty"),
+                         ({"seeds": [0, 0]}, "distinct"), ({"rounds": [{"round": 1, "prev": "a"}]}, "unknown key")):
+        with pytest.raises(ConfigError, match=message):
+            check_params({"on_policy": bad})
+    assert OnPolicyConfig().rounds == []
+
+
+@pytest.mark.integration
+def test_a_writer_of_another_tokenizer_is_refused_naming_both(world, tmp_path):
+    other = save_hf_model(tmp_path / "other", "llama", hf_tokenizer(docs=pydoc_documents(40, 40)))
+    result = invoke(generate_stage.main, "--no-progress", "--model", other, "--prepared", world / "prepared",
+                    "--out", tmp_path / "gen", "--params", world / "params.yaml")
+    assert_clean_error(result, "another tokenizer than the writing model's", str(other), "vocabulary")
+    assert not (tmp_path / "gen").exists()

@@ -33,6 +33,8 @@ def main(
     gradient_checkpointing: bool | None = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
                                                        help="Language models: recompute activations in the backward "
                                                        "(default: the student's `gradient_checkpointing`)."),
+    init: str | None = typer.Option(None, help="Start from 'teacher' or a local pretrained model directory, e.g. "
+                                    "the previous on-policy round's student (default: the student's `init`)."),
     cache: str = typer.Option("data/teacher_outputs", help="The teacher's cache (written by `kd label`; a directory or "
                               "s3://bucket/prefix)."),
     assistants: Path = typer.Option(Path("data/assistants"), help="Where `kd assistants` writes assistants; a "
@@ -55,7 +57,8 @@ def main(
     rank, _ = parallel.init_from_env()
     try:
         cfg = override(student(params, name), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                       precision=precision, gradient_checkpointing=gradient_checkpointing)
+                       precision=precision, gradient_checkpointing=gradient_checkpointing,
+                       init=init)
         source = cache if cfg.assistant is None else assistant_cache(assistants, cfg.assistant)
         summary = train_student(cfg, Cache.open(source), prepared, students_dir / name, baselines,
                                 memory_mb=memory_mb, checkpoints=checkpoints, progress=progress)

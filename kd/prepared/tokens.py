@@ -3,7 +3,9 @@
 Each split file holds one row per block: `id` int64 (unique across splits) and `tokens`
 fixed_size_list<int32>[block_size], and for instruction and chat data `loss_mask`
 fixed_size_list<bool>[block_size], True at the response tokens, the only ones a model is
-taught to predict (an example's prompt and the padding after it are False); with the
+taught to predict (an example's prompt and the padding after it are False). A split that
+`kd generate` wrote also holds `logprob` fixed_size_list<float32>[block_size]: at each response
+token, the log-probability the model that wrote it gave it (temperature 1), 0 elsewhere. With the
 key-value metadata `modality` ("text"),
 `dataset`, `block_size`, `vocab_size`, `tokenizer_sha256` and `documents` (how many documents
 were dealt to the split); `tokenizer_source` names the directory of a Hugging Face tokenizer
@@ -49,6 +51,7 @@ TOKENIZER_FILES = (TOKENIZER_FILE, HF_TOKENIZER_CONFIG, "special_tokens_map.json
 # (bos and eos, as in GPT-2); [MASK] is the masked LM's mask. The trainer gives them ids 0, 1, 2.
 PAD, EOS, MASK = "[PAD]", "<|endoftext|>", "[MASK]"
 SPECIAL_TOKENS = (PAD, EOS, MASK)
+LOGPROB = "logprob"  # the column of a written split's per-token log-probabilities (`kd generate`)
 
 
 class SpecialIds(NamedTuple):
@@ -153,9 +156,10 @@ def tokenizer_files(directory: Path) -> list[Path]:
 
 
 def write_blocks(path: Path, ids: np.ndarray, tokens: np.ndarray, meta: dict[str, str],
-                 loss_mask: np.ndarray | None = None) -> None:
+                 loss_mask: np.ndarray | None = None, logprob: np.ndarray | None = None) -> None:
     """One split file: `id` int64, `tokens` fixed_size_list<int32>[L] (and `loss_mask`
-    fixed_size_list<bool>[L] when given), written atomically."""
+    fixed_size_list<bool>[L] when given, then the writer's `logprob` fixed_size_list<float32>[L]
+    when given: it needs the mask), written atomically."""
     length = tokens.shape[1]
     fields = [pa.field("id", pa.int64(), nullable=False),
               pa.field("tokens", pa.list_(pa.int32(), length), nullable=False)]
@@ -166,6 +170,12 @@ def write_blocks(path: Path, ids: np.ndarray, tokens: np.ndarray, meta: dict[str
         fields.append(pa.field("loss_mask", pa.list_(pa.bool_(), length), nullable=False))
         columns["loss_mask"] = pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(loss_mask, bool).reshape(-1)),
                                                                  length)
+    if logprob is not None:
+        if loss_mask is None:
+            raise ValueError("logprob: the log-probabilities of the response tokens need their loss_mask")
+        fields.append(pa.field(LOGPROB, pa.list_(pa.float32(), length), nullable=False))
+        columns[LOGPROB] = pa.FixedSizeListArray.from_arrays(
+            pa.array(np.ascontiguousarray(logprob, np.float32).reshape(-1)), length)
     write_atomic(pa.table(columns, schema=pa.schema(fields).with_metadata(meta)), path, ROW_GROUP_ROWS)
 
 
@@ -212,6 +222,18 @@ def read_rows(path: Path, start: int, stop: int) -> tuple[np.ndarray, np.ndarray
     file = _open_blocks(path)
     return _arrays(read_row_range(file, start, stop, columns=["id", "tokens"]),
                    file.schema_arrow.field("tokens").type.list_size)
+
+
+def writer_logprob(path: Path) -> np.ndarray | None:
+    """(N, block_size) float32: at each response token (`loss_mask` True), the log-probability
+    the model that wrote the split gave it (0 elsewhere); None for a split no model wrote."""
+    file = _open_blocks(path)
+    if LOGPROB not in file.schema_arrow.names:
+        return None
+    length = file.schema_arrow.field(LOGPROB).type.list_size
+    column = pa.concat_arrays(file.read(columns=[LOGPROB]).column(LOGPROB).chunks) if file.metadata.num_rows \
+        else pa.array([], pa.list_(pa.float32(), length))
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), length)
 
 
 def predicted(path: Path, start: int = 0, stop: int | None = None) -> np.ndarray | None:
@@ -298,12 +320,14 @@ def _open_blocks(path: Path) -> pq.ParquetFile:
         raise InputError(f"{path}: not a text split (no modality 'text' in its metadata)")
     kind = schema.field("tokens").type if "tokens" in schema.names else None
     mask = schema.field("loss_mask").type if "loss_mask" in schema.names else None
-    if schema.names[:2] != ["id", "tokens"] or schema.names[2:] not in ([], ["loss_mask"]) \
+    logprob = schema.field(LOGPROB).type if LOGPROB in schema.names else None
+    if schema.names[:2] != ["id", "tokens"] or schema.names[2:] not in ([], ["loss_mask"], ["loss_mask", LOGPROB]) \
             or schema.field("id").type != pa.int64() \
             or not (pa.types.is_fixed_size_list(kind) and kind.value_type == pa.int32()) \
-            or (mask is not None and mask != pa.list_(pa.bool_(), kind.list_size)):
+            or (mask is not None and mask != pa.list_(pa.bool_(), kind.list_size)) \
+            or (logprob is not None and logprob != pa.list_(pa.float32(), kind.list_size)):
         raise InputError(f"{path}: expected columns id int64, tokens fixed_size_list<int32>[L] (and loss_mask "
-                         "fixed_size_list<bool>[L]); "
+                         f"fixed_size_list<bool>[L], then {LOGPROB} fixed_size_list<float>[L]); "
                          f"got {', '.join(f'{f.name} {f.type}' for f in schema)}")
     return file
 
