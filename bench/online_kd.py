@@ -124,6 +124,38 @@ def run(pipeline: str, seed: int, cache_dir: Path, prepared: Path, teacher_dir: 
             "final_loss": {k: v for k, v in log[-1].items() if k not in ("epoch", "lr", "seconds")}}
 
 
+def step_check(pipeline: str, cache_dir: Path, prepared: Path, teacher_dir: Path, batches: int = 3) -> dict:
+    """The k = V consistency check at the level of one step: on the first `batches` batches of
+    seed 0's first epoch, a fresh student's soft term from the cache (`methods.soft`, as `kd
+    distill` builds it) against the online one (the teacher's full softmax): the largest
+    difference of the loss and of its gradient with respect to the student's logits. A cache
+    that keeps every class differs from the teacher only by float16 rounding of the logits."""
+    cfg = config(pipeline, 0)
+    cache = Cache.open(cache_dir)
+    task = tasks.for_cache(cache)
+    dataset = task.rows(cache, prepared, cfg, 4096)
+    teacher = tasks.for_teacher(teacher_dir).load_teacher(teacher_dir, None, None, device="cpu").model.eval()
+    torch.manual_seed(cfg.seed)
+    model = task.build(cfg, cache, prepared)
+    cached = student_terms(cfg, Shapes({}, {})).terms["soft"][1]
+    online = online_terms(cfg, task, model, cache, teacher).terms["soft"][1]
+    worst = {"loss_cached": [], "loss_online": [], "max_abs_loss_diff": 0.0, "max_abs_grad_diff": 0.0,
+             "max_abs_grad": 0.0}
+    for _, batch in zip(range(batches), dataset.batches(0, cfg.batch_size, cfg.seed)):
+        grads = []
+        for term in (cached, online):
+            logits = model(batch["x"]).detach().requires_grad_(True)
+            loss = term(batch, {"logits": logits})
+            loss.backward()
+            grads.append(logits.grad)
+            worst["loss_cached" if term is cached else "loss_online"].append(float(loss.detach()))
+        worst["max_abs_loss_diff"] = max(worst["max_abs_loss_diff"],
+                                         abs(worst["loss_cached"][-1] - worst["loss_online"][-1]))
+        worst["max_abs_grad_diff"] = max(worst["max_abs_grad_diff"], float((grads[0] - grads[1]).abs().max()))
+        worst["max_abs_grad"] = max(worst["max_abs_grad"], float(grads[1].abs().max()))
+    return worst
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipeline", choices=list(PIPELINES), required=True)
@@ -135,8 +167,13 @@ def main() -> None:
                         help="distil online from this teacher instead of from the cache's soft targets")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=None, help="fewer epochs, for a quick check only")
+    parser.add_argument("--step-check", action="store_true", help="with --online: compare one step's soft term "
+                        "from the cache with the online one instead of training (`step_check`)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.step_check:
+        print(json.dumps(step_check(args.pipeline, args.cache, args.prepared, args.online)), flush=True)
+        return
     print(json.dumps(run(args.pipeline, args.seed, args.cache, args.prepared, args.online, args.epochs)), flush=True)
 
 
