@@ -123,6 +123,8 @@ def run_one(pipeline: str, point: str, seed: int, work: Path, prepared: Path, da
            "--cache", str(cache), "--prepared", str(prepared)]
     if point == "online":
         cmd += ["--online", str(data / "teacher")]
+    elif POINTS[pipeline][point].get("sampling"):  # the soft term reads the draws (loss.soft.targets: sampled)
+        cmd += ["--targets", "sampled"]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
     record = {**json.loads(done.stdout.strip().splitlines()[-1]), "point": point,
               "load": Path("/proc/loadavg").read_text().split()[:3]}

@@ -45,11 +45,14 @@ PIPELINES = {"text": (ROOT / "examples/text/params.yaml", "gpt_small"),
              "digits": (ROOT / "examples/mnist/params.yaml", "mlp_soft")}
 
 
-def config(pipeline: str, seed: int, epochs: int | None = None) -> StudentConfig:
-    """The pipeline's default student with `seed`: one seed per run (`repeats` 1); `epochs`
-    only for a quick check."""
+def config(pipeline: str, seed: int, epochs: int | None = None, targets: str = "topk") -> StudentConfig:
+    """The pipeline's default student with `seed`: one seed per run (`repeats` 1), its soft term
+    reading `targets` (topk, or sampled: a cache labeled with `label.sampling`); `epochs` only
+    for a quick check."""
     params, name = PIPELINES[pipeline]
     cfg = dataclasses.replace(student(params, name), seed=seed, repeats=1)
+    cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, soft=dataclasses.replace(cfg.loss.soft,
+                                                                                               targets=targets)))
     return cfg if epochs is None else dataclasses.replace(cfg, epochs=epochs)
 
 
@@ -113,12 +116,13 @@ def score(pipeline: str, model: torch.nn.Module, prepared: Path, batch_size: int
 
 
 def run(pipeline: str, seed: int, cache_dir: Path, prepared: Path, teacher_dir: Path | None,
-        epochs: int | None = None) -> dict:
-    cfg = config(pipeline, seed, epochs)
+        epochs: int | None = None, targets: str = "topk") -> dict:
+    cfg = config(pipeline, seed, epochs, targets)
     started = time.perf_counter()
     model, log = train(cfg, Cache.open(cache_dir), prepared, teacher_dir)
     seconds = time.perf_counter() - started
     return {"pipeline": pipeline, "seed": seed, "source": "online" if teacher_dir else str(cache_dir),
+            "targets": "online" if teacher_dir else targets,
             "score": score(pipeline, model, prepared), "metric": "perplexity" if pipeline == "text" else "accuracy",
             "train_seconds": seconds, "seconds_per_epoch": seconds / len(log),
             "final_loss": {k: v for k, v in log[-1].items() if k not in ("epoch", "lr", "seconds")}}
@@ -167,6 +171,8 @@ def main() -> None:
                         help="distil online from this teacher instead of from the cache's soft targets")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=None, help="fewer epochs, for a quick check only")
+    parser.add_argument("--targets", choices=["topk", "sampled"], default="topk",
+                        help="what the soft term reads from the cache (sampled: a cache with label.sampling)")
     parser.add_argument("--step-check", action="store_true", help="with --online: compare one step's soft term "
                         "from the cache with the online one instead of training (`step_check`)")
     args = parser.parse_args()
@@ -174,7 +180,8 @@ def main() -> None:
     if args.step_check:
         print(json.dumps(step_check(args.pipeline, args.cache, args.prepared, args.online)), flush=True)
         return
-    print(json.dumps(run(args.pipeline, args.seed, args.cache, args.prepared, args.online, args.epochs)), flush=True)
+    print(json.dumps(run(args.pipeline, args.seed, args.cache, args.prepared, args.online, args.epochs,
+                         args.targets)), flush=True)
 
 
 if __name__ == "__main__":
