@@ -162,7 +162,7 @@ def markdown(pipeline: str, rows: list[dict]) -> str:
              "over online, paired (mean ± std) |", "|---|---:|---:|---:|---|---:|"]
     for r in rows:
         fid = r["fidelity"] or {}
-        kl = fid.get("kl_full_to_cached", fid.get("kl_full_to_sampled"))
+        kl = fid.get("kl_full_to_sampled", fid.get("kl_full_to_cached"))  # sampled: the draws' KL
         fmt = ".1f" if pipeline == "text" else ".4f"
         ratio = ("" if r["ratio_to_online_mean"] is None else
                  f"{r['ratio_to_online_mean']:.3f} ± {r['ratio_to_online_std'] or 0:.3f}")
@@ -180,6 +180,7 @@ def main() -> None:
     parser.add_argument("--points", default=None, help="comma-separated point names (default: all, in order)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2, help="students trained at once (one torch thread each)")
+    parser.add_argument("--no-train", action="store_true", help="only the table of the runs in WORK/runs.jsonl")
     args = parser.parse_args()
     folder, _, _ = PIPELINES[args.pipeline]
     data = args.data or ROOT / folder / "data"
@@ -198,7 +199,7 @@ def main() -> None:
         label_seconds[point] = time.perf_counter() - started
         print(f"cache {point}: {caches[point]['bytes_per_token']:.1f} B/token ({label_seconds[point]:.0f} s)",
               flush=True)
-    todo = [(p, s) for p in points for s in range(args.seeds) if (p, s) not in done]
+    todo = [] if args.no_train else [(p, s) for p in points for s in range(args.seeds) if (p, s) not in done]
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda job: run_one(args.pipeline, *job, work, prepared, data, log), todo))
     runs = [r for r in map(json.loads, log.read_text().splitlines())]
