@@ -36,21 +36,32 @@ Rows = Callable[[Batch], "torch.Tensor | None"]  # batch -> (N,) bool: the rows 
 
 def from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, batch: Batch,
                 terms: dict[str, tuple[LogitsTerm, Rows]], compute_dtype: torch.dtype | None = None,
-                chunk_elements: int = CHUNK_ELEMENTS) -> dict[str, torch.Tensor]:
+                chunk_elements: int = CHUNK_ELEMENTS, loss_weights: list[float] | None = None
+                ) -> dict[str, torch.Tensor]:
     """Each term's value (a scalar, differentiable in hidden, weight and bias) on the logits
     hidden @ weight.T + bias, without holding those logits.
 
     hidden: (N, H), one row per batch row; weight: (V, H); bias: (V,) or None; batch: the per-row
     targets (every key but "x" has N rows); terms: name -> (term, rows), the term a mean over the
-    rows `rows(batch)` selects."""
+    rows `rows(batch)` selects.
+
+    loss_weights (one per term, the weights the caller's loss gives the values, as
+    `training.update` does): the forward then also computes the gradient of that weighted sum,
+    chunk by chunk while each chunk's logits exist, so the backward need not project them again
+    (one product with the output layer fewer per step, as Liger's fused losses do). A backward
+    whose incoming gradient is not proportional to them falls back to projecting again."""
     names = list(terms)
     rows = len(hidden)
     step = max(1, chunk_elements // max(len(weight), 1))
     chunks = [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
     targets = {k: v for k, v in batch.items() if k != "x"}
     shares = [_shares(terms[name][1](targets), rows, chunks, hidden.device) for name in names]
+    eager = None
+    if loss_weights is not None and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        # as the caller's float32 weight vector holds them, so that its gradient is exactly 1 x these
+        eager = torch.tensor(loss_weights, dtype=torch.float32).tolist()
     values = _FromHidden.apply(hidden, weight, bias, targets, [terms[name][0] for name in names], shares, chunks,
-                               compute_dtype or weight.dtype)
+                               compute_dtype or weight.dtype, eager)
     return dict(zip(names, values.unbind()))
 
 
@@ -68,26 +79,46 @@ class _FromHidden(torch.autograd.Function):
     """(K,) term values from hidden (N, H) and the output layer, one chunk of logits at a time."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, terms, shares, chunks, dtype):
+    def forward(ctx, hidden, weight, bias, targets, terms, shares, chunks, dtype, eager):
         wide = torch.promote_types(dtype, torch.float32)  # what the terms see: float32 (float64 in tests)
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         values = torch.zeros(len(terms), dtype=wide, device=hidden.device)
+        grads = _Grads(hidden, weight, bias, ctx.needs_input_grad) if eager is not None else None
         for i, chunk in enumerate(chunks):
             if not any(share[i] for share in shares):
                 continue
-            logits = F.linear(hidden[chunk].to(dtype), w, b).to(wide)  # (r, V), dropped after the chunk
+            h = hidden[chunk].to(dtype)
+            logits = F.linear(h, w, b).to(wide)  # (r, V), dropped after the chunk
             rows = {k: v[chunk] for k, v in targets.items()}
-            for j, term in enumerate(terms):
-                if shares[j][i]:
-                    values[j] += term(rows, {"logits": logits}).to(wide) * shares[j][i]
+            if grads is None:
+                with torch.no_grad():
+                    for j, term in enumerate(terms):
+                        if shares[j][i]:
+                            values[j] += term(rows, {"logits": logits}).to(wide) * shares[j][i]
+                continue
+            logits.requires_grad_()
+            with torch.enable_grad():
+                parts = [term(rows, {"logits": logits}).to(wide) if shares[j][i] else None
+                         for j, term in enumerate(terms)]
+            for j, part in enumerate(parts):
+                if part is not None:
+                    values[j] += part.detach() * shares[j][i]
+            grads.add(chunk, h, w, logits, [(part, eager[j] * shares[j][i]) for j, part in enumerate(parts)])
         ctx.save_for_backward(hidden, weight, bias)
         ctx.targets, ctx.terms, ctx.shares, ctx.chunks, ctx.dtype = targets, terms, shares, chunks, dtype
+        ctx.eager, ctx.grads = eager, grads
         return values
 
     @staticmethod
     def backward(ctx, grad_values):
         hidden, weight, bias = ctx.saved_tensors
         dtype, wide = ctx.dtype, torch.promote_types(ctx.dtype, torch.float32)
+        if ctx.grads is not None:
+            factor = _factor(grad_values.to(wide).tolist(), ctx.eager)
+            if factor is not None:  # the gradient the forward computed, scaled: no projection again
+                grads, ctx.grads = ctx.grads, None
+                return (*grads.scaled(factor), None, None, None, None, None, None)
+            ctx.grads = None
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
@@ -114,4 +145,42 @@ class _FromHidden(torch.autograd.Function):
                 grad_weight += grad_logits.T @ h
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _factor(incoming: list[float], weights: list[float]) -> float | None:
+    """c where the incoming gradient is c x the weights the forward's gradient assumed; else None."""
+    ratios = {g / w for g, w in zip(incoming, weights) if w}
+    if len(ratios) != 1 or any(g for g, w in zip(incoming, weights) if not w):
+        return None
+    return ratios.pop()
+
+
+class _Grads:
+    """The gradients of the loss-weighted terms in hidden, weight and bias, summed chunk by chunk
+    in `_FromHidden.forward` while each chunk's logits exist."""
+
+    def __init__(self, hidden, weight, bias, needed):
+        self.hidden = torch.zeros_like(hidden) if needed[0] else None
+        self.weight = torch.zeros_like(weight) if needed[1] else None
+        self.bias = torch.zeros_like(bias) if bias is not None and needed[2] else None
+
+    def add(self, chunk, h, w, logits, weighted):
+        with torch.enable_grad():
+            total = sum(part * weight_ for part, weight_ in weighted if part is not None and weight_)
+        if not isinstance(total, torch.Tensor) or not total.requires_grad:
+            return
+        (grad_logits,) = torch.autograd.grad(total, logits)
+        grad_logits = grad_logits.to(w.dtype)
+        if self.hidden is not None:
+            self.hidden[chunk] = grad_logits @ w
+        if self.weight is not None:
+            self.weight += grad_logits.T @ h
+        if self.bias is not None:
+            self.bias += grad_logits.sum(0)
+
+    def scaled(self, factor):
+        grads = (self.hidden, self.weight, self.bias)
+        if factor == 1.0:  # what `training.update`'s loss sends
+            return grads
+        return tuple(None if g is None else g * factor for g in grads)

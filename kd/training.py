@@ -129,7 +129,8 @@ def step(model: nn.Module, batch: Batch, terms: dict[str, tuple[float, Term]], t
     elif layer is not None:
         values = head.from_hidden(out.pop("hidden"), layer.weight, layer.bias, batch,
                                   {name: (term, term.rows) for name, term in on_rows.items()},
-                                  torch.bfloat16 if precision == "bf16-mixed" else None)
+                                  torch.bfloat16 if precision == "bf16-mixed" else None,
+                                  loss_weights=[terms[name][0] for name in on_rows])  # `update`'s weights
     return {name: values[name] if name in values else term(batch, out) for name, (_, term) in terms.items()}
 
 

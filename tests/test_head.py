@@ -243,3 +243,37 @@ def test_masked_lm_step_from_hidden_equals_step_on_logits():
         torch.testing.assert_close(values[name], expected[name], rtol=1e-10, atol=1e-12)
     for name in want:
         torch.testing.assert_close(grad[name], want[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_gradient_computed_in_the_forward_is_the_projected_again_one(dtype):
+    """With the loss weights given (`training.update`'s path), the forward also computes the
+    weighted terms' gradient, and the backward hands it on: the same bits as projecting each chunk
+    again, for the loss's own weights (x 1), a multiple of them, and (falling back) any other
+    incoming gradient."""
+    batch = _targets(dtype)
+    terms = _terms()
+    weights = [weight for weight, _ in terms.values()]
+    g = torch.Generator().manual_seed(4)
+    hidden0 = torch.randn(N, H, generator=g, dtype=dtype)
+    weight0 = torch.randn(V, H, generator=g, dtype=dtype)
+    bias0 = torch.randn(V, generator=g, dtype=dtype)
+
+    def run(loss_weights, incoming):
+        inputs = [t.clone().requires_grad_() for t in (hidden0, weight0, bias0)]
+        values = head.from_hidden(*inputs, batch, {name: (t, t.rows) for name, (_, t) in terms.items()},
+                                  chunk_elements=3 * V, loss_weights=loss_weights)
+        stacked = torch.stack(list(values.values()))
+        stacked.backward(incoming.to(stacked.dtype))
+        return stacked.detach(), [t.grad for t in inputs]
+
+    loss = torch.tensor(weights, dtype=torch.float32)
+    for incoming in (loss, 3 * loss, torch.arange(len(weights), dtype=torch.float32)):
+        expected, want = run(None, incoming)
+        got, have = run(weights, incoming)
+        assert torch.equal(got, expected)
+        for a, e in zip(have, want):
+            if incoming is loss:
+                assert torch.equal(a, e)
+            else:
+                torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-7)
