@@ -130,7 +130,8 @@ def test_options_land_in_params_yaml(tmp_path):
     for student in params["students"].values():
         assert student["arch"] == "models.net:small" and student["arch_kwargs"] == {} and student["repeats"] == 2
     assert params["students"]["mlp_soft"]["loss"]["soft"] == {"weight": 0.9, "temperature": 2, "tail": "bucket",
-                                                              "targets": "topk"}
+                                                              "targets": "topk", "divergence": "forward_kl",
+                                                              "beta": None, "alpha": None}
     text = (proj / "params.yaml").read_text()
     assert re.search(r"^  epochs: 3 +# ", text, re.M) is None  # teacher.epochs had no comment: none added
     assert re.search(r"^  dataset: datasets/flowers +# mnist5k \| digits", text, re.M)  # the comment kept
