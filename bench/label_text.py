@@ -50,18 +50,11 @@ LLAMA = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "
 def make_teacher(directory: Path, llama: dict = LLAMA, shard_size: str = "4MB") -> None:
     """A Llama of `llama`'s config fields with a 4,096-entry byte-level BPE trained on pydoc,
     random weights, saved in shards of `shard_size` with its tokenizer."""
-    from pydoc_data.topics import topics
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from bench.tokenizer import pydoc_tokenizer
 
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=["<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator([topics[name] for name in sorted(topics)], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+    tokenizer = pydoc_tokenizer()
     config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=tokenizer.eos_token_id, **llama)
     torch.manual_seed(0)

@@ -53,19 +53,12 @@ STUDENT = {"epochs": 1, "batch_size": 1, "lr": 1e-4, "weight_decay": 0.01, "tran
 
 def make_model(directory: Path, fields: dict, positions: int) -> None:
     """A qwen2 model of `fields` with random weights and a 4,096-entry BPE trained on pydoc."""
-    from pydoc_data.topics import topics
-
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=["<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator([topics[name] for name in sorted(topics)], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+    from bench.tokenizer import pydoc_tokenizer
+
+    tokenizer = pydoc_tokenizer()
     config = AutoConfig.for_model("qwen2", bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                   max_position_embeddings=positions, **fields)
     torch.manual_seed(0)
