@@ -172,16 +172,8 @@ def test_step_from_hidden_equals_step_on_logits(tied, masked):
     batch["topk_idx"] = batch["topk_idx"] * 3  # ids across the student's vocabulary
     batch["x"] = x
     terms = {name: (w, t) for name, (w, t) in _terms().items() if not name.startswith(("mapped", "uld"))}
-    plain = {name: (w, t.term) for name, (w, t) in terms.items()}
     model.train()
-    grads = []
-    for these in (terms, plain):
-        model.zero_grad()
-        values = training.step(model, batch, these, [])
-        sum(w * values[name] for name, (w, _) in these.items()).backward()
-        grads.append(({k: v.detach() for k, v in values.items()},
-                      {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (values, grad), (expected, want) = grads
+    (values, grad), (expected, want) = _step_from_hidden_and_logits(model, batch, terms)
     for name in terms:
         torch.testing.assert_close(values[name], expected[name], rtol=1e-10, atol=1e-12)
     for name in want:
@@ -229,15 +221,7 @@ def test_masked_lm_step_from_hidden_equals_step_on_logits():
         N = saved
     batch["x"] = x
     terms = {name: (w, t) for name, (w, t) in _terms().items() if not name.startswith(("mapped", "uld"))}
-    plain = {name: (w, t.term) for name, (w, t) in terms.items()}
-    results = []
-    for these in (terms, plain):
-        model.zero_grad()
-        values = training.step(model, batch, these, [])
-        sum(w * values[name] for name, (w, _) in these.items()).backward()
-        results.append(({k: v.detach() for k, v in values.items()},
-                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (values, grad), (expected, want) = results
+    (values, grad), (expected, want) = _step_from_hidden_and_logits(model, batch, terms)
     assert grad.keys() == want.keys()
     for name in terms:
         torch.testing.assert_close(values[name], expected[name], rtol=1e-10, atol=1e-12)
@@ -277,3 +261,17 @@ def test_the_gradient_computed_in_the_forward_is_the_projected_again_one(dtype):
                 assert torch.equal(a, e)
             else:
                 torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-7)
+
+
+def _step_from_hidden_and_logits(model, batch, terms):
+    """`training.step` and its weighted backward with `terms` (RowMean: from the hidden state) and
+    with their plain terms (on the logits): [(values, parameter gradients)] for each, in that order."""
+    plain = {name: (w, t.term) for name, (w, t) in terms.items()}
+    results = []
+    for these in (terms, plain):
+        model.zero_grad()
+        values = training.step(model, batch, these, [])
+        sum(w * values[name] for name, (w, _) in these.items()).backward()
+        results.append(({k: v.detach() for k, v in values.items()},
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    return results
