@@ -139,13 +139,23 @@ class _FromHidden(torch.autograd.Function):
             (grad_logits,) = torch.autograd.grad(total, logits)
             grad_logits = grad_logits.to(dtype)
             del logits, total
-            if grad_hidden is not None:
-                grad_hidden[chunk] = grad_logits @ w
-            if grad_weight is not None:
-                grad_weight += grad_logits.T @ h
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
+            _project_back(grad_logits, h, w, chunk, grad_hidden, grad_weight, grad_bias)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _project_back(grad_logits, h, w, chunk, grad_hidden, grad_weight, grad_bias) -> None:
+    """A chunk's logits gradient into the hidden rows' gradient and the output layer's sums.
+    The (V, H) weight gradient accumulates in place (`addmm_`): a product and a sum of that size
+    per chunk would cost a (V, H) temporary and a pass over it (545 MB at Qwen2-0.5B's head)."""
+    if grad_hidden is not None:
+        grad_hidden[chunk] = grad_logits @ w
+    if grad_weight is not None:
+        if grad_weight.dtype == h.dtype:
+            grad_weight.addmm_(grad_logits.T, h)
+        else:  # bf16-mixed: the product in bfloat16, summed into the float32 gradient
+            grad_weight += (grad_logits.T @ h).to(grad_weight.dtype)
+    if grad_bias is not None:
+        grad_bias += grad_logits.sum(0)
 
 
 def _factor(incoming: list[float], weights: list[float]) -> float | None:
@@ -171,13 +181,7 @@ class _Grads:
         if not isinstance(total, torch.Tensor) or not total.requires_grad:
             return
         (grad_logits,) = torch.autograd.grad(total, logits)
-        grad_logits = grad_logits.to(w.dtype)
-        if self.hidden is not None:
-            self.hidden[chunk] = grad_logits @ w
-        if self.weight is not None:
-            self.weight += grad_logits.T @ h
-        if self.bias is not None:
-            self.bias += grad_logits.sum(0)
+        _project_back(grad_logits.to(w.dtype), h, w, chunk, self.hidden, self.weight, self.bias)
 
     def scaled(self, factor):
         grads = (self.hidden, self.weight, self.bias)

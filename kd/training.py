@@ -49,13 +49,17 @@ class Dataset(Protocol):
                 shard: tuple[int, int] | None = None): ...
 
 
+IGNORE = -100  # a label F.cross_entropy skips
+
+
 def hard_label_loss(batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
     """Cross-entropy over the rows that carry a label (label >= 0); 0 when none do."""
     logits, label = out["logits"], batch["label"]
     keep = label >= 0
     if not keep.any():
         return logits.sum() * 0.0
-    return F.cross_entropy(logits[keep], label[keep])
+    # the unlabeled rows ignored, not cut out: no copy of the (rows, classes) logits and their gradient
+    return F.cross_entropy(logits, label.where(keep, IGNORE), ignore_index=IGNORE)
 
 
 def labeled(batch: Batch) -> torch.Tensor:
