@@ -237,14 +237,17 @@ def test_the_draws_fidelity_is_the_kl_to_the_documented_decoding():
 
 @pytest.mark.unit
 def test_the_experiments_params_are_valid_and_its_students_match_its_caches():
-    """examples/sampled: both label sections and every student parse; one distill stage per
-    student, each reading the cache its targets need (sampled targets from the sampled cache)."""
+    """examples/sampled: its three label sections and every student parse; one distill stage per
+    student, each reading the cache its targets need (sampled targets from the sampled cache, the
+    top-k arms from the top-32 and compact caches this example labels itself)."""
     from kd.config import section, student, student_names
 
     root = Path(__file__).parents[1] / "examples" / "sampled"
     sampled = section(root / "params.yaml", "label", LabelConfig)
     compact = section(root / "params_compact.yaml", "label", LabelConfig)
+    topk = section(root / "params_topk.yaml", "label", LabelConfig)
     assert sampled.sampling and sampled.top_k == 1 and compact.encoding == "compact" and compact.sampling is None
+    assert topk.top_k == 32 and topk.sampling is None and topk.encoding == "topk"  # not the text example's draws
     stages = yaml.safe_load((root / "dvc.yaml").read_text())
     caches = stages["vars"][0]["caches"]
     assert set(caches) == set(student_names(root / "params.yaml"))
@@ -252,7 +255,8 @@ def test_the_experiments_params_are_valid_and_its_students_match_its_caches():
         cfg = student(root / "params.yaml", name)
         assert cfg.loss.soft.targets == ("sampled" if name.startswith("sampled") else "topk")
         assert cfg.repeats == 3
-    assert caches["sampled"] == stages["stages"]["label_sampled"]["outs"][0].popitem()[0]
+    for arm in ("topk", "compact", "sampled"):  # each arm reads the cache its own label stage writes
+        assert caches[arm] == caches[f"{arm}_hard"] == next(iter(stages["stages"][f"label_{arm}"]["outs"][0]))
 
 
 @pytest.mark.integration
