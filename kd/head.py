@@ -120,9 +120,7 @@ class _FromHidden(torch.autograd.Function):
                 return (*grads.scaled(factor), None, None, None, None, None, None)
             ctx.grads = None
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
-        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
+        grads = _Grads(hidden, weight, bias, ctx.needs_input_grad)
         scale = grad_values.to(wide).tolist()
         for i, chunk in enumerate(ctx.chunks):
             weights = [s * share[i] for s, share in zip(scale, ctx.shares)]
@@ -132,15 +130,10 @@ class _FromHidden(torch.autograd.Function):
             logits = F.linear(h, w, b).to(wide).requires_grad_()  # (r, V), projected again
             rows = {k: v[chunk] for k, v in ctx.targets.items()}
             with torch.enable_grad():
-                total = sum(term(rows, {"logits": logits}).to(wide) * weight_
-                            for term, weight_ in zip(ctx.terms, weights) if weight_)
-            if not total.requires_grad:
-                continue
-            (grad_logits,) = torch.autograd.grad(total, logits)
-            grad_logits = grad_logits.to(dtype)
-            del logits, total
-            _project_back(grad_logits, h, w, chunk, grad_hidden, grad_weight, grad_bias)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+                parts = [term(rows, {"logits": logits}).to(wide) if weight_ else None
+                         for term, weight_ in zip(ctx.terms, weights)]
+            grads.add(chunk, h, w, logits, list(zip(parts, weights)))
+        return grads.hidden, grads.weight, grads.bias, None, None, None, None, None, None
 
 
 def _project_back(grad_logits, h, w, chunk, grad_hidden, grad_weight, grad_bias) -> None:
@@ -168,7 +161,8 @@ def _factor(incoming: list[float], weights: list[float]) -> float | None:
 
 class _Grads:
     """The gradients of the loss-weighted terms in hidden, weight and bias, summed chunk by chunk
-    in `_FromHidden.forward` while each chunk's logits exist."""
+    while each chunk's logits exist: in `_FromHidden.forward` (the eager gradient) or in its
+    backward (each chunk projected again)."""
 
     def __init__(self, hidden, weight, bias, needed):
         self.hidden = torch.zeros_like(hidden) if needed[0] else None
